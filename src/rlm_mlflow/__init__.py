@@ -1,0 +1,29 @@
+"""Send recursive language-model agent runs to MLflow without ever slowing the agent down."""
+
+from ._config import Overflow as Overflow
+from ._config import SinkConfig as SinkConfig
+from ._exceptions import PermanentError as PermanentError
+from ._exceptions import TransientError as TransientError
+from ._exceptions import TransportError as TransportError
+from ._sink import MLflowSink as MLflowSink
+from ._sink import create_mlflow_sink_from_env as create_mlflow_sink_from_env
+from ._stats import SinkStatistics as SinkStatistics
+from ._transport import Metric as Metric
+from ._transport import RunRef as RunRef
+from ._transport import Transport as Transport
+
+__all__ = [
+    "MLflowSink",
+    "Metric",
+    "Overflow",
+    "PermanentError",
+    "RunRef",
+    "SinkConfig",
+    "SinkStatistics",
+    "TransientError",
+    "Transport",
+    "TransportError",
+    "create_mlflow_sink_from_env",
+]
+
+__version__ = "0.1.0"

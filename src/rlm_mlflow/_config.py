@@ -1,0 +1,179 @@
+"""Configuration: keyword arguments, their defaults and the environment variables behind them."""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+DEFAULT_EXPERIMENT = "rlm-code-rlm"
+COMPONENT_TAG = "rlm-code-rlm"
+
+ENV_ENABLED = "DSPY_RLM_MLFLOW_ENABLED"
+ENV_EXPERIMENT = "DSPY_RLM_MLFLOW_EXPERIMENT"
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_QUEUE_SIZE = "RLM_MLFLOW_QUEUE_SIZE"
+ENV_OVERFLOW = "RLM_MLFLOW_OVERFLOW"
+ENV_FLUSH_INTERVAL = "RLM_MLFLOW_FLUSH_INTERVAL"
+ENV_SHUTDOWN_TIMEOUT = "RLM_MLFLOW_SHUTDOWN_TIMEOUT"
+ENV_REQUEST_TIMEOUT = "RLM_MLFLOW_REQUEST_TIMEOUT"
+ENV_RETRY_DEADLINE = "RLM_MLFLOW_RETRY_DEADLINE"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+class Overflow(enum.StrEnum):
+    """What the sink does with a step event when its queue is full.
+
+    Run starts and run ends are never dropped, whatever the policy.
+    """
+
+    #: Evict the oldest queued step event to make room for the new one (keeps the latest data).
+    DROP_OLDEST = "drop_oldest"
+    #: Refuse the new step event (keeps the earliest data).
+    DROP_NEWEST = "drop_newest"
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    """Every setting of an :class:`~rlm_mlflow.MLflowSink`, validated where it enters."""
+
+    enabled: bool = False
+    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    queue_size: int = 10_000
+    overflow: Overflow = Overflow.DROP_OLDEST
+    flush_interval: float = 1.0
+    shutdown_timeout: float = 10.0
+    request_timeout: float = 30.0
+    retry_deadline: float = 300.0
+    retry_initial: float = 0.5
+    retry_max_wait: float = 30.0
+    batch_trigger: int = 500
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        if self.flush_interval <= 0:
+            raise ValueError("flush_interval must be positive")
+        for name in ("shutdown_timeout", "request_timeout", "retry_deadline", "retry_initial"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} cannot be negative")
+        if self.retry_max_wait < self.retry_initial:
+            raise ValueError("retry_max_wait cannot be smaller than retry_initial")
+        if self.batch_trigger < 1:
+            raise ValueError("batch_trigger must be at least 1")
+        if not self.experiment:
+            raise ValueError("experiment cannot be empty")
+        object.__setattr__(self, "overflow", Overflow(self.overflow))
+
+    def with_changes(self, **changes: Any) -> SinkConfig:
+        return replace(self, **changes)
+
+
+def parse_bool(value: str | None, *, default: bool = False) -> bool:
+    """Read a boolean the way the seed does: true/1/yes/on (any case) are true."""
+    if value is None:
+        return default
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return default
+
+
+def _env_number(env: Mapping[str, str], name: str, kind: type[float] | type[int]) -> Any:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def config_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> SinkConfig:
+    """Build a :class:`SinkConfig` from environment variables; keyword overrides win."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {
+        "enabled": parse_bool(env.get(ENV_ENABLED)),
+        "experiment": (env.get(ENV_EXPERIMENT) or "").strip() or DEFAULT_EXPERIMENT,
+        "tracking_uri": (env.get(ENV_TRACKING_URI) or "").strip() or None,
+    }
+    numbers: dict[str, tuple[str, type[float] | type[int]]] = {
+        "queue_size": (ENV_QUEUE_SIZE, int),
+        "flush_interval": (ENV_FLUSH_INTERVAL, float),
+        "shutdown_timeout": (ENV_SHUTDOWN_TIMEOUT, float),
+        "request_timeout": (ENV_REQUEST_TIMEOUT, float),
+        "retry_deadline": (ENV_RETRY_DEADLINE, float),
+    }
+    for key, (name, kind) in numbers.items():
+        number = _env_number(env, name, kind)
+        if number is not None:
+            values[key] = number
+    overflow = (env.get(ENV_OVERFLOW) or "").strip().lower()
+    if overflow:
+        try:
+            values["overflow"] = Overflow(overflow)
+        except ValueError:
+            choices = ", ".join(o.value for o in Overflow)
+            raise ValueError(f"{ENV_OVERFLOW}={overflow!r}: expected one of {choices}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SinkConfig(**values)
+
+
+_SECRET_QUERY_KEYS = re.compile(r"(token|secret|password|passwd|pwd|key|sig|signature|auth)", re.I)
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """Hide credentials in a URI: the password of the user part and secret-looking query values."""
+    if uri is None:
+        return None
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable uri>"
+    netloc = parts.netloc
+    if "@" not in netloc and not (parts.query and _SECRET_QUERY_KEYS.search(parts.query)):
+        return uri
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if _SECRET_QUERY_KEYS.search(k) else v) for k, v in pairs], safe="*"
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str, uri: str | None) -> str:
+    """Remove the secret parts of ``uri`` wherever they appear in ``text`` (an error message)."""
+    if not uri:
+        return text
+    redacted = redact_uri(uri)
+    if redacted and redacted != uri:
+        text = text.replace(uri, redacted)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return text
+    if parts.password:
+        text = text.replace(parts.password, "***")
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if value and _SECRET_QUERY_KEYS.search(key):
+            text = text.replace(value, "***")
+    for var in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
