@@ -1,0 +1,259 @@
+"""Helpers for testing code that uses the sink: an in-memory transport and a real local server.
+
+``MemoryTransport`` stands in for MLflow in fast unit tests (no network, no mlflow import).
+``local_server()`` starts a real ``mlflow server`` on a free loopback port for integration tests
+and benchmarks, and stops it, with every child process, afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._exceptions import PermanentError
+from ._transport import KEY_TAG, Metric, RunRef
+
+__all__ = ["MemoryRun", "MemoryTransport", "MlflowServer", "free_port", "local_server"]
+
+
+@dataclass
+class MemoryRun:
+    """A run as :class:`MemoryTransport` stores it."""
+
+    run_uuid: str
+    experiment_id: str
+    name: str
+    start_time_ms: int
+    tags: dict[str, str]
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: list[Metric] = field(default_factory=list)
+    artifacts: list[str] = field(default_factory=list)
+    status: str = "RUNNING"
+    end_time_ms: int | None = None
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of one metric, in the order it was logged."""
+        return [(m.step, m.value) for m in self.metrics if m.key == key]
+
+
+class MemoryTransport:
+    """An in-memory MLflow with MLflow's rules that matter here: params are immutable, identical
+    metric points are stored once. ``fail`` lets a test make any call fail before it runs."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.experiments: dict[str, str] = {}
+        self.runs: dict[str, MemoryRun] = {}
+        self.calls: list[str] = []
+        self.fail: Callable[[str], Exception | None] | None = None
+        self._ids = itertools.count(1)
+
+    def _enter(self, call: str) -> None:
+        with self.lock:
+            self.calls.append(call)
+        fail = self.fail
+        error = fail(call) if fail is not None else None
+        if error is not None:
+            raise error
+
+    def describe(self) -> str:
+        return "memory"
+
+    def get_or_create_experiment(self, name: str) -> str:
+        self._enter("get_or_create_experiment")
+        with self.lock:
+            return self.experiments.setdefault(name, str(len(self.experiments) + 1))
+
+    def find_run(self, experiment_id: str, key: str) -> RunRef | None:
+        self._enter("find_run")
+        with self.lock:
+            for run in self.runs.values():
+                if run.experiment_id == experiment_id and run.tags.get(KEY_TAG) == key:
+                    return RunRef(run.run_uuid, f"memory:/{run.run_uuid}")
+        return None
+
+    def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str,
+        start_time_ms: int,
+        tags: Sequence[tuple[str, str]],
+    ) -> RunRef:
+        self._enter("create_run")
+        with self.lock:
+            uuid = f"run{next(self._ids)}"
+            self.runs[uuid] = MemoryRun(uuid, experiment_id, run_name, start_time_ms, dict(tags))
+        return RunRef(uuid, f"memory:/{uuid}")
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._enter("log_batch")
+        if len(metrics) > 1000 or len(params) > 100 or len(tags) > 100:
+            raise PermanentError("batch over MLflow's limits", code="INVALID_PARAMETER_VALUE")
+        with self.lock:
+            run = self.runs[run_uuid]
+            for key, value in params:
+                if key in run.params and run.params[key] != value:
+                    raise PermanentError(
+                        f"Changing param values is not allowed. Param with key='{key}'",
+                        code="INVALID_PARAMETER_VALUE",
+                        status=400,
+                    )
+            run.params.update(params)
+            run.tags.update(tags)
+            seen = set(run.metrics)
+            run.metrics.extend(m for m in metrics if m not in seen)
+
+    def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
+        self._enter("set_terminated")
+        with self.lock:
+            run = self.runs[run_uuid]
+            run.status, run.end_time_ms = status, end_time_ms
+
+    def log_artifact(self, run: RunRef, local_path: str) -> None:
+        self._enter("log_artifact")
+        path = Path(local_path)
+        if not path.exists():
+            raise PermanentError(f"{local_path} no longer exists", code="ARTIFACT_MISSING")
+        names = (
+            sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+            if path.is_dir()
+            else [path.name]
+        )
+        with self.lock:
+            self.runs[run.run_uuid].artifacts.extend(names)
+
+    def close(self) -> None:
+        pass
+
+    # -- reading back --------------------------------------------------------------------------
+
+    def by_name(self, name: str) -> list[MemoryRun]:
+        with self.lock:
+            return [run for run in self.runs.values() if run.name == name]
+
+    def one(self, name: str) -> MemoryRun:
+        runs = self.by_name(name)
+        if len(runs) != 1:
+            raise AssertionError(f"expected one run named {name!r}, found {len(runs)}")
+        return runs[0]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class MlflowServer:
+    """A running ``mlflow server``: its URI, its data folder and its process."""
+
+    uri: str
+    port: int
+    root: Path
+    process: subprocess.Popen[bytes]
+    backend_store_uri: str
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Stop the server and every process it started."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # orphaned workers, if any
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Stop the server and start it again on the same port and data (a deploy)."""
+        self.stop()
+        self.process = _spawn(self.root, self.port, self.backend_store_uri, workers=1)
+        wait_healthy(self.uri, timeout, self.process)
+
+
+def _spawn(
+    root: Path, port: int, backend_store_uri: str, *, workers: int
+) -> subprocess.Popen[bytes]:
+    artifacts = root / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (root / "server.log").open("ab")
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(artifacts),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", str(workers),
+    ]
+    return subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root
+    )
+
+
+def wait_healthy(
+    uri: str, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until ``GET /health`` answers OK, or raise with the reason."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"mlflow server at {uri} not healthy after {timeout:.0f} s")
+        time.sleep(0.1)  # polling a child process that has no readiness signal
+
+
+@contextlib.contextmanager
+def local_server(
+    root: Path,
+    *,
+    port: int | None = None,
+    backend_store_uri: str | None = None,
+    workers: int = 1,
+    timeout: float = 90.0,
+) -> Iterator[MlflowServer]:
+    """Run ``mlflow server`` on 127.0.0.1 with its data under ``root``; stop it on exit."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    backend = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
+    process = _spawn(root, port, backend, workers=workers)
+    server = MlflowServer(f"http://127.0.0.1:{port}", port, root, process, backend)
+    try:
+        wait_healthy(server.uri, timeout, process)
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,68 @@
+"""Shared fixtures: a real MLflow tracking server for the session, clients to read it back."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlm_mlflow.testing import MlflowServer, local_server
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` (sqlite backend, proxied artifacts) on a free loopback port."""
+    with local_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+@pytest.fixture
+def experiment_name(request: pytest.FixtureRequest) -> str:
+    """A fresh experiment name per test, so tests never see each other's runs."""
+    return f"{request.node.name[:60]}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def read_runs(mlflow_server: MlflowServer) -> Callable[[str], dict[str, Any]]:
+    """Read every run of an experiment back from the server, keyed by run name."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+
+    def read(experiment: str) -> dict[str, Any]:
+        found = client.get_experiment_by_name(experiment)
+        assert found is not None, f"experiment {experiment!r} was never created"
+        runs = client.search_runs([found.experiment_id], max_results=1000)
+        by_name: dict[str, Any] = {}
+        for run in runs:
+            assert run.info.run_name not in by_name, f"duplicate run {run.info.run_name}"
+            by_name[run.info.run_name] = run
+        return by_name
+
+    return read
+
+
+@pytest.fixture
+def mlflow_client(mlflow_server: MlflowServer) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_server.uri)
+
+
+@pytest.fixture
+def trajectory(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a small trajectory file like RLM Code's ``<run_dir>/<run_id>.jsonl``."""
+
+    def write(run_id: str) -> Path:
+        path = tmp_path / f"{run_id}.jsonl"
+        path.write_text('{"type": "step", "step": 0}\n', encoding="utf-8")
+        return path
+
+    return write
