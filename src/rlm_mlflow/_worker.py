@@ -399,9 +399,11 @@ class Worker:
                 self._failed(f"run {state.start.run_id}: MLflow refused "
                              f"{what if size == 1 else f'{size} items'}: {exc}")
                 return size <= 1  # one bad item is counted; the rest of the run is fine
-            half_m, half_p = len(metrics) // 2, len(params) // 2
-            first = await self._log_batch(state, metrics[:half_m], params[:half_p])
-            second = await self._log_batch(state, metrics[half_m:], params[half_p:])
+            # Halve the items (params first, then metrics) until the refused ones stand alone.
+            half = size // 2
+            p_cut, m_cut = min(half, len(params)), max(0, half - len(params))
+            first = await self._log_batch(state, metrics[:m_cut], params[:p_cut])
+            second = await self._log_batch(state, metrics[m_cut:], params[p_cut:])
             return first and second
 
     async def _finish(self, state: RunState, end: RunEnd) -> bool:

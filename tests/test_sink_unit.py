@@ -1,0 +1,412 @@
+"""The sink against an in-memory MLflow: fast, no network, no server."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlm_mlflow import MLflowSink, PermanentError, TransientError
+from rlm_mlflow.testing import MemoryTransport
+
+FAST = {"flush_interval": 0.05, "retry_initial": 0.01, "retry_max_wait": 0.05}
+
+
+def make_sink(memory: MemoryTransport, **kwargs: Any) -> MLflowSink:
+    options: dict[str, Any] = {"enabled": True, "experiment": "unit", **FAST, **kwargs}
+    return MLflowSink(transport=memory, **options)
+
+
+def run_one(sink: MLflowSink, run_id: str, steps: int = 3, **params: Any) -> None:
+    sink.on_run_start(run_id, task="solve it", environment="pure", params=params)
+    for i in range(steps):
+        sink.on_step(run_id, event={"step": i, "reward": 0.5}, cumulative_reward=0.5 * (i + 1))
+    result = {"completed": True, "steps": steps, "total_reward": 0.5 * steps}
+    sink.on_run_end(run_id, result=result, run_path=None)
+
+
+def test_logs_what_the_seed_documents(tmp_path: Path) -> None:
+    """Params, tags, per-step metrics, summary metrics, artifact and status, for one run."""
+    memory = MemoryTransport()
+    path = tmp_path / "r1.jsonl"
+    path.write_text("{}\n")
+    with make_sink(memory) as sink:
+        sink.on_run_start(
+            "r1", task="abcdef", environment="pure", params={"max_steps": 4, "model": "m",
+                                                             "skip": [1, 2], "none": None}
+        )
+        sink.on_step("r1", event={"step": 0, "reward": 0.25}, cumulative_reward=0.25)
+        sink.on_step("r1", event={"step": 1, "reward": 1.0}, cumulative_reward=1.25)
+        sink.on_run_end(
+            "r1", result={"completed": True, "steps": 2, "total_reward": 1.25}, run_path=path
+        )
+        assert sink.flush(10)
+    run = memory.one("r1")
+    assert run.params == {
+        "environment": "pure", "task_chars": "6", "max_steps": "4", "model": "m", "none": "None"
+    }
+    assert run.tags["run_id"] == "r1"
+    assert run.tags["component"] == "rlm-code-rlm"
+    assert run.history("step_reward") == [(0, 0.25), (1, 1.0)]
+    assert run.history("cumulative_reward") == [(0, 0.25), (1, 1.25)]
+    assert run.history("completed") == [(0, 1.0)]
+    assert run.history("steps") == [(0, 2.0)]
+    assert run.history("total_reward") == [(0, 1.25)]
+    assert run.artifacts == ["r1.jsonl"]
+    assert run.status == "FINISHED"
+    assert "abcdef" not in str(run.params)
+
+
+def test_result_read_from_attributes_and_directory_artifact(tmp_path: Path) -> None:
+    """A result object with attributes; a run_path directory uploads every file in it."""
+
+    class Result:
+        completed = False
+        steps = 1
+        total_reward = -1.0
+
+    folder = tmp_path / "run"
+    (folder / "code").mkdir(parents=True)
+    (folder / "trajectory.jsonl").write_text("{}\n")
+    (folder / "code" / "main.py").write_text("print(1)\n")
+    memory = MemoryTransport()
+    with make_sink(memory) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        sink.on_step("r", event={"step": 0, "reward": -1.0}, cumulative_reward=-1.0)
+        sink.on_run_end("r", result=Result(), run_path=folder)
+    run = memory.one("r")
+    assert run.history("completed") == [(0, 0.0)]
+    assert run.history("total_reward") == [(0, -1.0)]
+    assert sorted(run.artifacts) == ["code/main.py", "trajectory.jsonl"]
+
+
+def test_disabled_sink_does_nothing() -> None:
+    memory = MemoryTransport()
+    sink = MLflowSink(enabled=False, transport=memory)
+    run_one(sink, "r")
+    assert sink.flush(1)
+    sink.close()
+    assert memory.calls == []
+    status = sink.status()
+    assert status["enabled"] is False
+    assert status["name"] == "mlflow"
+    assert status["state"] == "idle" or status["state"] == "closed"
+
+
+def test_runs_that_never_end_are_failed_on_close() -> None:
+    memory = MemoryTransport()
+    sink = make_sink(memory)
+    sink.on_run_start("open", task="t", environment="e", params={})
+    sink.on_step("open", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    run_one(sink, "done")
+    sink.close()
+    assert memory.one("open").status == "FAILED"
+    assert memory.one("open").end_time_ms is not None
+    assert memory.one("open").history("step_reward") == [(0, 1.0)]
+    assert memory.one("done").status == "FINISHED"
+    assert sink.status()["runs_open"] == 0
+
+
+def test_nested_runs_on_one_thread_link_to_their_parent() -> None:
+    memory = MemoryTransport()
+    with make_sink(memory) as sink:
+        sink.on_run_start("parent", task="t", environment="e", params={"depth": 0})
+        sink.on_run_start(
+            "child", task="t", environment="e", params={"depth": 1, "parent_run_id": "parent"}
+        )
+        sink.on_step("child", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        sink.on_run_end("child", result={"completed": True}, run_path=None)
+        sink.on_step("parent", event={"step": 0, "reward": 2.0}, cumulative_reward=2.0)
+        sink.on_run_end("parent", result={"completed": True}, run_path=None)
+    parent, child = memory.one("parent"), memory.one("child")
+    assert child.tags["mlflow.parentRunId"] == parent.run_uuid
+    assert "mlflow.parentRunId" not in parent.tags
+    assert child.history("step_reward") == [(0, 1.0)]
+    assert parent.history("step_reward") == [(0, 2.0)]
+
+
+def test_same_run_id_on_two_threads_gives_two_runs() -> None:
+    """Run ids are microsecond timestamps: two threads can start the same id at once."""
+    memory = MemoryTransport()
+    barrier = threading.Barrier(2)
+    with make_sink(memory) as sink:
+
+        def agent(reward: float) -> None:
+            sink.on_run_start("same", task="t", environment="e", params={})
+            barrier.wait(5)  # both runs open at the same time
+            for i in range(3):
+                sink.on_step("same", event={"step": i, "reward": reward}, cumulative_reward=0.0)
+            barrier.wait(5)
+            sink.on_run_end("same", result={"completed": True}, run_path=None)
+
+        threads = [threading.Thread(target=agent, args=(r,)) for r in (1.0, 2.0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    runs = memory.by_name("same")
+    assert len(runs) == 2
+    assert sorted(tuple(v for _, v in r.history("step_reward")) for r in runs) == [
+        (1.0, 1.0, 1.0), (2.0, 2.0, 2.0)
+    ]
+    assert all(r.status == "FINISHED" for r in runs)
+    assert sink.status()["rejected"]["duplicate_run_id"] == 1
+
+
+def test_many_threads_many_runs_all_land_in_order() -> None:
+    memory = MemoryTransport()
+    with make_sink(memory, batch_trigger=50) as sink:
+
+        def agent(n: int) -> None:
+            run_id = f"run-{n}"
+            sink.on_run_start(run_id, task="t", environment="e", params={"n": n})
+            for i in range(200):
+                sink.on_step(run_id, event={"step": i, "reward": float(n)},
+                             cumulative_reward=float(n * (i + 1)))
+            sink.on_run_end(run_id, result={"completed": True, "steps": 200}, run_path=None)
+
+        threads = [threading.Thread(target=agent, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sink.flush(30)
+    for n in range(8):
+        run = memory.one(f"run-{n}")
+        assert [s for s, _ in run.history("cumulative_reward")] == list(range(200))
+        assert [v for _, v in run.history("cumulative_reward")] == [
+            float(n * (i + 1)) for i in range(200)
+        ]
+        assert run.status == "FINISHED"
+    assert sink.status()["sent"] == 8 * 202
+
+
+def test_batches_stay_within_mlflow_limits() -> None:
+    """1,500 steps (3,000 metrics) and 250 params go out in valid requests only."""
+    memory = MemoryTransport()
+    params = {f"p{i}": i for i in range(250)}
+    with make_sink(memory, flush_interval=30, batch_trigger=100_000) as sink:
+        sink.on_run_start("big", task="t", environment="e", params=params)
+        for i in range(1500):
+            sink.on_step("big", event={"step": i, "reward": 1.0}, cumulative_reward=float(i))
+        sink.on_run_end("big", result={"completed": True}, run_path=None)
+        assert sink.flush(10)
+    run = memory.one("big")
+    assert len(run.params) == 252
+    assert len(run.history("step_reward")) == 1500
+    # 252 params need 3 requests; the 3,000 metrics ride along and add one more at most.
+    assert memory.calls.count("log_batch") <= 5
+
+
+def test_transient_errors_are_retried_until_data_lands() -> None:
+    memory = MemoryTransport()
+    failures = {"log_batch": 3, "create_run": 2}
+
+    def fail(call: str) -> Exception | None:
+        if failures.get(call, 0) > 0:
+            failures[call] -= 1
+            return TransientError(f"{call}: HTTP 503", retry_after=0.01)
+        return None
+
+    memory.fail = fail
+    with make_sink(memory) as sink:
+        run_one(sink, "r", steps=5)
+        assert sink.flush(10)
+    run = memory.one("r")
+    assert len(run.history("step_reward")) == 5
+    assert sink.status()["retries"] == 5
+    assert sink.status()["dropped"] == {}
+
+
+def test_create_retried_after_lost_answer_makes_one_run() -> None:
+    """A create that landed but whose answer was lost is found by its key, not created twice."""
+    memory = MemoryTransport()
+    lost = {"count": 1}
+    real_create = memory.create_run
+
+    def create_then_lose(*args: Any, **kwargs: Any) -> Any:
+        ref = real_create(*args, **kwargs)
+        if lost["count"]:
+            lost["count"] -= 1
+            raise TransientError("read timeout")
+        return ref
+
+    memory.create_run = create_then_lose  # type: ignore[method-assign]
+    with make_sink(memory) as sink:
+        run_one(sink, "r")
+    assert len(memory.by_name("r")) == 1
+    assert "find_run" in memory.calls
+
+
+def test_a_refused_item_does_not_sink_the_batch() -> None:
+    """MLflow refuses one param: it is isolated and counted, every other item lands."""
+    memory = MemoryTransport()
+    real = memory.log_batch
+
+    def picky(run_uuid: str, **kwargs: Any) -> None:
+        if any(k == "poison" for k, _ in kwargs.get("params", ())):
+            raise PermanentError("Changing param values is not allowed", code="INVALID_PARAMETER_VALUE")
+        real(run_uuid, **kwargs)
+
+    memory.log_batch = picky  # type: ignore[method-assign]
+    with make_sink(memory) as sink:
+        run_one(sink, "r", steps=10, a=1, poison="x", b=2)
+        sink.flush(10)
+    run = memory.one("r")
+    assert "poison" not in run.params
+    assert {"a", "b", "environment", "task_chars"} <= set(run.params)
+    assert len(run.history("step_reward")) == 10
+    assert sink.status()["permanent_failures"] == 1
+    assert run.status == "FINISHED"
+
+
+def test_retry_budget_exhausted_is_counted_not_raised() -> None:
+    memory = MemoryTransport()
+    memory.fail = lambda call: TransientError("HTTP 500") if call == "log_batch" else None
+    with make_sink(memory, retry_deadline=0.2) as sink:
+        run_one(sink, "r", steps=3)
+        assert not sink.flush(10)
+    status = sink.status()
+    assert status["dropped"]["send_failed"] >= 3
+    assert "HTTP 500" in status["last_error"]
+
+
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+def test_full_queue_drops_steps_but_never_starts_or_ends(overflow: str) -> None:
+    memory = MemoryTransport()
+    gate = threading.Event()
+    memory.fail = lambda call: None if gate.wait(10) else TransientError("gate")
+    sink = make_sink(memory, queue_size=10, overflow=overflow, batch_trigger=10_000)
+    sink.on_run_start("r", task="t", environment="e", params={})
+    for i in range(50):
+        sink.on_step("r", event={"step": i, "reward": 1.0}, cumulative_reward=float(i))
+    sink.on_run_end("r", result={"completed": True}, run_path=None)
+    gate.set()
+    sink.close(10)
+    run = memory.one("r")
+    status = sink.status()
+    steps = [s for s, _ in run.history("step_reward")]
+    assert status["dropped"]["queue_full"] == 50 - len(steps)
+    assert len(steps) >= 10
+    if overflow == "drop_newest":
+        assert steps == list(range(len(steps)))
+    else:
+        assert steps[-1] == 49
+    assert run.status == "FINISHED"
+    assert run.history("completed") == [(0, 1.0)]
+
+
+def test_bad_input_is_counted_and_the_rest_lands(caplog: pytest.LogCaptureFixture) -> None:
+    memory = MemoryTransport()
+    caplog.set_level(logging.WARNING, logger="rlm_mlflow")
+    with make_sink(memory) as sink:
+        sink.on_run_start("r", task=None, environment="e",  # type: ignore[arg-type]
+                          params={"ok": 1, "bad key!": 2, "nested": {"a": 1}, "long": "x" * 7000})
+        sink.on_step("r", event={"step": 0, "reward": math.nan}, cumulative_reward=1.0)
+        sink.on_step("r", event={"step": 1, "reward": "high"}, cumulative_reward=math.inf)
+        sink.on_step("r", event={"step": "two", "reward": 1.0}, cumulative_reward=2.0)
+        sink.on_step("r", event=["not", "a", "dict"], cumulative_reward=3.0)  # type: ignore[arg-type]
+        sink.on_step("r", event={"step": 4, "reward": 10**400}, cumulative_reward=4.0)
+        sink.on_run_end("r", result=None, run_path="/does/not/exist.jsonl")
+    run = memory.one("r")
+    assert run.params["ok"] == "1"
+    assert len(run.params["long"]) == 6000
+    assert "bad key!" not in run.params and "nested" not in run.params
+    assert run.history("step_reward") == [(2, 1.0)]
+    assert run.history("cumulative_reward") == [(0, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert run.status == "FINISHED"
+    rejected = sink.status()["rejected"]
+    for reason in ("param_bad_key", "param_not_scalar", "param_truncated", "bad_metric",
+                   "bad_step", "event_not_mapping", "artifact"):
+        assert rejected.get(reason, 0) >= 1, reason
+    assert "rlm-mlflow run r" in caplog.text
+
+
+def test_hooks_without_start_and_after_close() -> None:
+    memory = MemoryTransport()
+    sink = make_sink(memory)
+    sink.on_step("orphan", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_end("never-started", result={"completed": True}, run_path=None)
+    sink.close()
+    sink.on_run_start("late", task="t", environment="e", params={})
+    sink.on_step("late", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    assert memory.one("orphan").history("step_reward") == [(0, 1.0)]
+    assert memory.one("orphan").status == "FAILED"
+    assert memory.one("never-started").status == "FINISHED"
+    assert memory.by_name("late") == []
+    status = sink.status()
+    assert status["rejected"]["not_started"] == 2
+    assert status["dropped"]["after_close"] == 2
+
+
+def test_close_is_idempotent_and_bounded_when_mlflow_hangs() -> None:
+    memory = MemoryTransport()
+    release = threading.Event()
+    memory.fail = lambda call: None if release.wait(60) else None
+    sink = make_sink(memory)
+    run_one(sink, "r")
+    closer = threading.Thread(target=sink.close, args=(0.5,))
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive()
+    assert sink._worker.stopped.wait(20)
+    sink.close()
+    release.set()
+    assert sink.status()["dropped"]
+    assert sink.status()["state"] == "closed"
+
+
+def test_status_reports_live_figures_and_redacts_credentials() -> None:
+    sink = MLflowSink(
+        enabled=True,
+        tracking_uri="https://alice:s3cret@mlflow.example:5000/?token=abc123",
+        transport=MemoryTransport(),
+    )
+    status = sink.status()
+    assert "s3cret" not in str(status) and "abc123" not in str(status)
+    assert "s3cret" not in repr(sink)
+    for key in ("name", "enabled", "available", "detail", "experiment", "queue_depth",
+                "queue_capacity", "accepted", "sent", "dropped", "retries",
+                "permanent_failures", "runs_open", "last_error"):
+        assert key in status
+    sink.close()
+
+
+def test_mlflow_missing_makes_sink_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
+    sink = MLflowSink(enabled=True)
+    run_one(sink, "r")
+    status = sink.status()
+    assert status["available"] is False
+    assert "mlflow" in status["detail"]
+    assert status["accepted"] == 0
+    sink.close()
+
+
+def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlm_mlflow import create_mlflow_sink_from_env
+
+    monkeypatch.setenv("DSPY_RLM_MLFLOW_ENABLED", "yes")
+    monkeypatch.setenv("DSPY_RLM_MLFLOW_EXPERIMENT", "from-env")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("RLM_MLFLOW_QUEUE_SIZE", "123")
+    sink = create_mlflow_sink_from_env(transport=MemoryTransport())
+    assert sink.config.enabled
+    assert sink.config.experiment == "from-env"
+    assert sink.config.tracking_uri == "http://127.0.0.1:9"
+    assert sink.status()["queue_capacity"] == 123
+    sink.close()
+    monkeypatch.setenv("DSPY_RLM_MLFLOW_ENABLED", "off")
+    monkeypatch.delenv("DSPY_RLM_MLFLOW_EXPERIMENT")
+    other = MLflowSink.from_env()
+    assert not other.config.enabled
+    assert other.config.experiment == "rlm-code-rlm"
