@@ -19,11 +19,23 @@ pytestmark = pytest.mark.integration
 
 FAST: dict[str, Any] = {"flush_interval": 0.1, "retry_initial": 0.05, "retry_max_wait": 0.5}
 RLM_PARAMS: dict[str, Any] = {
-    "max_steps": 4, "exec_timeout": 30, "branch_width": 1, "framework": "native",
-    "sub_model": None, "sub_provider": None, "max_depth": 2, "effective_max_depth": 2,
-    "depth": 0, "parallelism": 2, "max_children_per_step": 2, "parent_run_id": None,
-    "pure_rlm_backend": "exec", "pure_rlm_strict": False, "context_files": ["a.py"],
-    "context_profile": {"k": 1}, "pure_rlm_profile": "default",
+    "max_steps": 4,
+    "exec_timeout": 30,
+    "branch_width": 1,
+    "framework": "native",
+    "sub_model": None,
+    "sub_provider": None,
+    "max_depth": 2,
+    "effective_max_depth": 2,
+    "depth": 0,
+    "parallelism": 2,
+    "max_children_per_step": 2,
+    "parent_run_id": None,
+    "pure_rlm_backend": "exec",
+    "pure_rlm_strict": False,
+    "context_files": ["a.py"],
+    "context_profile": {"k": 1},
+    "pure_rlm_profile": "default",
 }
 
 
@@ -53,8 +65,14 @@ def agent(
     total = 0.0
     for i in range(steps):
         total += 0.5
-        event = {"type": "step", "run_id": run_id, "step": i, "reward": 0.5,
-                 "action": {"action": "code", "code": "x = 1"}, "observation": {"success": True}}
+        event = {
+            "type": "step",
+            "run_id": run_id,
+            "step": i,
+            "reward": 0.5,
+            "action": {"action": "code", "code": "x = 1"},
+            "observation": {"success": True},
+        }
         sink.on_step(run_id, event=event, cumulative_reward=total)
     if end:
         result = {"completed": True, "steps": steps, "total_reward": total}
@@ -79,7 +97,8 @@ def test_one_run_lands_as_the_seed_documents(
     assert run.data.params["task_chars"] == str(len("task of run_20261126_120000_000001"))
     assert run.data.params["max_steps"] == "4"
     assert run.data.params["sub_model"] == "None"
-    assert "context_files" not in run.data.params and "context_profile" not in run.data.params
+    assert "context_files" not in run.data.params
+    assert "context_profile" not in run.data.params
     assert run.data.tags["run_id"] == "run_20261126_120000_000001"
     assert run.data.tags["component"] == "rlm-code-rlm"
     assert history(mlflow_client, run, "step_reward") == [(i, 0.5) for i in range(4)]
@@ -92,7 +111,8 @@ def test_one_run_lands_as_the_seed_documents(
     artifacts = [a.path for a in mlflow_client.list_artifacts(run.info.run_id)]
     assert artifacts == ["run_20261126_120000_000001.jsonl"]
     assert run.info.end_time is not None
-    assert status["sent"] == 6 and status["dropped"] == {}
+    assert status["sent"] == 6
+    assert status["dropped"] == {}
     # One create, one batch for params + metrics + summary, one artifact, one end: few requests.
     assert status["requests"] <= 6
 
@@ -109,18 +129,32 @@ def test_concurrent_runs_from_threads_with_recursive_children(
 
         def root(n: int) -> None:
             run_id = f"root-{n}"
-            sink.on_run_start(run_id, task="t", environment="pure_rlm",
-                              params={**RLM_PARAMS, "parent_run_id": None})
+            sink.on_run_start(
+                run_id,
+                task="t",
+                environment="pure_rlm",
+                params={**RLM_PARAMS, "parent_run_id": None},
+            )
             children = [
-                pool.submit(agent, sink, f"child-{n}-{c}", steps=3, parent=run_id, depth=1,
-                            trajectory=trajectory)
+                pool.submit(
+                    agent,
+                    sink,
+                    f"child-{n}-{c}",
+                    steps=3,
+                    parent=run_id,
+                    depth=1,
+                    trajectory=trajectory,
+                )
                 for c in range(2)
             ]
             for child in children:
                 child.result(30)
             sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
-            sink.on_run_end(run_id, result={"completed": True, "steps": 1, "total_reward": 1.0},
-                            run_path=trajectory(run_id))
+            sink.on_run_end(
+                run_id,
+                result={"completed": True, "steps": 1, "total_reward": 1.0},
+                run_path=trajectory(run_id),
+            )
 
         roots = [threading.Thread(target=root, args=(n,)) for n in range(5)]
         for t in roots:
@@ -140,7 +174,9 @@ def test_concurrent_runs_from_threads_with_recursive_children(
             assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
             assert child.data.params["depth"] == "1"
             assert history(mlflow_client, child, "cumulative_reward") == [
-                (0, 0.5), (1, 1.0), (2, 1.5)
+                (0, 0.5),
+                (1, 1.0),
+                (2, 1.5),
             ]
             assert child.info.status == "FINISHED"
 
@@ -186,8 +222,11 @@ async def test_async_context_manager_runs_the_worker_in_the_loop(
             run_id = f"task-{n}"
             sink.on_run_start(run_id, task="t", environment="e", params={"n": n})
             for i in range(20):
-                sink.on_step(run_id, event={"step": i, "reward": float(n)},
-                             cumulative_reward=float(n * (i + 1)))
+                sink.on_step(
+                    run_id,
+                    event={"step": i, "reward": float(n)},
+                    cumulative_reward=float(n * (i + 1)),
+                )
                 await anyio.sleep(0)  # let the other agents interleave
             sink.on_run_end(run_id, result={"completed": True, "steps": 20}, run_path=None)
 
@@ -247,7 +286,9 @@ def test_unreachable_server_never_raises_and_close_returns(experiment_name: str)
     from rlm_mlflow.testing import free_port
 
     sink = MLflowSink(
-        enabled=True, experiment=experiment_name, tracking_uri=f"http://127.0.0.1:{free_port()}",
+        enabled=True,
+        experiment=experiment_name,
+        tracking_uri=f"http://127.0.0.1:{free_port()}",
         **FAST,
     )
     agent(sink, "nowhere", steps=5)

@@ -36,8 +36,10 @@ def test_logs_what_the_seed_documents(tmp_path: Path) -> None:
     path.write_text("{}\n")
     with make_sink(memory) as sink:
         sink.on_run_start(
-            "r1", task="abcdef", environment="pure", params={"max_steps": 4, "model": "m",
-                                                             "skip": [1, 2], "none": None}
+            "r1",
+            task="abcdef",
+            environment="pure",
+            params={"max_steps": 4, "model": "m", "skip": [1, 2], "none": None},
         )
         sink.on_step("r1", event={"step": 0, "reward": 0.25}, cumulative_reward=0.25)
         sink.on_step("r1", event={"step": 1, "reward": 1.0}, cumulative_reward=1.25)
@@ -47,7 +49,11 @@ def test_logs_what_the_seed_documents(tmp_path: Path) -> None:
         assert sink.flush(10)
     run = memory.one("r1")
     assert run.params == {
-        "environment": "pure", "task_chars": "6", "max_steps": "4", "model": "m", "none": "None"
+        "environment": "pure",
+        "task_chars": "6",
+        "max_steps": "4",
+        "model": "m",
+        "none": "None",
     }
     assert run.tags["run_id"] == "r1"
     assert run.tags["component"] == "rlm-code-rlm"
@@ -151,7 +157,8 @@ def test_same_run_id_on_two_threads_gives_two_runs() -> None:
     runs = memory.by_name("same")
     assert len(runs) == 2
     assert sorted(tuple(v for _, v in r.history("step_reward")) for r in runs) == [
-        (1.0, 1.0, 1.0), (2.0, 2.0, 2.0)
+        (1.0, 1.0, 1.0),
+        (2.0, 2.0, 2.0),
     ]
     assert all(r.status == "FINISHED" for r in runs)
     assert sink.status()["rejected"]["duplicate_run_id"] == 1
@@ -165,8 +172,11 @@ def test_many_threads_many_runs_all_land_in_order() -> None:
             run_id = f"run-{n}"
             sink.on_run_start(run_id, task="t", environment="e", params={"n": n})
             for i in range(200):
-                sink.on_step(run_id, event={"step": i, "reward": float(n)},
-                             cumulative_reward=float(n * (i + 1)))
+                sink.on_step(
+                    run_id,
+                    event={"step": i, "reward": float(n)},
+                    cumulative_reward=float(n * (i + 1)),
+                )
             sink.on_run_end(run_id, result={"completed": True, "steps": 200}, run_path=None)
 
         threads = [threading.Thread(target=agent, args=(n,)) for n in range(8)]
@@ -249,7 +259,9 @@ def test_a_refused_item_does_not_sink_the_batch() -> None:
 
     def picky(run_uuid: str, **kwargs: Any) -> None:
         if any(k == "poison" for k, _ in kwargs.get("params", ())):
-            raise PermanentError("Changing param values is not allowed", code="INVALID_PARAMETER_VALUE")
+            raise PermanentError(
+                "Changing param values is not allowed", code="INVALID_PARAMETER_VALUE"
+            )
         real(run_uuid, **kwargs)
 
     memory.log_batch = picky  # type: ignore[method-assign]
@@ -304,8 +316,12 @@ def test_bad_input_is_counted_and_the_rest_lands(caplog: pytest.LogCaptureFixtur
     memory = MemoryTransport()
     caplog.set_level(logging.WARNING, logger="rlm_mlflow")
     with make_sink(memory) as sink:
-        sink.on_run_start("r", task=None, environment="e",  # type: ignore[arg-type]
-                          params={"ok": 1, "bad key!": 2, "nested": {"a": 1}, "long": "x" * 7000})
+        sink.on_run_start(
+            "r",
+            task=None,  # type: ignore[arg-type]
+            environment="e",
+            params={"ok": 1, "bad key!": 2, "nested": {"a": 1}, "long": "x" * 7000},
+        )
         sink.on_step("r", event={"step": 0, "reward": math.nan}, cumulative_reward=1.0)
         sink.on_step("r", event={"step": 1, "reward": "high"}, cumulative_reward=math.inf)
         sink.on_step("r", event={"step": "two", "reward": 1.0}, cumulative_reward=2.0)
@@ -315,13 +331,21 @@ def test_bad_input_is_counted_and_the_rest_lands(caplog: pytest.LogCaptureFixtur
     run = memory.one("r")
     assert run.params["ok"] == "1"
     assert len(run.params["long"]) == 6000
-    assert "bad key!" not in run.params and "nested" not in run.params
+    assert "bad key!" not in run.params
+    assert "nested" not in run.params
     assert run.history("step_reward") == [(2, 1.0)]
     assert run.history("cumulative_reward") == [(0, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
     assert run.status == "FINISHED"
     rejected = sink.status()["rejected"]
-    for reason in ("param_bad_key", "param_not_scalar", "param_truncated", "bad_metric",
-                   "bad_step", "event_not_mapping", "artifact"):
+    for reason in (
+        "param_bad_key",
+        "param_not_scalar",
+        "param_truncated",
+        "bad_metric",
+        "bad_step",
+        "event_not_mapping",
+        "artifact",
+    ):
         assert rejected.get(reason, 0) >= 1, reason
     assert "rlm-mlflow run r" in caplog.text
 
@@ -346,7 +370,7 @@ def test_hooks_without_start_and_after_close() -> None:
 def test_close_is_idempotent_and_bounded_when_mlflow_hangs() -> None:
     memory = MemoryTransport()
     release = threading.Event()
-    memory.fail = lambda call: None if release.wait(60) else None
+    memory.fail = lambda call: None if release.wait(60) else TransientError("never released")
     sink = make_sink(memory)
     run_one(sink, "r")
     closer = threading.Thread(target=sink.close, args=(0.5,))
@@ -367,11 +391,25 @@ def test_status_reports_live_figures_and_redacts_credentials() -> None:
         transport=MemoryTransport(),
     )
     status = sink.status()
-    assert "s3cret" not in str(status) and "abc123" not in str(status)
+    assert "s3cret" not in str(status)
+    assert "abc123" not in str(status)
     assert "s3cret" not in repr(sink)
-    for key in ("name", "enabled", "available", "detail", "experiment", "queue_depth",
-                "queue_capacity", "accepted", "sent", "dropped", "retries",
-                "permanent_failures", "runs_open", "last_error"):
+    for key in (
+        "name",
+        "enabled",
+        "available",
+        "detail",
+        "experiment",
+        "queue_depth",
+        "queue_capacity",
+        "accepted",
+        "sent",
+        "dropped",
+        "retries",
+        "permanent_failures",
+        "runs_open",
+        "last_error",
+    ):
         assert key in status
     sink.close()
 

@@ -19,21 +19,23 @@ from ._transport import KEY_TAG, Metric, RunRef
 T = TypeVar("T")
 
 # MLflow error codes that mean "this request will never succeed".
-_PERMANENT_CODES = frozenset({
-    "INVALID_PARAMETER_VALUE",
-    "RESOURCE_DOES_NOT_EXIST",
-    "RESOURCE_ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
-    "BAD_REQUEST",
-    "INVALID_STATE",
-    "NOT_FOUND",
-    "ENDPOINT_NOT_FOUND",
-})
+_PERMANENT_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_DOES_NOT_EXIST",
+        "RESOURCE_ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "BAD_REQUEST",
+        "INVALID_STATE",
+        "NOT_FOUND",
+        "ENDPOINT_NOT_FOUND",
+    }
+)
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    """The URI MLflow itself would use: the argument, else ``MLFLOW_TRACKING_URI``, else its default."""
+    """The URI MLflow would use: the argument, else ``MLFLOW_TRACKING_URI``, else its default."""
     if tracking_uri:
         return tracking_uri
     import mlflow
@@ -92,6 +94,8 @@ class ClientTransport:
                 if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise
             experiment = self._client.get_experiment_by_name(name)
+            if experiment is None:
+                raise TransientError(f"experiment {name!r} vanished while being created")
             return str(experiment.experiment_id)
 
         return self._call("get or create experiment", run)
@@ -99,12 +103,15 @@ class ClientTransport:
     def find_run(self, experiment_id: str, key: str) -> RunRef | None:
         from mlflow.entities import ViewType
 
-        runs = self._call("search runs", lambda: self._client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{KEY_TAG}` = '{key}'",
-            run_view_type=ViewType.ALL,
-            max_results=1,
-        ))
+        runs = self._call(
+            "search runs",
+            lambda: self._client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+                run_view_type=ViewType.ALL,
+                max_results=1,
+            ),
+        )
         if not runs:
             return None
         return RunRef(run_uuid=runs[0].info.run_id, artifact_uri=runs[0].info.artifact_uri)
@@ -117,9 +124,12 @@ class ClientTransport:
         start_time_ms: int,
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
-        run = self._call("create run", lambda: self._client.create_run(
-            experiment_id, start_time=start_time_ms, tags=dict(tags), run_name=run_name
-        ))
+        run = self._call(
+            "create run",
+            lambda: self._client.create_run(
+                experiment_id, start_time=start_time_ms, tags=dict(tags), run_name=run_name
+            ),
+        )
         return RunRef(run_uuid=run.info.run_id, artifact_uri=run.info.artifact_uri)
 
     def log_batch(
@@ -133,17 +143,21 @@ class ClientTransport:
         from mlflow.entities import Metric as MlflowMetric
         from mlflow.entities import Param, RunTag
 
-        self._call("log batch", lambda: self._client.log_batch(
-            run_uuid,
-            metrics=[MlflowMetric(m.key, m.value, m.timestamp_ms, m.step) for m in metrics],
-            params=[Param(k, v) for k, v in params],
-            tags=[RunTag(k, v) for k, v in tags],
-        ))
+        self._call(
+            "log batch",
+            lambda: self._client.log_batch(
+                run_uuid,
+                metrics=[MlflowMetric(m.key, m.value, m.timestamp_ms, m.step) for m in metrics],
+                params=[Param(k, v) for k, v in params],
+                tags=[RunTag(k, v) for k, v in tags],
+            ),
+        )
 
     def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
-        self._call("end run", lambda: self._client.set_terminated(
-            run_uuid, status=status, end_time=end_time_ms
-        ))
+        self._call(
+            "end run",
+            lambda: self._client.set_terminated(run_uuid, status=status, end_time=end_time_ms),
+        )
 
     def log_artifact(self, run: RunRef, local_path: str) -> None:
         self._call(

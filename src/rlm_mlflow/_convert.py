@@ -35,7 +35,9 @@ def key_problem(key: object) -> str | None:
     if len(key) > MAX_KEY_LENGTH:
         return f"key {key[:40]!r}... is {len(key)} characters long (MLflow allows {MAX_KEY_LENGTH})"
     if not _KEY_PATTERN.match(key):
-        return f"key {key!r} has characters MLflow refuses (allowed: letters, digits, _ - . / : space)"
+        return (
+            f"key {key!r} has characters MLflow refuses (allowed: letters, digits, _ - . / : space)"
+        )
     if key.startswith("/") or ".." in key.split("/") or "//" in key:
         return f"key {key!r} is not a relative path MLflow accepts"
     return None
@@ -45,7 +47,7 @@ def metric_value(raw: object) -> tuple[float | None, str | None]:
     """``(value, None)`` for a finite real number, else ``(None, why)``."""
     if type(raw) is float:  # the common case, first
         value = raw
-    elif isinstance(raw, numbers.Real) and not isinstance(raw, str):
+    elif isinstance(raw, numbers.Real):
         try:
             value = float(raw)
         except (OverflowError, ValueError, TypeError):
@@ -93,6 +95,7 @@ def params_of(
     task_chars: int | None,
     params: Mapping[Any, Any],
     reject: Reject,
+    skip: Callable[[str, object], None],
 ) -> Iterator[tuple[str, str]]:
     """The run's params: ``environment``, ``task_chars`` and every valid scalar param.
 
@@ -115,8 +118,8 @@ def params_of(
             reject("param_bad_key", f"param skipped: {problem}")
             continue
         text = _scalar_text(value)
-        if text is None:
-            reject("param_not_scalar", f"param {key!r}: {type(value).__name__} value skipped")
+        if text is None:  # documented behaviour, not an error: counted, logged at debug level
+            skip(key, value)
             continue
         if len(text) > MAX_PARAM_VALUE_LENGTH:
             reject(

@@ -1,8 +1,8 @@
 """Exceptions of the MLflow-facing side. None of them ever reaches a hook's caller.
 
-    TransportError
-    ├── TransientError   worth retrying: connection refused or reset, timeout, 408, 429, 5xx
-    └── PermanentError   retrying cannot help: 400-class answers, a store that refuses the data
+TransportError
+├── TransientError   worth retrying: connection refused or reset, timeout, 408, 429, 5xx
+└── PermanentError   retrying cannot help: 400-class answers, a store that refuses the data
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ class TransportError(Exception):
 
 
 class TransientError(TransportError):
-    """Raised when a request failed in a way a later attempt may not (``retry_after`` in seconds)."""
+    """Raised when a later attempt may succeed (``retry_after``: seconds the server asked for)."""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import mimetypes
 import os
 import threading
@@ -33,7 +34,7 @@ _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
-    """Parse a ``Retry-After`` header: delta-seconds or an HTTP date. None when absent or invalid."""
+    """Parse ``Retry-After``: delta-seconds or an HTTP date. None when absent or invalid."""
     if not value:
         return None
     value = value.strip()
@@ -44,10 +45,8 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
-        if when is None:
-            return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
+    if math.isnan(seconds):
         return None
     return max(0.0, seconds)
 
@@ -152,9 +151,9 @@ class RestTransport:
 
     def get_or_create_experiment(self, name: str) -> str:
         try:
-            found = self._request("GET", f"{_API}/experiments/get-by-name", params={
-                "experiment_name": name
-            })
+            found = self._request(
+                "GET", f"{_API}/experiments/get-by-name", params={"experiment_name": name}
+            )
             experiment = found.get("experiment", {})
             if experiment.get("lifecycle_stage") == "deleted":
                 raise PermanentError(
@@ -171,18 +170,22 @@ class RestTransport:
         except PermanentError as exc:
             if exc.code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
                 raise
-        found = self._request("GET", f"{_API}/experiments/get-by-name", params={
-            "experiment_name": name
-        })
+        found = self._request(
+            "GET", f"{_API}/experiments/get-by-name", params={"experiment_name": name}
+        )
         return str(found["experiment"]["experiment_id"])
 
     def find_run(self, experiment_id: str, key: str) -> RunRef | None:
-        found = self._request("POST", f"{_API}/runs/search", body={
-            "experiment_ids": [experiment_id],
-            "filter": f"tags.`{KEY_TAG}` = '{key}'",
-            "run_view_type": "ALL",
-            "max_results": 1,
-        })
+        found = self._request(
+            "POST",
+            f"{_API}/runs/search",
+            body={
+                "experiment_ids": [experiment_id],
+                "filter": f"tags.`{KEY_TAG}` = '{key}'",
+                "run_view_type": "ALL",
+                "max_results": 1,
+            },
+        )
         runs = found.get("runs") or []
         if not runs:
             return None
@@ -197,12 +200,16 @@ class RestTransport:
         start_time_ms: int,
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
-        created = self._request("POST", f"{_API}/runs/create", body={
-            "experiment_id": experiment_id,
-            "run_name": run_name,
-            "start_time": start_time_ms,
-            "tags": [{"key": k, "value": v} for k, v in tags],
-        })
+        created = self._request(
+            "POST",
+            f"{_API}/runs/create",
+            body={
+                "experiment_id": experiment_id,
+                "run_name": run_name,
+                "start_time": start_time_ms,
+                "tags": [{"key": k, "value": v} for k, v in tags],
+            },
+        )
         info = created["run"]["info"]
         return RunRef(run_uuid=info["run_id"], artifact_uri=info.get("artifact_uri", ""))
 
@@ -214,22 +221,30 @@ class RestTransport:
         params: Sequence[tuple[str, str]] = (),
         tags: Sequence[tuple[str, str]] = (),
     ) -> None:
-        self._request("POST", f"{_API}/runs/log-batch", body={
-            "run_id": run_uuid,
-            "metrics": [
-                {"key": m.key, "value": m.value, "timestamp": m.timestamp_ms, "step": m.step}
-                for m in metrics
-            ],
-            "params": [{"key": k, "value": v} for k, v in params],
-            "tags": [{"key": k, "value": v} for k, v in tags],
-        })
+        self._request(
+            "POST",
+            f"{_API}/runs/log-batch",
+            body={
+                "run_id": run_uuid,
+                "metrics": [
+                    {"key": m.key, "value": m.value, "timestamp": m.timestamp_ms, "step": m.step}
+                    for m in metrics
+                ],
+                "params": [{"key": k, "value": v} for k, v in params],
+                "tags": [{"key": k, "value": v} for k, v in tags],
+            },
+        )
 
     def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
-        self._request("POST", f"{_API}/runs/update", body={
-            "run_id": run_uuid,
-            "status": status,
-            "end_time": end_time_ms,
-        })
+        self._request(
+            "POST",
+            f"{_API}/runs/update",
+            body={
+                "run_id": run_uuid,
+                "status": status,
+                "end_time": end_time_ms,
+            },
+        )
 
     def log_artifact(self, run: RunRef, local_path: str) -> None:
         root = _proxied_artifact_root(run.artifact_uri)
@@ -249,7 +264,9 @@ class RestTransport:
             try:
                 handle = file.open("rb")
             except OSError as exc:
-                raise PermanentError(f"cannot read {file}: {exc}", code="ARTIFACT_MISSING") from None
+                raise PermanentError(
+                    f"cannot read {file}: {exc}", code="ARTIFACT_MISSING"
+                ) from None
             with handle:
                 self._request(
                     "PUT",
@@ -284,7 +301,7 @@ def _proxied_artifact_root(artifact_uri: str) -> str | None:
 
 
 def _log_artifact_with_mlflow(run: RunRef, local_path: str, tracking_uri: str) -> None:
-    """Artifact roots the proxy does not serve (s3://, gs://, a shared path): MLflow's repository."""
+    """Artifact roots the proxy does not serve (s3://, gs://, a path): MLflow's own repository."""
     from ._client import upload_with_repository
 
     upload_with_repository(run.artifact_uri, local_path, tracking_uri)

@@ -53,7 +53,7 @@ def _now_ms() -> int:
 
 
 def _field(obj: Any, name: str) -> Any:
-    """``obj.name`` or ``obj[name]``; None when it has neither (other runtimes pass other objects)."""
+    """``obj.name`` or ``obj[name]``, else None: other runtimes pass other objects."""
     if isinstance(obj, Mapping):
         return obj.get(name)
     return getattr(obj, name, None)
@@ -195,6 +195,8 @@ class MLflowSink:
     def on_run_start(
         self, run_id: str, *, task: str, environment: str, params: dict[str, Any]
     ) -> None:
+        # Typed as RLM Code calls it; checked as if anything could come (other runtimes do).
+        given: Any = params
         if not self._active:
             self._refuse()
             return
@@ -204,7 +206,7 @@ class MLflowSink:
                 task_chars: int | None = len(task)
             except TypeError:
                 task_chars = None
-            parent = params.get("parent_run_id") if isinstance(params, Mapping) else None
+            parent = given.get("parent_run_id") if isinstance(given, Mapping) else None
             key = uuid.uuid4().hex
             me = threading.get_ident()
             with self._lock:
@@ -231,30 +233,28 @@ class MLflowSink:
                     timestamp_ms=_now_ms(),
                     environment=environment,
                     task_chars=task_chars,
-                    params=dict(params) if isinstance(params, Mapping) else {},
+                    params=dict(given) if isinstance(given, Mapping) else {},
                     parent_key=parent_key,
                 )
             )
-            if not isinstance(params, Mapping):
-                self._bad_input("params_not_mapping", run_id, f"params is a {type(params)}")
+            if not isinstance(given, Mapping):
+                self._bad_input("params_not_mapping", run_id, f"params is a {type(given)}")
         except Exception:
             self._hook_failed("on_run_start")
 
     def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
+        given: Any = event
         if not self._active:
             self._refuse()
             return
         try:
             runs = self._open.get(run_id)
-            if runs is not None and len(runs) == 1:
-                key = runs[0].key
-            else:
-                key = self._route(run_id)
-            if type(event) is dict or isinstance(event, Mapping):
-                step, reward = event.get("step"), event.get("reward")
+            key = runs[0].key if runs is not None and len(runs) == 1 else self._route(run_id)
+            if type(given) is dict or isinstance(given, Mapping):
+                step, reward = given.get("step"), given.get("reward")
             else:
                 step = reward = None
-                self._bad_input("event_not_mapping", run_id, f"event is a {type(event).__name__}")
+                self._bad_input("event_not_mapping", run_id, f"event is a {type(given).__name__}")
             self._buffer.put_step(
                 Step(key, run_id, time.time_ns() // 1_000_000, step, reward, cumulative_reward)
             )
@@ -306,9 +306,7 @@ class MLflowSink:
                     "not_started", run_id, "hook called before on_run_start; run opened for it"
                 )
                 self._ensure_worker()
-                self._buffer.put(
-                    RunStart(key, run_id, _now_ms(), None, None, {}, None)
-                )
+                self._buffer.put(RunStart(key, run_id, _now_ms(), None, None, {}, None))
             if closing:
                 runs = tuple(r for r in self._open.get(run_id, ()) if r.key != key)
                 if runs:
@@ -331,13 +329,15 @@ class MLflowSink:
     def _hook_failed(self, hook: str) -> None:
         self._counters.rejected["hook_error"] += 1
         self._warnings.warn("hook_error", "rlm-mlflow %s failed; event dropped", hook)
-        logger.debug("rlm-mlflow %s failed", hook, exc_info=True)
+        logger.debug("rlm-mlflow %s failed", hook)
 
     # -- the worker -----------------------------------------------------------------------------
 
     def _ensure_worker(self) -> None:
-        if self._state is not _State.IDLE:
-            return
+        if self._state is _State.IDLE:
+            self._start_thread()
+
+    def _start_thread(self) -> None:
         with self._lock:
             if self._state is not _State.IDLE:
                 return
@@ -360,8 +360,10 @@ class MLflowSink:
         worker, use ``await aflush()`` instead.
         """
         if self._in_worker_loop():
-            logger.warning("rlm-mlflow: flush() called inside the worker's event loop; "
-                           "use 'await sink.aflush()'")
+            logger.warning(
+                "rlm-mlflow: flush() called inside the worker's event loop; "
+                "use 'await sink.aflush()'"
+            )
             return False
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         with self._buffer.lock:
@@ -423,8 +425,10 @@ class MLflowSink:
         if state is None:
             return
         if in_loop:
-            logger.warning("rlm-mlflow: close() called inside the worker's event loop; "
-                           "the worker stops on its own, use 'await sink.aclose()' to wait")
+            logger.warning(
+                "rlm-mlflow: close() called inside the worker's event loop; "
+                "the worker stops on its own, use 'await sink.aclose()' to wait"
+            )
             return
         self._worker.stopped.wait(timeout + 0.5)
         self._log_summary()
@@ -533,7 +537,7 @@ class MLflowSink:
         )
 
     def status(self) -> dict[str, Any]:
-        """RLM Code's status keys (name, enabled, available, detail, experiment) and live figures."""
+        """RLM Code's keys (name, enabled, available, detail, experiment) and live figures."""
         worker = self._worker
         available = self._available and worker.unavailable is None
         detail = worker.unavailable or worker.describe or self._detail

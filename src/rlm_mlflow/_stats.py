@@ -53,7 +53,7 @@ class Counters:
 
 
 class RateLimitedWarnings:
-    """Log a warning per reason at most once every ``interval`` seconds, saying how many were hidden.
+    """Log a warning per reason at most once per ``interval`` seconds, saying how many were hidden.
 
     Every occurrence is still counted by the caller; this only keeps a log readable when bad input
     or a full queue repeats thousands of times a second.

@@ -38,12 +38,14 @@ T = TypeVar("T")
 #: Events taken from the queue in one drain cycle.
 TAKE_LIMIT = 20_000
 #: Codes for which splitting a refused batch cannot help: the whole run is refused.
-_WHOLE_BATCH_CODES = frozenset({
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
-    "RESOURCE_DOES_NOT_EXIST",
-    "ENDPOINT_NOT_FOUND",
-})
+_WHOLE_BATCH_CODES = frozenset(
+    {
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "RESOURCE_DOES_NOT_EXIST",
+        "ENDPOINT_NOT_FOUND",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -132,8 +134,11 @@ class Worker:
 
     async def _drain_loop(self) -> None:
         wake = self._buffer.wake
+        trigger = self._config.batch_trigger
         while True:
-            if not len(self._buffer) and not self.stop_requested.is_set():
+            # Sleep until a batch is ready, a flush or close asks, or the interval is up.
+            idle = len(self._buffer) < trigger and not wake.is_set()
+            if idle and not self.stop_requested.is_set():
                 await anyio.to_thread.run_sync(
                     wake.wait, self._config.flush_interval, abandon_on_cancel=True
                 )
@@ -240,6 +245,15 @@ class Worker:
 
         return reject
 
+    def _skip_param(self, run_id: str, key: str, value: object) -> None:
+        self._counters.rejected["param_not_scalar"] += 1
+        logger.debug(
+            "rlm-mlflow run %s: param %r (%s) is not a scalar; skipped",
+            run_id,
+            key,
+            type(value).__name__,
+        )
+
     async def _open(self, start: RunStart) -> None:
         state = self.runs.get(start.key)
         if state is None:
@@ -251,6 +265,7 @@ class Worker:
                 task_chars=start.task_chars,
                 params=start.params,
                 reject=reject,
+                skip=functools.partial(self._skip_param, start.run_id),
             )
         )
         await self._create(state)
@@ -264,7 +279,8 @@ class Worker:
         start = state.start
         transport = self.transport
         experiment_id = self.experiment_id
-        assert transport is not None and experiment_id is not None
+        assert transport is not None
+        assert experiment_id is not None
         reject = self._reject(start.run_id)
         tags = [
             ("run_id", _convert.tag_value(start.run_id, "run_id", reject)),
@@ -318,8 +334,10 @@ class Worker:
                 number = state.last_step + 1
                 reject("bad_step", f"step {step.step!r} is not a whole number; using {number}")
             state.last_step = max(state.last_step, number)
-            for name, raw in (("step_reward", step.reward), ("cumulative_reward",
-                                                               step.cumulative_reward)):
+            for name, raw in (
+                ("step_reward", step.reward),
+                ("cumulative_reward", step.cumulative_reward),
+            ):
                 value, why = _convert.metric_value(raw)
                 if why is None:
                     assert value is not None
@@ -335,8 +353,11 @@ class Worker:
         if isinstance(completed, bool | int | float):
             completed = float(bool(completed))
         steps: Any = end.steps if end.steps is not None else state.last_step + 1
-        for name, raw in (("completed", completed), ("steps", steps),
-                          ("total_reward", end.total_reward)):
+        for name, raw in (
+            ("completed", completed),
+            ("steps", steps),
+            ("total_reward", end.total_reward),
+        ):
             if raw is None:
                 continue
             value, why = _convert.metric_value(raw)
@@ -379,7 +400,8 @@ class Worker:
         if not metrics and not params:
             return True
         transport = self.transport
-        assert transport is not None and state.ref is not None
+        assert transport is not None
+        assert state.ref is not None
         run_uuid = state.ref.run_uuid
         try:
             await self._call(
@@ -388,16 +410,20 @@ class Worker:
             )
             return True
         except TransientError as exc:
-            self._failed(f"run {state.start.run_id}: {len(metrics)} metrics, "
-                         f"{len(params)} params not sent after retries: {exc}")
+            self._failed(
+                f"run {state.start.run_id}: {len(metrics)} metrics, "
+                f"{len(params)} params not sent after retries: {exc}"
+            )
             return False
         except PermanentError as exc:
             size = len(metrics) + len(params)
             if size <= 1 or exc.code in _WHOLE_BATCH_CODES:
                 self._counters.permanent_failures += size
                 what = metrics[0] if metrics else (params[0] if params else None)
-                self._failed(f"run {state.start.run_id}: MLflow refused "
-                             f"{what if size == 1 else f'{size} items'}: {exc}")
+                self._failed(
+                    f"run {state.start.run_id}: MLflow refused "
+                    f"{what if size == 1 else f'{size} items'}: {exc}"
+                )
                 return size <= 1  # one bad item is counted; the rest of the run is fine
             # Halve the items (params first, then metrics) until the refused ones stand alone.
             half = size // 2
@@ -408,14 +434,13 @@ class Worker:
 
     async def _finish(self, state: RunState, end: RunEnd) -> bool:
         transport = self.transport
-        assert transport is not None and state.ref is not None
+        assert transport is not None
+        assert state.ref is not None
         ref = state.ref
         ok = True
         if end.run_path:
             try:
-                await self._call(
-                    "log artifact", transport.log_artifact, ref, end.run_path
-                )
+                await self._call("log artifact", transport.log_artifact, ref, end.run_path)
             except PermanentError as exc:
                 self._counters.rejected["artifact"] += 1
                 self._warnings.warn(
