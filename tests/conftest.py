@@ -16,6 +16,14 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
+@pytest.fixture(autouse=True)
+def journal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every sink journals into the test's own folder, never the user's state directory."""
+    folder = tmp_path / "journal"
+    monkeypatch.setenv("RLM_MLFLOW_JOURNAL_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A real ``mlflow server`` (sqlite backend, proxied artifacts) on a free loopback port."""

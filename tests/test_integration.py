@@ -282,13 +282,17 @@ def test_many_steps_go_out_in_few_requests(
     assert requests <= 14
 
 
-def test_unreachable_server_never_raises_and_close_returns(experiment_name: str) -> None:
+@pytest.mark.parametrize("journal", [True, False])
+def test_unreachable_server_never_raises_and_close_returns(
+    experiment_name: str, journal: bool
+) -> None:
     from rlm_mlflow.testing import free_port
 
     sink = MLflowSink(
         enabled=True,
         experiment=experiment_name,
         tracking_uri=f"http://127.0.0.1:{free_port()}",
+        journal=journal,
         **FAST,
     )
     agent(sink, "nowhere", steps=5)
@@ -298,5 +302,6 @@ def test_unreachable_server_never_raises_and_close_returns(experiment_name: str)
     assert not closer.is_alive()
     status = sink.status()
     assert status["sent"] == 0
-    assert sum(status["dropped"].values()) == status["accepted"] == 7
+    lost = status["deferred"] if journal else sum(status["dropped"].values())
+    assert lost == status["accepted"] == 7
     assert status["last_error"]

@@ -276,14 +276,23 @@ def test_a_refused_item_does_not_sink_the_batch() -> None:
     assert run.status == "FINISHED"
 
 
-def test_retry_budget_exhausted_is_counted_not_raised() -> None:
+@pytest.mark.parametrize("journal", [True, False])
+def test_retry_budget_exhausted_is_counted_not_raised(journal: bool, journal_dir: Path) -> None:
+    """Past the retry budget data is kept in the journal for replay, or counted lost without."""
     memory = MemoryTransport()
     memory.fail = lambda call: TransientError("HTTP 500") if call == "log_batch" else None
-    with make_sink(memory, retry_deadline=0.2) as sink:
+    with make_sink(memory, retry_deadline=0.2, journal=journal) as sink:
         run_one(sink, "r", steps=3)
         assert not sink.flush(10)
     status = sink.status()
-    assert status["dropped"]["send_failed"] >= 3
+    # The run was created, but its params and metrics never landed: all 5 events count.
+    if journal:
+        assert status["deferred"] == 5
+        assert status["dropped"] == {}
+        assert len(list(journal_dir.iterdir())) == 1  # kept for replay
+    else:
+        assert status["dropped"] == {"send_failed": 5}
+        assert status["deferred"] == 0
     assert "HTTP 500" in status["last_error"]
 
 
@@ -292,7 +301,7 @@ def test_full_queue_drops_steps_but_never_starts_or_ends(overflow: str) -> None:
     memory = MemoryTransport()
     gate = threading.Event()
     memory.fail = lambda call: None if gate.wait(10) else TransientError("gate")
-    sink = make_sink(memory, queue_size=10, overflow=overflow, batch_trigger=10_000)
+    sink = make_sink(memory, queue_size=10, overflow=overflow, batch_trigger=10_000, journal=False)
     sink.on_run_start("r", task="t", environment="e", params={})
     for i in range(50):
         sink.on_step("r", event={"step": i, "reward": 1.0}, cumulative_reward=float(i))
@@ -310,6 +319,35 @@ def test_full_queue_drops_steps_but_never_starts_or_ends(overflow: str) -> None:
         assert steps[-1] == 49
     assert run.status == "FINISHED"
     assert run.history("completed") == [(0, 1.0)]
+
+
+def test_full_queue_spills_to_the_journal_and_loses_nothing(journal_dir: Path) -> None:
+    """With the journal on, a full memory queue spills to disk; the worker reads it back in
+    order once it catches up, across journal segments, and removes what it sent."""
+    memory = MemoryTransport()
+    gate = threading.Event()
+    memory.fail = lambda call: None if gate.wait(10) else TransientError("gate")
+    sink = make_sink(memory, queue_size=10, batch_trigger=10_000)
+    assert sink._journal is not None
+    sink._journal.segment_records = 64  # several segments
+    for run in ("a", "b"):
+        sink.on_run_start(run, task="t", environment="e", params={})
+    for i in range(300):
+        for run in ("a", "b"):
+            sink.on_step(run, event={"step": i, "reward": 1.0}, cumulative_reward=float(i))
+    for run in ("a", "b"):
+        sink.on_run_end(run, result={"completed": True}, run_path=None)
+    assert sink.status()["spilled"] > 500
+    gate.set()
+    assert sink.flush(20)
+    sink.close(10)
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["sent"] == status["accepted"] == 604
+    for run in ("a", "b"):
+        assert [s for s, _ in memory.one(run).history("step_reward")] == list(range(300))
+        assert memory.one(run).status == "FINISHED"
+    assert list(journal_dir.iterdir()) == []  # all sent: the journal is gone
 
 
 def test_bad_input_is_counted_and_the_rest_lands(caplog: pytest.LogCaptureFixture) -> None:
@@ -380,8 +418,10 @@ def test_close_is_idempotent_and_bounded_when_mlflow_hangs() -> None:
     assert sink._worker.stopped.wait(20)
     sink.close()
     release.set()
-    assert sink.status()["dropped"]
-    assert sink.status()["state"] == "closed"
+    status = sink.status()
+    assert status["deferred"] == status["accepted"] == 5  # kept in the journal for replay
+    assert status["journal_backlog"] == 5
+    assert status["state"] == "closed"
 
 
 def test_status_reports_live_figures_and_redacts_credentials() -> None:

@@ -5,6 +5,8 @@ from ._config import SinkConfig as SinkConfig
 from ._exceptions import PermanentError as PermanentError
 from ._exceptions import TransientError as TransientError
 from ._exceptions import TransportError as TransportError
+from ._replay import ReplayReport as ReplayReport
+from ._replay import replay as replay
 from ._sink import MLflowSink as MLflowSink
 from ._sink import create_mlflow_sink_from_env as create_mlflow_sink_from_env
 from ._stats import SinkStatistics as SinkStatistics
@@ -17,6 +19,7 @@ __all__ = [
     "Metric",
     "Overflow",
     "PermanentError",
+    "ReplayReport",
     "RunRef",
     "SinkConfig",
     "SinkStatistics",
@@ -24,6 +27,7 @@ __all__ = [
     "Transport",
     "TransportError",
     "create_mlflow_sink_from_env",
+    "replay",
 ]
 
 __version__ = "0.1.0"

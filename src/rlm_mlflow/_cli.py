@@ -26,6 +26,54 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report["flushed"] else 1
 
 
+class _ProgressBar:
+    """A one-line progress bar on a terminal's stderr; silent elsewhere."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        percent = done * 100 // total
+        if percent == self._last:
+            return
+        self._last = percent
+        filled = percent * 30 // 100
+        bar = "#" * filled + "." * (30 - filled)
+        sys.stderr.write(f"\r[{bar}] {percent:3d}%  {done}/{total} events")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from ._journal import default_journal_dir
+    from ._replay import replay
+
+    directory = Path(args.directory) if args.directory else default_journal_dir()
+    report = replay(
+        directory,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        retry_deadline=args.retry_deadline,
+        progress=_ProgressBar(),
+    )
+    print(f"journals found     {report.journals} in {directory}")
+    print(f"events read        {report.events}  (torn records skipped: {report.torn})")
+    print(f"events sent        {report.sent}")
+    print(f"runs ended KILLED  {report.runs_killed}  (left open by a process that died)")
+    if report.in_use:
+        print(f"in use, left alone {len(report.in_use)}  (their sink is still running)")
+    if report.failed or report.kept:
+        print(f"NOT sent           {report.failed} events; kept for the next replay in:")
+        for folder in report.kept:
+            print(f"  {folder}")
+        return 1
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     try:
         config = config_from_env()
@@ -49,9 +97,31 @@ def _status(args: argparse.Namespace) -> int:
         print("mlflow            not importable")
     if uri and uri.startswith(("http://", "https://")):
         print(f"server            {_probe(uri, args.timeout, problems)}")
+    print(f"journal           {_journal_summary(config.journal, config.journal_dir)}")
     for problem in problems:
         print(f"problem: {problem}")
     return 1 if problems else 0
+
+
+def _journal_summary(enabled: bool, folder: str | None) -> str:
+    from ._journal import ReadStats, default_journal_dir, read_segment, segments
+    from ._replay import journal_folders
+
+    root = Path(folder) if folder else default_journal_dir()
+    if not enabled:
+        return f"off  (RLM_MLFLOW_JOURNAL); directory {root}"
+    journals = journal_folders(root)
+    backlog = 0
+    for journal in journals:
+        stats = ReadStats()
+        for _, path in segments(journal):
+            for _ in read_segment(path, stats):
+                pass
+        backlog += stats.records
+    text = f"{root}  ({len(journals)} journals, {backlog} events not yet confirmed sent)"
+    if journals:
+        text += "; 'rlm-mlflow replay' sends those of processes that have ended"
+    return text
 
 
 def _probe(uri: str, timeout: float, problems: list[str]) -> str:
@@ -113,6 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=3.0, help="seconds to wait for the server (default: 3)"
     )
     status.set_defaults(handler=_status)
+
+    replay = commands.add_parser(
+        "replay",
+        help="send what journals kept after a crash, a kill or an outage",
+        description="Send every event that journals hold and that never reached MLflow, "
+        "exactly once, then end the runs their process left open (KILLED) and remove the "
+        "journals. Journals of sinks still running are left alone. Exits 1 if something could "
+        "not be sent (it stays for the next replay).",
+    )
+    replay.add_argument(
+        "directory",
+        nargs="?",
+        default=None,
+        help="a journal directory or one journal (default: RLM_MLFLOW_JOURNAL_DIR, "
+        "else ~/.local/state/rlm-mlflow/journal)",
+    )
+    replay.add_argument(
+        "--tracking-uri", default=None, help="send there instead of where the journal was headed"
+    )
+    replay.add_argument(
+        "--experiment", default=None, help="send into this experiment instead of the journal's"
+    )
+    replay.add_argument(
+        "--retry-deadline",
+        type=float,
+        default=60.0,
+        help="seconds to keep retrying a failing request (default: 60)",
+    )
+    replay.set_defaults(handler=_replay)
     return parser
 
 

@@ -22,6 +22,9 @@ ENV_FLUSH_INTERVAL = "RLM_MLFLOW_FLUSH_INTERVAL"
 ENV_SHUTDOWN_TIMEOUT = "RLM_MLFLOW_SHUTDOWN_TIMEOUT"
 ENV_REQUEST_TIMEOUT = "RLM_MLFLOW_REQUEST_TIMEOUT"
 ENV_RETRY_DEADLINE = "RLM_MLFLOW_RETRY_DEADLINE"
+ENV_JOURNAL = "RLM_MLFLOW_JOURNAL"
+ENV_JOURNAL_DIR = "RLM_MLFLOW_JOURNAL_DIR"
+ENV_HANDLE_SIGNALS = "RLM_MLFLOW_HANDLE_SIGNALS"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -55,6 +58,9 @@ class SinkConfig:
     retry_initial: float = 0.5
     retry_max_wait: float = 30.0
     batch_trigger: int = 500
+    journal: bool = True
+    journal_dir: str | None = None
+    handle_signals: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,6 +124,11 @@ def config_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> S
         number = _env_number(env, name, kind)
         if number is not None:
             values[key] = number
+    for key, name in (("journal", ENV_JOURNAL), ("handle_signals", ENV_HANDLE_SIGNALS)):
+        if env.get(name) is not None:
+            values[key] = parse_bool(env.get(name), default=True)
+    if env.get(ENV_JOURNAL_DIR):
+        values["journal_dir"] = env[ENV_JOURNAL_DIR]
     overflow = (env.get(ENV_OVERFLOW) or "").strip().lower()
     if overflow:
         try:

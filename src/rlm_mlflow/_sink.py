@@ -6,7 +6,6 @@ touches the network, never imports mlflow, never waits on the worker and never r
 
 from __future__ import annotations
 
-import atexit
 import enum
 import importlib.util
 import logging
@@ -14,7 +13,6 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +22,11 @@ from typing import Any, Self
 import anyio
 import anyio.to_thread
 
+from . import _process
 from ._buffer import EventBuffer
 from ._config import Overflow, SinkConfig, config_from_env, redact_text, redact_uri
 from ._events import RunEnd, RunStart, Step
+from ._journal import Journal, default_journal_dir
 from ._stats import Counters, RateLimitedWarnings, SinkStatistics
 from ._transport import Transport
 from ._worker import Worker
@@ -113,6 +113,9 @@ class MLflowSink:
         retry_initial: float | None = None,
         retry_max_wait: float | None = None,
         batch_trigger: int | None = None,
+        journal: bool | None = None,
+        journal_dir: str | os.PathLike[str] | None = None,
+        handle_signals: bool | None = None,
         transport: Transport | Callable[[], Transport] | None = None,
         config: SinkConfig | None = None,
     ) -> None:
@@ -131,20 +134,22 @@ class MLflowSink:
                 "retry_initial": retry_initial,
                 "retry_max_wait": retry_max_wait,
                 "batch_trigger": batch_trigger,
+                "journal": journal,
+                "journal_dir": os.fspath(journal_dir) if journal_dir is not None else None,
+                "handle_signals": handle_signals,
             }.items()
             if value is not None
         }
         base = config if config is not None else SinkConfig()
         self.config = base.with_changes(**changes) if changes else base
+        self._transport_arg = transport
+        self._setup()
+
+    def _setup(self) -> None:
+        """Everything a process owns: run at construction, and again in a forked child."""
+        config = self.config
         self._counters = Counters()
         self._warnings = RateLimitedWarnings()
-        self._buffer = EventBuffer(
-            self.config.queue_size,
-            self.config.overflow,
-            self._counters,
-            self._warnings,
-            trigger=self.config.batch_trigger,
-        )
         self._lock = threading.RLock()
         self._open: dict[str, tuple[_OpenRun, ...]] = {}
         self._state = _State.IDLE
@@ -152,26 +157,79 @@ class MLflowSink:
         self._loop_thread: int | None = None
         self._task_done: anyio.Event | None = None
         self._task_group: Any = None
-        self._transport_arg = transport
+        self._end_status = "FAILED"  # for runs still open at close; KILLED after a signal
         self._available = True
-        self._detail = redact_uri(self.config.tracking_uri) or "default tracking URI"
-        if self.config.enabled and transport is None and importlib.util.find_spec("mlflow") is None:
+        self._detail = redact_uri(config.tracking_uri) or "default tracking URI"
+        if (
+            config.enabled
+            and self._transport_arg is None
+            and importlib.util.find_spec("mlflow") is None
+        ):
             self._available = False
             self._detail = "mlflow cannot be imported: No module named 'mlflow'"
             logger.warning("rlm-mlflow: %s; the sink does nothing", self._detail)
+        active = config.enabled and self._available
+        self._journal = self._open_journal() if active and config.journal else None
+        self._buffer = EventBuffer(
+            config.queue_size,
+            config.overflow,
+            self._counters,
+            self._warnings,
+            trigger=config.batch_trigger,
+            journal=self._journal,
+        )
         self._worker = Worker(
-            self.config,
+            config,
             buffer=self._buffer,
             counters=self._counters,
             warnings=self._warnings,
             transport_factory=self._make_transport,
         )
         # Hooks test this one attribute first, so a disabled or closed sink costs a lookup.
-        self._active = self.config.enabled and self._available
-        self._atexit: Callable[[], None] | None = None
+        self._active = active
+        if active:
+            _process.register(self, signals=config.handle_signals)
+
+    def _open_journal(self) -> Journal | None:
+        root = Path(self.config.journal_dir) if self.config.journal_dir else default_journal_dir()
+        try:
+            return Journal(
+                root, experiment=self.config.experiment, tracking_uri=self.config.tracking_uri
+            )
+        except OSError as exc:
+            logger.warning(
+                "rlm-mlflow: cannot open a journal in %s (%s); going on without one", root, exc
+            )
+            return None
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: a sink of its own, never re-sending what the parent queued."""
+        inherited = self._journal
+        if inherited is not None:
+            inherited.forget()
         if self._active:
-            self._atexit = _exit_hook(weakref.ref(self))
-            atexit.register(self._atexit)
+            self._setup()
+        else:
+            self._lock = threading.RLock()
+
+    def _mark_interrupted(self, status: str) -> None:
+        self._end_status = status
+
+    def _fail_runs_of_thread(self, thread: int) -> None:
+        """A thread died of an uncaught exception: end the runs it had open, FAILED."""
+        if not self._active:
+            return
+        now = _now_ms()
+        with self._lock:
+            for run_id, runs in list(self._open.items()):
+                dead = [r for r in runs if r.thread == thread]
+                for run in dead:
+                    self._buffer.put(RunEnd(run.key, run_id, now, "FAILED"))
+                left = tuple(r for r in runs if r.thread != thread)
+                if left:
+                    self._open[run_id] = left
+                else:
+                    del self._open[run_id]
 
     # -- construction from the environment ---------------------------------------------------
 
@@ -368,7 +426,7 @@ class MLflowSink:
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         with self._buffer.lock:
             target = self._counters.accepted
-        lost_before = sum(self._counters.dropped.values()) + self._counters.permanent_failures
+        lost_before = self._lost()
         if self._state in (_State.THREAD, _State.TASK):
             self._buffer.wake.set()
         deadline = time.monotonic() + timeout
@@ -379,8 +437,12 @@ class MLflowSink:
                 if left <= 0:
                     return False
                 worker.progress.wait(left)
-        lost_after = sum(self._counters.dropped.values()) + self._counters.permanent_failures
+        lost_after = self._lost()
         return self._counters.processed >= target and lost_after == lost_before
+
+    def _lost(self) -> int:
+        counters = self._counters
+        return sum(counters.dropped.values()) + counters.permanent_failures + counters.deferred
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """``flush()`` for async code: waits on a thread, never blocks the event loop."""
@@ -404,14 +466,31 @@ class MLflowSink:
             now = _now_ms()
             for run_id, runs in self._open.items():
                 for run in runs:
-                    self._buffer.put(RunEnd(run.key, run_id, now, "FAILED"))
+                    self._buffer.put(RunEnd(run.key, run_id, now, self._end_status))
             self._open.clear()
             self._worker.shutdown_deadline = time.monotonic() + timeout
             self._worker.stop_requested.set()
             self._buffer.wake.set()
-        if self._atexit is not None:
-            atexit.unregister(self._atexit)
-        return None if state is _State.IDLE else state  # IDLE: no worker, nothing queued
+        _process.unregister(self)
+        _process.restore_signal_handlers()
+        if state is _State.IDLE:  # no worker ever ran: nothing was queued
+            self._close_journal()
+            return None
+        return state
+
+    def _close_journal(self) -> None:
+        """Remove the journal when everything in it was sent; keep it for replay otherwise."""
+        journal = self._journal
+        if journal is None:
+            return
+        keep = not self._worker.stopped.is_set() or journal.backlog > 0
+        journal.close(keep=keep)
+        if keep:
+            logger.warning(
+                "rlm-mlflow: %d events not sent are kept in %s; send them with 'rlm-mlflow replay'",
+                journal.backlog,
+                journal.folder,
+            )
 
     def close(self, timeout: float | None = None) -> None:
         """Send what is queued, end every run (FAILED if it never ended) and stop the worker.
@@ -431,6 +510,7 @@ class MLflowSink:
             )
             return
         self._worker.stopped.wait(timeout + 0.5)
+        self._close_journal()
         self._log_summary()
 
     async def aclose(self, timeout: float | None = None) -> None:
@@ -440,6 +520,7 @@ class MLflowSink:
             if self._request_close(timeout) is not None:
                 with anyio.move_on_after(timeout + 0.5):
                     await self._task_done.wait()
+                self._close_journal()
                 self._log_summary()
             return
         await anyio.to_thread.run_sync(self.close, timeout, abandon_on_cancel=True)
@@ -534,6 +615,10 @@ class MLflowSink:
             runs_created=counters.runs_created,
             runs_ended=counters.runs_ended,
             last_error=counters.last_error,
+            spilled=counters.spilled,
+            deferred=counters.deferred,
+            journal=str(self._journal.folder) if self._journal is not None else None,
+            journal_backlog=self._journal.backlog if self._journal is not None else 0,
         )
 
     def status(self) -> dict[str, Any]:
@@ -558,17 +643,6 @@ class MLflowSink:
             f"MLflowSink(enabled={self.config.enabled}, experiment={self.config.experiment!r}, "
             f"tracking_uri={redact_uri(self.config.tracking_uri)!r}, state={self._state.value})"
         )
-
-
-def _exit_hook(ref: weakref.ref[MLflowSink]) -> Callable[[], None]:
-    """An exit hook that holds the sink weakly, so registering it never keeps a sink alive."""
-
-    def close_at_exit() -> None:
-        sink = ref()
-        if sink is not None:
-            sink.close()
-
-    return close_at_exit
 
 
 def create_mlflow_sink_from_env(**overrides: Any) -> MLflowSink:

@@ -23,6 +23,10 @@ class SinkStatistics:
     pending: int
     dropped: dict[str, int]
     rejected: dict[str, int]
+    spilled: int
+    deferred: int
+    journal: str | None
+    journal_backlog: int
     retries: int
     permanent_failures: int
     requests: int
@@ -41,7 +45,9 @@ class Counters:
 
     accepted: int = 0
     sent: int = 0
-    processed: int = 0  # events the worker is done with: sent, rejected or lost
+    processed: int = 0  # events the worker is done with: sent, rejected, lost or deferred
+    spilled: int = 0  # events written to the journal only, the memory queue being full
+    deferred: int = 0  # events not sent in time, kept in the journal for replay
     retries: int = 0
     permanent_failures: int = 0
     requests: int = 0

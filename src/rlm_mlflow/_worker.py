@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,9 +24,10 @@ from typing import Any, TypeVar
 import anyio
 from tenacity import RetryCallState
 
-from . import _convert
+from . import _convert, _process
+from ._buffer import NO_SEQ, EventBuffer, Item
 from ._config import COMPONENT_TAG, SinkConfig, redact_text
-from ._events import Event, RunEnd, RunStart, Step
+from ._events import RunEnd, RunStart, Step
 from ._exceptions import PermanentError, TransientError
 from ._retry import RetryPolicy
 from ._stats import Counters, RateLimitedWarnings
@@ -67,6 +69,7 @@ class RunWork:
 
     key: str
     events: int = 0
+    seqs: list[int] = field(default_factory=list)  # journal records of these events
     start: RunStart | None = None
     steps: list[Step] = field(default_factory=list)
     end: RunEnd | None = None
@@ -77,12 +80,15 @@ class Worker:
         self,
         config: SinkConfig,
         *,
-        buffer: Any,
+        buffer: EventBuffer,
         counters: Counters,
         warnings: RateLimitedWarnings,
         transport_factory: Callable[[], Transport],
+        replaying: bool = False,
     ) -> None:
         self._config = config
+        # Replaying a journal, any run may exist already: always look before creating.
+        self._replaying = replaying
         self._buffer = buffer
         self._counters = counters
         self._warnings = warnings
@@ -150,14 +156,23 @@ class Worker:
                 return
 
     def _abandon_rest(self) -> None:
-        """At the end: what is still queued will never be sent; count it and say so."""
+        """At the end: what is still queued is not sent now; count it and say where it is."""
         left = self._buffer.drain_all()
-        if left:
-            self._counters.dropped["shutdown"] += len(left)
-            self._counters.processed += len(left)
+        journaled = sum(1 for seq, _ in left if seq != NO_SEQ)
+        spilled = self._buffer.spilled
+        counters = self._counters
+        counters.processed += len(left) + spilled
+        counters.deferred += journaled + spilled
+        if len(left) > journaled:
+            counters.dropped["shutdown"] += len(left) - journaled
+        if left or spilled:
+            journal = self._buffer.journal
             logger.warning(
-                "rlm-mlflow stopped with %d events not sent (shutdown deadline or failure)",
-                len(left),
+                "rlm-mlflow stopped with %d events not sent (shutdown deadline or failure)%s",
+                len(left) + spilled,
+                f"; {journaled + spilled} kept in {journal.folder} for 'rlm-mlflow replay'"
+                if journal is not None and journaled + spilled
+                else "",
             )
 
     def _notify(self) -> None:
@@ -166,13 +181,15 @@ class Worker:
 
     # -- one drain cycle -------------------------------------------------------------------
 
-    async def _process(self, events: list[Event]) -> None:
+    async def _process(self, events: list[Item]) -> None:
         works: dict[str, RunWork] = {}
-        for event in events:
+        for seq, event in events:
             work = works.get(event.key)
             if work is None:
                 work = works[event.key] = RunWork(event.key)
             work.events += 1
+            if seq != NO_SEQ:
+                work.seqs.append(seq)
             if type(event) is Step:
                 work.steps.append(event)
             elif type(event) is RunStart:
@@ -186,24 +203,33 @@ class Worker:
                     if work.start is not None:
                         await self._open(work.start)
                 for work in works.values():
-                    sent = await self._send(work)
-                    self._counters.processed += work.events
-                    if sent:
-                        self._counters.sent += work.events
-                    else:
-                        self._counters.dropped["send_failed"] += work.events
-                    work.events = 0
+                    self._settle(work, sent=await self._send(work))
                     self._notify()
         except anyio.get_cancelled_exc_class():
             raise
         except Exception:
             logger.exception("rlm-mlflow could not process a batch of %d events", len(events))
         finally:
-            left = sum(w.events for w in works.values())
-            if left:
-                self._counters.processed += left
-                self._counters.dropped["send_failed"] += left
+            for work in works.values():
+                if work.events:
+                    self._settle(work, sent=False)
             self._notify()
+
+    def _settle(self, work: RunWork, *, sent: bool) -> None:
+        """Count a run's share of a cycle; mark its journal records done, or keep them."""
+        counters = self._counters
+        counters.processed += work.events
+        journal = self._buffer.journal
+        if sent:
+            counters.sent += work.events
+            if journal is not None and work.seqs:
+                journal.mark_done(work.seqs)
+        elif journal is not None and len(work.seqs) == work.events:
+            counters.deferred += work.events  # still in the journal: replay sends it
+        else:
+            counters.dropped["send_failed"] += work.events
+        work.events = 0
+        work.seqs = []
 
     async def _ensure_experiment(self) -> bool:
         if self.experiment_id is not None:
@@ -214,6 +240,8 @@ class Worker:
             if self.transport is None:
                 self.transport = await anyio.to_thread.run_sync(self._transport_factory)
                 self.describe = self.transport.describe()
+                if "mlflow" in sys.modules:  # its exit hook was just registered: ours goes first
+                    _process.reorder_exit_hook()
             transport = self.transport
             self.experiment_id = await self._call(
                 "get or create experiment",
@@ -257,7 +285,7 @@ class Worker:
     async def _open(self, start: RunStart) -> None:
         state = self.runs.get(start.key)
         if state is None:
-            state = self.runs[start.key] = RunState(start)
+            state = self.runs[start.key] = RunState(start, create_tried=self._replaying)
         reject = self._reject(start.run_id)
         state.params.extend(
             _convert.params_of(
@@ -321,6 +349,9 @@ class Worker:
             self._failed(f"run {start.run_id}: could not be created, will try again: {exc}")
             return False
         self._counters.runs_created += 1
+        journal = self._buffer.journal
+        if journal is not None:
+            journal.note_run("S", start.key, start.run_id)
         return True
 
     # -- sending a run's data ------------------------------------------------------------------
@@ -370,9 +401,13 @@ class Worker:
 
     async def _send(self, work: RunWork) -> bool:
         state = self.runs.get(work.key)
-        if state is None:  # a step or end of a run whose start we never saw: cannot happen
-            logger.error("rlm-mlflow: events for an unknown run were dropped")
-            return False
+        if state is None:
+            # Replay: a run whose start was sent (and its record removed) long ago. Its key
+            # tag finds it; only if it was never created is it created now, without params.
+            first = work.steps[0] if work.steps else work.end
+            assert first is not None
+            start = RunStart(first.key, first.run_id, first.timestamp_ms, None, None, {}, None)
+            state = self.runs[work.key] = RunState(start, create_tried=True)
         if not await self._create(state):
             return False
         assert state.ref is not None
@@ -464,6 +499,9 @@ class Worker:
             return False
         state.ended = True
         self._counters.runs_ended += 1
+        journal = self._buffer.journal
+        if journal is not None:
+            journal.note_run("E", state.start.key, state.start.run_id)
         return ok
 
     # -- calls and retries ---------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""A real agent loop in a process of its own, for tests that kill it, signal it or let it crash.
+
+Usage: python agent_process.py MODE TRACKING_URI EXPERIMENT
+
+It prints ``READY`` on stdout once the events the test relies on have been handed to the sink
+(every hook call before it has returned), then behaves according to MODE.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from rlm_mlflow import MLflowSink
+
+
+def steps(sink: MLflowSink, run_id: str, count: int, start: int = 0) -> None:
+    for i in range(start, start + count):
+        sink.on_step(run_id, event={"step": i, "reward": 1.0}, cumulative_reward=float(i + 1))
+
+
+def ready() -> None:
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    mode, uri, experiment = sys.argv[1:4]
+    sink = MLflowSink(
+        enabled=True,
+        experiment=experiment,
+        tracking_uri=uri,
+        flush_interval=0.1,
+        retry_initial=0.05,
+        retry_max_wait=0.5,
+        shutdown_timeout=5.0,
+    )
+    sink.on_run_start("main", task="t", environment="e", params={"mode": mode})
+    steps(sink, "main", 5)
+
+    if mode == "exit":  # ends without close(): the exit hook must end every run
+        sink.on_run_start("left-open", task="t", environment="e", params={})
+        steps(sink, "left-open", 2)
+        sink.on_run_end("main", result={"completed": True, "steps": 5}, run_path=None)
+        ready()
+        return
+    if mode == "raise":
+        ready()
+        raise RuntimeError("the model failed mid-run")
+    if mode == "thread-raise":
+
+        def crashing_agent() -> None:
+            sink.on_run_start("thread-run", task="t", environment="e", params={})
+            steps(sink, "thread-run", 3)
+            raise RuntimeError("an agent thread failed")
+
+        worker = threading.Thread(target=crashing_agent)
+        worker.start()
+        worker.join()
+        sink.on_run_end("main", result={"completed": True, "steps": 5}, run_path=None)
+        ready()
+        sink.close()
+        return
+    if mode == "sigkill-after-flush":  # some data confirmed sent, then killed
+        if not sink.flush(30):
+            raise SystemExit("flush failed")
+        steps(sink, "main", 5, start=5)
+        ready()
+        time.sleep(60)  # the agent thinking, until the test kills it
+        return
+    if mode == "fork":
+        if not sink.flush(30):
+            raise SystemExit("flush failed")
+        sink.on_step("main", event={"step": 5, "reward": 2.0}, cumulative_reward=7.0)
+        pid = os.fork()
+        if pid == 0:  # the child: a sink of its own, the parent's queue is not its business
+            sink.on_run_start("forked-child", task="t", environment="e", params={})
+            steps(sink, "forked-child", 3)
+            sink.on_run_end("forked-child", result={"completed": True}, run_path=None)
+            sink.close()
+            os._exit(0 if sink.status()["dropped"] == {} else 3)
+        _, status = os.waitpid(pid, 0)
+        sink.on_run_end("main", result={"completed": True, "steps": 6}, run_path=None)
+        sink.close()
+        ready()
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+    if mode == "forever":  # an agent that runs until a signal stops it
+        ready()
+        step = 5
+        while True:
+            time.sleep(0.05)  # the model thinking
+            steps(sink, "main", 1, start=step)
+            step += 1
+    raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""How a process ends, and what MLflow then holds: real child processes, real signals, replay."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlm_mlflow import MLflowSink, replay
+from rlm_mlflow.testing import MlflowServer, free_port
+
+pytestmark = pytest.mark.integration
+
+AGENT = Path(__file__).with_name("agent_process.py")
+
+
+def start_agent(mode: str, uri: str, experiment: str, journal_dir: Path) -> subprocess.Popen[str]:
+    """Start the agent process and wait (with a deadline) until it says READY."""
+    env = {**os.environ, "RLM_MLFLOW_JOURNAL_DIR": str(journal_dir), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(AGENT), mode, uri, experiment],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout=60):
+            process.kill()
+            raise AssertionError(f"agent ({mode}) never became ready")
+    line = process.stdout.readline()
+    if line.strip() != "READY":
+        process.kill()
+        _, err = process.communicate(timeout=30)
+        raise AssertionError(f"agent ({mode}) said {line!r}; stderr:\n{err}")
+    return process
+
+
+def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
+    _, err = process.communicate(timeout=60)
+    return process.returncode, err
+
+
+def steps_of(client: Any, run: Any, key: str = "step_reward") -> list[int]:
+    return sorted(p.step for p in client.get_metric_history(run.info.run_id, key))
+
+
+def test_clean_exit_without_close_ends_every_run(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """The exit hook flushes and ends runs: FINISHED if ended, FAILED if never ended."""
+    process = start_agent("exit", mlflow_server.uri, experiment_name, journal_dir)
+    code, err = finish(process)
+    assert code == 0, err
+    runs = read_runs(experiment_name)
+    assert runs["main"].info.status == "FINISHED"
+    assert runs["left-open"].info.status == "FAILED"
+    assert runs["left-open"].info.end_time is not None
+    assert steps_of(mlflow_client, runs["main"]) == [0, 1, 2, 3, 4]
+    assert steps_of(mlflow_client, runs["left-open"]) == [0, 1]
+    assert list(journal_dir.iterdir()) == []  # everything sent: no journal left
+
+
+def test_uncaught_exception_marks_runs_failed(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    process = start_agent("raise", mlflow_server.uri, experiment_name, journal_dir)
+    code, err = finish(process)
+    assert code == 1
+    assert "the model failed mid-run" in err
+    run = read_runs(experiment_name)["main"]
+    assert run.info.status == "FAILED"
+    assert steps_of(mlflow_client, run) == [0, 1, 2, 3, 4]
+
+
+def test_a_thread_that_dies_fails_its_own_runs_only(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    process = start_agent("thread-raise", mlflow_server.uri, experiment_name, journal_dir)
+    code, err = finish(process)
+    assert code == 0, err
+    runs = read_runs(experiment_name)
+    assert runs["thread-run"].info.status == "FAILED"
+    assert steps_of(mlflow_client, runs["thread-run"]) == [0, 1, 2]
+    assert runs["main"].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_marks_runs_killed_and_the_process_still_dies_of_it(
+    signum: int,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    process = start_agent("forever", mlflow_server.uri, experiment_name, journal_dir)
+    process.send_signal(signum)
+    code, err = finish(process)
+    if signum == signal.SIGTERM:
+        assert code == -signum, err  # SIGTERM's default action ran after our handler
+    else:
+        # SIGINT's default is KeyboardInterrupt. CPython then kills itself with SIGINT, unless
+        # (as it does here when a socket failed during exit) it settles for exit status 1.
+        assert code in (-signum, 1), err
+        assert "KeyboardInterrupt" in err
+    run = read_runs(experiment_name)["main"]
+    assert run.info.status == "KILLED"
+    assert run.info.end_time is not None
+    steps = steps_of(mlflow_client, run)
+    assert steps[:5] == [0, 1, 2, 3, 4]
+    assert steps == list(range(len(steps)))  # no gap: every step the agent made landed
+
+
+@pytest.mark.slow
+def test_sigkill_then_replay_sends_everything_exactly_once(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """Half the data confirmed sent, half not: after kill -9 the journal holds all of it;
+    replay re-sends it (some twice over the wire) and MLflow holds each point once."""
+    process = start_agent("sigkill-after-flush", mlflow_server.uri, experiment_name, journal_dir)
+    process.kill()
+    finish(process)
+    assert len(list(journal_dir.iterdir())) == 1
+    report = replay(journal_dir)
+    assert report.ok, report
+    assert report.runs_killed == 1
+    assert list(journal_dir.iterdir()) == []
+    run = read_runs(experiment_name)["main"]
+    assert run.info.status == "KILLED"
+    assert steps_of(mlflow_client, run) == list(range(10))
+    assert len(mlflow_client.get_metric_history(run.info.run_id, "cumulative_reward")) == 10
+    again = replay(journal_dir)
+    assert again.journals == 0
+    assert len(read_runs(experiment_name)) == 1
+
+
+def test_replay_of_a_journal_never_sent(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """A process that never reached its server: kill -9, then replay to where it should go.
+
+    The last record is torn (the crash hit mid-write): it is detected and skipped."""
+    dead_end = f"http://127.0.0.1:{free_port()}"
+    process = start_agent("forever", dead_end, experiment_name, journal_dir)
+    process.kill()
+    finish(process)
+    (journal,) = journal_dir.iterdir()
+    segment = sorted(journal.glob("seg-*.log"))[-1]
+    with segment.open("ab") as handle:
+        handle.write(b"\x40\x00\x00\x00\x01\x02")  # a header promising 64 bytes, then nothing
+    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert report.ok, report
+    assert report.torn == 1
+    run = read_runs(experiment_name)["main"]
+    assert run.info.status == "KILLED"
+    steps = steps_of(mlflow_client, run)
+    assert steps[:5] == [0, 1, 2, 3, 4]
+    assert steps == list(range(len(steps)))
+    assert run.data.params["mode"] == "forever"
+
+
+def test_replay_leaves_a_live_sink_alone(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+) -> None:
+    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri)
+    sink.on_run_start("alive", task="t", environment="e", params={})
+    sink.on_step("alive", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    report = replay(journal_dir)
+    assert report.journals == 1
+    assert len(report.in_use) == 1
+    assert report.sent == 0
+    sink.on_run_end("alive", result={"completed": True}, run_path=None)
+    sink.close()
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["alive"]
+
+
+def test_fork_child_has_its_own_sink(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """Events queued before a fork are sent once, by the parent; the child's by the child."""
+    process = start_agent("fork", mlflow_server.uri, experiment_name, journal_dir)
+    code, err = finish(process)
+    assert code == 0, err
+    runs = read_runs(experiment_name)  # raises on a duplicate run name
+    assert set(runs) == {"main", "forked-child"}
+    assert steps_of(mlflow_client, runs["main"]) == [0, 1, 2, 3, 4, 5]
+    assert steps_of(mlflow_client, runs["forked-child"]) == [0, 1, 2]
+    assert runs["main"].info.status == "FINISHED"
+    assert runs["forked-child"].info.status == "FINISHED"
