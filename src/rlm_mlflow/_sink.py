@@ -326,6 +326,13 @@ class MLflowSink:
         try:
             run_id = str(run_id)
             key = self._route(run_id, closing=True)
+            try:
+                path = os.fsdecode(run_path) if run_path is not None else None
+            except TypeError:
+                path = None
+                self._bad_input(
+                    "artifact", run_id, f"run_path {type(run_path).__name__} is not a path"
+                )
             self._buffer.put(
                 RunEnd(
                     key=key,
@@ -335,7 +342,7 @@ class MLflowSink:
                     completed=_field(result, "completed"),
                     steps=_field(result, "steps"),
                     total_reward=_field(result, "total_reward"),
-                    run_path=os.fspath(run_path) if run_path is not None else None,
+                    run_path=path,
                 )
             )
         except Exception:

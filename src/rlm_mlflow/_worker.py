@@ -274,12 +274,10 @@ class Worker:
         return reject
 
     def _skip_param(self, run_id: str, key: str, value: object) -> None:
-        self._counters.rejected["param_not_scalar"] += 1
-        logger.debug(
-            "rlm-mlflow run %s: param %r (%s) is not a scalar; skipped",
-            run_id,
-            key,
-            type(value).__name__,
+        self._reject(run_id)(
+            "param_not_scalar",
+            f"param {key!r} skipped: MLflow params are scalars, this one is a "
+            f"{type(value).__name__}",
         )
 
     async def _open(self, start: RunStart) -> None:
@@ -373,7 +371,7 @@ class Worker:
                 if why is None:
                     assert value is not None
                     metrics.append(Metric(name, value, step.timestamp_ms, number))
-                elif not (name == "step_reward" and raw is None):
+                else:
                     reject("bad_metric", f"step {number}: {name} skipped: {why}")
         return metrics
 
