@@ -488,3 +488,30 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     other = MLflowSink.from_env()
     assert not other.config.enabled
     assert other.config.experiment == "rlm-code-rlm"
+
+
+@pytest.mark.parametrize(
+    ("step", "reward", "total"),
+    [(3, 0.5, 1.5), (3, 1e300, -2.5e-300), (3, 1, 1.5), (True, 0.5, 1.0), (3, math.nan, 1.0)],
+)
+def test_journal_fast_and_general_encodings_agree(
+    tmp_path: Path, step: Any, reward: Any, total: Any
+) -> None:
+    """The fast path for common steps writes what the general encoder reads back."""
+    from rlm_mlflow._events import Step
+    from rlm_mlflow._journal import Journal, ReadStats, read_segment, segments
+
+    journal = Journal(tmp_path, experiment="e", tracking_uri=None)
+    event = Step("k" * 32, 'run "ü"', 1_795_671_920_296, step, reward, total)
+    journal.append(event)
+    journal.append(event)
+    ((_, path),) = segments(journal.folder)
+    back = list(read_segment(path, ReadStats()))
+    journal.close(keep=False)
+    assert len(back) == 2
+    for got in back:
+        assert got.key == event.key
+        assert got.run_id == event.run_id
+        assert got.step == step
+        assert got.cumulative_reward == total
+        assert got.reward == reward or (math.isnan(got.reward) and math.isnan(reward))

@@ -209,6 +209,7 @@ class Journal:
         self._fd = -1
         self._done: dict[int, int] = {}  # segment -> records marked done
         self._done_total = 0
+        self._prefixes: dict[str, bytes] = {}  # run key -> encoded start of its step records
         self.failed: str | None = None  # set when the disk refused a write: journal off
         self._runs_fd = os.open(
             self.folder / "runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
@@ -222,9 +223,35 @@ class Journal:
         segment = seq // self.segment_records
         if segment != self._segment:
             self._open_segment(segment)
-        os.write(self._fd, encode(event))
+        os.write(self._fd, self._encode(event))
         self.write_seq = seq + 1
         return seq
+
+    def _encode(self, event: Event) -> bytes:
+        """``encode()``, with a fast path for the common step: an int step and float rewards.
+
+        The record's start (kind, key, run id) is the same for every step of a run: it is
+        encoded once per run and kept until the run ends. Halves the cost of a step's record.
+        """
+        if type(event) is Step:
+            step, reward, total = event.step, event.reward, event.cumulative_reward
+            if (
+                type(step) is int
+                and type(reward) is float
+                and type(total) is float
+                and reward - reward == 0.0  # finite: repr() of a finite float is valid JSON
+                and total - total == 0.0
+            ):
+                prefix = self._prefixes.get(event.key)
+                if prefix is None:
+                    prefix = self._prefixes[event.key] = (
+                        f'["s",{_dumps(event.key)},{_dumps(event.run_id)},'.encode()
+                    )
+                payload = prefix + b"%d,%d,%r,%r]" % (event.timestamp_ms, step, reward, total)
+                return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        elif type(event) is RunEnd:
+            self._prefixes.pop(event.key, None)
+        return encode(event)
 
     def _open_segment(self, segment: int) -> None:
         fd = os.open(
