@@ -22,9 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._exceptions import PermanentError
+from ._faultproxy import FaultProxy
 from ._transport import KEY_TAG, Metric, RunRef
 
-__all__ = ["MemoryRun", "MemoryTransport", "MlflowServer", "free_port", "local_server"]
+__all__ = [
+    "FaultProxy",
+    "MemoryRun",
+    "MemoryTransport",
+    "MlflowServer",
+    "free_port",
+    "local_server",
+]
 
 
 @dataclass
@@ -205,21 +213,27 @@ def _spawn(
     env.pop("MLFLOW_TRACKING_URI", None)
     log = (root / "server.log").open("ab")
     command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", str(artifacts),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", str(workers),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
     ]
     return subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root
     )
 
 
-def wait_healthy(
-    uri: str, timeout: float, process: subprocess.Popen[bytes] | None = None
-) -> None:
+def wait_healthy(uri: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
     """Wait until ``GET /health`` answers OK, or raise with the reason."""
     deadline = time.monotonic() + timeout
     while True:

@@ -1,0 +1,635 @@
+"""Faults between the sink and a real ``mlflow server``: outages, latency, 429/5xx, resets.
+
+A :class:`~rlm_mlflow.testing.FaultProxy` sits in front of the session's server; what landed is
+read back from the server itself, not through the proxy, and checked point by point.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from rlm_mlflow import MLflowSink
+from rlm_mlflow.testing import FaultProxy, MlflowServer, local_server
+
+FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.1, "retry_max_wait": 1.0}
+#: For the scenarios that count what is lost: no journal, so what is not sent is dropped (and
+#: counted) rather than kept on disk for replay.
+NO_JOURNAL: dict[str, Any] = {"journal": False}
+#: How long the outage lasts: the scenario's length, not a synchronisation.
+OUTAGE_SECONDS = 30.0
+#: Generous bounds for waits that normally end in a second or two.
+WAIT = 60.0
+
+
+class _Upstream(BaseHTTPRequestHandler):
+    """A tiny upstream that answers in each HTTP/1.1 framing the proxy must relay."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (b"hello ", b"chunked world"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/close":
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"until the connection closes")
+            self.close_connection = True
+        else:
+            self._answer(self.path.encode())
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        self._answer(self.rfile.read(length))
+
+    def _answer(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="upstream")
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+@pytest.fixture
+def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
+    with FaultProxy(mlflow_server.port) as proxy:
+        yield proxy
+
+
+def make_sink(proxy: FaultProxy, experiment: str, **kwargs: Any) -> MLflowSink:
+    return MLflowSink(
+        enabled=True, experiment=experiment, tracking_uri=proxy.uri, **{**FAST, **kwargs}
+    )
+
+
+def start(sink: MLflowSink, run_id: str) -> None:
+    sink.on_run_start(run_id, task="a task", environment="pure_rlm", params={"max_steps": 50})
+
+
+def steps(sink: MLflowSink, run_id: str, numbers: range, reward: float = 1.0) -> None:
+    """Steps whose reward is ``reward`` and whose cumulative reward is ``reward * (step + 1)``."""
+    for i in numbers:
+        sink.on_step(
+            run_id, event={"step": i, "reward": reward}, cumulative_reward=reward * (i + 1)
+        )
+
+
+def end(sink: MLflowSink, run_id: str, count: int, reward: float = 1.0) -> None:
+    result = {"completed": True, "steps": count, "total_reward": reward * count}
+    sink.on_run_end(run_id, result=result, run_path=None)
+
+
+def history(client: Any, run: Any, key: str) -> list[tuple[int, float]]:
+    """Every stored point of a metric, duplicates included, ordered by step."""
+    points = client.get_metric_history(run.info.run_id, key)
+    return sorted((p.step, p.value) for p in points)
+
+
+def assert_landed(client: Any, run: Any, count: int, reward: float = 1.0) -> None:
+    """The run ended FINISHED with exactly ``count`` steps, each once, and its summary."""
+    assert run.info.status == "FINISHED"
+    assert history(client, run, "step_reward") == [(i, reward) for i in range(count)]
+    assert history(client, run, "cumulative_reward") == [
+        (i, reward * (i + 1)) for i in range(count)
+    ]
+    assert history(client, run, "steps") == [(0, float(count))]
+    assert history(client, run, "completed") == [(0, 1.0)]
+    assert history(client, run, "total_reward") == [(0, reward * count)]
+    assert run.data.params == {"environment": "pure_rlm", "task_chars": "6", "max_steps": "50"}
+
+
+def close_in_thread(sink: MLflowSink, timeout: float) -> None:
+    """``close(timeout)`` on another thread, waited for generously: proves that it returns."""
+    closer = threading.Thread(target=sink.close, args=(timeout,), name="closer")
+    closer.start()
+    closer.join(WAIT)
+    assert not closer.is_alive(), "close() did not return"
+    assert sink._worker.stopped.is_set()
+
+
+# -- the proxy itself ----------------------------------------------------------------------------
+
+
+def test_proxy_relays_every_framing_on_one_keep_alive_connection(upstream: int) -> None:
+    """Content-Length, chunked and close-delimited answers, and a chunked request body."""
+    with FaultProxy(upstream) as proxy, requests.Session() as session:
+        assert session.get(f"{proxy.uri}/plain", timeout=WAIT).content == b"/plain"
+        assert session.get(f"{proxy.uri}/chunked", timeout=WAIT).content == b"hello chunked world"
+        assert session.post(f"{proxy.uri}/echo", data=b"x" * 70_000, timeout=WAIT).content == (
+            b"x" * 70_000
+        )
+        parts = iter([b"in ", b"chunks"])
+        assert session.post(f"{proxy.uri}/echo", data=parts, timeout=WAIT).content == b"in chunks"
+        answer = session.get(f"{proxy.uri}/close", timeout=WAIT)
+        assert answer.content == b"until the connection closes"
+        assert answer.headers["Content-Length"] == str(len(answer.content))
+        assert session.get(f"{proxy.uri}/again", timeout=WAIT).content == b"/again"
+        assert proxy.requests == proxy.forwarded == 6
+
+
+def test_proxy_modes_counts_and_paths(upstream: int) -> None:
+    """Each mode does what it says, ``count`` and ``path`` limit it, ``pass`` comes back."""
+    with FaultProxy(upstream) as proxy, requests.Session() as session:
+        proxy.set(mode="http", status=429, retry_after="7", count=2, path="/limited")
+        assert session.get(f"{proxy.uri}/other", timeout=WAIT).status_code == 200
+        for _ in range(2):
+            answer = session.get(f"{proxy.uri}/limited", timeout=WAIT)
+            assert answer.status_code == 429
+            assert answer.headers["Retry-After"] == "7"
+            assert answer.json()["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+        assert session.get(f"{proxy.uri}/limited", timeout=WAIT).status_code == 200
+        assert (proxy.requests, proxy.forwarded) == (4, 2)
+
+        proxy.set(mode="reset", count=1)
+        with pytest.raises(requests.ConnectionError):
+            session.get(f"{proxy.uri}/reset", timeout=WAIT)
+        proxy.set(mode="commit_then_reset", count=1)
+        with pytest.raises(requests.ConnectionError):
+            session.post(f"{proxy.uri}/committed", data=b"1", timeout=WAIT)
+        assert (proxy.requests, proxy.forwarded) == (6, 3)
+
+        proxy.set(mode="refuse")
+        with pytest.raises(requests.ConnectionError, match="refused"):
+            session.get(f"{proxy.uri}/refused", timeout=WAIT)
+        proxy.set(mode="stall")
+        with pytest.raises(requests.Timeout):
+            session.get(f"{proxy.uri}/stalled", timeout=0.5)
+        proxy.set()
+        assert session.get(f"{proxy.uri}/back", timeout=WAIT).content == b"/back"
+        assert (proxy.requests, proxy.forwarded) == (8, 4)
+        with pytest.raises(ValueError, match="refuse"):
+            proxy.set(mode="refuse", count=1)
+
+
+# -- outage -------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_outage_during_ten_concurrent_runs_loses_and_repeats_nothing(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """The server is unreachable for 30 s while 10 threads log: every point lands exactly once."""
+    sink = make_sink(proxy, experiment_name)
+    phase_done = threading.Barrier(11)
+    outage_on, outage_off = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def agent(n: int) -> None:
+        run_id = f"run-{n}"
+        try:
+            start(sink, run_id)
+            steps(sink, run_id, range(10), reward=float(n))
+            phase_done.wait(WAIT)
+            assert outage_on.wait(WAIT)
+            steps(sink, run_id, range(10, 20), reward=float(n))  # logged while the server is down
+            phase_done.wait(WAIT)
+            assert outage_off.wait(WAIT)
+            steps(sink, run_id, range(20, 30), reward=float(n))
+            end(sink, run_id, 30, reward=float(n))
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(n,), name=f"agent-{n}") for n in range(10)]
+    for thread in threads:
+        thread.start()
+    try:
+        phase_done.wait(WAIT)
+        proxy.set(mode="refuse")
+        outage_on.set()
+        phase_done.wait(WAIT)
+        threading.Event().wait(OUTAGE_SECONDS)  # the server stays down this long
+        during = sink.status()
+        proxy.set(mode="pass")
+    finally:
+        outage_on.set()
+        outage_off.set()
+        for thread in threads:
+            thread.join(WAIT)
+    assert not failures
+    # The outage bit: data was waiting and the worker was retrying when the server came back.
+    assert during["pending"] > 0
+    assert during["retries"] > 0
+    assert during["dropped"] == {}
+
+    assert sink.flush(WAIT)
+    close_in_thread(sink, 10.0)
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] == 10 * (1 + 30 + 1)
+    assert status["runs_created"] == status["runs_ended"] == 10
+    assert status["runs_open"] == 0
+
+    runs = read_runs(experiment_name)
+    assert sorted(runs) == sorted(f"run-{n}" for n in range(10))
+    for n in range(10):
+        assert_landed(mlflow_client, runs[f"run-{n}"], 30, reward=float(n))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_server_restart_mid_run_loses_nothing(tmp_path: Path, experiment_name: str) -> None:
+    """The real server is stopped while two runs log, then started again on the same data."""
+    from mlflow import MlflowClient
+
+    with local_server(tmp_path / "server") as server:
+        sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=server.uri, **FAST)
+        for run_id in ("a", "b"):
+            start(sink, run_id)
+            steps(sink, run_id, range(10))
+        assert sink.flush(WAIT)
+        server.stop()
+        for run_id in ("a", "b"):
+            steps(sink, run_id, range(10, 20))
+        assert sink.status()["pending"] == 20  # nowhere to send them
+        server.restart()
+        for run_id in ("a", "b"):
+            steps(sink, run_id, range(20, 30))
+            end(sink, run_id, 30)
+        assert sink.flush(WAIT)
+        close_in_thread(sink, 10.0)
+
+        status = sink.status()
+        assert status["retries"] > 0
+        assert status["dropped"] == {}
+        assert status["accepted"] == status["sent"] == 2 * (1 + 30 + 1)
+        client = MlflowClient(tracking_uri=server.uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        assert experiment is not None
+        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        assert sorted(runs) == ["a", "b"]
+        for run in runs.values():
+            assert_landed(client, run, 30)
+
+
+# -- latency --------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_seconds_of_latency_on_every_request_loses_nothing(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """Every request answered after 2 s: slow, but everything arrives and nothing is retried."""
+    proxy.set(latency=2.0)
+    sink = make_sink(proxy, experiment_name)
+    start(sink, "slow")
+    steps(sink, "slow", range(20))
+    end(sink, "slow", 20)
+    assert sink.flush(120)
+    close_in_thread(sink, 10.0)
+
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] == 22
+    assert status["retries"] == 0
+    assert proxy.requests == proxy.forwarded
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["slow"]
+    assert_landed(mlflow_client, runs["slow"], 20)
+
+
+# -- 429 and 503 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_429_storm_honours_retry_after(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Five 429s asking for 1 s: each is retried after the server's 1 s, then everything lands."""
+    caplog.set_level(logging.WARNING, logger="rlm_mlflow")
+    proxy.set(mode="http", status=429, retry_after="1", count=5)
+    # The policy's own waits are at most 0.5 s: a 1.0 s wait can only come from Retry-After.
+    sink = make_sink(proxy, experiment_name, retry_max_wait=0.5)
+    start(sink, "storm")
+    steps(sink, "storm", range(10))
+    end(sink, "storm", 10)
+    assert sink.flush(WAIT)
+    close_in_thread(sink, 10.0)
+
+    status = sink.status()
+    assert status["retries"] == 5
+    assert proxy.requests - proxy.forwarded == 5
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] == 12
+    retry_logs = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert retry_logs  # the first is logged; the rest are rate limited
+    assert all("HTTP 429" in m and "retrying in 1.0 s" in m for m in retry_logs)
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["storm"]
+    assert_landed(mlflow_client, runs["storm"], 10)
+
+
+@pytest.mark.integration
+def test_503_bursts_are_retried_and_everything_lands(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """Two bursts of three 503s, one at the start and one mid-run: all data lands once."""
+    sink = make_sink(proxy, experiment_name)
+    proxy.set(mode="http", status=503, count=3)
+    start(sink, "bursty")
+    steps(sink, "bursty", range(10))
+    assert sink.flush(WAIT)
+    proxy.set(mode="http", status=503, count=3)
+    steps(sink, "bursty", range(10, 20))
+    end(sink, "bursty", 20)
+    assert sink.flush(WAIT)
+    close_in_thread(sink, 10.0)
+
+    status = sink.status()
+    assert status["retries"] == 6
+    assert proxy.requests - proxy.forwarded == 6
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] == 22
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["bursty"]
+    assert_landed(mlflow_client, runs["bursty"], 20)
+
+
+# -- persistent failure ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_persistent_500_past_the_retry_deadline_is_counted_not_raised(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """After a 2 s retry budget the data is counted as ``send_failed``; no hook ever raises."""
+    sink = make_sink(proxy, experiment_name, retry_deadline=2.0, **NO_JOURNAL)
+    start(sink, "doomed")
+    assert sink.flush(WAIT)  # the run exists, with its params
+    proxy.set(mode="http", status=500)
+    steps(sink, "doomed", range(5))
+    end(sink, "doomed", 5)
+    assert sink.flush(WAIT) is False  # every event handled, some lost: said, not raised
+    close_in_thread(sink, 10.0)
+
+    status = sink.status()
+    assert status["accepted"] == 7
+    assert status["sent"] == 1  # the start
+    assert status["dropped"] == {"send_failed": 6}  # 5 steps and the end
+    assert status["retries"] > 0
+    assert status["runs_created"] == 1
+    assert status["runs_ended"] == 0
+    assert "HTTP 500" in (status["last_error"] or "")
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["doomed"]
+    run = runs["doomed"]
+    assert run.info.status == "RUNNING"  # its end never reached the server
+    assert run.data.metrics == {}
+    assert run.data.params == {"environment": "pure_rlm", "task_chars": "6", "max_steps": "50"}
+
+
+# -- close with the server unreachable ------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["stall", "refuse"])
+def test_close_returns_by_its_deadline_when_the_server_is_unreachable(
+    proxy: FaultProxy, experiment_name: str, mode: str
+) -> None:
+    """``close(3)`` returns, the worker stops and every event is counted as dropped."""
+    proxy.set(mode=mode)
+    sink = make_sink(proxy, experiment_name, request_timeout=120.0, **NO_JOURNAL)
+    start(sink, "stuck")
+    steps(sink, "stuck", range(5))
+    if mode == "stall":  # the worker's first request now hangs in the proxy
+        assert proxy.wait_until(lambda p: p.requests >= 1, WAIT)
+    close_in_thread(sink, 3.0)
+
+    status = sink.status()
+    assert status["accepted"] == 7  # the start, 5 steps and the FAILED end close() queued
+    assert status["sent"] == 0
+    assert status["runs_created"] == status["runs_ended"] == 0
+    assert set(status["dropped"]) <= {"send_failed", "shutdown"}
+    assert sum(status["dropped"].values()) == 7
+    assert status["pending"] == 0
+    assert proxy.forwarded == 0
+
+
+# -- committed, then reset ------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_retried_log_batch_that_was_committed_adds_no_duplicate_point(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """The server stores a batch but the client sees a reset: the retry stores nothing twice."""
+    sink = make_sink(proxy, experiment_name)
+    start(sink, "twice")
+    assert sink.flush(WAIT)
+    forwarded = proxy.forwarded
+    proxy.set(mode="commit_then_reset", count=1, path="/runs/log-batch")
+    steps(sink, "twice", range(10))
+    assert sink.flush(WAIT)
+    # The batch reached the server twice: the committed one and its retry.
+    assert proxy.forwarded - forwarded == 2
+    end(sink, "twice", 10)
+    assert sink.flush(WAIT)
+    close_in_thread(sink, 10.0)
+
+    status = sink.status()
+    assert status["retries"] == 1
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] == 12
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["twice"]
+    assert_landed(mlflow_client, runs["twice"], 10)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", ["/experiments/create", "/runs/create", "/runs/update"])
+def test_a_retried_create_or_end_that_was_committed_duplicates_nothing(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+    path: str,
+) -> None:
+    """The server commits but the client sees a reset: no second experiment or run (the worker
+    finds the run by its ``rlm_mlflow.key`` tag), and an end sent twice is still one end."""
+    proxy.set(mode="commit_then_reset", count=1, path=path)
+    sink = make_sink(proxy, experiment_name)
+    start(sink, "once")
+    steps(sink, "once", range(5))
+    end(sink, "once", 5)
+    assert sink.flush(WAIT)
+    close_in_thread(sink, 10.0)
+
+    status = sink.status()
+    assert status["retries"] == 1
+    assert status["runs_created"] == status["runs_ended"] == 1
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] == 7
+    experiment = mlflow_client.get_experiment_by_name(experiment_name)
+    assert len(mlflow_client.search_runs([experiment.experiment_id])) == 1
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["once"]
+    assert_landed(mlflow_client, runs["once"], 5)
+
+
+# -- bounded queue --------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_producer_faster_than_a_slow_server_loses_steps_never_runs(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """Queue of 100, 0.5 s per request: steps beyond capacity are refused and counted exactly;
+    every run still starts and ends, and every accepted step lands once."""
+    proxy.set(latency=0.5)
+    sink = make_sink(proxy, experiment_name, queue_size=100, overflow="drop_newest", **NO_JOURNAL)
+    run_count, step_count = 3, 300
+    for n in range(run_count):
+        start(sink, f"fast-{n}")
+        steps(sink, f"fast-{n}", range(step_count))
+        end(sink, f"fast-{n}", step_count)
+    assert sink.flush(120)
+    close_in_thread(sink, 10.0)
+
+    status = sink.status()
+    produced = run_count * (1 + step_count + 1)
+    assert set(status["dropped"]) == {"queue_full"}
+    full = status["dropped"]["queue_full"]
+    assert full > 0
+    assert status["accepted"] + full == produced
+    assert status["sent"] == status["accepted"]
+    assert status["runs_created"] == status["runs_ended"] == run_count
+    accepted_steps = status["accepted"] - 2 * run_count
+
+    runs = read_runs(experiment_name)
+    assert sorted(runs) == [f"fast-{n}" for n in range(run_count)]
+    landed = 0
+    for run in runs.values():
+        assert run.info.status == "FINISHED"
+        points = history(mlflow_client, run, "step_reward")
+        assert len({step for step, _ in points}) == len(points)  # no step twice
+        assert history(mlflow_client, run, "cumulative_reward") == [
+            (step, float(step + 1)) for step, _ in points
+        ]
+        assert history(mlflow_client, run, "steps") == [(0, float(step_count))]
+        landed += len(points)
+    assert landed == accepted_steps
+
+
+# -- the same faults with the journal on (the default) -------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_persistent_500_goes_to_the_journal_and_replay_delivers_it(
+    proxy: FaultProxy,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """Past the retry budget nothing is dropped: it waits in the journal, counted as deferred,
+    and a later replay (the server healthy again) delivers it, each point once."""
+    from rlm_mlflow import replay
+
+    sink = make_sink(proxy, experiment_name, retry_deadline=2.0)
+    start(sink, "deferred")
+    assert sink.flush(WAIT)
+    proxy.set(mode="http", status=500)
+    steps(sink, "deferred", range(5))
+    end(sink, "deferred", 5)
+    assert sink.flush(WAIT) is False
+    close_in_thread(sink, 10.0)
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["deferred"] == 6  # 5 steps and the end
+    assert status["journal_backlog"] == 6
+    assert len(list(journal_dir.iterdir())) == 1
+
+    proxy.set(mode="pass")
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    assert report.runs_killed == 0  # its end was in the journal
+    assert list(journal_dir.iterdir()) == []
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["deferred"]
+    assert_landed(mlflow_client, runs["deferred"], 5)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_producer_faster_than_a_slow_server_loses_nothing_with_the_journal(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """Queue of 100, 0.5 s per request: the overflow spills to the journal, nothing is dropped,
+    and every step of every run lands once, in order."""
+    proxy.set(latency=0.5)
+    sink = make_sink(proxy, experiment_name, queue_size=100)
+    run_count, step_count = 3, 300
+    for n in range(run_count):
+        start(sink, f"spill-{n}")
+        steps(sink, f"spill-{n}", range(step_count))
+        end(sink, f"spill-{n}", step_count)
+    assert sink.status()["spilled"] > 0
+    assert sink.flush(120)
+    close_in_thread(sink, 10.0)
+
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] == run_count * (step_count + 2)
+    runs = read_runs(experiment_name)
+    assert sorted(runs) == [f"spill-{n}" for n in range(run_count)]
+    for run in runs.values():
+        assert_landed(mlflow_client, run, step_count)
