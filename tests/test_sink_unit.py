@@ -510,6 +510,7 @@ def test_journal_fast_and_general_encodings_agree(
     journal.close(keep=False)
     assert len(back) == 2
     for got in back:
+        assert isinstance(got, Step)
         assert got.key == event.key
         assert got.run_id == event.run_id
         assert got.step == step
