@@ -39,6 +39,8 @@ T = TypeVar("T")
 
 #: Events taken from the queue in one drain cycle.
 TAKE_LIMIT = 20_000
+#: A run's steps in one cycle beyond which they are converted on a worker thread.
+_CONVERT_ON_THREAD = 200
 #: Codes for which splitting a refused batch cannot help: the whole run is refused.
 _WHOLE_BATCH_CODES = frozenset(
     {
@@ -409,7 +411,12 @@ class Worker:
         if not await self._create(state):
             return False
         assert state.ref is not None
-        metrics = self._metrics_of(state, work.steps)
+        if len(work.steps) > _CONVERT_ON_THREAD:
+            # Converting thousands of steps takes milliseconds: not on an event loop that
+            # may be the agent's own (``async with``).
+            metrics = await anyio.to_thread.run_sync(self._metrics_of, state, work.steps)
+        else:
+            metrics = self._metrics_of(state, work.steps)
         if work.end is not None and not state.ended and work.end.status == "FINISHED":
             metrics.extend(self._summary_of(work.end, state))
         params, state.params = state.params, []
