@@ -505,6 +505,7 @@ def test_journal_fast_and_general_encodings_agree(
     event = Step("k" * 32, 'run "ü"', 1_795_671_920_296, step, reward, total)
     journal.append(event)
     journal.append(event)
+    assert journal.wait_durable(10)
     ((_, path),) = segments(journal.folder)
     back = list(read_segment(path, ReadStats()))
     journal.close(keep=False)

@@ -48,6 +48,8 @@ class EventBuffer:
         self._warnings = warnings
         self._trigger = trigger
         self.journal = journal
+        if journal is not None:
+            journal.on_durable = self._on_durable
         self._lock = threading.Lock()
         self._items: deque[Item] = deque()
         self._steps = 0
@@ -80,10 +82,10 @@ class EventBuffer:
         with self._lock:
             journal = self.journal
             if journal is not None:
-                try:
+                if journal.failed is None:
                     seq = journal.append(event)
-                except OSError as exc:  # disk full, folder removed: go on in memory only
-                    self._journal_failed(exc)
+                else:  # the disk refused a write: go on in memory only
+                    self._journal_failed(journal.failed)
                     journal = None
             if journal is not None:
                 if self._spill_from is None and (not step or self._steps < self.capacity):
@@ -107,14 +109,17 @@ class EventBuffer:
         elif ready and not self.wake.is_set():
             self.wake.set()
 
-    def _journal_failed(self, exc: OSError) -> None:
+    def _journal_failed(self, why: str) -> None:
         """Called with the lock held."""
-        journal = self.journal
         self.journal = None
-        if journal is not None:
-            journal.failed = str(exc)
-        self._counters.last_error = f"journal write failed: {exc}"
-        logger.error("rlm-mlflow journal write failed (%s); going on without a journal", exc)
+        self._counters.last_error = f"journal write failed: {why}"
+        if self._spill_from is not None:
+            logger.error("rlm-mlflow: events spilled to the failed journal may be lost")
+
+    def _on_durable(self) -> None:
+        """The journal thread wrote records: a worker waiting for spilled ones can read them."""
+        if self._spill_from is not None:
+            self.wake.set()
 
     def _make_room(self) -> bool:
         """Evict the oldest queued step under DROP_OLDEST. Called with the lock held."""
@@ -156,7 +161,9 @@ class EventBuffer:
             journal, start = self.journal, self._spill_from
             if journal is None or start is None:
                 return []
-            stop = min(journal.write_seq, start + limit)
+            stop = min(journal.durable_seq, start + limit)
+            if stop <= start:  # not written yet: the journal thread wakes the worker when it is
+                return []
         read = journal.read(start, stop)  # whole records only: every seq < stop is written
         with self._lock:
             lost = (stop - start) - len(read)
