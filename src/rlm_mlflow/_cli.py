@@ -96,7 +96,7 @@ def _status(args: argparse.Namespace) -> int:
         problems.append("mlflow is not installed: pip install mlflow")
         print("mlflow            not importable")
     if uri and uri.startswith(("http://", "https://")):
-        print(f"server            {_probe(uri, args.timeout, problems)}")
+        print(f"server            {_probe(uri, args.timeout, problems, config.experiment)}")
     print(f"journal           {_journal_summary(config.journal, config.journal_dir)}")
     for problem in problems:
         print(f"problem: {problem}")
@@ -124,7 +124,7 @@ def _journal_summary(enabled: bool, folder: str | None) -> str:
     return text
 
 
-def _probe(uri: str, timeout: float, problems: list[str]) -> str:
+def _probe(uri: str, timeout: float, problems: list[str], experiment: str) -> str:
     """Ask the server's health endpoint, once, with a short timeout."""
     import requests
 
@@ -139,7 +139,26 @@ def _probe(uri: str, timeout: float, problems: list[str]) -> str:
     if response.status_code != 200:
         problems.append(f"the tracking server answered HTTP {response.status_code} on /health")
         return f"HTTP {response.status_code}"
-    return "answers (GET /health is OK)"
+    # /health needs no credentials: ask for the experiment the way the sink will.
+    from ._exceptions import PermanentError, TransientError
+    from ._rest import RestTransport
+
+    transport = RestTransport(uri, timeout=timeout)
+    try:
+        transport._request(
+            "GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}
+        )
+    except PermanentError as exc:
+        if exc.code != "RESOURCE_DOES_NOT_EXIST":
+            problems.append(f"the tracking server refuses the sink's requests: {exc}")
+            return f"answers, but refuses requests (HTTP {exc.status})"
+        return "answers; the experiment will be created"
+    except TransientError as exc:
+        problems.append(f"the tracking server fails requests: {exc}")
+        return "answers /health, fails requests"
+    finally:
+        transport.close()
+    return "answers; credentials accepted, experiment exists"
 
 
 def build_parser() -> argparse.ArgumentParser:

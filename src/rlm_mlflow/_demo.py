@@ -203,8 +203,10 @@ def run_demo(
     sink = MLflowSink(enabled=True, experiment=experiment, tracking_uri=uri)
     timed = _TimedSink(sink, hook_ns)
     started = time.perf_counter()
-    with sink, ThreadPoolExecutor(4) as pool:
-        runner = SimulatedRunner(timed, run_dir, pool, seed)
+    # Children get a pool of their own: roots blocked on children queued behind other roots
+    # in one shared pool would wait for each other forever.
+    with sink, ThreadPoolExecutor(4) as pool, ThreadPoolExecutor(4) as children:
+        runner = SimulatedRunner(timed, run_dir, children, seed)
         roots = [
             pool.submit(runner.run, TASKS[i % len(TASKS)], parallelism=1 if i % 3 == 2 else 2)
             for i in range(tasks)

@@ -253,6 +253,12 @@ class MLflowSink:
     def on_run_start(
         self, run_id: str, *, task: str, environment: str, params: dict[str, Any]
     ) -> None:
+        """A run started: queue the creation of its MLflow run (params, tags, parent link).
+
+        Logs ``environment``, ``task_chars`` (the task's length, never its text) and every
+        scalar param; a ``parent_run_id`` naming an open run makes this run its child.
+        Returns at once; never raises.
+        """
         # Typed as RLM Code calls it; checked as if anything could come (other runtimes do).
         given: Any = params
         if not self._active:
@@ -301,6 +307,8 @@ class MLflowSink:
             self._hook_failed("on_run_start")
 
     def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
+        """A step: queue ``step_reward`` (``event["reward"]``) and ``cumulative_reward`` at
+        ``event["step"]``, stamped with the time of this call. Returns at once; never raises."""
         given: Any = event
         if not self._active:
             self._refuse()
@@ -320,6 +328,9 @@ class MLflowSink:
             self._hook_failed("on_step")
 
     def on_run_end(self, run_id: str, *, result: Any, run_path: Path | str | None) -> None:
+        """A run ended: queue ``completed``, ``steps``, ``total_reward`` (read from ``result``'s
+        attributes or keys), the upload of ``run_path`` (a file or a directory) and the end of
+        the run (FINISHED). Returns at once; never raises."""
         if not self._active:
             self._refuse()
             return

@@ -39,6 +39,8 @@ T = TypeVar("T")
 
 #: Events taken from the queue in one drain cycle.
 TAKE_LIMIT = 20_000
+#: Runs whose data is sent at the same time.
+CONCURRENT_RUNS = 2
 #: A run's steps in one cycle beyond which they are converted on a worker thread.
 _CONVERT_ON_THREAD = 200
 #: Codes for which splitting a refused batch cannot help: the whole run is refused.
@@ -204,9 +206,12 @@ class Worker:
                 for work in works.values():
                     if work.start is not None:
                         await self._open(work.start)
-                for work in works.values():
-                    self._settle(work, sent=await self._send(work))
-                    self._notify()
+                # Runs are independent: send a few at once, so that preparing one request
+                # overlaps another's round trip. Each run's own writes stay in order.
+                limiter = anyio.CapacityLimiter(CONCURRENT_RUNS)
+                async with anyio.create_task_group() as tg:
+                    for work in works.values():
+                        tg.start_soon(self._send_and_settle, work, limiter)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception:
@@ -215,6 +220,11 @@ class Worker:
             for work in works.values():
                 if work.events:
                     self._settle(work, sent=False)
+            self._notify()
+
+    async def _send_and_settle(self, work: RunWork, limiter: anyio.CapacityLimiter) -> None:
+        async with limiter:
+            self._settle(work, sent=await self._send(work))
             self._notify()
 
     def _settle(self, work: RunWork, *, sent: bool) -> None:
@@ -253,6 +263,7 @@ class Worker:
             return True
         except PermanentError as exc:
             self.unavailable = str(exc)
+            self._counters.last_error = str(exc)
             logger.error("rlm-mlflow cannot use MLflow: %s; events are dropped", exc)
         except TransientError as exc:
             logger.warning("rlm-mlflow cannot reach MLflow yet: %s", exc)
