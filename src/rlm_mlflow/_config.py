@@ -51,13 +51,13 @@ class SinkConfig:
     tracking_uri: str | None = None
     queue_size: int = 10_000
     overflow: Overflow = Overflow.DROP_OLDEST
-    flush_interval: float = 1.0
+    flush_interval: float = 5.0
     shutdown_timeout: float = 10.0
     request_timeout: float = 30.0
     retry_deadline: float = 300.0
     retry_initial: float = 0.5
     retry_max_wait: float = 30.0
-    batch_trigger: int = 500
+    batch_trigger: int = 5_000
     journal: bool = True
     journal_dir: str | None = None
     handle_signals: bool = True
