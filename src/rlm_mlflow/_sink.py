@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import itertools
 import logging
 import os
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,10 @@ class MLflowSink:
         self._task_done: anyio.Event | None = None
         self._task_group: Any = None
         self._end_status = "FAILED"  # for runs still open at close; KILLED after a signal
+        # Run keys: a random prefix per process (and per sink) and a counter. Unique across
+        # processes without a system call per run, as uuid4() would make.
+        self._key_prefix = secrets.token_hex(8)
+        self._key_counter = itertools.count()
         self._available = True
         self._detail = redact_uri(config.tracking_uri) or "default tracking URI"
         if (
@@ -189,6 +194,9 @@ class MLflowSink:
         self._active = active
         if active:
             _process.register(self, signals=config.handle_signals)
+
+    def _new_key(self) -> str:
+        return f"{self._key_prefix}-{next(self._key_counter)}"
 
     def _open_journal(self) -> Journal | None:
         root = Path(self.config.journal_dir) if self.config.journal_dir else default_journal_dir()
@@ -271,7 +279,7 @@ class MLflowSink:
             except TypeError:
                 task_chars = None
             parent = given.get("parent_run_id") if isinstance(given, Mapping) else None
-            key = uuid.uuid4().hex
+            key = self._new_key()
             me = threading.get_ident()
             with self._lock:
                 runs = self._open.get(run_id, ())
@@ -376,7 +384,7 @@ class MLflowSink:
         with self._lock:
             key = self._key_of(run_id, me)
             if key is None:
-                key = uuid.uuid4().hex
+                key = self._new_key()
                 self._open[run_id] = (_OpenRun(key, me, implicit=True),)
                 self._bad_input(
                     "not_started", run_id, "hook called before on_run_start; run opened for it"
