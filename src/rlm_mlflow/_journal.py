@@ -44,8 +44,10 @@ logger = logging.getLogger("rlm_mlflow")
 
 FORMAT = 1
 SEGMENT_RECORDS = 4096
-#: How long the journal thread lets records gather after the first one before writing them.
+#: How long the journal thread lets records gather before writing them.
 GROUP_WINDOW = 0.002
+#: How long the journal thread keeps writing every GROUP_WINDOW after the last record.
+IDLE_AFTER = 0.5
 _HEADER = struct.Struct("<II")
 _MAX_RECORD = 64 * 1024 * 1024
 
@@ -231,6 +233,7 @@ class Journal:
         self.on_durable: Callable[[], None] | None = None
         self._durable = threading.Condition()
         self._wake = threading.Event()
+        self._idle = True  # blocked on _wake (or about to be): a hook must wake it
         self._closing = False
         self._runs_fd = os.open(
             self.folder / "runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
@@ -249,7 +252,7 @@ class Journal:
             self._pending.append(record)
             self.write_seq = seq + 1
             first = len(self._pending) == 1
-        if first:  # the journal thread may be asleep: one wake-up per group of records
+        if first and self._idle:  # the journal thread is blocked: wake it, once
             self._wake.set()
         return seq
 
@@ -282,21 +285,31 @@ class Journal:
     # -- the journal thread ------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        # Idle, the thread blocks until a hook wakes it. Busy, it writes what gathered every
+        # GROUP_WINDOW and hooks never wake it (waking a thread costs the hook a GIL hand-off);
+        # it goes back to blocking after IDLE_AFTER without a record.
         while not self._closing:
-            self._wake.wait()
+            self._idle = True
+            if not self._pending:
+                self._wake.wait()
+            self._idle = False
             self._wake.clear()
-            time.sleep(GROUP_WINDOW)  # let a group gather: fewer wake-ups, fewer GIL hand-offs
-            self.write_pending()
+            quiet = 0.0
+            while not self._closing and quiet < IDLE_AFTER:
+                time.sleep(GROUP_WINDOW)
+                quiet = 0.0 if self.write_pending() else quiet + GROUP_WINDOW
 
-    def write_pending(self) -> None:
-        """Write every pending record, in order, one system call per segment touched."""
+    def write_pending(self) -> bool:
+        """Write every pending record, in order, one system call per segment touched.
+
+        Returns whether there was anything to write."""
         with self._io_lock:
             with self._lock:
                 batch, self._pending = self._pending, []
                 seq = self._pending_start
                 self._pending_start = seq + len(batch)
             if not batch or self.failed is not None:
-                return
+                return bool(batch)
             try:
                 index = 0
                 while index < len(batch):
@@ -310,13 +323,14 @@ class Journal:
             except OSError as exc:
                 self.failed = str(exc)
                 logger.error("rlm-mlflow journal write failed (%s); going on without it", exc)
-                return
+                return True
         with self._durable:
             self.durable_seq = seq
             self._durable.notify_all()
         callback = self.on_durable
         if callback is not None:
             callback()
+        return True
 
     def wait_durable(self, timeout: float) -> bool:
         """Wait until every record appended so far is in a segment file."""
