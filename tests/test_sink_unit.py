@@ -517,3 +517,10 @@ def test_journal_fast_and_general_encodings_agree(
         assert got.step == step
         assert got.cumulative_reward == total
         assert got.reward == reward or (math.isnan(got.reward) and math.isnan(reward))
+
+
+def test_a_sink_closed_unused_leaves_no_journal(journal_dir: Path) -> None:
+    sink = MLflowSink(enabled=True, transport=MemoryTransport())
+    assert len(list(journal_dir.iterdir())) == 1
+    sink.close()
+    assert list(journal_dir.iterdir()) == []

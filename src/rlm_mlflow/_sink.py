@@ -509,7 +509,7 @@ class MLflowSink:
         journal = self._journal
         if journal is None:
             return
-        keep = not self._worker.stopped.is_set() or journal.backlog > 0
+        keep = journal.backlog > 0  # records written and not done (pending ones included)
         journal.close(keep=keep)
         if keep:
             logger.warning(
