@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,72 +51,80 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
     return process.returncode, err
 
 
-def steps_of(client: Any, run: Any, key: str = "step_reward") -> list[int]:
-    return sorted(p.step for p in client.get_metric_history(run.info.run_id, key))
+@dataclass
+class Lab:
+    """The session's server, this test's experiment and journal folder, and readers."""
+
+    uri: str
+    experiment: str
+    journal_dir: Path
+    read_runs: Callable[[str], dict[str, Any]]
+    client: Any
+
+    def runs(self) -> dict[str, Any]:
+        return self.read_runs(self.experiment)
+
+    def steps(self, run: Any, key: str = "step_reward") -> list[int]:
+        return sorted(p.step for p in self.client.get_metric_history(run.info.run_id, key))
+
+
+@pytest.fixture
+def lab(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> Lab:
+    return Lab(mlflow_server.uri, experiment_name, journal_dir, read_runs, mlflow_client)
 
 
 def test_clean_exit_without_close_ends_every_run(
-    mlflow_server: MlflowServer,
-    experiment_name: str,
-    journal_dir: Path,
-    read_runs: Callable[[str], dict[str, Any]],
-    mlflow_client: Any,
+    lab: Lab,
 ) -> None:
     """The exit hook flushes and ends runs: FINISHED if ended, FAILED if never ended."""
-    process = start_agent("exit", mlflow_server.uri, experiment_name, journal_dir)
+    process = start_agent("exit", lab.uri, lab.experiment, lab.journal_dir)
     code, err = finish(process)
     assert code == 0, err
-    runs = read_runs(experiment_name)
+    runs = lab.runs()
     assert runs["main"].info.status == "FINISHED"
     assert runs["left-open"].info.status == "FAILED"
     assert runs["left-open"].info.end_time is not None
-    assert steps_of(mlflow_client, runs["main"]) == [0, 1, 2, 3, 4]
-    assert steps_of(mlflow_client, runs["left-open"]) == [0, 1]
-    assert list(journal_dir.iterdir()) == []  # everything sent: no journal left
+    assert lab.steps(runs["main"]) == [0, 1, 2, 3, 4]
+    assert lab.steps(runs["left-open"]) == [0, 1]
+    assert list(lab.journal_dir.iterdir()) == []  # everything sent: no journal left
 
 
 def test_uncaught_exception_marks_runs_failed(
-    mlflow_server: MlflowServer,
-    experiment_name: str,
-    journal_dir: Path,
-    read_runs: Callable[[str], dict[str, Any]],
-    mlflow_client: Any,
+    lab: Lab,
 ) -> None:
-    process = start_agent("raise", mlflow_server.uri, experiment_name, journal_dir)
+    process = start_agent("raise", lab.uri, lab.experiment, lab.journal_dir)
     code, err = finish(process)
     assert code == 1
     assert "the model failed mid-run" in err
-    run = read_runs(experiment_name)["main"]
+    run = lab.runs()["main"]
     assert run.info.status == "FAILED"
-    assert steps_of(mlflow_client, run) == [0, 1, 2, 3, 4]
+    assert lab.steps(run) == [0, 1, 2, 3, 4]
 
 
 def test_a_thread_that_dies_fails_its_own_runs_only(
-    mlflow_server: MlflowServer,
-    experiment_name: str,
-    journal_dir: Path,
-    read_runs: Callable[[str], dict[str, Any]],
-    mlflow_client: Any,
+    lab: Lab,
 ) -> None:
-    process = start_agent("thread-raise", mlflow_server.uri, experiment_name, journal_dir)
+    process = start_agent("thread-raise", lab.uri, lab.experiment, lab.journal_dir)
     code, err = finish(process)
     assert code == 0, err
-    runs = read_runs(experiment_name)
+    runs = lab.runs()
     assert runs["thread-run"].info.status == "FAILED"
-    assert steps_of(mlflow_client, runs["thread-run"]) == [0, 1, 2]
+    assert lab.steps(runs["thread-run"]) == [0, 1, 2]
     assert runs["main"].info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_marks_runs_killed_and_the_process_still_dies_of_it(
     signum: int,
-    mlflow_server: MlflowServer,
-    experiment_name: str,
-    journal_dir: Path,
-    read_runs: Callable[[str], dict[str, Any]],
-    mlflow_client: Any,
+    lab: Lab,
 ) -> None:
-    process = start_agent("forever", mlflow_server.uri, experiment_name, journal_dir)
+    process = start_agent("forever", lab.uri, lab.experiment, lab.journal_dir)
     process.send_signal(signum)
     code, err = finish(process)
     if signum == signal.SIGTERM:
@@ -125,103 +134,88 @@ def test_signal_marks_runs_killed_and_the_process_still_dies_of_it(
         # (as it does here when a socket failed during exit) it settles for exit status 1.
         assert code in (-signum, 1), err
         assert "KeyboardInterrupt" in err
-    run = read_runs(experiment_name)["main"]
+    run = lab.runs()["main"]
     assert run.info.status == "KILLED"
     assert run.info.end_time is not None
-    steps = steps_of(mlflow_client, run)
+    steps = lab.steps(run)
     assert steps[:5] == [0, 1, 2, 3, 4]
     assert steps == list(range(len(steps)))  # no gap: every step the agent made landed
 
 
 @pytest.mark.slow
 def test_sigkill_then_replay_sends_everything_exactly_once(
-    mlflow_server: MlflowServer,
-    experiment_name: str,
-    journal_dir: Path,
-    read_runs: Callable[[str], dict[str, Any]],
-    mlflow_client: Any,
+    lab: Lab,
 ) -> None:
     """Half the data confirmed sent, half not: after kill -9 the journal holds all of it;
     replay re-sends it (some twice over the wire) and MLflow holds each point once."""
-    process = start_agent("sigkill-after-flush", mlflow_server.uri, experiment_name, journal_dir)
+    process = start_agent("sigkill-after-flush", lab.uri, lab.experiment, lab.journal_dir)
     process.kill()
     finish(process)
-    assert len(list(journal_dir.iterdir())) == 1
-    report = replay(journal_dir)
+    assert len(list(lab.journal_dir.iterdir())) == 1
+    report = replay(lab.journal_dir)
     assert report.ok, report
     assert report.runs_killed == 1
-    assert list(journal_dir.iterdir()) == []
-    run = read_runs(experiment_name)["main"]
+    assert list(lab.journal_dir.iterdir()) == []
+    run = lab.runs()["main"]
     assert run.info.status == "KILLED"
-    assert steps_of(mlflow_client, run) == list(range(10))
-    assert len(mlflow_client.get_metric_history(run.info.run_id, "cumulative_reward")) == 10
-    again = replay(journal_dir)
+    assert lab.steps(run) == list(range(10))
+    assert len(lab.client.get_metric_history(run.info.run_id, "cumulative_reward")) == 10
+    again = replay(lab.journal_dir)
     assert again.journals == 0
-    assert len(read_runs(experiment_name)) == 1
+    assert len(lab.runs()) == 1
 
 
 def test_replay_of_a_journal_never_sent(
-    mlflow_server: MlflowServer,
-    experiment_name: str,
-    journal_dir: Path,
-    read_runs: Callable[[str], dict[str, Any]],
-    mlflow_client: Any,
+    lab: Lab,
 ) -> None:
     """A process that never reached its server: kill -9, then replay to where it should go.
 
     The last record is torn (the crash hit mid-write): it is detected and skipped."""
     dead_end = f"http://127.0.0.1:{free_port()}"
-    process = start_agent("forever", dead_end, experiment_name, journal_dir)
+    process = start_agent("forever", dead_end, lab.experiment, lab.journal_dir)
     process.kill()
     finish(process)
-    (journal,) = journal_dir.iterdir()
+    (journal,) = lab.journal_dir.iterdir()
     segment = sorted(journal.glob("seg-*.log"))[-1]
     with segment.open("ab") as handle:
         handle.write(b"\x40\x00\x00\x00\x01\x02")  # a header promising 64 bytes, then nothing
-    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    report = replay(lab.journal_dir, tracking_uri=lab.uri)
     assert report.ok, report
     assert report.torn == 1
-    run = read_runs(experiment_name)["main"]
+    run = lab.runs()["main"]
     assert run.info.status == "KILLED"
-    steps = steps_of(mlflow_client, run)
+    steps = lab.steps(run)
     assert steps[:5] == [0, 1, 2, 3, 4]
     assert steps == list(range(len(steps)))
     assert run.data.params["mode"] == "forever"
 
 
 def test_replay_leaves_a_live_sink_alone(
-    mlflow_server: MlflowServer,
-    experiment_name: str,
-    journal_dir: Path,
-    read_runs: Callable[[str], dict[str, Any]],
+    lab: Lab,
 ) -> None:
-    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri)
+    sink = MLflowSink(enabled=True, experiment=lab.experiment, tracking_uri=lab.uri)
     sink.on_run_start("alive", task="t", environment="e", params={})
     sink.on_step("alive", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
-    report = replay(journal_dir)
+    report = replay(lab.journal_dir)
     assert report.journals == 1
     assert len(report.in_use) == 1
     assert report.sent == 0
     sink.on_run_end("alive", result={"completed": True}, run_path=None)
     sink.close()
-    runs = read_runs(experiment_name)
+    runs = lab.runs()
     assert list(runs) == ["alive"]
 
 
 def test_fork_child_has_its_own_sink(
-    mlflow_server: MlflowServer,
-    experiment_name: str,
-    journal_dir: Path,
-    read_runs: Callable[[str], dict[str, Any]],
-    mlflow_client: Any,
+    lab: Lab,
 ) -> None:
     """Events queued before a fork are sent once, by the parent; the child's by the child."""
-    process = start_agent("fork", mlflow_server.uri, experiment_name, journal_dir)
+    process = start_agent("fork", lab.uri, lab.experiment, lab.journal_dir)
     code, err = finish(process)
     assert code == 0, err
-    runs = read_runs(experiment_name)  # raises on a duplicate run name
+    runs = lab.runs()  # raises on a duplicate run name
     assert set(runs) == {"main", "forked-child"}
-    assert steps_of(mlflow_client, runs["main"]) == [0, 1, 2, 3, 4, 5]
-    assert steps_of(mlflow_client, runs["forked-child"]) == [0, 1, 2]
+    assert lab.steps(runs["main"]) == [0, 1, 2, 3, 4, 5]
+    assert lab.steps(runs["forked-child"]) == [0, 1, 2]
     assert runs["main"].info.status == "FINISHED"
     assert runs["forked-child"].info.status == "FINISHED"
