@@ -6,7 +6,7 @@ import enum
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -61,7 +61,6 @@ class SinkConfig:
     journal: bool = True
     journal_dir: str | None = None
     handle_signals: bool = True
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
