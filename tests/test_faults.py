@@ -127,6 +127,27 @@ def assert_landed(client: Any, run: Any, count: int, reward: float = 1.0) -> Non
     assert run.data.params == {"environment": "pure_rlm", "task_chars": "6", "max_steps": "50"}
 
 
+def assert_one_run_sent_once(
+    sink: MLflowSink,
+    read_runs: Callable[[str], dict[str, Any]],
+    client: Any,
+    experiment: str,
+    run_id: str,
+    count: int,
+    *,
+    retries: int,
+) -> None:
+    """Nothing dropped, every event sent after exactly ``retries`` retries, and the only run of
+    the experiment landed with its ``count`` steps, each once."""
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] == count + 2
+    assert status["retries"] == retries
+    runs = read_runs(experiment)
+    assert list(runs) == [run_id]
+    assert_landed(client, runs[run_id], count)
+
+
 def close_in_thread(sink: MLflowSink, timeout: float) -> None:
     """``close(timeout)`` on another thread, waited for generously: proves that it returns."""
     closer = threading.Thread(target=sink.close, args=(timeout,), name="closer")
@@ -314,14 +335,8 @@ def test_two_seconds_of_latency_on_every_request_loses_nothing(
     assert sink.flush(120)
     close_in_thread(sink, 10.0)
 
-    status = sink.status()
-    assert status["dropped"] == {}
-    assert status["accepted"] == status["sent"] == 22
-    assert status["retries"] == 0
     assert proxy.requests == proxy.forwarded
-    runs = read_runs(experiment_name)
-    assert list(runs) == ["slow"]
-    assert_landed(mlflow_client, runs["slow"], 20)
+    assert_one_run_sent_once(sink, read_runs, mlflow_client, experiment_name, "slow", 20, retries=0)
 
 
 # -- 429 and 503 ----------------------------------------------------------------------------------
@@ -347,17 +362,13 @@ def test_429_storm_honours_retry_after(
     assert sink.flush(WAIT)
     close_in_thread(sink, 10.0)
 
-    status = sink.status()
-    assert status["retries"] == 5
     assert proxy.requests - proxy.forwarded == 5
-    assert status["dropped"] == {}
-    assert status["accepted"] == status["sent"] == 12
     retry_logs = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert retry_logs  # the first is logged; the rest are rate limited
     assert all("HTTP 429" in m and "retrying in 1.0 s" in m for m in retry_logs)
-    runs = read_runs(experiment_name)
-    assert list(runs) == ["storm"]
-    assert_landed(mlflow_client, runs["storm"], 10)
+    assert_one_run_sent_once(
+        sink, read_runs, mlflow_client, experiment_name, "storm", 10, retries=5
+    )
 
 
 @pytest.mark.integration
@@ -379,14 +390,10 @@ def test_503_bursts_are_retried_and_everything_lands(
     assert sink.flush(WAIT)
     close_in_thread(sink, 10.0)
 
-    status = sink.status()
-    assert status["retries"] == 6
     assert proxy.requests - proxy.forwarded == 6
-    assert status["dropped"] == {}
-    assert status["accepted"] == status["sent"] == 22
-    runs = read_runs(experiment_name)
-    assert list(runs) == ["bursty"]
-    assert_landed(mlflow_client, runs["bursty"], 20)
+    assert_one_run_sent_once(
+        sink, read_runs, mlflow_client, experiment_name, "bursty", 20, retries=6
+    )
 
 
 # -- persistent failure ---------------------------------------------------------------------------
@@ -477,13 +484,9 @@ def test_a_retried_log_batch_that_was_committed_adds_no_duplicate_point(
     assert sink.flush(WAIT)
     close_in_thread(sink, 10.0)
 
-    status = sink.status()
-    assert status["retries"] == 1
-    assert status["dropped"] == {}
-    assert status["accepted"] == status["sent"] == 12
-    runs = read_runs(experiment_name)
-    assert list(runs) == ["twice"]
-    assert_landed(mlflow_client, runs["twice"], 10)
+    assert_one_run_sent_once(
+        sink, read_runs, mlflow_client, experiment_name, "twice", 10, retries=1
+    )
 
 
 @pytest.mark.integration
@@ -505,16 +508,10 @@ def test_a_retried_create_or_end_that_was_committed_duplicates_nothing(
     assert sink.flush(WAIT)
     close_in_thread(sink, 10.0)
 
-    status = sink.status()
-    assert status["retries"] == 1
-    assert status["runs_created"] == status["runs_ended"] == 1
-    assert status["dropped"] == {}
-    assert status["accepted"] == status["sent"] == 7
+    assert sink.status()["runs_created"] == sink.status()["runs_ended"] == 1
     experiment = mlflow_client.get_experiment_by_name(experiment_name)
     assert len(mlflow_client.search_runs([experiment.experiment_id])) == 1
-    runs = read_runs(experiment_name)
-    assert list(runs) == ["once"]
-    assert_landed(mlflow_client, runs["once"], 5)
+    assert_one_run_sent_once(sink, read_runs, mlflow_client, experiment_name, "once", 5, retries=1)
 
 
 # -- bounded queue --------------------------------------------------------------------------------
