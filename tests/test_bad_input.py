@@ -266,7 +266,7 @@ def test_all_bad_input_against_a_real_server(
             case.action(sink, f"case-{case.name}", tmp_path)
         assert sink.flush(60)
         status = sink.status()
-    assert status["permanent_failures"] == 0
+    assert status["refused"] == 0
     assert status["dropped"] == {}
     runs = read_runs(experiment_name)
     for case in CASES:

@@ -319,7 +319,7 @@ def test_agent_processes_in_parallel_into_postgres(
     for report in reports:
         assert report["flushed"], report
         assert report["status"]["dropped"] == {}
-        assert report["status"]["permanent_failures"] == 0
+        assert report["status"]["refused"] == 0
 
     client = MlflowClient(tracking_uri=scaled_server.uri)
     experiment = client.get_experiment_by_name(experiment_name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -176,9 +177,8 @@ def test_replay_of_a_journal_never_sent(
     process.kill()
     finish(process)
     (journal,) = lab.journal_dir.iterdir()
-    segment = sorted(journal.glob("seg-*.log"))[-1]
-    with segment.open("ab") as handle:
-        handle.write(b"\x40\x00\x00\x00\x01\x02")  # a header promising 64 bytes, then nothing
+    segment = sorted(journal.glob("L*-S*.seg"))[-1]
+    tear_after_last_record(segment)
     report = replay(lab.journal_dir, tracking_uri=lab.uri)
     assert report.ok, report
     assert report.torn == 1
@@ -188,6 +188,20 @@ def test_replay_of_a_journal_never_sent(
     assert steps[:5] == [0, 1, 2, 3, 4]
     assert steps == list(range(len(steps)))
     assert run.data.params["mode"] == "forever"
+
+
+def tear_after_last_record(segment: Path) -> None:
+    """Write a record header whose payload never came (a crash in the middle of a write)."""
+    data = segment.read_bytes()
+    offset = 16  # the segment header
+    while True:
+        (length,) = struct.unpack_from("<I", data, offset)
+        if length == 0:
+            break
+        offset += 12 + length
+    with segment.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(struct.pack("<IIBBH", 64, 12345, 0, 0, 0))  # 64 bytes promised, none there
 
 
 def test_replay_leaves_a_live_sink_alone(

@@ -357,7 +357,7 @@ def test_a_plain_run(harness: Harness) -> None:
     assert harness.sink.flush(30)
     status = harness.sink.status()
     assert status["dropped"] == {}
-    assert status["permanent_failures"] == 0
+    assert status["refused"] == 0
     assert list(harness.check()) == [result.run_id]
     assert len(harness.recorder.runs[result.run_id].steps) == 3
 

@@ -3,6 +3,7 @@
 from ._config import Overflow as Overflow
 from ._config import SinkConfig as SinkConfig
 from ._exceptions import PermanentError as PermanentError
+from ._exceptions import StoreRefused as StoreRefused
 from ._exceptions import TransientError as TransientError
 from ._exceptions import TransportError as TransportError
 from ._replay import ReplayReport as ReplayReport
@@ -23,6 +24,7 @@ __all__ = [
     "RunRef",
     "SinkConfig",
     "SinkStatistics",
+    "StoreRefused",
     "TransientError",
     "Transport",
     "TransportError",

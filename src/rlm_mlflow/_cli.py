@@ -104,7 +104,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _journal_summary(enabled: bool, folder: str | None) -> str:
-    from ._journal import ReadStats, default_journal_dir, read_segment, segments
+    from ._journal import DONE, ScanStats, default_journal_dir, journal_segments, scan_segment
     from ._replay import journal_folders
 
     root = Path(folder) if folder else default_journal_dir()
@@ -113,11 +113,9 @@ def _journal_summary(enabled: bool, folder: str | None) -> str:
     journals = journal_folders(root)
     backlog = 0
     for journal in journals:
-        stats = ReadStats()
-        for _, path in segments(journal):
-            for _ in read_segment(path, stats):
-                pass
-        backlog += stats.records
+        stats = ScanStats()
+        for path in journal_segments(journal):
+            backlog += sum(1 for r in scan_segment(path, stats) if r.state != DONE)
     text = f"{root}  ({len(journals)} journals, {backlog} events not yet confirmed sent)"
     if journals:
         text += "; 'rlm-mlflow replay' sends those of processes that have ended"
@@ -145,7 +143,7 @@ def _probe(uri: str, timeout: float, problems: list[str], experiment: str) -> st
 
     transport = RestTransport(uri, timeout=timeout)
     try:
-        transport._request(
+        transport.request(
             "GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}
         )
     except PermanentError as exc:

@@ -2,7 +2,8 @@
 
 The default store (``sqlite:///mlflow.db`` when ``MLFLOW_TRACKING_URI`` is unset), file stores,
 and tracking URIs with plugins go through here. mlflow is imported on the worker, never on a
-hook's caller.
+hook's caller. The embedded stores need the full ``mlflow`` package (``pip install
+'rlm-mlflow[full]'``); the slim client alone can only talk to a server.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ._config import redact_text, redact_uri
-from ._exceptions import PermanentError, TransientError
+from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._transport import KEY_TAG, Metric, RunRef
 
 T = TypeVar("T")
@@ -24,13 +25,18 @@ _PERMANENT_CODES = frozenset(
         "INVALID_PARAMETER_VALUE",
         "RESOURCE_DOES_NOT_EXIST",
         "RESOURCE_ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "UNAUTHENTICATED",
         "BAD_REQUEST",
         "INVALID_STATE",
         "NOT_FOUND",
         "ENDPOINT_NOT_FOUND",
     }
+)
+_REFUSED_CODES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+FULL_MLFLOW_HINT = (
+    "the embedded store ({uri}) needs the full mlflow package (SQLAlchemy, alembic): "
+    "pip install 'rlm-mlflow[full]' (or pip install mlflow), or point MLFLOW_TRACKING_URI "
+    "at a tracking server (http://...)"
 )
 
 
@@ -38,19 +44,46 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
     """The URI MLflow would use: the argument, else ``MLFLOW_TRACKING_URI``, else its default."""
     if tracking_uri:
         return tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     import mlflow
 
     return str(mlflow.get_tracking_uri())
+
+
+def embedded_store_problem(uri: str) -> str | None:
+    """Why ``uri`` (a database or file store) cannot be used in this environment, if it cannot."""
+    if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        return None
+    import importlib.util
+
+    if (
+        importlib.util.find_spec("sqlalchemy") is None
+        or importlib.util.find_spec("alembic") is None
+    ):
+        return FULL_MLFLOW_HINT.format(uri=redact_uri(uri))
+    return None
 
 
 class ClientTransport:
     """The :class:`~rlm_mlflow._transport.Transport` interface over ``MlflowClient``."""
 
     def __init__(self, tracking_uri: str | None = None) -> None:
+        self._uri = resolve_tracking_uri(tracking_uri)
+        problem = embedded_store_problem(self._uri)
+        if problem:
+            raise ImportError(problem)
         from mlflow import MlflowClient
 
-        self._uri = resolve_tracking_uri(tracking_uri)
         self._client = MlflowClient(tracking_uri=self._uri)
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    @property
+    def uri(self) -> str:
+        return self._uri
 
     def describe(self) -> str:
         return redact_uri(self._uri) or ""
@@ -64,7 +97,12 @@ class ClientTransport:
             raise
         except MlflowException as exc:
             code = str(getattr(exc, "error_code", "") or "INTERNAL_ERROR")
-            text = redact_text(f"{what}: {code}: {exc.message}", self._uri)
+            message = str(exc.message)
+            text = redact_text(f"{what}: {code}: {message}", self._uri)
+            if code in _REFUSED_CODES:
+                raise StoreRefused(text, code=code) from None
+            if code == "INVALID_PARAMETER_VALUE" and "'active' state" in message:
+                raise PermanentError(text, code="RUN_NOT_ACTIVE") from None
             if code in _PERMANENT_CODES:
                 raise PermanentError(text, code=code) from None
             raise TransientError(text) from None
@@ -83,10 +121,7 @@ class ClientTransport:
             experiment = self._client.get_experiment_by_name(name)
             if experiment is not None:
                 if experiment.lifecycle_stage == "deleted":
-                    raise PermanentError(
-                        f"experiment {name!r} is deleted; restore it or choose another name",
-                        code="RESOURCE_DELETED",
-                    )
+                    raise _deleted(name)
                 return str(experiment.experiment_id)
             try:
                 return str(self._client.create_experiment(name))
@@ -100,21 +135,39 @@ class ClientTransport:
 
         return self._call("get or create experiment", run)
 
-    def find_run(self, experiment_id: str, key: str) -> RunRef | None:
+    def check_experiment(self, experiment_id: str) -> None:
+        experiment = self._call(
+            "get experiment", lambda: self._client.get_experiment(experiment_id)
+        )
+        if experiment.lifecycle_stage == "deleted":
+            raise _deleted(str(experiment.name))
+
+    def _search(self, experiment_id: str, filter_string: str, limit: int) -> list[RunRef]:
         from mlflow.entities import ViewType
 
-        runs = self._call(
-            "search runs",
-            lambda: self._client.search_runs(
-                [experiment_id],
-                filter_string=f"tags.`{KEY_TAG}` = '{key}'",
-                run_view_type=ViewType.ALL,
-                max_results=1,
-            ),
-        )
-        if not runs:
-            return None
-        return RunRef(run_uuid=runs[0].info.run_id, artifact_uri=runs[0].info.artifact_uri)
+        runs: list[RunRef] = []
+        token: str | None = None
+        while True:
+            page = self._call(
+                "search runs",
+                lambda token=token: self._client.search_runs(  # type: ignore[misc]
+                    [experiment_id],
+                    filter_string=filter_string,
+                    run_view_type=ViewType.ACTIVE_ONLY,
+                    max_results=min(limit, 1000),
+                    page_token=token,
+                ),
+            )
+            runs.extend(_run_ref(run) for run in page)
+            token = getattr(page, "token", None)
+            if not token or len(runs) >= limit:
+                return runs
+
+    def find_runs(self, experiment_id: str, key: str) -> list[RunRef]:
+        return self._search(experiment_id, f"tags.`{KEY_TAG}` = '{_quote(key)}'", 100)
+
+    def find_runs_by_prefix(self, experiment_id: str, prefix: str) -> list[RunRef]:
+        return self._search(experiment_id, f"tags.`{KEY_TAG}` LIKE '{_quote(prefix)}-%'", 10**9)
 
     def create_run(
         self,
@@ -130,7 +183,25 @@ class ClientTransport:
                 experiment_id, start_time=start_time_ms, tags=dict(tags), run_name=run_name
             ),
         )
-        return RunRef(run_uuid=run.info.run_id, artifact_uri=run.info.artifact_uri)
+        return _run_ref(run)
+
+    def delete_run(self, run_uuid: str) -> None:
+        try:
+            self._call("delete run", lambda: self._client.delete_run(run_uuid))
+        except PermanentError as exc:
+            if exc.code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+
+    def run_status(self, run_uuid: str) -> str | None:
+        try:
+            run = self._call("get run", lambda: self._client.get_run(run_uuid))
+        except PermanentError as exc:
+            if exc.code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        if run.info.lifecycle_stage == "deleted":
+            return None
+        return str(run.info.status)
 
     def log_batch(
         self,
@@ -153,6 +224,12 @@ class ClientTransport:
             ),
         )
 
+    def metric_history(self, run_uuid: str, key: str) -> list[Metric]:
+        points = self._call(
+            "metric history", lambda: self._client.get_metric_history(run_uuid, key)
+        )
+        return [Metric(key, float(p.value), int(p.timestamp), int(p.step)) for p in points]
+
     def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
         self._call(
             "end run",
@@ -168,13 +245,37 @@ class ClientTransport:
         pass
 
 
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _deleted(name: str) -> StoreRefused:
+    return StoreRefused(
+        f"experiment {name!r} is deleted; restore it in MLflow or choose another experiment "
+        "name (nothing is sent until then; everything is kept)",
+        code="EXPERIMENT_DELETED",
+    )
+
+
+def _run_ref(run: Any) -> RunRef:
+    info, data = run.info, run.data
+    return RunRef(
+        run_uuid=str(info.run_id),
+        artifact_uri=str(info.artifact_uri or ""),
+        key=str((data.tags or {}).get(KEY_TAG) or ""),
+        status=str(info.status or ""),
+        start_time_ms=int(info.start_time or 0),
+        has_data=bool(data.metrics or data.params),
+    )
+
+
 def upload_with_repository(artifact_uri: str, local_path: str, tracking_uri: str) -> None:
     """Upload a file or a directory through MLflow's artifact repository for ``artifact_uri``."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     path = Path(local_path)
     if not path.exists():
-        raise PermanentError(f"{local_path} no longer exists", code="ARTIFACT_MISSING")
+        raise PermanentError(f"{local_path} does not exist", code="ARTIFACT_MISSING")
     repository: Any = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
     if path.is_dir():
         repository.log_artifacts(os.fspath(path))

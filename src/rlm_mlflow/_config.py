@@ -24,6 +24,7 @@ ENV_REQUEST_TIMEOUT = "RLM_MLFLOW_REQUEST_TIMEOUT"
 ENV_RETRY_DEADLINE = "RLM_MLFLOW_RETRY_DEADLINE"
 ENV_JOURNAL = "RLM_MLFLOW_JOURNAL"
 ENV_JOURNAL_DIR = "RLM_MLFLOW_JOURNAL_DIR"
+ENV_JOURNAL_FSYNC = "RLM_MLFLOW_JOURNAL_FSYNC"
 ENV_HANDLE_SIGNALS = "RLM_MLFLOW_HANDLE_SIGNALS"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -60,6 +61,7 @@ class SinkConfig:
     batch_trigger: int = 5_000
     journal: bool = True
     journal_dir: str | None = None
+    journal_fsync: bool = False
     handle_signals: bool = True
 
     def __post_init__(self) -> None:
@@ -123,9 +125,13 @@ def config_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> S
         number = _env_number(env, name, kind)
         if number is not None:
             values[key] = number
-    for key, name in (("journal", ENV_JOURNAL), ("handle_signals", ENV_HANDLE_SIGNALS)):
+    for key, name, default in (
+        ("journal", ENV_JOURNAL, True),
+        ("handle_signals", ENV_HANDLE_SIGNALS, True),
+        ("journal_fsync", ENV_JOURNAL_FSYNC, False),
+    ):
         if env.get(name) is not None:
-            values[key] = parse_bool(env.get(name), default=True)
+            values[key] = parse_bool(env.get(name), default=default)
     if env.get(ENV_JOURNAL_DIR):
         values["journal_dir"] = env[ENV_JOURNAL_DIR]
     overflow = (env.get(ENV_OVERFLOW) or "").strip().lower()

@@ -1,52 +1,59 @@
-"""Events: what a hook call turns into, before anything is checked or sent.
+"""Events: what a hook call becomes, as the worker sees it after decoding its record.
 
-A hook does as little as it can on the caller's thread: it reads a few fields, stamps the time and
-builds one of these records. Validation and conversion happen later, on the worker (``_convert``).
+A hook never builds these objects: it encodes the few fields it reads straight into a record
+(:mod:`._codec`), which goes to the journal and the queue. The worker decodes records into these
+frozen dataclasses, checks the values (:mod:`._convert`) and hands them to the exporters.
+
+Runs are named inside a sink by a small number (``run_no``); the MLflow-facing key of a run is the
+sink's random prefix and that number (``<prefix>-<run_no>``), unique across processes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
 class RunStart:
-    """``on_run_start``: open one MLflow run."""
+    """``on_run_start``: open one MLflow run (or a run opened for a step that came first)."""
 
-    key: str  # client-side id of this run, unique across processes; tagged on the MLflow run
-    run_id: str
+    run_no: int
     timestamp_ms: int
-    environment: Any
-    task_chars: int | None
-    params: dict[str, Any]
-    parent_key: str | None
+    run_id: str
+    environment: Any = None
+    task_chars: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    parent_no: int | None = None  # the run this one is a child of, in the same sink
+    implicit: bool = False  # opened by the sink for a hook that came before on_run_start
+    internal: bool = False  # made by the sink, not by a hook call: not counted as an event
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """``on_step``: one step's rewards, as the caller gave them."""
+    """``on_step``: one step's rewards, as the caller gave them (checked later)."""
 
-    key: str
-    run_id: str
+    run_no: int
     timestamp_ms: int
     step: Any
     reward: Any
     cumulative_reward: Any
+    internal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RunEnd:
-    """``on_run_end`` (or shutdown for a run that never ended): close the run."""
+    """``on_run_end``, or the end the sink gives a run that never had one (close, signal)."""
 
-    key: str
-    run_id: str
+    run_no: int
     timestamp_ms: int
-    status: str  # FINISHED or FAILED
+    run_id: str
+    status: str  # FINISHED, FAILED or KILLED
     completed: Any = None
     steps: Any = None
     total_reward: Any = None
     run_path: str | None = None
+    internal: bool = False
 
 
 Event = RunStart | Step | RunEnd

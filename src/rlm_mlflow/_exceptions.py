@@ -1,8 +1,11 @@
 """Exceptions of the MLflow-facing side. None of them ever reaches a hook's caller.
 
 TransportError
-├── TransientError   worth retrying: connection refused or reset, timeout, 408, 429, 5xx
-└── PermanentError   retrying cannot help: 400-class answers, a store that refuses the data
+├── TransientError   worth retrying: connection refused or reset, timeout, 408, 429, 5xx,
+│                    an answer that is not what MLflow sends (an empty body, a login page)
+└── PermanentError   retrying this request cannot help: 400-class answers
+    └── StoreRefused the store refuses everything for now: credentials refused (401/403),
+                     the experiment deleted. Nothing is sent until it changes; nothing is lost.
 """
 
 from __future__ import annotations
@@ -13,11 +16,18 @@ class TransportError(Exception):
 
 
 class TransientError(TransportError):
-    """Raised when a later attempt may succeed (``retry_after``: seconds the server asked for)."""
+    """Raised when a later attempt may succeed.
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    ``retry_after``: seconds the server asked for. ``maybe_committed``: the request reached the
+    server and its answer was lost (a read timeout, a reset), so it may have been applied.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, maybe_committed: bool = True
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.maybe_committed = maybe_committed
 
 
 class PermanentError(TransportError):
@@ -27,3 +37,7 @@ class PermanentError(TransportError):
         super().__init__(message)
         self.code = code
         self.status = status
+
+
+class StoreRefused(PermanentError):
+    """Raised when the store refuses every request for now (credentials, a deleted experiment)."""

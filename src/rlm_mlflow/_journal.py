@@ -1,21 +1,33 @@
-"""The write-ahead journal: every accepted event on local disk before it is sent.
+"""The write-ahead journal: every accepted event on local disk before its hook returns.
 
-Layout of one journal (one per sink, in its own folder under the journal directory)::
+Layout of one journal (one per sink and process, made at the sink's first event)::
 
-    <journal dir>/<time>-<pid>-<random>/
-        meta.json             experiment, tracking URI (credentials removed), pid, format
-        lock                  flock()ed by the live sink: replay leaves this journal alone
-        seg-00000000.log      records 0 .. 4095
-        seg-00000001.log      records 4096 .. 8191, ...
-        runs.log              one line per run the worker created ("S key") or ended ("E key")
+    <journal dir>/<time>-<pid>-<prefix>/
+        meta.json               key prefix, experiment, tracking URI (no credentials), pid, cwd
+        lock                    flock()ed while the sink lives: replay leaves the journal alone
+        L0003-S000001.seg       lane 3, segment 1: records of one agent thread
 
-A record is ``<u32 length><u32 crc32><payload>``, the payload compact JSON. A hook writes its
-record with one ``os.write`` to an ``O_APPEND`` file, no fsync: the page cache outlives the
-process, so an event whose hook returned survives a SIGKILL (not a power cut). A torn last record
-fails its length or checksum and is skipped. The worker marks records done once MLflow has them;
-a segment whose records are all done is removed, so disk use follows the backlog. Records that
-could not be sent stay, and ``rlm-mlflow replay`` sends them later: every write is idempotent
-(runs are found by their key tag, metric points keep their timestamps, params their values).
+A hook appends its record to its thread's *lane*: a segment file mapped into memory (``mmap``,
+``MAP_SHARED``). The write is a memory copy, no system call and no lock, so hooks on eight
+threads never queue behind each other; the copy is in the kernel's page cache when the hook
+returns, which outlives the process: a ``kill -9`` after a hook returned loses nothing (a power
+cut may; see ``fsync``). Segments are allocated in full up front (``posix_fallocate``), so a full
+disk shows up as a failed allocation, never as a fault on a write.
+
+Segment file: 16-byte header (``RLMJ``, format, lane, segment), then records::
+
+    length u32 | crc32 u32 | state u8 | flags u8 | reserved u16 | payload (length bytes)
+
+The payload is written before the header, so a record whose header is there is whole (a record
+cut by a crash has length 0, the end of the segment); the checksum also catches a torn page.
+``state`` is the record's progress, updated in place by the worker: NEW, IN_FLIGHT (a request
+carrying it was sent; whether the server committed it is unknown until it answers), DONE.
+Replay sends NEW records, checks IN_FLIGHT ones against the server before sending them again,
+and skips DONE ones, so nothing is sent twice even to a store that does not deduplicate, and a
+replay interrupted half way can simply be run again.
+
+A segment is removed once it is sealed (its lane moved on), every record in it is DONE, and no
+run whose start it holds is still open (replay must find every open run to end it).
 """
 
 from __future__ import annotations
@@ -23,33 +35,45 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import logging
-import numbers
+import mmap
 import os
 import secrets
 import struct
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._config import redact_uri
-from ._events import Event, RunEnd, RunStart, Step
 
 logger = logging.getLogger("rlm_mlflow")
 
-FORMAT = 1
-SEGMENT_RECORDS = 4096
-#: How long the journal thread lets records gather before writing them.
-GROUP_WINDOW = 0.002
-#: How long the journal thread keeps writing every GROUP_WINDOW after the last record.
-IDLE_AFTER = 0.5
-_HEADER = struct.Struct("<II")
-_MAX_RECORD = 64 * 1024 * 1024
+FORMAT = 2
+MAGIC = b"RLMJ"
+_SEGMENT_HEADER = struct.Struct("<4sHHII")  # magic, format, lane, segment, reserved
+SEGMENT_HEADER_SIZE = _SEGMENT_HEADER.size
+_RECORD = struct.Struct("<IIBBH")
+RECORD_HEADER_SIZE = _RECORD.size
+STATE_OFFSET = 8
+
+NEW = 0
+IN_FLIGHT = 1
+DONE = 2
+
+HFLAG_SPILLED = 1  # the record went to the journal only (the memory queue was full)
+
+#: First segment of a lane, and the most a segment grows to (each new one doubles).
+FIRST_SEGMENT = 1 << 20
+MAX_SEGMENT = 16 << 20
+_MAX_RECORD = 64 << 20
 
 
 def default_journal_dir() -> Path:
@@ -62,373 +86,327 @@ def default_journal_dir() -> Path:
     return Path(state) / "rlm-mlflow" / "journal"
 
 
-def _jsonable(value: object) -> Any:
-    """For values json cannot encode: numbers as float or int, anything else as its text."""
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    try:
-        return str(value)
-    except Exception:
-        return f"<{type(value).__name__}>"
+def segment_name(lane: int, number: int) -> str:
+    return f"L{lane:04d}-S{number:06d}.seg"
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), default=_jsonable, ensure_ascii=False).encode
+class Segment:
+    """One mapped segment file of a lane.
+
+    ``pos``, ``written``, ``starts`` and ``sealed`` are written by the lane's thread only;
+    ``done``, ``starts_ended`` and the state bytes by the worker only.
+    """
+
+    __slots__ = (
+        "done",
+        "lane",
+        "mm",
+        "number",
+        "path",
+        "pos",
+        "removed",
+        "sealed",
+        "size",
+        "starts",
+        "starts_ended",
+        "written",
+    )
+
+    def __init__(self, lane: int, number: int, path: Path, mm: mmap.mmap) -> None:
+        self.lane = lane
+        self.number = number
+        self.path = path
+        self.mm = mm
+        self.size = len(mm)
+        self.pos = SEGMENT_HEADER_SIZE
+        self.written = 0
+        self.starts = 0
+        self.sealed = False
+        self.done = 0
+        self.starts_ended = 0
+        self.removed = False
+
+    def mark(self, offset: int, state: int) -> None:
+        if not self.removed:
+            self.mm[offset + STATE_OFFSET] = state
+
+    @property
+    def finished(self) -> bool:
+        """Sealed, every record DONE, no open run's start in it: the file can go."""
+        return (
+            self.sealed
+            and self.done >= self.written
+            and self.starts_ended >= self.starts
+            and not self.removed
+        )
 
 
-def encode(event: Event) -> bytes:
-    """One framed record."""
-    if type(event) is Step:
-        row: list[Any] = [
-            "s",
-            event.key,
-            event.run_id,
-            event.timestamp_ms,
-            event.step,
-            event.reward,
-            event.cumulative_reward,
-        ]
-    elif type(event) is RunStart:
-        row = [
-            "S",
-            event.key,
-            event.run_id,
-            event.timestamp_ms,
-            event.environment,
-            event.task_chars,
-            event.params,
-            event.parent_key,
-        ]
-    else:
-        assert isinstance(event, RunEnd)
-        row = [
-            "E",
-            event.key,
-            event.run_id,
-            event.timestamp_ms,
-            event.status,
-            event.completed,
-            event.steps,
-            event.total_reward,
-            event.run_path,
-        ]
-    payload = _dumps(row).encode("utf-8", "surrogatepass")
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+class Lane:
+    """The records of one agent thread (or, after it died, of the next thread that needs one)."""
+
+    __slots__ = (
+        "__weakref__",
+        "journal",
+        "number",
+        "read_at",
+        "segment",
+        "segments",
+        "spill_from",
+        "spill_read",
+        "spill_written",
+    )
+
+    def __init__(self, journal: Journal, number: int, segment: Segment) -> None:
+        self.journal = journal
+        self.number = number
+        self.segment = segment
+        self.segments: list[Segment] = [segment]
+        # Spilled records: written by the hook (spill_written, spill_from), read by the worker
+        # (spill_read, read_at). The lane keeps spilling while the worker has not read them all,
+        # so a thread's later events never overtake its spilled ones.
+        self.spill_written = 0
+        self.spill_read = 0
+        self.spill_from: tuple[Segment, int] | None = None
+        self.read_at: tuple[Segment, int] | None = None
+
+    def write(self, payload: bytes, flags: int) -> tuple[Segment, int] | None:
+        """Append one record; ``(segment, offset)``, or None when no segment can be had."""
+        segment = self.segment
+        size = len(payload)
+        offset = segment.pos
+        end = offset + RECORD_HEADER_SIZE + size
+        if end > segment.size:
+            new = self.journal.next_segment(self, RECORD_HEADER_SIZE + size)
+            if new is None:
+                return None
+            segment = new
+            offset = segment.pos
+            end = offset + RECORD_HEADER_SIZE + size
+        mm = segment.mm
+        mm[offset + RECORD_HEADER_SIZE : end] = payload
+        mm[offset : offset + RECORD_HEADER_SIZE] = _RECORD.pack(
+            size, zlib.crc32(payload), NEW, flags, 0
+        )
+        segment.pos = end
+        segment.written += 1
+        return segment, offset
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def read_spilled(self, limit: int) -> list[tuple[Segment, int, bytes]]:
+        """Up to ``limit`` spilled records not read yet, in the order they were written."""
+        out: list[tuple[Segment, int, bytes]] = []
+        if self.spill_written == self.spill_read:
+            return out
+        start = self.read_at
+        if start is None or (self.spill_from is not None and _before(start, self.spill_from)):
+            start = self.spill_from
+        if start is None:
+            return out
+        segment, offset = start
+        segments = self.segments
+        index = segments.index(segment) if segment in segments else 0
+        while len(out) < limit:
+            end = segment.pos
+            mm = segment.mm
+            while offset < end and len(out) < limit:
+                size, _, _, flags, _ = _RECORD.unpack_from(mm, offset)
+                body = offset + RECORD_HEADER_SIZE
+                if flags & HFLAG_SPILLED:
+                    out.append((segment, offset, mm[body : body + size]))
+                offset = body + size
+            if offset < end or not segment.sealed or index + 1 >= len(segments):
+                break
+            index += 1
+            segment, offset = segments[index], SEGMENT_HEADER_SIZE
+        self.read_at = (segment, offset)
+        self.spill_read += len(out)
+        return out
 
 
-def decode(payload: bytes) -> Event:
-    row = json.loads(payload.decode("utf-8", "surrogatepass"))
-    kind = row[0]
-    if kind == "s":
-        return Step(*row[1:7])
-    if kind == "S":
-        return RunStart(*row[1:8])
-    if kind == "E":
-        return RunEnd(*row[1:9])
-    raise ValueError(f"unknown record kind {kind!r}")
+def _before(a: tuple[Segment, int], b: tuple[Segment, int]) -> bool:
+    return (a[0].number, a[1]) < (b[0].number, b[1])
 
 
-@dataclass(slots=True)
-class ReadStats:
-    records: int = 0
-    torn: int = 0  # records cut short or failing their checksum (a crash while writing)
+class _LaneHolder:
+    """Lives in a thread's local storage; when the thread ends, its lane goes back to the pool."""
 
+    __slots__ = ("__weakref__", "lane")
 
-def read_segment(path: Path, stats: ReadStats, limit: int | None = None) -> Iterator[Event]:
-    """The events of one segment (at most ``limit``), stopping at the first torn record."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return
-    offset, size = 0, len(data)
-    while offset < size and (limit is None or stats.records < limit):
-        if size - offset < _HEADER.size:
-            stats.torn += 1
-            return
-        length, crc = _HEADER.unpack_from(data, offset)
-        start = offset + _HEADER.size
-        payload = data[start : start + length]
-        if length > _MAX_RECORD or len(payload) < length or zlib.crc32(payload) != crc:
-            stats.torn += 1
-            logger.warning(
-                "rlm-mlflow journal %s: torn or corrupt record at byte %d; "
-                "the rest of this segment is skipped",
-                path,
-                offset,
-            )
-            return
-        try:
-            event = decode(payload)
-        except (ValueError, TypeError, IndexError, UnicodeDecodeError):
-            stats.torn += 1
-            return
-        stats.records += 1
-        yield event
-        offset = start + length
-
-
-def _segment_name(index: int) -> str:
-    return f"seg-{index:08d}.log"
-
-
-def segments(folder: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in folder.glob("seg-*.log"):
-        with contextlib.suppress(ValueError):
-            found.append((int(path.stem[4:]), path))
-    return sorted(found)
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
 
 
 class Journal:
-    """The write side of one journal.
-
-    Group commit: ``append`` (called by a hook, with the queue's lock held) only encodes the
-    record and queues it; the journal's own thread wakes on the first pending record, lets a
-    group gather for ``GROUP_WINDOW`` (2 ms) and writes it with one ``os.write``. A hook thus
-    never makes a system call, which would release the GIL while the queue's lock is held and
-    make every other agent thread queue up behind it. What a SIGKILL can lose is what was
-    appended since the thread's last write: about 2 ms of events, up to about 7 ms when every
-    core is busy (one more GIL switch interval).
-    """
+    """The write side of one sink's journal (made at the sink's first event)."""
 
     def __init__(
         self,
         root: Path,
         *,
+        prefix: str,
         experiment: str,
         tracking_uri: str | None,
-        segment_records: int = SEGMENT_RECORDS,
+        fsync: bool = False,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.folder = root / name
-        self.folder.mkdir(mode=0o700)
-        self.segment_records = segment_records
-        self._lock_fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{prefix[:8]}"
+        folder = root / name
+        while True:
+            try:
+                folder.mkdir(mode=0o700)
+                break
+            except FileExistsError:
+                folder = root / f"{name}-{secrets.token_hex(2)}"
+        self.folder = folder
+        self.prefix = prefix
+        self.fsync = fsync
+        self._lock_fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         meta = {
             "format": FORMAT,
+            "prefix": prefix,
             "experiment": experiment,
-            "tracking_uri": _without_credentials(tracking_uri),
+            "tracking_uri": without_credentials(tracking_uri),
             "pid": os.getpid(),
             "cwd": os.getcwd(),
             "created": time.time(),
         }
-        _write_private(self.folder / "meta.json", json.dumps(meta).encode())
-        self.write_seq = 0  # the seq the next record gets
-        self.durable_seq = 0  # every record below it is in a segment file
-        self._segment = -1
-        self._fd = -1
-        self._lock = threading.Lock()  # pending records and done counts; never held over I/O
-        self._io_lock = threading.Lock()  # one writer at a time: the thread, or close()
-        self._pending: list[bytes] = []
-        self._pending_start = 0
-        self._done: dict[int, int] = {}  # segment -> records marked done
-        self._done_total = 0
-        self._prefixes: dict[str, bytes] = {}  # run key -> encoded start of its step records
-        self.failed: str | None = None  # set when the disk refused a write: journal off
-        self.on_durable: Callable[[], None] | None = None
-        self._durable = threading.Condition()
-        self._wake = threading.Event()
-        self._idle = True  # blocked on _wake (or about to be): a hook must wake it
-        self._closing = False
-        self._runs_fd = os.open(
-            self.folder / "runs.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-        )
-        self._writer = threading.Thread(target=self._write_loop, name="rlm-mlflow-journal")
-        self._writer.daemon = True
-        self._writer.start()
+        write_private(folder / "meta.json", json.dumps(meta).encode())
+        self.lanes: list[Lane] = []
+        self._local = threading.local()
+        self._free: deque[Lane] = deque()
+        self._lane_numbers = itertools.count()
+        self._grow = threading.Lock()  # only taken to make a lane or a segment: rare
+        self.failed: str | None = None  # why the disk refused a segment: no more journal writes
+        self.closed = False
+        self.kept = False  # closed with events not sent in it (for replay)
 
-    # -- hook side (buffer lock held: no system call, no waiting) ----------------------------
+    # -- lanes -----------------------------------------------------------------------------
 
-    def append(self, event: Event) -> int:
-        """Queue one record for the journal thread; return its seq."""
-        record = self._encode(event)
-        with self._lock:
-            seq = self.write_seq
-            self._pending.append(record)
-            self.write_seq = seq + 1
-            first = len(self._pending) == 1
-        if first and self._idle:  # the journal thread is blocked: wake it, once
-            self._wake.set()
-        return seq
+    def lane_for_thread(self) -> Lane | None:
+        """The lane of the calling thread, made (or taken from a thread that ended) if needed."""
+        local = self._local
+        holder: _LaneHolder | None = getattr(local, "lane", None)
+        if holder is not None:
+            return holder.lane
+        if self.failed is not None or self.closed:
+            return None
+        try:
+            lane: Lane | None = self._free.pop()
+        except IndexError:
+            lane = self._new_lane()
+        if lane is None:
+            return None
+        holder = _LaneHolder(lane)
+        weakref.finalize(holder, self._free.append, lane)
+        local.lane = holder
+        return lane
 
-    def _encode(self, event: Event) -> bytes:
-        """``encode()``, with a fast path for the common step: an int step and float rewards.
+    def _new_lane(self) -> Lane | None:
+        with self._grow:
+            number = next(self._lane_numbers)
+            segment = self._allocate(number, 0, FIRST_SEGMENT)
+            if segment is None:
+                return None
+            lane = Lane(self, number, segment)
+            self.lanes.append(lane)
+            return lane
 
-        The record's start (kind, key, run id) is the same for every step of a run: it is
-        encoded once per run and kept until the run ends. Halves the cost of a step's record.
-        """
-        if type(event) is Step:
-            step, reward, total = event.step, event.reward, event.cumulative_reward
-            if (
-                type(step) is int
-                and type(reward) is float
-                and type(total) is float
-                and reward - reward == 0.0  # finite: repr() of a finite float is valid JSON
-                and total - total == 0.0
-            ):
-                prefix = self._prefixes.get(event.key)
-                if prefix is None:
-                    prefix = self._prefixes[event.key] = (
-                        f'["s",{_dumps(event.key)},{_dumps(event.run_id)},'.encode()
-                    )
-                payload = prefix + b"%d,%d,%r,%r]" % (event.timestamp_ms, step, reward, total)
-                return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-        elif type(event) is RunEnd:
-            self._prefixes.pop(event.key, None)
-        return encode(event)
+    def next_segment(self, lane: Lane, needed: int) -> Segment | None:
+        """Seal the lane's segment and give it a new one that fits ``needed`` bytes."""
+        old = lane.segment
+        size = min(max(old.size * 2, FIRST_SEGMENT), MAX_SEGMENT)
+        size = max(size, SEGMENT_HEADER_SIZE + needed)
+        with self._grow:
+            segment = self._allocate(lane.number, old.number + 1, size)
+        if segment is None:
+            return None
+        lane.segments.append(segment)
+        lane.segment = segment
+        old.sealed = True
+        return segment
 
-    # -- the journal thread ------------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        # Idle, the thread blocks until a hook wakes it. Busy, it writes what gathered every
-        # GROUP_WINDOW and hooks never wake it (waking a thread costs the hook a GIL hand-off);
-        # it goes back to blocking after IDLE_AFTER without a record.
-        while not self._closing:
-            self._idle = True
-            if not self._pending:
-                self._wake.wait()
-            self._idle = False
-            self._wake.clear()
-            quiet = 0.0
-            while not self._closing and quiet < IDLE_AFTER:
-                time.sleep(GROUP_WINDOW)
-                quiet = 0.0 if self.write_pending() else quiet + GROUP_WINDOW
-
-    def write_pending(self) -> bool:
-        """Write every pending record, in order, one system call per segment touched.
-
-        Returns whether there was anything to write."""
-        with self._io_lock:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                seq = self._pending_start
-                self._pending_start = seq + len(batch)
-            if not batch or self.failed is not None:
-                return bool(batch)
+    def _allocate(self, lane: int, number: int, size: int) -> Segment | None:
+        if self.failed is not None or self.closed or size > _MAX_RECORD + SEGMENT_HEADER_SIZE:
+            return None
+        path = self.folder / segment_name(lane, number)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                index = 0
-                while index < len(batch):
-                    segment = seq // self.segment_records
-                    count = min(len(batch) - index, (segment + 1) * self.segment_records - seq)
-                    if segment != self._segment:
-                        self._open_segment(segment)
-                    _write_all(self._fd, b"".join(batch[index : index + count]))
-                    index += count
-                    seq += count
-            except OSError as exc:
-                self.failed = str(exc)
-                logger.error("rlm-mlflow journal write failed (%s); going on without it", exc)
-                return True
-        with self._durable:
-            self.durable_seq = seq
-            self._durable.notify_all()
-        callback = self.on_durable
-        if callback is not None:
-            callback()
-        return True
-
-    def wait_durable(self, timeout: float) -> bool:
-        """Wait until every record appended so far is in a segment file."""
-        target = self.write_seq
-        self._wake.set()
-        with self._durable:
-            return (
-                self._durable.wait_for(
-                    lambda: self.durable_seq >= target or self.failed is not None, timeout
-                )
-                and self.failed is None
-            )
-
-    def _open_segment(self, segment: int) -> None:
-        fd = os.open(
-            self.folder / _segment_name(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-        )
-        old, self._fd, self._segment = self._fd, fd, segment
-        if old >= 0:
-            os.close(old)
-        with self._lock:
-            self._maybe_remove(segment - 1)
-
-    # -- worker side --------------------------------------------------------------------------
-
-    def mark_done(self, seqs: list[int]) -> None:
-        """Records MLflow has (or refused for good): their segments go once all are done."""
-        touched = set()
-        with self._lock:
-            self._done_total += len(seqs)
-            for seq in seqs:
-                segment = seq // self.segment_records
-                self._done[segment] = self._done.get(segment, 0) + 1
-                touched.add(segment)
-            for segment in touched:
-                self._maybe_remove(segment)
-
-    def _maybe_remove(self, segment: int) -> None:
-        """Delete a segment whose records are all done and written. ``_lock`` held."""
-        if segment < 0 or segment >= self._segment:  # the open segment, or not written yet
-            return
-        if self._done.get(segment, 0) >= self.segment_records:
-            with contextlib.suppress(FileNotFoundError):
-                (self.folder / _segment_name(segment)).unlink()
-            self._done.pop(segment, None)
-
-    def note_run(self, kind: str, key: str, run_id: str) -> None:
-        """``S`` when the worker created a run, ``E`` when it ended one (for replay)."""
-        with contextlib.suppress(OSError):
-            os.write(self._runs_fd, _dumps([kind, key, run_id]).encode("utf-8", "replace") + b"\n")
-
-    @property
-    def backlog(self) -> int:
-        """Records written and not yet done."""
-        return self.write_seq - self._done_total
-
-    def read(self, start: int, stop: int) -> list[tuple[int, Event]]:
-        """Records ``start <= seq < stop`` (below ``durable_seq``), for a worker catching up."""
-        out: list[tuple[int, Event]] = []
-        seq = start
-        while seq < stop:
-            segment = seq // self.segment_records
-            first = segment * self.segment_records
-            end = min(stop, first + self.segment_records)
-            path = self.folder / _segment_name(segment)
-            for index, event in enumerate(read_segment(path, ReadStats(), end - first)):
-                if first + index >= seq:
-                    out.append((first + index, event))
-            seq = end
-        if len(out) < stop - start:
+                os.posix_fallocate(fd, 0, size)
+                mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.failed = f"{type(exc).__name__}: {exc.strerror or exc}"
+            with contextlib.suppress(OSError):
+                path.unlink()
             logger.error(
-                "rlm-mlflow journal %s: %d of records %d..%d unreadable",
-                self.folder,
-                stop - start - len(out),
-                start,
-                stop - 1,
+                "rlm-mlflow journal: cannot allocate %s (%s); events from now on are kept in "
+                "memory only",
+                path,
+                self.failed,
             )
+            return None
+        mm[:SEGMENT_HEADER_SIZE] = _SEGMENT_HEADER.pack(MAGIC, FORMAT, lane, number, 0)
+        return Segment(lane, number, path, mm)
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def spill_pending(self) -> bool:
+        return any(lane.spill_written != lane.spill_read for lane in list(self.lanes))
+
+    def read_spilled(self, limit: int) -> list[tuple[Segment, int, bytes]]:
+        out: list[tuple[Segment, int, bytes]] = []
+        for lane in list(self.lanes):
+            if len(out) >= limit:
+                break
+            out.extend(lane.read_spilled(limit - len(out)))
         return out
 
-    def forget(self) -> None:
-        """In a forked child: drop the parent's files without touching them (or its lock)."""
-        self._closing = True
-        for fd in (self._fd, self._runs_fd, self._lock_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fd = self._runs_fd = self._lock_fd = -1
+    def settle(self, segment: Segment) -> None:
+        """Remove the segment's file if it is finished (see :attr:`Segment.finished`)."""
+        if not segment.finished:
+            return
+        segment.removed = True
+        with contextlib.suppress(ValueError, BufferError):
+            segment.mm.close()
+        with contextlib.suppress(FileNotFoundError):
+            segment.path.unlink()
+
+    def sweep(self) -> None:
+        """Remove every finished segment (after a lane was sealed with all its records done)."""
+        for lane in list(self.lanes):
+            for segment in list(lane.segments):
+                self.settle(segment)
+
+    def backlog(self) -> int:
+        """Records written and not DONE yet."""
+        return sum(s.written - s.done for lane in list(self.lanes) for s in list(lane.segments))
+
+    def sync(self) -> None:
+        """Flush dirty pages to the device (the ``fsync`` setting: power-loss durability)."""
+        for lane in list(self.lanes):
+            for segment in list(lane.segments):
+                if not segment.removed:
+                    with contextlib.suppress(OSError, ValueError):
+                        segment.mm.flush()
 
     def close(self, *, keep: bool) -> None:
-        """Write what is pending, close files, and remove the journal unless ``keep``."""
-        self._closing = True
-        self._wake.set()
-        self.write_pending()
-        for fd in (self._fd, self._runs_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fd = self._runs_fd = -1
+        """Unmap everything; remove the journal unless ``keep`` (events not sent are in it)."""
+        self.closed = True
+        self.kept = keep
+        for lane in list(self.lanes):
+            lane.segment.sealed = True
+            for segment in lane.segments:
+                if not segment.removed:
+                    if keep and self.fsync:
+                        with contextlib.suppress(OSError, ValueError):
+                            segment.mm.flush()
+                    with contextlib.suppress(ValueError, BufferError):
+                        segment.mm.close()
+                    segment.removed = True
         if not keep:
             remove_journal(self.folder)
         if self._lock_fd >= 0:
@@ -436,43 +414,96 @@ class Journal:
                 os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 
+    def forget(self) -> None:
+        """In a forked child: let go of the parent's journal without touching its files."""
+        self.closed = True
+        for lane in list(self.lanes):
+            for segment in lane.segments:
+                with contextlib.suppress(ValueError, BufferError):
+                    segment.mm.close()
+                segment.removed = True
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # the parent still holds its own lock
+            self._lock_fd = -1
 
-def read_runs_log(folder: Path) -> tuple[dict[str, str], set[str]]:
-    """Runs the worker created (key -> run_id) and the keys of those it ended."""
-    created: dict[str, str] = {}
-    ended: set[str] = set()
+
+# -- reading journals back (replay, status) ---------------------------------------------------
+
+
+@dataclass(slots=True)
+class ScannedRecord:
+    path: Path
+    offset: int
+    state: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class ScanStats:
+    records: int = 0
+    torn: int = 0  # records cut short or failing their checksum (a crash while writing)
+
+
+def journal_segments(folder: Path) -> list[Path]:
+    return sorted(folder.glob("L*-S*.seg"))
+
+
+def scan_segment(path: Path, stats: ScanStats) -> Iterator[ScannedRecord]:
+    """Every whole record of a segment file, stopping at the first torn or empty one."""
     try:
-        lines = (folder / "runs.log").read_bytes().splitlines()
+        data = path.read_bytes()
     except FileNotFoundError:
-        return created, ended
-    for line in lines:
-        try:
-            kind, key, run_id = json.loads(line)
-        except (ValueError, TypeError):
-            continue  # a torn last line
-        if kind == "S":
-            created[key] = run_id
-        elif kind == "E":
-            ended.add(key)
-    return created, ended
+        return
+    if len(data) < SEGMENT_HEADER_SIZE or data[:4] != MAGIC:
+        stats.torn += 1
+        logger.warning("rlm-mlflow journal %s: not a segment file; skipped", path)
+        return
+    offset, size = SEGMENT_HEADER_SIZE, len(data)
+    while offset + RECORD_HEADER_SIZE <= size:
+        length, crc, state, _, _ = _RECORD.unpack_from(data, offset)
+        if length == 0:
+            return  # the end of what was written
+        body = offset + RECORD_HEADER_SIZE
+        payload = data[body : body + length]
+        if length > _MAX_RECORD or len(payload) < length or zlib.crc32(payload) != crc:
+            stats.torn += 1
+            logger.warning(
+                "rlm-mlflow journal %s: torn or corrupt record at byte %d; the rest of this "
+                "segment is skipped",
+                path,
+                offset,
+            )
+            return
+        stats.records += 1
+        yield ScannedRecord(path, offset, state, payload)
+        offset = body + length
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def set_state(path: Path, offset: int, state: int) -> None:
+    """Update one record's state in a segment file (replay)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([state]), offset + STATE_OFFSET)
+    finally:
+        os.close(fd)
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    return meta
 
 
 def remove_journal(folder: Path) -> None:
-    for path in sorted(folder.iterdir()):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        for path in sorted(folder.iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
     with contextlib.suppress(OSError):
         folder.rmdir()
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -480,7 +511,7 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _without_credentials(uri: str | None) -> str | None:
+def without_credentials(uri: str | None) -> str | None:
     """The URI with any user and password removed: secrets never go to disk."""
     if uri is None:
         return None

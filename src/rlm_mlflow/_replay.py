@@ -1,21 +1,23 @@
 """Replay: send what journals hold that never reached MLflow, exactly once.
 
-After a crash, a kill or an outage longer than the retry budget, a journal keeps the events that
-were not sent. ``replay()`` sends them through the same worker code the live sink uses, then ends
-the runs that were left open (KILLED: their process died without ending them) and removes the
-journal. Exactly once holds because every write is idempotent: a run is found by its key tag
-before it is created, metric points keep their original timestamps (MLflow stores an identical
-point once), params their values. A journal whose sink is still alive (or that another replay is
-sending) is locked and left alone.
+After a crash, a kill, a shutdown deadline or an outage, a journal keeps the events that were not
+confirmed sent. ``replay()`` sends them through the same exporter the live sink uses, ends the
+runs their process left open (KILLED: it died without ending them; a run that is not RUNNING
+anymore is left as it is), marks every record DONE as it lands, and removes the journal once
+nothing is left in it.
+
+Exactly once, whatever the store: records already DONE are skipped; records IN_FLIGHT (a request
+carrying them was sent, its answer never came) are checked against the store first, and only the
+metric points it does not hold are sent; every other write is idempotent (runs are found by
+their key tag, in one search per journal). A replay interrupted half way can be run again.
+
+A journal whose sink is still alive (or that another replay is sending) is locked and left alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,22 +25,28 @@ from typing import Any
 
 import anyio
 
-from ._buffer import NO_SEQ, EventBuffer, Item
-from ._config import SinkConfig
-from ._events import RunEnd, RunStart
+from . import _codec
+from ._calls import Caller
+from ._config import DEFAULT_EXPERIMENT
+from ._events import RunEnd, RunStart, Step
+from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._journal import (
-    ReadStats,
+    DONE,
+    IN_FLIGHT,
+    ScannedRecord,
+    ScanStats,
     default_journal_dir,
-    read_runs_log,
-    read_segment,
+    journal_segments,
+    read_meta,
     remove_journal,
-    segments,
+    scan_segment,
+    set_state,
     try_lock,
 )
-from ._sink import default_transport_factory
-from ._stats import Counters, RateLimitedWarnings
+from ._retry import RetryPolicy
+from ._runs import SENT, RunsExporter, RunWork
+from ._stats import RateLimitedWarnings, WorkerCounts
 from ._transport import Transport
-from ._worker import TAKE_LIMIT, Worker
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -50,14 +58,16 @@ class ReplayReport:
     """What a replay did."""
 
     journals: int = 0  # journals found
-    replayed: int = 0  # journals sent and removed
+    replayed: int = 0  # journals sent in full and removed
     kept: list[str] = field(default_factory=list)  # journals with events that still failed
     in_use: list[str] = field(default_factory=list)  # locked by a live sink or another replay
-    events: int = 0  # events read
+    events: int = 0  # events that were waiting to be sent
     sent: int = 0
-    failed: int = 0
+    failed: int = 0  # events that could not be sent (they stay for the next replay)
+    already_sent: int = 0  # events the journals held that had been sent already
     torn: int = 0  # torn or corrupt records skipped
     runs_killed: int = 0  # runs left open by a dead process, ended KILLED
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -83,84 +93,208 @@ def replay(
     progress: Progress | None = None,
 ) -> ReplayReport:
     """Send every unsent event of the journals under ``directory`` (default: the sink's default
-    journal directory), end the runs their process left open, and remove what was sent."""
+    journal directory), end the runs their process left open, and remove what was sent.
+
+    ``retry_deadline`` bounds how long one failing request is retried; once the store has not
+    answered for that long, the rest of the journal is left for the next replay."""
     root = Path(directory) if directory is not None else default_journal_dir()
     report = ReplayReport()
     folders = journal_folders(root)
     report.journals = len(folders)
-    loaded: list[tuple[Path, int, dict[str, Any], list[Item], dict[str, str]]] = []
     for folder in folders:
         fd = try_lock(folder)
         if fd is None:
             report.in_use.append(str(folder))
             continue
         try:
-            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            logger.error(
-                "rlm-mlflow replay: %s has no readable meta.json (%s); skipped", folder, exc
-            )
-            os.close(fd)
-            report.kept.append(str(folder))
-            continue
-        stats = ReadStats()
-        items: list[Item] = []
-        for _, path in segments(folder):
-            items.extend((NO_SEQ, event) for event in read_segment(path, stats))
-        report.torn += stats.torn
-        report.events += len(items)
-        created, ended = read_runs_log(folder)
-        open_runs = _left_open(items, created, ended)
-        loaded.append((folder, fd, meta, items, open_runs))
-    total = sum(len(items) + len(open_runs) for _, _, _, items, open_runs in loaded)
-    done = 0
-    for folder, fd, meta, items, open_runs in loaded:
-        try:
-            counters = _replay_one(
-                meta,
-                items,
-                open_runs,
+            _replay_folder(
+                folder,
+                report,
                 tracking_uri=tracking_uri,
                 experiment=experiment,
                 transport=transport,
                 retry_deadline=retry_deadline,
-                progress=_offset(progress, done, total),
+                progress=progress,
             )
         finally:
-            done += len(items) + len(open_runs)
-        failed = counters.processed - counters.sent
-        report.sent += counters.sent
-        report.failed += failed
-        if failed == 0:
-            report.runs_killed += len(open_runs)
-            remove_journal(folder)
-            report.replayed += 1
-        else:
-            report.kept.append(str(folder))
-        os.close(fd)
+            os.close(fd)
     return report
 
 
-def _offset(progress: Progress | None, base: int, total: int) -> Progress | None:
-    """One journal's progress as part of all journals'."""
-    if progress is None:
+@dataclass
+class _Loaded:
+    meta: dict[str, Any]
+    works: dict[int, RunWork]
+    records: dict[int, list[ScannedRecord]]  # run -> records to mark DONE when it lands
+    open_runs: dict[int, str]  # runs started and never ended: run -> run id
+    events: int
+
+
+def _load(folder: Path, report: ReplayReport) -> _Loaded | None:
+    try:
+        meta = read_meta(folder)
+    except (OSError, ValueError) as exc:
+        report.problems.append(f"{folder}: no readable meta.json ({exc})")
+        logger.error("rlm-mlflow replay: %s has no readable meta.json (%s); skipped", folder, exc)
+        report.kept.append(str(folder))
         return None
+    stats = ScanStats()
+    works: dict[int, RunWork] = {}
+    records: dict[int, list[ScannedRecord]] = {}
+    started: dict[int, str] = {}
+    ended: set[int] = set()
+    events = 0
+    for path in journal_segments(folder):
+        for record in scan_segment(path, stats):
+            try:
+                event = _codec.decode(record.payload)
+            except ValueError:
+                stats.torn += 1
+                continue
+            if type(event) is RunStart:
+                started.setdefault(event.run_no, event.run_id)
+            elif type(event) is RunEnd:
+                ended.add(event.run_no)
+            if record.state == DONE:
+                if not event.internal:
+                    report.already_sent += 1
+                continue
+            work = works.get(event.run_no)
+            if work is None:
+                work = works[event.run_no] = RunWork(event.run_no)
+            records.setdefault(event.run_no, []).append(record)
+            if not event.internal:
+                work.counted += 1
+                events += 1
+            if record.state == IN_FLIGHT:
+                work.maybe_sent = True
+            if type(event) is Step:
+                work.steps.append(event)
+            elif type(event) is RunStart:
+                work.starts.append(event)
+                work.run_id = event.run_id
+            else:
+                assert isinstance(event, RunEnd)
+                work.end = event
+                work.run_id = event.run_id
+    report.torn += stats.torn
+    open_runs = {no: run_id for no, run_id in started.items() if no not in ended}
+    for work in works.values():
+        work.steps.sort(key=lambda s: s.timestamp_ms)
+    return _Loaded(meta, works, records, open_runs, events)
 
-    def report(done: int, _: int) -> None:
-        progress(base + done, total)
 
-    return report
+def _replay_folder(
+    folder: Path,
+    report: ReplayReport,
+    *,
+    tracking_uri: str | None,
+    experiment: str | None,
+    transport: Transport | None,
+    retry_deadline: float,
+    progress: Progress | None,
+) -> None:
+    loaded = _load(folder, report)
+    if loaded is None:
+        return
+    report.events += loaded.events
+    if not loaded.works and not loaded.open_runs:
+        remove_journal(folder)
+        report.replayed += 1
+        return
+    meta = loaded.meta
+    uri = _uri_for(meta, tracking_uri)
+    counts = WorkerCounts()
+    warnings = RateLimitedWarnings()
+    caller = Caller(
+        RetryPolicy(deadline=retry_deadline, initial=0.2, max_wait=min(5.0, retry_deadline or 5.0)),
+        counts,
+        warnings,
+        tracking_uri=uri,
+        probe=None,  # no outage is waited out: what fails stays for the next replay
+    )
+    holder: list[Transport] = []
+
+    def get_transport() -> Transport:
+        return holder[0]
+
+    exporter = RunsExporter(
+        caller=caller,
+        counts=counts,
+        rejected=lambda reason: None,
+        warnings=warnings,
+        prefix=str(meta.get("prefix") or ""),
+        experiment=experiment or str(meta.get("experiment") or DEFAULT_EXPERIMENT),
+        transport=get_transport,
+        replaying=True,
+    )
+    from ._sink import default_transport_factory
+
+    total = loaded.events + len(loaded.open_runs)
+
+    async def send() -> tuple[int, int, int]:
+        holder.append(
+            transport
+            if transport is not None
+            else await anyio.to_thread.run_sync(default_transport_factory, uri, 30.0)
+        )
+        sent = failed = killed = 0
+        try:
+            await exporter.load_known()
+            now = _now_ms()
+            for no, run_id in loaded.open_runs.items():
+                work = loaded.works.get(no)
+                if work is None:
+                    work = loaded.works[no] = RunWork(no, run_id=run_id)
+                if work.end is None:
+                    work.end = RunEnd(no, now, run_id, "KILLED", internal=True)
+            works = sorted(loaded.works.values(), key=lambda w: w.no)
+            done = 0
+            for start in range(0, len(works), 200):
+                batch = works[start : start + 200]
+                outcomes = await exporter.export(batch)
+                for work in batch:
+                    outcome = outcomes.get(work.no)
+                    if outcome == SENT or (isinstance(outcome, tuple)):
+                        for record in loaded.records.get(work.no, ()):
+                            set_state(record.path, record.offset, DONE)
+                        if outcome == SENT:
+                            sent += work.counted
+                        if work.no in loaded.open_runs and outcome == SENT:
+                            killed += 1
+                    else:
+                        failed += work.counted
+                    done += work.counted
+                    if progress is not None:
+                        progress(min(done, total), total)
+        except (TransientError, StoreRefused, PermanentError) as exc:
+            report.problems.append(caller.clean(str(exc)))
+            logger.error("rlm-mlflow replay of %s stopped: %s", folder, caller.clean(str(exc)))
+            failed = loaded.events - sent
+        finally:
+            holder[0].close()
+        return sent, failed, killed
+
+    try:
+        sent, failed, killed = anyio.run(send)
+    except ImportError as exc:
+        report.problems.append(str(exc))
+        logger.error("rlm-mlflow replay of %s: %s", folder, exc)
+        sent, failed, killed = 0, loaded.events, 0
+    report.sent += sent
+    report.failed += failed
+    report.runs_killed += killed
+    if failed == 0 and not report.problems:
+        remove_journal(folder)
+        report.replayed += 1
+    else:
+        report.kept.append(str(folder))
 
 
-def _left_open(items: list[Item], created: dict[str, str], ended: set[str]) -> dict[str, str]:
-    """Runs started (or created) and never ended: key -> run_id."""
-    open_runs = dict(created)
-    for _, event in items:
-        if type(event) is RunStart:
-            open_runs.setdefault(event.key, event.run_id)
-        elif type(event) is RunEnd:
-            ended = ended | {event.key}
-    return {key: run_id for key, run_id in open_runs.items() if key not in ended}
+def _now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
 
 
 def _uri_for(meta: dict[str, Any], override: str | None) -> str | None:
@@ -174,62 +308,3 @@ def _uri_for(meta: dict[str, Any], override: str | None) -> str | None:
     if cwd and Path(cwd, "mlflow.db").exists():
         return f"sqlite:///{Path(cwd, 'mlflow.db')}"
     return None
-
-
-def _replay_one(
-    meta: dict[str, Any],
-    items: list[Item],
-    open_runs: dict[str, str],
-    *,
-    tracking_uri: str | None,
-    experiment: str | None,
-    transport: Transport | None,
-    retry_deadline: float,
-    progress: Progress | None,
-) -> Counters:
-    config = SinkConfig(
-        enabled=True,
-        experiment=experiment or str(meta.get("experiment") or "rlm-code-rlm"),
-        tracking_uri=_uri_for(meta, tracking_uri),
-        retry_deadline=retry_deadline,
-        journal=False,
-    )
-    counters = Counters()
-    warnings = RateLimitedWarnings()
-    buffer = EventBuffer(1, config.overflow, counters, warnings, trigger=1)
-
-    def make() -> Transport:
-        if transport is not None:
-            return transport
-        return default_transport_factory(config.tracking_uri, config.request_timeout)
-
-    worker = Worker(
-        config,
-        buffer=buffer,
-        counters=counters,
-        warnings=warnings,
-        transport_factory=make,
-        replaying=True,
-    )
-
-    async def send() -> None:
-        for start in range(0, len(items), TAKE_LIMIT):
-            await worker._process(items[start : start + TAKE_LIMIT])
-            if progress:
-                progress(min(start + TAKE_LIMIT, len(items)), len(items) + len(open_runs))
-        now = time.time_ns() // 1_000_000
-        ends: list[Item] = [
-            (NO_SEQ, RunEnd(key, run_id, now, "KILLED"))
-            for key, run_id in open_runs.items()
-            if not (key in worker.runs and worker.runs[key].ended)
-        ]
-        if ends:
-            await worker._process(ends)
-        if progress:
-            progress(len(items) + len(open_runs), len(items) + len(open_runs))
-        if worker.transport is not None:
-            with contextlib.suppress(Exception):
-                worker.transport.close()
-
-    anyio.run(send)
-    return counters

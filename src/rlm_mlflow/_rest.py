@@ -3,9 +3,14 @@
 Why not ``MlflowClient`` here: its HTTP layer retries on its own for minutes (7 retries, 120 s
 timeouts, settings that are process-wide environment variables), hides ``Retry-After`` from its
 caller and makes extra requests (``set_terminated`` reads the run back). This transport makes
-exactly one request per call, with a short timeout, and leaves retrying to the worker's policy.
+exactly one request per call, with a short timeout, and leaves retrying to the exporters' policy.
 It speaks MLflow's public REST API (``/api/2.0/mlflow``), and the artifact proxy
 (``/api/2.0/mlflow-artifacts``) for runs whose artifacts the server stores.
+
+It also decides what an answer means: 401 and 403 are a refusal of our credentials, whatever the
+body says (a login page, an HTML error), so the whole store is refused, not one request; an
+answer that is not MLflow's JSON (an empty body, a page from a proxy) is a transient failure, never
+a success.
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3.exceptions
 
 from ._config import parse_bool, redact_text, redact_uri
-from ._exceptions import PermanentError, TransientError
+from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._transport import KEY_TAG, Metric, RunRef
 
 _API = "/api/2.0/mlflow"
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_PAGE = 1000
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
@@ -49,6 +56,15 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     if math.isnan(seconds):
         return None
     return max(0.0, seconds)
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """True when the request cannot have reached the server (no connection was made)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 class RestTransport:
@@ -83,12 +99,17 @@ class RestTransport:
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()
 
+    @property
+    def uri(self) -> str:
+        return self._uri
+
     def describe(self) -> str:
         return redact_uri(self._uri) or ""
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _session(self) -> requests.Session:
+    def session(self) -> requests.Session:
+        """This thread's HTTP session (connections are reused, one pool per thread)."""
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
@@ -103,7 +124,7 @@ class RestTransport:
                 self._sessions.append(session)
         return session
 
-    def _request(
+    def request(
         self,
         method: str,
         path: str,
@@ -112,36 +133,57 @@ class RestTransport:
         params: dict[str, str] | None = None,
         data: Any = None,
         headers: dict[str, str] | None = None,
+        want_json: bool = True,
     ) -> dict[str, Any]:
+        """One request; the parsed JSON answer, or the exceptions of the module docstring."""
         url = self._uri + path
         payload = json.dumps(body, allow_nan=False) if body is not None else data
         try:
-            response = self._session().request(
-                method,
-                url,
-                data=payload,
-                params=params,
-                headers=headers,
-                timeout=self._timeout,
+            response = self.session().request(
+                method, url, data=payload, params=params, headers=headers, timeout=self._timeout
             )
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TransientError(self._clean(f"{method} {path}: {type(exc).__name__}")) from None
         except requests.RequestException as exc:
-            raise TransientError(self._clean(f"{method} {path}: {exc}")) from None
+            raise TransientError(
+                self._clean(f"{method} {path}: {type(exc).__name__}"),
+                maybe_committed=not _never_sent(exc),
+            ) from None
+        return self.answer(response, f"{method} {path}", want_json=want_json)
+
+    def answer(
+        self, response: requests.Response, what: str, *, want_json: bool = True
+    ) -> dict[str, Any]:
         status = response.status_code
+        if status in (401, 403):
+            raise StoreRefused(
+                self._clean(
+                    f"{what}: the server refused our credentials (HTTP {status}); set "
+                    "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+                ),
+                code="UNAUTHENTICATED" if status == 401 else "PERMISSION_DENIED",
+                status=status,
+            )
         if status < 300:
             if not response.content:
-                return {}
+                if not want_json:
+                    return {}
+                raise TransientError(f"{what}: HTTP {status} with an empty body")
             try:
                 parsed = response.json()
             except ValueError:
-                raise TransientError(f"{method} {path}: answer is not JSON") from None
-            return parsed if isinstance(parsed, dict) else {}
+                kind = response.headers.get("Content-Type", "unknown type")
+                raise TransientError(
+                    f"{what}: HTTP {status} with a body that is not JSON ({kind})"
+                ) from None
+            if not isinstance(parsed, dict):
+                raise TransientError(f"{what}: HTTP {status} with an unexpected JSON answer")
+            return parsed
         code, message = _error_of(response)
-        text = self._clean(f"{method} {path}: HTTP {status} {code}: {message}")
+        text = self._clean(f"{what}: HTTP {status} {code}: {message}")
         if status in _TRANSIENT_STATUS or (status >= 500 and status != 501):
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             raise TransientError(text, retry_after=retry_after)
+        if code == "INVALID_PARAMETER_VALUE" and "'active' state" in message:
+            code = "RUN_NOT_ACTIVE"  # the run (or its experiment) was deleted
         raise PermanentError(text, code=code, status=status)
 
     def _clean(self, text: str) -> str:
@@ -151,46 +193,57 @@ class RestTransport:
 
     def get_or_create_experiment(self, name: str) -> str:
         try:
-            found = self._request(
+            found = self.request(
                 "GET", f"{_API}/experiments/get-by-name", params={"experiment_name": name}
             )
-            experiment = found.get("experiment", {})
-            if experiment.get("lifecycle_stage") == "deleted":
-                raise PermanentError(
-                    f"experiment {name!r} is deleted; restore it or choose another name",
-                    code="RESOURCE_DELETED",
-                )
-            return str(experiment["experiment_id"])
+            return _experiment_id(found, name)
         except PermanentError as exc:
-            if exc.code != "RESOURCE_DOES_NOT_EXIST":
+            if exc.code != "RESOURCE_DOES_NOT_EXIST" or isinstance(exc, StoreRefused):
                 raise
         try:
-            created = self._request("POST", f"{_API}/experiments/create", body={"name": name})
-            return str(created["experiment_id"])
+            created = self.request("POST", f"{_API}/experiments/create", body={"name": name})
+            return _field(created, "experiment_id", "create experiment")
         except PermanentError as exc:
             if exc.code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
                 raise
-        found = self._request(
+        found = self.request(
             "GET", f"{_API}/experiments/get-by-name", params={"experiment_name": name}
         )
-        return str(found["experiment"]["experiment_id"])
+        return _experiment_id(found, name)
 
-    def find_run(self, experiment_id: str, key: str) -> RunRef | None:
-        found = self._request(
-            "POST",
-            f"{_API}/runs/search",
-            body={
-                "experiment_ids": [experiment_id],
-                "filter": f"tags.`{KEY_TAG}` = '{key}'",
-                "run_view_type": "ALL",
-                "max_results": 1,
-            },
+    def check_experiment(self, experiment_id: str) -> None:
+        found = self.request(
+            "GET", f"{_API}/experiments/get", params={"experiment_id": experiment_id}
         )
-        runs = found.get("runs") or []
-        if not runs:
-            return None
-        info = runs[0]["info"]
-        return RunRef(run_uuid=info["run_id"], artifact_uri=info.get("artifact_uri", ""))
+        experiment = found.get("experiment")
+        if not isinstance(experiment, dict):
+            raise TransientError("get experiment: the answer has no experiment")
+        if experiment.get("lifecycle_stage") == "deleted":
+            raise _deleted(str(experiment.get("name", experiment_id)))
+
+    def _search(self, experiment_id: str, filter_string: str, limit: int) -> list[RunRef]:
+        runs: list[RunRef] = []
+        token: str | None = None
+        while True:
+            body: dict[str, Any] = {
+                "experiment_ids": [experiment_id],
+                "filter": filter_string,
+                "run_view_type": "ACTIVE_ONLY",
+                "max_results": min(limit, _PAGE),
+            }
+            if token:
+                body["page_token"] = token
+            found = self.request("POST", f"{_API}/runs/search", body=body)
+            runs.extend(_run_ref(run) for run in found.get("runs") or [])
+            token = found.get("next_page_token")
+            if not token or len(runs) >= limit:
+                return runs
+
+    def find_runs(self, experiment_id: str, key: str) -> list[RunRef]:
+        return self._search(experiment_id, f"tags.`{KEY_TAG}` = '{_quote(key)}'", 100)
+
+    def find_runs_by_prefix(self, experiment_id: str, prefix: str) -> list[RunRef]:
+        return self._search(experiment_id, f"tags.`{KEY_TAG}` LIKE '{_quote(prefix)}-%'", 10**9)
 
     def create_run(
         self,
@@ -200,7 +253,7 @@ class RestTransport:
         start_time_ms: int,
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
-        created = self._request(
+        created = self.request(
             "POST",
             f"{_API}/runs/create",
             body={
@@ -210,8 +263,29 @@ class RestTransport:
                 "tags": [{"key": k, "value": v} for k, v in tags],
             },
         )
-        info = created["run"]["info"]
-        return RunRef(run_uuid=info["run_id"], artifact_uri=info.get("artifact_uri", ""))
+        run = created.get("run")
+        if not isinstance(run, dict):
+            raise TransientError("create run: the answer has no run")
+        return _run_ref(run)
+
+    def delete_run(self, run_uuid: str) -> None:
+        try:
+            self.request("POST", f"{_API}/runs/delete", body={"run_id": run_uuid})
+        except PermanentError as exc:
+            if exc.code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+
+    def run_status(self, run_uuid: str) -> str | None:
+        try:
+            found = self.request("GET", f"{_API}/runs/get", params={"run_id": run_uuid})
+        except PermanentError as exc:
+            if exc.code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        info = (found.get("run") or {}).get("info") or {}
+        if info.get("lifecycle_stage") == "deleted":
+            return None
+        return str(info.get("status", "")) or None
 
     def log_batch(
         self,
@@ -221,7 +295,7 @@ class RestTransport:
         params: Sequence[tuple[str, str]] = (),
         tags: Sequence[tuple[str, str]] = (),
     ) -> None:
-        self._request(
+        self.request(
             "POST",
             f"{_API}/runs/log-batch",
             body={
@@ -235,15 +309,32 @@ class RestTransport:
             },
         )
 
+    def metric_history(self, run_uuid: str, key: str) -> list[Metric]:
+        points: list[Metric] = []
+        token: str | None = None
+        while True:
+            params = {"run_id": run_uuid, "metric_key": key, "max_results": "25000"}
+            if token:
+                params["page_token"] = token
+            found = self.request("GET", f"{_API}/metrics/get-history", params=params)
+            for m in found.get("metrics") or []:
+                points.append(
+                    Metric(
+                        key,
+                        float(m.get("value", 0.0)),
+                        int(m.get("timestamp", 0)),
+                        int(m.get("step", 0)),
+                    )
+                )
+            token = found.get("next_page_token")
+            if not token:
+                return points
+
     def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
-        self._request(
+        self.request(
             "POST",
             f"{_API}/runs/update",
-            body={
-                "run_id": run_uuid,
-                "status": status,
-                "end_time": end_time_ms,
-            },
+            body={"run_id": run_uuid, "status": status, "end_time": end_time_ms},
         )
 
     def log_artifact(self, run: RunRef, local_path: str) -> None:
@@ -258,7 +349,7 @@ class RestTransport:
         elif path.is_file():
             uploads = [(path, path.name)]
         else:
-            raise PermanentError(f"{local_path} no longer exists", code="ARTIFACT_MISSING")
+            raise PermanentError(f"{local_path} does not exist", code="ARTIFACT_MISSING")
         for file, name in uploads:
             mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
             try:
@@ -268,11 +359,12 @@ class RestTransport:
                     f"cannot read {file}: {exc}", code="ARTIFACT_MISSING"
                 ) from None
             with handle:
-                self._request(
+                self.request(
                     "PUT",
                     f"{_ARTIFACTS_API}/{quote(root)}/{quote(name)}",
                     data=handle,
                     headers={"Content-Type": mime},
+                    want_json=False,
                 )
 
     def close(self) -> None:
@@ -282,6 +374,51 @@ class RestTransport:
             session.close()
 
 
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _deleted(name: str) -> StoreRefused:
+    return StoreRefused(
+        f"experiment {name!r} is deleted; restore it in MLflow or choose another experiment "
+        "name (nothing is sent until then; everything is kept)",
+        code="EXPERIMENT_DELETED",
+    )
+
+
+def _field(answer: dict[str, Any], name: str, what: str) -> str:
+    value = answer.get(name)
+    if value is None or value == "":
+        raise TransientError(f"{what}: the answer has no {name}")
+    return str(value)
+
+
+def _experiment_id(answer: dict[str, Any], name: str) -> str:
+    experiment = answer.get("experiment")
+    if not isinstance(experiment, dict):
+        raise TransientError("get experiment: the answer has no experiment")
+    if experiment.get("lifecycle_stage") == "deleted":
+        raise _deleted(name)
+    return _field(experiment, "experiment_id", "get experiment")
+
+
+def _run_ref(run: dict[str, Any]) -> RunRef:
+    info = run.get("info") or {}
+    data = run.get("data") or {}
+    tags = {t.get("key"): t.get("value") for t in data.get("tags") or []}
+    run_uuid = info.get("run_id") or info.get("run_uuid")
+    if not run_uuid:
+        raise TransientError("the answer has no run id")
+    return RunRef(
+        run_uuid=str(run_uuid),
+        artifact_uri=str(info.get("artifact_uri", "")),
+        key=str(tags.get(KEY_TAG) or ""),
+        status=str(info.get("status", "")),
+        start_time_ms=int(info.get("start_time") or 0),
+        has_data=bool(data.get("metrics") or data.get("params")),
+    )
+
+
 def _error_of(response: requests.Response) -> tuple[str, str]:
     try:
         body = response.json()
@@ -289,7 +426,7 @@ def _error_of(response: requests.Response) -> tuple[str, str]:
         body = None
     if isinstance(body, dict):
         return str(body.get("error_code", "UNKNOWN")), str(body.get("message", ""))[:500]
-    return "UNKNOWN", (response.text or response.reason or "")[:200]
+    return "UNKNOWN", f"{response.reason or ''} ({len(response.content)} bytes, not JSON)"
 
 
 def _proxied_artifact_root(artifact_uri: str) -> str | None:

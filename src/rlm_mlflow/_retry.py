@@ -8,6 +8,7 @@ sleep is the worker's own, so a shutdown interrupts a backoff at once.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,10 @@ class RetryPolicy:
         if isinstance(retry_after, int | float) and retry_after > backoff:
             return min(float(retry_after), MAX_RETRY_AFTER)
         return backoff
+
+    def outage_wait(self) -> float:
+        """How long to wait between probes while the store does not answer at all."""
+        return self.max_wait * random.uniform(0.5, 1.0)
 
     def retrying(
         self,

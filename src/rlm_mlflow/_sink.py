@@ -1,21 +1,21 @@
-"""The sink: RLM Code's hook protocol in front, the queue and the worker behind.
+"""The sink: RLM Code's hook protocol in front, the pipeline and the worker behind.
 
-A hook reads a few fields, stamps the time, builds one event and puts it on the queue. It never
-touches the network, never imports mlflow, never waits on the worker and never raises.
+A hook reads a few fields, encodes one record, writes it to the journal and the queue
+(:mod:`._pipeline`). It never touches the network, never imports mlflow, never takes a lock,
+never waits on the worker and never raises. The worker (:mod:`._worker`) does the rest, on the
+process's background thread or in the caller's event loop (``async with``).
 """
 
 from __future__ import annotations
 
-import enum
+import functools
 import importlib.util
-import itertools
 import logging
 import os
-import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -23,77 +23,55 @@ from typing import Any, Self
 import anyio
 import anyio.to_thread
 
-from . import _process
-from ._buffer import EventBuffer
+from . import _runtime
 from ._config import Overflow, SinkConfig, config_from_env, redact_text, redact_uri
-from ._events import RunEnd, RunStart, Step
-from ._journal import Journal, default_journal_dir
-from ._stats import Counters, RateLimitedWarnings, SinkStatistics
+from ._pipeline import Pipeline, State
+from ._stats import RateLimitedWarnings, SinkStatistics
 from ._transport import Transport
 from ._worker import Worker
 
 logger = logging.getLogger("rlm_mlflow")
 
 
-class _State(enum.Enum):
-    IDLE = "idle"  # no worker yet: it starts with the first event
-    THREAD = "thread"  # worker on a background thread
-    TASK = "task"  # worker in the caller's event loop (``async with``)
-    CLOSED = "closed"
-
-
-@dataclass(slots=True)
-class _OpenRun:
-    key: str
-    thread: int
-    implicit: bool = False
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _field(obj: Any, name: str) -> Any:
-    """``obj.name`` or ``obj[name]``, else None: other runtimes pass other objects."""
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
 def default_transport_factory(tracking_uri: str | None, request_timeout: float) -> Transport:
     """The fastest way to reach the store: plain HTTP for a server, ``MlflowClient`` otherwise."""
-    from ._client import ClientTransport, resolve_tracking_uri
-
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    if uri is None:
-        uri = resolve_tracking_uri(None)
-    if uri.startswith(("http://", "https://")):
+    if uri is not None and uri.startswith(("http://", "https://")):
         from ._rest import RestTransport
 
         return RestTransport(uri, timeout=request_timeout)
+    from ._client import ClientTransport
+
     return ClientTransport(uri)
 
 
 class MLflowSink:
     """An RLM observability sink that sends runs to MLflow without blocking the agent.
 
-    Hooks put events on a bounded queue; a worker drains it to MLflow in batches with retries.
-    The worker starts with the first event on a background thread, or in your event loop when the
-    sink is used as ``async with MLflowSink(...) as sink``. ``close()`` (also run at exit) sends
-    what is queued within ``shutdown_timeout`` and ends every run.
+    Hooks write each event to a local journal and a bounded queue; a worker drains them to MLflow
+    in batches with retries. The worker starts with the first event on a background thread shared
+    by every sink of the process, or in your event loop when the sink is used as
+    ``async with MLflowSink(...) as sink``. ``close()`` (also run at exit, and on SIGTERM/SIGINT)
+    sends what is queued within ``shutdown_timeout`` and ends every run.
 
     Args:
         enabled: Turn the sink on. Off, every hook returns at once.
         experiment: MLflow experiment name, created when missing.
         tracking_uri: Where MLflow is; ``None`` means ``MLFLOW_TRACKING_URI`` or MLflow's default.
-        queue_size: Step events that may wait for the worker; starts and ends are never dropped.
-        overflow: What to drop when the queue is full of steps: ``"drop_oldest"`` or
+        queue_size: Events that may wait in memory; beyond it they wait in the journal (or, without
+            one, step events are dropped by ``overflow``; run starts and ends never are).
+        overflow: What a full queue without a journal drops: ``"drop_oldest"`` or
             ``"drop_newest"``.
         flush_interval: Seconds between drains when the queue is not filling up.
         shutdown_timeout: Seconds ``close()`` (and the exit hook) may take at most.
         request_timeout: Seconds one HTTP request may take.
-        retry_deadline: Seconds a failing request is retried before its data is counted lost.
+        retry_deadline: Seconds a failing request is retried while the server otherwise answers,
+            before its data is kept for replay (an outage is waited out instead).
         batch_trigger: Queued events that wake the worker before ``flush_interval`` is up.
+        journal: Write every event to a local write-ahead journal first (default on).
+        journal_dir: Where journals live (default ``~/.local/state/rlm-mlflow/journal``).
+        journal_fsync: Also flush the journal to the device when closing (power-loss durability).
+        handle_signals: On SIGTERM/SIGINT, end open runs KILLED, then run the previous handler.
         transport: Send through this instead of the default (tests, custom stores).
     """
 
@@ -116,6 +94,7 @@ class MLflowSink:
         batch_trigger: int | None = None,
         journal: bool | None = None,
         journal_dir: str | os.PathLike[str] | None = None,
+        journal_fsync: bool | None = None,
         handle_signals: bool | None = None,
         transport: Transport | Callable[[], Transport] | None = None,
         config: SinkConfig | None = None,
@@ -137,107 +116,39 @@ class MLflowSink:
                 "batch_trigger": batch_trigger,
                 "journal": journal,
                 "journal_dir": os.fspath(journal_dir) if journal_dir is not None else None,
+                "journal_fsync": journal_fsync,
                 "handle_signals": handle_signals,
             }.items()
             if value is not None
         }
         base = config if config is not None else SinkConfig()
         self.config = base.with_changes(**changes) if changes else base
-        self._transport_arg = transport
-        self._setup()
-
-    def _setup(self) -> None:
-        """Everything a process owns: run at construction, and again in a forked child."""
-        config = self.config
-        self._counters = Counters()
         self._warnings = RateLimitedWarnings()
-        self._lock = threading.RLock()
-        self._open: dict[str, tuple[_OpenRun, ...]] = {}
-        self._state = _State.IDLE
-        self._thread: threading.Thread | None = None
-        self._loop_thread: int | None = None
-        self._task_done: anyio.Event | None = None
-        self._task_group: Any = None
-        self._end_status = "FAILED"  # for runs still open at close; KILLED after a signal
-        # Run keys: a random prefix per process (and per sink) and a counter. Unique across
-        # processes without a system call per run, as uuid4() would make.
-        self._key_prefix = secrets.token_hex(8)
-        self._key_counter = itertools.count()
-        self._available = True
-        self._detail = redact_uri(config.tracking_uri) or "default tracking URI"
-        if (
-            config.enabled
-            and self._transport_arg is None
-            and importlib.util.find_spec("mlflow") is None
-        ):
-            self._available = False
-            self._detail = "mlflow cannot be imported: No module named 'mlflow'"
-            logger.warning("rlm-mlflow: %s; the sink does nothing", self._detail)
-        active = config.enabled and self._available
-        self._journal = self._open_journal() if active and config.journal else None
-        self._buffer = EventBuffer(
-            config.queue_size,
-            config.overflow,
-            self._counters,
-            self._warnings,
-            trigger=config.batch_trigger,
-            journal=self._journal,
-        )
+        self._pipeline = Pipeline(self.config, self._warnings)
+        # Nothing the worker holds may point back at the sink: a sink dropped without close()
+        # must be collectable, so that its finalizer can close it.
         self._worker = Worker(
-            config,
-            buffer=self._buffer,
-            counters=self._counters,
+            self.config,
+            self._pipeline,
+            transport_factory=functools.partial(_make_transport, self.config, transport),
             warnings=self._warnings,
-            transport_factory=self._make_transport,
         )
-        # Hooks test this one attribute first, so a disabled or closed sink costs a lookup.
-        self._active = active
-        if active:
-            _process.register(self, signals=config.handle_signals)
-
-    def _new_key(self) -> str:
-        return f"{self._key_prefix}-{next(self._key_counter)}"
-
-    def _open_journal(self) -> Journal | None:
-        root = Path(self.config.journal_dir) if self.config.journal_dir else default_journal_dir()
-        try:
-            return Journal(
-                root, experiment=self.config.experiment, tracking_uri=self.config.tracking_uri
-            )
-        except OSError as exc:
-            logger.warning(
-                "rlm-mlflow: cannot open a journal in %s (%s); going on without one", root, exc
-            )
-            return None
-
-    def _reset_after_fork(self) -> None:
-        """In a forked child: a sink of its own, never re-sending what the parent queued."""
-        inherited = self._journal
-        if inherited is not None:
-            inherited.forget()
-        if self._active:
-            self._setup()
-        else:
-            self._lock = threading.RLock()
-
-    def _mark_interrupted(self, status: str) -> None:
-        self._end_status = status
-
-    def _fail_runs_of_thread(self, thread: int) -> None:
-        """A thread died of an uncaught exception: end the runs it had open, FAILED."""
-        if not self._active:
-            return
-        now = _now_ms()
-        with self._lock:
-            for run_id, runs in list(self._open.items()):
-                dead = [r for r in runs if r.thread == thread]
-                for run in dead:
-                    self._buffer.put(RunEnd(run.key, run_id, now, "FAILED"))
-                left = tuple(r for r in runs if r.thread != thread)
-                if left:
-                    self._open[run_id] = left
-                else:
-                    del self._open[run_id]
+        self._pipeline.on_first_event = functools.partial(_activate, self._worker)
+        self._task_loop: _runtime.Loop | None = None
+        self._loop_thread: int | None = None
+        self._task_group: Any = None
+        self._finished: anyio.Event | None = None
+        self._available = True
+        self._detail = redact_uri(self.config.tracking_uri) or "default tracking URI"
+        if self.config.enabled and transport is None and not _mlflow_installed():
+            self._available = False
+            self._pipeline.active = False  # as RLM Code's own sink: every hook returns at once
+            self._detail = "mlflow cannot be imported: pip install mlflow-skinny (or mlflow)"
+            logger.warning("rlm-mlflow: %s; the sink does nothing", self._detail)
+        if self.config.enabled and self.config.handle_signals:
+            _runtime.install_signal_handlers()
+        # A sink dropped without close() still ends its runs and releases what it holds.
+        weakref.finalize(self, _abandon, self._worker, self.config.shutdown_timeout)
 
     # -- construction from the environment ---------------------------------------------------
 
@@ -247,14 +158,6 @@ class MLflowSink:
         ``RLM_MLFLOW_*``; keyword arguments override the environment."""
         transport = overrides.pop("transport", None)
         return cls(config=config_from_env(env, **overrides), transport=transport)
-
-    def _make_transport(self) -> Transport:
-        arg = self._transport_arg
-        if arg is None:
-            return default_transport_factory(self.config.tracking_uri, self.config.request_timeout)
-        if isinstance(arg, Transport):
-            return arg
-        return arg()
 
     # -- the hooks ------------------------------------------------------------------------------
 
@@ -267,175 +170,30 @@ class MLflowSink:
         scalar param; a ``parent_run_id`` naming an open run makes this run its child.
         Returns at once; never raises.
         """
-        # Typed as RLM Code calls it; checked as if anything could come (other runtimes do).
-        given: Any = params
-        if not self._active:
-            self._refuse()
-            return
-        try:
-            run_id = str(run_id)
-            try:
-                task_chars: int | None = len(task)
-            except TypeError:
-                task_chars = None
-            parent = given.get("parent_run_id") if isinstance(given, Mapping) else None
-            key = self._new_key()
-            me = threading.get_ident()
-            with self._lock:
-                runs = self._open.get(run_id, ())
-                implicit = next((r for r in runs if r.implicit and r.thread == me), None)
-                if implicit is not None:  # steps came first; this start completes that run
-                    implicit.implicit = False
-                    key = implicit.key
-                elif runs:
-                    self._counters.rejected["duplicate_run_id"] += 1
-                    self._warnings.warn(
-                        "duplicate_run_id",
-                        "rlm-mlflow: run %s started again while still open; logged as a new run",
-                        run_id,
-                    )
-                if implicit is None:
-                    self._open[run_id] = (*runs, _OpenRun(key, me))
-                parent_key = self._key_of(str(parent), me) if parent else None
-            self._ensure_worker()
-            self._buffer.put(
-                RunStart(
-                    key=key,
-                    run_id=run_id,
-                    timestamp_ms=_now_ms(),
-                    environment=environment,
-                    task_chars=task_chars,
-                    params=dict(given) if isinstance(given, Mapping) else {},
-                    parent_key=parent_key,
-                )
-            )
-            if not isinstance(given, Mapping):
-                self._bad_input("params_not_mapping", run_id, f"params is a {type(given)}")
-        except Exception:
-            self._hook_failed("on_run_start")
+        self._pipeline.start(run_id, task, environment, params)
 
     def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
         """A step: queue ``step_reward`` (``event["reward"]``) and ``cumulative_reward`` at
         ``event["step"]``, stamped with the time of this call. Returns at once; never raises."""
-        given: Any = event
-        if not self._active:
-            self._refuse()
-            return
-        try:
-            runs = self._open.get(run_id)
-            key = runs[0].key if runs is not None and len(runs) == 1 else self._route(run_id)
-            if type(given) is dict or isinstance(given, Mapping):
-                step, reward = given.get("step"), given.get("reward")
-            else:
-                step = reward = None
-                self._bad_input("event_not_mapping", run_id, f"event is a {type(given).__name__}")
-            self._buffer.put_step(
-                Step(key, run_id, time.time_ns() // 1_000_000, step, reward, cumulative_reward)
-            )
-        except Exception:
-            self._hook_failed("on_step")
+        self._pipeline.step(run_id, event, cumulative_reward)
 
     def on_run_end(self, run_id: str, *, result: Any, run_path: Path | str | None) -> None:
         """A run ended: queue ``completed``, ``steps``, ``total_reward`` (read from ``result``'s
         attributes or keys), the upload of ``run_path`` (a file or a directory) and the end of
         the run (FINISHED). Returns at once; never raises."""
-        if not self._active:
-            self._refuse()
-            return
-        try:
-            run_id = str(run_id)
-            key = self._route(run_id, closing=True)
-            try:
-                path = os.fsdecode(run_path) if run_path is not None else None
-            except TypeError:
-                path = None
-                self._bad_input(
-                    "artifact", run_id, f"run_path {type(run_path).__name__} is not a path"
-                )
-            self._buffer.put(
-                RunEnd(
-                    key=key,
-                    run_id=run_id,
-                    timestamp_ms=_now_ms(),
-                    status="FINISHED",
-                    completed=_field(result, "completed"),
-                    steps=_field(result, "steps"),
-                    total_reward=_field(result, "total_reward"),
-                    run_path=path,
-                )
-            )
-        except Exception:
-            self._hook_failed("on_run_end")
-
-    def _key_of(self, run_id: str, thread: int) -> str | None:
-        """The key of the open run ``run_id``: the one this thread started, else the latest."""
-        runs = self._open.get(run_id)
-        if not runs:
-            return None
-        for run in reversed(runs):
-            if run.thread == thread:
-                return run.key
-        return runs[-1].key
-
-    def _route(self, run_id: str, *, closing: bool = False) -> str:
-        """Find (or, for a run never started, open) the run a step or an end belongs to."""
-        run_id = str(run_id)
-        me = threading.get_ident()
-        with self._lock:
-            key = self._key_of(run_id, me)
-            if key is None:
-                key = self._new_key()
-                self._open[run_id] = (_OpenRun(key, me, implicit=True),)
-                self._bad_input(
-                    "not_started", run_id, "hook called before on_run_start; run opened for it"
-                )
-                self._ensure_worker()
-                self._buffer.put(RunStart(key, run_id, _now_ms(), None, None, {}, None))
-            if closing:
-                runs = tuple(r for r in self._open.get(run_id, ()) if r.key != key)
-                if runs:
-                    self._open[run_id] = runs
-                else:
-                    self._open.pop(run_id, None)
-        return key
-
-    def _refuse(self) -> None:
-        if self._state is _State.CLOSED:
-            self._counters.dropped["after_close"] += 1
-            self._warnings.warn(
-                "after_close", "rlm-mlflow: hook called after close(); event dropped"
-            )
-
-    def _bad_input(self, reason: str, run_id: str, message: str) -> None:
-        self._counters.rejected[reason] += 1
-        self._warnings.warn(reason, "rlm-mlflow run %s: %s", run_id, message)
-
-    def _hook_failed(self, hook: str) -> None:
-        self._counters.rejected["hook_error"] += 1
-        self._warnings.warn("hook_error", "rlm-mlflow %s failed; event dropped", hook)
-        logger.debug("rlm-mlflow %s failed", hook)
+        self._pipeline.end(run_id, result, run_path)
 
     # -- the worker -----------------------------------------------------------------------------
 
-    def _ensure_worker(self) -> None:
-        if self._state is _State.IDLE:
-            self._start_thread()
-
-    def _start_thread(self) -> None:
-        with self._lock:
-            if self._state is not _State.IDLE:
-                return
-            thread = threading.Thread(
-                target=anyio.run, args=(self._worker.run,), name="rlm-mlflow", daemon=True
-            )
-            self._thread = thread
-            self._state = _State.THREAD
-            thread.start()
+    def _in_worker_loop(self) -> bool:
+        loop = self._task_loop
+        return (
+            self._pipeline.state in (State.TASK, State.CLOSING)
+            and loop is not None
+            and threading.get_ident() == self._loop_thread
+        )
 
     # -- flushing and closing -------------------------------------------------------------------
-
-    def _in_worker_loop(self) -> bool:
-        return self._state is _State.TASK and threading.get_ident() == self._loop_thread
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything accepted so far has been handled; True if all of it was sent.
@@ -450,73 +208,40 @@ class MLflowSink:
             )
             return False
         timeout = self.config.shutdown_timeout if timeout is None else timeout
-        with self._buffer.lock:
-            target = self._counters.accepted
-        lost_before = self._lost()
-        if self._state in (_State.THREAD, _State.TASK):
-            self._buffer.wake.set()
-        deadline = time.monotonic() + timeout
         worker = self._worker
+        target = self._pipeline.accepted.value
+        lost_before = worker.lost()
+        self._request_flush()
+        deadline = time.monotonic() + timeout
         with worker.progress:
-            while self._counters.processed < target and not worker.stopped.is_set():
+            while worker.settled() < target and not worker.stopped.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                worker.progress.wait(left)
-        lost_after = self._lost()
-        return self._counters.processed >= target and lost_after == lost_before
+                worker.progress.wait(min(left, 1.0))
+        return worker.settled() >= target and worker.lost() == lost_before
 
-    def _lost(self) -> int:
-        counters = self._counters
-        return sum(counters.dropped.values()) + counters.permanent_failures + counters.deferred
+    def _request_flush(self) -> None:
+        worker = self._worker
+        worker.flush_requested = True
+        waker = self._pipeline.waker
+        if waker is not None:
+            waker()
 
     async def aflush(self, timeout: float | None = None) -> bool:
-        """``flush()`` for async code: waits on a thread, never blocks the event loop."""
-        return await anyio.to_thread.run_sync(
-            self._flush_from_thread, timeout, abandon_on_cancel=True
-        )
-
-    def _flush_from_thread(self, timeout: float | None) -> bool:
-        return self.flush(timeout)
-
-    def _request_close(self, timeout: float) -> _State | None:
-        """Queue a FAILED end for every run still open and ask the worker to stop by a deadline.
-
-        Returns the state the sink was in, or None if there is nothing to wait for.
-        """
-        with self._lock:
-            state, self._state = self._state, _State.CLOSED
-            active, self._active = self._active, False
-            if state is _State.CLOSED or not active:
-                return None
-            now = _now_ms()
-            for run_id, runs in self._open.items():
-                for run in runs:
-                    self._buffer.put(RunEnd(run.key, run_id, now, self._end_status))
-            self._open.clear()
-            self._worker.shutdown_deadline = time.monotonic() + timeout
-            self._worker.stop_requested.set()
-            self._buffer.wake.set()
-        _process.unregister(self)
-        _process.restore_signal_handlers()
-        if state is _State.IDLE:  # no worker ever ran: nothing was queued
-            self._close_journal()
-            return None
-        return state
-
-    def _close_journal(self) -> None:
-        """Remove the journal when everything in it was sent; keep it for replay otherwise."""
-        journal = self._journal
-        if journal is None:
-            return
-        keep = journal.backlog > 0  # records written and not done (pending ones included)
-        journal.close(keep=keep)
-        if keep:
-            logger.warning(
-                "rlm-mlflow: %d events not sent are kept in %s; send them with 'rlm-mlflow replay'",
-                journal.backlog,
-                journal.folder,
-            )
+        """``flush()`` for async code: never blocks the event loop."""
+        if not self._in_worker_loop():
+            return await anyio.to_thread.run_sync(self.flush, timeout, abandon_on_cancel=True)
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        worker = self._worker
+        target = self._pipeline.accepted.value
+        lost_before = worker.lost()
+        with anyio.move_on_after(timeout):
+            while worker.settled() < target and not worker.stopped.is_set():
+                event = worker.cycle_event()
+                self._request_flush()
+                await event.wait()
+        return worker.settled() >= target and worker.lost() == lost_before
 
     def close(self, timeout: float | None = None) -> None:
         """Send what is queued, end every run (FAILED if it never ended) and stop the worker.
@@ -526,49 +251,49 @@ class MLflowSink:
         """
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         in_loop = self._in_worker_loop()
-        state = self._request_close(timeout)
-        if state is None:
-            return
+        worker = self._worker
+        _runtime.request_close(worker, time.monotonic() + timeout)
         if in_loop:
             logger.warning(
                 "rlm-mlflow: close() called inside the worker's event loop; "
                 "the worker stops on its own, use 'await sink.aclose()' to wait"
             )
             return
-        self._worker.stopped.wait(timeout + 0.5)
-        self._close_journal()
-        self._log_summary()
+        if worker.stopped.wait(timeout + 0.5):
+            self._log_summary()
 
     async def aclose(self, timeout: float | None = None) -> None:
         """``close()`` for async code: never blocks the event loop."""
         timeout = self.config.shutdown_timeout if timeout is None else timeout
-        if self._in_worker_loop() and self._task_done is not None:
-            if self._request_close(timeout) is not None:
-                with anyio.move_on_after(timeout + 0.5):
-                    await self._task_done.wait()
-                self._close_journal()
-                self._log_summary()
+        if not self._in_worker_loop():
+            await anyio.to_thread.run_sync(self.close, timeout, abandon_on_cancel=True)
             return
-        await anyio.to_thread.run_sync(self.close, timeout, abandon_on_cancel=True)
+        _runtime.request_close(self._worker, time.monotonic() + timeout)
+        finished = self._finished
+        if finished is not None:
+            with anyio.move_on_after(timeout + 0.5):
+                await finished.wait()
+        if self._worker.stopped.is_set():
+            self._log_summary()
 
     def _log_summary(self) -> None:
         stats = self.statistics()
         lost = sum(stats.dropped.values())
         log = logger.warning if lost else logger.info
         log(
-            "rlm-mlflow closed: %d events accepted, %d sent, %d dropped %s, %d runs ended",
+            "rlm-mlflow closed: %d events accepted, %d sent, %d kept for replay, "
+            "%d dropped %s, %d runs ended",
             stats.accepted,
             stats.sent,
+            stats.deferred,
             lost,
-            dict(stats.dropped),
+            stats.dropped,
             stats.runs_ended,
         )
 
     # -- context managers -----------------------------------------------------------------------
 
     def __enter__(self) -> Self:
-        if self._active:
-            self._ensure_worker()
         return self
 
     def __exit__(
@@ -577,30 +302,48 @@ class MLflowSink:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._pipeline.end_status = "KILLED"
         self.close()
 
     async def __aenter__(self) -> Self:
-        if not self._active:
+        pipeline = self._pipeline
+        if not pipeline.active:
             return self
-        with self._lock:
-            if self._state is not _State.IDLE:
+        with self._worker.transition:
+            if pipeline.state is not State.IDLE:
                 raise RuntimeError(
                     "this sink's worker is already running; enter 'async with' before any hook"
                 )
-            self._state = _State.TASK
+            pipeline.state = State.TASK
             self._loop_thread = threading.get_ident()
-        self._task_done = anyio.Event()
+            loop = self._task_loop = _runtime.Loop()
+            worker = self._worker
+            worker.loop = loop
+            pipeline.waker = lambda: loop.wake(worker)
+            _runtime.runtime().register(worker)
+        self._finished = anyio.Event()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._run_task)
+        self._task_group.start_soon(self._serve, loop)
         return self
 
-    async def _run_task(self) -> None:
+    async def _serve(self, loop: _runtime.Loop) -> None:
+        """The worker in the caller's loop; only a close stops it, not the host's cancellation
+        (the host being cancelled is exactly when the runs must still be ended and sent)."""
+        worker = self._worker
+        loop.workers.append(worker)
         try:
-            await self._worker.run()
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_dispatch, loop)
+                    await worker.run()
+                    tg.cancel_scope.cancel()
         finally:
-            assert self._task_done is not None
-            self._task_done.set()
+            _runtime.runtime().unregister(worker)
+            loop.waker.close()
+            assert self._finished is not None
+            self._finished.set()
 
     async def __aexit__(
         self,
@@ -608,10 +351,14 @@ class MLflowSink:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._pipeline.end_status = "KILLED"
+        group = self._task_group
         try:
-            await self.aclose()
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
         finally:
-            group, self._task_group = self._task_group, None
+            self._task_group = None
             if group is not None:
                 group.cancel_scope.cancel()
                 await group.__aexit__(None, None, None)
@@ -619,56 +366,82 @@ class MLflowSink:
     # -- status -----------------------------------------------------------------------------------
 
     def statistics(self) -> SinkStatistics:
-        """A consistent snapshot of the sink's figures."""
-        counters = self._counters
-        with self._buffer.lock:
-            depth = len(self._buffer)
-            accepted = counters.accepted
-            dropped = dict(counters.dropped)
-        runs_open = sum(len(r) for r in self._open.values())
-        return SinkStatistics(
-            queue_depth=depth,
-            queue_capacity=self._buffer.capacity,
-            accepted=accepted,
-            sent=counters.sent,
-            pending=max(0, accepted - counters.processed),
-            dropped=dropped,
-            rejected=dict(counters.rejected),
-            retries=counters.retries,
-            permanent_failures=counters.permanent_failures,
-            requests=counters.requests,
-            runs_open=runs_open,
-            runs_created=counters.runs_created,
-            runs_ended=counters.runs_ended,
-            last_error=counters.last_error,
-            spilled=counters.spilled,
-            deferred=counters.deferred,
-            journal=str(self._journal.folder) if self._journal is not None else None,
-            journal_backlog=self._journal.backlog if self._journal is not None else 0,
-        )
+        """A snapshot of the sink's figures (see :class:`SinkStatistics` for the invariant)."""
+        return self._worker.statistics()
 
     def status(self) -> dict[str, Any]:
         """RLM Code's keys (name, enabled, available, detail, experiment) and live figures."""
+        config = self.config
         worker = self._worker
-        available = self._available and worker.unavailable is None
-        detail = worker.unavailable or worker.describe or self._detail
+        if not config.enabled:
+            health, detail = "off", "disabled (DSPY_RLM_MLFLOW_ENABLED is not set)"
+        elif not self._available:
+            health, detail = "unavailable", self._detail
+        elif worker.unavailable is not None:
+            health, detail = "unavailable", worker.unavailable
+        else:
+            health, reason = worker.caller.health()
+            detail = reason or worker.describe or self._detail
         status: dict[str, Any] = {
             "name": self.name,
-            "enabled": self.config.enabled,
-            "available": available,
-            "detail": redact_text(detail, self.config.tracking_uri),
-            "experiment": self.config.experiment,
-            "state": self._state.value,
+            "enabled": config.enabled,
+            "available": health == "ok",
+            "detail": redact_text(detail, config.tracking_uri),
+            "experiment": config.experiment,
+            "state": self._pipeline.state.value,
+            "health": health,
         }
-        if self.config.enabled:
+        if config.enabled:
             status.update(self.statistics().as_dict())
+            if self._pipeline.journal_problem:
+                status["journal_problem"] = self._pipeline.journal_problem
         return status
 
     def __repr__(self) -> str:
         return (
             f"MLflowSink(enabled={self.config.enabled}, experiment={self.config.experiment!r}, "
-            f"tracking_uri={redact_uri(self.config.tracking_uri)!r}, state={self._state.value})"
+            f"tracking_uri={redact_uri(self.config.tracking_uri)!r}, "
+            f"state={self._pipeline.state.value})"
         )
+
+
+def _make_transport(
+    config: SinkConfig, arg: Transport | Callable[[], Transport] | None
+) -> Transport:
+    if arg is None:
+        return default_transport_factory(config.tracking_uri, config.request_timeout)
+    if isinstance(arg, Transport):
+        return arg
+    return arg()
+
+
+def _activate(worker: Worker) -> None:
+    """The first event: run the worker on the process's background thread."""
+    pipeline = worker.pipeline
+    with worker.transition:
+        if pipeline.state is not State.IDLE:
+            return
+        pipeline.state = State.THREAD
+        current = _runtime.runtime()
+        pipeline.waker = lambda: worker.loop.wake(worker)
+        current.register(worker)
+        current.attach(worker)
+
+
+async def _dispatch(loop: _runtime.Loop) -> None:
+    while True:
+        await loop.waker.wait()
+        loop.dispatch()
+
+
+def _abandon(worker: Worker, timeout: float) -> None:
+    """The sink was garbage-collected without close(): its worker ends its runs and stops."""
+    if not worker.stopped.is_set():
+        _runtime.request_close(worker, time.monotonic() + timeout)
+
+
+def _mlflow_installed() -> bool:
+    return importlib.util.find_spec("mlflow") is not None
 
 
 def create_mlflow_sink_from_env(**overrides: Any) -> MLflowSink:

@@ -1,8 +1,8 @@
-"""The MLflow-facing interface: the few calls the worker makes, all blocking, all explicit-run-id.
+"""The MLflow-facing interface: the few calls the exporters make, all blocking, explicit run ids.
 
-The worker never calls MLflow any other way, so a test can swap in an in-memory transport and a
-real deployment can pick the fastest way to reach its store (:mod:`._rest` for an HTTP server,
-:mod:`._client` for anything ``MlflowClient`` reaches, such as the default sqlite store).
+Nothing else ever calls MLflow, so a test can swap in an in-memory transport and a deployment
+gets the fastest way to its store (:mod:`._rest` for an HTTP server, :mod:`._client` for
+anything ``MlflowClient`` reaches, such as the default sqlite store).
 """
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ class Metric:
 
 @dataclass(frozen=True, slots=True)
 class RunRef:
-    """An MLflow run as the worker knows it."""
+    """An MLflow run as the exporters know it."""
 
     run_uuid: str
     artifact_uri: str
+    key: str = ""
+    status: str = ""
+    start_time_ms: int = 0
+    has_data: bool = False  # params or metrics logged (used to choose among duplicates)
 
 
 @runtime_checkable
@@ -37,7 +41,8 @@ class Transport(Protocol):
     """Blocking calls to one MLflow tracking store.
 
     Every method raises only :class:`~rlm_mlflow.TransientError` (worth retrying) or
-    :class:`~rlm_mlflow.PermanentError` (not), and is safe to call again after a failure.
+    :class:`~rlm_mlflow.PermanentError` (not; :class:`~rlm_mlflow.StoreRefused` when the store
+    refuses everything), and is safe to call again after a failure.
     """
 
     def describe(self) -> str:
@@ -45,11 +50,21 @@ class Transport(Protocol):
         ...
 
     def get_or_create_experiment(self, name: str) -> str:
-        """The experiment's id, created when missing."""
+        """The id of the active experiment ``name``, created when missing.
+
+        Raises StoreRefused when the experiment exists but is deleted."""
         ...
 
-    def find_run(self, experiment_id: str, key: str) -> RunRef | None:
-        """The run tagged with ``KEY_TAG = key``, if one exists."""
+    def check_experiment(self, experiment_id: str) -> None:
+        """A cheap request that succeeds when the store takes our writes to this experiment."""
+        ...
+
+    def find_runs(self, experiment_id: str, key: str) -> list[RunRef]:
+        """Every active run whose ``KEY_TAG`` is ``key`` (more than one means duplicates)."""
+        ...
+
+    def find_runs_by_prefix(self, experiment_id: str, prefix: str) -> list[RunRef]:
+        """Every active run whose ``KEY_TAG`` starts with ``prefix`` (one sink's runs)."""
         ...
 
     def create_run(
@@ -60,7 +75,15 @@ class Transport(Protocol):
         start_time_ms: int,
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
-        """Create a run (not idempotent: the worker looks before it creates again)."""
+        """Create a run (not idempotent: the exporter looks before it creates again)."""
+        ...
+
+    def delete_run(self, run_uuid: str) -> None:
+        """Delete a duplicate run."""
+        ...
+
+    def run_status(self, run_uuid: str) -> str | None:
+        """RUNNING, FINISHED, FAILED, KILLED, ...; None when the run does not exist."""
         ...
 
     def log_batch(
@@ -72,6 +95,10 @@ class Transport(Protocol):
         tags: Sequence[tuple[str, str]] = (),
     ) -> None:
         """One request, within MLflow's batch limits (the caller splits)."""
+        ...
+
+    def metric_history(self, run_uuid: str, key: str) -> list[Metric]:
+        """Every stored point of one metric (to check what a lost answer had committed)."""
         ...
 
     def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:

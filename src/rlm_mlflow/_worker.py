@@ -1,578 +1,473 @@
-"""The worker: drains the queue to MLflow in batches, one run's writes in order, with retries.
+"""The worker: drains one sink's queue to the exporters, settles every event, owns its shutdown.
 
-It is one anyio task. In a sync program it runs on a background thread under ``anyio.run``; in
-an async program it runs in the caller's event loop (asyncio or trio). Every blocking MLflow call
-goes to a worker thread, so the event loop it shares with the agent is never blocked, and a
-shutdown deadline can abandon a call that hangs.
+It is one anyio task: on the process's background thread (:mod:`._runtime`) in a sync program,
+or in the caller's event loop under ``async with``. A drain cycle takes what waits (run starts and
+ends first, then steps, then records spilled to the journal), decodes it, groups it by run and
+hands it to the exporters; each run's outcome then settles its events exactly once: sent (journal
+records marked DONE), kept for replay (deferred), or dropped with a reason.
 
-One drain cycle: wait until a batch is ready or ``flush_interval`` has passed; take what is queued;
-create the runs that started (parents first: they were queued first); send each run's params and
-metrics in as few ``log_batch`` requests as MLflow's limits allow; end the runs that ended.
+When the store refuses everything (credentials, a deleted experiment) the worker holds what it
+has, stops taking more (the journal takes the agent's events meanwhile), probes now and then,
+and goes on where it stopped once the store takes writes again.
+
+Closing is the worker's own job, whoever asks (``close()``, the exit hook, a signal, a dropped
+sink): it waits for hooks in flight, ends every open run with the status the process ends with,
+drains within the deadline, then counts what is left (kept in the journal for replay, or dropped
+without one) and removes the journal if nothing is left in it.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import anyio
-from tenacity import RetryCallState
 
-from . import _convert, _process
-from ._buffer import NO_SEQ, EventBuffer, Item
-from ._config import COMPONENT_TAG, SinkConfig, redact_text
+from . import _codec
+from ._calls import Caller
+from ._config import SinkConfig
 from ._events import RunEnd, RunStart, Step
-from ._exceptions import PermanentError, TransientError
+from ._exceptions import PermanentError, StoreRefused
+from ._journal import DONE, IN_FLIGHT, Segment
+from ._pipeline import Item, Pipeline, State
 from ._retry import RetryPolicy
-from ._stats import Counters, RateLimitedWarnings
-from ._transport import KEY_TAG, PARENT_TAG, Metric, RunRef, Transport
+from ._runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
+from ._stats import RateLimitedWarnings, SinkStatistics, WorkerCounts
+from ._transport import Transport
 
 logger = logging.getLogger("rlm_mlflow")
 
-T = TypeVar("T")
-
-#: Events taken from the queue in one drain cycle.
+#: Records taken from the queue and the journal in one drain cycle.
 TAKE_LIMIT = 20_000
-#: Runs whose data is sent at the same time.
-CONCURRENT_RUNS = 2
-#: A run's steps in one cycle beyond which they are converted on a worker thread.
-_CONVERT_ON_THREAD = 200
-#: Codes for which splitting a refused batch cannot help: the whole run is refused.
-_WHOLE_BATCH_CODES = frozenset(
-    {
-        "PERMISSION_DENIED",
-        "UNAUTHENTICATED",
-        "RESOURCE_DOES_NOT_EXIST",
-        "ENDPOINT_NOT_FOUND",
-    }
-)
-
-
-@dataclass(slots=True)
-class RunState:
-    """What the worker knows of one run."""
-
-    start: RunStart
-    ref: RunRef | None = None
-    params: list[tuple[str, str]] = field(default_factory=list)  # not yet sent
-    refused: bool = False  # creation refused for good: its events are dropped
-    create_tried: bool = False  # a create may have reached the server: look before creating again
-    last_step: int = -1
-    ended: bool = False
-
-
-@dataclass(slots=True)
-class RunWork:
-    """One run's share of a drain cycle, in queue order."""
-
-    key: str
-    events: int = 0
-    seqs: list[int] = field(default_factory=list)  # journal records of these events
-    start: RunStart | None = None
-    steps: list[Step] = field(default_factory=list)
-    end: RunEnd | None = None
+#: How long closing waits for hooks that were already running when it began.
+QUIESCE_TIMEOUT = 1.0
+#: How often a blocked store (credentials, deleted experiment) is asked again.
+BLOCKED_PROBE = 30.0
 
 
 class Worker:
+    """See the module docstring."""
+
     def __init__(
         self,
         config: SinkConfig,
+        pipeline: Pipeline,
         *,
-        buffer: EventBuffer,
-        counters: Counters,
-        warnings: RateLimitedWarnings,
         transport_factory: Callable[[], Transport],
-        replaying: bool = False,
+        warnings: RateLimitedWarnings,
     ) -> None:
-        self._config = config
-        # Replaying a journal, any run may exist already: always look before creating.
-        self._replaying = replaying
-        self._buffer = buffer
-        self._counters = counters
-        self._warnings = warnings
+        self.config = config
+        self.pipeline = pipeline
+        self.warnings = warnings
         self._transport_factory = transport_factory
-        self._policy = RetryPolicy(
-            deadline=config.retry_deadline,
-            initial=config.retry_initial,
-            max_wait=config.retry_max_wait,
-        )
+        self.reset()
+
+    def reset(self) -> None:
+        config = self.config
+        self.counts = WorkerCounts()
+        self.rejected: Counter[str] = Counter()
         self.transport: Transport | None = None
-        self.experiment_id: str | None = None
-        self.runs: dict[str, RunState] = {}
-        self.progress = threading.Condition()
-        self.stop_requested = threading.Event()
-        self.stopped = threading.Event()
-        self.shutdown_deadline: float | None = None  # time.monotonic() value
-        self.unavailable: str | None = None  # why the store cannot be used at all
+        self.caller = Caller(
+            RetryPolicy(
+                deadline=config.retry_deadline,
+                initial=config.retry_initial,
+                max_wait=config.retry_max_wait,
+            ),
+            self.counts,
+            self.warnings,
+            tracking_uri=config.tracking_uri,
+            probe=self._probe,
+        )
+        self.runs = RunsExporter(
+            caller=self.caller,
+            counts=self.counts,
+            rejected=self._count_rejected,
+            warnings=self.warnings,
+            prefix=self.pipeline.prefix,
+            experiment=config.experiment,
+            transport=self._get_transport,
+        )
+        self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
+        self.held: list[RunWork] = []  # waiting for the store to take writes again
+        self.exporting: list[RunWork] = []  # handed to the exporters, not settled yet
+        self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
+        self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
         self.describe: str | None = None
+        # Signalled across threads: close and flush requests, progress for flush() waiters.
+        self.close_requested = False
+        self.close_deadline: float | None = None  # time.monotonic()
+        self.flush_requested = False
+        self.wake_flag = False
+        self.started = False
+        self.loop: Any = None  # the _runtime.Loop whose dispatcher wakes this worker
+        self.transition = threading.Lock()  # the rare state changes of the sink, never a hook's
+        self.stopped = threading.Event()
+        self.progress = threading.Condition()
+        self._wake: anyio.Event | None = None
+        self._close_seen: anyio.Event | None = None
+        self._cycle_done: anyio.Event | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    # -- transport ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Drain until a stop is requested and the queue is empty, or the deadline passes."""
-        try:
-            async with anyio.create_task_group() as tg:
-                with anyio.CancelScope() as scope:
-                    tg.start_soon(self._watch_stop, scope)
-                    await self._drain_loop()
-                tg.cancel_scope.cancel()
-        except Exception:  # never let the worker die silently
-            logger.exception("rlm-mlflow worker failed; data still queued is lost")
-        finally:
-            self._abandon_rest()
-            transport, self.transport = self.transport, None
-            if transport is not None:
-                try:
-                    transport.close()
-                except Exception:
-                    logger.debug("closing the transport failed", exc_info=True)
-            self.stopped.set()
-            self._notify()
+    def _get_transport(self) -> Transport:
+        transport = self.transport
+        if transport is None:
+            raise RuntimeError("the transport is not ready")
+        return transport
 
-    async def _watch_stop(self, scope: anyio.CancelScope) -> None:
-        """Cancel the drain when the shutdown deadline passes, wherever it is waiting."""
-        await anyio.to_thread.run_sync(self.stop_requested.wait, abandon_on_cancel=True)
-        deadline = self.shutdown_deadline
-        if deadline is not None:
-            scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
+    async def _probe(self) -> None:
+        await self.runs.probe()
 
-    async def _drain_loop(self) -> None:
-        wake = self._buffer.wake
-        trigger = self._config.batch_trigger
-        while True:
-            # Sleep until a batch is ready, a flush or close asks, or the interval is up.
-            idle = len(self._buffer) < trigger and not wake.is_set()
-            if idle and not self.stop_requested.is_set():
-                await anyio.to_thread.run_sync(
-                    wake.wait, self._config.flush_interval, abandon_on_cancel=True
-                )
-            wake.clear()
-            events = self._buffer.take(TAKE_LIMIT)
-            if events:
-                await self._process(events)
-            elif self.stop_requested.is_set():
-                return
-
-    def _abandon_rest(self) -> None:
-        """At the end: what is still queued is not sent now; count it and say where it is."""
-        left = self._buffer.drain_all()
-        journaled = sum(1 for seq, _ in left if seq != NO_SEQ)
-        spilled = self._buffer.spilled
-        counters = self._counters
-        counters.processed += len(left) + spilled
-        counters.deferred += journaled + spilled
-        if len(left) > journaled:
-            counters.dropped["shutdown"] += len(left) - journaled
-        if left or spilled:
-            journal = self._buffer.journal
-            logger.warning(
-                "rlm-mlflow stopped with %d events not sent (shutdown deadline or failure)%s",
-                len(left) + spilled,
-                f"; {journaled + spilled} kept in {journal.folder} for 'rlm-mlflow replay'"
-                if journal is not None and journaled + spilled
-                else "",
-            )
-
-    def _notify(self) -> None:
-        with self.progress:
-            self.progress.notify_all()
-
-    # -- one drain cycle -------------------------------------------------------------------
-
-    async def _process(self, events: list[Item]) -> None:
-        works: dict[str, RunWork] = {}
-        for seq, event in events:
-            work = works.get(event.key)
-            if work is None:
-                work = works[event.key] = RunWork(event.key)
-            work.events += 1
-            if seq != NO_SEQ:
-                work.seqs.append(seq)
-            if type(event) is Step:
-                work.steps.append(event)
-            elif type(event) is RunStart:
-                work.start = event
-            else:
-                assert isinstance(event, RunEnd)
-                work.end = event
-        try:
-            if await self._ensure_experiment():
-                for work in works.values():
-                    if work.start is not None:
-                        await self._open(work.start)
-                # Runs are independent: send a few at once, so that preparing one request
-                # overlaps another's round trip. Each run's own writes stay in order.
-                limiter = anyio.CapacityLimiter(CONCURRENT_RUNS)
-                async with anyio.create_task_group() as tg:
-                    for work in works.values():
-                        tg.start_soon(self._send_and_settle, work, limiter)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception:
-            logger.exception("rlm-mlflow could not process a batch of %d events", len(events))
-        finally:
-            for work in works.values():
-                if work.events:
-                    self._settle(work, sent=False)
-            self._notify()
-
-    async def _send_and_settle(self, work: RunWork, limiter: anyio.CapacityLimiter) -> None:
-        async with limiter:
-            self._settle(work, sent=await self._send(work))
-            self._notify()
-
-    def _settle(self, work: RunWork, *, sent: bool) -> None:
-        """Count a run's share of a cycle; mark its journal records done, or keep them."""
-        counters = self._counters
-        counters.processed += work.events
-        journal = self._buffer.journal
-        if sent:
-            counters.sent += work.events
-            if journal is not None and work.seqs:
-                journal.mark_done(work.seqs)
-        elif journal is not None and len(work.seqs) == work.events:
-            counters.deferred += work.events  # still in the journal: replay sends it
-        else:
-            counters.dropped["send_failed"] += work.events
-        work.events = 0
-        work.seqs = []
-
-    async def _ensure_experiment(self) -> bool:
-        if self.experiment_id is not None:
+    async def _setup(self) -> bool:
+        if self.transport is not None:
             return True
         if self.unavailable is not None:
             return False
         try:
-            if self.transport is None:
-                self.transport = await anyio.to_thread.run_sync(self._transport_factory)
-                self.describe = self.transport.describe()
-                if "mlflow" in sys.modules:  # its exit hook was just registered: ours goes first
-                    _process.reorder_exit_hook()
-            transport = self.transport
-            self.experiment_id = await self._call(
-                "get or create experiment",
-                transport.get_or_create_experiment,
-                self._config.experiment,
-            )
+            self.transport = await anyio.to_thread.run_sync(self._transport_factory)
+            self.describe = self.transport.describe()
+            from . import _runtime
+
+            _runtime.after_mlflow_import()
             return True
-        except PermanentError as exc:
-            self.unavailable = str(exc)
-            self._counters.last_error = str(exc)
-            logger.error("rlm-mlflow cannot use MLflow: %s; events are dropped", exc)
-        except TransientError as exc:
-            logger.warning("rlm-mlflow cannot reach MLflow yet: %s", exc)
         except ImportError as exc:
-            self.unavailable = f"mlflow cannot be imported: {exc}"
-            logger.error("rlm-mlflow: %s", self.unavailable)
-        except anyio.get_cancelled_exc_class():
-            raise
+            self.unavailable = f"mlflow cannot be used: {exc}"
         except Exception as exc:
             self.unavailable = f"{type(exc).__name__}: {exc}"
-            logger.exception("rlm-mlflow cannot set up its MLflow transport")
+        self.caller.note_error(self.unavailable)
+        logger.error("rlm-mlflow: %s; events are kept in the journal, if any", self.unavailable)
         return False
 
-    # -- opening a run -------------------------------------------------------------------------
+    # -- waking --------------------------------------------------------------------------------
 
-    def _reject(self, run_id: str) -> Callable[[str, str], None]:
-        def reject(reason: str, message: str) -> None:
-            self._counters.rejected[reason] += 1
-            self._warnings.warn(reason, "rlm-mlflow run %s: %s", run_id, message)
+    def notify(self) -> None:
+        """Called in the worker's loop by the loop's dispatcher after ``wake_flag`` was set."""
+        if self.close_requested and self._close_seen is not None:
+            self._close_seen.set()
+        if self._wake is not None:
+            self._wake.set()
 
-        return reject
+    # -- the loop ------------------------------------------------------------------------------
 
-    def _skip_param(self, run_id: str, key: str, value: object) -> None:
-        self._reject(run_id)(
-            "param_not_scalar",
-            f"param {key!r} skipped: MLflow params are scalars, this one is a "
-            f"{type(value).__name__}",
-        )
-
-    async def _open(self, start: RunStart) -> None:
-        state = self.runs.get(start.key)
-        if state is None:
-            state = self.runs[start.key] = RunState(start, create_tried=self._replaying)
-        reject = self._reject(start.run_id)
-        state.params.extend(
-            _convert.params_of(
-                environment=start.environment,
-                task_chars=start.task_chars,
-                params=start.params,
-                reject=reject,
-                skip=functools.partial(self._skip_param, start.run_id),
-            )
-        )
-        await self._create(state)
-
-    async def _create(self, state: RunState) -> bool:
-        """Create the MLflow run of ``state`` if it has none yet; False when it cannot be had."""
-        if state.ref is not None:
-            return True
-        if state.refused:
-            return False
-        start = state.start
-        transport = self.transport
-        experiment_id = self.experiment_id
-        assert transport is not None
-        assert experiment_id is not None
-        reject = self._reject(start.run_id)
-        tags = [
-            ("run_id", _convert.tag_value(start.run_id, "run_id", reject)),
-            ("component", COMPONENT_TAG),
-            (KEY_TAG, start.key),
-        ]
-        if start.parent_key is not None:
-            parent = self.runs.get(start.parent_key)
-            if parent is not None and parent.ref is not None:
-                tags.append((PARENT_TAG, parent.ref.run_uuid))
-            else:
-                self._warnings.warn(
-                    "parent_missing",
-                    "rlm-mlflow run %s: its parent run was not created; logged without parent",
-                    start.run_id,
-                )
-
-        def create() -> RunRef:
-            if state.create_tried:  # an earlier attempt may have landed: find it
-                found = transport.find_run(experiment_id, start.key)
-                if found is not None:
-                    return found
-            state.create_tried = True
-            return transport.create_run(
-                experiment_id,
-                run_name=start.run_id[:250] or "run",
-                start_time_ms=start.timestamp_ms,
-                tags=tags,
-            )
-
+    async def run(self) -> None:
+        """Drain until closed; returns within the close deadline, whatever the store does."""
+        self.started = True
+        self._wake = anyio.Event()
+        self._close_seen = anyio.Event()
         try:
-            state.ref = await self._call("create run", create)
-        except PermanentError as exc:
-            state.refused = True
-            self._failed(f"run {start.run_id}: MLflow refused to create it: {exc}")
-            return False
-        except TransientError as exc:
-            self._failed(f"run {start.run_id}: could not be created, will try again: {exc}")
-            return False
-        self._counters.runs_created += 1
-        journal = self._buffer.journal
-        if journal is not None:
-            journal.note_run("S", start.key, start.run_id)
-        return True
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(self._watch_close, scope)
+                    await self._loop()
+                tg.cancel_scope.cancel()
+        except Exception:  # never let the worker die silently
+            logger.exception("rlm-mlflow worker failed; what it had not sent is counted below")
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._finish()
 
-    # -- sending a run's data ------------------------------------------------------------------
+    async def _watch_close(self, scope: anyio.CancelScope) -> None:
+        """When a close is requested, bound the whole drain by its deadline, wherever it waits."""
+        assert self._close_seen is not None
+        if not self.close_requested:
+            await self._close_seen.wait()
+        deadline = self.close_deadline
+        if deadline is not None:
+            scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
 
-    def _metrics_of(self, state: RunState, steps: Iterable[Step]) -> list[Metric]:
-        reject = self._reject(state.start.run_id)
-        metrics: list[Metric] = []
-        for step in steps:
-            number = _convert.step_number(step.step)
-            if number is None:
-                number = state.last_step + 1
-                reject("bad_step", f"step {step.step!r} is not a whole number; using {number}")
-            state.last_step = max(state.last_step, number)
-            for name, raw in (
-                ("step_reward", step.reward),
-                ("cumulative_reward", step.cumulative_reward),
-            ):
-                value, why = _convert.metric_value(raw)
-                if why is None:
-                    assert value is not None
-                    metrics.append(Metric(name, value, step.timestamp_ms, number))
-                else:
-                    reject("bad_metric", f"step {number}: {name} skipped: {why}")
-        return metrics
-
-    def _summary_of(self, end: RunEnd, state: RunState) -> list[Metric]:
-        reject = self._reject(end.run_id)
-        metrics: list[Metric] = []
-        completed: Any = end.completed
-        if isinstance(completed, bool | int | float):
-            completed = float(bool(completed))
-        steps: Any = end.steps if end.steps is not None else state.last_step + 1
-        for name, raw in (
-            ("completed", completed),
-            ("steps", steps),
-            ("total_reward", end.total_reward),
-        ):
-            if raw is None:
+    async def _loop(self) -> None:
+        pipeline = self.pipeline
+        closing = False
+        while True:
+            if self.close_requested and not closing:
+                closing = True
+                await self._begin_close()
+            if not await self._setup():
+                if closing:
+                    return
+                await self._sleep(self.config.flush_interval)
                 continue
-            value, why = _convert.metric_value(raw)
-            if why is None:
-                assert value is not None
-                metrics.append(Metric(name, value, end.timestamp_ms, 0))
-            else:
-                reject("bad_metric", f"summary metric {name} skipped: {why}")
-        return metrics
+            if self.held:
+                if not await self._store_back():
+                    if closing:
+                        return
+                    await self._sleep(min(BLOCKED_PROBE, max(self.config.retry_max_wait, 1.0)))
+                    continue
+                works, self.held = self.held, []
+                await self._export(works)
+                continue
+            items = pipeline.take(TAKE_LIMIT)
+            if items:
+                await self._export(self._group(items, final=False))
+                continue
+            if closing:
+                if self.carry:  # events of runs whose start never came: send them as they are
+                    works = list(self.carry.values())
+                    self.carry.clear()
+                    await self._export(works)
+                    continue
+                return
+            self._cycle_finished()
+            await self._idle()
 
-    async def _send(self, work: RunWork) -> bool:
-        state = self.runs.get(work.key)
-        if state is None:
-            # Replay: a run whose start was sent (and its record removed) long ago. Its key
-            # tag finds it; only if it was never created is it created now, without params.
-            first = work.steps[0] if work.steps else work.end
-            assert first is not None
-            start = RunStart(first.key, first.run_id, first.timestamp_ms, None, None, {}, None)
-            state = self.runs[work.key] = RunState(start, create_tried=True)
-        if not await self._create(state):
-            return False
-        assert state.ref is not None
-        if len(work.steps) > _CONVERT_ON_THREAD:
-            # Converting thousands of steps takes milliseconds: not on an event loop that
-            # may be the agent's own (``async with``).
-            metrics = await anyio.to_thread.run_sync(self._metrics_of, state, work.steps)
-        else:
-            metrics = self._metrics_of(state, work.steps)
-        if work.end is not None and not state.ended and work.end.status == "FINISHED":
-            metrics.extend(self._summary_of(work.end, state))
-        params, state.params = state.params, []
-        ok = await self._log_batches(state, metrics, params)
-        if work.end is not None and not state.ended:
-            ok = await self._finish(state, work.end) and ok
-        return ok
+    async def _begin_close(self) -> None:
+        pipeline = self.pipeline
+        with anyio.move_on_after(QUIESCE_TIMEOUT):
+            while not pipeline.quiet():
+                await anyio.sleep(0.001)
+        pipeline.end_open_runs(pipeline.end_status)
 
-    async def _log_batches(
-        self, state: RunState, metrics: Sequence[Metric], params: Sequence[tuple[str, str]]
-    ) -> bool:
-        ok = True
-        for chunk_metrics, chunk_params in _chunks(metrics, params):
-            ok = await self._log_batch(state, chunk_metrics, chunk_params) and ok
-        return ok
-
-    async def _log_batch(
-        self, state: RunState, metrics: Sequence[Metric], params: Sequence[tuple[str, str]]
-    ) -> bool:
-        """Send one batch; when MLflow refuses it, split it until the refused items are alone."""
-        if not metrics and not params:
-            return True
-        transport = self.transport
-        assert transport is not None
-        assert state.ref is not None
-        run_uuid = state.ref.run_uuid
+    async def _idle(self) -> None:
+        """Sleep until a batch is ready, a flush or close asks, or the interval is up."""
+        pipeline = self.pipeline
+        assert self._wake is not None
+        if self.close_requested or self.flush_requested:
+            self.flush_requested = False
+            return
+        pipeline.worker_asleep = True
+        pipeline.wake_sent = False
         try:
-            await self._call(
-                "log batch",
-                functools.partial(transport.log_batch, run_uuid, metrics=metrics, params=params),
-            )
-            return True
-        except TransientError as exc:
-            self._failed(
-                f"run {state.start.run_id}: {len(metrics)} metrics, "
-                f"{len(params)} params not sent after retries: {exc}"
-            )
-            return False
-        except PermanentError as exc:
-            size = len(metrics) + len(params)
-            if size <= 1 or exc.code in _WHOLE_BATCH_CODES:
-                self._counters.permanent_failures += size
-                what = metrics[0] if metrics else (params[0] if params else None)
-                self._failed(
-                    f"run {state.start.run_id}: MLflow refused "
-                    f"{what if size == 1 else f'{size} items'}: {exc}"
-                )
-                return size <= 1  # one bad item is counted; the rest of the run is fine
-            # Halve the items (params first, then metrics) until the refused ones stand alone.
-            half = size // 2
-            p_cut, m_cut = min(half, len(params)), max(0, half - len(params))
-            first = await self._log_batch(state, metrics[:m_cut], params[:p_cut])
-            second = await self._log_batch(state, metrics[m_cut:], params[p_cut:])
-            return first and second
-
-    async def _finish(self, state: RunState, end: RunEnd) -> bool:
-        transport = self.transport
-        assert transport is not None
-        assert state.ref is not None
-        ref = state.ref
-        ok = True
-        if end.run_path:
-            try:
-                await self._call("log artifact", transport.log_artifact, ref, end.run_path)
-            except PermanentError as exc:
-                self._counters.rejected["artifact"] += 1
-                self._warnings.warn(
-                    "artifact", "rlm-mlflow run %s: artifact not uploaded: %s", end.run_id, exc
-                )
-            except TransientError as exc:
-                ok = False
-                self._failed(f"run {end.run_id}: artifact not uploaded after retries: {exc}")
-        try:
-            await self._call(
-                "end run",
-                functools.partial(
-                    transport.set_terminated,
-                    ref.run_uuid,
-                    status=end.status,
-                    end_time_ms=end.timestamp_ms,
-                ),
-            )
-        except (PermanentError, TransientError) as exc:
-            self._failed(f"run {end.run_id}: could not be ended: {exc}")
-            return False
-        state.ended = True
-        self._counters.runs_ended += 1
-        journal = self._buffer.journal
-        if journal is not None:
-            journal.note_run("E", state.start.key, state.start.run_id)
-        return ok
-
-    # -- calls and retries ---------------------------------------------------------------------
-
-    def _failed(self, message: str) -> None:
-        text = redact_text(message, self._config.tracking_uri)
-        self._counters.last_error = text
-        logger.warning("rlm-mlflow %s", text)
-
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        def before_sleep(state: RetryCallState) -> None:
-            self._counters.retries += 1
-            outcome = state.outcome
-            error = outcome.exception() if outcome is not None else None
-            self._counters.last_error = redact_text(str(error), self._config.tracking_uri)
-            wait = state.upcoming_sleep
-            self._warnings.warn(
-                "retry", "rlm-mlflow %s failed (%s); retrying in %.1f s", what, error, wait
-            )
-
-        retrying = self._policy.retrying(sleep=self._sleep, before_sleep=before_sleep)
-        async for attempt in retrying:
-            with attempt:
-                self._counters.requests += 1
-                return await anyio.to_thread.run_sync(
-                    functools.partial(fn, *args), abandon_on_cancel=True
-                )
-        raise AssertionError("unreachable")  # pragma: no cover
+            if pipeline.waiting() < pipeline.trigger and not self.close_requested:
+                with anyio.move_on_after(self.config.flush_interval):
+                    await self._wake.wait()
+        finally:
+            pipeline.worker_asleep = False
+            self._wake = anyio.Event()
+        self.flush_requested = False
 
     async def _sleep(self, seconds: float) -> None:
-        """Back off; a shutdown request cuts the wait short only at its deadline.
+        """A pause that a close or flush request cuts short."""
+        assert self._wake is not None
+        if self.close_requested:
+            return
+        with anyio.move_on_after(seconds):
+            await self._wake.wait()
+        self._wake = anyio.Event()
 
-        The stop watcher cancels everything when the deadline passes, so waiting here can never
-        outlive it. Until a stop is requested the wait sits on a thread, where a stop can wake it.
-        """
-        until = time.monotonic() + seconds
-        if not self.stop_requested.is_set():
-            await anyio.to_thread.run_sync(
-                self.stop_requested.wait, seconds, abandon_on_cancel=True
+    async def _store_back(self) -> bool:
+        """Blocked: ask the store once whether it takes our writes again."""
+        try:
+            await self.runs.probe()
+        except StoreRefused:
+            return False
+        except Exception:
+            return False
+        logger.warning("rlm-mlflow: the store takes our writes again; sending what was held")
+        return True
+
+    def _cycle_finished(self) -> None:
+        self._notify_progress()
+
+    def cycle_event(self) -> anyio.Event:
+        """Set at the next progress (for ``aflush`` in the worker's own loop)."""
+        if self._cycle_done is None:
+            self._cycle_done = anyio.Event()
+        return self._cycle_done
+
+    def _notify_progress(self) -> None:
+        event = self._cycle_done
+        if event is not None:
+            self._cycle_done = None
+            event.set()
+        with self.progress:
+            self.progress.notify_all()
+
+    # -- one cycle ------------------------------------------------------------------------------
+
+    def _group(self, items: list[Item], *, final: bool) -> list[RunWork]:
+        """Decode records and group them by run, in order; hold runs whose start is not here."""
+        works: dict[int, RunWork] = {}
+        for segment, offset, payload in items:
+            try:
+                event = _codec.decode(payload)
+            except ValueError:
+                self.counts.dropped["unreadable"] += 1
+                logger.error("rlm-mlflow: a record could not be read back; dropped")
+                continue
+            work = works.get(event.run_no)
+            if work is None:
+                work = works[event.run_no] = RunWork(event.run_no)
+            if segment is not None:
+                work.locations.append((segment, offset))
+            if not event.internal:
+                work.counted += 1
+                if segment is None:
+                    work.in_memory_only += 1
+            if type(event) is Step:
+                work.steps.append(event)
+            elif type(event) is RunStart:
+                work.starts.append(event)
+                work.run_id = event.run_id
+                if segment is not None:
+                    self.pins.setdefault(event.run_no, []).append(segment)
+            else:
+                assert isinstance(event, RunEnd)
+                work.end = event
+                work.run_id = event.run_id
+        out: list[RunWork] = []
+        known = self.runs.runs
+        for no, work in works.items():
+            whole = self.carry.pop(no, None)
+            if whole is None:
+                whole = work
+            else:
+                whole.merge(work)
+            if not final and not whole.starts and no not in known and no not in self.runs.ended:
+                self.carry[no] = whole  # its start was appended after we took the starts
+                continue
+            out.append(whole)
+        return out
+
+    async def _export(self, works: list[RunWork]) -> None:
+        for work in works:
+            for segment, offset in work.locations:
+                segment.mark(offset, IN_FLIGHT)
+        self.exporting = works  # a close deadline may cancel the export: _finish settles them
+        try:
+            outcomes = await self.runs.export(works)
+        except StoreRefused:
+            outcomes = {}
+        except PermanentError as exc:  # the experiment cannot be had (a bad name, ...)
+            self.unavailable = f"MLflow refuses the experiment: {exc}"
+            self.caller.note_error(self.unavailable)
+            logger.error("rlm-mlflow: %s", self.unavailable)
+            outcomes = {work.no: DEFERRED for work in works}
+        self.exporting = []
+        for work in works:
+            self._settle(work, outcomes.get(work.no, HOLD))
+        self._notify_progress()
+
+    def _settle(self, work: RunWork, outcome: Outcome) -> None:
+        """Give each event of ``work`` its one fate."""
+        counts = self.counts
+        if outcome == HOLD:
+            self.held.append(work)
+            return
+        if outcome == DEFERRED:
+            counts.deferred += work.counted - work.in_memory_only
+            if work.in_memory_only:
+                counts.dropped["send_failed"] += work.in_memory_only
+            return
+        if outcome == SENT:
+            counts.sent += work.counted
+        else:
+            assert isinstance(outcome, tuple)
+            counts.dropped[outcome[1]] += work.counted
+        journal = self.pipeline.journal
+        touched: set[Segment] = set()
+        for segment, offset in work.locations:
+            segment.mark(offset, DONE)
+            segment.done += 1
+            touched.add(segment)
+        if work.end is not None:
+            for segment in self.pins.pop(work.no, ()):
+                segment.starts_ended += 1
+                touched.add(segment)
+        if journal is not None:
+            for segment in touched:
+                journal.settle(segment)
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """After the loop, whatever ended it: count what is left, release everything."""
+        pipeline = self.pipeline
+        left = [*self.exporting, *self.held]
+        self.exporting, self.held = [], []
+        left.extend(self.carry.values())
+        self.carry.clear()
+        while True:
+            items = pipeline.take(TAKE_LIMIT)
+            if not items:
+                break
+            left.extend(self._group(items, final=True))
+        for work in left:
+            self._settle(work, DEFERRED)
+        deferred = sum(w.counted - w.in_memory_only for w in left)
+        dropped = sum(w.in_memory_only for w in left)
+        journal = pipeline.journal
+        keep = False
+        if journal is not None:
+            keep = journal.backlog() > 0
+            journal.close(keep=keep)
+        if deferred or dropped:
+            logger.warning(
+                "rlm-mlflow stopped with %d events not sent%s%s",
+                deferred + dropped,
+                f"; {deferred} kept in {journal.folder}: send them with 'rlm-mlflow replay'"
+                if journal is not None and deferred
+                else "",
+                f"; {dropped} lost (no journal)" if dropped else "",
             )
-        left = until - time.monotonic()
-        if left > 0:
-            await anyio.sleep(left)
+        elif keep and journal is not None:
+            logger.warning(
+                "rlm-mlflow: events of this process not confirmed sent are kept in %s; "
+                "send them with 'rlm-mlflow replay'",
+                journal.folder,
+            )
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception:
+                logger.debug("closing the transport failed", exc_info=True)
+        pipeline.state = State.CLOSED
+        self.stopped.set()
+        self._notify_progress()
 
+    # -- figures -------------------------------------------------------------------------------
 
-def _chunks(
-    metrics: Sequence[Metric], params: Sequence[tuple[str, str]]
-) -> Iterable[tuple[Sequence[Metric], Sequence[tuple[str, str]]]]:
-    """Split into requests within MLflow's limits, params first, metrics in order."""
-    p_size, m_size = _convert.MAX_PARAMS_PER_BATCH, _convert.MAX_METRICS_PER_BATCH
-    p_start = m_start = 0
-    while p_start < len(params) or m_start < len(metrics):
-        chunk_params = params[p_start : p_start + p_size]
-        room = min(m_size, _convert.MAX_ENTITIES_PER_BATCH - len(chunk_params))
-        chunk_metrics = metrics[m_start : m_start + room]
-        p_start += len(chunk_params)
-        m_start += len(chunk_metrics)
-        yield chunk_metrics, chunk_params
+    def _count_rejected(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def settled(self) -> int:
+        counts = self.counts
+        return (
+            counts.sent
+            + counts.deferred
+            + sum(counts.dropped.values())
+            + self.pipeline.door.total()
+            + self.pipeline.deferred_door.value
+        )
+
+    def lost(self) -> int:
+        return self.settled() - self.counts.sent
+
+    def statistics(self) -> SinkStatistics:
+        pipeline, counts = self.pipeline, self.counts
+        accepted = pipeline.accepted.value
+        dropped = Counter(dict(counts.dropped))
+        dropped.update(pipeline.door.snapshot())
+        deferred = counts.deferred + pipeline.deferred_door.value
+        sent = counts.sent
+        rejected = Counter(dict(self.rejected))
+        rejected.update(pipeline.rejected.snapshot())
+        journal = pipeline.journal
+        on_disk = journal is not None and (journal.kept or not journal.closed)
+        spilled = 0
+        if journal is not None:
+            spilled = sum(lane.spill_written for lane in list(journal.lanes))
+        return SinkStatistics(
+            accepted=accepted,
+            sent=sent,
+            pending=max(0, accepted - sent - deferred - sum(dropped.values())),
+            deferred=deferred,
+            dropped={k: v for k, v in dropped.items() if v},
+            rejected={k: v for k, v in rejected.items() if v},
+            refused=counts.refused,
+            spilled=spilled,
+            queue_depth=len(pipeline.ctl) + len(pipeline.steps),
+            queue_capacity=pipeline.capacity,
+            journal=str(journal.folder) if journal is not None and on_disk else None,
+            journal_backlog=journal.backlog() if journal is not None and on_disk else 0,
+            retries=counts.retries,
+            requests=counts.requests,
+            runs_open=pipeline.runs_open(),
+            runs_created=counts.runs_created,
+            runs_ended=counts.runs_ended,
+            last_error=counts.last_error,
+        )

@@ -49,6 +49,7 @@ class MemoryRun:
     artifacts: list[str] = field(default_factory=list)
     status: str = "RUNNING"
     end_time_ms: int | None = None
+    deleted: bool = False
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` of one metric, in the order it was logged."""
@@ -83,13 +84,56 @@ class MemoryTransport:
         with self.lock:
             return self.experiments.setdefault(name, str(len(self.experiments) + 1))
 
-    def find_run(self, experiment_id: str, key: str) -> RunRef | None:
-        self._enter("find_run")
+    def check_experiment(self, experiment_id: str) -> None:
+        self._enter("check_experiment")
+
+    def _ref(self, run: MemoryRun) -> RunRef:
+        return RunRef(
+            run.run_uuid,
+            f"memory:/{run.run_uuid}",
+            key=run.tags.get(KEY_TAG, ""),
+            status=run.status,
+            start_time_ms=run.start_time_ms,
+            has_data=bool(run.params or run.metrics),
+        )
+
+    def find_runs(self, experiment_id: str, key: str) -> list[RunRef]:
+        self._enter("find_runs")
         with self.lock:
-            for run in self.runs.values():
-                if run.experiment_id == experiment_id and run.tags.get(KEY_TAG) == key:
-                    return RunRef(run.run_uuid, f"memory:/{run.run_uuid}")
-        return None
+            return [
+                self._ref(run)
+                for run in self.runs.values()
+                if run.experiment_id == experiment_id
+                and run.tags.get(KEY_TAG) == key
+                and not run.deleted
+            ]
+
+    def find_runs_by_prefix(self, experiment_id: str, prefix: str) -> list[RunRef]:
+        self._enter("find_runs_by_prefix")
+        with self.lock:
+            return [
+                self._ref(run)
+                for run in self.runs.values()
+                if run.experiment_id == experiment_id
+                and run.tags.get(KEY_TAG, "").startswith(prefix + "-")
+                and not run.deleted
+            ]
+
+    def delete_run(self, run_uuid: str) -> None:
+        self._enter("delete_run")
+        with self.lock:
+            self.runs[run_uuid].deleted = True
+
+    def run_status(self, run_uuid: str) -> str | None:
+        self._enter("run_status")
+        with self.lock:
+            run = self.runs.get(run_uuid)
+            return None if run is None or run.deleted else run.status
+
+    def metric_history(self, run_uuid: str, key: str) -> list[Metric]:
+        self._enter("metric_history")
+        with self.lock:
+            return [m for m in self.runs[run_uuid].metrics if m.key == key]
 
     def create_run(
         self,
@@ -102,8 +146,10 @@ class MemoryTransport:
         self._enter("create_run")
         with self.lock:
             uuid = f"run{next(self._ids)}"
-            self.runs[uuid] = MemoryRun(uuid, experiment_id, run_name, start_time_ms, dict(tags))
-        return RunRef(uuid, f"memory:/{uuid}")
+            run = self.runs[uuid] = MemoryRun(
+                uuid, experiment_id, run_name, start_time_ms, dict(tags)
+            )
+            return self._ref(run)
 
     def log_batch(
         self,
@@ -156,7 +202,7 @@ class MemoryTransport:
 
     def by_name(self, name: str) -> list[MemoryRun]:
         with self.lock:
-            return [run for run in self.runs.values() if run.name == name]
+            return [run for run in self.runs.values() if run.name == name and not run.deleted]
 
     def one(self, name: str) -> MemoryRun:
         runs = self.by_name(name)

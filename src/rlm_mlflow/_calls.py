@@ -1,0 +1,174 @@
+"""Calls to the store: one attempt on a thread, retries with backoff, and what the store's state is.
+
+Every blocking transport call goes through :meth:`Caller.call`, which runs it on a worker thread
+(so the event loop that may be the agent's own is never blocked, and a shutdown deadline can walk
+away from a call that hangs) and retries transient failures with exponential backoff and full
+jitter (tenacity), honouring ``Retry-After``.
+
+``retry_deadline`` is how long one request is retried *while the store otherwise answers*: when
+the deadline passes, a cheap probe asks the store; if the store answers, this request is the
+problem (it is given up and its data kept for replay); if the store does not answer either, it is
+an outage and the request keeps waiting for it (the journal holds what the agent produces
+meanwhile, and a shutdown deadline still bounds every wait).
+
+The caller also keeps what ``status()`` reports about the store: healthy, retrying, stalled (a
+request has waited long for its answer), or blocked (credentials refused, experiment deleted).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from tenacity import RetryCallState
+
+from ._config import redact_text
+from ._exceptions import StoreRefused, TransientError
+from ._retry import RetryPolicy
+from ._stats import RateLimitedWarnings, WorkerCounts
+
+logger = logging.getLogger("rlm_mlflow")
+
+T = TypeVar("T")
+
+#: A request waiting longer than this for its answer makes the store "stalled" in status().
+STALLED_AFTER = 5.0
+
+
+class Caller:
+    """Runs transport calls for the exporters of one sink."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        counts: WorkerCounts,
+        warnings: RateLimitedWarnings,
+        *,
+        tracking_uri: str | None,
+        probe: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.counts = counts
+        self.warnings = warnings
+        self._uri = tracking_uri
+        self.probe = probe
+        self.inflight: tuple[str, float] | None = None  # what is waiting for an answer, since
+        self.failing_since: float | None = None  # first failure of the current trouble
+        self.refused: str | None = None  # why the store refuses everything, while it does
+        self.sleep_until: float | None = None
+        self.gave_up: str | None = None  # without a probe: the store stopped answering
+
+    def clean(self, text: str) -> str:
+        return redact_text(text, self._uri)
+
+    def note_error(self, text: str) -> None:
+        self.counts.last_error = self.clean(text)
+
+    # -- state for status() ------------------------------------------------------------------
+
+    def health(self) -> tuple[str, str | None]:
+        """``(health, detail)``: why data is or is not moving."""
+        if self.refused is not None:
+            return "blocked", self.refused
+        inflight = self.inflight
+        now = time.monotonic()
+        if inflight is not None and now - inflight[1] >= STALLED_AFTER:
+            return (
+                "stalled",
+                f"waiting {now - inflight[1]:.1f} s for the server to answer {inflight[0]}",
+            )
+        if self.failing_since is not None:
+            error = self.counts.last_error or "requests fail"
+            wait = ""
+            if self.sleep_until is not None and self.sleep_until > now:
+                wait = f"; next attempt in {self.sleep_until - now:.1f} s"
+            return (
+                "retrying",
+                f"failing for {now - self.failing_since:.1f} s ({error}){wait}",
+            )
+        return "ok", None
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def once(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """One attempt, on a thread; the store's state follows its outcome."""
+        self.counts.requests += 1
+        self.inflight = (what, time.monotonic())
+        try:
+            result = await anyio.to_thread.run_sync(
+                functools.partial(fn, *args), abandon_on_cancel=True
+            )
+        except StoreRefused as exc:
+            self.refused_by(exc)
+            raise
+        except TransientError as exc:
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+            self.note_error(str(exc))
+            raise
+        finally:
+            self.inflight = None
+        self.failing_since = None
+        self.refused = None
+        return result
+
+    def refused_by(self, exc: StoreRefused) -> None:
+        text = self.clean(str(exc))
+        if self.refused is None:
+            logger.error("rlm-mlflow: the store refuses our writes: %s", text)
+        self.refused = text
+        self.note_error(text)
+
+    async def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Call with retries: see the module docstring. Raises what the last attempt raised."""
+
+        def before_sleep(state: RetryCallState) -> None:
+            self.counts.retries += 1
+            wait = state.upcoming_sleep
+            self.sleep_until = time.monotonic() + wait
+            outcome = state.outcome
+            error = outcome.exception() if outcome is not None else None
+            self.warnings.warn(
+                "retry",
+                "rlm-mlflow %s failed (%s); retrying in %.1f s",
+                what,
+                self.clean(str(error)),
+                wait,
+            )
+
+        if self.gave_up is not None:
+            raise TransientError(f"{what}: not tried, the store stopped answering ({self.gave_up})")
+        while True:
+            try:
+                async for attempt in self.policy.retrying(
+                    sleep=anyio.sleep, before_sleep=before_sleep
+                ):
+                    with attempt:
+                        return await self.once(what, fn, *args)
+            except TransientError as exc:
+                if self.probe is None:  # nothing waits out an outage here (replay)
+                    self.gave_up = self.clean(str(exc))
+                    raise
+                if self.policy.deadline <= 0 or await self.store_answers():
+                    raise  # the store answers: this request is the problem
+            finally:
+                self.sleep_until = None
+            # An outage: keep waiting for the store, probing now and then.
+            wait = self.policy.outage_wait()
+            self.sleep_until = time.monotonic() + wait
+            await anyio.sleep(wait)
+
+    async def store_answers(self) -> bool:
+        """One probe: does the store answer at all? (StoreRefused propagates.)"""
+        probe = self.probe
+        assert probe is not None
+        try:
+            await probe()
+        except TransientError:
+            return False
+        return True

@@ -1,0 +1,488 @@
+"""The hook side of a sink: a hook call becomes one record in the journal and in the queue.
+
+Hooks are called from many threads at once, from inside running event loops and from signal
+handlers' neighbourhood, so nothing here takes a lock, waits, or makes a system call in the
+common case. A hook reads a few fields, encodes one record (:mod:`._codec`), writes it to its
+thread's journal lane (a memory copy into a mapped file, :mod:`._journal`) and appends it to a
+``deque`` (one C-level, atomic call). The worker takes from the deques and reads spilled records
+back from the journal.
+
+Capacity: ``queue_size`` step records wait in memory (run starts and ends, rare, come on
+top). When memory is full, a record goes to the journal
+only ("spilled") and the worker reads it back once it has caught up, in order: a lane that has
+spilled keeps spilling until the worker has read it all, so one thread's events never overtake
+each other. Without a journal, a full queue drops step records by the overflow policy; run starts
+and ends are never dropped.
+
+Ordering between the two deques: run starts and ends go to ``ctl``, steps to ``steps``; the worker
+empties ``ctl`` first, then ``steps``, so a run's end is never taken before the steps that came
+before it. A step may be taken before its run's start (it was appended in between): the worker
+holds it until the start arrives.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import secrets
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import _codec
+from ._config import Overflow, SinkConfig
+from ._journal import HFLAG_SPILLED, Journal, Segment, default_journal_dir
+from ._stats import AtomicCounter, RateLimitedWarnings, Tally
+
+logger = logging.getLogger("rlm_mlflow")
+
+Item = tuple[Segment | None, int, bytes]  # (journal segment, offset, record) - no journal: None
+
+
+class State(enum.Enum):
+    IDLE = "idle"  # nothing happened yet: no thread, no file
+    THREAD = "thread"  # the worker runs on the process's background thread
+    TASK = "task"  # the worker runs in the caller's event loop (``async with``)
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class OpenRun:
+    """A run between its start and its end, as the hooks know it."""
+
+    __slots__ = ("implicit", "no", "previous", "run_id", "steps", "thread")
+
+    def __init__(self, no: int, run_id: str, thread: int, implicit: bool = False) -> None:
+        self.no = no
+        self.run_id = run_id
+        self.thread = thread
+        self.implicit = implicit
+        self.steps = 0
+        # The run with the same id this one hides (started again on this thread while open).
+        self.previous: OpenRun | None = None
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def text_of(value: object) -> str:
+    """``str(value)`` for a run id, never raising."""
+    if type(value) is str:
+        return value
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def read_field(obj: object, name: str) -> tuple[Any, bool]:
+    """``(obj.name or obj[name], ok)``: other runtimes pass other objects, some hostile."""
+    try:
+        if type(obj) is dict:
+            return obj.get(name), True
+        if isinstance(obj, Mapping):
+            return obj.get(name), True
+        return getattr(obj, name, None), True
+    except Exception:
+        return None, False
+
+
+class Pipeline:
+    """Everything of one sink that hooks touch, and what the worker takes from it."""
+
+    def __init__(self, config: SinkConfig, warnings: RateLimitedWarnings) -> None:
+        self.config = config
+        self.warnings = warnings
+        self.capacity = config.queue_size
+        self.trigger = config.batch_trigger
+        self.drop_oldest = config.overflow is Overflow.DROP_OLDEST
+        self.on_first_event: Callable[[], None] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh state: at construction, and in a forked child."""
+        self.state = State.IDLE
+        self.active = self.config.enabled
+        self.prefix = secrets.token_hex(8)
+        self.run_numbers = itertools.count(1)
+        self.ctl: deque[Item] = deque()
+        self.steps: deque[Item] = deque()
+        self.journal: Journal | None = None
+        self.journal_wanted = self.config.enabled and self.config.journal
+        self.journal_problem: str | None = None
+        self._opening = threading.Lock()  # only while the journal does not exist yet
+        self.accepted = AtomicCounter()
+        self.entered = AtomicCounter()
+        self.exited = AtomicCounter()
+        self.door = Tally()  # events dropped before they reached the queue
+        self.deferred_door = AtomicCounter()  # evicted from memory, still in the journal
+        self.rejected = Tally()
+        self.by_id: dict[str, OpenRun] = {}  # the latest open run of each run id
+        self.by_thread: dict[tuple[str, int], OpenRun] = {}
+        self.end_status = "FAILED"  # for runs still open at close; KILLED after a signal
+        # Waking the worker costs a system call: only when it sleeps and a batch is ready.
+        self.worker_asleep = False
+        self.wake_sent = False
+        self.waker: Callable[[], None] | None = None
+
+    # -- the hooks -------------------------------------------------------------------------------
+
+    def start(self, run_id: object, task: object, environment: object, params: object) -> None:
+        if not self.active:
+            self.refuse()
+            return
+        self.entered.incr()
+        try:
+            rid = run_id if type(run_id) is str else text_of(run_id)
+            try:
+                task_chars: int | None = len(task)  # type: ignore[arg-type]
+            except Exception:
+                task_chars = None
+            parent_no = self._parent_of(rid, params)
+            me = threading.get_ident()
+            run = self.by_thread.get((rid, me))
+            if run is not None and run.implicit:  # its steps came first: this completes it
+                run.implicit = False
+            else:
+                if run is not None or rid in self.by_id:
+                    self.bad_input(
+                        "duplicate_run_id", rid, "started again while still open; a new run"
+                    )
+                new = OpenRun(next(self.run_numbers), rid, me)
+                new.previous = run
+                run = self.by_thread[(rid, me)] = self.by_id[rid] = new
+            payload = _codec.encode_start(
+                run.no,
+                now_ms(),
+                run_id=rid,
+                environment=environment,
+                task_chars=task_chars,
+                params=params,
+                parent_no=parent_no,
+            )
+            self.admit(payload, ctl=True, start=True)
+        except Exception:
+            self.hook_failed("on_run_start")
+        finally:
+            self.exited.incr()
+
+    def step(self, run_id: object, event: object, cumulative: object) -> None:
+        if not self.active:
+            self.refuse()
+            return
+        self.entered.incr()
+        try:
+            run = self.by_id.get(run_id) if type(run_id) is str else None
+            if run is None or run.thread != threading.get_ident():
+                run = self.route(run_id)
+            if type(event) is dict:
+                step, reward = event.get("step"), event.get("reward")
+            else:
+                step, reward = self._read_event(event, run.run_id)
+            run.steps += 1
+            self.admit(
+                _codec.encode_step(run.no, time.time_ns() // 1_000_000, step, reward, cumulative),
+                ctl=False,
+            )
+        except Exception:
+            self.hook_failed("on_step")
+        finally:
+            self.exited.incr()
+
+    def end(self, run_id: object, result: object, run_path: object) -> None:
+        if not self.active:
+            self.refuse()
+            return
+        self.entered.incr()
+        try:
+            run = self.route(run_id)
+            values = []
+            for name in ("completed", "steps", "total_reward"):
+                value, ok = read_field(result, name)
+                if not ok:
+                    self.bad_input("result_unreadable", run.run_id, f"result.{name} raised")
+                values.append(value)
+            path = _codec.path_text(run_path)
+            if path is not None and path.startswith("\x00"):
+                self.bad_input("artifact", run.run_id, f"run_path {path[1:]} is not a path")
+                path = None
+            payload = _codec.encode_end(
+                run.no,
+                now_ms(),
+                run_id=run.run_id,
+                status="FINISHED",
+                completed=values[0],
+                steps=values[1],
+                total_reward=values[2],
+                run_path=path,
+            )
+            self.admit(payload, ctl=True)
+            self._forget(run)
+        except Exception:
+            self.hook_failed("on_run_end")
+        finally:
+            self.exited.incr()
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def _parent_of(self, run_id: str, params: object) -> int | None:
+        parent: object = None
+        if type(params) is dict:
+            parent = params.get("parent_run_id")
+        elif isinstance(params, Mapping):
+            try:
+                parent = params.get("parent_run_id")
+            except Exception:
+                parent = None
+        else:
+            self.bad_input("params_not_mapping", run_id, f"params is a {type(params).__name__}")
+        if parent is None or parent == "":
+            return None
+        found = self.find(text_of(parent))
+        if found is None:
+            self.bad_input(
+                "parent_unknown", run_id, f"parent run {text_of(parent)!r} is not open here"
+            )
+            return None
+        return found.no
+
+    def find(self, run_id: str) -> OpenRun | None:
+        """The open run ``run_id``: the one this thread started, else the latest."""
+        run = self.by_thread.get((run_id, threading.get_ident()))
+        return run if run is not None else self.by_id.get(run_id)
+
+    def route(self, run_id: object) -> OpenRun:
+        """The run a step or an end belongs to; a run never started is opened for it."""
+        rid = run_id if type(run_id) is str else text_of(run_id)
+        run = self.find(rid)
+        if run is not None:
+            return run
+        me = threading.get_ident()
+        run = OpenRun(next(self.run_numbers), rid, me, implicit=True)
+        self.by_thread[(rid, me)] = run
+        self.by_id[rid] = run
+        self.bad_input("not_started", rid, "hook called before on_run_start; run opened for it")
+        payload = _codec.encode_start(
+            run.no,
+            now_ms(),
+            run_id=rid,
+            environment=None,
+            task_chars=None,
+            params={},
+            parent_no=None,
+            implicit=True,
+            flags=_codec.FLAG_INTERNAL,
+        )
+        self.admit(payload, ctl=True, start=True, internal=True)
+        return run
+
+    def _forget(self, run: OpenRun) -> None:
+        key = (run.run_id, run.thread)
+        previous = run.previous
+        if previous is not None:
+            self.by_thread[key] = previous
+            self.by_id[run.run_id] = previous
+            return
+        self.by_thread.pop(key, None)
+        if self.by_id.get(run.run_id) is run:
+            self.by_id.pop(run.run_id, None)
+
+    def _read_event(self, event: object, run_id: str) -> tuple[Any, Any]:
+        if not isinstance(event, Mapping):
+            self.bad_input("event_not_mapping", run_id, f"event is a {type(event).__name__}")
+            return None, None
+        step, ok = read_field(event, "step")
+        reward, ok2 = read_field(event, "reward")
+        if not (ok and ok2):
+            self.bad_input("event_unreadable", run_id, "reading the event raised")
+        return step, reward
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def admit(
+        self, payload: bytes, *, ctl: bool, start: bool = False, internal: bool = False
+    ) -> None:
+        """Put one record in the journal and the queue (or spill it, or drop it: counted)."""
+        if not internal:
+            self.accepted.incr()
+        if self.state is State.IDLE:
+            self._first_event()
+        journal = self.journal
+        if journal is None and self.journal_wanted:
+            journal = self._open_journal()
+        if journal is not None:
+            lane = journal.lane_for_thread()
+            if lane is not None:
+                spill = lane.spill_written != lane.spill_read or len(self.steps) >= self.capacity
+                where = lane.write(payload, HFLAG_SPILLED if spill else 0)
+                if where is not None:
+                    if start:
+                        where[0].starts += 1
+                    if spill:
+                        if lane.spill_written == lane.spill_read:
+                            lane.spill_from = where
+                        lane.spill_written += 1
+                        self.wake()
+                        return
+                    (self.ctl if ctl else self.steps).append((where[0], where[1], payload))
+                    if len(self.steps) >= self.trigger:
+                        self.wake()
+                    return
+        # In memory only: no journal, or the disk refused it.
+        if ctl:
+            self.ctl.append((None, 0, payload))
+            return
+        steps = self.steps
+        if len(steps) >= self.capacity:
+            evicted = None
+            if self.drop_oldest:
+                try:
+                    evicted = steps.popleft()
+                except IndexError:
+                    evicted = None
+            if evicted is None:
+                self.dropped_at_door("queue_full", internal)
+                return
+            if evicted[0] is None:
+                self.door.add("queue_full")
+            else:  # still in the journal: replay sends it
+                self.deferred_door.incr()
+            self.warn_full()
+        steps.append((None, 0, payload))
+        if len(steps) >= self.trigger:
+            self.wake()
+
+    def dropped_at_door(self, reason: str, internal: bool = False) -> None:
+        if not internal:
+            self.door.add(reason)
+        if reason == "queue_full":
+            self.warn_full()
+
+    def warn_full(self) -> None:
+        self.warnings.warn(
+            "queue_full",
+            "rlm-mlflow queue is full (%d events) and there is no journal to spill to: %s "
+            "step events; the tracking server is slower than the agent or unreachable",
+            self.capacity,
+            "dropping the oldest" if self.drop_oldest else "refusing new",
+        )
+
+    def wake(self) -> None:
+        if self.worker_asleep and not self.wake_sent and self.waker is not None:
+            self.wake_sent = True
+            self.waker()
+
+    def _first_event(self) -> None:
+        callback = self.on_first_event
+        if callback is not None:
+            callback()
+
+    def _open_journal(self) -> Journal | None:
+        with self._opening:
+            if self.journal is not None or not self.journal_wanted:
+                return self.journal
+            config = self.config
+            root = Path(config.journal_dir) if config.journal_dir else default_journal_dir()
+            try:
+                self.journal = Journal(
+                    root,
+                    prefix=self.prefix,
+                    experiment=config.experiment,
+                    tracking_uri=config.tracking_uri,
+                    fsync=config.journal_fsync,
+                )
+            except OSError as exc:
+                self.journal_wanted = False
+                self.journal_problem = f"cannot open a journal in {root}: {exc}"
+                logger.warning(
+                    "rlm-mlflow: %s; going on without one (a full queue drops step events)",
+                    self.journal_problem,
+                )
+            return self.journal
+
+    # -- the rare paths ----------------------------------------------------------------------
+
+    def refuse(self) -> None:
+        if self.state in (State.CLOSING, State.CLOSED):
+            self.accepted.incr()
+            self.door.add("after_close")
+            self.warnings.warn(
+                "after_close", "rlm-mlflow: hook called after close(); event dropped"
+            )
+
+    def bad_input(self, reason: str, run_id: str, message: str) -> None:
+        self.rejected.add(reason)
+        self.warnings.warn(reason, "rlm-mlflow run %s: %s", run_id, message)
+
+    def hook_failed(self, hook: str) -> None:
+        self.rejected.add("hook_error")
+        self.warnings.warn("hook_error", "rlm-mlflow %s failed; event dropped", hook)
+        logger.debug("rlm-mlflow %s failed", hook, exc_info=sys.exc_info())
+
+    # -- the owner's side --------------------------------------------------------------------
+
+    def quiet(self) -> bool:
+        """No hook is between its check of ``active`` and its append."""
+        return self.entered.value == self.exited.value
+
+    def end_open_runs(self, status: str, *, thread: int | None = None) -> int:
+        """Queue an end for every open run (of one thread only, when given); how many."""
+        ended = 0
+        for (rid, tid), top in list(self.by_thread.items()):
+            if thread is not None and tid != thread:
+                continue
+            run: OpenRun | None = top
+            while run is not None:
+                payload = _codec.encode_end(
+                    run.no, now_ms(), run_id=rid, status=status, flags=_codec.FLAG_INTERNAL
+                )
+                self.admit(payload, ctl=True, internal=True)
+                ended += 1
+                run = run.previous
+            self.by_thread.pop((rid, tid), None)
+            if self.by_id.get(rid) is top:
+                self.by_id.pop(rid, None)
+        return ended
+
+    def runs_open(self) -> int:
+        count = 0
+        for top in list(self.by_thread.values()):
+            run: OpenRun | None = top
+            while run is not None:
+                count += 1
+                run = run.previous
+        return count
+
+    def take(self, limit: int) -> list[Item]:
+        """What waits in memory (run starts and ends first), then spilled records from disk."""
+        ctl, steps = self.ctl, self.steps
+        out: list[Item] = []
+        pop = ctl.popleft
+        for _ in range(len(ctl)):
+            out.append(pop())
+        pop = steps.popleft
+        for _ in range(len(steps)):
+            out.append(pop())
+        journal = self.journal
+        if journal is not None and len(out) < limit and journal.spill_pending():
+            out.extend(journal.read_spilled(limit - len(out)))
+        return out
+
+    def waiting(self) -> int:
+        """Records in memory and spilled records not read back yet."""
+        journal = self.journal
+        spilled = 0
+        if journal is not None:
+            spilled = sum(lane.spill_written - lane.spill_read for lane in list(journal.lanes))
+        return len(self.ctl) + len(self.steps) + spilled
+
+    def forget_journal_after_fork(self) -> None:
+        journal = self.journal
+        if journal is not None:
+            journal.forget()

@@ -1,0 +1,677 @@
+"""The runs exporter: RLM runs as MLflow runs (params, tags, step metrics, summary, artifacts).
+
+It gets each drain cycle's events grouped by run (:class:`RunWork`) and answers, run by run,
+whether they were sent, must be kept for replay, or were refused for good. Every write is
+idempotent, so a retry or a replay never duplicates anything:
+
+- a run carries a client-side key tag (``rlm_mlflow.key``); after a create whose answer was lost,
+  the key is looked up before creating again, and duplicates that a slow server committed late
+  are deleted (the run with data is kept) before any data is sent and again at the run's end;
+- params are immutable in MLflow (the same value again is a no-op);
+- metric points keep the time of their hook call; after an answer was lost, the run's stored
+  points are read back and only the missing ones are sent (a file store does not deduplicate);
+- ending a run overwrites its status; replay never ends a run that is not RUNNING anymore.
+
+Failures are contained per run: a bad value is counted and skipped, an unexpected error in one
+run's conversion is logged and that run's events kept, and the other runs of the cycle go on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+
+from . import _convert
+from ._calls import Caller
+from ._codec import describe
+from ._config import COMPONENT_TAG
+from ._events import RunEnd, RunStart, Step
+from ._exceptions import PermanentError, StoreRefused, TransientError
+from ._stats import RateLimitedWarnings, WorkerCounts
+from ._transport import KEY_TAG, PARENT_TAG, Metric, RunRef, Transport
+
+logger = logging.getLogger("rlm_mlflow")
+
+#: Runs whose data is sent at the same time (each run's own writes stay in order).
+CONCURRENT_RUNS = 4
+#: Ended runs remembered, so that a late event finds its MLflow run without a search.
+ENDED_MEMORY = 1024
+#: Codes for which splitting a refused batch cannot help: the whole run is concerned.
+_WHOLE_RUN_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "RUN_NOT_ACTIVE", "ENDPOINT_NOT_FOUND"})
+
+Outcome = Literal["sent", "deferred", "hold"] | tuple[Literal["dropped"], str]
+SENT: Outcome = "sent"
+DEFERRED: Outcome = "deferred"  # kept in the journal for replay; the exporter moves on
+HOLD: Outcome = "hold"  # the store refuses everything for now: try again later
+
+
+@dataclass(slots=True)
+class RunWork:
+    """One run's events of a drain cycle, in order, with what the worker needs to settle them."""
+
+    no: int
+    starts: list[RunStart] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    end: RunEnd | None = None
+    locations: list[tuple[Any, int]] = field(default_factory=list)  # journal (segment, offset)
+    counted: int = 0  # events from hook calls (not the sink's own)
+    in_memory_only: int = 0  # counted events that are in no journal
+    maybe_sent: bool = False  # a request with its metrics may have been committed already
+    run_id: str = ""
+
+    def merge(self, later: RunWork) -> None:
+        self.starts.extend(later.starts)
+        self.steps.extend(later.steps)
+        if later.end is not None:
+            self.end = later.end
+        self.locations.extend(later.locations)
+        self.counted += later.counted
+        self.in_memory_only += later.in_memory_only
+        self.maybe_sent = self.maybe_sent or later.maybe_sent
+        self.run_id = self.run_id or later.run_id
+
+
+@dataclass(slots=True)
+class RunState:
+    """What the exporter knows of one run."""
+
+    no: int
+    key: str
+    run_id: str
+    start_ms: int
+    parent_no: int | None = None
+    ref: RunRef | None = None
+    params: list[tuple[str, str]] = field(default_factory=list)  # not sent yet
+    sent_params: list[tuple[str, str]] = field(default_factory=list)
+    started: bool = False  # a real (not implicit) start was seen
+    maybe_created: bool = False  # a create may have landed without us knowing its run
+    look_first: bool = False  # the run may exist already (replay, a late event): look it up
+    parent_pending: bool = False  # the parent link is still to be set
+    last_step: int = -1
+    ended: bool = False
+    refused: str | None = None
+
+
+class RunsExporter:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        caller: Caller,
+        counts: WorkerCounts,
+        rejected: Callable[[str], None],
+        warnings: RateLimitedWarnings,
+        prefix: str,
+        experiment: str,
+        transport: Callable[[], Transport],
+        replaying: bool = False,
+    ) -> None:
+        self.caller = caller
+        self.counts = counts
+        self._rejected = rejected
+        self.warnings = warnings
+        self.prefix = prefix
+        self.experiment = experiment
+        self._transport = transport
+        self.replaying = replaying
+        self.experiment_id: str | None = None
+        self.runs: dict[int, RunState] = {}
+        self.ended: OrderedDict[int, RunRef] = OrderedDict()
+        self.known: dict[str, list[RunRef]] = {}  # key -> runs found by a bulk search
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport()
+
+    def key_of(self, no: int) -> str:
+        return f"{self.prefix}-{no}"
+
+    # -- the experiment ----------------------------------------------------------------------
+
+    async def ensure_experiment(self) -> str:
+        if self.experiment_id is None:
+            self.experiment_id = await self.caller.call(
+                "get or create experiment",
+                self.transport.get_or_create_experiment,
+                self.experiment,
+            )
+        return self.experiment_id
+
+    async def probe(self) -> None:
+        """A cheap request that succeeds when the store takes our writes (StoreRefused if not)."""
+        if self.experiment_id is None:
+            self.experiment_id = await self.caller.once(
+                "get or create experiment", self.transport.get_or_create_experiment, self.experiment
+            )
+        else:
+            await self.caller.once(
+                "check experiment", self.transport.check_experiment, self.experiment_id
+            )
+
+    async def load_known(self) -> None:
+        """Replay: find every run this sink created, in one search."""
+        experiment_id = await self.ensure_experiment()
+        found = await self.caller.call(
+            "find runs", self.transport.find_runs_by_prefix, experiment_id, self.prefix
+        )
+        for ref in found:
+            self.known.setdefault(ref.key, []).append(ref)
+
+    # -- one cycle ---------------------------------------------------------------------------
+
+    async def export(self, works: Sequence[RunWork]) -> dict[int, Outcome]:
+        """Send the works; the outcome of each run (see :data:`Outcome`)."""
+        outcomes: dict[int, Outcome] = {}
+        await self.ensure_experiment()
+        states: dict[int, RunState] = {}
+        for work in works:
+            try:
+                states[work.no] = self._state_for(work)
+            except Exception:
+                logger.exception("rlm-mlflow run %s: its events could not be read", work.run_id)
+                outcomes[work.no] = ("dropped", "internal_error")
+        # Create runs first, parents before children (a child's tag names its parent's run).
+        levels: dict[int, int] = {}
+        for no in sorted(states):
+            parent = states[no].parent_no
+            levels[no] = levels[parent] + 1 if parent in levels else 0
+        limiter = anyio.CapacityLimiter(CONCURRENT_RUNS)
+        for level in sorted(set(levels.values())):
+            async with anyio.create_task_group() as tg:
+                for no, run_level in levels.items():
+                    if run_level == level and states[no].ref is None:
+                        tg.start_soon(self._guarded_create, states[no], outcomes, limiter)
+        by_no = {work.no: work for work in works}
+        async with anyio.create_task_group() as tg:
+            for no, state in states.items():
+                if no not in outcomes:
+                    tg.start_soon(self._guarded_send, state, by_no[no], outcomes, limiter)
+        return outcomes
+
+    def _state_for(self, work: RunWork) -> RunState:
+        state = self.runs.get(work.no)
+        if state is None:
+            first = work.starts[0] if work.starts else None
+            key = self.key_of(work.no)
+            state = RunState(
+                no=work.no,
+                key=key,
+                run_id=first.run_id if first else work.run_id or key,
+                start_ms=first.timestamp_ms if first else _first_time(work),
+                look_first=self.replaying or first is None,
+            )
+            known = self.ended.get(work.no)
+            if known is not None:
+                state.ref, state.look_first = known, False
+            self.runs[work.no] = state
+        for start in work.starts:
+            self._take_start(state, start)
+        return state
+
+    def _take_start(self, state: RunState, start: RunStart) -> None:
+        if start.parent_no is not None and state.parent_no is None:
+            state.parent_no = start.parent_no
+        if start.implicit:
+            return
+        if state.started:
+            return
+        state.started = True
+        state.run_id = start.run_id
+        reject = self._reject(start.run_id)
+        try:
+            state.params.extend(
+                _convert.params_of(
+                    environment=start.environment,
+                    task_chars=start.task_chars,
+                    params=start.params if isinstance(start.params, dict) else {},
+                    reject=reject,
+                    skip=functools.partial(self._skip_param, start.run_id),
+                )
+            )
+        except Exception:  # never let one run's params stop the others
+            logger.exception("rlm-mlflow run %s: its params could not be read", start.run_id)
+            self._rejected("internal_error")
+
+    async def _guarded_create(
+        self, state: RunState, outcomes: dict[int, Outcome], limiter: anyio.CapacityLimiter
+    ) -> None:
+        async with limiter:
+            outcome = await self._contain(state, self._ensure_run(state))
+        if outcome is not None:
+            outcomes[state.no] = outcome
+
+    async def _guarded_send(
+        self,
+        state: RunState,
+        work: RunWork,
+        outcomes: dict[int, Outcome],
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        async with limiter:
+            outcome = await self._contain(state, self._send(state, work))
+        outcomes[state.no] = SENT if outcome is None else outcome
+
+    async def _contain(self, state: RunState, job: Any) -> Outcome | None:
+        """Run one run's job; turn what it raises into that run's outcome, never further."""
+        try:
+            await job
+        except StoreRefused:
+            return HOLD
+        except TransientError as exc:
+            self._failed(f"run {state.run_id}: not sent, kept for replay: {exc}")
+            return DEFERRED
+        except PermanentError as exc:
+            state.refused = state.refused or str(exc)
+            self._failed(f"run {state.run_id}: MLflow refused it: {exc}")
+            return ("dropped", "refused")
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            logger.exception(
+                "rlm-mlflow run %s: unexpected error; its events are kept", state.run_id
+            )
+            self._rejected("internal_error")
+            return DEFERRED
+        return None
+
+    # -- creating a run ----------------------------------------------------------------------
+
+    async def _ensure_run(self, state: RunState) -> None:
+        if state.ref is not None:
+            return
+        if state.refused is not None:
+            raise PermanentError(state.refused)
+        experiment_id = await self.ensure_experiment()
+        tags = [
+            ("run_id", _convert.tag_value(state.run_id, "run_id", self._reject(state.run_id))),
+            ("component", COMPONENT_TAG),
+            (KEY_TAG, state.key),
+        ]
+        parent = await self._parent_uuid(state)
+        if parent is not None:
+            tags.append((PARENT_TAG, parent))
+        try:
+            state.ref = await self.caller.call(
+                "create run", self._create_or_find, state, experiment_id, tags
+            )
+        except PermanentError as exc:
+            if exc.code != "RESOURCE_DOES_NOT_EXIST" or isinstance(exc, StoreRefused):
+                raise
+            # "No Experiment with id=...": the store was replaced under us; find it again.
+            self._vanished("experiment", self.experiment)
+            self.experiment_id = None
+            experiment_id = await self.ensure_experiment()
+            state.ref = await self.caller.call(
+                "create run", self._create_or_find, state, experiment_id, tags
+            )
+        self.counts.runs_created += 1
+
+    def _create_or_find(
+        self, state: RunState, experiment_id: str, tags: list[tuple[str, str]]
+    ) -> RunRef:
+        """On a thread: the run of ``state``, found (after a lost answer) or created."""
+        transport = self.transport
+        if state.look_first or state.maybe_created:
+            found = self.known.get(state.key) or transport.find_runs(experiment_id, state.key)
+            if found:
+                return self._keep_one(state, found, None)
+        try:
+            ref = transport.create_run(
+                experiment_id,
+                run_name=state.run_id[:250] or "run",
+                start_time_ms=state.start_ms,
+                tags=tags,
+            )
+        except TransientError as exc:
+            if exc.maybe_committed:
+                state.maybe_created = True
+            raise
+        if state.maybe_created:  # an earlier attempt may still have been committed
+            found = transport.find_runs(experiment_id, state.key)
+            if len(found) > 1:
+                ref = self._keep_one(state, found, ref.run_uuid)
+        return ref
+
+    def _keep_one(self, state: RunState, found: list[RunRef], prefer: str | None) -> RunRef:
+        """On a thread: keep one of the runs that carry this key, delete the others."""
+        if len(found) == 1:
+            return found[0]
+        with_data = [r for r in found if r.has_data]
+        if with_data:
+            keep = min(with_data, key=lambda r: r.run_uuid)
+        else:
+            keep = next((r for r in found if r.run_uuid == prefer), None) or min(
+                found, key=lambda r: r.run_uuid
+            )
+        for ref in found:
+            if ref.run_uuid != keep.run_uuid:
+                self.transport.delete_run(ref.run_uuid)
+        self.warnings.warn(
+            "duplicate_runs",
+            "rlm-mlflow run %s: %d duplicate MLflow runs (a create whose answer was lost, "
+            "committed late) were deleted; the run is %s",
+            state.run_id,
+            len(found) - 1,
+            keep.run_uuid,
+        )
+        self.known.pop(state.key, None)
+        return keep
+
+    async def _repair(self, state: RunState) -> None:
+        """At a run's end: delete duplicates a slow server committed after we chose our run."""
+        if not state.maybe_created or state.ref is None or self.experiment_id is None:
+            return
+        found = await self.caller.call(
+            "find runs", self.transport.find_runs, self.experiment_id, state.key
+        )
+        extra = [r for r in found if r.run_uuid != state.ref.run_uuid]
+        if extra:
+
+            def delete() -> None:
+                for ref in extra:
+                    self.transport.delete_run(ref.run_uuid)
+
+            await self.caller.call("delete duplicate runs", delete)
+            self.warnings.warn(
+                "duplicate_runs",
+                "rlm-mlflow run %s: %d duplicate MLflow runs committed late were deleted",
+                state.run_id,
+                len(extra),
+            )
+
+    async def _parent_uuid(self, state: RunState) -> str | None:
+        """The MLflow run of the parent, by state or by key; None (and retried later) if unknown."""
+        if state.parent_no is None:
+            return None
+        parent = self.runs.get(state.parent_no)
+        if parent is not None and parent.ref is not None:
+            state.parent_pending = False
+            return parent.ref.run_uuid
+        ended = self.ended.get(state.parent_no)
+        if ended is not None:
+            state.parent_pending = False
+            return ended.run_uuid
+        experiment_id = await self.ensure_experiment()
+        key = self.key_of(state.parent_no)
+        found = self.known.get(key) or await self.caller.call(
+            "find parent run", self.transport.find_runs, experiment_id, key
+        )
+        if found:
+            state.parent_pending = False
+            return min(found, key=lambda r: r.run_uuid).run_uuid
+        state.parent_pending = True
+        return None
+
+    # -- sending a run's data ------------------------------------------------------------------
+
+    async def _send(self, state: RunState, work: RunWork) -> None:
+        await self._ensure_run(state)
+        assert state.ref is not None
+        if len(work.steps) > 200:
+            # Converting thousands of steps takes milliseconds: not on an event loop that
+            # may be the agent's own (``async with``).
+            metrics = await anyio.to_thread.run_sync(self._metrics_of, state, work.steps)
+        else:
+            metrics = self._metrics_of(state, work.steps)
+        end = work.end
+        if end is not None and not state.ended and end.status == "FINISHED":
+            metrics.extend(self._summary_of(state, end))
+        tags: list[tuple[str, str]] = []
+        if state.parent_pending:
+            parent = await self._parent_uuid(state)
+            if parent is not None:
+                tags.append((PARENT_TAG, parent))
+        if work.maybe_sent and metrics:
+            metrics = await self._not_yet_stored(state, metrics)
+        params = state.params
+        work.maybe_sent = True
+        await self._log_batches(state, metrics, params, tags)
+        state.sent_params.extend(params)
+        del state.params[: len(params)]
+        if end is not None and not state.ended:
+            await self._finish(state, end)
+
+    def _metrics_of(self, state: RunState, steps: Iterable[Step]) -> list[Metric]:
+        reject = self._reject(state.run_id)
+        metrics: list[Metric] = []
+        for step in steps:
+            number = _convert.step_number(step.step)
+            if number is None:
+                number = state.last_step + 1
+                reject(
+                    "bad_step",
+                    f"step {describe(step.step)} is not a whole number in int64; using {number}",
+                )
+            state.last_step = max(state.last_step, number)
+            for name, raw in (
+                ("step_reward", step.reward),
+                ("cumulative_reward", step.cumulative_reward),
+            ):
+                value, why = _convert.metric_value(raw)
+                if why is None:
+                    assert value is not None
+                    metrics.append(Metric(name, value, step.timestamp_ms, number))
+                else:
+                    reject("bad_metric", f"step {number}: {name} skipped: {why}")
+        return metrics
+
+    def _summary_of(self, state: RunState, end: RunEnd) -> list[Metric]:
+        reject = self._reject(state.run_id)
+        metrics: list[Metric] = []
+        completed: Any = end.completed
+        if type(completed) in (bool, int, float):
+            completed = float(bool(completed))
+        steps: Any = end.steps if end.steps is not None else state.last_step + 1
+        for name, raw in (
+            ("completed", completed),
+            ("steps", steps),
+            ("total_reward", end.total_reward),
+        ):
+            if raw is None:
+                continue
+            value, why = _convert.metric_value(raw)
+            if why is None:
+                assert value is not None
+                metrics.append(Metric(name, value, end.timestamp_ms, 0))
+            else:
+                reject("bad_metric", f"summary metric {name} skipped: {why}")
+        return metrics
+
+    async def _not_yet_stored(self, state: RunState, metrics: list[Metric]) -> list[Metric]:
+        """After a lost answer: only the points the store does not hold already."""
+        assert state.ref is not None
+        run_uuid = state.ref.run_uuid
+        stored: set[Metric] = set()
+        for key in sorted({m.key for m in metrics}):
+            stored.update(
+                await self.caller.call(
+                    "read metric history", self.transport.metric_history, run_uuid, key
+                )
+            )
+        return [m for m in metrics if m not in stored]
+
+    async def _log_batches(
+        self,
+        state: RunState,
+        metrics: Sequence[Metric],
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> None:
+        for chunk_metrics, chunk_params, chunk_tags in _chunks(metrics, params, tags):
+            await self._log_batch(state, chunk_metrics, chunk_params, chunk_tags)
+
+    async def _log_batch(
+        self,
+        state: RunState,
+        metrics: Sequence[Metric],
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> None:
+        """Send one batch; when MLflow refuses it, split it until the refused items are alone."""
+        if not (metrics or params or tags):
+            return
+        assert state.ref is not None
+        try:
+            await self.caller.call(
+                "log batch",
+                functools.partial(
+                    self.transport.log_batch,
+                    state.ref.run_uuid,
+                    metrics=metrics,
+                    params=params,
+                    tags=tags,
+                ),
+            )
+            return
+        except StoreRefused:
+            raise
+        except PermanentError as exc:
+            if exc.code in _WHOLE_RUN_CODES:
+                await self._run_gone(state, exc)
+                await self._log_batch(state, metrics, [*state.params, *params], tags)
+                return
+            size = len(metrics) + len(params) + len(tags)
+            if size <= 1:
+                self.counts.refused += 1
+                what = metrics[0] if metrics else (params[0] if params else tags[0])
+                self._failed(f"run {state.run_id}: MLflow refused {what}: {exc}")
+                return
+            # Halve the items (tags, then params, then metrics) until the refused ones stand alone.
+            items: list[tuple[str, Any]] = [
+                *(("t", t) for t in tags),
+                *(("p", p) for p in params),
+                *(("m", m) for m in metrics),
+            ]
+            half = size // 2
+            for part in (items[:half], items[half:]):
+                await self._log_batch(
+                    state,
+                    [x for kind, x in part if kind == "m"],
+                    [x for kind, x in part if kind == "p"],
+                    [x for kind, x in part if kind == "t"],
+                )
+
+    async def _run_gone(self, state: RunState, exc: PermanentError) -> None:
+        """The run refuses writes: its experiment was deleted (blocked), the run was deleted
+        (refused), or the store was replaced (the run is created again)."""
+        if exc.code == "RUN_NOT_ACTIVE":
+            assert self.experiment_id is not None
+            await self.caller.call(  # raises StoreRefused when the experiment is deleted
+                "check experiment", self.transport.check_experiment, self.experiment_id
+            )
+            raise PermanentError(f"run {state.run_id} was deleted in MLflow", code=exc.code)
+        if state.ref is None or exc.code != "RESOURCE_DOES_NOT_EXIST":
+            raise exc
+        self._vanished("run", state.run_id)
+        state.ref = None
+        state.params[:0] = state.sent_params
+        state.sent_params = []
+        state.look_first = True
+        self.experiment_id = None
+        await self._ensure_run(state)
+
+    def _vanished(self, what: str, name: str) -> None:
+        self.warnings.warn(
+            "vanished",
+            "rlm-mlflow: the %s %s no longer exists on the server (was its database replaced?); "
+            "it is created again; what was sent to it before is not there anymore",
+            what,
+            name,
+        )
+
+    async def _finish(self, state: RunState, end: RunEnd) -> None:
+        assert state.ref is not None
+        ref = state.ref
+        if end.run_path:
+            try:
+                await self.caller.call(
+                    "log artifact", self.transport.log_artifact, ref, end.run_path
+                )
+            except StoreRefused:
+                raise
+            except PermanentError as exc:
+                self._rejected("artifact")
+                self.warnings.warn(
+                    "artifact", "rlm-mlflow run %s: artifact not uploaded: %s", end.run_id, exc
+                )
+        if self.replaying and end.internal:
+            status = await self.caller.call(
+                "read run status", self.transport.run_status, ref.run_uuid
+            )
+            if status is not None and status != "RUNNING":
+                state.ended = True  # ended by someone else meanwhile: never changed here
+                self._forget(state)
+                return
+        await self._repair(state)
+        await self.caller.call(
+            "end run",
+            functools.partial(
+                self.transport.set_terminated,
+                ref.run_uuid,
+                status=end.status,
+                end_time_ms=end.timestamp_ms,
+            ),
+        )
+        state.ended = True
+        self.counts.runs_ended += 1
+        self._forget(state)
+
+    def _forget(self, state: RunState) -> None:
+        """A run that ended: keep only its MLflow run, for a late event."""
+        self.runs.pop(state.no, None)
+        if state.ref is not None:
+            self.ended[state.no] = state.ref
+            while len(self.ended) > ENDED_MEMORY:
+                self.ended.popitem(last=False)
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def _reject(self, run_id: str) -> Callable[[str, str], None]:
+        def reject(reason: str, message: str) -> None:
+            self._rejected(reason)
+            self.warnings.warn(reason, "rlm-mlflow run %s: %s", run_id, message)
+
+        return reject
+
+    def _skip_param(self, run_id: str, key: str, value: object) -> None:
+        self._reject(run_id)(
+            "param_not_scalar",
+            f"param {key!r} skipped: MLflow params are scalars, this one is {describe(value)}",
+        )
+
+    def _failed(self, message: str) -> None:
+        self.caller.note_error(message)
+        self.warnings.warn("failed", "rlm-mlflow %s", self.caller.clean(message))
+
+
+def _first_time(work: RunWork) -> int:
+    if work.steps:
+        return work.steps[0].timestamp_ms
+    if work.end is not None:
+        return work.end.timestamp_ms
+    return 0
+
+
+def _chunks(
+    metrics: Sequence[Metric], params: Sequence[tuple[str, str]], tags: Sequence[tuple[str, str]]
+) -> Iterable[tuple[Sequence[Metric], Sequence[tuple[str, str]], Sequence[tuple[str, str]]]]:
+    """Split into requests within MLflow's limits: tags and params first, metrics in order."""
+    p_size, m_size = _convert.MAX_PARAMS_PER_BATCH, _convert.MAX_METRICS_PER_BATCH
+    t_size = _convert.MAX_TAGS_PER_BATCH
+    p_start = m_start = t_start = 0
+    while p_start < len(params) or m_start < len(metrics) or t_start < len(tags):
+        chunk_tags = tags[t_start : t_start + t_size]
+        chunk_params = params[p_start : p_start + p_size]
+        room = min(m_size, _convert.MAX_ENTITIES_PER_BATCH - len(chunk_params) - len(chunk_tags))
+        chunk_metrics = metrics[m_start : m_start + room]
+        t_start += len(chunk_tags)
+        p_start += len(chunk_params)
+        m_start += len(chunk_metrics)
+        yield chunk_metrics, chunk_params, chunk_tags

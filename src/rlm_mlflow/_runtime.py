@@ -1,0 +1,402 @@
+"""The process side: one background thread for every sink's worker, and how the process ends.
+
+Sinks in a sync program share one background thread running one event loop (started by the first
+event of the first sink, without waiting for it; it ends when no sink needs it). ``async with``
+sinks run their worker in the caller's loop instead. Either way the worker *owns* its sink's
+lifecycle: everyone else only asks it to close and, if they must, waits for it.
+
+How the process ends, and what each way means for the runs still open:
+
+- normal exit: the ``atexit`` hook asks every sink to close and waits for all of them together,
+  against one deadline (the longest ``shutdown_timeout``); runs that never ended become FAILED.
+- an uncaught exception: FAILED too (``sys.excepthook``); in a thread, that thread's open runs
+  are ended FAILED at once (``threading.excepthook``), the program going on.
+- SIGTERM / SIGINT: runs still open become KILLED. The handler only records the cause and wakes
+  the background thread: it never waits, joins or takes a lock (the code it interrupted may hold
+  any lock, a hook included). If the previous handler is a Python function (asyncio's, uvicorn's,
+  the program's), it is called at once and the program shuts down its own way, closing the sinks
+  on the way out. If the previous action is the default one (die), the background thread closes
+  every sink in parallel within the deadline, then the signal is raised again with its default
+  action, so the process still dies of it.
+- fork: the child gets fresh sinks of its own (empty queue, no journal, no worker yet) and never
+  sends what the parent had queued.
+
+Every hook here is installed once per process, chains to what was there, and holds sinks weakly.
+"""
+
+from __future__ import annotations
+
+import _thread
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+import anyio
+
+from ._worker import Worker
+
+logger = logging.getLogger("rlm_mlflow")
+
+_HANDLED = (signal.SIGTERM, signal.SIGINT)
+#: How long the background thread stays when no sink needs it, before it ends.
+IDLE_EXIT = 2.0
+
+
+class Waker:
+    """A socket pair: writing one byte wakes whoever waits on the other end (any thread,
+    a signal handler included: no lock)."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: a wake-up is pending anyway; closed: gone
+            self._w.send(b"\0")
+
+    async def wait(self) -> None:
+        await anyio.wait_readable(self._r)
+        with contextlib.suppress(OSError):
+            while self._r.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self._w.close()
+        self._r.close()
+
+
+class Loop:
+    """The workers one event loop runs, and the task that wakes them."""
+
+    def __init__(self) -> None:
+        self.waker = Waker()
+        self.workers: list[Worker] = []
+        self.pending: list[Worker] = []
+
+    def wake(self, worker: Worker) -> None:
+        worker.wake_flag = True
+        self.waker.wake()
+
+    def dispatch(self) -> None:
+        for worker in list(self.workers):
+            if worker.wake_flag or worker.close_requested:
+                worker.wake_flag = False
+                worker.notify()
+
+
+class Runtime:
+    """The process's background thread and registry of sinks (one per process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # never taken by a signal handler
+        self.loop = Loop()  # the loop of the thread running now (a new one for each thread)
+        self.running = False
+        self.thread_ident: int | None = None
+        self.workers: weakref.WeakSet[Worker] = weakref.WeakSet()  # every active worker
+        self.snapshot: tuple[Worker, ...] = ()  # for the signal handler: no lock needed
+        self.done = threading.Event()
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def register(self, worker: Worker) -> None:
+        with self.lock:
+            self.workers.add(worker)
+            self.snapshot = tuple(self.workers)
+        _install_process_hooks()
+
+    def unregister(self, worker: Worker) -> None:
+        with self.lock:
+            self.workers.discard(worker)
+            self.snapshot = tuple(self.workers)
+
+    # -- the background thread ---------------------------------------------------------------
+
+    def attach(self, worker: Worker) -> None:
+        """Run ``worker`` on the background thread (started if needed, without waiting)."""
+        with self.lock:
+            if not self.running:
+                self.running = True
+                self.done.clear()
+                self.loop = Loop()
+                _thread.start_new_thread(self._main, (self.loop,))
+            loop = self.loop
+            worker.loop = loop
+            loop.pending.append(worker)
+        loop.waker.wake()
+
+    def _main(self, loop: Loop) -> None:
+        self.thread_ident = threading.get_ident()
+        try:
+            anyio.run(self._serve, loop)
+        except BaseException:  # never let the thread die with a traceback at exit
+            logger.exception("rlm-mlflow background thread failed")
+            with self.lock:
+                if self.loop is loop:
+                    self.running = False
+                orphans, loop.pending = loop.pending, []
+            for worker in orphans:
+                self.attach(worker)
+        finally:
+            loop.waker.close()
+            self.done.set()
+
+    async def _serve(self, loop: Loop) -> None:
+        async with anyio.create_task_group() as tg:
+            idle_since: float | None = None
+            while True:
+                with self.lock:
+                    new, loop.pending = loop.pending, []
+                    idle = not new and not loop.workers and idle_since is not None
+                    if idle and time.monotonic() - (idle_since or 0.0) >= IDLE_EXIT:
+                        self.running = False  # from now on attach() starts a new thread
+                        break
+                for worker in new:
+                    loop.workers.append(worker)
+                    tg.start_soon(self._run_worker, loop, worker)
+                idle_since = None if loop.workers else (idle_since or time.monotonic())
+                loop.dispatch()
+                with anyio.move_on_after(IDLE_EXIT if not loop.workers else 60.0):
+                    await loop.waker.wait()
+            tg.cancel_scope.cancel()
+
+    async def _run_worker(self, loop: Loop, worker: Worker) -> None:
+        try:
+            await worker.run()
+        finally:
+            with contextlib.suppress(ValueError):
+                loop.workers.remove(worker)
+            self.unregister(worker)
+            loop.waker.wake()
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> Runtime:
+    global _runtime
+    found = _runtime
+    if found is None:
+        with _runtime_lock:
+            if _runtime is None:
+                _runtime = Runtime()
+            found = _runtime
+    return found
+
+
+# -- closing many sinks at once --------------------------------------------------------------
+
+
+def close_all(status: str | None = None, timeout: float | None = None) -> None:
+    """Ask every active sink to close, and wait for all of them against one deadline."""
+    current = _runtime
+    if current is None:
+        return
+    workers = [w for w in current.snapshot if not w.stopped.is_set()]
+    if not workers:
+        return
+    if timeout is None:
+        timeout = max(w.config.shutdown_timeout for w in workers)
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        if status is not None:
+            worker.pipeline.end_status = status
+        request_close(worker, deadline)
+    for worker in workers:
+        worker.stopped.wait(max(0.0, deadline - time.monotonic()) + 0.5)
+
+
+def request_close(worker: Worker, deadline: float) -> None:
+    """Ask ``worker`` to close by ``deadline`` (time.monotonic()); never waits."""
+    from ._pipeline import State
+
+    pipeline = worker.pipeline
+    pipeline.active = False
+    if pipeline.state in (State.IDLE, State.CLOSED):
+        pipeline.state = State.CLOSED
+        worker.stopped.set()
+        return
+    pipeline.state = State.CLOSING
+    if worker.close_deadline is None or deadline < worker.close_deadline:
+        worker.close_deadline = deadline
+    worker.close_requested = True
+    waker = pipeline.waker
+    if waker is not None:
+        waker()
+
+
+def _close_all_at_exit() -> None:
+    try:
+        close_all()
+    except Exception:  # never break the interpreter's exit
+        logger.exception("rlm-mlflow: closing sinks at exit failed")
+    signum = _reraise_after_exit
+    if signum is not None:
+        _reraise(signum)
+
+
+# -- signals -----------------------------------------------------------------------------------
+
+_previous_signal: dict[int, Any] = {}
+_reraising: set[int] = set()
+_reraise_after_exit: int | None = None
+_process_hooks = False
+_process_hooks_lock = threading.Lock()
+
+
+def install_signal_handlers() -> None:
+    """Watch SIGTERM and SIGINT (main thread only; a no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        logger.debug("rlm-mlflow: not on the main thread; SIGTERM/SIGINT are not watched")
+        return
+    for signum in _HANDLED:
+        if signum in _previous_signal:
+            continue
+        try:
+            current = signal.getsignal(signum)
+            if current is signal.SIG_IGN or current is _on_signal:
+                continue  # the program chose to ignore it: so do we
+            signal.signal(signum, _on_signal)
+        except (ValueError, OSError):  # not the main interpreter, or not allowed
+            continue
+        _previous_signal[signum] = current
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _reraise_after_exit
+    previous = _previous_signal.get(signum, signal.SIG_DFL)
+    if signum in _reraising:  # the sinks are closed: die of the signal, as was asked
+        _die(signum)
+        return
+    current = _runtime
+    workers = current.snapshot if current is not None else ()
+    for worker in workers:
+        worker.pipeline.end_status = "KILLED"
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signum, frame)  # the program's own handler decides; exit hooks close us
+        return
+    if signum == signal.SIGINT and previous is signal.default_int_handler:
+        raise KeyboardInterrupt  # Python's default: unwinds, then the exit hook closes us
+    # The default action (die): let the background thread close every sink, then die of it.
+    if current is None or not any(not w.stopped.is_set() for w in workers):
+        _die(signum)
+        return
+    _reraise_after_exit = signum
+    # A thread of its own does the waiting; starting it takes no lock the interrupted code
+    # could hold (``_thread`` does not wait for the new thread, unlike ``threading``).
+    _thread.start_new_thread(_close_after_signal, (signum,))
+
+
+def _close_after_signal(signum: int) -> None:
+    try:
+        close_all("KILLED")
+    finally:
+        _reraise(signum)
+
+
+def _die(signum: int) -> None:
+    """Raise ``signum`` again with its default action (main thread)."""
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        os._exit(128 + signum)
+    os.kill(os.getpid(), signum)
+
+
+def _reraise(signum: int) -> None:
+    """From any thread: have the main thread die of ``signum``; exit hard if it cannot."""
+    _reraising.add(signum)
+    if threading.current_thread() is threading.main_thread():
+        _die(signum)
+        return
+    os.kill(os.getpid(), signum)  # our handler runs on the main thread and calls _die()
+    time.sleep(2.0)  # the main thread is stuck in C code: do not hang the process
+    os._exit(128 + signum)
+
+
+def restore_signal_handlers() -> None:
+    """Put back the handlers that were there before (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, previous in list(_previous_signal.items()):
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            if signal.getsignal(signum) is _on_signal:
+                signal.signal(signum, previous)
+            _previous_signal.pop(signum, None)
+
+
+# -- uncaught exceptions, exit, fork ----------------------------------------------------------
+
+_previous_excepthook: Callable[..., Any] | None = None
+_previous_thread_excepthook: Callable[[threading.ExceptHookArgs], Any] | None = None
+
+
+def _install_process_hooks() -> None:
+    global _process_hooks, _previous_excepthook, _previous_thread_excepthook
+    with _process_hooks_lock:
+        if _process_hooks:
+            return
+        _process_hooks = True
+        _previous_excepthook = sys.excepthook
+        _previous_thread_excepthook = threading.excepthook
+        sys.excepthook = _on_uncaught
+        threading.excepthook = _on_thread_uncaught
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        atexit.register(_close_all_at_exit)
+
+
+def after_mlflow_import() -> None:
+    """Run our exit hook before mlflow's (``atexit`` runs the latest first): mlflow's own marks
+    its active fluent run FINISHED; ours must have ended our runs with the right status first."""
+    if "mlflow" in sys.modules and _process_hooks:
+        atexit.unregister(_close_all_at_exit)
+        with contextlib.suppress(RuntimeError):  # "can't register atexit after shutdown"
+            atexit.register(_close_all_at_exit)
+
+
+def _on_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+    current = _runtime
+    for worker in current.snapshot if current is not None else ():
+        worker.pipeline.end_status = status
+    hook = _previous_excepthook or sys.__excepthook__
+    hook(exc_type, exc, tb)
+
+
+def _on_thread_uncaught(args: threading.ExceptHookArgs) -> None:
+    thread = args.thread
+    current = _runtime
+    if thread is not None and thread.ident is not None and current is not None:
+        for worker in current.snapshot:
+            if worker.pipeline.active:
+                worker.pipeline.end_open_runs("FAILED", thread=thread.ident)
+    hook = _previous_thread_excepthook or threading.__excepthook__
+    hook(args)
+
+
+def _after_fork_in_child() -> None:
+    global _runtime, _runtime_lock, _process_hooks_lock
+    old = _runtime
+    _runtime = None
+    _runtime_lock = threading.Lock()
+    _process_hooks_lock = threading.Lock()
+    if old is None:
+        return
+    for worker in list(old.workers):
+        worker.pipeline.forget_journal_after_fork()
+        if worker.pipeline.config.enabled:
+            worker.pipeline.reset()
+            worker.reset()
