@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rlm_mlflow import MLflowSink, PermanentError, TransientError
-from rlm_mlflow.testing import MemoryTransport
+from rlm_mlflow.testing import MemoryTransport, wait_for
 
 FAST = {"flush_interval": 0.05, "retry_initial": 0.01, "retry_max_wait": 0.05}
 
@@ -527,3 +527,24 @@ def test_a_sink_never_used_makes_no_journal_and_no_thread(journal_dir: Path) -> 
     assert threading.active_count() == threads
     sink.close()
     assert not journal_dir.exists()
+
+
+def test_an_idle_sink_lets_go_of_its_journal(
+    journal_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once everything is sent and nothing happens, the journal folder and its descriptor go;
+    the next event makes a new journal."""
+    import rlm_mlflow._worker
+
+    monkeypatch.setattr(rlm_mlflow._worker, "JOURNAL_IDLE", 0.0)
+    memory = MemoryTransport()
+    sink = make_sink(memory)
+    run_one(sink, "first")
+    assert sink.flush(10)
+    assert wait_for(lambda: not journal_dir.exists() or not list(journal_dir.iterdir()))
+    assert sink.status()["journal"] is None
+    run_one(sink, "second")
+    assert sink.flush(10)
+    sink.close()
+    assert [r.status for r in memory.runs.values()] == ["FINISHED", "FINISHED"]
+    assert list(journal_dir.iterdir()) == []

@@ -69,6 +69,7 @@ IN_FLIGHT = 1
 DONE = 2
 
 HFLAG_SPILLED = 1  # the record went to the journal only (the memory queue was full)
+_INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
 
 #: First segment of a lane, and the most a segment grows to (each new one doubles).
 FIRST_SEGMENT = 1 << 20
@@ -140,6 +141,16 @@ class Segment:
             and not self.removed
         )
 
+    def release_if_finished(self) -> None:
+        """Remove the segment's file once it is :attr:`finished` (worker)."""
+        if not self.finished:
+            return
+        self.removed = True
+        with contextlib.suppress(ValueError, BufferError):
+            self.mm.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
 
 class Lane:
     """The records of one agent thread (or, after it died, of the next thread that needs one)."""
@@ -149,9 +160,11 @@ class Lane:
         "journal",
         "number",
         "read_at",
+        "read_internal",
         "segment",
         "segments",
         "spill_from",
+        "spill_internal",
         "spill_read",
         "spill_written",
     )
@@ -166,6 +179,8 @@ class Lane:
         # so a thread's later events never overtake its spilled ones.
         self.spill_written = 0
         self.spill_read = 0
+        self.spill_internal = 0  # spilled records made by the sink itself (hook side)
+        self.read_internal = 0  # of those, read back (worker side)
         self.spill_from: tuple[Segment, int] | None = None
         self.read_at: tuple[Segment, int] | None = None
 
@@ -213,7 +228,10 @@ class Lane:
                 size, _, _, flags, _ = _RECORD.unpack_from(mm, offset)
                 body = offset + RECORD_HEADER_SIZE
                 if flags & HFLAG_SPILLED:
-                    out.append((segment, offset, mm[body : body + size]))
+                    payload = mm[body : body + size]
+                    if payload[1] & _INTERNAL:
+                        self.read_internal += 1
+                    out.append((segment, offset, payload))
                 offset = body + size
             if offset < end or not segment.sealed or index + 1 >= len(segments):
                 break
@@ -281,6 +299,7 @@ class Journal:
         self.failed: str | None = None  # why the disk refused a segment: no more journal writes
         self.closed = False
         self.kept = False  # closed with events not sent in it (for replay)
+        self.retiring = False  # idle: the next hook opens a new journal, this one goes
 
     # -- lanes -----------------------------------------------------------------------------
 
@@ -354,6 +373,15 @@ class Journal:
 
     # -- worker side -------------------------------------------------------------------------
 
+    def spilled_unread(self) -> tuple[int, int]:
+        """Spilled records not read back yet: ``(all, made by hook calls)``."""
+        records = counted = 0
+        for lane in list(self.lanes):
+            waiting = lane.spill_written - lane.spill_read
+            records += waiting
+            counted += waiting - (lane.spill_internal - lane.read_internal)
+        return records, counted
+
     def spill_pending(self) -> bool:
         return any(lane.spill_written != lane.spill_read for lane in list(self.lanes))
 
@@ -365,21 +393,9 @@ class Journal:
             out.extend(lane.read_spilled(limit - len(out)))
         return out
 
-    def settle(self, segment: Segment) -> None:
-        """Remove the segment's file if it is finished (see :attr:`Segment.finished`)."""
-        if not segment.finished:
-            return
-        segment.removed = True
-        with contextlib.suppress(ValueError, BufferError):
-            segment.mm.close()
-        with contextlib.suppress(FileNotFoundError):
-            segment.path.unlink()
-
-    def sweep(self) -> None:
-        """Remove every finished segment (after a lane was sealed with all its records done)."""
-        for lane in list(self.lanes):
-            for segment in list(lane.segments):
-                self.settle(segment)
+    def written(self) -> int:
+        """Records written so far (it stops moving when the agent is idle)."""
+        return sum(s.written for lane in list(self.lanes) for s in list(lane.segments))
 
     def backlog(self) -> int:
         """Records written and not DONE yet."""

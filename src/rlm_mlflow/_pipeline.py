@@ -41,7 +41,10 @@ from ._stats import AtomicCounter, RateLimitedWarnings, Tally
 
 logger = logging.getLogger("rlm_mlflow")
 
-Item = tuple[Segment | None, int, bytes]  # (journal segment, offset, record) - no journal: None
+Item = tuple[Segment | None, int, bytes]
+
+#: While spilling, a hook yields the interpreter once per this many records (+1, a power of two).
+YIELD_EVERY = 255  # (journal segment, offset, record) - no journal: None
 
 
 class State(enum.Enum):
@@ -109,11 +112,14 @@ class Pipeline:
         """A fresh state: at construction, and in a forked child."""
         self.state = State.IDLE
         self.active = self.config.enabled
+        self.off = not self.config.enabled  # disabled (or unusable): every hook returns at once
         self.prefix = secrets.token_hex(8)
         self.run_numbers = itertools.count(1)
         self.ctl: deque[Item] = deque()
         self.steps: deque[Item] = deque()
         self.journal: Journal | None = None
+        self.retired: list[Journal] = []  # replaced while idle; closed once all of it is done
+        self.spilled_before = 0  # records spilled to journals closed since
         self.journal_wanted = self.config.enabled and self.config.journal
         self.journal_problem: str | None = None
         self._opening = threading.Lock()  # only while the journal does not exist yet
@@ -134,11 +140,13 @@ class Pipeline:
     # -- the hooks -------------------------------------------------------------------------------
 
     def start(self, run_id: object, task: object, environment: object, params: object) -> None:
-        if not self.active:
-            self.refuse()
+        if self.off:
             return
-        self.entered.incr()
+        self.entered.incr()  # before looking at ``active``: close() waits for us (see quiet)
         try:
+            if not self.active:
+                self.refuse()
+                return
             rid = run_id if type(run_id) is str else text_of(run_id)
             try:
                 task_chars: int | None = len(task)  # type: ignore[arg-type]
@@ -173,11 +181,13 @@ class Pipeline:
             self.exited.incr()
 
     def step(self, run_id: object, event: object, cumulative: object) -> None:
-        if not self.active:
-            self.refuse()
+        if self.off:
             return
-        self.entered.incr()
+        self.entered.incr()  # before looking at ``active``: close() waits for us (see quiet)
         try:
+            if not self.active:
+                self.refuse()
+                return
             run = self.by_id.get(run_id) if type(run_id) is str else None
             if run is None or run.thread != threading.get_ident():
                 run = self.route(run_id)
@@ -196,11 +206,13 @@ class Pipeline:
             self.exited.incr()
 
     def end(self, run_id: object, result: object, run_path: object) -> None:
-        if not self.active:
-            self.refuse()
+        if self.off:
             return
-        self.entered.incr()
+        self.entered.incr()  # before looking at ``active``: close() waits for us (see quiet)
         try:
+            if not self.active:
+                self.refuse()
+                return
             run = self.route(run_id)
             values = []
             for name in ("completed", "steps", "total_reward"):
@@ -314,7 +326,7 @@ class Pipeline:
         if self.state is State.IDLE:
             self._first_event()
         journal = self.journal
-        if journal is None and self.journal_wanted:
+        if (journal is None or journal.retiring) and self.journal_wanted:
             journal = self._open_journal()
         if journal is not None:
             lane = journal.lane_for_thread()
@@ -327,7 +339,14 @@ class Pipeline:
                     if spill:
                         if lane.spill_written == lane.spill_read:
                             lane.spill_from = where
+                        if internal:
+                            lane.spill_internal += 1
                         lane.spill_written += 1
+                        if not lane.spill_written & YIELD_EVERY:
+                            # The worker is behind: let it have the interpreter now and then.
+                            # Threads that never block keep the GIL for up to 5 ms each, and
+                            # every request the worker makes needs it back a dozen times.
+                            time.sleep(0)
                         self.wake()
                         return
                     (self.ctl if ctl else self.steps).append((where[0], where[1], payload))
@@ -385,8 +404,9 @@ class Pipeline:
 
     def _open_journal(self) -> Journal | None:
         with self._opening:
-            if self.journal is not None or not self.journal_wanted:
-                return self.journal
+            current = self.journal
+            if (current is not None and not current.retiring) or not self.journal_wanted:
+                return current
             config = self.config
             root = Path(config.journal_dir) if config.journal_dir else default_journal_dir()
             try:
@@ -397,6 +417,8 @@ class Pipeline:
                     tracking_uri=config.tracking_uri,
                     fsync=config.journal_fsync,
                 )
+                if current is not None:
+                    self.retired.append(current)
             except OSError as exc:
                 self.journal_wanted = False
                 self.journal_problem = f"cannot open a journal in {root}: {exc}"
@@ -428,7 +450,10 @@ class Pipeline:
     # -- the owner's side --------------------------------------------------------------------
 
     def quiet(self) -> bool:
-        """No hook is between its check of ``active`` and its append."""
+        """No hook is running: every hook that saw ``active`` true has appended its record.
+
+        A hook counts itself in before it reads ``active``, so once ``active`` is false and
+        this is true, no record can be appended any more (closing relies on it)."""
         return self.entered.value == self.exited.value
 
     def end_open_runs(self, status: str, *, thread: int | None = None) -> int:
@@ -469,20 +494,37 @@ class Pipeline:
         pop = steps.popleft
         for _ in range(len(steps)):
             out.append(pop())
-        journal = self.journal
-        if journal is not None and len(out) < limit and journal.spill_pending():
-            out.extend(journal.read_spilled(limit - len(out)))
+        for journal in self.journals():
+            if len(out) < limit and journal.spill_pending():
+                out.extend(journal.read_spilled(limit - len(out)))
         return out
+
+    def journals(self) -> list[Journal]:
+        """Every journal records may still be read from: retired ones first, then the current."""
+        current = self.journal
+        return [*self.retired, current] if current is not None else list(self.retired)
 
     def waiting(self) -> int:
         """Records in memory and spilled records not read back yet."""
-        journal = self.journal
         spilled = 0
-        if journal is not None:
-            spilled = sum(lane.spill_written - lane.spill_read for lane in list(journal.lanes))
+        for journal in self.journals():
+            spilled += sum(lane.spill_written - lane.spill_read for lane in list(journal.lanes))
         return len(self.ctl) + len(self.steps) + spilled
 
+    def release_idle_journals(self) -> None:
+        """Close (and remove) every retiring journal with nothing left in it (worker, when no
+        hook is running: a hook that saw the journal before it was retiring has finished)."""
+        for journal in self.journals():
+            if not journal.retiring or journal.backlog() or journal.spill_pending():
+                continue
+            with self._opening:
+                if self.journal is journal:
+                    self.journal = None
+                elif journal in self.retired:
+                    self.retired.remove(journal)
+            self.spilled_before += sum(lane.spill_written for lane in list(journal.lanes))
+            journal.close(keep=False)
+
     def forget_journal_after_fork(self) -> None:
-        journal = self.journal
-        if journal is not None:
+        for journal in self.journals():
             journal.forget()

@@ -44,7 +44,7 @@ from ._journal import (
     try_lock,
 )
 from ._retry import RetryPolicy
-from ._runs import SENT, RunsExporter, RunWork
+from ._runs import SENT, Outcome, RunsExporter, RunWork
 from ._stats import RateLimitedWarnings, WorkerCounts
 from ._transport import Transport
 
@@ -65,6 +65,7 @@ class ReplayReport:
     sent: int = 0
     failed: int = 0  # events that could not be sent (they stay for the next replay)
     already_sent: int = 0  # events the journals held that had been sent already
+    refused: int = 0  # events the store refused for good (logged; not tried again)
     torn: int = 0  # torn or corrupt records skipped
     runs_killed: int = 0  # runs left open by a dead process, ended KILLED
     problems: list[str] = field(default_factory=list)
@@ -232,13 +233,13 @@ def _replay_folder(
 
     total = loaded.events + len(loaded.open_runs)
 
-    async def send() -> tuple[int, int, int]:
+    async def send() -> tuple[int, int, int, int]:
         holder.append(
             transport
             if transport is not None
             else await anyio.to_thread.run_sync(default_transport_factory, uri, 30.0)
         )
-        sent = failed = killed = 0
+        sent = failed = refused = 0
         try:
             await exporter.load_known()
             now = _now_ms()
@@ -249,40 +250,42 @@ def _replay_folder(
                 if work.end is None:
                     work.end = RunEnd(no, now, run_id, "KILLED", internal=True)
             works = sorted(loaded.works.values(), key=lambda w: w.no)
-            done = 0
-            for start in range(0, len(works), 200):
-                batch = works[start : start + 200]
-                outcomes = await exporter.export(batch)
-                for work in batch:
-                    outcome = outcomes.get(work.no)
-                    if outcome == SENT or (isinstance(outcome, tuple)):
-                        for record in loaded.records.get(work.no, ()):
-                            set_state(record.path, record.offset, DONE)
-                        if outcome == SENT:
-                            sent += work.counted
-                        if work.no in loaded.open_runs and outcome == SENT:
-                            killed += 1
+            finished: set[int] = set()
+
+            def done(work: RunWork, outcome: Outcome) -> None:
+                nonlocal sent, failed, refused
+                finished.add(work.no)
+                if outcome == SENT or isinstance(outcome, tuple):  # nothing more to do for it
+                    for record in loaded.records.get(work.no, ()):
+                        set_state(record.path, record.offset, DONE)
+                    if outcome == SENT:
+                        sent += work.counted
                     else:
-                        failed += work.counted
-                    done += work.counted
-                    if progress is not None:
-                        progress(min(done, total), total)
+                        refused += work.counted
+                else:
+                    failed += work.counted
+                if progress is not None:
+                    progress(sent + failed + refused, total)
+
+            for start in range(0, len(works), 200):
+                await exporter.export(works[start : start + 200], done)
         except (TransientError, StoreRefused, PermanentError) as exc:
             report.problems.append(caller.clean(str(exc)))
             logger.error("rlm-mlflow replay of %s stopped: %s", folder, caller.clean(str(exc)))
-            failed = loaded.events - sent
         finally:
             holder[0].close()
-        return sent, failed, killed
+        failed += sum(w.counted for w in loaded.works.values() if w.no not in finished)
+        return sent, failed, refused, exporter.killed
 
     try:
-        sent, failed, killed = anyio.run(send)
+        sent, failed, refused, killed = anyio.run(send)
     except ImportError as exc:
         report.problems.append(str(exc))
         logger.error("rlm-mlflow replay of %s: %s", folder, exc)
-        sent, failed, killed = 0, loaded.events, 0
+        sent, failed, refused, killed = 0, loaded.events, 0, 0
     report.sent += sent
     report.failed += failed
+    report.refused += refused
     report.runs_killed += killed
     if failed == 0 and not report.problems:
         remove_journal(folder)

@@ -77,6 +77,9 @@ class RunWork:
         self.run_id = self.run_id or later.run_id
 
 
+Done = Callable[["RunWork", Outcome], None]
+
+
 @dataclass(slots=True)
 class RunState:
     """What the exporter knows of one run."""
@@ -125,6 +128,7 @@ class RunsExporter:
         self.runs: dict[int, RunState] = {}
         self.ended: OrderedDict[int, RunRef] = OrderedDict()
         self.known: dict[str, list[RunRef]] = {}  # key -> runs found by a bulk search
+        self.killed = 0  # replay: runs left open by a dead process, ended KILLED
 
     @property
     def transport(self) -> Transport:
@@ -166,9 +170,16 @@ class RunsExporter:
 
     # -- one cycle ---------------------------------------------------------------------------
 
-    async def export(self, works: Sequence[RunWork]) -> dict[int, Outcome]:
-        """Send the works; the outcome of each run (see :data:`Outcome`)."""
+    async def export(self, works: Sequence[RunWork], done: Done) -> None:
+        """Send the works; ``done(work, outcome)`` as soon as each run's outcome is known (see
+        :data:`Outcome`), so progress shows while slow runs are still being sent."""
         outcomes: dict[int, Outcome] = {}
+        by_no = {work.no: work for work in works}
+
+        def finished(no: int, outcome: Outcome) -> None:
+            outcomes[no] = outcome
+            done(by_no[no], outcome)
+
         await self.ensure_experiment()
         states: dict[int, RunState] = {}
         for work in works:
@@ -176,24 +187,33 @@ class RunsExporter:
                 states[work.no] = self._state_for(work)
             except Exception:
                 logger.exception("rlm-mlflow run %s: its events could not be read", work.run_id)
-                outcomes[work.no] = ("dropped", "internal_error")
-        # Create runs first, parents before children (a child's tag names its parent's run).
-        levels: dict[int, int] = {}
-        for no in sorted(states):
-            parent = states[no].parent_no
-            levels[no] = levels[parent] + 1 if parent in levels else 0
+                finished(work.no, ("dropped", "internal_error"))
+        # One task per run; a child waits until its parent's MLflow run exists (its tag names
+        # it), then goes. The limiter is held only while requests are made, never while waiting.
+        created = {no: anyio.Event() for no in states}
         limiter = anyio.CapacityLimiter(CONCURRENT_RUNS)
-        for level in sorted(set(levels.values())):
-            async with anyio.create_task_group() as tg:
-                for no, run_level in levels.items():
-                    if run_level == level and states[no].ref is None:
-                        tg.start_soon(self._guarded_create, states[no], outcomes, limiter)
-        by_no = {work.no: work for work in works}
         async with anyio.create_task_group() as tg:
-            for no, state in states.items():
+            for no in sorted(states):
                 if no not in outcomes:
-                    tg.start_soon(self._guarded_send, state, by_no[no], outcomes, limiter)
-        return outcomes
+                    tg.start_soon(self._one_run, states[no], by_no[no], created, finished, limiter)
+
+    async def _one_run(
+        self,
+        state: RunState,
+        work: RunWork,
+        created: dict[int, anyio.Event],
+        finished: Callable[[int, Outcome], None],
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        parent = created.get(state.parent_no) if state.parent_no is not None else None
+        if parent is not None:
+            await parent.wait()
+        try:
+            async with limiter:
+                outcome = await self._contain(state, self._send(state, work, created[state.no]))
+        finally:
+            created[state.no].set()
+        finished(state.no, SENT if outcome is None else outcome)
 
     def _state_for(self, work: RunWork) -> RunState:
         state = self.runs.get(work.no)
@@ -238,25 +258,6 @@ class RunsExporter:
         except Exception:  # never let one run's params stop the others
             logger.exception("rlm-mlflow run %s: its params could not be read", start.run_id)
             self._rejected("internal_error")
-
-    async def _guarded_create(
-        self, state: RunState, outcomes: dict[int, Outcome], limiter: anyio.CapacityLimiter
-    ) -> None:
-        async with limiter:
-            outcome = await self._contain(state, self._ensure_run(state))
-        if outcome is not None:
-            outcomes[state.no] = outcome
-
-    async def _guarded_send(
-        self,
-        state: RunState,
-        work: RunWork,
-        outcomes: dict[int, Outcome],
-        limiter: anyio.CapacityLimiter,
-    ) -> None:
-        async with limiter:
-            outcome = await self._contain(state, self._send(state, work))
-        outcomes[state.no] = SENT if outcome is None else outcome
 
     async def _contain(self, state: RunState, job: Any) -> Outcome | None:
         """Run one run's job; turn what it raises into that run's outcome, never further."""
@@ -411,8 +412,9 @@ class RunsExporter:
 
     # -- sending a run's data ------------------------------------------------------------------
 
-    async def _send(self, state: RunState, work: RunWork) -> None:
+    async def _send(self, state: RunState, work: RunWork, created: anyio.Event) -> None:
         await self._ensure_run(state)
+        created.set()  # its children may go
         assert state.ref is not None
         if len(work.steps) > 200:
             # Converting thousands of steps takes milliseconds: not on an event loop that
@@ -621,6 +623,8 @@ class RunsExporter:
         )
         state.ended = True
         self.counts.runs_ended += 1
+        if self.replaying and end.internal:
+            self.killed += 1
         self._forget(state)
 
     def _forget(self, state: RunState) -> None:

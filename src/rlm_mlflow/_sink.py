@@ -142,7 +142,8 @@ class MLflowSink:
         self._detail = redact_uri(self.config.tracking_uri) or "default tracking URI"
         if self.config.enabled and transport is None and not _mlflow_installed():
             self._available = False
-            self._pipeline.active = False  # as RLM Code's own sink: every hook returns at once
+            self._pipeline.off = True  # as RLM Code's own sink: every hook returns at once
+            self._pipeline.active = False
             self._detail = "mlflow cannot be imported: pip install mlflow-skinny (or mlflow)"
             logger.warning("rlm-mlflow: %s; the sink does nothing", self._detail)
         if self.config.enabled and self.config.handle_signals:

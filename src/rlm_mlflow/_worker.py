@@ -47,6 +47,9 @@ TAKE_LIMIT = 20_000
 QUIESCE_TIMEOUT = 1.0
 #: How often a blocked store (credentials, deleted experiment) is asked again.
 BLOCKED_PROBE = 30.0
+#: A journal with nothing in it and no record for this long is removed (a new one is made
+#: by the next event): an idle sink holds no file and no descriptor.
+JOURNAL_IDLE = 30.0
 
 
 class Worker:
@@ -93,8 +96,9 @@ class Worker:
         )
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
         self.held: list[RunWork] = []  # waiting for the store to take writes again
-        self.exporting: list[RunWork] = []  # handed to the exporters, not settled yet
+        self.exporting: dict[int, RunWork] = {}  # handed to the exporters, not settled yet
         self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
+        self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
         self.describe: str | None = None
         # Signalled across threads: close and flush requests, progress for flush() waiters.
@@ -212,7 +216,27 @@ class Worker:
                     continue
                 return
             self._cycle_finished()
+            self._release_idle_journal()
             await self._idle()
+
+    def _release_idle_journal(self) -> None:
+        """Retire a journal that is empty and idle; close retired ones once no hook runs."""
+        pipeline = self.pipeline
+        journal = pipeline.journal
+        now = time.monotonic()
+        if journal is not None and not journal.retiring:
+            written = journal.written()
+            if written != self._journal_seen[0]:
+                self._journal_seen = (written, now)
+            elif (
+                now - self._journal_seen[1] >= JOURNAL_IDLE
+                and not journal.backlog()
+                and not pipeline.runs_open()
+                and not (self.pins or self.carry or self.held)
+            ):
+                journal.retiring = True  # the next hook opens a new journal
+        if pipeline.quiet():
+            pipeline.release_idle_journals()
 
     async def _begin_close(self) -> None:
         pipeline = self.pipeline
@@ -326,19 +350,24 @@ class Worker:
         for work in works:
             for segment, offset in work.locations:
                 segment.mark(offset, IN_FLIGHT)
-        self.exporting = works  # a close deadline may cancel the export: _finish settles them
+        # A close deadline may cancel the export: _finish settles what is left in here.
+        self.exporting = {work.no: work for work in works}
+        left: Outcome = HOLD  # the store refuses everything for now: keep them
         try:
-            outcomes = await self.runs.export(works)
+            await self.runs.export(works, self._done)
         except StoreRefused:
-            outcomes = {}
+            pass
         except PermanentError as exc:  # the experiment cannot be had (a bad name, ...)
             self.unavailable = f"MLflow refuses the experiment: {exc}"
             self.caller.note_error(self.unavailable)
             logger.error("rlm-mlflow: %s", self.unavailable)
-            outcomes = {work.no: DEFERRED for work in works}
-        self.exporting = []
-        for work in works:
-            self._settle(work, outcomes.get(work.no, HOLD))
+            left = DEFERRED
+        for work in list(self.exporting.values()):
+            self._done(work, left)
+
+    def _done(self, work: RunWork, outcome: Outcome) -> None:
+        self.exporting.pop(work.no, None)
+        self._settle(work, outcome)
         self._notify_progress()
 
     def _settle(self, work: RunWork, outcome: Outcome) -> None:
@@ -357,7 +386,6 @@ class Worker:
         else:
             assert isinstance(outcome, tuple)
             counts.dropped[outcome[1]] += work.counted
-        journal = self.pipeline.journal
         touched: set[Segment] = set()
         for segment, offset in work.locations:
             segment.mark(offset, DONE)
@@ -367,47 +395,51 @@ class Worker:
             for segment in self.pins.pop(work.no, ()):
                 segment.starts_ended += 1
                 touched.add(segment)
-        if journal is not None:
-            for segment in touched:
-                journal.settle(segment)
+        for segment in touched:
+            segment.release_if_finished()
 
     # -- the end -------------------------------------------------------------------------------
 
     def _finish(self) -> None:
         """After the loop, whatever ended it: count what is left, release everything."""
         pipeline = self.pipeline
-        left = [*self.exporting, *self.held]
-        self.exporting, self.held = [], []
+        left = [*self.exporting.values(), *self.held]
+        self.exporting, self.held = {}, []
         left.extend(self.carry.values())
         self.carry.clear()
-        while True:
-            items = pipeline.take(TAKE_LIMIT)
-            if not items:
-                break
-            left.extend(self._group(items, final=True))
+        # What waits in memory is counted here; what waits in the journal only (spilled) stays
+        # there unread: reading millions of records back just to count them could outlive the
+        # deadline, and the journal knows how many there are.
+        items = pipeline.take(0)
+        left.extend(self._group(items, final=True))
         for work in left:
             self._settle(work, DEFERRED)
         deferred = sum(w.counted - w.in_memory_only for w in left)
         dropped = sum(w.in_memory_only for w in left)
-        journal = pipeline.journal
-        keep = False
-        if journal is not None:
+        for journal in pipeline.journals():
+            _, spilled = journal.spilled_unread()
+            self.counts.deferred += spilled
+            deferred += spilled
+        kept: list[str] = []
+        for journal in pipeline.journals():
             keep = journal.backlog() > 0
             journal.close(keep=keep)
+            if keep:
+                kept.append(str(journal.folder))
         if deferred or dropped:
             logger.warning(
                 "rlm-mlflow stopped with %d events not sent%s%s",
                 deferred + dropped,
-                f"; {deferred} kept in {journal.folder}: send them with 'rlm-mlflow replay'"
-                if journal is not None and deferred
+                f"; {deferred} kept in {', '.join(kept)}: send them with 'rlm-mlflow replay'"
+                if kept and deferred
                 else "",
                 f"; {dropped} lost (no journal)" if dropped else "",
             )
-        elif keep and journal is not None:
+        elif kept:
             logger.warning(
                 "rlm-mlflow: events of this process not confirmed sent are kept in %s; "
                 "send them with 'rlm-mlflow replay'",
-                journal.folder,
+                ", ".join(kept),
             )
         transport, self.transport = self.transport, None
         if transport is not None:
@@ -446,11 +478,10 @@ class Worker:
         sent = counts.sent
         rejected = Counter(dict(self.rejected))
         rejected.update(pipeline.rejected.snapshot())
-        journal = pipeline.journal
-        on_disk = journal is not None and (journal.kept or not journal.closed)
-        spilled = 0
-        if journal is not None:
-            spilled = sum(lane.spill_written for lane in list(journal.lanes))
+        on_disk = [j for j in pipeline.journals() if j.kept or not j.closed]
+        spilled = pipeline.spilled_before + sum(
+            lane.spill_written for j in pipeline.journals() for lane in list(j.lanes)
+        )
         return SinkStatistics(
             accepted=accepted,
             sent=sent,
@@ -462,8 +493,8 @@ class Worker:
             spilled=spilled,
             queue_depth=len(pipeline.ctl) + len(pipeline.steps),
             queue_capacity=pipeline.capacity,
-            journal=str(journal.folder) if journal is not None and on_disk else None,
-            journal_backlog=journal.backlog() if journal is not None and on_disk else 0,
+            journal=str(on_disk[-1].folder) if on_disk else None,
+            journal_backlog=sum(j.backlog() for j in on_disk),
             retries=counts.retries,
             requests=counts.requests,
             runs_open=pipeline.runs_open(),

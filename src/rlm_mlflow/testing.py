@@ -32,6 +32,7 @@ __all__ = [
     "MlflowServer",
     "free_port",
     "local_server",
+    "wait_for",
 ]
 
 
@@ -209,6 +210,21 @@ class MemoryTransport:
         if len(runs) != 1:
             raise AssertionError(f"expected one run named {name!r}, found {len(runs)}")
         return runs[0]
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.01
+) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed; its last answer.
+
+    For tests: wait on a condition with a deadline instead of sleeping a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
 
 
 def free_port() -> int:
