@@ -18,6 +18,7 @@ request has waited long for its answer), or blocked (credentials refused, experi
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -57,7 +58,8 @@ class Caller:
         self.warnings = warnings
         self._uri = tracking_uri
         self.probe = probe
-        self.inflight: tuple[str, float] | None = None  # what is waiting for an answer, since
+        self.inflight: dict[int, tuple[str, float]] = {}  # requests waiting for an answer
+        self._tokens = itertools.count()
         self.failing_since: float | None = None  # first failure of the current trouble
         self.refused: str | None = None  # why the store refuses everything, while it does
         self.sleep_until: float | None = None
@@ -75,13 +77,12 @@ class Caller:
         """``(health, detail)``: why data is or is not moving."""
         if self.refused is not None:
             return "blocked", self.refused
-        inflight = self.inflight
+        waiting = list(self.inflight.values())
         now = time.monotonic()
-        if inflight is not None and now - inflight[1] >= STALLED_AFTER:
-            return (
-                "stalled",
-                f"waiting {now - inflight[1]:.1f} s for the server to answer {inflight[0]}",
-            )
+        if waiting:
+            what, since = min(waiting, key=lambda item: item[1])
+            if now - since >= STALLED_AFTER:
+                return "stalled", f"waiting {now - since:.1f} s for the server to answer {what}"
         if self.failing_since is not None:
             error = self.counts.last_error or "requests fail"
             wait = ""
@@ -98,7 +99,8 @@ class Caller:
     async def once(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """One attempt, on a thread; the store's state follows its outcome."""
         self.counts.requests += 1
-        self.inflight = (what, time.monotonic())
+        token = next(self._tokens)
+        self.inflight[token] = (what, time.monotonic())
         try:
             result = await anyio.to_thread.run_sync(
                 functools.partial(fn, *args), abandon_on_cancel=True
@@ -112,7 +114,7 @@ class Caller:
             self.note_error(str(exc))
             raise
         finally:
-            self.inflight = None
+            self.inflight.pop(token, None)
         self.failing_since = None
         self.refused = None
         return result

@@ -79,6 +79,9 @@ class RunWork:
 
 Done = Callable[["RunWork", Outcome], None]
 
+#: Experiment ids found in this process, by (store, experiment name): sinks share them.
+_EXPERIMENTS: dict[tuple[str, str], str] = {}
+
 
 @dataclass(slots=True)
 class RunState:
@@ -141,12 +144,23 @@ class RunsExporter:
 
     async def ensure_experiment(self) -> str:
         if self.experiment_id is None:
-            self.experiment_id = await self.caller.call(
-                "get or create experiment",
-                self.transport.get_or_create_experiment,
-                self.experiment,
-            )
+            where = (self.transport.describe(), self.experiment)
+            known = _EXPERIMENTS.get(where)
+            if known is None:
+                known = await self.caller.call(
+                    "get or create experiment",
+                    self.transport.get_or_create_experiment,
+                    self.experiment,
+                )
+                _EXPERIMENTS[where] = known
+            self.experiment_id = known
         return self.experiment_id
+
+    def forget_experiment(self) -> None:
+        """The experiment vanished (the store was replaced): look it up again, everywhere."""
+        if self.experiment_id is not None:
+            _EXPERIMENTS.pop((self.transport.describe(), self.experiment), None)
+        self.experiment_id = None
 
     async def probe(self) -> None:
         """A cheap request that succeeds when the store takes our writes (StoreRefused if not)."""
@@ -307,7 +321,7 @@ class RunsExporter:
                 raise
             # "No Experiment with id=...": the store was replaced under us; find it again.
             self._vanished("experiment", self.experiment)
-            self.experiment_id = None
+            self.forget_experiment()
             experiment_id = await self.ensure_experiment()
             state.ref = await self.caller.call(
                 "create run", self._create_or_find, state, experiment_id, tags
@@ -576,7 +590,7 @@ class RunsExporter:
         state.params[:0] = state.sent_params
         state.sent_params = []
         state.look_first = True
-        self.experiment_id = None
+        self.forget_experiment()
         await self._ensure_run(state)
 
     def _vanished(self, what: str, name: str) -> None:
