@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ Done = Callable[["RunWork", Outcome], None]
 
 #: Experiment ids found in this process, by (store, experiment name): sinks share them.
 _EXPERIMENTS: dict[tuple[str, str], str] = {}
+_ASKING: dict[tuple[str, str], threading.Event] = {}
 
 
 @dataclass(slots=True)
@@ -145,14 +147,25 @@ class RunsExporter:
     async def ensure_experiment(self) -> str:
         if self.experiment_id is None:
             where = (self.transport.describe(), self.experiment)
+            # One sink asks, the others of the process wait for its answer.
+            mine = threading.Event()
+            asking = _ASKING.setdefault(where, mine)
+            while asking is not mine and not asking.is_set():
+                await anyio.sleep(0.02)
+                asking = _ASKING.setdefault(where, mine)
             known = _EXPERIMENTS.get(where)
-            if known is None:
-                known = await self.caller.call(
-                    "get or create experiment",
-                    self.transport.get_or_create_experiment,
-                    self.experiment,
-                )
-                _EXPERIMENTS[where] = known
+            try:
+                if known is None:
+                    known = await self.caller.call(
+                        "get or create experiment",
+                        self.transport.get_or_create_experiment,
+                        self.experiment,
+                    )
+                    _EXPERIMENTS[where] = known
+            finally:
+                if _ASKING.get(where) is mine:
+                    del _ASKING[where]
+                mine.set()
             self.experiment_id = known
         return self.experiment_id
 
