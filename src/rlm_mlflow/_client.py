@@ -9,6 +9,7 @@ hook's caller. The embedded stores need the full ``mlflow`` package (``pip insta
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,6 +77,8 @@ class ClientTransport:
         from mlflow import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self._uri)
+        # An embedded store is one file: writers queue on its lock anyway.
+        self._slots = threading.BoundedSemaphore(2)
 
     @property
     def client(self) -> Any:
@@ -92,7 +95,8 @@ class ClientTransport:
         from mlflow.exceptions import MlflowException
 
         try:
-            return fn()
+            with self._slots:
+                return fn()
         except (TransientError, PermanentError):
             raise
         except MlflowException as exc:

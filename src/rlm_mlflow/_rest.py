@@ -38,6 +38,33 @@ _API = "/api/2.0/mlflow"
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _PAGE = 1000
+#: Requests one process has in flight to one server at most, whatever the number of sinks: a
+#: tracking server has a small database pool (5 + 10 by default) and a handful of workers.
+MAX_IN_FLIGHT = 4
+_ENV_KEYS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+)
+_shared: dict[tuple[object, ...], RestTransport] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_transport(tracking_uri: str, *, timeout: float) -> RestTransport:
+    """The process's transport to this server (with these settings): sinks share connections.
+
+    Each caller must ``close()`` it once; it really closes when the last one does."""
+    key = (tracking_uri.rstrip("/"), timeout, *(os.environ.get(k) for k in _ENV_KEYS))
+    with _shared_lock:
+        transport = _shared.get(key)
+        if transport is None:
+            transport = _shared[key] = RestTransport(tracking_uri, timeout=timeout)
+            transport._shared_key = key
+        transport._users += 1
+        return transport
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
@@ -98,6 +125,9 @@ class RestTransport:
         self._cert = env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()
+        self._shared_key: tuple[object, ...] | None = None
+        self._users = 0
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
 
     @property
     def uri(self) -> str:
@@ -139,9 +169,10 @@ class RestTransport:
         url = self._uri + path
         payload = json.dumps(body, allow_nan=False) if body is not None else data
         try:
-            response = self.session().request(
-                method, url, data=payload, params=params, headers=headers, timeout=self._timeout
-            )
+            with self._slots:
+                response = self.session().request(
+                    method, url, data=payload, params=params, headers=headers, timeout=self._timeout
+                )
         except requests.RequestException as exc:
             raise TransientError(
                 self._clean(f"{method} {path}: {type(exc).__name__}"),
@@ -368,6 +399,13 @@ class RestTransport:
                 )
 
     def close(self) -> None:
+        if self._shared_key is not None:
+            with _shared_lock:
+                self._users -= 1
+                if self._users > 0:
+                    return
+                if _shared.get(self._shared_key) is self:
+                    del _shared[self._shared_key]
         with self._sessions_lock:
             sessions, self._sessions = self._sessions, []
         for session in sessions:

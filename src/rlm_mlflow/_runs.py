@@ -330,7 +330,11 @@ class RunsExporter:
                 "create run", self._create_or_find, state, experiment_id, tags
             )
         except PermanentError as exc:
-            if exc.code != "RESOURCE_DOES_NOT_EXIST" or isinstance(exc, StoreRefused):
+            if isinstance(exc, StoreRefused):
+                raise
+            if exc.code == "RUN_NOT_ACTIVE":  # "the experiment must be in the 'active' state"
+                await self._check_experiment()
+            if exc.code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             # "No Experiment with id=...": the store was replaced under us; find it again.
             self._vanished("experiment", self.experiment)
@@ -591,10 +595,7 @@ class RunsExporter:
         """The run refuses writes: its experiment was deleted (blocked), the run was deleted
         (refused), or the store was replaced (the run is created again)."""
         if exc.code == "RUN_NOT_ACTIVE":
-            assert self.experiment_id is not None
-            await self.caller.call(  # raises StoreRefused when the experiment is deleted
-                "check experiment", self.transport.check_experiment, self.experiment_id
-            )
+            await self._check_experiment()
             raise PermanentError(f"run {state.run_id} was deleted in MLflow", code=exc.code)
         if state.ref is None or exc.code != "RESOURCE_DOES_NOT_EXIST":
             raise exc
@@ -605,6 +606,11 @@ class RunsExporter:
         state.look_first = True
         self.forget_experiment()
         await self._ensure_run(state)
+
+    async def _check_experiment(self) -> None:
+        """Raises StoreRefused when the experiment was deleted (everything is then held)."""
+        experiment_id = await self.ensure_experiment()
+        await self.caller.call("check experiment", self.transport.check_experiment, experiment_id)
 
     def _vanished(self, what: str, name: str) -> None:
         self.warnings.warn(

@@ -217,8 +217,9 @@ def close_all(status: str | None = None, timeout: float | None = None) -> None:
         worker.stopped.wait(max(0.0, deadline - time.monotonic()) + 0.5)
 
 
-def request_close(worker: Worker, deadline: float) -> None:
-    """Ask ``worker`` to close by ``deadline`` (time.monotonic()); never waits."""
+def request_close(worker: Worker, deadline: float | None) -> None:
+    """Ask ``worker`` to close by ``deadline`` (time.monotonic(); None: send everything, in its
+    own time); never waits. A later request may bring the deadline closer, never further."""
     from ._pipeline import State
 
     pipeline = worker.pipeline
@@ -228,7 +229,7 @@ def request_close(worker: Worker, deadline: float) -> None:
         worker.stopped.set()
         return
     pipeline.state = State.CLOSING
-    if worker.close_deadline is None or deadline < worker.close_deadline:
+    if deadline is not None and (worker.close_deadline is None or deadline < worker.close_deadline):
         worker.close_deadline = deadline
     worker.close_requested = True
     waker = pipeline.waker

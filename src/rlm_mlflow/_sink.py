@@ -37,9 +37,9 @@ def default_transport_factory(tracking_uri: str | None, request_timeout: float) 
     """The fastest way to reach the store: plain HTTP for a server, ``MlflowClient`` otherwise."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is not None and uri.startswith(("http://", "https://")):
-        from ._rest import RestTransport
+        from ._rest import shared_transport
 
-        return RestTransport(uri, timeout=request_timeout)
+        return shared_transport(uri, timeout=request_timeout)
     from ._client import ClientTransport
 
     return ClientTransport(uri)
@@ -149,7 +149,7 @@ class MLflowSink:
         if self.config.enabled and self.config.handle_signals:
             _runtime.install_signal_handlers()
         # A sink dropped without close() still ends its runs and releases what it holds.
-        weakref.finalize(self, _abandon, self._worker, self.config.shutdown_timeout)
+        weakref.finalize(self, _abandon, self._worker)
 
     # -- construction from the environment ---------------------------------------------------
 
@@ -281,12 +281,12 @@ class MLflowSink:
         stats = self.statistics()
         lost = sum(stats.dropped.values())
         log = logger.warning if lost else logger.info
+        kept = f", {stats.deferred} kept in the journal" if stats.deferred else ""
         log(
-            "rlm-mlflow closed: %d events accepted, %d sent, %d kept for replay, "
-            "%d dropped %s, %d runs ended",
+            "rlm-mlflow closed: %d events accepted, %d sent%s, %d dropped %s, %d runs ended",
             stats.accepted,
             stats.sent,
-            stats.deferred,
+            kept,
             lost,
             stats.dropped,
             stats.runs_ended,
@@ -435,10 +435,11 @@ async def _dispatch(loop: _runtime.Loop) -> None:
         loop.dispatch()
 
 
-def _abandon(worker: Worker, timeout: float) -> None:
-    """The sink was garbage-collected without close(): its worker ends its runs and stops."""
+def _abandon(worker: Worker) -> None:
+    """The sink was garbage-collected without close(): its worker ends its runs (FAILED: nobody
+    can end them now), sends everything in its own time, and stops."""
     if not worker.stopped.is_set():
-        _runtime.request_close(worker, time.monotonic() + timeout)
+        _runtime.request_close(worker, None)
 
 
 def _mlflow_installed() -> bool:

@@ -103,7 +103,8 @@ class Worker:
         self.describe: str | None = None
         # Signalled across threads: close and flush requests, progress for flush() waiters.
         self.close_requested = False
-        self.close_deadline: float | None = None  # time.monotonic()
+        self.close_deadline: float | None = None  # time.monotonic(); None: no hurry
+        self._deadline_set: float | None = None
         self.flush_requested = False
         self.wake_flag = False
         self.started = False
@@ -150,8 +151,9 @@ class Worker:
 
     def notify(self) -> None:
         """Called in the worker's loop by the loop's dispatcher after ``wake_flag`` was set."""
-        if self.close_requested and self._close_seen is not None:
-            self._close_seen.set()
+        seen = self._close_seen
+        if self.close_requested and seen is not None and self.close_deadline != self._deadline_set:
+            seen.set()
         if self._wake is not None:
             self._wake.set()
 
@@ -175,13 +177,16 @@ class Worker:
                 self._finish()
 
     async def _watch_close(self, scope: anyio.CancelScope) -> None:
-        """When a close is requested, bound the whole drain by its deadline, wherever it waits."""
-        assert self._close_seen is not None
-        if not self.close_requested:
-            await self._close_seen.wait()
-        deadline = self.close_deadline
-        if deadline is not None:
-            scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
+        """Bound the whole drain by the close deadline, wherever it waits, as soon as there is
+        one (a dropped sink closes without one; the process's exit then sets one)."""
+        while True:
+            assert self._close_seen is not None
+            if self.close_deadline == self._deadline_set:
+                await self._close_seen.wait()
+            self._close_seen = anyio.Event()
+            deadline = self._deadline_set = self.close_deadline
+            if deadline is not None:
+                scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
 
     async def _loop(self) -> None:
         pipeline = self.pipeline
