@@ -103,7 +103,7 @@ class Pipeline:
         self.config = config
         self.warnings = warnings
         self.capacity = config.queue_size
-        self.trigger = config.batch_trigger
+        self.trigger = min(config.batch_trigger, config.queue_size)
         self.drop_oldest = config.overflow is Overflow.DROP_OLDEST
         self.on_first_event: Callable[[], None] | None = None
         self.reset()
