@@ -53,4 +53,9 @@ def test_quick_benchmark_writes_the_table_with_all_three_sinks(tmp_path: Path) -
         assert any(row.startswith(f"| {sink} |") for row in rows), f"no row for {sink}:\n{table}"
     assert "## Targets" in text
     assert "## Drain in the spilling regime" in text
+    assert "| hook p99 <= 20 us in every regime |" in text
+    regimes = text.split("## Hook latency under pressure, by regime", 1)[1]
+    for regime in ("server up", "200 ms latency", "unreachable", "queue spilling"):
+        assert f"| {regime} |" in regimes
+        assert f"| {regime}, journal=False |" in regimes
     assert "| seed: fluent API, synchronous |" in completed.stdout  # the table is printed too

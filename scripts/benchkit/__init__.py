@@ -3,7 +3,7 @@
 Run it with ``scripts/bench`` (see ``scripts/bench --help``). The modules:
 
 - ``cli``: the command line, which sections run, the report file;
-- ``plan``: how big each measurement is (full, quick);
+- ``plan``: how big each measurement is (full, quick) and the named regimes;
 - ``sections``: each section of the benchmark, as the parent process runs it;
 - ``tasks``: what runs inside each child process, one function per kind of measurement;
 - ``child``: the child process's entry point (``python -m benchkit.child SPEC``);
@@ -12,7 +12,7 @@ Run it with ``scripts/bench`` (see ``scripts/bench --help``). The modules:
 - ``harness``: the server, the proxy, child processes, read-back from MLflow, machine load;
 - ``measure``: latency summaries, peak RSS, HTTP request counts, queue depth sampling;
 - ``report``: the markdown report, section by section, and the latency plot;
-- ``targets``: the targets table and its verdicts;
+- ``targets``: the targets table, its verdicts, and the evidence that a regime was entered;
 - ``fmt``: number formatting and markdown tables.
 
 The benchmark uses rlm_mlflow's public API only: ``MLflowSink`` and its keyword arguments, the

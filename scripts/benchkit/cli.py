@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .harness import ROOT, Harness, Machine, log, server_and_proxy
-from .plan import PLANS
+from .plan import PLANS, REGIMES
 from .report import plot, render
 from .sections import SECTION_NAMES, SECTIONS, Context, scaled
 
@@ -62,6 +62,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="SECTION[,SECTION]",
         help="run only these sections (repeatable); see the list below",
     )
+    parser.add_argument(
+        "--regime",
+        action="append",
+        metavar="NAME",
+        help="with the regimes section, run only this regime (repeatable): "
+        + ", ".join(f"'{r.name}'" for r in REGIMES),
+    )
+    parser.add_argument(
+        "--regime-steps", type=int, default=None, help="steps per agent thread in the regimes"
+    )
     parser.add_argument("--drain-steps", type=int, default=None, help="steps per run in the drain")
     parser.add_argument(
         "--output",
@@ -83,6 +93,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [name for name in args.only if name not in SECTION_NAMES]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTION_NAMES)}")
+    args.regime = _names(args.regime)
+    regimes = {r.name for r in REGIMES}
+    if any(name not in regimes for name in args.regime):
+        parser.error(f"unknown regime in {args.regime}; choose from {sorted(regimes)}")
     return args
 
 
@@ -103,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     signal.signal(signal.SIGTERM, _interrupt)
-    plan = scaled(PLANS[args.plan], args.drain_steps)
+    plan = scaled(PLANS[args.plan], args.regime, args.regime_steps, args.drain_steps)
     selected = [s for s in SECTIONS if not args.only or s.name in args.only]
     every = len(selected) == len(SECTIONS)
     output: Path | None = args.output

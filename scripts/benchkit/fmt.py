@@ -58,6 +58,11 @@ def p50_p99(result: Mapping[str, Any], hook: str) -> str:
     return f"{us(stat(result, hook, 'p50_us'))} / {us(stat(result, hook, 'p99_us'))}"
 
 
+def tails(stats: Mapping[str, Any]) -> str:
+    """p50 / p99 / p99.9 / max of one hook's summary."""
+    return " / ".join(us(stats.get(k)) for k in ("p50_us", "p99_us", "p999_us", "max_us"))
+
+
 def dropped_total(status: Mapping[str, Any]) -> int:
     dropped = status.get("dropped") or {}
     return int(sum(dropped.values())) if isinstance(dropped, Mapping) else int(dropped)

@@ -1,4 +1,4 @@
-"""Measuring inside a child process: latency summaries, peak RSS, HTTP requests.
+"""Measuring inside a child process: latency summaries, peak RSS, HTTP requests, queue depth.
 
 Nothing here imports mlflow or rlm_mlflow at import time (the construction check needs a clean
 interpreter).
@@ -123,3 +123,40 @@ class RssPeak:
     @property
     def delta_mb(self) -> float:
         return (self.peak - self.baseline) / 1e6
+
+
+class QueueSampler:
+    """The deepest ``status()["queue_depth"]`` seen, sampled every ``interval`` seconds.
+
+    ``status()`` reports the depth now, not its peak, so a sampler thread polls it. A poll takes
+    the sink's queue lock for a moment: its cost is inside the hook timings it runs beside.
+    """
+
+    def __init__(self, sink: Any, interval: float = 0.005) -> None:
+        self._sink = sink
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.peak = 0
+        self.samples = 0
+
+    def sample(self) -> None:
+        depth = self._sink.status().get("queue_depth")
+        if isinstance(depth, int):
+            self.peak = max(self.peak, depth)
+        self.samples += 1
+
+    def __enter__(self) -> QueueSampler:
+        self._thread = threading.Thread(target=self._run, name="queue-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()

@@ -1,4 +1,4 @@
-"""How big each measurement is: the full plan and the quick one."""
+"""How big each measurement is: the full plan and the quick one; the named regimes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,41 @@ from .workloads import RlmWorkload
 #: and to explain its request counts.
 DEFAULT_FLUSH_INTERVAL_S = 5.0
 DEFAULT_BATCH_TRIGGER = 5_000
+DEFAULT_QUEUE_SIZE = 10_000
+
+
+#: When the timed hooks of a regime may begin, after the untimed producer filled the queue.
+QUEUE_FULL = "queue full"
+WORKER_SENDING = "worker sending"  # it has sent events: it is draining while the hooks come
+WORKER_READING_BACK = "worker reading back"  # it has sent more events than the queue holds
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A condition the hooks must hold their latency in.
+
+    ``latency_s`` is added by the FaultProxy to every request; ``unreachable`` sends to a closed
+    port instead of the proxy; ``queue_size`` replaces the default. Before the timed hooks, an
+    untimed producer fills the queue (at least ``backlog_factor`` x queue_size steps), then waits
+    until ``ready_when`` holds.
+    """
+
+    name: str
+    ready_when: str = WORKER_SENDING
+    latency_s: float = 0.0
+    unreachable: bool = False
+    queue_size: int | None = None
+    backlog_factor: int = 1
+
+
+REGIMES = (
+    Regime("server up"),
+    Regime("200 ms latency", latency_s=0.2),
+    Regime("unreachable", ready_when=QUEUE_FULL, unreachable=True),
+    Regime("queue spilling", ready_when=WORKER_READING_BACK, queue_size=1_000, backlog_factor=10),
+)
+
+ALL_REGIMES = tuple(regime.name for regime in REGIMES)
 
 
 @dataclass(frozen=True)
@@ -24,6 +59,11 @@ class Plan:
     sweep_reuses_main: bool  # the 0 ms row is the main workload (when main ran)
     hook_runs: int  # runs of 1 start, 10 steps, 1 end in the hook micro-benchmark
     hook_think_variants: bool  # also with 2 ms agent work per step
+    regimes: tuple[str, ...]  # which of REGIMES to run
+    regime_threads: int
+    regime_steps: int  # per agent thread
+    regime_reference: bool  # each regime also with journal=False
+    regime_drain: bool  # wait (up to 120 s) until a regime has sent everything, or close at once
     drain_runs: int
     drain_steps: int  # per run
     ceiling_batches: int
@@ -50,6 +90,11 @@ FULL = Plan(
     sweep_reuses_main=False,
     hook_runs=2_000,
     hook_think_variants=True,
+    regimes=ALL_REGIMES,
+    regime_threads=8,
+    regime_steps=2_000,
+    regime_reference=True,
+    regime_drain=True,
     drain_runs=10,
     drain_steps=6_000,
     ceiling_batches=8,
@@ -76,6 +121,11 @@ QUICK = Plan(
     sweep_reuses_main=True,
     hook_runs=500,
     hook_think_variants=False,
+    regimes=ALL_REGIMES,
+    regime_threads=8,
+    regime_steps=2_000,
+    regime_reference=True,
+    regime_drain=False,
     drain_runs=10,
     drain_steps=2_000,
     ceiling_batches=2,

@@ -15,20 +15,24 @@ from .fmt import (
     count,
     delivered,
     dropped_text,
+    dropped_total,
     p50_p99,
     percent,
     ratio,
     secs,
     stat,
     table,
+    tails,
     us,
 )
 from .harness import log
+from .plan import REGIMES
 from .targets import (
     TARGET_DRAIN_FRACTION,
     TARGET_HOOK_P99_US,
     Results,
     drain_spilled,
+    regime_entered,
     targets_section,
 )
 from .workloads import HOOKS, PARAMS_PER_RUN, workload_from_spec
@@ -146,6 +150,167 @@ def main_section(results: Results) -> list[str]:
                 "",
             ]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Regimes
+# ---------------------------------------------------------------------------------------------
+
+
+def regimes_section(results: Results) -> list[str]:
+    section = results.get("regimes")
+    if section is None or not section["rows"]:
+        return []
+    workload = workload_from_spec(section["workload"])
+    rows = section["rows"]
+    first = rows[0]
+    latency_rows = []
+    proof_rows = []
+    flags = []
+    for row in rows:
+        hooks = row["hooks"]
+        latency_rows.append(
+            [row["label"], *(tails(hooks[h]) for h in HOOKS), secs(row["produce_s"])]
+        )
+        status, before, win, fill = row["status"], row["status_before"], row["window"], row["fill"]
+        entered, evidence = regime_entered(row)
+        if not entered:
+            flags.append(row["label"])
+        if row["flushed"]:
+            # Two metric points per step kept: the producer's and the timed agents' steps.
+            steps = fill["steps"] + workload.total_steps - dropped_total(status)
+            readback = row.get("readback")
+            points = (
+                f", {readback['step_points']:,} of {2 * steps:,} step points in MLflow"
+                if readback
+                else ""
+            )
+            after = f"all sent after {secs(row['to_data_s'])}{points}"
+        elif row["drained"]:
+            after = f"NOT all sent within {secs(row['to_data_s'])}"
+        else:
+            after = f"closed at once ({secs(row['close_s'])})"
+        proof_rows.append(
+            [
+                row["label"],
+                count(status, "queue_capacity"),
+                f"{fill['steps']:,} steps in {secs(fill['filled_s'])}, waited "
+                f"{secs(fill['waited_s'])} for '{fill['ready_when']}'; depth "
+                f"{count(before, 'queue_depth')}, {count(before, 'sent')} sent, "
+                f"{count(before, 'pending')} pending",
+                f"{row['queue_peak_sampled']:,}",
+                f"{win['spilled']:,}",
+                f"{win['dropped']:,}",
+                f"{win['sent']:,}",
+                after,
+                f"{count(status, 'spilled')} / {dropped_text(status)} / "
+                f"{count(status, 'deferred')}",
+                evidence,
+            ]
+        )
+    n = {h: first["hooks"][h]["n"] for h in HOOKS}
+    out = [
+        "## Hook latency under pressure, by regime",
+        "",
+        f"Timed: {workload.describe()}; every hook call is timed (n per row: "
+        f"{n['on_step']:,} on_step, {n['on_run_start']} on_run_start, {n['on_run_end']} "
+        "on_run_end). Before them, untimed: one run start and end (the first hook call starts "
+        "the worker thread), then a producer steps "
+        f"{first['fill']['runs']} other runs as fast as it can until the queue is full (depth at "
+        "capacity, or events spilled or dropped), and waits until the worker is in the "
+        "regime's state ('worker sending': it has sent step events and has a backlog, so it "
+        "drains while the timed hooks come; 'worker reading back': it has sent more events "
+        "than the queue holds, so what it sends next came back from the journal). "
+        "The sink has its default settings unless the regime says otherwise. The regimes: "
+        + "; ".join(regime_description(r.name) for r in REGIMES)
+        + ". Each is run again with `journal=False` as a reference line (there a full queue "
+        "drops step events instead of spilling them).",
+        "",
+        "Agent time inside each hook call, p50 / p99 / p99.9 / max:",
+        "",
+        *table(
+            ["regime", "on_run_start", "on_step", "on_run_end", "timed hooks done in"], latency_rows
+        ),
+        "",
+        "What the queue went through, from `status()`: before the timed hooks, while they ran "
+        "(the difference between two snapshots; the depth peak from a 5 ms sampler), and at the "
+        "end (totals after `close()`):",
+        "",
+        *table(
+            [
+                "regime",
+                "queue_size",
+                "untimed fill; then at the start",
+                "depth peak",
+                "spilled",
+                "dropped",
+                "sent",
+                "afterwards",
+                "total spilled / dropped / deferred",
+                "regime entered?",
+            ],
+            proof_rows,
+        ),
+        "",
+    ]
+    if flags:
+        out += [
+            "**Not entered:** "
+            + ", ".join(f"`{f}`" for f in flags)
+            + ": these rows do not show hooks in their regime (see 'regime entered?').",
+            "",
+        ]
+    switch = first.get("switch_interval_s", 0.005) * 1000
+    out += [
+        f"- With {workload.threads} agent threads busy on {results['meta']['cores']} cores, a "
+        "hook call can be descheduled, or lose the GIL to another thread (switch interval "
+        f"{switch:g} ms), in the middle; such calls are in the figures, as the agent sees them. "
+        "The sampler's `status()` calls run beside the hooks too.",
+        *(
+            []
+            if first["drained"]
+            else [
+                "- This plan does not wait for the regimes' data to be sent: each sink is "
+                "closed with a 0.5 s deadline right after the timed hooks, so the journal keeps "
+                "what was not sent (deferred) and `journal=False` drops it (shutdown). "
+                "Delivery is measured in the drain section and in the full plan."
+            ]
+        ),
+        *regime_notes(rows),
+        "",
+    ]
+    return out
+
+
+def regime_description(name: str) -> str:
+    return {
+        "server up": "`server up`: a healthy server behind the FaultProxy in pass mode",
+        "200 ms latency": "`200 ms latency`: the FaultProxy adds 200 ms to every request",
+        "unreachable": "`unreachable`: a closed port (connects refused); the timed hooks "
+        "begin as soon as the queue is full",
+        "queue spilling": "`queue spilling`: server up, `queue_size=1000`; the producer "
+        "queues a backlog of 10 x queue_size steps and the timed hooks begin once the worker "
+        "is reading back, so it sends what came back from the journal while the hooks keep "
+        "coming",
+    }.get(name, f"`{name}`")
+
+
+def regime_notes(rows: list[Mapping[str, Any]]) -> list[str]:
+    notes = []
+    by_label = {row["label"]: row for row in rows}
+    for row in rows:
+        if not row["journal"]:
+            continue
+        off = by_label.get(f"{row['regime']}, journal=False")
+        if off is None:
+            continue
+        notes.append(
+            f"- `{row['regime']}`: on_step p99 {us(stat(row, 'on_step', 'p99_us'))} with the "
+            f"journal, {us(stat(off, 'on_step', 'p99_us'))} without; p99.9 "
+            f"{us(stat(row, 'on_step', 'p999_us'))} against "
+            f"{us(stat(off, 'on_step', 'p999_us'))}."
+        )
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +628,7 @@ def render(results: Results, plot_path: Path | None = None) -> str:
         "",
         *main_section(results),
         *targets_section(results),
+        *regimes_section(results),
         *drain_section(results),
         *hooks_section(results),
         *sweep_section(results, plot_path),

@@ -12,7 +12,14 @@ from typing import Any
 
 from .baselines import COMPARED
 from .harness import Harness, closed_port_uri, log
-from .plan import Plan
+from .plan import (
+    DEFAULT_QUEUE_SIZE,
+    QUEUE_FULL,
+    REGIMES,
+    WORKER_READING_BACK,
+    Plan,
+    Regime,
+)
 from .workloads import RlmWorkload, steps_for, workload_spec
 
 
@@ -108,6 +115,79 @@ def run_sweep(ctx: Context) -> dict[str, Any]:
         "reused_main": plan.sweep_reuses_main and main is not None,
         "rows": rows,
     }
+
+
+def regime_workload(plan: Plan) -> RlmWorkload:
+    return RlmWorkload(
+        runs=plan.regime_threads,
+        threads=plan.regime_threads,
+        steps=plan.regime_steps,
+        artifacts=False,
+    )
+
+
+def run_regime(
+    ctx: Context, regime: Regime, workload: RlmWorkload, journal: bool
+) -> dict[str, Any]:
+    harness, plan = ctx.harness, ctx.plan
+    label = regime.name if journal else f"{regime.name}, journal=False"
+    log(f"regime {label}: {workload.describe()}")
+    options: dict[str, Any] = {}
+    if regime.queue_size is not None:
+        options["queue_size"] = regime.queue_size
+    if not journal:
+        options["journal"] = False
+    uri = closed_port_uri() if regime.unreachable else harness.uri
+    experiment = harness.experiment("regime")
+    capacity = regime.queue_size or DEFAULT_QUEUE_SIZE
+    ready_when = regime.ready_when
+    if ready_when == WORKER_READING_BACK and not journal:
+        # Nothing to read back without a journal: the small queue is simply full.
+        ready_when = QUEUE_FULL
+    drain = plan.regime_drain and not regime.unreachable
+    with harness.latency(regime.latency_s):
+        result = harness.child(
+            {
+                "task": "regime",
+                "uri": uri,
+                "experiment": experiment,
+                "workload": workload_spec(workload),
+                "folder": str(harness.folder(experiment)),
+                "prefix": "agent",
+                "options": options,
+                "ready_when": ready_when,
+                "backlog": regime.backlog_factor * capacity,
+                "fill_timeout": 60.0,
+                "sample_s": 0.005,
+                "flush_timeout": 120.0 if drain else 0.0,
+                # What is not sent by then stays in the journal (deferred) or is dropped.
+                "close_timeout": 10.0 if drain else 0.5,
+            }
+        )
+    result.update(
+        {
+            "label": label,
+            "regime": regime.name,
+            "journal": journal,
+            "latency_s": regime.latency_s,
+            "unreachable": regime.unreachable,
+            "drained": drain,
+        }
+    )
+    if not regime.unreachable:
+        result["readback"] = harness.read_back(experiment)
+    return result
+
+
+def run_regimes(ctx: Context) -> dict[str, Any]:
+    workload = regime_workload(ctx.plan)
+    rows = []
+    for regime in REGIMES:
+        if regime.name not in ctx.plan.regimes:
+            continue
+        for journal in (True, False) if ctx.plan.regime_reference else (True,):
+            rows.append(run_regime(ctx, regime, workload, journal))
+    return {"workload": workload_spec(workload), "rows": rows}
 
 
 def run_ceiling(ctx: Context, when: str) -> dict[str, Any]:
@@ -254,6 +334,7 @@ SECTIONS = (
     Section("hooks", "each hook's cost in isolation, one thread", run_hooks, needs_server=False),
     Section("main", "the three sinks side by side on the main workload", run_main),
     Section("sweep", "agent time per step against added server latency", run_sweep),
+    Section("regimes", "hook latency under pressure, by regime", run_regimes),
     Section("drain", "drain rate against the raw log_batch ceiling, spilling or not", run_drain),
     Section("steady", "HTTP requests per 1,000 steps at steady state", run_steady),
     Section("memory", "memory bound with the server unreachable", run_memory, needs_server=False),
@@ -263,6 +344,18 @@ SECTIONS = (
 SECTION_NAMES = tuple(section.name for section in SECTIONS)
 
 
-def scaled(plan: Plan, drain_steps: int | None = None) -> Plan:
+def scaled(
+    plan: Plan,
+    regimes: list[str] | None = None,
+    regime_steps: int | None = None,
+    drain_steps: int | None = None,
+) -> Plan:
     """``plan`` with the command line's overrides."""
-    return replace(plan, drain_steps=drain_steps) if drain_steps else plan
+    changes: dict[str, Any] = {}
+    if regimes:
+        changes["regimes"] = tuple(regimes)
+    if regime_steps:
+        changes["regime_steps"] = regime_steps
+    if drain_steps:
+        changes["drain_steps"] = drain_steps
+    return replace(plan, **changes) if changes else plan

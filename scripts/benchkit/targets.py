@@ -1,4 +1,4 @@
-"""The targets: what each one measures and whether it is met.
+"""The targets: what each one measures, whether it is met, and the evidence for a regime.
 
 A target whose section did not run is left out. Verdicts are honest: "met" only when every
 part is, "NOT proven" when the run did not reach the state the target is about.
@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from .fmt import count, dropped_text, percent, secs, stat, table, us, verdict
-from .plan import DEFAULT_BATCH_TRIGGER, DEFAULT_FLUSH_INTERVAL_S
+from .plan import (
+    DEFAULT_BATCH_TRIGGER,
+    DEFAULT_FLUSH_INTERVAL_S,
+    REGIMES,
+    WORKER_READING_BACK,
+    WORKER_SENDING,
+)
+from .workloads import HOOKS
 
 TARGET_HOOK_P99_US = 20.0
 TARGET_CONSTRUCT_MS = 5.0
@@ -22,8 +29,83 @@ TARGET_CLOSE_S = 3.0
 Results = Mapping[str, Any]
 
 
+def regime_entered(row: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether the timed hooks ran in the regime, and the evidence, from ``status()``."""
+    status, win, fill = row["status_after"], row["window"], row["fill"]
+    capacity = int(status.get("queue_capacity") or 0)
+    peak = max(int(row.get("queue_peak_sampled") or 0), int(status.get("queue_depth_peak") or 0))
+    evidence = []
+    if win["spilled"]:
+        evidence.append(f"{win['spilled']:,} of the timed events spilled")
+    if win["dropped"]:
+        evidence.append(f"{win['dropped']:,} dropped while they ran")
+    if capacity and peak >= capacity:
+        evidence.append(f"depth reached {peak:,} of {capacity:,}")
+    full = bool(win["spilled"] or win["dropped"] or (capacity and peak >= capacity))
+    if not full:
+        return False, (
+            f"NO: the queue was not full while the timed hooks ran (peak {peak:,} of "
+            f"{capacity:,}, nothing spilled or dropped)"
+        )
+    if row.get("unreachable"):
+        sent = int(row["status"].get("sent") or 0)
+        if sent:
+            return False, f"NO: {sent:,} events were sent: the server was reachable"
+        evidence.append("nothing sent")
+    ready_when = fill.get("ready_when")
+    before = row["status_before"]
+    sent, pending = int(before.get("sent") or 0), int(before.get("pending") or 0)
+    if not fill.get("ready"):
+        return False, f"NO: the producer gave up waiting for '{ready_when}'"
+    if ready_when in (WORKER_SENDING, WORKER_READING_BACK):
+        if not pending:
+            return False, "NO: nothing was pending when the timed hooks began"
+        more = " (more than the queue holds)" if ready_when == WORKER_READING_BACK else ""
+        evidence.append(
+            f"when they began the worker had sent {sent:,} events{more}, {pending:,} pending"
+        )
+    return True, "yes: " + ", ".join(evidence)
+
+
 def drain_spilled(row: Mapping[str, Any]) -> int:
     return int(row["status"].get("spilled") or 0)
+
+
+def hook_target(results: Results) -> tuple[str, str, str] | None:
+    section = results.get("regimes")
+    if section is None:
+        return None
+    rows = [row for row in section["rows"] if row["journal"]]
+    if not rows:
+        return None
+    parts, missed, steps_missed, not_entered = [], [], [], []
+    for row in rows:
+        p99 = {h: float(row["hooks"][h]["p99_us"]) for h in HOOKS}
+        over = [h for h in HOOKS if p99[h] > TARGET_HOOK_P99_US]
+        if over:
+            missed.append(row["regime"])
+        if "on_step" in over:
+            steps_missed.append(row["regime"])
+        if not regime_entered(row)[0]:
+            not_entered.append(row["regime"])
+        parts.append(
+            f"{row['regime']}: on_step {us(p99['on_step'])} (n={row['hooks']['on_step']['n']:,}),"
+            f" on_run_start {us(p99['on_run_start'])}, on_run_end {us(p99['on_run_end'])} "
+            f"(n={row['hooks']['on_run_start']['n']} each)"
+        )
+    if missed:
+        text = "NOT met in " + ", ".join(missed)
+        if not steps_missed:
+            text += " (on_step met everywhere; the miss is on_run_start/on_run_end)"
+    elif not_entered:
+        text = "NOT proven: " + ", ".join(not_entered) + " never filled the queue"
+    else:
+        text = "met"
+    names = {row["regime"] for row in rows}
+    left_out = [r.name for r in REGIMES if r.name not in names]
+    if left_out and text == "met":
+        text = f"met in the regimes run ({', '.join(left_out)} not run)"
+    return (f"hook p99 <= {TARGET_HOOK_P99_US:.0f} us in every regime", "; ".join(parts), text)
 
 
 def drain_target(results: Results) -> tuple[str, str, str] | None:
@@ -140,6 +222,7 @@ def targets_section(results: Results) -> list[str]:
     rows = [
         row
         for row in (
+            hook_target(results),
             construct_target(results),
             drain_target(results),
             steady_target(results),

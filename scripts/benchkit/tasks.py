@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import SeedFluentSink, make_sink
-from .measure import HTTP, RssPeak, summarize, timer_overhead_ns
+from .measure import HTTP, QueueSampler, RssPeak, summarize, timer_overhead_ns
+from .plan import WORKER_READING_BACK, WORKER_SENDING
 from .workloads import (
     HOOKS,
     Call,
@@ -29,6 +30,7 @@ from .workloads import (
     end_call,
     replay,
     start_call,
+    step_call,
     workload_from_spec,
 )
 
@@ -214,6 +216,132 @@ def task_ceiling(spec: Spec) -> dict[str, Any]:
     return result
 
 
+def dropped_sum(status: dict[str, Any]) -> int:
+    dropped = status.get("dropped") or {}
+    return int(sum(dropped.values())) if isinstance(dropped, dict) else int(dropped)
+
+
+#: Runs the untimed producer steps to fill the queue before a regime's timed hooks.
+BACKLOG_RUNS = 2
+
+
+def under_pressure(status: dict[str, Any]) -> bool:
+    """The queue is full: at capacity, or events went to the journal only, or were dropped."""
+    capacity = int(status.get("queue_capacity") or 0)
+    depth = int(status.get("queue_depth") or 0)
+    return depth >= capacity or bool(status.get("spilled")) or dropped_sum(status) > 0
+
+
+def fill_queue(sink: Any, runs: int, backlog: int, ready_when: str, timeout: float) -> Spec:
+    """Untimed: step ``runs`` backlog runs round robin until the queue is full and at least
+    ``backlog`` steps are queued; then wait until ``ready_when`` holds:
+
+    - ``queue full``: nothing more;
+    - ``worker sending``: the worker has sent step events (it is draining the backlog);
+    - ``worker reading back``: it has sent more events than the queue can hold, so what it
+      sends from then on came back from the journal.
+    """
+    pc = time.perf_counter
+    t0 = pc()
+    ids = [f"backlog-{i}" for i in range(runs)]
+    replay(sink, [start_call(run_id) for run_id in ids])
+    capacity = int(sink.status()["queue_capacity"])
+    chunk = min(250, capacity)
+    steps = 0
+    full = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        first = steps
+        replay(
+            sink,
+            (step_call(ids[n % runs], n, 0.5, 0.5 * n) for n in range(first, first + chunk)),
+        )
+        steps += chunk
+        full = under_pressure(sink.status())
+        if full and steps >= backlog:
+            break
+    filled_s = pc() - t0
+    # Before any step is sent, the worker sends the warm-up run (2 events) and the backlog
+    # runs' starts; in memory there were at most `capacity` steps besides those.
+    starts = runs + 2
+    threshold = {WORKER_SENDING: starts, WORKER_READING_BACK: capacity + starts}.get(ready_when)
+    ready = full
+    if full and threshold is not None:
+        ready = False
+        while time.monotonic() < deadline:
+            if int(sink.status().get("sent") or 0) > threshold:
+                ready = True
+                break
+            time.sleep(0.002)
+    return {
+        "steps": steps,
+        "full": full,
+        "ready_when": ready_when,
+        "ready": ready,
+        "filled_s": filled_s,
+        "waited_s": pc() - t0 - filled_s,
+    }
+
+
+def window(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """What changed in ``status()`` between two snapshots."""
+
+    def delta(key: str) -> int:
+        return int(after.get(key) or 0) - int(before.get(key) or 0)
+
+    return {
+        "accepted": delta("accepted"),
+        "sent": delta("sent"),
+        "spilled": delta("spilled"),
+        "dropped": dropped_sum(after) - dropped_sum(before),
+        "requests": delta("requests"),
+    }
+
+
+def task_regime(spec: Spec) -> dict[str, Any]:
+    """Agent threads with no work between steps, timed on a sink already in the regime.
+
+    An untimed producer first fills the queue (see :func:`fill_queue`); then the agent threads
+    make their hook calls, every one timed. ``status()`` is recorded when the timed hooks begin
+    and end, so the report can show what happened while they ran; the queue depth is sampled
+    meanwhile. Then either ``flush()`` until all is sent, or ``close()`` at once.
+    """
+    workload = workload_from_spec(spec["workload"])
+    sink = make_sink("ours", spec["uri"], spec["experiment"], spec["options"])
+    warm_up(sink)  # the first hook call starts the worker thread: not timed
+    fill = fill_queue(
+        sink, workload.runs, spec["backlog"], spec["ready_when"], spec["fill_timeout"]
+    )
+    pc = time.perf_counter
+    before = sink.status()
+    with QueueSampler(sink, spec["sample_s"]) as sampler:
+        t0 = pc()
+        timings = drive(sink, workload, Path(spec["folder"]), spec["prefix"])
+        produce_s = pc() - t0
+        after = sink.status()
+    flushed = sink.flush(spec["flush_timeout"]) if spec["flush_timeout"] > 0 else False
+    to_data_s = pc() - t0
+    t1 = pc()
+    sink.close(spec["close_timeout"])
+    close_s = pc() - t1
+    return {
+        "hooks": hook_stats(timings),
+        "all_hooks": summarize(timings.all()),
+        "fill": {**fill, "runs": BACKLOG_RUNS},
+        "produce_s": produce_s,
+        "flushed": flushed,
+        "to_data_s": to_data_s,
+        "close_s": close_s,
+        "queue_peak_sampled": sampler.peak,
+        "queue_samples": sampler.samples,
+        "status_before": before,
+        "status_after": after,
+        "window": window(before, after),
+        "status": sink.status(),
+        "switch_interval_s": sys.getswitchinterval(),
+    }
+
+
 def task_drain(spec: Spec) -> dict[str, Any]:
     """Runs stepped as fast as one thread can; time until ``flush()`` says all is in MLflow."""
     workload = workload_from_spec(spec["workload"])
@@ -359,6 +487,7 @@ TASKS: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "construct": task_construct,
     "hooks": task_hooks,
     "ceiling": task_ceiling,
+    "regime": task_regime,
     "drain": task_drain,
     "steady": task_steady,
     "memory": task_memory,
