@@ -3,7 +3,7 @@
 Run it with ``scripts/bench`` (see ``scripts/bench --help``). The modules:
 
 - ``cli``: the command line, which sections run, the report file;
-- ``plan``: how big each measurement is (full, quick) and the named regimes;
+- ``plan``: how big each measurement is (full, quick, smoke) and the named regimes;
 - ``sections``: each section of the benchmark, as the parent process runs it;
 - ``tasks``: what runs inside each child process, one function per kind of measurement;
 - ``child``: the child process's entry point (``python -m benchkit.child SPEC``);

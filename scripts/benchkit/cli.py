@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--plan",
         choices=sorted(PLANS),
         default=None,
-        help="how big each measurement is (default: full)",
+        help="how big each measurement is (default: full; smoke is for the test suite)",
     )
     parser.add_argument(
         "--only",
@@ -82,6 +82,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "<name>-latency.png",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: render the report from results saved with --json",
+    )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work folder (server data, child logs)"
     )
@@ -115,6 +122,9 @@ def write_report(results: dict[str, Any], output: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.report_from is not None:
+        write_report(json.loads(args.report_from.read_text(encoding="utf-8")), args.output)
+        return 0
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     signal.signal(signal.SIGTERM, _interrupt)
     plan = scaled(PLANS[args.plan], args.regime, args.regime_steps, args.drain_steps)

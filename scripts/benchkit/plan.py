@@ -1,4 +1,4 @@
-"""How big each measurement is: the full plan and the quick one; the named regimes."""
+"""How big each measurement is: the full plan, the quick one and the smoke test's."""
 
 from __future__ import annotations
 
@@ -142,4 +142,36 @@ QUICK = Plan(
     concurrency_nojournal=False,
 )
 
-PLANS = {plan.name: plan for plan in (FULL, QUICK)}
+#: Every section at its smallest, for the test suite: checks the harness, not the figures.
+SMOKE = Plan(
+    name="smoke",
+    main=RlmWorkload(runs=2, threads=2, steps=4, child_steps=2, think_ms=1.0),
+    main_nojournal=False,
+    sweep_sync=RlmWorkload(runs=1, threads=1, steps=3, child_steps=0, think_ms=1.0),
+    sweep=RlmWorkload(runs=1, threads=1, steps=3, child_steps=0, think_ms=1.0),
+    latencies=(0.0, 0.05),
+    sweep_reuses_main=True,
+    hook_runs=50,
+    hook_think_variants=False,
+    regimes=("unreachable", "queue spilling"),  # both ways of waiting, both journal modes
+    regime_threads=4,
+    regime_steps=300,
+    regime_reference=True,
+    regime_drain=False,
+    drain_runs=4,
+    drain_steps=300,
+    ceiling_batches=1,
+    ceiling_reps=1,
+    ceiling_before=False,
+    ceiling_parallel=False,
+    steady=((2, 50.0),),
+    steady_warmup_s=0.5,
+    steady_window_s=1.0,
+    memory_steps=25_000,
+    close_pending=200,
+    concurrency=(2,),
+    concurrency_steps=5,
+    concurrency_nojournal=False,
+)
+
+PLANS = {plan.name: plan for plan in (FULL, QUICK, SMOKE)}
