@@ -1,48 +1,136 @@
-"""The benchmark script runs end to end in quick mode and reports all three sinks.
+"""The benchmark runs end to end and writes the tables it promises.
 
-No timing is asserted: the figures depend on the machine. This only checks that
-``scripts/bench --quick`` works and writes the table it promises.
+No timing is asserted: the figures depend on the machine. The end-to-end test runs every section
+with the smallest plan (``--plan smoke``); the others check, without a server, how the report
+decides whether a regime was entered.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchkit.targets import regime_entered  # noqa: E402
 
 
-@pytest.mark.slow
-def test_quick_benchmark_writes_the_table_with_all_three_sinks(tmp_path: Path) -> None:
-    output = tmp_path / "perf.md"
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     # The script prefers the project's .venv; fall back to the interpreter running the tests.
-    command = [str(BENCH)] if os.access(BENCH, os.X_OK) else [sys.executable, f"{BENCH}.py"]
-    completed = subprocess.run(
-        [*command, "--quick", "--output", str(output)],
+    if os.access(BENCH, os.X_OK):
+        command = [str(BENCH)]
+    else:
+        command = [sys.executable, "-m", "benchkit"]
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT / "scripts"), env.get("PYTHONPATH")) if p
+        )
+    return subprocess.run(
+        [*command, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=600,
         check=False,
     )
+
+
+def table_after(text: str, heading: str, index: int = 0) -> list[str]:
+    """The rows of the ``index``-th table after ``heading``."""
+    section = text.split(heading, 1)[1]
+    tables = [block for block in section.split("\n\n") if block.startswith("| ")]
+    return tables[index].splitlines()[2:]
+
+
+@pytest.mark.slow
+def test_smoke_plan_writes_every_table(tmp_path: Path) -> None:
+    output, results = tmp_path / "perf.md", tmp_path / "results.json"
+    completed = bench("--plan", "smoke", "--output", str(output), "--json", str(results))
     assert completed.returncode == 0, completed.stderr[-4000:]
     text = output.read_text(encoding="utf-8")
-    assert "## The three sinks on the same workload" in text
-    table = text.split("## The three sinks on the same workload", 1)[1].split("\n\n")[1]
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert "| seed: fluent API, synchronous |" in completed.stdout  # the report is printed too
+
+    sinks = table_after(text, "## The three sinks on the same workload")
     for sink in (
         "seed: fluent API, synchronous",
         "MLflow async logging (synchronous=False)",
         "rlm_mlflow.MLflowSink",
     ):
-        assert any(row.startswith(f"| {sink} |") for row in rows), f"no row for {sink}:\n{table}"
-    assert "## Targets" in text
-    assert "| seed: fluent API, synchronous |" in completed.stdout  # the table is printed too
+        assert any(row.startswith(f"| {sink} |") for row in sinks), f"no row for {sink}"
+
+    targets = "\n".join(table_after(text, "## Targets"))
+    for target in ("hook p99 <= 20 us in every regime", "drain >= 90% of the raw ceiling"):
+        assert target in targets
+
+    regimes = "## Hook latency under pressure, by regime"
+    latencies, proof = table_after(text, regimes, 0), table_after(text, regimes, 1)
+    for name in ("unreachable", "queue spilling"):  # the smoke plan's regimes
+        for label in (name, f"{name}, journal=False"):
+            assert any(row.startswith(f"| {label} |") for row in latencies), label
+            row = next(row for row in proof if row.startswith(f"| {label} |"))
+            assert "| yes: " in row or "| NO: " in row, row
+
+    drain = table_after(text, "## Drain in the spilling regime")
+    assert [row.split(" | ")[0] for row in drain] == ["| spilling", "| not spilling"]
+    for heading in ("## Hook cost in isolation", "## Latency sweep", "## Concurrency sweep"):
+        assert heading in text
+
+    # The report is rendered from the results alone: saved results give the same report.
+    again = tmp_path / "again" / "perf.md"
+    rendered = bench("--report-from", str(results), "--output", str(again))
+    assert rendered.returncode == 0, rendered.stderr[-4000:]
+    assert again.read_text(encoding="utf-8") == text
+    assert json.loads(results.read_text(encoding="utf-8"))["meta"]["plan"] == "smoke"
+
+
+def regime_row(**changes: Any) -> dict[str, Any]:
+    """A regime result as the regime task returns it: the queue full, spilling, worker sending."""
+    status = {"queue_capacity": 10_000, "queue_depth": 0, "sent": 1_253, "pending": 8_757}
+    row: dict[str, Any] = {
+        "status_before": status,
+        "status_after": status,
+        "status": status,
+        "window": {"accepted": 16_016, "sent": 0, "spilled": 6_006, "dropped": 0, "requests": 0},
+        "fill": {"ready_when": "worker sending", "ready": True},
+        "queue_peak_sampled": 10_010,
+        "unreachable": False,
+    }
+    row.update(changes)
+    return row
+
+
+def test_a_regime_whose_queue_spilled_under_the_timed_hooks_was_entered() -> None:
+    entered, evidence = regime_entered(regime_row())
+    assert entered
+    assert "6,006 of the timed events spilled" in evidence
+
+
+def test_a_regime_whose_queue_never_filled_is_flagged() -> None:
+    quiet = {"accepted": 1_200, "sent": 1_200, "spilled": 0, "dropped": 0, "requests": 3}
+    entered, evidence = regime_entered(regime_row(window=quiet, queue_peak_sampled=1_208))
+    assert not entered
+    assert evidence.startswith("NO: the queue was not full")
+
+
+def test_an_unreachable_regime_that_sent_events_is_flagged() -> None:
+    sent = {"queue_capacity": 10_000, "sent": 40}
+    entered, evidence = regime_entered(regime_row(unreachable=True, status=sent))
+    assert not entered
+    assert "the server was reachable" in evidence
+
+
+def test_a_spilling_regime_must_find_the_worker_reading_back() -> None:
+    fill = {"ready_when": "worker reading back", "ready": False}
+    entered, evidence = regime_entered(regime_row(fill=fill))
+    assert not entered
+    assert "gave up waiting for 'worker reading back'" in evidence

@@ -1,0 +1,29 @@
+"""The child process: ``python -m benchkit.child SPEC`` runs one task and prints one result line.
+
+Every measurement runs in a fresh interpreter, so one sink's threads, imports and memory cannot
+colour the next one's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .measure import HTTP
+from .tasks import TASKS
+
+RESULT_PREFIX = "BENCH-RESULT "
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(args[0])
+    if spec["task"] != "construct":  # that one must not import anything before the sink does
+        HTTP.install()
+    result = TASKS[spec["task"]](spec)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
