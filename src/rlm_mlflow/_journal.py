@@ -71,9 +71,12 @@ DONE = 2
 HFLAG_SPILLED = 1  # the record went to the journal only (the memory queue was full)
 _INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
 
-#: First segment of a lane, and the most a segment grows to (each new one doubles).
-FIRST_SEGMENT = 1 << 20
+#: First segment of a lane, and the most a segment grows to (each new one is 4 times larger).
+FIRST_SEGMENT = 64 << 10
 MAX_SEGMENT = 16 << 20
+#: Lanes kept ready for threads that have none yet (made by the worker, not by a hook: a system
+#: call in a hook costs it a turn of the GIL, 5 ms or more while other threads are busy).
+SPARE_LANES = 8
 _MAX_RECORD = 64 << 20
 
 
@@ -158,6 +161,7 @@ class Lane:
     __slots__ = (
         "__weakref__",
         "journal",
+        "next",
         "number",
         "read_at",
         "read_internal",
@@ -174,6 +178,7 @@ class Lane:
         self.number = number
         self.segment = segment
         self.segments: list[Segment] = [segment]
+        self.next: Segment | None = None  # made ahead by the worker, for when this one is full
         # Spilled records: written by the hook (spill_written, spill_from), read by the worker
         # (spill_read, read_at). The lane keeps spilling while the worker has not read them all,
         # so a thread's later events never overtake its spilled ones.
@@ -295,11 +300,14 @@ class Journal:
         self._local = threading.local()
         self._free: deque[Lane] = deque()
         self._lane_numbers = itertools.count()
+        self._segment_numbers = itertools.count()
         self._grow = threading.Lock()  # only taken to make a lane or a segment: rare
         self.failed: str | None = None  # why the disk refused a segment: no more journal writes
         self.closed = False
         self.kept = False  # closed with events not sent in it (for replay)
         self.retiring = False  # idle: the next hook opens a new journal, this one goes
+        # Ready before anyone needs them: threads started together then find a lane each.
+        self.maintain()
 
     # -- lanes -----------------------------------------------------------------------------
 
@@ -325,30 +333,67 @@ class Journal:
     def _new_lane(self) -> Lane | None:
         with self._grow:
             number = next(self._lane_numbers)
-            segment = self._allocate(number, 0, FIRST_SEGMENT)
+            segment = self._allocate(number, FIRST_SEGMENT)
             if segment is None:
                 return None
             lane = Lane(self, number, segment)
             self.lanes.append(lane)
             return lane
 
+    @staticmethod
+    def _next_size(old: Segment) -> int:
+        return min(max(old.size * 4, FIRST_SEGMENT), MAX_SEGMENT)
+
     def next_segment(self, lane: Lane, needed: int) -> Segment | None:
-        """Seal the lane's segment and give it a new one that fits ``needed`` bytes."""
+        """Seal the lane's segment and give it the next one (ready, or made now)."""
         old = lane.segment
-        size = min(max(old.size * 2, FIRST_SEGMENT), MAX_SEGMENT)
-        size = max(size, SEGMENT_HEADER_SIZE + needed)
-        with self._grow:
-            segment = self._allocate(lane.number, old.number + 1, size)
-        if segment is None:
-            return None
+        segment = lane.next
+        if segment is not None and segment.size >= SEGMENT_HEADER_SIZE + needed:
+            lane.next = None
+        else:
+            size = max(self._next_size(old), SEGMENT_HEADER_SIZE + needed)
+            with self._grow:
+                segment = self._allocate(lane.number, size)
+            if segment is None:
+                return None
         lane.segments.append(segment)
         lane.segment = segment
         old.sealed = True
         return segment
 
-    def _allocate(self, lane: int, number: int, size: int) -> Segment | None:
+    def maintain(self) -> None:
+        """Worker: keep spare lanes, and a next segment for lanes past half of theirs, ready,
+        so that hooks never allocate files themselves in the common case."""
+        if self.failed is not None or self.closed or self.retiring:
+            return
+        while len(self._free) < SPARE_LANES:
+            lane = self._new_lane()
+            if lane is None:
+                return
+            self._free.append(lane)
+        for lane in list(self.lanes):
+            segment = lane.segment
+            if lane.next is None and segment.pos * 2 > segment.size:
+                with self._grow:
+                    prepared = self._allocate(lane.number, self._next_size(segment))
+                if prepared is None:
+                    return
+                lane.next = prepared
+
+    def needs_maintenance(self) -> bool:
+        if self.failed is not None or self.closed or self.retiring:
+            return False
+        if len(self._free) < SPARE_LANES:
+            return True
+        return any(
+            lane.next is None and lane.segment.pos * 2 > lane.segment.size
+            for lane in list(self.lanes)
+        )
+
+    def _allocate(self, lane: int, size: int) -> Segment | None:
         if self.failed is not None or self.closed or size > _MAX_RECORD + SEGMENT_HEADER_SIZE:
             return None
+        number = next(self._segment_numbers)
         path = self.folder / segment_name(lane, number)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -415,14 +460,18 @@ class Journal:
         self.kept = keep
         for lane in list(self.lanes):
             lane.segment.sealed = True
-            for segment in lane.segments:
-                if not segment.removed:
-                    if keep and self.fsync:
-                        with contextlib.suppress(OSError, ValueError):
-                            segment.mm.flush()
-                    with contextlib.suppress(ValueError, BufferError):
-                        segment.mm.close()
-                    segment.removed = True
+            for segment in [*lane.segments, *([lane.next] if lane.next else [])]:
+                if segment.removed:
+                    continue
+                if keep and self.fsync:
+                    with contextlib.suppress(OSError, ValueError):
+                        segment.mm.flush()
+                with contextlib.suppress(ValueError, BufferError):
+                    segment.mm.close()
+                segment.removed = True
+                if keep and segment.written == 0:  # made ahead, never used: not worth keeping
+                    with contextlib.suppress(OSError):
+                        segment.path.unlink()
         if not keep:
             remove_journal(self.folder)
         if self._lock_fd >= 0:
@@ -434,7 +483,7 @@ class Journal:
         """In a forked child: let go of the parent's journal without touching its files."""
         self.closed = True
         for lane in list(self.lanes):
-            for segment in lane.segments:
+            for segment in [*lane.segments, *([lane.next] if lane.next else [])]:
                 with contextlib.suppress(ValueError, BufferError):
                     segment.mm.close()
                 segment.removed = True

@@ -50,6 +50,8 @@ BLOCKED_PROBE = 30.0
 #: A journal with nothing in it and no record for this long is removed (a new one is made
 #: by the next event): an idle sink holds no file and no descriptor.
 JOURNAL_IDLE = 30.0
+#: How often the worker makes sure spare journal lanes and next segments are ready.
+MAINTENANCE_EVERY = 0.25
 
 
 class Worker:
@@ -99,6 +101,7 @@ class Worker:
         self.exporting: dict[int, RunWork] = {}  # handed to the exporters, not settled yet
         self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
+        self._maintaining = False
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
         self.describe: str | None = None
         # Signalled across threads: close and flush requests, progress for flush() waiters.
@@ -168,6 +171,7 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as scope:
                     tg.start_soon(self._watch_close, scope)
+                    tg.start_soon(self._keep_journal_ready)
                     await self._loop()
                 tg.cancel_scope.cancel()
         except Exception:  # never let the worker die silently
@@ -212,6 +216,7 @@ class Worker:
             items = pipeline.take(TAKE_LIMIT)
             if items:
                 await self._export(self._group(items, final=False))
+                await self._maintain_journal()
                 continue
             if closing:
                 if self.carry:  # events of runs whose start never came: send them as they are
@@ -222,7 +227,28 @@ class Worker:
                 return
             self._cycle_finished()
             self._release_idle_journal()
+            await self._maintain_journal()
             await self._idle()
+
+    async def _keep_journal_ready(self) -> None:
+        """Now and then, even while a long export runs: new threads find a lane ready."""
+        while True:
+            await self._maintain_journal()
+            await anyio.sleep(MAINTENANCE_EVERY)
+
+    async def _maintain_journal(self) -> None:
+        """Lanes and segments made ahead (so hooks do not make files), and the fsync setting."""
+        journal = self.pipeline.journal
+        if journal is None:
+            return
+        if journal.needs_maintenance() and not self._maintaining:
+            self._maintaining = True
+            try:
+                await anyio.to_thread.run_sync(journal.maintain, abandon_on_cancel=True)
+            finally:
+                self._maintaining = False
+        if self.config.journal_fsync:
+            await anyio.to_thread.run_sync(journal.sync)
 
     def _release_idle_journal(self) -> None:
         """Retire a journal that is empty and idle; close retired ones once no hook runs."""
