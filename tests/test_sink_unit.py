@@ -513,7 +513,7 @@ def test_step_records_round_trip(step: Any, reward: Any, total: Any) -> None:
 
     got = decode(encode_step(7, 1234, step, reward, total))
     assert isinstance(got, Step)
-    assert (got.run_no, got.timestamp_ms) == (7, 1234)
+    assert (got.run_no, got.timestamp_ns) == (7, 1234)
     assert got.step == plain(step)
     assert got.cumulative_reward == total
     assert got.reward == plain(reward) or (math.isnan(got.reward) and math.isnan(reward))

@@ -13,11 +13,18 @@ raises.
 
 Layout of a record (all little-endian)::
 
-    prefix   kind u8 | flags u8 | run_no u32 | timestamp_ms i64                   14 bytes
+    prefix   kind u8 | flags u8 | run_no u32 | timestamp_ns i64                   14 bytes
     step     prefix | step i64 | reward f64 | cumulative_reward f64             38 bytes
+             (+ detail when FLAG_DETAIL: bits u8 | success u8 | depth i16 | input, output,
+                total tokens, calls i64 x4 | execution_time f64, then five texts - action,
+                code, rationale, stdout, stderr - each length u32 | flags u8 | bytes u32 | UTF-8)
              (+ JSON [step, reward, cumulative_reward] when FLAG_ODD)
-    start    prefix | JSON {run_id, environment, task_chars, params, parent_no, implicit}
-    end      prefix | JSON {run_id, status, completed, steps, total_reward, run_path}
+    start    prefix | JSON {run_id, environment, task_chars, params, parent_no, implicit,
+                            root_no, parent_step, depth, task}
+    end      prefix | JSON {run_id, status, completed, steps, total_reward, run_path, final}
+
+Texts are cut where they enter (the caps are in :data:`CAPS`): code and prose keep their head,
+printed output keeps its head and its tail (an error is usually at the end).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from ._events import Event, RunEnd, RunStart, Step
+from ._events import Event, RunEnd, RunStart, Step, StepDetail, Text, Usage
 
 KIND_START = 1
 KIND_STEP = 2
@@ -37,11 +44,31 @@ KIND_END = 3
 
 FLAG_ODD = 1  # a step whose values did not fit the fixed layout: they follow as JSON
 FLAG_INTERNAL = 2  # made by the sink itself, not by a hook call
+FLAG_DETAIL = 4  # a step with its action, observation and usage (the detail block)
 
 _PREFIX = struct.Struct("<BBIq")
 _STEP = struct.Struct("<BBIqqdd")
+_DETAIL = struct.Struct("<BBhqqqqd")
+_TEXT = struct.Struct("<IBI")
 PREFIX_SIZE = _PREFIX.size
 STEP_SIZE = _STEP.size
+
+#: The most characters kept of each text field; longer ones are cut, and the span says so.
+CAPS = {
+    "action": 200,
+    "code": 16_000,
+    "rationale": 4_000,
+    "stdout": 16_000,
+    "stderr": 8_000,
+    "task": 8_000,
+    "final": 8_000,
+}
+_TEXTS = ("action", "code", "rationale", "stdout", "stderr")
+_KEEP_TAIL = frozenset({"stdout", "stderr"})
+# detail bits
+_USAGE, _EXEC_TIME, _SUCCESS, _DEPTH = 1, 2, 4, 8
+# text flags
+_CUT, _NOT_RECORDED, _ABSENT = 1, 2, 4
 
 #: Strings longer than this in a value that is not text by nature (a step, a reward) are cut.
 MAX_ODD_TEXT = 200
@@ -164,26 +191,129 @@ def _json(document: object) -> bytes:
 
 def encode_step(  # noqa: PLR0917 - positional on purpose: a hook calls it on every step
     run_no: int,
-    timestamp_ms: int,
+    timestamp_ns: int,
     step: object,
     reward: object,
     cumulative: object,
+    detail: bytes = b"",
     flags: int = 0,
 ) -> bytes:
     """A step record; the fixed layout when the values fit it, else with a JSON tail."""
+    if detail:
+        flags |= FLAG_DETAIL
     if type(step) is int and type(reward) is float and type(cumulative) is float:
         try:
-            return _STEP.pack(KIND_STEP, flags, run_no, timestamp_ms, step, reward, cumulative)
+            head = _STEP.pack(KIND_STEP, flags, run_no, timestamp_ns, step, reward, cumulative)
         except struct.error:  # a step beyond int64: described in the tail
             pass
+        else:
+            return head + detail if detail else head
     tail = _json([plain(step), plain(reward), plain(cumulative)])
-    head = _STEP.pack(KIND_STEP, flags | FLAG_ODD, run_no, timestamp_ms, 0, 0.0, 0.0)
-    return head + tail
+    head = _STEP.pack(KIND_STEP, flags | FLAG_ODD, run_no, timestamp_ns, 0, 0.0, 0.0)
+    return head + detail + tail
+
+
+def cut(value: object, name: str) -> tuple[str, int, bool]:
+    """``(text, original length, cut)`` of a text field, within its cap (see :data:`CAPS`)."""
+    if type(value) is not str:
+        value = _as_text(value)
+    assert isinstance(value, str)
+    length, cap = len(value), CAPS[name]
+    if length <= cap:
+        return value, length, False
+    if name in _KEEP_TAIL:
+        head = cap * 3 // 4
+        return value[:head] + value[length - (cap - head) :], length, True
+    return value[:cap], length, True
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, str):
+        return str.__str__(value)
+    try:
+        text = str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if type(text) is str else f"<{type(value).__name__}>"
+
+
+def _text_slot(value: object, name: str, record: bool) -> bytes:
+    if value is None:
+        return _TEXT.pack(0, _ABSENT, 0)
+    text, length, was_cut = cut(value, name)
+    if not record:
+        return _TEXT.pack(length, _NOT_RECORDED, 0)
+    data = text.encode("utf-8", "surrogatepass")
+    return _TEXT.pack(length, _CUT if was_cut else 0, len(data)) + data
+
+
+def _count(value: object) -> int:
+    if type(value) is int and 0 <= value < 2**62:
+        return value
+    if type(value) is float and value.is_integer() and 0 <= value < 2**62:
+        return int(value)
+    return 0
+
+
+def step_detail(event: Mapping[str, Any], texts: bool) -> bytes:
+    """The detail block of a step event (empty when it has none): RLM Code's ``action``
+    (code, rationale), ``observation`` (stdout, stderr, success, execution time), ``usage``
+    and ``depth``. ``texts`` False records the texts' lengths only (metadata-only traces)."""
+    action = event.get("action")
+    observation = event.get("observation")
+    usage = event.get("usage")
+    depth = event.get("depth")
+    if action is None and observation is None and usage is None and depth is None:
+        return b""
+    if not isinstance(action, Mapping):
+        action = {"action": action} if action is not None else {}
+    if not isinstance(observation, Mapping):
+        observation = {}
+    bits = 0
+    tokens_in = tokens_out = total = calls = 0
+    if isinstance(usage, Mapping):
+        bits |= _USAGE
+        tokens_in = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        tokens_out = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+        total = _count(usage.get("total_tokens")) or tokens_in + tokens_out
+        calls = _count(usage.get("total_calls", usage.get("calls")))
+    success = observation.get("success")
+    succeeded = 0
+    if type(success) is bool:
+        bits |= _SUCCESS
+        succeeded = 1 if success else 2
+    elapsed = observation.get("execution_time")
+    seconds = 0.0
+    if type(elapsed) in (int, float):
+        bits |= _EXEC_TIME
+        seconds = float(elapsed)  # type: ignore[arg-type]
+    level = 0
+    if type(depth) is int and -32768 <= depth < 32768:
+        bits |= _DEPTH
+        level = depth
+    head = _DETAIL.pack(bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds)
+    return head + b"".join(
+        (
+            _text_slot(action.get("action"), "action", True),
+            _text_slot(action.get("code"), "code", texts),
+            _text_slot(action.get("rationale"), "rationale", texts),
+            _text_slot(observation.get("stdout"), "stdout", texts),
+            _text_slot(observation.get("stderr"), "stderr", texts),
+        )
+    )
+
+
+def text_document(value: object, name: str, record: bool) -> list[Any] | None:
+    """A text for a start or end record's JSON: ``[text or None, length, cut]``."""
+    if value is None:
+        return None
+    text, length, was_cut = cut(value, name)
+    return [text if record else None, length, was_cut]
 
 
 def encode_start(
     run_no: int,
-    timestamp_ms: int,
+    timestamp_ns: int,
     *,
     run_id: str,
     environment: object,
@@ -191,6 +321,10 @@ def encode_start(
     params: object,
     parent_no: int | None,
     implicit: bool = False,
+    root_no: int | None = None,
+    parent_step: int | None = None,
+    depth: object = None,
+    task: list[Any] | None = None,
     flags: int = 0,
 ) -> bytes:
     document = {
@@ -200,13 +334,17 @@ def encode_start(
         "params": _params(params),
         "parent_no": parent_no,
         "implicit": implicit,
+        "root_no": root_no,
+        "parent_step": parent_step,
+        "depth": depth if type(depth) is int else None,
+        "task": task,
     }
-    return _PREFIX.pack(KIND_START, flags, run_no, timestamp_ms) + _json(document)
+    return _PREFIX.pack(KIND_START, flags, run_no, timestamp_ns) + _json(document)
 
 
 def encode_end(
     run_no: int,
-    timestamp_ms: int,
+    timestamp_ns: int,
     *,
     run_id: str,
     status: str,
@@ -214,6 +352,7 @@ def encode_end(
     steps: object = None,
     total_reward: object = None,
     run_path: str | None = None,
+    final: list[Any] | None = None,
     flags: int = 0,
 ) -> bytes:
     document = {
@@ -223,8 +362,9 @@ def encode_end(
         "steps": plain(steps),
         "total_reward": plain(total_reward),
         "run_path": run_path,
+        "final": final,
     }
-    return _PREFIX.pack(KIND_END, flags, run_no, timestamp_ms) + _json(document)
+    return _PREFIX.pack(KIND_END, flags, run_no, timestamp_ns) + _json(document)
 
 
 # -- worker side -----------------------------------------------------------------------------
@@ -243,9 +383,13 @@ def decode(payload: bytes | memoryview) -> Event:
         internal = bool(flags & FLAG_INTERNAL)
         if kind == KIND_STEP:
             _, _, _, _, step, reward, cumulative = _STEP.unpack_from(payload)
+            offset = STEP_SIZE
+            detail = None
+            if flags & FLAG_DETAIL:
+                detail, offset = _decode_detail(payload, offset)
             if flags & FLAG_ODD:
-                step, reward, cumulative = json.loads(bytes(payload[STEP_SIZE:]))
-            return Step(run_no, timestamp, step, reward, cumulative, internal)
+                step, reward, cumulative = json.loads(bytes(payload[offset:]))
+            return Step(run_no, timestamp, step, reward, cumulative, internal, detail)
         document = json.loads(bytes(payload[PREFIX_SIZE:]).decode("utf-8", "surrogatepass"))
         if kind == KIND_START:
             return RunStart(
@@ -258,6 +402,10 @@ def decode(payload: bytes | memoryview) -> Event:
                 document.get("parent_no"),
                 bool(document.get("implicit")),
                 internal,
+                document.get("root_no"),
+                document.get("parent_step"),
+                document.get("depth"),
+                _text_of(document.get("task")),
             )
         if kind == KIND_END:
             return RunEnd(
@@ -270,7 +418,47 @@ def decode(payload: bytes | memoryview) -> Event:
                 document.get("total_reward"),
                 document.get("run_path"),
                 internal,
+                _text_of(document.get("final")),
             )
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"not a record: {type(exc).__name__}: {exc}") from None
     raise ValueError(f"unknown record kind {kind}")
+
+
+def _text_of(value: Any) -> Text | None:
+    if not isinstance(value, list) or len(value) != 3:
+        return None
+    text, length, was_cut = value
+    return Text(text if isinstance(text, str) else None, int(length), bool(was_cut))
+
+
+def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail, int]:
+    bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds = _DETAIL.unpack_from(
+        payload, offset
+    )
+    offset += _DETAIL.size
+    texts: list[Text | None] = []
+    for _ in _TEXTS:
+        length, text_flags, size = _TEXT.unpack_from(payload, offset)
+        offset += _TEXT.size
+        if text_flags & _ABSENT:
+            texts.append(None)
+            continue
+        text = None
+        if not text_flags & _NOT_RECORDED:
+            text = bytes(payload[offset : offset + size]).decode("utf-8", "surrogatepass")
+        offset += size
+        texts.append(Text(text, length, bool(text_flags & (_CUT | _NOT_RECORDED))))
+    action, code, rationale, stdout, stderr = texts
+    detail = StepDetail(
+        action=action,
+        code=code,
+        rationale=rationale,
+        stdout=stdout,
+        stderr=stderr,
+        success=None if not bits & _SUCCESS else succeeded == 1,
+        execution_time=seconds if bits & _EXEC_TIME else None,
+        usage=Usage(tokens_in, tokens_out, total, calls) if bits & _USAGE else None,
+        depth=level if bits & _DEPTH else None,
+    )
+    return detail, offset

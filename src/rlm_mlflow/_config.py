@@ -25,6 +25,8 @@ ENV_RETRY_DEADLINE = "RLM_MLFLOW_RETRY_DEADLINE"
 ENV_JOURNAL = "RLM_MLFLOW_JOURNAL"
 ENV_JOURNAL_DIR = "RLM_MLFLOW_JOURNAL_DIR"
 ENV_JOURNAL_FSYNC = "RLM_MLFLOW_JOURNAL_FSYNC"
+ENV_TRACES = "RLM_MLFLOW_TRACES"
+TRACE_MODES = ("full", "metadata", "off")
 ENV_HANDLE_SIGNALS = "RLM_MLFLOW_HANDLE_SIGNALS"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -63,6 +65,7 @@ class SinkConfig:
     journal_dir: str | None = None
     journal_fsync: bool = False
     handle_signals: bool = True
+    traces: str = "full"
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -78,6 +81,8 @@ class SinkConfig:
             raise ValueError("batch_trigger must be at least 1")
         if not self.experiment:
             raise ValueError("experiment cannot be empty")
+        if self.traces not in TRACE_MODES:
+            raise ValueError(f"traces must be one of {', '.join(TRACE_MODES)}, not {self.traces!r}")
         object.__setattr__(self, "overflow", Overflow(self.overflow))
 
     def with_changes(self, **changes: Any) -> SinkConfig:
@@ -134,6 +139,11 @@ def config_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> S
             values[key] = parse_bool(env.get(name), default=default)
     if env.get(ENV_JOURNAL_DIR):
         values["journal_dir"] = env[ENV_JOURNAL_DIR]
+    traces = (env.get(ENV_TRACES) or "").strip().lower()
+    if traces:
+        values["traces"] = {"true": "full", "on": "full", "false": "off", "0": "off"}.get(
+            traces, traces
+        )
     overflow = (env.get(ENV_OVERFLOW) or "").strip().lower()
     if overflow:
         try:

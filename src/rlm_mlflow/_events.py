@@ -5,7 +5,8 @@ A hook never builds these objects: it encodes the few fields it reads straight i
 frozen dataclasses, checks the values (:mod:`._convert`) and hands them to the exporters.
 
 Runs are named inside a sink by a small number (``run_no``); the MLflow-facing key of a run is the
-sink's random prefix and that number (``<prefix>-<run_no>``), unique across processes.
+sink's random prefix and that number (``<prefix>-<run_no>``), unique across processes. Times are
+nanoseconds since the epoch, taken when the hook was called.
 """
 
 from __future__ import annotations
@@ -15,11 +16,68 @@ from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one step (or run) used, as the runtime reported them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    calls: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.total_tokens + other.total_tokens,
+            self.calls + other.calls,
+        )
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            max(0, self.input_tokens - other.input_tokens),
+            max(0, self.output_tokens - other.output_tokens),
+            max(0, self.total_tokens - other.total_tokens),
+            max(0, self.calls - other.calls),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.input_tokens or self.output_tokens or self.total_tokens)
+
+
+NO_USAGE = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A text field as recorded: possibly cut (``length`` is then the original length), or not
+    recorded at all (metadata-only traces: ``text`` is None, ``length`` says how long it was)."""
+
+    text: str | None
+    length: int
+    cut: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StepDetail:
+    """What a step event carries beyond its rewards (RLM Code's action/observation/usage)."""
+
+    action: Text | None = None
+    code: Text | None = None
+    rationale: Text | None = None
+    stdout: Text | None = None
+    stderr: Text | None = None
+    success: bool | None = None
+    execution_time: float | None = None
+    usage: Usage | None = None
+    depth: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RunStart:
     """``on_run_start``: open one MLflow run (or a run opened for a step that came first)."""
 
     run_no: int
-    timestamp_ms: int
+    timestamp_ns: int
     run_id: str
     environment: Any = None
     task_chars: int | None = None
@@ -27,6 +85,10 @@ class RunStart:
     parent_no: int | None = None  # the run this one is a child of, in the same sink
     implicit: bool = False  # opened by the sink for a hook that came before on_run_start
     internal: bool = False  # made by the sink, not by a hook call: not counted as an event
+    root_no: int | None = None  # the top run of its recursion tree (its trace)
+    parent_step: int | None = None  # which step of the parent was running (0-based)
+    depth: int | None = None
+    task: Text | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +96,12 @@ class Step:
     """``on_step``: one step's rewards, as the caller gave them (checked later)."""
 
     run_no: int
-    timestamp_ms: int
+    timestamp_ns: int
     step: Any
     reward: Any
     cumulative_reward: Any
     internal: bool = False
+    detail: StepDetail | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +109,7 @@ class RunEnd:
     """``on_run_end``, or the end the sink gives a run that never had one (close, signal)."""
 
     run_no: int
-    timestamp_ms: int
+    timestamp_ns: int
     run_id: str
     status: str  # FINISHED, FAILED or KILLED
     completed: Any = None
@@ -54,6 +117,7 @@ class RunEnd:
     total_reward: Any = None
     run_path: str | None = None
     internal: bool = False
+    final: Text | None = None
 
 
 Event = RunStart | Step | RunEnd

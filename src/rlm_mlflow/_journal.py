@@ -72,7 +72,7 @@ HFLAG_SPILLED = 1  # the record went to the journal only (the memory queue was f
 _INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
 
 #: First segment of a lane, and the most a segment grows to (each new one is 4 times larger).
-FIRST_SEGMENT = 64 << 10
+FIRST_SEGMENT = 256 << 10
 MAX_SEGMENT = 16 << 20
 #: Lanes kept ready for threads that have none yet (made by the worker, not by a hook: a system
 #: call in a hook costs it a turn of the GIL, 5 ms or more while other threads are busy).
@@ -134,6 +134,30 @@ class Segment:
         if not self.removed:
             self.mm[offset + STATE_OFFSET] = state
 
+    def payload(self, offset: int) -> bytes:
+        """The payload of the record at ``offset`` (a large record is queued by reference)."""
+        size = _RECORD.unpack_from(self.mm, offset)[0]
+        body = offset + RECORD_HEADER_SIZE
+        return self.mm[body : body + size]
+
+    def populate(self) -> None:
+        """Fault every page of a fresh segment in, writable, before any hook writes there
+        (worker, on a thread, before the segment is handed out): a first write to a page costs
+        a page fault of several microseconds, a few of them for a large record.
+
+        ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14) through ctypes, which releases the GIL for
+        the call (the ``mmap`` module's own ``madvise`` would hold it, and stall every hook);
+        elsewhere, zeros written through the file put the pages in the page cache at least."""
+        if _populate_write(self.mm, self.size):
+            return
+        zeros = bytes(1 << 20)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for start in range(SEGMENT_HEADER_SIZE, self.size, len(zeros)):
+                os.pwrite(fd, zeros[: min(len(zeros), self.size - start)], start)
+        finally:
+            os.close(fd)
+
     @property
     def finished(self) -> bool:
         """Sealed, every record DONE, no open run's start in it: the file can go."""
@@ -153,6 +177,35 @@ class Segment:
             self.mm.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+_MADV_POPULATE_WRITE = 23
+_madvise: Any = None
+
+
+def _populate_write(mm: mmap.mmap, size: int) -> bool:
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            function = libc.madvise
+            function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            function.restype = ctypes.c_int
+            _madvise = (ctypes, function)
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
+        return False
+    ctypes, function = _madvise
+    view = (ctypes.c_char * size).from_buffer(mm)
+    address = ctypes.addressof(view)
+    del view  # the mapping must stay closable
+    if function(address, size, _MADV_POPULATE_WRITE) == 0:
+        return True
+    _madvise = False  # not supported here (an older kernel): never ask again
+    return False
 
 
 class Lane:
@@ -307,7 +360,7 @@ class Journal:
         self.kept = False  # closed with events not sent in it (for replay)
         self.retiring = False  # idle: the next hook opens a new journal, this one goes
         # Ready before anyone needs them: threads started together then find a lane each.
-        self.maintain()
+        self.maintain(populate=False)
 
     # -- lanes -----------------------------------------------------------------------------
 
@@ -330,14 +383,15 @@ class Journal:
         local.lane = holder
         return lane
 
-    def _new_lane(self) -> Lane | None:
+    def _new_lane(self, listed: bool = True) -> Lane | None:
         with self._grow:
             number = next(self._lane_numbers)
             segment = self._allocate(number, FIRST_SEGMENT)
             if segment is None:
                 return None
             lane = Lane(self, number, segment)
-            self.lanes.append(lane)
+            if listed:
+                self.lanes.append(lane)
             return lane
 
     @staticmethod
@@ -361,24 +415,34 @@ class Journal:
         old.sealed = True
         return segment
 
-    def maintain(self) -> None:
-        """Worker: keep spare lanes, and a next segment for lanes past half of theirs, ready,
-        so that hooks never allocate files themselves in the common case."""
+    def maintain(self, populate: bool = True) -> bool:
+        """Worker: keep spare lanes, and a next segment for lanes past a quarter of theirs,
+        ready (pages faulted in), so that hooks almost never make a file or take a page fault
+        themselves. Whether anything had to be made."""
         if self.failed is not None or self.closed or self.retiring:
-            return
+            return False
+        made = False
         while len(self._free) < SPARE_LANES:
-            lane = self._new_lane()
+            lane = self._new_lane(listed=False)
             if lane is None:
-                return
+                break
+            if populate:
+                lane.segment.populate()
+            self.lanes.append(lane)  # handed out only now, its pages in place
             self._free.append(lane)
+            made = True
         for lane in list(self.lanes):
             segment = lane.segment
-            if lane.next is None and segment.pos * 2 > segment.size:
+            if lane.next is None and segment.pos * 4 > segment.size:
                 with self._grow:
                     prepared = self._allocate(lane.number, self._next_size(segment))
                 if prepared is None:
-                    return
+                    break
+                if populate:
+                    prepared.populate()
                 lane.next = prepared
+                made = True
+        return made
 
     def needs_maintenance(self) -> bool:
         if self.failed is not None or self.closed or self.retiring:
@@ -386,7 +450,7 @@ class Journal:
         if len(self._free) < SPARE_LANES:
             return True
         return any(
-            lane.next is None and lane.segment.pos * 2 > lane.segment.size
+            lane.next is None and lane.segment.pos * 4 > lane.segment.size
             for lane in list(self.lanes)
         )
 

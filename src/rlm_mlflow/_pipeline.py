@@ -41,7 +41,10 @@ from ._stats import AtomicCounter, RateLimitedWarnings, Tally
 
 logger = logging.getLogger("rlm_mlflow")
 
-Item = tuple[Segment | None, int, bytes]
+Item = tuple[Segment | None, int, bytes | None]  # None: read the record back from the segment
+
+#: A record larger than this waits in memory by reference only (the journal holds its bytes).
+BY_REFERENCE = 2048
 
 #: While spilling, a hook yields the interpreter once per this many records (+1, a power of two).
 YIELD_EVERY = 255  # (journal segment, offset, record) - no journal: None
@@ -58,10 +61,11 @@ class State(enum.Enum):
 class OpenRun:
     """A run between its start and its end, as the hooks know it."""
 
-    __slots__ = ("implicit", "no", "previous", "run_id", "steps", "thread")
+    __slots__ = ("implicit", "no", "previous", "root", "run_id", "steps", "thread")
 
     def __init__(self, no: int, run_id: str, thread: int, implicit: bool = False) -> None:
         self.no = no
+        self.root = no  # the top run of its recursion tree
         self.run_id = run_id
         self.thread = thread
         self.implicit = implicit
@@ -70,8 +74,7 @@ class OpenRun:
         self.previous: OpenRun | None = None
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+now_ns = time.time_ns
 
 
 def text_of(value: object) -> str:
@@ -105,6 +108,7 @@ class Pipeline:
         self.capacity = config.queue_size
         self.trigger = min(config.batch_trigger, config.queue_size)
         self.drop_oldest = config.overflow is Overflow.DROP_OLDEST
+        self.texts = config.traces == "full"  # code, output and task text go into traces
         self.on_first_event: Callable[[], None] | None = None
         self.reset()
 
@@ -152,7 +156,7 @@ class Pipeline:
                 task_chars: int | None = len(task)  # type: ignore[arg-type]
             except Exception:
                 task_chars = None
-            parent_no = self._parent_of(rid, params)
+            parent = self._parent_of(rid, params)
             me = threading.get_ident()
             run = self.by_thread.get((rid, me))
             if run is not None and run.implicit:  # its steps came first: this completes it
@@ -165,14 +169,21 @@ class Pipeline:
                 new = OpenRun(next(self.run_numbers), rid, me)
                 new.previous = run
                 run = self.by_thread[(rid, me)] = self.by_id[rid] = new
+            if parent is not None:
+                run.root = parent.root
+            depth = params.get("depth") if type(params) is dict else None
             payload = _codec.encode_start(
                 run.no,
-                now_ms(),
+                now_ns(),
                 run_id=rid,
                 environment=environment,
                 task_chars=task_chars,
                 params=params,
-                parent_no=parent_no,
+                parent_no=parent.no if parent is not None else None,
+                root_no=run.root,
+                parent_step=parent.steps if parent is not None else None,
+                depth=depth,
+                task=_codec.text_document(task, "task", self.texts) if task is not None else None,
             )
             self.admit(payload, ctl=True, start=True)
         except Exception:
@@ -193,11 +204,12 @@ class Pipeline:
                 run = self.route(run_id)
             if type(event) is dict:
                 step, reward = event.get("step"), event.get("reward")
+                detail = _codec.step_detail(event, self.texts)
             else:
-                step, reward = self._read_event(event, run.run_id)
+                step, reward, detail = self._read_event(event, run.run_id)
             run.steps += 1
             self.admit(
-                _codec.encode_step(run.no, time.time_ns() // 1_000_000, step, reward, cumulative),
+                _codec.encode_step(run.no, time.time_ns(), step, reward, cumulative, detail),
                 ctl=False,
             )
         except Exception:
@@ -215,24 +227,26 @@ class Pipeline:
                 return
             run = self.route(run_id)
             values = []
-            for name in ("completed", "steps", "total_reward"):
+            for name in ("completed", "steps", "total_reward", "final_response"):
                 value, ok = read_field(result, name)
                 if not ok:
                     self.bad_input("result_unreadable", run.run_id, f"result.{name} raised")
                 values.append(value)
+            final = values[3]
             path = _codec.path_text(run_path)
             if path is not None and path.startswith("\x00"):
                 self.bad_input("artifact", run.run_id, f"run_path {path[1:]} is not a path")
                 path = None
             payload = _codec.encode_end(
                 run.no,
-                now_ms(),
+                now_ns(),
                 run_id=run.run_id,
                 status="FINISHED",
                 completed=values[0],
                 steps=values[1],
                 total_reward=values[2],
                 run_path=path,
+                final=_codec.text_document(final, "final", self.texts) if final else None,
             )
             self.admit(payload, ctl=True)
             self._forget(run)
@@ -243,7 +257,7 @@ class Pipeline:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def _parent_of(self, run_id: str, params: object) -> int | None:
+    def _parent_of(self, run_id: str, params: object) -> OpenRun | None:
         parent: object = None
         if type(params) is dict:
             parent = params.get("parent_run_id")
@@ -261,8 +275,7 @@ class Pipeline:
             self.bad_input(
                 "parent_unknown", run_id, f"parent run {text_of(parent)!r} is not open here"
             )
-            return None
-        return found.no
+        return found
 
     def find(self, run_id: str) -> OpenRun | None:
         """The open run ``run_id``: the one this thread started, else the latest."""
@@ -282,7 +295,7 @@ class Pipeline:
         self.bad_input("not_started", rid, "hook called before on_run_start; run opened for it")
         payload = _codec.encode_start(
             run.no,
-            now_ms(),
+            now_ns(),
             run_id=rid,
             environment=None,
             task_chars=None,
@@ -305,15 +318,19 @@ class Pipeline:
         if self.by_id.get(run.run_id) is run:
             self.by_id.pop(run.run_id, None)
 
-    def _read_event(self, event: object, run_id: str) -> tuple[Any, Any]:
+    def _read_event(self, event: object, run_id: str) -> tuple[Any, Any, bytes]:
         if not isinstance(event, Mapping):
             self.bad_input("event_not_mapping", run_id, f"event is a {type(event).__name__}")
-            return None, None
+            return None, None, b""
         step, ok = read_field(event, "step")
         reward, ok2 = read_field(event, "reward")
+        try:
+            detail = _codec.step_detail(event, self.texts)
+        except Exception:  # a Mapping whose reads raise: its numbers are what matters
+            detail, ok = b"", False
         if not (ok and ok2):
             self.bad_input("event_unreadable", run_id, "reading the event raised")
-        return step, reward
+        return step, reward, detail
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -349,7 +366,9 @@ class Pipeline:
                             time.sleep(0)
                         self.wake()
                         return
-                    (self.ctl if ctl else self.steps).append((where[0], where[1], payload))
+                    (self.ctl if ctl else self.steps).append(
+                        (where[0], where[1], payload if len(payload) <= BY_REFERENCE else None)
+                    )
                     if len(self.steps) >= self.trigger:
                         self.wake()
                     return
@@ -465,7 +484,7 @@ class Pipeline:
             run: OpenRun | None = top
             while run is not None:
                 payload = _codec.encode_end(
-                    run.no, now_ms(), run_id=rid, status=status, flags=_codec.FLAG_INTERNAL
+                    run.no, now_ns(), run_id=rid, status=status, flags=_codec.FLAG_INTERNAL
                 )
                 self.admit(payload, ctl=True, internal=True)
                 ended += 1

@@ -181,7 +181,7 @@ def _load(folder: Path, report: ReplayReport) -> _Loaded | None:
     report.torn += stats.torn
     open_runs = {no: run_id for no, run_id in started.items() if no not in ended}
     for work in works.values():
-        work.steps.sort(key=lambda s: s.timestamp_ms)
+        work.steps.sort(key=lambda s: s.timestamp_ns)
     return _Loaded(meta, works, records, open_runs, events)
 
 
@@ -242,7 +242,7 @@ def _replay_folder(
         sent = failed = refused = 0
         try:
             await exporter.load_known()
-            now = _now_ms()
+            now = _now_ns()
             for no, run_id in loaded.open_runs.items():
                 work = loaded.works.get(no)
                 if work is None:
@@ -294,10 +294,10 @@ def _replay_folder(
         report.kept.append(str(folder))
 
 
-def _now_ms() -> int:
+def _now_ns() -> int:
     import time
 
-    return time.time_ns() // 1_000_000
+    return time.time_ns()
 
 
 def _uri_for(meta: dict[str, Any], override: str | None) -> str | None:

@@ -251,7 +251,7 @@ class RunsExporter:
                 no=work.no,
                 key=key,
                 run_id=first.run_id if first else work.run_id or key,
-                start_ms=first.timestamp_ms if first else _first_time(work),
+                start_ms=(first.timestamp_ns if first else _first_time(work)) // 1_000_000,
                 look_first=self.replaying or first is None,
             )
             known = self.ended.get(work.no)
@@ -490,7 +490,7 @@ class RunsExporter:
                 value, why = _convert.metric_value(raw)
                 if why is None:
                     assert value is not None
-                    metrics.append(Metric(name, value, step.timestamp_ms, number))
+                    metrics.append(Metric(name, value, step.timestamp_ns // 1_000_000, number))
                 else:
                     reject("bad_metric", f"step {number}: {name} skipped: {why}")
         return metrics
@@ -512,7 +512,7 @@ class RunsExporter:
             value, why = _convert.metric_value(raw)
             if why is None:
                 assert value is not None
-                metrics.append(Metric(name, value, end.timestamp_ms, 0))
+                metrics.append(Metric(name, value, end.timestamp_ns // 1_000_000, 0))
             else:
                 reject("bad_metric", f"summary metric {name} skipped: {why}")
         return metrics
@@ -651,7 +651,7 @@ class RunsExporter:
                 self.transport.set_terminated,
                 ref.run_uuid,
                 status=end.status,
-                end_time_ms=end.timestamp_ms,
+                end_time_ms=end.timestamp_ns // 1_000_000,
             ),
         )
         state.ended = True
@@ -690,9 +690,9 @@ class RunsExporter:
 
 def _first_time(work: RunWork) -> int:
     if work.steps:
-        return work.steps[0].timestamp_ms
+        return work.steps[0].timestamp_ns
     if work.end is not None:
-        return work.end.timestamp_ms
+        return work.end.timestamp_ns
     return 0
 
 

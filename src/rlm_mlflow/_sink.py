@@ -72,6 +72,8 @@ class MLflowSink:
         journal_dir: Where journals live (default ``~/.local/state/rlm-mlflow/journal``).
         journal_fsync: Also flush the journal to the device when closing (power-loss durability).
         handle_signals: On SIGTERM/SIGINT, end open runs KILLED, then run the previous handler.
+        traces: Each run also as an MLflow trace: ``"full"`` (code, output, task text),
+            ``"metadata"`` (no text: sizes, timings, tokens, status), or ``"off"``.
         transport: Send through this instead of the default (tests, custom stores).
     """
 
@@ -96,6 +98,7 @@ class MLflowSink:
         journal_dir: str | os.PathLike[str] | None = None,
         journal_fsync: bool | None = None,
         handle_signals: bool | None = None,
+        traces: str | None = None,
         transport: Transport | Callable[[], Transport] | None = None,
         config: SinkConfig | None = None,
     ) -> None:
@@ -118,6 +121,7 @@ class MLflowSink:
                 "journal_dir": os.fspath(journal_dir) if journal_dir is not None else None,
                 "journal_fsync": journal_fsync,
                 "handle_signals": handle_signals,
+                "traces": traces,
             }.items()
             if value is not None
         }

@@ -232,23 +232,31 @@ class Worker:
 
     async def _keep_journal_ready(self) -> None:
         """Now and then, even while a long export runs: new threads find a lane ready."""
+        written = -1
         while True:
             await self._maintain_journal()
-            await anyio.sleep(MAINTENANCE_EVERY)
+            # While records come in, look after the lanes often (a busy lane fills a segment in
+            # milliseconds with large records); when nothing comes, now and then.
+            journal = self.pipeline.journal
+            now = journal.written() if journal is not None else 0
+            await anyio.sleep(0.01 if now != written else MAINTENANCE_EVERY)
+            written = now
 
-    async def _maintain_journal(self) -> None:
+    async def _maintain_journal(self) -> bool:
         """Lanes and segments made ahead (so hooks do not make files), and the fsync setting."""
         journal = self.pipeline.journal
         if journal is None:
-            return
+            return False
+        busy = False
         if journal.needs_maintenance() and not self._maintaining:
             self._maintaining = True
             try:
-                await anyio.to_thread.run_sync(journal.maintain, abandon_on_cancel=True)
+                busy = await anyio.to_thread.run_sync(journal.maintain, abandon_on_cancel=True)
             finally:
                 self._maintaining = False
         if self.config.journal_fsync:
             await anyio.to_thread.run_sync(journal.sync)
+        return busy
 
     def _release_idle_journal(self) -> None:
         """Retire a journal that is empty and idle; close retired ones once no hook runs."""
@@ -336,8 +344,10 @@ class Worker:
     def _group(self, items: list[Item], *, final: bool) -> list[RunWork]:
         """Decode records and group them by run, in order; hold runs whose start is not here."""
         works: dict[int, RunWork] = {}
-        for segment, offset, payload in items:
+        for segment, offset, queued in items:
             try:
+                # A large record is queued by reference: its bytes are in the journal.
+                payload = queued if queued is not None else _read_back(segment, offset)
                 event = _codec.decode(payload)
             except ValueError:
                 self.counts.dropped["unreadable"] += 1
@@ -533,3 +543,8 @@ class Worker:
             runs_ended=counts.runs_ended,
             last_error=counts.last_error,
         )
+
+
+def _read_back(segment: Segment | None, offset: int) -> bytes:
+    assert segment is not None
+    return segment.payload(offset)
