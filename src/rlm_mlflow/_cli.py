@@ -104,7 +104,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _journal_summary(enabled: bool, folder: str | None) -> str:
-    from ._journal import DONE, ScanStats, default_journal_dir, journal_segments, scan_segment
+    from ._journal import ScanStats, default_journal_dir, journal_segments, scan_segment
     from ._replay import journal_folders
 
     root = Path(folder) if folder else default_journal_dir()
@@ -115,7 +115,7 @@ def _journal_summary(enabled: bool, folder: str | None) -> str:
     for journal in journals:
         stats = ScanStats()
         for path in journal_segments(journal):
-            backlog += sum(1 for r in scan_segment(path, stats) if r.state != DONE)
+            backlog += sum(1 for r in scan_segment(path, stats) if not r.finished)
     text = f"{root}  ({len(journals)} journals, {backlog} events not yet confirmed sent)"
     if journals:
         text += "; 'rlm-mlflow replay' sends those of processes that have ended"

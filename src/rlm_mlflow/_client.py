@@ -245,6 +245,30 @@ class ClientTransport:
             "log artifact", lambda: upload_with_repository(run.artifact_uri, local_path, self._uri)
         )
 
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: Any) -> None:
+        def run() -> None:
+            from mlflow.entities.span import Span
+
+            spans = [
+                Span.from_otel_proto(span)
+                for resource in request.resource_spans
+                for scope in resource.scope_spans
+                for span in scope.spans
+            ]
+            store = self._client._tracking_client.store
+            try:
+                store.log_spans(experiment_id, spans)
+            except NotImplementedError:
+                raise PermanentError(
+                    f"this store ({type(store).__name__}) does not take traces",
+                    code="TRACES_UNSUPPORTED",
+                ) from None
+            roots = sorted({span.trace_id for span in spans if span.parent_id is None})
+            if run_uuid and roots:
+                store.link_traces_to_run(roots, run_uuid)
+
+        self._call("export spans", run)
+
     def close(self) -> None:
         pass
 

@@ -14,14 +14,17 @@ raises.
 Layout of a record (all little-endian)::
 
     prefix   kind u8 | flags u8 | run_no u32 | timestamp_ns i64                   14 bytes
-    step     prefix | step i64 | reward f64 | cumulative_reward f64             38 bytes
+    step     prefix | step i64 | reward f64 | cumulative_reward f64 | ordinal u32
+             | since_ns i64 (when the run's previous step, or its start, was)           50 bytes
              (+ detail when FLAG_DETAIL: bits u8 | success u8 | depth i16 | input, output,
-                total tokens, calls i64 x4 | execution_time f64, then five texts - action,
-                code, rationale, stdout, stderr - each length u32 | flags u8 | bytes u32 | UTF-8)
+                total tokens, calls i64 x4 | execution_time f64 | the same four counts for
+                the child runs that ended during this step, then five texts - action, code,
+                rationale, stdout, stderr - each length u32 | flags u8 | bytes u32 | UTF-8)
              (+ JSON [step, reward, cumulative_reward] when FLAG_ODD)
     start    prefix | JSON {run_id, environment, task_chars, params, parent_no, implicit,
                             root_no, parent_step, depth, task}
-    end      prefix | JSON {run_id, status, completed, steps, total_reward, run_path, final}
+    end      prefix | JSON {run_id, status, completed, steps, total_reward, run_path, final,
+                            usage}
 
 Texts are cut where they enter (the caps are in :data:`CAPS`): code and prose keep their head,
 printed output keeps its head and its tail (an error is usually at the end).
@@ -47,8 +50,8 @@ FLAG_INTERNAL = 2  # made by the sink itself, not by a hook call
 FLAG_DETAIL = 4  # a step with its action, observation and usage (the detail block)
 
 _PREFIX = struct.Struct("<BBIq")
-_STEP = struct.Struct("<BBIqqdd")
-_DETAIL = struct.Struct("<BBhqqqqd")
+_STEP = struct.Struct("<BBIqqddIq")
+_DETAIL = struct.Struct("<BBhqqqqdqqqq")
 _TEXT = struct.Struct("<IBI")
 PREFIX_SIZE = _PREFIX.size
 STEP_SIZE = _STEP.size
@@ -66,7 +69,9 @@ CAPS = {
 _TEXTS = ("action", "code", "rationale", "stdout", "stderr")
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
 # detail bits
-_USAGE, _EXEC_TIME, _SUCCESS, _DEPTH = 1, 2, 4, 8
+_USAGE, _EXEC_TIME, _SUCCESS, _DEPTH, _CHILDREN = 1, 2, 4, 8, 16
+
+Counts = tuple[int, int, int, int]  # input, output and total tokens, model calls
 # text flags
 _CUT, _NOT_RECORDED, _ABSENT = 1, 2, 4
 
@@ -195,6 +200,8 @@ def encode_step(  # noqa: PLR0917 - positional on purpose: a hook calls it on ev
     step: object,
     reward: object,
     cumulative: object,
+    ordinal: int = 0,
+    since_ns: int = 0,
     detail: bytes = b"",
     flags: int = 0,
 ) -> bytes:
@@ -203,13 +210,17 @@ def encode_step(  # noqa: PLR0917 - positional on purpose: a hook calls it on ev
         flags |= FLAG_DETAIL
     if type(step) is int and type(reward) is float and type(cumulative) is float:
         try:
-            head = _STEP.pack(KIND_STEP, flags, run_no, timestamp_ns, step, reward, cumulative)
+            head = _STEP.pack(
+                KIND_STEP, flags, run_no, timestamp_ns, step, reward, cumulative, ordinal, since_ns
+            )
         except struct.error:  # a step beyond int64: described in the tail
             pass
         else:
             return head + detail if detail else head
     tail = _json([plain(step), plain(reward), plain(cumulative)])
-    head = _STEP.pack(KIND_STEP, flags | FLAG_ODD, run_no, timestamp_ns, 0, 0.0, 0.0)
+    head = _STEP.pack(
+        KIND_STEP, flags | FLAG_ODD, run_no, timestamp_ns, 0, 0.0, 0.0, ordinal, since_ns
+    )
     return head + detail + tail
 
 
@@ -255,16 +266,20 @@ def _count(value: object) -> int:
     return 0
 
 
-def step_detail(event: Mapping[str, Any], texts: bool) -> bytes:
-    """The detail block of a step event (empty when it has none): RLM Code's ``action``
-    (code, rationale), ``observation`` (stdout, stderr, success, execution time), ``usage``
-    and ``depth``. ``texts`` False records the texts' lengths only (metadata-only traces)."""
+def step_detail(
+    event: Mapping[str, Any], texts: bool, children: Counts | None = None
+) -> tuple[bytes, Counts | None]:
+    """The detail block of a step event (empty when it has none) and its token counts:
+    RLM Code's ``action`` (code, rationale), ``observation`` (stdout, stderr, success, execution
+    time), ``usage`` and ``depth``; ``children``: what child runs that ended during the step
+    used (RLM Code counts it in the step's own usage too). ``texts`` False records the texts'
+    lengths only (metadata-only traces)."""
     action = event.get("action")
     observation = event.get("observation")
     usage = event.get("usage")
     depth = event.get("depth")
     if action is None and observation is None and usage is None and depth is None:
-        return b""
+        return b"", None
     if not isinstance(action, Mapping):
         action = {"action": action} if action is not None else {}
     if not isinstance(observation, Mapping):
@@ -291,7 +306,14 @@ def step_detail(event: Mapping[str, Any], texts: bool) -> bytes:
     if type(depth) is int and -32768 <= depth < 32768:
         bits |= _DEPTH
         level = depth
-    head = _DETAIL.pack(bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds)
+    if children is None:
+        children = (0, 0, 0, 0)
+    else:
+        bits |= _CHILDREN
+    head = _DETAIL.pack(
+        bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds, *children
+    )
+    counts = (tokens_in, tokens_out, total, calls) if bits & _USAGE else None
     return head + b"".join(
         (
             _text_slot(action.get("action"), "action", True),
@@ -300,7 +322,7 @@ def step_detail(event: Mapping[str, Any], texts: bool) -> bytes:
             _text_slot(observation.get("stdout"), "stdout", texts),
             _text_slot(observation.get("stderr"), "stderr", texts),
         )
-    )
+    ), counts
 
 
 def text_document(value: object, name: str, record: bool) -> list[Any] | None:
@@ -353,6 +375,7 @@ def encode_end(
     total_reward: object = None,
     run_path: str | None = None,
     final: list[Any] | None = None,
+    usage: Counts | None = None,
     flags: int = 0,
 ) -> bytes:
     document = {
@@ -363,6 +386,7 @@ def encode_end(
         "total_reward": plain(total_reward),
         "run_path": run_path,
         "final": final,
+        "usage": usage,
     }
     return _PREFIX.pack(KIND_END, flags, run_no, timestamp_ns) + _json(document)
 
@@ -382,14 +406,16 @@ def decode(payload: bytes | memoryview) -> Event:
         kind, flags, run_no, timestamp = _PREFIX.unpack_from(payload)
         internal = bool(flags & FLAG_INTERNAL)
         if kind == KIND_STEP:
-            _, _, _, _, step, reward, cumulative = _STEP.unpack_from(payload)
+            _, _, _, _, step, reward, cumulative, ordinal, since = _STEP.unpack_from(payload)
             offset = STEP_SIZE
             detail = None
             if flags & FLAG_DETAIL:
                 detail, offset = _decode_detail(payload, offset)
             if flags & FLAG_ODD:
                 step, reward, cumulative = json.loads(bytes(payload[offset:]))
-            return Step(run_no, timestamp, step, reward, cumulative, internal, detail)
+            return Step(
+                run_no, timestamp, step, reward, cumulative, internal, detail, ordinal, since
+            )
         document = json.loads(bytes(payload[PREFIX_SIZE:]).decode("utf-8", "surrogatepass"))
         if kind == KIND_START:
             return RunStart(
@@ -419,10 +445,17 @@ def decode(payload: bytes | memoryview) -> Event:
                 document.get("run_path"),
                 internal,
                 _text_of(document.get("final")),
+                _usage_of(document.get("usage")),
             )
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"not a record: {type(exc).__name__}: {exc}") from None
     raise ValueError(f"unknown record kind {kind}")
+
+
+def _usage_of(value: Any) -> Usage | None:
+    if not isinstance(value, list) or len(value) != 4:
+        return None
+    return Usage(*(int(v) for v in value))
 
 
 def _text_of(value: Any) -> Text | None:
@@ -433,8 +466,8 @@ def _text_of(value: Any) -> Text | None:
 
 
 def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail, int]:
-    bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds = _DETAIL.unpack_from(
-        payload, offset
+    (bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds, *children) = (
+        _DETAIL.unpack_from(payload, offset)
     )
     offset += _DETAIL.size
     texts: list[Text | None] = []
@@ -460,5 +493,6 @@ def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail
         execution_time=seconds if bits & _EXEC_TIME else None,
         usage=Usage(tokens_in, tokens_out, total, calls) if bits & _USAGE else None,
         depth=level if bits & _DEPTH else None,
+        children_usage=Usage(*children) if bits & _CHILDREN else None,
     )
     return detail, offset

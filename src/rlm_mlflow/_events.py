@@ -70,6 +70,7 @@ class StepDetail:
     execution_time: float | None = None
     usage: Usage | None = None
     depth: int | None = None
+    children_usage: Usage | None = None  # child runs that ended during this step
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,8 @@ class Step:
     cumulative_reward: Any
     internal: bool = False
     detail: StepDetail | None = None
+    ordinal: int = 0  # the how-many-th step of its run, from 0 (span ids come from it)
+    since_ns: int = 0  # when the run's previous step (or its start) was
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ class RunEnd:
     run_path: str | None = None
     internal: bool = False
     final: Text | None = None
+    usage: Usage | None = None  # what the run used in all (its steps' usage added up)
 
 
 Event = RunStart | Step | RunEnd

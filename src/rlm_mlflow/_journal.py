@@ -20,14 +20,15 @@ Segment file: 16-byte header (``RLMJ``, format, lane, segment), then records::
 
 The payload is written before the header, so a record whose header is there is whole (a record
 cut by a crash has length 0, the end of the segment); the checksum also catches a torn page.
-``state`` is the record's progress, updated in place by the worker: NEW, IN_FLIGHT (a request
-carrying it was sent; whether the server committed it is unknown until it answers), DONE.
-Replay sends NEW records, checks IN_FLIGHT ones against the server before sending them again,
-and skips DONE ones, so nothing is sent twice even to a store that does not deduplicate, and a
-replay interrupted half way can simply be run again.
+``state`` is the record's progress, updated in place by the worker, for each exporter that
+needs it (runs always; traces when the record's ``HFLAG_TRACES`` says so): in flight (a request
+carrying it was sent; whether the server committed it is unknown until it answers), then done.
+Replay sends what is not done, checks what was in flight against the server before sending it
+again, and skips what is done, so nothing is sent twice even to a store that does not
+deduplicate, and a replay interrupted half way can simply be run again.
 
-A segment is removed once it is sealed (its lane moved on), every record in it is DONE, and no
-run whose start it holds is still open (replay must find every open run to end it).
+A segment is removed once it is sealed (its lane moved on), every record in it is finished, and
+no run whose start it holds is still open (replay must find every open run to end it).
 """
 
 from __future__ import annotations
@@ -65,10 +66,20 @@ RECORD_HEADER_SIZE = _RECORD.size
 STATE_OFFSET = 8
 
 NEW = 0
-IN_FLIGHT = 1
-DONE = 2
+RUNS_IN_FLIGHT = 1
+RUNS_DONE = 2
+TRACES_IN_FLIGHT = 4
+TRACES_DONE = 8
 
 HFLAG_SPILLED = 1  # the record went to the journal only (the memory queue was full)
+HFLAG_TRACES = 2  # the record is also sent as spans (traces were on when it was written)
+
+
+def finished(state: int, flags: int) -> bool:
+    """Every exporter the record needs is done with it."""
+    return bool(state & RUNS_DONE) and (bool(state & TRACES_DONE) or not flags & HFLAG_TRACES)
+
+
 _INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
 
 #: First segment of a lane, and the most a segment grows to (each new one is 4 times larger).
@@ -130,9 +141,13 @@ class Segment:
         self.starts_ended = 0
         self.removed = False
 
-    def mark(self, offset: int, state: int) -> None:
-        if not self.removed:
-            self.mm[offset + STATE_OFFSET] = state
+    def mark(self, offset: int, bits: int) -> bool:
+        """Add ``bits`` to a record's state; whether the record is now finished."""
+        if self.removed:
+            return False
+        mm = self.mm
+        mm[offset + STATE_OFFSET] = state = mm[offset + STATE_OFFSET] | bits
+        return finished(state, mm[offset + STATE_OFFSET + 1])
 
     def payload(self, offset: int) -> bytes:
         """The payload of the record at ``offset`` (a large record is queued by reference)."""
@@ -160,7 +175,7 @@ class Segment:
 
     @property
     def finished(self) -> bool:
-        """Sealed, every record DONE, no open run's start in it: the file can go."""
+        """Sealed, every record finished, no open run's start in it: the file can go."""
         return (
             self.sealed
             and self.done >= self.written
@@ -507,7 +522,7 @@ class Journal:
         return sum(s.written for lane in list(self.lanes) for s in list(lane.segments))
 
     def backlog(self) -> int:
-        """Records written and not DONE yet."""
+        """Records written and not finished yet."""
         return sum(s.written - s.done for lane in list(self.lanes) for s in list(lane.segments))
 
     def sync(self) -> None:
@@ -565,7 +580,20 @@ class ScannedRecord:
     path: Path
     offset: int
     state: int
+    flags: int
     payload: bytes
+
+    @property
+    def finished(self) -> bool:
+        return finished(self.state, self.flags)
+
+    @property
+    def needs_runs(self) -> bool:
+        return not self.state & RUNS_DONE
+
+    @property
+    def needs_traces(self) -> bool:
+        return bool(self.flags & HFLAG_TRACES) and not self.state & TRACES_DONE
 
 
 @dataclass(slots=True)
@@ -578,19 +606,23 @@ def journal_segments(folder: Path) -> list[Path]:
     return sorted(folder.glob("L*-S*.seg"))
 
 
-def scan_segment(path: Path, stats: ScanStats) -> Iterator[ScannedRecord]:
-    """Every whole record of a segment file, stopping at the first torn or empty one."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return
+def scan_segment(
+    path: Path, stats: ScanStats, data: bytes | mmap.mmap | None = None
+) -> Iterator[ScannedRecord]:
+    """Every whole record of a segment file (or of ``data``, its contents), stopping at the
+    first torn or empty one."""
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
     if len(data) < SEGMENT_HEADER_SIZE or data[:4] != MAGIC:
         stats.torn += 1
         logger.warning("rlm-mlflow journal %s: not a segment file; skipped", path)
         return
     offset, size = SEGMENT_HEADER_SIZE, len(data)
     while offset + RECORD_HEADER_SIZE <= size:
-        length, crc, state, _, _ = _RECORD.unpack_from(data, offset)
+        length, crc, state, flags, _ = _RECORD.unpack_from(data, offset)
         if length == 0:
             return  # the end of what was written
         body = offset + RECORD_HEADER_SIZE
@@ -605,17 +637,30 @@ def scan_segment(path: Path, stats: ScanStats) -> Iterator[ScannedRecord]:
             )
             return
         stats.records += 1
-        yield ScannedRecord(path, offset, state, payload)
+        yield ScannedRecord(path, offset, state, flags, payload)
         offset = body + length
 
 
-def set_state(path: Path, offset: int, state: int) -> None:
-    """Update one record's state in a segment file (replay)."""
-    fd = os.open(path, os.O_WRONLY)
+def open_segment(path: Path) -> Segment | None:
+    """A segment file mapped for reading and marking (replay); None if it is not one."""
     try:
-        os.pwrite(fd, bytes([state]), offset + STATE_OFFSET)
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < SEGMENT_HEADER_SIZE:
+            return None
+        mm = mmap.mmap(fd, size)
     finally:
         os.close(fd)
+    magic, _, lane, number, _ = _SEGMENT_HEADER.unpack_from(mm)
+    if magic != MAGIC:
+        mm.close()
+        return None
+    segment = Segment(lane, number, path, mm)
+    segment.sealed = True
+    return segment
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

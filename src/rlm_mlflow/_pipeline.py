@@ -61,7 +61,19 @@ class State(enum.Enum):
 class OpenRun:
     """A run between its start and its end, as the hooks know it."""
 
-    __slots__ = ("implicit", "no", "previous", "root", "run_id", "steps", "thread")
+    __slots__ = (
+        "children",
+        "implicit",
+        "last_ns",
+        "no",
+        "parent",
+        "previous",
+        "root",
+        "run_id",
+        "steps",
+        "thread",
+        "tokens",
+    )
 
     def __init__(self, no: int, run_id: str, thread: int, implicit: bool = False) -> None:
         self.no = no
@@ -70,8 +82,26 @@ class OpenRun:
         self.thread = thread
         self.implicit = implicit
         self.steps = 0
+        self.last_ns = time.time_ns()  # its previous step, or its start: where a step began
         # The run with the same id this one hides (started again on this thread while open).
         self.previous: OpenRun | None = None
+        self.parent: OpenRun | None = None
+        # Tokens used so far (input, output, total, calls), by this run's thread only; and what
+        # child runs that ended since its last step used (appended by their threads: a deque).
+        self.tokens = [0, 0, 0, 0]
+        self.children: deque[_codec.Counts] = deque()
+
+    def drain_children(self) -> _codec.Counts | None:
+        """What the child runs that ended since the last step used, added up (and forgotten)."""
+        children = self.children
+        if not children:
+            return None
+        total = [0, 0, 0, 0]
+        pop = children.popleft
+        for _ in range(len(children)):
+            for index, count in enumerate(pop()):
+                total[index] += count
+        return (total[0], total[1], total[2], total[3])
 
 
 now_ns = time.time_ns
@@ -171,10 +201,12 @@ class Pipeline:
                 run = self.by_thread[(rid, me)] = self.by_id[rid] = new
             if parent is not None:
                 run.root = parent.root
+                run.parent = parent
+            run.last_ns = now = now_ns()
             depth = params.get("depth") if type(params) is dict else None
             payload = _codec.encode_start(
                 run.no,
-                now_ns(),
+                now,
                 run_id=rid,
                 environment=environment,
                 task_chars=task_chars,
@@ -202,14 +234,23 @@ class Pipeline:
             run = self.by_id.get(run_id) if type(run_id) is str else None
             if run is None or run.thread != threading.get_ident():
                 run = self.route(run_id)
+            children = run.drain_children() if run.children else None
             if type(event) is dict:
                 step, reward = event.get("step"), event.get("reward")
-                detail = _codec.step_detail(event, self.texts)
+                detail, used = _codec.step_detail(event, self.texts, children)
             else:
-                step, reward, detail = self._read_event(event, run.run_id)
-            run.steps += 1
+                step, reward, detail, used = self._read_event(event, run.run_id, children)
+            if used is not None:
+                tokens = run.tokens
+                tokens[0] += used[0]
+                tokens[1] += used[1]
+                tokens[2] += used[2]
+                tokens[3] += used[3]
+            now = time.time_ns()
+            ordinal, since = run.steps, run.last_ns
+            run.steps, run.last_ns = ordinal + 1, now
             self.admit(
-                _codec.encode_step(run.no, time.time_ns(), step, reward, cumulative, detail),
+                _codec.encode_step(run.no, now, step, reward, cumulative, ordinal, since, detail),
                 ctl=False,
             )
         except Exception:
@@ -237,6 +278,8 @@ class Pipeline:
             if path is not None and path.startswith("\x00"):
                 self.bad_input("artifact", run.run_id, f"run_path {path[1:]} is not a path")
                 path = None
+            tokens = run.tokens
+            usage = (tokens[0], tokens[1], tokens[2], tokens[3])
             payload = _codec.encode_end(
                 run.no,
                 now_ns(),
@@ -247,9 +290,12 @@ class Pipeline:
                 total_reward=values[2],
                 run_path=path,
                 final=_codec.text_document(final, "final", self.texts) if final else None,
+                usage=usage,
             )
             self.admit(payload, ctl=True)
             self._forget(run)
+            if run.parent is not None and any(usage):
+                run.parent.children.append(usage)  # counted once: in the parent's next step
         except Exception:
             self.hook_failed("on_run_end")
         finally:
@@ -318,19 +364,21 @@ class Pipeline:
         if self.by_id.get(run.run_id) is run:
             self.by_id.pop(run.run_id, None)
 
-    def _read_event(self, event: object, run_id: str) -> tuple[Any, Any, bytes]:
+    def _read_event(
+        self, event: object, run_id: str, children: _codec.Counts | None
+    ) -> tuple[Any, Any, bytes, _codec.Counts | None]:
         if not isinstance(event, Mapping):
             self.bad_input("event_not_mapping", run_id, f"event is a {type(event).__name__}")
-            return None, None, b""
+            return None, None, b"", None
         step, ok = read_field(event, "step")
         reward, ok2 = read_field(event, "reward")
         try:
-            detail = _codec.step_detail(event, self.texts)
+            detail, used = _codec.step_detail(event, self.texts, children)
         except Exception:  # a Mapping whose reads raise: its numbers are what matters
-            detail, ok = b"", False
+            detail, used, ok = b"", None, False
         if not (ok and ok2):
             self.bad_input("event_unreadable", run_id, "reading the event raised")
-        return step, reward, detail
+        return step, reward, detail, used
 
     # -- admission -------------------------------------------------------------------------------
 

@@ -1,23 +1,26 @@
 """Replay: send what journals hold that never reached MLflow, exactly once.
 
 After a crash, a kill, a shutdown deadline or an outage, a journal keeps the events that were not
-confirmed sent. ``replay()`` sends them through the same exporter the live sink uses, ends the
-runs their process left open (KILLED: it died without ending them; a run that is not RUNNING
-anymore is left as it is), marks every record DONE as it lands, and removes the journal once
-nothing is left in it.
+confirmed sent. ``replay()`` sends them through the same dispatcher and exporters the live sink
+uses, ends the runs their process left open (KILLED: it died without ending them; a run that is
+not RUNNING anymore is left as it is), marks each record done as it lands, and removes the
+journal once nothing is left in it.
 
-Exactly once, whatever the store: records already DONE are skipped; records IN_FLIGHT (a request
-carrying them was sent, its answer never came) are checked against the store first, and only the
-metric points it does not hold are sent; every other write is idempotent (runs are found by
-their key tag, in one search per journal). A replay interrupted half way can be run again.
+Exactly once, whatever the store: what an exporter is done with is skipped; what was in flight
+(a request carrying it was sent, its answer never came) is checked against the store first, and
+only the metric points it does not hold are sent; every other write is idempotent (runs are
+found by their key tag, in one search per journal; spans have fixed ids). A replay interrupted
+half way can simply be run again.
 
 A journal whose sink is still alive (or that another replay is sending) is locked and left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,29 +31,33 @@ import anyio
 from . import _codec
 from ._calls import Caller
 from ._config import DEFAULT_EXPERIMENT
-from ._events import RunEnd, RunStart, Step
+from ._dispatch import Dispatcher
+from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._journal import (
-    DONE,
-    IN_FLIGHT,
-    ScannedRecord,
+    RUNS_IN_FLIGHT,
     ScanStats,
+    Segment,
     default_journal_dir,
     journal_segments,
+    open_segment,
     read_meta,
     remove_journal,
     scan_segment,
-    set_state,
     try_lock,
 )
 from ._retry import RetryPolicy
-from ._runs import SENT, Outcome, RunsExporter, RunWork
+from ._runs import SENT, RunsExporter, RunWork
 from ._stats import RateLimitedWarnings, WorkerCounts
+from ._traces import TracesExporter
 from ._transport import Transport
 
 logger = logging.getLogger("rlm_mlflow")
 
 Progress = Callable[[int, int], None]  # (events done, events in all)
+
+#: Runs handed to the exporters at once.
+BATCH = 200
 
 
 @dataclass
@@ -64,8 +71,8 @@ class ReplayReport:
     events: int = 0  # events that were waiting to be sent
     sent: int = 0
     failed: int = 0  # events that could not be sent (they stay for the next replay)
-    already_sent: int = 0  # events the journals held that had been sent already
     refused: int = 0  # events the store refused for good (logged; not tried again)
+    already_sent: int = 0  # events the journals held that had been sent already
     torn: int = 0  # torn or corrupt records skipped
     runs_killed: int = 0  # runs left open by a dead process, ended KILLED
     problems: list[str] = field(default_factory=list)
@@ -124,65 +131,56 @@ def replay(
 
 @dataclass
 class _Loaded:
-    meta: dict[str, Any]
-    works: dict[int, RunWork]
-    records: dict[int, list[ScannedRecord]]  # run -> records to mark DONE when it lands
+    segments: list[Segment]
+    works: dict[int, RunWork]  # runs with something to send
+    starts: dict[int, RunStart]  # every run's start, sent or not (traces need them)
     open_runs: dict[int, str]  # runs started and never ended: run -> run id
     events: int
+    already_sent: int
+    torn: int
 
 
-def _load(folder: Path, report: ReplayReport) -> _Loaded | None:
-    try:
-        meta = read_meta(folder)
-    except (OSError, ValueError) as exc:
-        report.problems.append(f"{folder}: no readable meta.json ({exc})")
-        logger.error("rlm-mlflow replay: %s has no readable meta.json (%s); skipped", folder, exc)
-        report.kept.append(str(folder))
-        return None
+def _load(folder: Path) -> _Loaded:
     stats = ScanStats()
+    segments: list[Segment] = []
     works: dict[int, RunWork] = {}
-    records: dict[int, list[ScannedRecord]] = {}
-    started: dict[int, str] = {}
+    starts: dict[int, RunStart] = {}
     ended: set[int] = set()
-    events = 0
+    events = already = 0
     for path in journal_segments(folder):
-        for record in scan_segment(path, stats):
+        segment = open_segment(path)
+        if segment is None:
+            stats.torn += 1
+            continue
+        segments.append(segment)
+        for record in scan_segment(path, stats, segment.mm):
             try:
                 event = _codec.decode(record.payload)
             except ValueError:
                 stats.torn += 1
                 continue
+            segment.written += 1
             if type(event) is RunStart:
-                started.setdefault(event.run_no, event.run_id)
+                if event.run_no not in starts or not event.implicit:
+                    starts[event.run_no] = event
             elif type(event) is RunEnd:
                 ended.add(event.run_no)
-            if record.state == DONE:
-                if not event.internal:
-                    report.already_sent += 1
+            if record.finished:
+                segment.done += 1
+                already += not event.internal
                 continue
             work = works.get(event.run_no)
             if work is None:
                 work = works[event.run_no] = RunWork(event.run_no)
-            records.setdefault(event.run_no, []).append(record)
+            work.add(event, runs=record.needs_runs, traces=record.needs_traces)
+            work.locations.append((segment, record.offset))
             if not event.internal:
                 work.counted += 1
                 events += 1
-            if record.state == IN_FLIGHT:
+            if record.state & RUNS_IN_FLIGHT and record.needs_runs:
                 work.maybe_sent = True
-            if type(event) is Step:
-                work.steps.append(event)
-            elif type(event) is RunStart:
-                work.starts.append(event)
-                work.run_id = event.run_id
-            else:
-                assert isinstance(event, RunEnd)
-                work.end = event
-                work.run_id = event.run_id
-    report.torn += stats.torn
-    open_runs = {no: run_id for no, run_id in started.items() if no not in ended}
-    for work in works.values():
-        work.steps.sort(key=lambda s: s.timestamp_ns)
-    return _Loaded(meta, works, records, open_runs, events)
+    open_runs = {no: s.run_id for no, s in starts.items() if no not in ended}
+    return _Loaded(segments, works, starts, open_runs, events, already, stats.torn)
 
 
 def _replay_folder(
@@ -195,15 +193,59 @@ def _replay_folder(
     retry_deadline: float,
     progress: Progress | None,
 ) -> None:
-    loaded = _load(folder, report)
-    if loaded is None:
+    try:
+        meta = read_meta(folder)
+    except (OSError, ValueError) as exc:
+        report.problems.append(f"{folder}: no readable meta.json ({exc})")
+        logger.error("rlm-mlflow replay: %s has no readable meta.json (%s); skipped", folder, exc)
+        report.kept.append(str(folder))
         return
+    loaded = _load(folder)
+    report.torn += loaded.torn
     report.events += loaded.events
-    if not loaded.works and not loaded.open_runs:
+    report.already_sent += loaded.already_sent
+    try:
+        if loaded.works or loaded.open_runs:
+            counts, killed, problem = _send(
+                loaded,
+                meta,
+                tracking_uri=tracking_uri,
+                experiment=experiment,
+                transport=transport,
+                retry_deadline=retry_deadline,
+                progress=progress,
+            )
+        else:
+            counts, killed, problem = WorkerCounts(), 0, None
+    finally:
+        for segment in loaded.segments:
+            with contextlib.suppress(ValueError, OSError, BufferError):
+                segment.mm.flush()
+                segment.mm.close()
+    report.sent += counts.sent
+    report.failed += counts.deferred + counts.dropped.get("send_failed", 0)
+    report.refused += sum(v for k, v in counts.dropped.items() if k != "send_failed")
+    report.runs_killed += killed
+    if problem is not None:
+        report.problems.append(problem)
+    left = sum(segment.written - segment.done for segment in loaded.segments)
+    if left == 0 and problem is None and report.failed == 0:
         remove_journal(folder)
         report.replayed += 1
-        return
-    meta = loaded.meta
+    else:
+        report.kept.append(str(folder))
+
+
+def _send(
+    loaded: _Loaded,
+    meta: dict[str, Any],
+    *,
+    tracking_uri: str | None,
+    experiment: str | None,
+    transport: Transport | None,
+    retry_deadline: float,
+    progress: Progress | None,
+) -> tuple[WorkerCounts, int, str | None]:
     uri = _uri_for(meta, tracking_uri)
     counts = WorkerCounts()
     warnings = RateLimitedWarnings()
@@ -219,85 +261,77 @@ def _replay_folder(
     def get_transport() -> Transport:
         return holder[0]
 
-    exporter = RunsExporter(
+    prefix = str(meta.get("prefix") or "")
+    runs = RunsExporter(
         caller=caller,
         counts=counts,
         rejected=lambda reason: None,
         warnings=warnings,
-        prefix=str(meta.get("prefix") or ""),
+        prefix=prefix,
         experiment=experiment or str(meta.get("experiment") or DEFAULT_EXPERIMENT),
         transport=get_transport,
         replaying=True,
     )
+    # The mode the records were written with is in their flags: "full" sends what they hold.
+    traces = TracesExporter(
+        caller=caller,
+        warnings=warnings,
+        prefix=prefix,
+        runs=runs,
+        transport=get_transport,
+        mode="full",
+    )
+    dispatcher = Dispatcher(runs, traces, counts)
+    works = loaded.works
+    now = time.time_ns()
+    for no, run_id in loaded.open_runs.items():
+        work = works.get(no)
+        if work is None:
+            work = works[no] = RunWork(no, run_id=run_id)
+        if work.end is None and work.span_end is None:
+            work.add(RunEnd(no, now, run_id, "KILLED", internal=True))
+    for work in works.values():
+        work.steps.sort(key=lambda s: s.timestamp_ns)
+        work.span_steps.sort(key=lambda s: s.timestamp_ns)
+        if not (work.steps or work.end or any(not s.implicit for s in work.starts)):
+            work.runs_outcome = SENT  # nothing the runs exporter has not had already
+        if not (work.span_steps or work.span_end):
+            work.needs_traces = False
+    traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
     from ._sink import default_transport_factory
 
-    total = loaded.events + len(loaded.open_runs)
+    total = loaded.events
+    problem: str | None = None
 
-    async def send() -> tuple[int, int, int, int]:
+    async def send() -> None:
+        nonlocal problem
         holder.append(
             transport
             if transport is not None
             else await anyio.to_thread.run_sync(default_transport_factory, uri, 30.0)
         )
-        sent = failed = refused = 0
         try:
-            await exporter.load_known()
-            now = _now_ns()
-            for no, run_id in loaded.open_runs.items():
-                work = loaded.works.get(no)
-                if work is None:
-                    work = loaded.works[no] = RunWork(no, run_id=run_id)
-                if work.end is None:
-                    work.end = RunEnd(no, now, run_id, "KILLED", internal=True)
-            works = sorted(loaded.works.values(), key=lambda w: w.no)
-            finished: set[int] = set()
-
-            def done(work: RunWork, outcome: Outcome) -> None:
-                nonlocal sent, failed, refused
-                finished.add(work.no)
-                if outcome == SENT or isinstance(outcome, tuple):  # nothing more to do for it
-                    for record in loaded.records.get(work.no, ()):
-                        set_state(record.path, record.offset, DONE)
-                    if outcome == SENT:
-                        sent += work.counted
-                    else:
-                        refused += work.counted
-                else:
-                    failed += work.counted
+            await runs.load_known()
+            ordered = sorted(works.values(), key=lambda w: w.no)
+            for start in range(0, len(ordered), BATCH):
+                await dispatcher.export(ordered[start : start + BATCH])
                 if progress is not None:
-                    progress(sent + failed + refused, total)
-
-            for start in range(0, len(works), 200):
-                await exporter.export(works[start : start + 200], done)
+                    progress(min(total, counts.sent + counts.deferred), total)
         except (TransientError, StoreRefused, PermanentError) as exc:
-            report.problems.append(caller.clean(str(exc)))
-            logger.error("rlm-mlflow replay of %s stopped: %s", folder, caller.clean(str(exc)))
+            problem = caller.clean(str(exc))
+            logger.error("rlm-mlflow replay stopped: %s", problem)
         finally:
+            for work in dispatcher.take_unsettled():
+                dispatcher.settle_left(work)
             holder[0].close()
-        failed += sum(w.counted for w in loaded.works.values() if w.no not in finished)
-        return sent, failed, refused, exporter.killed
 
     try:
-        sent, failed, refused, killed = anyio.run(send)
+        anyio.run(send)
     except ImportError as exc:
-        report.problems.append(str(exc))
-        logger.error("rlm-mlflow replay of %s: %s", folder, exc)
-        sent, failed, refused, killed = 0, loaded.events, 0, 0
-    report.sent += sent
-    report.failed += failed
-    report.refused += refused
-    report.runs_killed += killed
-    if failed == 0 and not report.problems:
-        remove_journal(folder)
-        report.replayed += 1
-    else:
-        report.kept.append(str(folder))
-
-
-def _now_ns() -> int:
-    import time
-
-    return time.time_ns()
+        problem = str(exc)
+        logger.error("rlm-mlflow replay: %s", exc)
+        counts.deferred += loaded.events - counts.sent
+    return counts, runs.killed, problem
 
 
 def _uri_for(meta: dict[str, Any], override: str | None) -> str | None:

@@ -16,6 +16,7 @@ a success.
 from __future__ import annotations
 
 import email.utils
+import gzip
 import json
 import math
 import mimetypes
@@ -194,9 +195,9 @@ class RestTransport:
                 status=status,
             )
         if status < 300:
+            if not want_json:
+                return {}
             if not response.content:
-                if not want_json:
-                    return {}
                 raise TransientError(f"{what}: HTTP {status} with an empty body")
             try:
                 parsed = response.json()
@@ -397,6 +398,27 @@ class RestTransport:
                     headers={"Content-Type": mime},
                     want_json=False,
                 )
+
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: Any) -> None:
+        body = gzip.compress(request.SerializeToString(), compresslevel=1)
+        headers = {
+            "Content-Type": "application/x-protobuf",
+            "Content-Encoding": "gzip",
+            "x-mlflow-experiment-id": experiment_id,
+        }
+        if run_uuid:
+            headers["x-mlflow-run-id"] = run_uuid
+        try:
+            self.request("POST", "/v1/traces", data=body, headers=headers, want_json=False)
+        except PermanentError as exc:
+            if isinstance(exc, StoreRefused) or exc.status not in (404, 405, 501):
+                raise
+            raise PermanentError(
+                f"the server does not take traces (HTTP {exc.status} on /v1/traces: MLflow 3.6 "
+                "or newer with a database store is needed)",
+                code="TRACES_UNSUPPORTED",
+                status=exc.status,
+            ) from None
 
     def close(self) -> None:
         if self._shared_key is not None:

@@ -54,28 +54,63 @@ HOLD: Outcome = "hold"  # the store refuses everything for now: try again later
 
 @dataclass(slots=True)
 class RunWork:
-    """One run's events of a drain cycle, in order, with what the worker needs to settle them."""
+    """One run's events of a drain cycle, in order, with what the worker needs to settle them.
+
+    ``steps``/``end`` go to the runs exporter, ``span_steps``/``span_end`` to the traces
+    exporter: the same events, but for a journal replayed after one exporter had some of them.
+    """
 
     no: int
     starts: list[RunStart] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     end: RunEnd | None = None
+    span_steps: list[Step] = field(default_factory=list)
+    span_end: RunEnd | None = None
     locations: list[tuple[Any, int]] = field(default_factory=list)  # journal (segment, offset)
     counted: int = 0  # events from hook calls (not the sink's own)
     in_memory_only: int = 0  # counted events that are in no journal
     maybe_sent: bool = False  # a request with its metrics may have been committed already
     run_id: str = ""
+    needs_runs: bool = True  # replay: False when the runs exporter had it all already
+    needs_traces: bool = True  # False: written with traces off, or sent as spans already
+    runs_outcome: Outcome | None = None  # each exporter's word, once it has given it
+    traces_outcome: Outcome | None = None
+    traces_partial: Outcome | None = None  # the spans' outcome, while the root span waits
+
+    def add(
+        self, event: RunStart | Step | RunEnd, *, runs: bool = True, traces: bool = True
+    ) -> None:
+        """One event, for the runs exporter, the traces exporter, or both."""
+        if type(event) is Step:
+            if runs:
+                self.steps.append(event)
+            if traces:
+                self.span_steps.append(event)
+        elif type(event) is RunStart:
+            self.starts.append(event)
+            self.run_id = event.run_id
+        else:
+            assert isinstance(event, RunEnd)
+            self.run_id = event.run_id
+            if runs:
+                self.end = event
+            if traces:
+                self.span_end = event
 
     def merge(self, later: RunWork) -> None:
         self.starts.extend(later.starts)
         self.steps.extend(later.steps)
+        self.span_steps.extend(later.span_steps)
         if later.end is not None:
             self.end = later.end
+        if later.span_end is not None:
+            self.span_end = later.span_end
         self.locations.extend(later.locations)
         self.counted += later.counted
         self.in_memory_only += later.in_memory_only
         self.maybe_sent = self.maybe_sent or later.maybe_sent
         self.run_id = self.run_id or later.run_id
+        self.needs_traces = self.needs_traces or later.needs_traces
 
 
 Done = Callable[["RunWork", Outcome], None]
@@ -141,6 +176,13 @@ class RunsExporter:
 
     def key_of(self, no: int) -> str:
         return f"{self.prefix}-{no}"
+
+    def ref_of(self, no: int) -> RunRef | None:
+        """The MLflow run of run ``no``, when it is known."""
+        state = self.runs.get(no)
+        if state is not None and state.ref is not None:
+            return state.ref
+        return self.ended.get(no)
 
     # -- the experiment ----------------------------------------------------------------------
 

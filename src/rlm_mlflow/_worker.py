@@ -30,13 +30,15 @@ import anyio
 from . import _codec
 from ._calls import Caller
 from ._config import SinkConfig
-from ._events import RunEnd, RunStart, Step
+from ._dispatch import Dispatcher
+from ._events import RunStart
 from ._exceptions import PermanentError, StoreRefused
-from ._journal import DONE, IN_FLIGHT, Segment
+from ._journal import Segment
 from ._pipeline import Item, Pipeline, State
 from ._retry import RetryPolicy
-from ._runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
+from ._runs import DEFERRED, RunsExporter, RunWork
 from ._stats import RateLimitedWarnings, SinkStatistics, WorkerCounts
+from ._traces import TracesExporter
 from ._transport import Transport
 
 logger = logging.getLogger("rlm_mlflow")
@@ -96,9 +98,16 @@ class Worker:
             experiment=config.experiment,
             transport=self._get_transport,
         )
+        self.traces = TracesExporter(
+            caller=self.caller,
+            warnings=self.warnings,
+            prefix=self.pipeline.prefix,
+            runs=self.runs,
+            transport=self._get_transport,
+            mode=config.traces,
+        )
+        self.dispatcher = Dispatcher(self.runs, self.traces, self.counts, on_settled=self._settled)
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
-        self.held: list[RunWork] = []  # waiting for the store to take writes again
-        self.exporting: dict[int, RunWork] = {}  # handed to the exporters, not settled yet
         self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self._maintaining = False
@@ -204,13 +213,13 @@ class Worker:
                     return
                 await self._sleep(self.config.flush_interval)
                 continue
-            if self.held:
+            if self.dispatcher.held:
                 if not await self._store_back():
                     if closing:
                         return
                     await self._sleep(min(BLOCKED_PROBE, max(self.config.retry_max_wait, 1.0)))
                     continue
-                works, self.held = self.held, []
+                works, self.dispatcher.held = self.dispatcher.held, []
                 await self._export(works)
                 continue
             items = pipeline.take(TAKE_LIMIT)
@@ -271,7 +280,7 @@ class Worker:
                 now - self._journal_seen[1] >= JOURNAL_IDLE
                 and not journal.backlog()
                 and not pipeline.runs_open()
-                and not (self.pins or self.carry or self.held)
+                and not (self.pins or self.carry or self.dispatcher.held)
             ):
                 journal.retiring = True  # the next hook opens a new journal
         if pipeline.quiet():
@@ -362,17 +371,9 @@ class Worker:
                 work.counted += 1
                 if segment is None:
                     work.in_memory_only += 1
-            if type(event) is Step:
-                work.steps.append(event)
-            elif type(event) is RunStart:
-                work.starts.append(event)
-                work.run_id = event.run_id
-                if segment is not None:
-                    self.pins.setdefault(event.run_no, []).append(segment)
-            else:
-                assert isinstance(event, RunEnd)
-                work.end = event
-                work.run_id = event.run_id
+            work.add(event)
+            if type(event) is RunStart and segment is not None:
+                self.pins.setdefault(event.run_no, []).append(segment)
         out: list[RunWork] = []
         known = self.runs.runs
         for no, work in works.items():
@@ -388,64 +389,28 @@ class Worker:
         return out
 
     async def _export(self, works: list[RunWork]) -> None:
-        for work in works:
-            for segment, offset in work.locations:
-                segment.mark(offset, IN_FLIGHT)
-        # A close deadline may cancel the export: _finish settles what is left in here.
-        self.exporting = {work.no: work for work in works}
-        left: Outcome = HOLD  # the store refuses everything for now: keep them
         try:
-            await self.runs.export(works, self._done)
-        except StoreRefused:
-            pass
+            await self.dispatcher.export(works)
         except PermanentError as exc:  # the experiment cannot be had (a bad name, ...)
             self.unavailable = f"MLflow refuses the experiment: {exc}"
             self.caller.note_error(self.unavailable)
             logger.error("rlm-mlflow: %s", self.unavailable)
-            left = DEFERRED
-        for work in list(self.exporting.values()):
-            self._done(work, left)
+            self.dispatcher.give_up(DEFERRED)
 
-    def _done(self, work: RunWork, outcome: Outcome) -> None:
-        self.exporting.pop(work.no, None)
-        self._settle(work, outcome)
-        self._notify_progress()
-
-    def _settle(self, work: RunWork, outcome: Outcome) -> None:
-        """Give each event of ``work`` its one fate."""
-        counts = self.counts
-        if outcome == HOLD:
-            self.held.append(work)
-            return
-        if outcome == DEFERRED:
-            counts.deferred += work.counted - work.in_memory_only
-            if work.in_memory_only:
-                counts.dropped["send_failed"] += work.in_memory_only
-            return
-        if outcome == SENT:
-            counts.sent += work.counted
-        else:
-            assert isinstance(outcome, tuple)
-            counts.dropped[outcome[1]] += work.counted
-        touched: set[Segment] = set()
-        for segment, offset in work.locations:
-            segment.mark(offset, DONE)
-            segment.done += 1
-            touched.add(segment)
-        if work.end is not None:
+    def _settled(self, work: RunWork, complete: bool) -> None:
+        """A run's events have their fate: once its end is done, its start pins nothing."""
+        if work.end is not None and complete:
             for segment in self.pins.pop(work.no, ()):
                 segment.starts_ended += 1
-                touched.add(segment)
-        for segment in touched:
-            segment.release_if_finished()
+                segment.release_if_finished()
+        self._notify_progress()
 
     # -- the end -------------------------------------------------------------------------------
 
     def _finish(self) -> None:
         """After the loop, whatever ended it: count what is left, release everything."""
         pipeline = self.pipeline
-        left = [*self.exporting.values(), *self.held]
-        self.exporting, self.held = {}, []
+        left = self.dispatcher.take_unsettled()
         left.extend(self.carry.values())
         self.carry.clear()
         # What waits in memory is counted here; what waits in the journal only (spilled) stays
@@ -454,7 +419,7 @@ class Worker:
         items = pipeline.take(0)
         left.extend(self._group(items, final=True))
         for work in left:
-            self._settle(work, DEFERRED)
+            self.dispatcher.settle_left(work)
         deferred = sum(w.counted - w.in_memory_only for w in left)
         dropped = sum(w.in_memory_only for w in left)
         for journal in pipeline.journals():

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ._exceptions import PermanentError
 from ._faultproxy import FaultProxy
@@ -66,6 +67,8 @@ class MemoryTransport:
         self.experiments: dict[str, str] = {}
         self.runs: dict[str, MemoryRun] = {}
         self.calls: list[str] = []
+        self.spans: dict[tuple[bytes, bytes], Any] = {}  # (trace id, span id) -> OTLP span
+        self.trace_links: dict[bytes, str] = {}  # trace id -> MLflow run
         self.fail: Callable[[str], Exception | None] | None = None
         self._ids = itertools.count(1)
 
@@ -195,6 +198,16 @@ class MemoryTransport:
         )
         with self.lock:
             self.runs[run.run_uuid].artifacts.extend(names)
+
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: Any) -> None:
+        self._enter("export_spans")
+        with self.lock:
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    for span in scope.spans:
+                        self.spans[(bytes(span.trace_id), bytes(span.span_id))] = span
+                        if not span.parent_span_id and run_uuid:
+                            self.trace_links[bytes(span.trace_id)] = run_uuid
 
     def close(self) -> None:
         pass

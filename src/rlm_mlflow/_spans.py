@@ -1,0 +1,387 @@
+"""Spans: an RLM run tree as OpenTelemetry spans in MLflow's conventions (pure functions).
+
+One trace per root run. Its root span is the root run (AGENT); every step is a span under its
+run (TOOL when the model wrote code, CHAIN otherwise); a child run is an AGENT span under the
+parent step that spawned it, so the whole recursion is one tree. Ids are derived from the run's
+key, never drawn at random: a retry or a replay writes the same spans again, and MLflow stores a
+span once per (trace id, span id).
+
+Token usage: RLM Code measures a step's usage on the model connector its child runs share, so a
+step that delegated reports its children's tokens too. MLflow adds a trace's usage up over the
+span tree, skipping spans under one that has usage already. So a step span carries its usage
+only when no child run hangs under it; a step that had children gets a leaf LLM span ("model")
+with its own share (its usage minus what the children used), and the trace counts each token
+once.
+
+What the MLflow UI reads: ``mlflow.spanType``, ``mlflow.spanInputs``/``mlflow.spanOutputs``
+(structured values, not JSON strings), ``mlflow.chat.tokenUsage``, and on the root span
+``mlflow.traceTag.<key>`` (trace tags) and the status (ERROR makes the trace ERROR).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._codec import CAPS, is_odd
+from ._config import COMPONENT_TAG
+from ._convert import step_number
+from ._events import RunEnd, RunStart, Step, Text, Usage
+from ._transport import KEY_TAG
+
+_KEEP_TAIL = frozenset({"stdout", "stderr"})
+
+
+@dataclass(slots=True)
+class RunInfo:
+    """What the spans of one run need to know about it (from its start record)."""
+
+    no: int
+    run_id: str
+    root_no: int
+    parent_no: int | None = None
+    parent_step: int | None = None
+    start_ns: int = 0
+    depth: int | None = None
+    environment: Any = None
+    task: Text | None = None
+    task_chars: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, start: RunStart) -> RunInfo:
+        root = start.root_no if start.root_no is not None else start.run_no
+        return cls(
+            no=start.run_no,
+            run_id=start.run_id,
+            root_no=root,
+            parent_no=start.parent_no,
+            parent_step=start.parent_step,
+            start_ns=start.timestamp_ns,
+            depth=start.depth,
+            environment=start.environment,
+            task=start.task,
+            task_chars=start.task_chars,
+            params=start.params if isinstance(start.params, dict) else {},
+        )
+
+    @property
+    def is_root(self) -> bool:
+        return self.root_no == self.no
+
+
+class Ids:
+    """Deterministic trace and span ids for one sink's runs (its key prefix)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _digest(self, text: str, size: int) -> bytes:
+        digest = hashlib.blake2b(f"{self.prefix}/{text}".encode(), digest_size=size).digest()
+        return digest if any(digest) else b"\x01" + digest[1:]  # all-zero ids are invalid
+
+    def trace(self, root_no: int) -> bytes:
+        return self._digest(f"trace/{root_no}", 16)
+
+    def run(self, no: int) -> bytes:
+        return self._digest(f"run/{no}", 8)
+
+    def step(self, no: int, ordinal: int) -> bytes:
+        return self._digest(f"step/{no}/{ordinal}", 8)
+
+    def model(self, no: int, ordinal: int) -> bytes:
+        return self._digest(f"model/{no}/{ordinal}", 8)
+
+    def trace_hex(self, root_no: int) -> str:
+        """MLflow's trace id for the trace of ``root_no`` (``tr-`` and the OTLP id in hex)."""
+        return "tr-" + self.trace(root_no).hex()
+
+
+def shown(text: Text, name: str) -> str:
+    """A recorded text as a span shows it: a cut one says where and how much was cut."""
+    value = text.text or ""
+    if not text.cut:
+        return value
+    marker = f"\n…[{text.length - len(value):,} of {text.length:,} characters cut]…\n"
+    if name in _KEEP_TAIL:
+        head = CAPS[name] * 3 // 4
+        return value[:head] + marker + value[head:]
+    return value + marker
+
+
+def _texts(fields: Mapping[str, Text | None], out: dict[str, Any], cut: list[str]) -> None:
+    """Each text into ``out``: the text itself, or its size when it was not recorded."""
+    for name, text in fields.items():
+        if text is None:
+            continue
+        if text.text is None:
+            out[f"{name}_chars"] = text.length
+            continue
+        out[name] = shown(text, name)
+        if text.cut:
+            cut.append(name)
+
+
+def _number(value: object) -> float | None:
+    if type(value) in (int, float, bool) and not is_odd(value):
+        number = float(value)  # type: ignore[arg-type]
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+class SpanBuilder:
+    """Builds OTLP protobuf spans (``opentelemetry.proto``, imported on first use)."""
+
+    def __init__(self, ids: Ids) -> None:
+        from opentelemetry.proto.common.v1 import common_pb2
+        from opentelemetry.proto.trace.v1 import trace_pb2
+
+        self.ids = ids
+        self._common = common_pb2
+        self._trace = trace_pb2
+
+    # -- attributes ----------------------------------------------------------------------------
+
+    def _value(self, value: Any) -> Any:
+        common = self._common
+        if isinstance(value, bool):
+            return common.AnyValue(bool_value=value)
+        if isinstance(value, int) and -(2**63) <= value < 2**63:
+            return common.AnyValue(int_value=value)
+        if isinstance(value, float):
+            return common.AnyValue(double_value=value)
+        if isinstance(value, Mapping):
+            return common.AnyValue(
+                kvlist_value=common.KeyValueList(
+                    values=[
+                        common.KeyValue(key=str(k), value=self._value(v))
+                        for k, v in value.items()
+                        if v is not None
+                    ]
+                )
+            )
+        if isinstance(value, list | tuple):
+            return common.AnyValue(
+                array_value=common.ArrayValue(values=[self._value(v) for v in value])
+            )
+        return common.AnyValue(string_value=str(value))
+
+    def _attributes(self, attributes: Mapping[str, Any]) -> list[Any]:
+        common = self._common
+        return [
+            common.KeyValue(key=key, value=self._value(value))
+            for key, value in attributes.items()
+            if value is not None
+        ]
+
+    def _span(
+        self,
+        *,
+        trace_id: bytes,
+        span_id: bytes,
+        parent_id: bytes | None,
+        name: str,
+        start_ns: int,
+        end_ns: int,
+        attributes: Mapping[str, Any],
+        error: str | None = None,
+        ok: bool = True,
+    ) -> Any:
+        trace = self._trace
+        status = trace.Status(code=trace.Status.STATUS_CODE_UNSET)
+        if error is not None:
+            status = trace.Status(code=trace.Status.STATUS_CODE_ERROR, message=error)
+        elif ok:
+            status = trace.Status(code=trace.Status.STATUS_CODE_OK)
+        return trace.Span(
+            trace_id=trace_id,
+            span_id=span_id,
+            parent_span_id=parent_id or b"",
+            name=name[:250] or "span",
+            kind=trace.Span.SPAN_KIND_INTERNAL,
+            start_time_unix_nano=max(0, start_ns),
+            end_time_unix_nano=max(start_ns, end_ns),
+            attributes=self._attributes(attributes),
+            status=status,
+        )
+
+    # -- spans ---------------------------------------------------------------------------------
+
+    def step_spans(self, run: RunInfo, step: Step) -> list[Any]:
+        """The span of one step (and the leaf "model" span of a step that had child runs)."""
+        ids, detail = self.ids, step.detail
+        number = step_number(step.step)
+        label = f"step {number if number is not None else step.ordinal + 1}"
+        inputs: dict[str, Any] = {}
+        outputs: dict[str, Any] = {}
+        cut: list[str] = []
+        attributes: dict[str, Any] = {
+            "rlm.run_id": run.run_id,
+            "rlm.step": number,
+            "rlm.reward": _number(step.reward),
+            "rlm.cumulative_reward": _number(step.cumulative_reward),
+            "rlm.depth": run.depth,
+        }
+        span_type, error, own = "CHAIN", None, None
+        children = None
+        if detail is not None:
+            action = detail.action.text if detail.action is not None else None
+            if action:
+                label = f"{label}: {action}"
+                attributes["rlm.action"] = action
+            _texts({"code": detail.code, "rationale": detail.rationale}, inputs, cut)
+            _texts({"stdout": detail.stdout, "stderr": detail.stderr}, outputs, cut)
+            if detail.success is not None:
+                outputs["success"] = detail.success
+                if not detail.success:
+                    error = "the step failed"
+            attributes["rlm.execution_time"] = detail.execution_time
+            if detail.depth is not None:
+                attributes["rlm.depth"] = detail.depth
+            if detail.code is not None:
+                span_type = "TOOL"
+            children = detail.children_usage
+            if detail.usage is not None:
+                attributes["rlm.usage"] = _usage(detail.usage)
+                own = detail.usage - children if children is not None else detail.usage
+            if children is not None:
+                attributes["rlm.children_usage"] = _usage(children)
+        if cut:
+            attributes["rlm.truncated"] = cut
+        attributes["mlflow.spanType"] = span_type
+        attributes["mlflow.spanInputs"] = inputs or None
+        attributes["mlflow.spanOutputs"] = outputs or None
+        trace_id = ids.trace(run.root_no)
+        step_id = ids.step(run.no, step.ordinal)
+        start = step.since_ns or step.timestamp_ns
+        spans = []
+        if own and children is None:
+            attributes["mlflow.chat.tokenUsage"] = _usage(own)
+        elif own:  # children hang under this step: its own tokens go on a leaf of their own
+            elapsed = detail.execution_time if detail is not None else None
+            model_end = step.timestamp_ns
+            if elapsed is not None and elapsed >= 0:
+                model_end = max(start, step.timestamp_ns - int(elapsed * 1e9))
+            spans.append(
+                self._span(
+                    trace_id=trace_id,
+                    span_id=ids.model(run.no, step.ordinal),
+                    parent_id=step_id,
+                    name="model",
+                    start_ns=start,
+                    end_ns=model_end,
+                    attributes={
+                        "mlflow.spanType": "LLM",
+                        "mlflow.chat.tokenUsage": _usage(own),
+                    },
+                )
+            )
+        spans.insert(
+            0,
+            self._span(
+                trace_id=trace_id,
+                span_id=step_id,
+                parent_id=ids.run(run.no),
+                name=label,
+                start_ns=start,
+                end_ns=step.timestamp_ns,
+                attributes=attributes,
+                error=error,
+                ok=detail is not None and detail.success is True,
+            ),
+        )
+        return spans
+
+    def run_span(self, run: RunInfo, end: RunEnd) -> Any:
+        """The AGENT span of a run: the trace's root for a root run."""
+        ids = self.ids
+        inputs: dict[str, Any] = {}
+        cut: list[str] = []
+        _texts({"task": run.task}, inputs, cut)
+        if "task" not in inputs and "task_chars" not in inputs and run.task_chars is not None:
+            inputs["task_chars"] = run.task_chars
+        outputs: dict[str, Any] = {}
+        _texts({"final_response": end.final}, outputs, cut)
+        completed = end.completed if type(end.completed) is bool else None
+        outputs.update(
+            {
+                "completed": completed,
+                "steps": _number(end.steps),
+                "total_reward": _number(end.total_reward),
+            }
+        )
+        params = {
+            str(k): v
+            for k, v in run.params.items()
+            if isinstance(k, str) and not k.startswith("\x00") and type(v) in (str, int, float)
+        }
+        attributes: dict[str, Any] = {
+            "mlflow.spanType": "AGENT",
+            "mlflow.spanInputs": inputs or None,
+            "mlflow.spanOutputs": {k: v for k, v in outputs.items() if v is not None} or None,
+            "rlm.run_id": run.run_id,
+            "rlm.status": end.status,
+            "rlm.environment": run.environment if type(run.environment) is str else None,
+            "rlm.depth": run.depth,
+            "rlm.params": params or None,
+            "rlm.truncated": cut or None,
+        }
+        if end.usage is not None and end.usage:
+            attributes["rlm.usage"] = _usage(end.usage)
+        if run.is_root:
+            attributes.update(
+                {
+                    "mlflow.traceTag.run_id": run.run_id,
+                    "mlflow.traceTag.component": COMPONENT_TAG,
+                    "mlflow.traceTag.mlflow.traceName": run.run_id,
+                    f"mlflow.traceTag.{KEY_TAG}": f"{ids.prefix}-{run.no}",
+                }
+            )
+        error = None
+        if end.status != "FINISHED":
+            error = f"the run ended {end.status}"
+        elif completed is False:
+            error = "the run did not complete"
+        parent = None
+        if run.parent_no is not None and run.parent_step is not None and not run.is_root:
+            parent = ids.step(run.parent_no, run.parent_step)
+        return self._span(
+            trace_id=ids.trace(run.root_no),
+            span_id=ids.run(run.no),
+            parent_id=parent,
+            name=run.run_id,
+            start_ns=run.start_ns or end.timestamp_ns,
+            end_ns=end.timestamp_ns,
+            attributes=attributes,
+            error=error,
+        )
+
+    def request(self, spans: list[Any]) -> Any:
+        """An ``ExportTraceServiceRequest`` carrying ``spans``."""
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        from opentelemetry.proto.resource.v1 import resource_pb2
+
+        trace = self._trace
+        resource = resource_pb2.Resource(
+            attributes=self._attributes({"service.name": "rlm-mlflow"})
+        )
+        scope = self._common.InstrumentationScope(name="rlm_mlflow")
+        return trace_service_pb2.ExportTraceServiceRequest(
+            resource_spans=[
+                trace.ResourceSpans(
+                    resource=resource,
+                    scope_spans=[trace.ScopeSpans(scope=scope, spans=spans)],
+                )
+            ]
+        )

@@ -1,0 +1,222 @@
+"""The traces exporter: every RLM run tree as one MLflow trace (see :mod:`._spans`).
+
+Each drain cycle's spans go out together: one OTLP request (protobuf, gzip) with every span of
+the traces still running, and one per trace whose root run ended in the cycle, sent last with
+the root's MLflow run in its header, which links the trace to that run (the run page's Traces
+tab, ``search_traces(run_id=...)``). Spans are upserted by their ids, so a retry or a replay
+never duplicates one. A store that cannot take traces (a server older than MLflow 3.6, a store
+without trace ingest answering 501) turns traces off with one warning; runs go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+
+from ._calls import Caller
+from ._exceptions import PermanentError, StoreRefused, TransientError
+from ._runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
+from ._spans import Ids, RunInfo, SpanBuilder
+from ._stats import RateLimitedWarnings
+from ._transport import Transport
+
+logger = logging.getLogger("rlm_mlflow")
+
+#: Spans in one request at most, and serialized bytes (before gzip) at most.
+MAX_SPANS = 5_000
+MAX_BYTES = 8 << 20
+#: Steps in a cycle beyond which spans are built on a worker thread, off the event loop.
+_BUILD_ON_THREAD = 200
+#: Ended runs remembered, for a step that comes after its run's end.
+ENDED_MEMORY = 1024
+
+
+class TracesExporter:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        caller: Caller,
+        warnings: RateLimitedWarnings,
+        prefix: str,
+        runs: RunsExporter,
+        transport: Callable[[], Transport],
+        mode: str,
+    ) -> None:
+        self.caller = caller
+        self.warnings = warnings
+        self.ids = Ids(prefix)
+        self.runs = runs
+        self._transport = transport
+        self.mode = mode
+        self.unsupported: str | None = None  # why traces are off for this store
+        self.info: dict[int, RunInfo] = {}
+        self.ended: OrderedDict[int, RunInfo] = OrderedDict()
+        self._builder: SpanBuilder | None = None
+        self.spans_sent = 0
+        self.requests = 0
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "off" and self.unsupported is None
+
+    def state(self) -> str:
+        """For status(): on, off (by configuration) or why they are off."""
+        if self.mode == "off":
+            return "off"
+        if self.unsupported is not None:
+            return f"off: {self.unsupported}"
+        return self.mode
+
+    def learn(self, works: Sequence[RunWork]) -> None:
+        """Remember what the spans of these runs need (their starts), even with traces off."""
+        for work in works:
+            for start in work.starts:
+                if start.implicit and work.no in self.info:
+                    continue
+                self.info[work.no] = RunInfo.of(start)
+
+    def _info(self, work: RunWork) -> RunInfo:
+        info = self.info.get(work.no) or self.ended.get(work.no)
+        if info is None:  # its start is long gone (a journal replayed in part)
+            info = self.info[work.no] = RunInfo(
+                no=work.no, run_id=work.run_id or self.runs.key_of(work.no), root_no=work.no
+            )
+        return info
+
+    def ends_root(self, work: RunWork) -> bool:
+        """The run is a trace's root and ends now: its span goes with :meth:`send_roots`."""
+        return work.span_end is not None and self._info(work).is_root
+
+    # -- one cycle: the spans first, then (once their MLflow runs exist) the roots ------------
+
+    async def send_spans(self, works: Sequence[RunWork]) -> dict[int, Outcome]:
+        """Every span of these runs but the root spans of the traces that end now (they go in
+        :meth:`send_roots`, after the runs exporter); each run's outcome so far."""
+        self.learn(works)
+        todo = [w for w in works if w.needs_traces and w.traces_outcome is None]
+        outcomes: dict[int, Outcome] = {work.no: SENT for work in works}
+        if not self.active or not todo:
+            return outcomes
+        if self._builder is None:
+            self._builder = await anyio.to_thread.run_sync(SpanBuilder, self.ids)
+        if sum(len(w.span_steps) for w in todo) > _BUILD_ON_THREAD:
+            spans, nos = await anyio.to_thread.run_sync(self._spans_of, todo)
+        else:
+            spans, nos = self._spans_of(todo)
+        if spans:
+            experiment_id = await self.runs.ensure_experiment()
+            for chunk in _chunks(spans):
+                outcome = await self._send(experiment_id, None, chunk)
+                if self.unsupported is not None:
+                    break
+                if outcome != SENT:
+                    for no in nos:
+                        outcomes[no] = worse(outcomes[no], outcome)
+        return outcomes
+
+    async def send_roots(self, works: Sequence[RunWork]) -> dict[int, Outcome]:
+        """The root spans of the traces whose root run ended: one request each, linked to the
+        root's MLflow run (which the runs exporter has made by now)."""
+        outcomes: dict[int, Outcome] = {}
+        builder = self._builder
+        for work in works:
+            if not work.needs_traces or work.span_end is None or not self.ends_root(work):
+                continue
+            if not self.active or builder is None:
+                outcomes[work.no] = SENT
+                continue
+            ref = self.runs.ref_of(work.no)
+            span = builder.run_span(self._info(work), work.span_end)
+            experiment_id = await self.runs.ensure_experiment()
+            outcomes[work.no] = await self._send(
+                experiment_id, ref.run_uuid if ref is not None else None, [span]
+            )
+        self._forget_ended(works)
+        return outcomes
+
+    def _spans_of(self, works: Sequence[RunWork]) -> tuple[list[Any], set[int]]:
+        builder = self._builder
+        assert builder is not None
+        spans: list[Any] = []
+        nos: set[int] = set()
+        for work in works:
+            info = self._info(work)
+            before = len(spans)
+            for step in work.span_steps:
+                spans.extend(builder.step_spans(info, step))
+            if work.span_end is not None and not info.is_root:
+                spans.append(builder.run_span(info, work.span_end))
+            if len(spans) > before:
+                nos.add(work.no)
+        return spans, nos
+
+    def _forget_ended(self, works: Sequence[RunWork]) -> None:
+        for work in works:
+            if work.span_end is not None or work.end is not None:
+                info = self.info.pop(work.no, None)
+                if info is not None:
+                    self.ended[work.no] = info
+                    while len(self.ended) > ENDED_MEMORY:
+                        self.ended.popitem(last=False)
+
+    async def _send(self, experiment_id: str, run_uuid: str | None, spans: list[Any]) -> Outcome:
+        builder = self._builder
+        assert builder is not None
+        request = builder.request(spans)
+        try:
+            await self.caller.call(
+                "export spans", self._transport().export_spans, experiment_id, run_uuid, request
+            )
+        except StoreRefused:
+            return HOLD
+        except PermanentError as exc:
+            if exc.code == "TRACES_UNSUPPORTED":
+                self.unsupported = self.caller.clean(str(exc))
+                logger.warning(
+                    "rlm-mlflow: traces are off for this store (%s); runs are logged as before",
+                    self.unsupported,
+                )
+                return SENT
+            self.warnings.warn(
+                "spans_refused", "rlm-mlflow: MLflow refused %d spans: %s", len(spans), exc
+            )
+            return ("dropped", "spans_refused")
+        except TransientError as exc:
+            self.warnings.warn(
+                "spans_deferred", "rlm-mlflow: %d spans not sent, kept: %s", len(spans), exc
+            )
+            return DEFERRED
+        self.spans_sent += len(spans)
+        self.requests += 1
+        return SENT
+
+
+def worse(a: Outcome, b: Outcome) -> Outcome:
+    """The outcome of a run whose spans went in two requests."""
+    for outcome in (HOLD, DEFERRED):
+        if outcome in (a, b):
+            return outcome
+    return b if a == SENT else a
+
+
+def _chunks(spans: list[Any]) -> list[list[Any]]:
+    """Requests within MAX_SPANS spans and (roughly) MAX_BYTES bytes each."""
+    chunks: list[list[Any]] = []
+    current: list[Any] = []
+    size = 0
+    for span in spans:
+        span_size = span.ByteSize()
+        if current and (len(current) >= MAX_SPANS or size + span_size > MAX_BYTES):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(span)
+        size += span_size
+    if current:
+        chunks.append(current)
+    return chunks
