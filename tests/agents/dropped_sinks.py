@@ -22,8 +22,8 @@ from collections.abc import Callable
 import requests
 from agentkit import make_sink, say, step
 
-SENT_DEADLINE = 90.0
-RELEASE_DEADLINE = 15.0
+SENT_DEADLINE = 60.0
+RELEASE_DEADLINE = 10.0
 
 
 def descriptors() -> int:
@@ -36,7 +36,7 @@ def finished_runs(uri: str, experiment: str) -> int:
         found = requests.get(
             f"{uri}/api/2.0/mlflow/experiments/get-by-name",
             params={"experiment_name": experiment},
-            timeout=10,
+            timeout=5,
         )
         if found.status_code != 200:
             return 0
@@ -48,7 +48,7 @@ def finished_runs(uri: str, experiment: str) -> int:
                 "filter": "attributes.status = 'FINISHED'",
                 "max_results": 1000,
             },
-            timeout=10,
+            timeout=5,
         )
         return len(runs.json().get("runs", [])) if runs.status_code == 200 else 0
     except requests.RequestException:
