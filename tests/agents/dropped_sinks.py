@@ -22,7 +22,7 @@ from collections.abc import Callable
 import requests
 from agentkit import make_sink, say, step
 
-SENT_DEADLINE = 60.0
+SENT_DEADLINE = 120.0
 RELEASE_DEADLINE = 10.0
 
 
