@@ -183,7 +183,7 @@ def test_a_signal_storm_during_sink_construction_and_close_never_hangs(
 ) -> None:
     """SIGTERM sent as fast as possible while a program with its own (counting) handler builds
     and closes sinks: the program keeps going, finishes, and its handler saw the signals."""
-    agent = agents("signal_storm.py", mlflow_server.uri, experiment_name, "300", stdin=True)
+    agent = agents("signal_storm.py", mlflow_server.uri, experiment_name, "1000", stdin=True)
     agent.expect("READY")
     last_progress = time.monotonic()
     said: list[str] = []
@@ -193,7 +193,7 @@ def test_a_signal_storm_during_sink_construction_and_close_never_hangs(
             f"stderr:\n{agent.stderr()[-2000:]}"
         )
         agent.signal(signal.SIGTERM)
-        lines = agent.drain(0.002)
+        lines = agent.drain(0.0005)
         if lines:
             said += lines
             last_progress = time.monotonic()
