@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from promises_support import Agent
 from rlm_mlflow.testing import MlflowServer, local_server
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -74,3 +75,22 @@ def trajectory(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    """Start scripts of ``tests/agents`` as child processes; any still running is killed after
+    the test. Each inherits the test's environment, its journal directory included."""
+    started: list[Agent] = []
+
+    def start(
+        script: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
+    ) -> Agent:
+        log = tmp_path / f"{Path(script).stem}-{len(started)}.stderr"
+        agent = Agent(script, *args, log=log, env=env, stdin=stdin)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.close()

@@ -211,6 +211,26 @@ def test_proxy_modes_counts_and_paths(upstream: int) -> None:
             proxy.set(mode="refuse", count=1)
 
 
+def test_proxy_answers_any_body_and_counts_requests_per_path(upstream: int) -> None:
+    """``http`` with a body sends it as is (an HTML 401, an empty 200); ``paths`` counts every
+    request read per path, query string left out; ``in_flight`` is back to 0 once answered."""
+    with FaultProxy(upstream) as proxy, requests.Session() as session:
+        page = b"<html><body><h1>401 Authorization Required</h1></body></html>"
+        proxy.set(mode="http", status=401, body=page, count=1)
+        answer = session.get(f"{proxy.uri}/api/x?experiment_name=a", timeout=WAIT)
+        assert answer.status_code == 401
+        assert answer.content == page
+        assert answer.headers["Content-Type"].startswith("text/html")
+        proxy.set(mode="http", status=200, body=b"", content_type="application/json", count=1)
+        empty = session.post(f"{proxy.uri}/api/x", data=b"{}", timeout=WAIT)
+        assert (empty.status_code, empty.content) == (200, b"")
+        assert session.get(f"{proxy.uri}/api/y", timeout=WAIT).content == b"/api/y"
+        assert dict(proxy.paths) == {"/api/x": 2, "/api/y": 1}
+        assert proxy.in_flight == 0
+        with pytest.raises(ValueError, match="body"):
+            proxy.set(mode="stall", body=b"x")
+
+
 # -- outage -------------------------------------------------------------------------------------
 
 

@@ -15,13 +15,20 @@ client with a ``Content-Length``, keeping the client connection open.
 - ``stall``: read the request and never answer. A stalled connection is reset when ``set()`` is
   called again, or at ``stop()``.
 - ``http``: answer with ``status``, an optional ``Retry-After`` and an MLflow JSON error body,
-  without forwarding (after ``latency`` seconds).
+  without forwarding (after ``latency`` seconds). With ``body`` (bytes), that body is the answer
+  instead, sent as ``content_type``: an HTML login page with a 401, an empty 200, a truncated
+  JSON document.
 - ``commit_then_reset``: forward the request (after ``latency`` seconds) and read the server's
   answer, then reset the client connection: the server committed, the client sees a failure.
 
 ``count`` applies the mode to the next ``count`` requests only, then the proxy goes back to
 ``pass``. ``path``, when given, applies the mode only to requests whose path contains it (the
 others are forwarded, and do not count).
+
+``requests`` counts every request read, ``forwarded`` those that reached the server, and
+``paths`` the requests read per path (without the query string), whatever the mode.
+``in_flight`` is the number of forwarded requests the server has not answered yet (a client
+that gave up does not end a request the server is still working on).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import json
 import socket
 import struct
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -116,6 +124,8 @@ class _Settings:
     retry_after: str | None = None
     count: int | None = None
     path: str | None = None
+    body: bytes | None = None
+    content_type: str = "text/html; charset=utf-8"
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]] | None:
@@ -229,6 +239,8 @@ class FaultProxy:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.requests = 0
         self.forwarded = 0
+        self.paths: Counter[str] = Counter()
+        self.in_flight = 0
         self._settings = _Settings()
         self._left: int | None = None  # requests the mode still applies to, None: no limit
         self._changed = threading.Condition()
@@ -333,6 +345,8 @@ class FaultProxy:
         retry_after: str | None = None,
         count: int | None = None,
         path: str | None = None,
+        body: bytes | None = None,
+        content_type: str = "text/html; charset=utf-8",
     ) -> None:
         """Apply ``mode`` (and ``latency``) to the requests that follow; see the module docstring.
 
@@ -348,7 +362,9 @@ class FaultProxy:
             raise ValueError("mode 'refuse' refuses connections, not requests: no count or path")
         if not 100 <= status <= 599:
             raise ValueError("status must be an HTTP status code")
-        settings = _Settings(latency, mode, status, retry_after, count, path)
+        if body is not None and mode != "http":
+            raise ValueError("a body is only sent in mode 'http'")
+        settings = _Settings(latency, mode, status, retry_after, count, path, body, content_type)
         if count == 0:
             settings = _Settings(latency=latency)
         loop = self._loop
@@ -376,10 +392,20 @@ class FaultProxy:
                 predicate(self)
             )
 
-    def _bump(self, *, requests: int = 0, forwarded: int = 0) -> None:
+    def _bump(
+        self,
+        *,
+        requests: int = 0,
+        forwarded: int = 0,
+        path: str | None = None,
+        in_flight: int = 0,
+    ) -> None:
         with self._changed:
+            if path is not None:
+                self.paths[path.split("?", 1)[0]] += 1
             self.requests += requests
             self.forwarded += forwarded
+            self.in_flight += in_flight
             self._changed.notify_all()
 
     def _mode_for(self, path: str) -> _Settings:
@@ -439,7 +465,7 @@ class FaultProxy:
             method = parts[0].upper()
             path = parts[1] if len(parts) > 1 else "/"
             settings = self._mode_for(path)
-            self._bump(requests=1)
+            self._bump(requests=1, path=path)
             mode = settings.mode
             if mode in ("reset", "refuse"):
                 _reset(writer)
@@ -485,15 +511,19 @@ class FaultProxy:
     @staticmethod
     def _error_response(settings: _Settings) -> bytes:
         status = settings.status
-        code = _ERROR_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
-        body = json.dumps(
-            {
-                "error_code": code,
-                "message": f"fault injected by FaultProxy: HTTP {status}",
-            }
-        ).encode()
+        if settings.body is not None:
+            body, content_type = settings.body, settings.content_type
+        else:
+            code = _ERROR_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+            body = json.dumps(
+                {
+                    "error_code": code,
+                    "message": f"fault injected by FaultProxy: HTTP {status}",
+                }
+            ).encode()
+            content_type = "application/json"
         headers = [
-            ("Content-Type", "application/json"),
+            ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
         ]
         if settings.retry_after is not None:
@@ -518,8 +548,11 @@ class FaultProxy:
             headers.append(("Connection", "close"))
             upstream_writer.write(_serialise(request.start, headers, request.body))
             await upstream_writer.drain()
-            self._bump(forwarded=1)
-            response = await _read_response(upstream_reader, method)
+            self._bump(forwarded=1, in_flight=1)
+            try:
+                response = await _read_response(upstream_reader, method)
+            finally:
+                self._bump(in_flight=-1)
         finally:
             upstream_writer.close()
             with contextlib.suppress(OSError):

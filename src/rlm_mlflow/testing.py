@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,9 +272,29 @@ class MlflowServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)  # orphaned workers, if any
 
-    def restart(self, timeout: float = 60.0) -> None:
-        """Stop the server and start it again on the same port and data (a deploy)."""
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The sqlite file behind the server, when its backend store is one."""
+        prefix = "sqlite:///"
+        if self.backend_store_uri.startswith(prefix):
+            return Path(self.backend_store_uri[len(prefix) :])
+        return None
+
+    def restart(self, timeout: float = 60.0, *, fresh: bool = False) -> None:
+        """Stop the server and start it again on the same port (a deploy).
+
+        ``fresh``: on an empty sqlite database and artifact store, as a server redeployed
+        without its volume would be; every experiment and run it held is gone.
+        """
         self.stop()
+        if fresh:
+            database = self.sqlite_path
+            if database is None:
+                raise ValueError("fresh=True needs a sqlite backend store")
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{database}{suffix}").unlink()
+            shutil.rmtree(self.root / "artifacts", ignore_errors=True)
         self.process = _spawn(self.root, self.port, self.backend_store_uri, workers=1)
         wait_healthy(self.uri, timeout, self.process)
 

@@ -1,0 +1,30 @@
+"""What every agent script shares: saying where it is on stdout, and a quick sink."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rlm_mlflow import MLflowSink
+
+
+def say(*words: object) -> None:
+    """One line on stdout, flushed at once: the test waits for these with a deadline."""
+    sys.stdout.write(" ".join(str(w) for w in words) + "\n")
+    sys.stdout.flush()
+
+
+def make_sink(uri: str, experiment: str, **kwargs: Any) -> MLflowSink:
+    """An enabled sink with quick drains and retries; keyword arguments override."""
+    settings: dict[str, Any] = {
+        "flush_interval": 0.2,
+        "retry_initial": 0.05,
+        "retry_max_wait": 0.5,
+        **kwargs,
+    }
+    return MLflowSink(enabled=True, experiment=experiment, tracking_uri=uri, **settings)
+
+
+def step(sink: MLflowSink, run_id: str, number: int) -> None:
+    """A step whose reward is 1.0 and whose cumulative reward is ``number + 1``."""
+    sink.on_step(run_id, event={"step": number, "reward": 1.0}, cumulative_reward=number + 1.0)
