@@ -73,6 +73,16 @@ def step_number(raw: object) -> int | None:
     return None
 
 
+def out_of_range(raw: object) -> bool:
+    """A whole number, but one no int64 holds (a huge int comes described: ``["$", "int"]``)."""
+    if is_odd(raw):
+        assert isinstance(raw, list)
+        return raw[1] == "int"
+    if type(raw) is int:
+        return not INT64_MIN <= raw <= INT64_MAX
+    return type(raw) is float and raw.is_integer() and not INT64_MIN <= raw <= INT64_MAX
+
+
 def _scalar_text(value: object) -> str | None:
     """MLflow's text for a scalar param value (str, int, float, bool, None), else None."""
     if value is None or type(value) in (str, bool, int, float):

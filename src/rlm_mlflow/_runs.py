@@ -518,11 +518,19 @@ class RunsExporter:
         metrics: list[Metric] = []
         for step in steps:
             number = _convert.step_number(step.step)
+            if number is None and _convert.out_of_range(step.step):
+                # A step number MLflow cannot store: its points would collide with real
+                # steps under any stand-in number, so they are left out (counted).
+                reject(
+                    "bad_step",
+                    f"step {describe(step.step)} does not fit MLflow's int64; its metrics skipped",
+                )
+                continue
             if number is None:
                 number = state.last_step + 1
                 reject(
                     "bad_step",
-                    f"step {describe(step.step)} is not a whole number in int64; using {number}",
+                    f"step {describe(step.step)} is not a whole number; using {number}",
                 )
             state.last_step = max(state.last_step, number)
             for name, raw in (

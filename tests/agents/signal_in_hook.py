@@ -39,15 +39,15 @@ class Bomb:
 
     def __float__(self) -> float:
         _fire()
-        return 1.0
+        return 10.0  # as a step: the next one, not a second step 1
 
     def __int__(self) -> int:
         _fire()
-        return 1
+        return 10
 
     def __index__(self) -> int:
         _fire()
-        return 1
+        return 10
 
     def __str__(self) -> str:
         _fire()
