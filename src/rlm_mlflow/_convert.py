@@ -77,7 +77,7 @@ def out_of_range(raw: object) -> bool:
     """A whole number, but one no int64 holds (a huge int comes described: ``["$", "int"]``)."""
     if is_odd(raw):
         assert isinstance(raw, list)
-        return raw[1] == "int"
+        return bool(raw[1] == "int")
     if type(raw) is int:
         return not INT64_MIN <= raw <= INT64_MAX
     return type(raw) is float and raw.is_integer() and not INT64_MIN <= raw <= INT64_MAX
