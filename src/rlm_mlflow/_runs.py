@@ -32,7 +32,7 @@ from . import _convert
 from ._calls import Caller
 from ._codec import describe
 from ._config import COMPONENT_TAG
-from ._events import RunEnd, RunStart, Step
+from ._events import RunEnd, RunStart, Step, Usage
 from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._stats import RateLimitedWarnings, WorkerCounts
 from ._transport import KEY_TAG, PARENT_TAG, Metric, RunRef, Transport
@@ -543,6 +543,13 @@ class RunsExporter:
                     metrics.append(Metric(name, value, step.timestamp_ns // 1_000_000, number))
                 else:
                     reject("bad_metric", f"step {number}: {name} skipped: {why}")
+            usage = step.detail.usage if step.detail is not None else None
+            if usage is not None:
+                at = step.timestamp_ns // 1_000_000
+                metrics.extend(
+                    Metric(f"step_{name}", float(count), at, number)
+                    for name, count in _token_counts(usage)
+                )
         return metrics
 
     def _summary_of(self, state: RunState, end: RunEnd) -> list[Metric]:
@@ -565,6 +572,11 @@ class RunsExporter:
                 metrics.append(Metric(name, value, end.timestamp_ns // 1_000_000, 0))
             else:
                 reject("bad_metric", f"summary metric {name} skipped: {why}")
+        if end.usage:
+            at = end.timestamp_ns // 1_000_000
+            metrics.extend(
+                Metric(name, float(count), at, 0) for name, count in _token_counts(end.usage)
+            )
         return metrics
 
     async def _not_yet_stored(self, state: RunState, metrics: list[Metric]) -> list[Metric]:
@@ -736,6 +748,14 @@ class RunsExporter:
     def _failed(self, message: str) -> None:
         self.caller.note_error(message)
         self.warnings.warn("failed", "rlm-mlflow %s", self.caller.clean(message))
+
+
+def _token_counts(usage: Usage) -> list[tuple[str, int]]:
+    return [
+        ("input_tokens", usage.input_tokens),
+        ("output_tokens", usage.output_tokens),
+        ("total_tokens", usage.total_tokens),
+    ]
 
 
 def _first_time(work: RunWork) -> int:
