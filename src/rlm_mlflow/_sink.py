@@ -398,6 +398,8 @@ class MLflowSink:
         }
         if config.enabled:
             status.update(self.statistics().as_dict())
+            status["traces"] = worker.traces.state()
+            status["spans_sent"] = worker.traces.spans_sent
             if self._pipeline.journal_problem:
                 status["journal_problem"] = self._pipeline.journal_problem
         return status
