@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from promises_support import Agent
+from promises_support import Agent, Store
 from rlm_mlflow.testing import MlflowServer, local_server
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -30,6 +30,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """A real ``mlflow server`` (sqlite backend, proxied artifacts) on a free loopback port."""
     with local_server(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server
+
+
+@pytest.fixture
+def store(mlflow_server: MlflowServer) -> Store:
+    """Read the session server's store directly (never through a fault proxy)."""
+    return Store(mlflow_server.uri)
 
 
 @pytest.fixture

@@ -22,11 +22,6 @@ pytestmark = pytest.mark.integration
 FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.1, "retry_max_wait": 1.0}
 
 
-@pytest.fixture
-def store(mlflow_server: MlflowServer) -> Store:
-    return Store(mlflow_server.uri)
-
-
 def make_sink(uri: str, experiment: str, **kwargs: Any) -> MLflowSink:
     return MLflowSink(enabled=True, experiment=experiment, tracking_uri=uri, **{**FAST, **kwargs})
 

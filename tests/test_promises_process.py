@@ -33,11 +33,6 @@ pytestmark = pytest.mark.integration
 Spawn = Callable[..., Agent]
 
 
-@pytest.fixture
-def store(mlflow_server: MlflowServer) -> Store:
-    return Store(mlflow_server.uri)
-
-
 def step_numbers(lines: list[str]) -> list[int]:
     """The numbers of the ``STEP n`` lines an agent printed."""
     return [int(line.split()[1]) for line in lines if line.startswith("STEP ")]

@@ -37,11 +37,6 @@ def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
         yield proxy
 
 
-@pytest.fixture
-def store(mlflow_server: MlflowServer) -> Store:
-    return Store(mlflow_server.uri)
-
-
 def make_sink(uri: str, experiment: str, **kwargs: Any) -> MLflowSink:
     return MLflowSink(enabled=True, experiment=experiment, tracking_uri=uri, **{**FAST, **kwargs})
 

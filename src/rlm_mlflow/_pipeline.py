@@ -36,7 +36,7 @@ from typing import Any
 
 from . import _codec
 from ._config import Overflow, SinkConfig
-from ._journal import HFLAG_SPILLED, Journal, Segment, default_journal_dir
+from ._journal import HFLAG_SPILLED, HFLAG_TRACES, Journal, Segment, default_journal_dir
 from ._stats import AtomicCounter, RateLimitedWarnings, Tally
 
 logger = logging.getLogger("rlm_mlflow")
@@ -139,6 +139,7 @@ class Pipeline:
         self.trigger = min(config.batch_trigger, config.queue_size)
         self.drop_oldest = config.overflow is Overflow.DROP_OLDEST
         self.texts = config.traces == "full"  # code, output and task text go into traces
+        self.record_flags = HFLAG_TRACES if config.traces != "off" else 0
         self.on_first_event: Callable[[], None] | None = None
         self.reset()
 
@@ -397,7 +398,7 @@ class Pipeline:
             lane = journal.lane_for_thread()
             if lane is not None:
                 spill = lane.spill_written != lane.spill_read or len(self.steps) >= self.capacity
-                where = lane.write(payload, HFLAG_SPILLED if spill else 0)
+                where = lane.write(payload, self.record_flags | (HFLAG_SPILLED if spill else 0))
                 if where is not None:
                     if start:
                         where[0].starts += 1
