@@ -19,7 +19,9 @@ Layout of a record (all little-endian)::
              (+ detail when FLAG_DETAIL: bits u8 | success u8 | depth i16 | input, output,
                 total tokens, calls i64 x4 | execution_time f64 | the same four counts for
                 the child runs that ended during this step, then five texts - action, code,
-                rationale, stdout, stderr - each length u32 | flags u8 | bytes u32 | UTF-8)
+                rationale, stdout, stderr - each length u32 | flags u8 | bytes u32 | UTF-8,
+                then, with model calls, length u32 | JSON [[model, input, output, input
+                tokens, output tokens, start ns, end ns], ...])
              (+ JSON [step, reward, cumulative_reward] when FLAG_ODD)
     start    prefix | JSON {run_id, environment, task_chars, params, parent_no, implicit,
                             root_no, parent_step, depth, task}
@@ -39,7 +41,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from ._events import Event, RunEnd, RunStart, Step, StepDetail, Text, Usage
+from ._events import Event, ModelCall, RunEnd, RunStart, Step, StepDetail, Text, Usage
 
 KIND_START = 1
 KIND_STEP = 2
@@ -53,6 +55,7 @@ _PREFIX = struct.Struct("<BBIq")
 _STEP = struct.Struct("<BBIqqddIq")
 _DETAIL = struct.Struct("<BBhqqqqdqqqq")
 _TEXT = struct.Struct("<IBI")
+_U32 = struct.Struct("<I")
 PREFIX_SIZE = _PREFIX.size
 STEP_SIZE = _STEP.size
 
@@ -65,11 +68,15 @@ CAPS = {
     "stderr": 8_000,
     "task": 8_000,
     "final": 8_000,
+    "llm_input": 4_000,
+    "llm_output": 4_000,
 }
+#: Model calls kept per step (the others are counted in the step's usage all the same).
+MAX_CALLS = 50
 _TEXTS = ("action", "code", "rationale", "stdout", "stderr")
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
 # detail bits
-_USAGE, _EXEC_TIME, _SUCCESS, _DEPTH, _CHILDREN = 1, 2, 4, 8, 16
+_USAGE, _EXEC_TIME, _SUCCESS, _DEPTH, _CHILDREN, _CALLS = 1, 2, 4, 8, 16, 32
 
 Counts = tuple[int, int, int, int]  # input, output and total tokens, model calls
 # text flags
@@ -278,8 +285,10 @@ def step_detail(
     observation = event.get("observation")
     usage = event.get("usage")
     depth = event.get("depth")
-    if action is None and observation is None and usage is None and depth is None:
-        return b"", None
+    model_calls = event.get("llm_calls")
+    if action is None and observation is None and usage is None and depth is None:  # noqa: SIM102
+        if model_calls is None:  # the common plain step: no detail at all
+            return b"", None
     if not isinstance(action, Mapping):
         action = {"action": action} if action is not None else {}
     if not isinstance(observation, Mapping):
@@ -314,6 +323,12 @@ def step_detail(
         bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds, *children
     )
     counts = (tokens_in, tokens_out, total, calls) if bits & _USAGE else None
+    tail = b""
+    if model_calls is not None:
+        made = _model_calls(model_calls, texts)
+        if made:
+            tail = _U32.pack(len(made)) + made
+            head = bytes([head[0] | _CALLS]) + head[1:]
     return head + b"".join(
         (
             _text_slot(action.get("action"), "action", True),
@@ -321,8 +336,39 @@ def step_detail(
             _text_slot(action.get("rationale"), "rationale", texts),
             _text_slot(observation.get("stdout"), "stdout", texts),
             _text_slot(observation.get("stderr"), "stderr", texts),
+            tail,
         )
     ), counts
+
+
+def _model_calls(calls: object, texts: bool) -> bytes:
+    """Model calls of a step (``llm_calls``: dicts with model, input, output, usage, start_ns,
+    end_ns) as compact JSON, texts cut; b"" when there is nothing usable."""
+    if not isinstance(calls, list | tuple):
+        return b""
+    out = []
+    for call in calls[:MAX_CALLS]:
+        if not isinstance(call, Mapping):
+            continue
+        usage = call.get("usage")
+        tokens_in = tokens_out = 0
+        if isinstance(usage, Mapping):
+            tokens_in = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+            tokens_out = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+        model = call.get("model")
+        given_in, given_out = call.get("input"), call.get("output")
+        out.append(
+            [
+                cut(model, "action")[0] if model is not None else None,
+                text_document(given_in, "llm_input", texts) if given_in is not None else None,
+                text_document(given_out, "llm_output", texts) if given_out is not None else None,
+                tokens_in,
+                tokens_out,
+                _count(call.get("start_ns")),
+                _count(call.get("end_ns")),
+            ]
+        )
+    return _json(out) if out else b""
 
 
 def text_document(value: object, name: str, record: bool) -> list[Any] | None:
@@ -466,7 +512,7 @@ def _text_of(value: Any) -> Text | None:
 
 
 def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail, int]:
-    (bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds, *children) = (
+    (bits, succeeded, level, tokens_in, tokens_out, total, count, seconds, *children) = (
         _DETAIL.unpack_from(payload, offset)
     )
     offset += _DETAIL.size
@@ -483,6 +529,23 @@ def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail
         offset += size
         texts.append(Text(text, length, bool(text_flags & (_CUT | _NOT_RECORDED))))
     action, code, rationale, stdout, stderr = texts
+    model_calls: tuple[ModelCall, ...] = ()
+    if bits & _CALLS:
+        (size,) = _U32.unpack_from(payload, offset)
+        offset += _U32.size
+        listed = json.loads(bytes(payload[offset : offset + size]))
+        offset += size
+        model_calls = tuple(
+            ModelCall(
+                model=model,
+                input=_text_of(given_in),
+                output=_text_of(given_out),
+                usage=Usage(tokens_in, tokens_out, tokens_in + tokens_out, 1),
+                start_ns=start,
+                end_ns=end,
+            )
+            for model, given_in, given_out, tokens_in, tokens_out, start, end in listed
+        )
     detail = StepDetail(
         action=action,
         code=code,
@@ -491,8 +554,9 @@ def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail
         stderr=stderr,
         success=None if not bits & _SUCCESS else succeeded == 1,
         execution_time=seconds if bits & _EXEC_TIME else None,
-        usage=Usage(tokens_in, tokens_out, total, calls) if bits & _USAGE else None,
+        usage=Usage(tokens_in, tokens_out, total, count) if bits & _USAGE else None,
         depth=level if bits & _DEPTH else None,
         children_usage=Usage(*children) if bits & _CHILDREN else None,
+        calls=model_calls,
     )
     return detail, offset

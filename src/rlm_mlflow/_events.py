@@ -58,6 +58,18 @@ class Text:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelCall:
+    """One call to a language model during a step (DSPy's sub-LM calls, for instance)."""
+
+    model: str | None
+    input: Text | None
+    output: Text | None
+    usage: Usage
+    start_ns: int = 0
+    end_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StepDetail:
     """What a step event carries beyond its rewards (RLM Code's action/observation/usage)."""
 
@@ -71,6 +83,7 @@ class StepDetail:
     usage: Usage | None = None
     depth: int | None = None
     children_usage: Usage | None = None  # child runs that ended during this step
+    calls: tuple[ModelCall, ...] = ()  # model calls of the step, when the runtime tells them
 
 
 @dataclass(frozen=True, slots=True)

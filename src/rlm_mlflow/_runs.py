@@ -533,10 +533,13 @@ class RunsExporter:
                     f"step {describe(step.step)} is not a whole number; using {number}",
                 )
             state.last_step = max(state.last_step, number)
-            for name, raw in (
+            rewards: tuple[tuple[str, Any], ...] = (
                 ("step_reward", step.reward),
                 ("cumulative_reward", step.cumulative_reward),
-            ):
+            )
+            if step.reward is None and step.cumulative_reward is None:
+                rewards = ()  # a runtime without rewards (DSPy): not an error, nothing to log
+            for name, raw in rewards:
                 value, why = _convert.metric_value(raw)
                 if why is None:
                     assert value is not None

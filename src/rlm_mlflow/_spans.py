@@ -29,7 +29,7 @@ from typing import Any
 from ._codec import CAPS, is_odd
 from ._config import COMPONENT_TAG
 from ._convert import step_number
-from ._events import RunEnd, RunStart, Step, Text, Usage
+from ._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
 from ._transport import KEY_TAG
 
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
@@ -95,6 +95,9 @@ class Ids:
     def model(self, no: int, ordinal: int) -> bytes:
         return self._digest(f"model/{no}/{ordinal}", 8)
 
+    def call(self, no: int, ordinal: int, index: int) -> bytes:
+        return self._digest(f"call/{no}/{ordinal}/{index}", 8)
+
     def trace_hex(self, root_no: int) -> str:
         """MLflow's trace id for the trace of ``root_no`` (``tr-`` and the OTLP id in hex)."""
         return "tr-" + self.trace(root_no).hex()
@@ -105,6 +108,7 @@ def shown(text: Text, name: str) -> str:
     value = text.text or ""
     if not text.cut:
         return value
+    name = {"prompt": "llm_input", "response": "llm_output"}.get(name, name)
     marker = f"\n…[{text.length - len(value):,} of {text.length:,} characters cut]…\n"
     if name in _KEEP_TAIL:
         head = CAPS[name] * 3 // 4
@@ -266,9 +270,14 @@ class SpanBuilder:
         step_id = ids.step(run.no, step.ordinal)
         start = step.since_ns or step.timestamp_ns
         spans = []
-        if own and children is None:
+        calls = detail.calls if detail is not None else ()
+        for index, call in enumerate(calls):
+            spans.append(self._call_span(run, step, index, call))
+            if own is not None:
+                own = own - call.usage  # the call's tokens are on the call's span
+        if own and children is None and not calls:
             attributes["mlflow.chat.tokenUsage"] = _usage(own)
-        elif own:  # children hang under this step: its own tokens go on a leaf of their own
+        elif own:  # spans hang under this step: its own tokens go on a leaf of their own
             elapsed = detail.execution_time if detail is not None else None
             model_end = step.timestamp_ns
             if elapsed is not None and elapsed >= 0:
@@ -302,6 +311,31 @@ class SpanBuilder:
             ),
         )
         return spans
+
+    def _call_span(self, run: RunInfo, step: Step, index: int, call: ModelCall) -> Any:
+        """One model call of a step, as an LLM span with its own tokens."""
+        inputs: dict[str, Any] = {}
+        outputs: dict[str, Any] = {}
+        cut: list[str] = []
+        _texts({"prompt": call.input}, inputs, cut)
+        _texts({"response": call.output}, outputs, cut)
+        start = call.start_ns or step.since_ns or step.timestamp_ns
+        return self._span(
+            trace_id=self.ids.trace(run.root_no),
+            span_id=self.ids.call(run.no, step.ordinal, index),
+            parent_id=self.ids.step(run.no, step.ordinal),
+            name=call.model or "model",
+            start_ns=start,
+            end_ns=call.end_ns or step.timestamp_ns,
+            attributes={
+                "mlflow.spanType": "LLM",
+                "mlflow.spanInputs": inputs or None,
+                "mlflow.spanOutputs": outputs or None,
+                "mlflow.chat.tokenUsage": _usage(call.usage) if call.usage else None,
+                "mlflow.llm.model": call.model,
+                "rlm.truncated": cut or None,
+            },
+        )
 
     def run_span(self, run: RunInfo, end: RunEnd) -> Any:
         """The AGENT span of a run: the trace's root for a root run."""
