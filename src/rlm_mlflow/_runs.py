@@ -505,7 +505,7 @@ class RunsExporter:
                 tags.append((PARENT_TAG, parent))
         if work.maybe_sent and metrics:
             metrics = await self._not_yet_stored(state, metrics)
-        params = state.params
+        params = list(state.params)
         work.maybe_sent = True
         await self._log_batches(state, metrics, params, tags)
         state.sent_params.extend(params)
@@ -616,24 +616,35 @@ class RunsExporter:
         if not (metrics or params or tags):
             return
         assert state.ref is not None
+        run_uuid = state.ref.run_uuid
+        transport = self.transport
+        pending = list(metrics)
+        written = False  # an attempt's answer was lost: the store may hold its points already
+
+        def attempt() -> None:
+            # On a thread. Exactly once must not depend on the store deduplicating points (a
+            # file store does not): after a lost answer, send only what it does not hold.
+            nonlocal pending, written
+            if written and pending:
+                stored: set[Metric] = set()
+                for key in sorted({m.key for m in pending}):
+                    stored.update(transport.metric_history(run_uuid, key))
+                pending = [m for m in pending if m not in stored]
+            try:
+                transport.log_batch(run_uuid, metrics=pending, params=params, tags=tags)
+            except TransientError as exc:
+                written = written or exc.maybe_committed
+                raise
+
         try:
-            await self.caller.call(
-                "log batch",
-                functools.partial(
-                    self.transport.log_batch,
-                    state.ref.run_uuid,
-                    metrics=metrics,
-                    params=params,
-                    tags=tags,
-                ),
-            )
+            await self.caller.call("log batch", attempt)
             return
         except StoreRefused:
             raise
         except PermanentError as exc:
             if exc.code in _WHOLE_RUN_CODES:
-                await self._run_gone(state, exc)
-                await self._log_batch(state, metrics, [*state.params, *params], tags)
+                resend = await self._run_gone(state, exc)
+                await self._log_batch(state, pending, [*resend, *params], tags)
                 return
             size = len(metrics) + len(params) + len(tags)
             if size <= 1:
@@ -656,9 +667,10 @@ class RunsExporter:
                     [x for kind, x in part if kind == "t"],
                 )
 
-    async def _run_gone(self, state: RunState, exc: PermanentError) -> None:
+    async def _run_gone(self, state: RunState, exc: PermanentError) -> list[tuple[str, str]]:
         """The run refuses writes: its experiment was deleted (blocked), the run was deleted
-        (refused), or the store was replaced (the run is created again)."""
+        (refused), or the store was replaced (the run is created again: the params it had
+        are returned, to be sent again)."""
         if exc.code == "RUN_NOT_ACTIVE":
             await self._check_experiment()
             raise PermanentError(f"run {state.run_id} was deleted in MLflow", code=exc.code)
@@ -666,11 +678,10 @@ class RunsExporter:
             raise exc
         self._vanished("run", state.run_id)
         state.ref = None
-        state.params[:0] = state.sent_params
-        state.sent_params = []
         state.look_first = True
         self.forget_experiment()
         await self._ensure_run(state)
+        return list(state.sent_params)
 
     async def _check_experiment(self) -> None:
         """Raises StoreRefused when the experiment was deleted (everything is then held)."""
