@@ -45,6 +45,28 @@ class RunResult:
     usage_summary: dict[str, int] = field(default_factory=dict)
 
 
+FAILURE = (
+    "Traceback (most recent call last):\n"
+    '  File "<repl>", line 4, in <module>\n'
+    "ZeroDivisionError: division by zero\n"
+)
+
+
+def sample_code(task: str, step: int, success: bool) -> tuple[str, str, str]:
+    """A few lines of Python a model might write for a step, why, and what running it printed."""
+    size = 1000 + (len(task) * 37 + step * 101) % 9000
+    code = (
+        f"# step {step}: {task[:40]}\n"
+        f"data = list(range({size}))\n"
+        "chunks = [data[i : i + 100] for i in range(0, len(data), 100)]\n"
+        f"ratio = sum(map(len, chunks)) / {0 if not success else len(task)}\n"
+        "print(len(chunks), ratio)\n"
+    )
+    rationale = f"measure the input before answering ({size} items)"
+    stdout = f"{(size + 99) // 100} {size / max(1, len(task)):.3f}\n" if success else ""
+    return code, rationale, stdout
+
+
 _ids = threading.Lock()
 _last_id = [""]
 
@@ -109,6 +131,7 @@ class SimulatedRunner:
         path = self.run_dir / f"{run_id}.jsonl"
         total = 0.0
         steps = 0
+        used = {"prompt_tokens": 0, "completion_tokens": 0, "total_calls": 0}
         with path.open("w", encoding="utf-8") as trajectory:
             for step in range(max_steps):
                 time.sleep(step_delay)  # the model thinking
@@ -137,18 +160,35 @@ class SimulatedRunner:
                             for sub in subtasks
                         ]
                     observation = {
+                        "success": all(c.completed for c in children),
                         "children": len(children),
                         "completed": sum(c.completed for c in children),
                     }
                     reward = 0.5 * sum(c.completed for c in children)
+                    code, rationale = "", f"split the task into {len(subtasks)} sub-tasks"
                 else:
                     success = self._rand() < 0.8
+                    code, rationale, stdout = sample_code(task, step, success)
                     observation = {
                         "success": success,
-                        "stdout": "ok" if success else "",
+                        "stdout": stdout,
+                        "stderr": "" if success else FAILURE,
                         "execution_time": round(self._rand() * 0.2, 3),
                     }
                     reward = round(self._rand(), 3) if success else -0.1
+                # What the model connector counted during the step: the step's own call, and
+                # (RLM Code measures on a connector its children share) the children's calls.
+                usage = {
+                    "prompt_tokens": 600 + int(self._rand() * 400),
+                    "completion_tokens": 80 + int(self._rand() * 120),
+                    "total_calls": 1,
+                }
+                if delegate:
+                    for child in children:
+                        for key in usage:
+                            usage[key] += child.usage_summary.get(key, 0)
+                for key in used:
+                    used[key] += usage[key]
                 total += reward
                 steps += 1
                 event = {
@@ -158,14 +198,15 @@ class SimulatedRunner:
                     "timestamp": datetime.now(UTC).isoformat(),
                     "step": step,
                     "action": {
-                        "action": "delegate" if delegate else "code",
-                        "code": "answer = solve()",
+                        "action": "delegate" if delegate else "run_python",
+                        **({"code": code} if code else {}),
+                        "rationale": rationale,
                     },
                     "depth": depth,
                     "parent_run_id": parent,
                     "observation": observation,
                     "reward": reward,
-                    "usage": {"prompt_tokens": 120, "completion_tokens": 40},
+                    "usage": usage,
                 }
                 trajectory.write(json.dumps(event) + "\n")
                 self.sink.on_step(run_id, event=event, cumulative_reward=total)
@@ -177,7 +218,8 @@ class SimulatedRunner:
             completed=total > 0,
             steps=steps,
             total_reward=round(total, 3),
-            final_response="done",
+            final_response=f"Answer to '{task}': see the last step's output." if total > 0 else "",
+            usage_summary=used,
         )
         self.sink.on_run_end(run_id, result=result, run_path=path)
         with self.lock:

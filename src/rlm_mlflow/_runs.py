@@ -754,9 +754,16 @@ class RunsExporter:
         return reject
 
     def _skip_param(self, run_id: str, key: str, value: object) -> None:
-        self._reject(run_id)(
+        # Documented behaviour (RLM Code sends lists and dicts as params on every run), not
+        # bad input: counted, and said at INFO level only.
+        self._rejected("param_not_scalar")
+        self.warnings.warn(
             "param_not_scalar",
-            f"param {key!r} skipped: MLflow params are scalars, this one is {describe(value)}",
+            "rlm-mlflow run %s: param %r skipped: MLflow params are scalars, this one is %s",
+            run_id,
+            key,
+            describe(value),
+            level=logging.INFO,
         )
 
     def _failed(self, message: str) -> None:
