@@ -1,15 +1,21 @@
-"""Take the MLflow UI screenshot of the docs: the demo's nested runs and their reward curves.
+"""Take the MLflow UI screenshots of the docs: the demo's nested runs, and one RLM trace tree.
 
 Starts a real ``mlflow server`` in a temporary folder, runs the demo into it through the sink,
-opens the experiment in a real headless Chromium (Debian's ``chromium``, driven by Playwright),
-expands every parent run, switches to the chart view and saves a PNG. Run it with
-``bash scripts/screenshot``; it installs what it needs.
+and opens it in a real headless Chromium (Debian's ``chromium``, driven by Playwright):
+
+- ``docs/img/mlflow-ui.png``: the runs view, every parent run expanded, the reward charts;
+- ``docs/img/mlflow-trace.png``: the Traces view of the experiment, with the trace of a root run
+  whose children delegated again open: the recursion as a span tree, one of a child's steps
+  selected (the code it ran, what it printed).
+
+Run it with ``bash scripts/screenshot``; it installs what it needs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,9 +85,69 @@ def capture(url: str, out: Path, width: int, height: int) -> None:
     print(f"{out}: {width}x{height}, {expanded} parent runs expanded")
 
 
+def _agents_above(span_id: str, parents: dict[str, str], agents: set[str]) -> int:
+    """How many AGENT spans (runs) lie above a span: its depth in the recursion."""
+    level = 0
+    while span_id in parents:
+        span_id = parents[span_id]
+        level += span_id in agents
+    return level
+
+
+def deepest_trace(client: Any, experiment_id: str) -> str:
+    """The trace whose recursion is the deepest (then the largest) of the experiment."""
+    best: tuple[int, int, str] = (-1, -1, "")
+    for trace in client.search_traces(locations=[experiment_id], max_results=200):
+        spans = trace.data.spans
+        parents = {span.span_id: span.parent_id for span in spans}
+        agents = {span.span_id for span in spans if span.span_type == "AGENT"}
+
+        depth = max((_agents_above(s.span_id, parents, agents) for s in spans), default=0)
+        best = max(best, (depth, len(agents), trace.info.trace_id))
+    if best[0] < 0:
+        sys.exit("the demo made no trace")
+    return best[2]
+
+
+def capture_trace(server_uri: str, experiment_id: str, trace_id: str, out: Path) -> None:
+    """The trace's span tree, with the deepest run's first code step selected."""
+    from playwright.sync_api import sync_playwright
+
+    traces = f"{server_uri}/#/experiments/{experiment_id}/traces"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1100})
+        page.goto(traces)
+        page.wait_for_selector("text=Traces", timeout=60_000)
+        page.wait_for_timeout(2000)  # first-visit hints appear
+        for name in ("Got it", "Close"):  # the "Detect issues" hint, the Assistant panel
+            found = page.get_by_role("button", name=name)
+            if found.count():
+                found.last.click()
+        page.goto(f"{traces}?traceId={trace_id}")
+        drawer = page.get_by_role("dialog").last
+        drawer.get_by_text("Spans").wait_for(timeout=60_000)
+        steps = drawer.get_by_text(re.compile(r"^step \d+: run_python$"))
+        boxes = [(steps.nth(i).bounding_box() or {"x": 0.0}, i) for i in range(steps.count())]
+        deepest = max(boxes, key=lambda pair: (pair[0]["x"], -pair[1]))[1]
+        steps.nth(deepest).click()  # its code and what it printed
+        drawer.get_by_text("stdout").first.wait_for(timeout=30_000)
+        for _ in range(2):  # Inputs, then Outputs: YAML shows code and output as written
+            drawer.get_by_text("Pretty", exact=True).first.click()
+            page.get_by_text("YAML", exact=True).last.click()
+        page.wait_for_timeout(800)  # the span panel settles
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out))
+        browser.close()
+    print(f"{out}: trace {trace_id}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "mlflow-ui.png")
+    parser.add_argument(
+        "--trace-out", type=Path, default=ROOT / "docs" / "img" / "mlflow-trace.png"
+    )
     parser.add_argument("--tasks", type=int, default=6, help="root tasks of the demo")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)
@@ -108,6 +174,8 @@ def main() -> None:
             runs = f"#/experiments/{experiment.experiment_id}/runs"
             url = f"{server.uri}/{runs}?workflowType=machine_learning"  # "Model training"
             capture(url, args.out.resolve(), args.width, args.height)
+            trace_id = deepest_trace(MlflowClient(server.uri), experiment.experiment_id)
+            capture_trace(server.uri, experiment.experiment_id, trace_id, args.trace_out.resolve())
 
 
 if __name__ == "__main__":
