@@ -52,6 +52,7 @@ class Caller:
         *,
         tracking_uri: str | None,
         probe: Callable[[], Awaitable[None]] | None = None,
+        give_up: bool = False,
     ) -> None:
         self.policy = policy
         self.counts = counts
@@ -63,7 +64,10 @@ class Caller:
         self.failing_since: float | None = None  # first failure of the current trouble
         self.refused: str | None = None  # why the store refuses everything, while it does
         self.sleep_until: float | None = None
-        self.gave_up: str | None = None  # without a probe: the store stopped answering
+        # Without a probe, a request past its deadline is given up. With ``give_up`` (replay),
+        # every later one too: the store stopped answering, what is left waits for next time.
+        self.give_up = give_up
+        self.gave_up: str | None = None
 
     def clean(self, text: str) -> str:
         return redact_text(text, self._uri)
@@ -153,8 +157,9 @@ class Caller:
                     with attempt:
                         return await self.once(what, fn, *args)
             except TransientError as exc:
-                if self.probe is None:  # nothing waits out an outage here (replay)
-                    self.gave_up = self.clean(str(exc))
+                if self.probe is None:  # nothing waits out an outage here
+                    if self.give_up:
+                        self.gave_up = self.clean(str(exc))
                     raise
                 if self.policy.deadline <= 0 or await self.store_answers():
                     raise  # the store answers: this request is the problem

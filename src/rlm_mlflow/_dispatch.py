@@ -2,10 +2,11 @@
 
 The live worker and ``rlm-mlflow replay`` send the same way, through this. A cycle goes:
 
-1. the spans of the traces still running, in one request (:meth:`TracesExporter.send_spans`);
-2. the runs (:class:`RunsExporter`): each run is settled the moment both exporters are done
-   with it, so progress shows while slow runs are still being sent;
-3. the root spans of the traces that ended, linked to their MLflow runs (made by step 2).
+1. the runs (:class:`RunsExporter`), first: runs matter most, and a trace's link names its
+   MLflow run; a run whose events need no spans is settled the moment it is sent;
+2. the spans (:class:`TracesExporter`): one request for the traces still running, one for each
+   trace whose root run ended (linked to that run). Traces never hold runs up: their requests
+   are retried for a short while only, then kept in the journal for replay.
 
 An event is *sent* when every exporter it needs has it, *deferred* (kept in the journal for
 replay) when one of them could not send it, *dropped* when MLflow refused its data for good. Each
@@ -23,7 +24,7 @@ from ._exceptions import StoreRefused
 from ._journal import RUNS_DONE, RUNS_IN_FLIGHT, TRACES_DONE, TRACES_IN_FLIGHT
 from ._runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
 from ._stats import WorkerCounts
-from ._traces import TracesExporter, worse
+from ._traces import TracesExporter
 
 
 def done(outcome: Outcome | None) -> bool:
@@ -62,25 +63,24 @@ class Dispatcher:
                 segment.mark(offset, bits)
         # A deadline may cancel this: take_unsettled() then returns what is left in here.
         self.exporting = {work.no: work for work in works}
-        roots: set[int] = set()
         try:
-            spans = await traces.send_spans(works)
             for work in works:
-                if traces.active and work.needs_traces and traces.ends_root(work):
-                    roots.add(work.no)  # its outcome waits for its root span
-                    work.traces_partial = spans[work.no]
-                elif work.traces_outcome is None:
-                    work.traces_outcome = spans[work.no] if work.needs_traces else SENT
-            for work in works:
+                if not work.needs_traces:
+                    work.traces_outcome = work.traces_outcome or SENT
                 if work.runs_outcome is not None:
                     self._maybe_settle(work)
             await self.runs.export([w for w in works if w.runs_outcome is None], self._runs_done)
-            ended = [self.exporting[no] for no in roots if no in self.exporting]
-            ready = [w for w in ended if w.runs_outcome not in (None, HOLD)]
-            for no, outcome in (await traces.send_roots(ready)).items():
-                work = self.exporting[no]
-                work.traces_outcome = worse(work.traces_partial or SENT, outcome)
-                self._maybe_settle(work)
+            spans = [
+                w
+                for w in self.exporting.values()
+                if w.traces_outcome is None and w.runs_outcome not in (None, HOLD)
+            ]
+            traces.learn(works)
+            for no, outcome in (await traces.export(spans)).items():
+                waiting = self.exporting.get(no)
+                if waiting is not None:
+                    waiting.traces_outcome = outcome
+                    self._maybe_settle(waiting)
         except StoreRefused:
             pass
         self.give_up(HOLD)  # the store refuses everything for now: keep what is left

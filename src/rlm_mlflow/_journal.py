@@ -81,6 +81,7 @@ def finished(state: int, flags: int) -> bool:
 
 
 _INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
+_CONTROL_KINDS = frozenset({1, 3})  # _codec.KIND_START, KIND_END: a payload's first byte
 
 #: First segment of a lane, and the most a segment grows to (each new one is 4 times larger).
 FIRST_SEGMENT = 256 << 10
@@ -281,37 +282,83 @@ class Lane:
 
     # -- worker side -------------------------------------------------------------------------
 
-    def read_spilled(self, limit: int) -> list[tuple[Segment, int, bytes]]:
-        """Up to ``limit`` spilled records not read yet, in the order they were written."""
-        out: list[tuple[Segment, int, bytes]] = []
+    def _unread(self) -> Iterator[tuple[Segment, int, int, int]]:
+        """``(segment, offset, size, flags)`` of every record from the read position on (spilled
+        or not), without moving it."""
         if self.spill_written == self.spill_read:
-            return out
+            return
         start = self.read_at
         if start is None or (self.spill_from is not None and _before(start, self.spill_from)):
             start = self.spill_from
         if start is None:
-            return out
+            return
         segment, offset = start
         segments = self.segments
         index = segments.index(segment) if segment in segments else 0
-        while len(out) < limit:
-            end = segment.pos
-            mm = segment.mm
-            while offset < end and len(out) < limit:
+        while True:
+            end, mm = segment.pos, segment.mm
+            while offset < end:
                 size, _, _, flags, _ = _RECORD.unpack_from(mm, offset)
-                body = offset + RECORD_HEADER_SIZE
-                if flags & HFLAG_SPILLED:
-                    payload = mm[body : body + size]
-                    if payload[1] & _INTERNAL:
-                        self.read_internal += 1
-                    out.append((segment, offset, payload))
-                offset = body + size
-            if offset < end or not segment.sealed or index + 1 >= len(segments):
-                break
+                yield segment, offset, size, flags
+                offset += RECORD_HEADER_SIZE + size
+            if not segment.sealed or index + 1 >= len(segments):
+                return
             index += 1
             segment, offset = segments[index], SEGMENT_HEADER_SIZE
-        self.read_at = (segment, offset)
-        self.spill_read += len(out)
+
+    def read_spilled(self, limit: int) -> list[tuple[Segment, int, bytes]]:
+        """Up to ``limit`` spilled records not read yet, in the order they were written (those
+        already finished - sent early, at a close - are passed over)."""
+        out: list[tuple[Segment, int, bytes]] = []
+        at: tuple[Segment, int] | None = None
+        read = 0
+        for segment, offset, size, flags in self._unread():
+            if len(out) >= limit:
+                at = (segment, offset)
+                break
+            at = (segment, offset + RECORD_HEADER_SIZE + size)
+            if not flags & HFLAG_SPILLED:
+                continue
+            read += 1
+            body = offset + RECORD_HEADER_SIZE
+            mm = segment.mm
+            if mm[body + 1] & _INTERNAL:
+                self.read_internal += 1
+            if not finished(mm[offset + STATE_OFFSET], flags):
+                out.append((segment, offset, mm[body : body + size]))
+        if at is not None:
+            self.read_at = at
+        self.spill_read += read
+        return out
+
+    def count_spilled_unsent(self) -> int:
+        """Spilled records made by hook calls, not read back yet and not finished (from their
+        headers and one byte each: there may be millions, none is decoded)."""
+        count = 0
+        for segment, offset, _, flags in self._unread():
+            mm = segment.mm
+            if (
+                flags & HFLAG_SPILLED
+                and not finished(mm[offset + STATE_OFFSET], flags)
+                and not mm[offset + RECORD_HEADER_SIZE + 1] & _INTERNAL
+            ):
+                count += 1
+        return count
+
+    def spilled_unsent(self, *, control_only: bool = False) -> list[tuple[Segment, int, bytes]]:
+        """Spilled records not read back yet and not finished: all of them, or only the run
+        starts and ends (closing sends those first). The read position does not move."""
+        out: list[tuple[Segment, int, bytes]] = []
+        for segment, offset, size, flags in self._unread():
+            if not flags & HFLAG_SPILLED:
+                continue
+            mm = segment.mm
+            body = offset + RECORD_HEADER_SIZE
+            if finished(mm[offset + STATE_OFFSET], flags):
+                continue
+            if control_only and mm[body] not in _CONTROL_KINDS:
+                continue
+            out.append((segment, offset, mm[body : body + size]))
         return out
 
 
@@ -497,14 +544,16 @@ class Journal:
 
     # -- worker side -------------------------------------------------------------------------
 
-    def spilled_unread(self) -> tuple[int, int]:
-        """Spilled records not read back yet: ``(all, made by hook calls)``."""
-        records = counted = 0
-        for lane in list(self.lanes):
-            waiting = lane.spill_written - lane.spill_read
-            records += waiting
-            counted += waiting - (lane.spill_internal - lane.read_internal)
-        return records, counted
+    def count_spilled_unsent(self) -> int:
+        return sum(lane.count_spilled_unsent() for lane in list(self.lanes))
+
+    def spilled_unsent(self, *, control_only: bool = False) -> list[tuple[Segment, int, bytes]]:
+        """Every lane's :meth:`Lane.spilled_unsent`."""
+        return [
+            item
+            for lane in list(self.lanes)
+            for item in lane.spilled_unsent(control_only=control_only)
+        ]
 
     def spill_pending(self) -> bool:
         return any(lane.spill_written != lane.spill_read for lane in list(self.lanes))

@@ -76,6 +76,7 @@ class ReplayReport:
     torn: int = 0  # torn or corrupt records skipped
     runs_killed: int = 0  # runs left open by a dead process, ended KILLED
     problems: list[str] = field(default_factory=list)
+    unreachable: str | None = None  # the store stopped answering: the rest was not tried
 
     @property
     def ok(self) -> bool:
@@ -110,6 +111,9 @@ def replay(
     folders = journal_folders(root)
     report.journals = len(folders)
     for folder in folders:
+        if report.unreachable is not None:  # one budget for the whole replay, not per journal
+            report.kept.append(str(folder))
+            continue
         fd = try_lock(folder)
         if fd is None:
             report.in_use.append(str(folder))
@@ -206,7 +210,7 @@ def _replay_folder(
     report.already_sent += loaded.already_sent
     try:
         if loaded.works or loaded.open_runs:
-            counts, killed, problem = _send(
+            counts, killed, problem, gave_up = _send(
                 loaded,
                 meta,
                 tracking_uri=tracking_uri,
@@ -216,7 +220,7 @@ def _replay_folder(
                 progress=progress,
             )
         else:
-            counts, killed, problem = WorkerCounts(), 0, None
+            counts, killed, problem, gave_up = WorkerCounts(), 0, None, None
     finally:
         for segment in loaded.segments:
             with contextlib.suppress(ValueError, OSError, BufferError):
@@ -228,6 +232,8 @@ def _replay_folder(
     report.runs_killed += killed
     if problem is not None:
         report.problems.append(problem)
+    if gave_up is not None:
+        report.unreachable = gave_up
     left = sum(segment.written - segment.done for segment in loaded.segments)
     if left == 0 and problem is None and report.failed == 0:
         remove_journal(folder)
@@ -245,7 +251,7 @@ def _send(
     transport: Transport | None,
     retry_deadline: float,
     progress: Progress | None,
-) -> tuple[WorkerCounts, int, str | None]:
+) -> tuple[WorkerCounts, int, str | None, str | None]:
     uri = _uri_for(meta, tracking_uri)
     counts = WorkerCounts()
     warnings = RateLimitedWarnings()
@@ -254,7 +260,7 @@ def _send(
         counts,
         warnings,
         tracking_uri=uri,
-        probe=None,  # no outage is waited out: what fails stays for the next replay
+        give_up=True,  # no outage is waited out: what fails stays for the next replay
     )
     holder: list[Transport] = []
 
@@ -331,7 +337,7 @@ def _send(
         problem = str(exc)
         logger.error("rlm-mlflow replay: %s", exc)
         counts.deferred += loaded.events - counts.sent
-    return counts, runs.killed, problem
+    return counts, runs.killed, problem, caller.gave_up
 
 
 def _uri_for(meta: dict[str, Any], override: str | None) -> str | None:

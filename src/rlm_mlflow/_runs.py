@@ -69,13 +69,15 @@ class RunWork:
     locations: list[tuple[Any, int]] = field(default_factory=list)  # journal (segment, offset)
     counted: int = 0  # events from hook calls (not the sink's own)
     in_memory_only: int = 0  # counted events that are in no journal
+    step_locations: list[tuple[Any, int]] = field(default_factory=list)  # of the steps only
+    step_counted: int = 0
+    step_in_memory: int = 0
     maybe_sent: bool = False  # a request with its metrics may have been committed already
     run_id: str = ""
     needs_runs: bool = True  # replay: False when the runs exporter had it all already
     needs_traces: bool = True  # False: written with traces off, or sent as spans already
     runs_outcome: Outcome | None = None  # each exporter's word, once it has given it
     traces_outcome: Outcome | None = None
-    traces_partial: Outcome | None = None  # the spans' outcome, while the root span waits
 
     def add(
         self, event: RunStart | Step | RunEnd, *, runs: bool = True, traces: bool = True
@@ -97,6 +99,36 @@ class RunWork:
             if traces:
                 self.span_end = event
 
+    def split(self) -> tuple[RunWork, RunWork]:
+        """The run's starts and end, and its steps, as two works (closing sends ends first)."""
+        steps = set(self.step_locations)
+        control = RunWork(
+            self.no,
+            starts=self.starts,
+            end=self.end,
+            span_end=self.span_end,
+            locations=[at for at in self.locations if at not in steps],
+            counted=self.counted - self.step_counted,
+            in_memory_only=self.in_memory_only - self.step_in_memory,
+            run_id=self.run_id,
+            needs_traces=self.needs_traces,
+        )
+        rest = RunWork(
+            self.no,
+            steps=self.steps,
+            span_steps=self.span_steps,
+            locations=list(self.step_locations),
+            step_locations=list(self.step_locations),
+            counted=self.step_counted,
+            in_memory_only=self.step_in_memory,
+            step_counted=self.step_counted,
+            step_in_memory=self.step_in_memory,
+            maybe_sent=self.maybe_sent,
+            run_id=self.run_id,
+            needs_traces=self.needs_traces,
+        )
+        return control, rest
+
     def merge(self, later: RunWork) -> None:
         self.starts.extend(later.starts)
         self.steps.extend(later.steps)
@@ -106,8 +138,11 @@ class RunWork:
         if later.span_end is not None:
             self.span_end = later.span_end
         self.locations.extend(later.locations)
+        self.step_locations.extend(later.step_locations)
         self.counted += later.counted
         self.in_memory_only += later.in_memory_only
+        self.step_counted += later.step_counted
+        self.step_in_memory += later.step_in_memory
         self.maybe_sent = self.maybe_sent or later.maybe_sent
         self.run_id = self.run_id or later.run_id
         self.needs_traces = self.needs_traces or later.needs_traces

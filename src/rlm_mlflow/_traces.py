@@ -89,72 +89,72 @@ class TracesExporter:
             )
         return info
 
-    def ends_root(self, work: RunWork) -> bool:
-        """The run is a trace's root and ends now: its span goes with :meth:`send_roots`."""
-        return work.span_end is not None and self._info(work).is_root
+    # -- one cycle -------------------------------------------------------------------------
 
-    # -- one cycle: the spans first, then (once their MLflow runs exist) the roots ------------
-
-    async def send_spans(self, works: Sequence[RunWork]) -> dict[int, Outcome]:
-        """Every span of these runs but the root spans of the traces that end now (they go in
-        :meth:`send_roots`, after the runs exporter); each run's outcome so far."""
+    async def export(self, works: Sequence[RunWork]) -> dict[int, Outcome]:
+        """Send the spans of these runs (their MLflow runs exist: the runs exporter went
+        first); each run's outcome for its traces part."""
         self.learn(works)
         todo = [w for w in works if w.needs_traces and w.traces_outcome is None]
         outcomes: dict[int, Outcome] = {work.no: SENT for work in works}
         if not self.active or not todo:
+            self._forget_ended(works)
             return outcomes
         if self._builder is None:
             self._builder = await anyio.to_thread.run_sync(SpanBuilder, self.ids)
         if sum(len(w.span_steps) for w in todo) > _BUILD_ON_THREAD:
-            spans, nos = await anyio.to_thread.run_sync(self._spans_of, todo)
+            requests = await anyio.to_thread.run_sync(self._requests_of, todo)
         else:
-            spans, nos = self._spans_of(todo)
-        if spans:
-            experiment_id = await self.runs.ensure_experiment()
-            for chunk in _chunks(spans):
-                outcome = await self._send(experiment_id, None, chunk)
-                if self.unsupported is not None:
-                    break
-                if outcome != SENT:
-                    for no in nos:
-                        outcomes[no] = worse(outcomes[no], outcome)
-        return outcomes
-
-    async def send_roots(self, works: Sequence[RunWork]) -> dict[int, Outcome]:
-        """The root spans of the traces whose root run ended: one request each, linked to the
-        root's MLflow run (which the runs exporter has made by now)."""
-        outcomes: dict[int, Outcome] = {}
-        builder = self._builder
-        for work in works:
-            if not work.needs_traces or work.span_end is None or not self.ends_root(work):
-                continue
-            if not self.active or builder is None:
-                outcomes[work.no] = SENT
-                continue
-            ref = self.runs.ref_of(work.no)
-            span = builder.run_span(self._info(work), work.span_end)
-            experiment_id = await self.runs.ensure_experiment()
-            outcomes[work.no] = await self._send(
-                experiment_id, ref.run_uuid if ref is not None else None, [span]
-            )
+            requests = self._requests_of(todo)
+        experiment_id = await self.runs.ensure_experiment()
+        for run_uuid, spans, nos in requests:
+            outcome = await self._send(experiment_id, run_uuid, spans)
+            if self.unsupported is not None:  # the store cannot take traces: nothing to send
+                outcomes = {work.no: SENT for work in works}
+                break
+            for no in nos:
+                outcomes[no] = worse(outcomes[no], outcome)
         self._forget_ended(works)
         return outcomes
 
-    def _spans_of(self, works: Sequence[RunWork]) -> tuple[list[Any], set[int]]:
+    def _requests_of(
+        self, works: Sequence[RunWork]
+    ) -> list[tuple[str | None, list[Any], set[int]]]:
+        """The spans of a cycle as requests: each trace whose root run ends now in one request
+        of its own, linked to the root's MLflow run; the spans of running traces together."""
         builder = self._builder
         assert builder is not None
-        spans: list[Any] = []
-        nos: set[int] = set()
+        ending = {self._info(w).root_no for w in works if self.ends_root(w)}
+        shared: list[Any] = []
+        shared_nos: set[int] = set()
+        traces: dict[int, tuple[list[Any], set[int]]] = {root: ([], set()) for root in ending}
         for work in works:
             info = self._info(work)
-            before = len(spans)
+            spans: list[Any] = []
             for step in work.span_steps:
                 spans.extend(builder.step_spans(info, step))
-            if work.span_end is not None and not info.is_root:
+            if work.span_end is not None:
                 spans.append(builder.run_span(info, work.span_end))
-            if len(spans) > before:
-                nos.add(work.no)
-        return spans, nos
+            if not spans:
+                continue
+            target, nos = traces.get(info.root_no, (shared, shared_nos))
+            target.extend(spans)
+            nos.add(work.no)
+        requests: list[tuple[str | None, list[Any], set[int]]] = [
+            (None, chunk, shared_nos) for chunk in _chunks(shared)
+        ]
+        for root, (spans, nos) in traces.items():
+            ref = self.runs.ref_of(root)
+            run_uuid = ref.run_uuid if ref is not None else None
+            chunks = _chunks(spans)
+            # The chunk with the root span goes last: it finalises the trace (and links it).
+            requests.extend((None, chunk, nos) for chunk in chunks[:-1])
+            requests.append((run_uuid, chunks[-1], nos))
+        return requests
+
+    def ends_root(self, work: RunWork) -> bool:
+        """The run is a trace's root and ends in this cycle."""
+        return work.span_end is not None and self._info(work).is_root
 
     def _forget_ended(self, works: Sequence[RunWork]) -> None:
         for work in works:

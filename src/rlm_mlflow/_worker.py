@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -31,7 +31,7 @@ from . import _codec
 from ._calls import Caller
 from ._config import SinkConfig
 from ._dispatch import Dispatcher
-from ._events import RunStart
+from ._events import RunStart, Step
 from ._exceptions import PermanentError, StoreRefused
 from ._journal import Segment
 from ._pipeline import Item, Pipeline, State
@@ -52,6 +52,8 @@ BLOCKED_PROBE = 30.0
 #: A journal with nothing in it and no record for this long is removed (a new one is made
 #: by the next event): an idle sink holds no file and no descriptor.
 JOURNAL_IDLE = 30.0
+#: How long a failing span request is retried before its spans are kept for replay.
+TRACES_RETRY = 15.0
 #: How often the worker makes sure spare journal lanes and next segments are ready.
 MAINTENANCE_EVERY = 0.25
 
@@ -98,8 +100,19 @@ class Worker:
             experiment=config.experiment,
             transport=self._get_transport,
         )
+        # Traces never hold runs up: their requests are retried briefly, then kept for replay.
+        traces_caller = Caller(
+            RetryPolicy(
+                deadline=min(config.retry_deadline, TRACES_RETRY),
+                initial=config.retry_initial,
+                max_wait=config.retry_max_wait,
+            ),
+            self.counts,
+            self.warnings,
+            tracking_uri=config.tracking_uri,
+        )
         self.traces = TracesExporter(
-            caller=self.caller,
+            caller=traces_caller,
             warnings=self.warnings,
             prefix=self.pipeline.prefix,
             runs=self.runs,
@@ -224,7 +237,12 @@ class Worker:
                 continue
             items = pipeline.take(TAKE_LIMIT)
             if items:
-                await self._export(self._group(items, final=False))
+                works = self._group(items, final=False)
+                if closing:  # ends first: with little time left, statuses matter most
+                    parts = [work.split() for work in works]
+                    await self._export([c for c, _ in parts if c.starts or c.end or c.span_end])
+                    works = [rest for _, rest in parts if rest.steps or rest.span_steps]
+                await self._export(works)
                 await self._maintain_journal()
                 continue
             if closing:
@@ -292,6 +310,15 @@ class Worker:
             while not pipeline.quiet():
                 await anyio.sleep(0.001)
         pipeline.end_open_runs(pipeline.end_status)
+        # Ends first: the run starts and ends that wait in the journal, behind steps spilled
+        # before them, go now; the steps follow while the deadline allows (then replay).
+        control = [
+            item
+            for journal in pipeline.journals()
+            for item in journal.spilled_unsent(control_only=True)
+        ]
+        if control:
+            await self._export(self._group(control, final=True))
 
     async def _idle(self) -> None:
         """Sleep until a batch is ready, a flush or close asks, or the interval is up."""
@@ -350,7 +377,7 @@ class Worker:
 
     # -- one cycle ------------------------------------------------------------------------------
 
-    def _group(self, items: list[Item], *, final: bool) -> list[RunWork]:
+    def _group(self, items: Sequence[Item], *, final: bool) -> list[RunWork]:
         """Decode records and group them by run, in order; hold runs whose start is not here."""
         works: dict[int, RunWork] = {}
         for segment, offset, queued in items:
@@ -371,6 +398,13 @@ class Worker:
                 work.counted += 1
                 if segment is None:
                     work.in_memory_only += 1
+            if type(event) is Step:
+                if segment is not None:
+                    work.step_locations.append((segment, offset))
+                if not event.internal:
+                    work.step_counted += 1
+                    if segment is None:
+                        work.step_in_memory += 1
             work.add(event)
             if type(event) is RunStart and segment is not None:
                 self.pins.setdefault(event.run_no, []).append(segment)
@@ -423,7 +457,7 @@ class Worker:
         deferred = sum(w.counted - w.in_memory_only for w in left)
         dropped = sum(w.in_memory_only for w in left)
         for journal in pipeline.journals():
-            _, spilled = journal.spilled_unread()
+            spilled = journal.count_spilled_unsent()  # still in the journal: kept for replay
             self.counts.deferred += spilled
             deferred += spilled
         kept: list[str] = []
