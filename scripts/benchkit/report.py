@@ -790,7 +790,7 @@ def traces_section(results: Results) -> list[str]:
                 "exit code",
                 "at the server once it is gone",
                 "spans lost",
-                "MLflow runs ended (ours only logs runs)",
+                "MLflow runs FINISHED (only ours logs runs)",
                 "after `rlm-mlflow replay`",
             ],
             exit_rows,
