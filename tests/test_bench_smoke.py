@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchkit.measure import summarize_traces  # noqa: E402
 from benchkit.targets import regime_entered  # noqa: E402
+from benchkit.workloads import TraceWorkload  # noqa: E402
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -85,6 +89,23 @@ def test_smoke_plan_writes_every_table(tmp_path: Path) -> None:
     for heading in ("## Hook cost in isolation", "## Latency sweep", "## Concurrency sweep"):
         assert heading in text
 
+    for target in (
+        "hook p99 <= 30 us with rich step events (traces)",
+        "every span read back exactly once (traces)",
+        "SIGTERM right after the last hook: every span in MLflow",
+    ):
+        assert target in targets
+    traces = "## Traces: RLM Code's step events as MLflow traces"
+    hooks, drained, exits = (table_after(text, traces, i) for i in range(3))
+    for rows in (hooks, drained):
+        assert {row.split(" | ")[1] for row in rows} == {"MLflow tracing", "rlm_mlflow"}
+    assert all(" traces, " in row.split(" | ")[-1] for row in drained)  # read back
+    assert [row.split(" | ")[:2] for row in exits] == [
+        ["| MLflow tracing", "SIGTERM"],
+        ["| rlm_mlflow", "SIGTERM"],
+    ]
+    assert "replay sent" in exits[1]  # ours' journal was replayed after the SIGTERM
+
     # The report is rendered from the results alone: saved results give the same report.
     again = tmp_path / "again" / "perf.md"
     rendered = bench("--report-from", str(results), "--output", str(again))
@@ -134,3 +155,55 @@ def test_a_spilling_regime_must_find_the_worker_reading_back() -> None:
     entered, evidence = regime_entered(regime_row(fill=fill))
     assert not entered
     assert "gave up waiting for 'worker reading back'" in evidence
+
+
+def test_a_trace_workload_makes_the_spans_it_promises() -> None:
+    """One span per run and per step, and a model span per delegating step."""
+    workload = TraceWorkload(runs=2, threads=1, steps=7, delegations=2, children=2, child_steps=3)
+    calls = [call for script in workload.scripts(Path(), "t") for call in script]
+    steps = [call.kwargs["event"] for call in calls if call.hook == "on_step"]
+    delegating = [event for event in steps if event["action"]["action"] == "delegate"]
+    starts = [call for call in calls if call.hook == "on_run_start"]
+    assert len(starts) + len(steps) + len(delegating) == workload.spans
+    assert len(steps) == workload.total_steps
+    assert len(starts) == workload.total_runs
+    code = next(event for event in steps if event["action"]["action"] == "run_python")
+    assert len(code["action"]["code"]) == workload.code_chars
+    assert len(code["observation"]["stdout"]) == workload.stdout_chars
+    # A delegating step comes after its children ended, its usage counting theirs.
+    first = delegating[0]
+    children = [e for e in steps if e["parent_run_id"] == first["run_id"]]
+    assert children
+    used = sum(
+        e["usage"]["prompt_tokens"] for e in children[: workload.children * workload.child_steps]
+    )
+    assert first["usage"]["prompt_tokens"] > used
+
+
+def fake_trace(spans: Sequence[tuple[str, str | None, str]], run_id: str = "r") -> Any:
+    """What search_traces returns, as far as the read-back looks: (span id, parent id, name)."""
+    return SimpleNamespace(
+        info=SimpleNamespace(tags={"run_id": run_id}, state="OK"),
+        data=SimpleNamespace(
+            spans=[SimpleNamespace(span_id=i, parent_id=p, name=n) for i, p, n in spans]
+        ),
+    )
+
+
+def test_the_trace_read_back_counts_each_span_once_and_flags_repeats() -> None:
+    tree = [("a", None, "r"), ("b", "a", "step 1"), ("c", "a", "step 2")]
+    clean = summarize_traces([fake_trace(tree), fake_trace(tree, "warm-up")], 3, "warm-up")
+    assert (clean["traces"], clean["spans"], clean["duplicates"]) == (1, 3, 0)
+    assert clean["skipped"] == 1
+    # The same step under another span id (a replay with fresh ids), and the same id twice.
+    again = summarize_traces([fake_trace([*tree, ("d", "a", "step 2"), tree[1]])], 3, "warm-up")
+    assert again["duplicates"] == 2
+    assert again["incomplete_traces"] == 1
+
+
+def test_spans_whose_parent_is_missing_are_not_taken_for_repeats() -> None:
+    """A half-exported trace: two child runs' "step 1" with their parents not there."""
+    half = [("s1", "child-a", "step 1"), ("s2", "child-b", "step 1")]
+    summary = summarize_traces([fake_trace(half)], 5, "warm-up")
+    assert summary["duplicates"] == 0
+    assert summary["incomplete_traces"] == 1

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from .measure import HTTP
-from .tasks import TASKS
+from .tasks import LINGER_KEY, TASKS
 
 RESULT_PREFIX = "BENCH-RESULT "
 
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if spec["task"] != "construct":  # that one must not import anything before the sink does
         HTTP.install()
     result = TASKS[spec["task"]](spec)
+    linger = float(result.pop(LINGER_KEY, 0.0))
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+    if linger:  # the parent ends this process (a signal) while it waits
+        time.sleep(linger)
     return 0
 
 

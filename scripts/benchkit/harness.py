@@ -2,8 +2,11 @@
 
 ``Harness`` owns the work folder, the server and the proxy. ``child()`` runs one task in a fresh
 interpreter (``python -m benchkit.child``) with its own journal folder and log file, and returns
-its result. ``run_workload()`` drives one sink through one workload and reads back from the
-server's store what reached MLflow. ``cpu_snapshot()`` tells how busy the machine was.
+its result; ``ending_child()`` runs one and ends it (a normal exit, or SIGTERM) right after its
+last hook. ``run_workload()`` drives one sink through one workload and reads back from the
+server's store what reached MLflow; ``read_traces()`` reads traces back with
+``MlflowClient.search_traces``; ``replay()`` runs ``rlm-mlflow replay`` on a child's journal.
+``cpu_snapshot()`` tells how busy the machine was.
 """
 
 from __future__ import annotations
@@ -11,18 +14,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .child import RESULT_PREFIX
-from .workloads import STEP_KEYS, SUMMARY_KEYS, RlmWorkload, workload_spec
+from .measure import summarize_traces
+from .workloads import STEP_KEYS, SUMMARY_KEYS, WARM_UP, RlmWorkload, workload_spec
 
 SCRIPTS = Path(__file__).resolve().parent.parent
 ROOT = SCRIPTS.parent
@@ -68,6 +74,22 @@ class Harness:
     def proxy_requests(self) -> int:
         return int(self.proxy.requests) if self.proxy is not None else 0
 
+    @property
+    def proxy_paths(self) -> Counter[str]:
+        """Requests the proxy has read so far, by path (a copy)."""
+        return Counter(self.proxy.paths) if self.proxy is not None else Counter()
+
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until the server has answered every request the proxy forwarded."""
+        if self.proxy is None:
+            return True
+        return bool(self.proxy.wait_until(lambda proxy: proxy.in_flight == 0, timeout))
+
+    @property
+    def db_path(self) -> Path:
+        """The server's sqlite store."""
+        return Path(self.server.root) / "mlflow.db"
+
     def set_latency(self, seconds: float) -> None:
         if self.proxy is not None:
             self.proxy.set(latency=seconds)
@@ -89,19 +111,28 @@ class Harness:
 
     # -- child processes ------------------------------------------------------------------------
 
-    def child(self, spec: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
-        """Run ``spec`` in a fresh interpreter; its result, or RuntimeError with its log's tail."""
+    def _environment(self, name: str) -> dict[str, str]:
+        """A child's environment: the sources importable, telemetry off, its own journal."""
         env = dict(os.environ)
         env.pop("MLFLOW_TRACKING_URI", None)
         env.pop("MLFLOW_ENABLE_ASYNC_LOGGING", None)
+        env.pop("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", None)
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"
         env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         paths = (str(SCRIPTS), str(SRC) if SRC.is_dir() else None, env.get("PYTHONPATH"))
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        name = f"{spec['task']}-{spec.get('sink', '')}-{uuid.uuid4().hex[:6]}"
-        log_path = self.logs / f"{name}.log"
         # Our sink's write-ahead journal goes under the work folder, one folder per child.
-        env["RLM_MLFLOW_JOURNAL_DIR"] = str(self.workdir / "journal" / name)
+        env["RLM_MLFLOW_JOURNAL_DIR"] = str(self.journal_dir(name))
+        return env
+
+    def journal_dir(self, name: str) -> Path:
+        return self.workdir / "journal" / name
+
+    def child(self, spec: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
+        """Run ``spec`` in a fresh interpreter; its result, or RuntimeError with its log's tail."""
+        name = f"{spec['task']}-{spec.get('sink', '')}-{uuid.uuid4().hex[:6]}"
+        env = self._environment(name)
+        log_path = self.logs / f"{name}.log"
         command = [sys.executable, "-m", "benchkit.child", json.dumps(spec)]
         started = time.monotonic()
         with log_path.open("w", encoding="utf-8") as errors:
@@ -123,6 +154,81 @@ class Harness:
                 return result
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"child {name} failed (exit {process.returncode}):\n{tail}")
+
+    def ending_child(self, spec: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+        """Run ``spec`` in a fresh interpreter and end it as ``spec["ending"]`` says, right after
+        its result line (printed when its last hook returned): "exit" lets it exit on its own,
+        "sigterm" sends it SIGTERM at once. Adds how long it took to die, its exit code and its
+        journal folder to the result."""
+        name = f"{spec['task']}-{spec.get('sink', '')}-{spec['ending']}-{uuid.uuid4().hex[:6]}"
+        env = self._environment(name)
+        log_path = self.logs / f"{name}.log"
+        command = [sys.executable, "-m", "benchkit.child", json.dumps(spec)]
+        result: dict[str, Any] | None = None
+        with log_path.open("w", encoding="utf-8") as errors:
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env, cwd=self.workdir
+            )
+            try:
+                assert process.stdout is not None
+                for line in process.stdout:
+                    if line.startswith(RESULT_PREFIX):
+                        if spec["ending"] == "sigterm":
+                            process.send_signal(signal.SIGTERM)
+                        ended_at = time.monotonic()
+                        result = dict(json.loads(line[len(RESULT_PREFIX) :]))
+                        break
+                process.communicate(timeout=timeout)
+            finally:
+                if process.poll() is None:  # timeout or Ctrl-C: never leave it behind
+                    process.kill()
+                    process.wait()
+        if result is None:
+            tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise RuntimeError(f"child {name} failed (exit {process.returncode}):\n{tail}")
+        result["exit_s"] = time.monotonic() - ended_at
+        result["returncode"] = process.returncode
+        result["journal_dir"] = str(self.journal_dir(name))
+        result["log"] = log_path.name
+        result.update(logged_failures(log_path))
+        log(
+            f"    ({spec['task']} child, {spec['ending']}: gone {result['exit_s']:.1f} s after "
+            f"its last hook, exit code {process.returncode})"
+        )
+        return result
+
+    def replay(self, journal_dir: str) -> dict[str, Any]:
+        """``rlm-mlflow replay`` of one child's journal folder, to the server (not the proxy)."""
+        env = self._environment("replay")
+        command = [
+            sys.executable,
+            "-m",
+            "rlm_mlflow",
+            "replay",
+            journal_dir,
+            "--tracking-uri",
+            self.server_uri,
+        ]
+        started = time.monotonic()
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=self.workdir,
+            timeout=300,
+            check=False,
+        )
+        report = {}
+        for line in done.stdout.splitlines():
+            key, _, value = line.partition("  ")
+            if key and value.strip():
+                report[key.strip()] = value.strip()
+        return {
+            "returncode": done.returncode,
+            "seconds": time.monotonic() - started,
+            "report": report,
+        }
 
     def run_workload(
         self,
@@ -174,7 +280,7 @@ class Harness:
             ("runs", "finished", "nested", "step_points", "summary_points", "params", "artifacts"),
             0,
         )
-        db = sqlite3.connect(f"file:{root / 'mlflow.db'}?mode=ro", uri=True, timeout=60)
+        db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=60)
         try:
             row = db.execute(
                 "SELECT experiment_id FROM experiments WHERE name = ?", (experiment,)
@@ -212,6 +318,27 @@ class Harness:
         result["artifacts"] = sum(1 for _ in folder.rglob("*.jsonl")) if folder.is_dir() else 0
         return result
 
+    def read_traces(self, experiment: str, spans_per_trace: int) -> dict[str, Any]:
+        """What ``MlflowClient.search_traces(locations=[experiment_id])`` finds of
+        ``experiment``: see :func:`measure.summarize_traces` (the warm-up trace left out)."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.server_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return summarize_traces([], spans_per_trace, WARM_UP)
+        traces: list[Any] = []
+        token = None
+        while True:
+            page = client.search_traces(
+                locations=[found.experiment_id], max_results=500, page_token=token
+            )
+            traces.extend(page)
+            token = page.token
+            if not token:
+                break
+        return summarize_traces(traces, spans_per_trace, WARM_UP)
+
 
 def logged_failures(log_path: Path) -> dict[str, Any]:
     """Writes MLflow's async logging gave up on: it says so only in a log line."""
@@ -220,7 +347,20 @@ def logged_failures(log_path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"logged_failures": len(failures)}
     if failures:
         out["failure_sample"] = failures[0].split("Failed to log run data: ")[-1][:160]
+    # MLflow's trace export says it gave up (or dropped a task) only in a log line too.
+    traces = [line for line in text.splitlines() if any(m in line for m in TRACE_FAILURES)]
+    if traces:
+        out["logged_trace_failures"] = len(traces)
+        out["trace_failure_sample"] = traces[0][-200:]
     return out
+
+
+TRACE_FAILURES = (
+    "Failed to log spans",
+    "Failed to export",
+    "Failed to log trace",
+    "trace will be discarded",
+)
 
 
 @contextlib.contextmanager

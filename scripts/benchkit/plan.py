@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .workloads import RlmWorkload
+from .workloads import RlmWorkload, TraceWorkload
 
 #: The sink's documented defaults (README, configuration table). The benchmark does not read
 #: them from the core: it only uses the sink's public API. Used to size the steady-state window
@@ -78,7 +78,15 @@ class Plan:
     concurrency: tuple[int, ...]
     concurrency_steps: int
     concurrency_nojournal: bool
+    trace: TraceWorkload  # the shape of a root run (its runs and threads are set by trace_sizes)
+    trace_sizes: tuple[tuple[int, int], ...]  # (agent threads, root runs) of each trace variant
+    trace_think_ms: float  # agent work per step of the variants with some (0: none of those)
+    trace_exit: TraceWorkload  # the process ends right after its last hook
+    trace_endings: tuple[str, ...]  # "exit" (normal, no flush) and "sigterm"
 
+
+#: How a trace workload's process ends in the exit comparison.
+TRACE_ENDINGS = ("exit", "sigterm")
 
 FULL = Plan(
     name="full",
@@ -109,6 +117,13 @@ FULL = Plan(
     concurrency=(1, 10, 100),
     concurrency_steps=50,
     concurrency_nojournal=True,
+    trace=TraceWorkload(runs=1, threads=1, steps=30, delegations=2, children=2, child_steps=4),
+    trace_sizes=((1, 6), (8, 32)),
+    trace_think_ms=2.0,
+    trace_exit=TraceWorkload(
+        runs=16, threads=8, steps=30, delegations=2, children=2, child_steps=4, think_ms=2.0
+    ),
+    trace_endings=TRACE_ENDINGS,
 )
 
 QUICK = Plan(
@@ -140,6 +155,11 @@ QUICK = Plan(
     concurrency=(1, 10),
     concurrency_steps=20,
     concurrency_nojournal=False,
+    trace=TraceWorkload(runs=1, threads=1, steps=12, delegations=1, children=2, child_steps=3),
+    trace_sizes=((1, 2), (8, 8)),
+    trace_think_ms=2.0,
+    trace_exit=TraceWorkload(runs=8, threads=8, steps=12, think_ms=2.0),
+    trace_endings=TRACE_ENDINGS,
 )
 
 #: Every section at its smallest, for the test suite: checks the harness, not the figures.
@@ -172,6 +192,11 @@ SMOKE = Plan(
     concurrency=(2,),
     concurrency_steps=5,
     concurrency_nojournal=False,
+    trace=TraceWorkload(runs=1, threads=1, steps=4, delegations=1, children=1, child_steps=2),
+    trace_sizes=((2, 2),),
+    trace_think_ms=0.0,
+    trace_exit=TraceWorkload(runs=2, threads=2, steps=4, delegations=1, children=1, child_steps=2),
+    trace_endings=("sigterm",),
 )
 
 PLANS = {plan.name: plan for plan in (FULL, QUICK, SMOKE)}

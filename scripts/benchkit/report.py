@@ -6,11 +6,12 @@ and returns lines; a section that did not run renders nothing.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .baselines import COMPARED, LABELS, SHORT
+from .baselines import COMPARED, LABELS, SHORT, TRACE_COMPARED
 from .fmt import (
     count,
     delivered,
@@ -35,7 +36,7 @@ from .targets import (
     regime_entered,
     targets_section,
 )
-from .workloads import HOOKS, PARAMS_PER_RUN, workload_from_spec
+from .workloads import HOOKS, PARAMS_PER_RUN, plural, trace_workload_from_spec, workload_from_spec
 
 # ---------------------------------------------------------------------------------------------
 # The three sinks
@@ -591,6 +592,308 @@ def other_figures(results: Results) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Traces
+# ---------------------------------------------------------------------------------------------
+
+
+def _hook_cell(stats: Mapping[str, Any]) -> str:
+    if not stats.get("n"):
+        return "-"
+    return (
+        f"{us(stats['p50_us'])} / {us(stats['p99_us'])} / {us(stats['p999_us'])} (n={stats['n']:,})"
+    )
+
+
+def _readback_text(rb: Mapping[str, Any], traces: int, spans: int) -> str:
+    text = f"{rb['traces']}/{traces} traces, {rb['spans']:,}/{spans:,} spans"
+    extra = []
+    if rb["duplicates"]:
+        extra.append(f"{rb['duplicates']} duplicated")
+    if rb["incomplete_traces"]:
+        extra.append(f"{rb['incomplete_traces']} incomplete")
+    states = rb.get("states") or {}
+    if any(state != "OK" for state in states):
+        extra.append(", ".join(f"{n} {state}" for state, n in sorted(states.items())))
+    if extra:
+        return f"{text} ({'; '.join(extra)})"
+    return text + (", each once" if rb["spans"] else "")
+
+
+def _runs_text(rb: Mapping[str, Any] | None, runs: int) -> str:
+    if rb is None:
+        return "-"
+    return f"{rb['finished']}/{runs} runs FINISHED"
+
+
+def trace_requests(row: Mapping[str, Any]) -> tuple[int, int]:
+    """``(POST /v1/traces, every request)`` in a variant's window."""
+    requests = row["requests"]
+    return int(requests.get("POST /v1/traces", 0)), int(sum(requests.values()))
+
+
+def _path_breakdown(row: Mapping[str, Any]) -> str:
+    requests, seconds = row["requests"], row.get("request_seconds", {})
+    return ", ".join(
+        f"`{path}` {n:,}" + (f" ({seconds[path]:.2f} s)" if path in seconds else "")
+        for path, n in sorted(requests.items(), key=lambda item: -item[1])
+    )
+
+
+def _path_group(path: str) -> str:
+    """A request path with its ids left out, so that paths of one kind count together."""
+    if "/artifacts/" in path:
+        return path.split("/artifacts/", 1)[0] + "/artifacts/... (" + path.rsplit("/", 1)[-1] + ")"
+    return path
+
+
+def traces_section(results: Results) -> list[str]:
+    section = results.get("traces")
+    if section is None:
+        return []
+    latency = section["latency"]
+    kinds = [kind for kind in TRACE_COMPARED if kind in latency]
+    first = trace_workload_from_spec(latency[kinds[0]]["variants"][0]["workload"])
+    hook_rows, drain_rows = [], []
+    for index, label in enumerate(section["variants"]):
+        for kind in kinds:
+            row = latency[kind]["variants"][index]
+            workload = trace_workload_from_spec(row["workload"])
+            hooks = row["hooks"]
+            hook_rows.append(
+                [
+                    label,
+                    SHORT[kind],
+                    *(_hook_cell(hooks[h]) for h in HOOKS),
+                    us(row["per_span_us"]),
+                    secs(row["hooks_s"]),
+                ]
+            )
+            otlp, every = trace_requests(row)
+            rate = workload.spans / row["readable_s"] if row["readable"] else None
+            drain_rows.append(
+                [
+                    label,
+                    SHORT[kind],
+                    f"{workload.spans:,} in {workload.runs} traces",
+                    secs(row["flush_s"]) + ("" if row["flushed"] else " (flush failed)"),
+                    secs(row["readable_s"]) if row["readable"] else "NOT all readable",
+                    f"{rate:,.0f}" if rate is not None else "-",
+                    f"{otlp:,} ({otlp / workload.runs:.2f})",
+                    f"{every:,} ({every / workload.runs:.1f})",
+                    _readback_text(row["readback"], workload.runs, workload.spans),
+                ]
+            )
+    exit_workload = trace_workload_from_spec(section["exit_workload"])
+    exit_rows = []
+    for row in section["exits"]:
+        rb = row["readback"]
+        kind = row["sink"]
+        status = row.get("status") or {}
+        pending = (
+            f"{status['pending']:,} of {status['accepted']:,} events"
+            if "pending" in status
+            else "-"
+        )
+        replayed = "-"
+        if "after_replay" in row:
+            report = row["replay"]["report"]
+            sent = report.get("events sent", "?")
+            replayed = (
+                f"{_readback_text(row['after_replay'], exit_workload.runs, exit_workload.spans)}"
+                f"; {_runs_text(row.get('runs_after_replay'), exit_workload.total_runs)}"
+                f" (the replay sent {sent} events)"
+            )
+        lost_spans = exit_workload.spans - min(rb["spans"], exit_workload.spans)
+        exit_rows.append(
+            [
+                SHORT[kind],
+                "normal exit, no flush" if row["ending"] == "exit" else "SIGTERM",
+                pending,
+                secs(row["exit_s"]),
+                str(row["returncode"]),
+                _readback_text(rb, exit_workload.runs, exit_workload.spans),
+                f"{lost_spans:,} ({lost_spans / exit_workload.spans:.0%})",
+                _runs_text(row.get("runs_readback"), exit_workload.total_runs),
+                replayed,
+            ]
+        )
+    out = [
+        "## Traces: RLM Code's step events as MLflow traces",
+        "",
+        "RLM Code's step events as it really sends them: every step but the delegating ones "
+        f"carries {first.code_chars:,} characters of code (`action.code`) and a rationale, "
+        f"{first.stdout_chars:,} characters of `observation.stdout`, `stderr`, `success`, "
+        "`execution_time`, `usage` (`prompt_tokens`, `completion_tokens`, `total_calls`) and "
+        f"`depth`. A root run has {first.steps} steps, {first.delegating} of them delegating "
+        f"to {plural(first.children, 'child run')} of {plural(first.child_steps, 'step')} "
+        "that start and end on the parent's thread before the delegating step is reported (its "
+        "usage counting theirs), as RLM Code does. One trace per root run: its span, a span "
+        "per step, and under each delegating step a model span (the step's own tokens) and "
+        f"each child run's span with its steps' spans: {first.spans_per_trace} spans per "
+        "trace. Two sinks make that same tree, span for span: ours (`traces='full'`, the "
+        "default) and MLflow's own tracing (`MlflowClient.start_trace` at a root run's start, "
+        "`start_span`/`end_span` per step and child run, `end_trace` at its end; "
+        "`MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=true`, MLflow's other settings at their defaults). "
+        "Both send through the proxy to the same server; each variant uses a fresh sink and "
+        "experiment in one process per sink.",
+        "",
+        "Agent time inside each hook call, p50 / p99 / p99.9 (n), and the agent's total time in "
+        "hooks divided by the spans the workload makes:",
+        "",
+        *table(
+            [
+                "variant",
+                "sink",
+                "on_run_start",
+                "on_step",
+                "on_run_end",
+                "hook time per span",
+                "timed hooks done in",
+            ],
+            hook_rows,
+        ),
+        "",
+        "From the first timed hook until every span is readable; HTTP requests in that window "
+        "(per trace in brackets); what `MlflowClient.search_traces(locations=[experiment_id])` "
+        "returns afterwards:",
+        "",
+        *table(
+            [
+                "variant",
+                "sink",
+                "spans",
+                "flush() returned after",
+                "all spans readable after",
+                "spans/s",
+                "`POST /v1/traces`",
+                "every request",
+                "read back",
+            ],
+            drain_rows,
+        ),
+        "",
+        f"The process ends right after its last hook: {exit_workload.describe()}. No "
+        "`flush()`, no `close()`; the sink stays referenced, as a program's global sink would. "
+        "'normal exit' lets the interpreter exit (exit hooks run: ours closes its sinks within "
+        "`shutdown_timeout`, MLflow flushes its export queue); 'SIGTERM' is sent by the "
+        "harness as soon as the child says its last hook returned (ours handles it: it ends "
+        "open runs KILLED, sends within `shutdown_timeout`, then dies of the signal; MLflow "
+        "does not handle it). What reached the server is read back once the process is gone; "
+        "ours' journal is then replayed with `rlm-mlflow replay` and read back again:",
+        "",
+        *table(
+            [
+                "sink",
+                "ending",
+                "not yet sent at the last hook",
+                "process gone after",
+                "exit code",
+                "at the server once it is gone",
+                "spans lost",
+                "MLflow runs FINISHED (only ours logs runs)",
+                "after `rlm-mlflow replay`",
+            ],
+            exit_rows,
+        ),
+        "",
+        *traces_notes(section, kinds, results["meta"]["cores"]),
+        "",
+    ]
+    return out
+
+
+def traces_notes(section: Mapping[str, Any], kinds: list[str], cores: int) -> list[str]:
+    latency = section["latency"]
+    notes = [
+        "- How each figure is measured. Hook latency: `perf_counter_ns` around each hook call, "
+        "after an untimed warm-up run (started and ended, then flushed: the first hook call "
+        "starts our worker thread and MLflow's tracer; its one-span trace is left out of every "
+        "count). Hook time per span: the sum of every timed hook call over the spans made. "
+        "'flush() returned after' and 'readable after' count from the first timed hook; "
+        "readable means the server's store (its `spans` table, polled every 20 ms) holds every "
+        "span; spans/s is the spans over that time. Requests are counted in the child by "
+        "wrapping `requests`' `HTTPAdapter.send`, by path, over the same window; the proxy's "
+        "`paths` counter over the whole child cross-checks them (below). Read back: "
+        "`search_traces` after the child ended; a span is duplicated if its id, or its place "
+        "in the tree (the names from the root down), is there twice."
+    ]
+    threads = max(
+        trace_workload_from_spec(row["workload"]).threads
+        for kind in kinds
+        for row in latency[kind]["variants"]
+    )
+    work = (
+        f"{section['think_ms']:g} ms slept before each step (a model call, in practice; the CPU "
+        "idle and its caches cold when the hook runs), or none: the agent threads then only "
+        "build events and call hooks"
+        if section.get("think_ms")
+        else "none: the agent threads only build events and call hooks"
+    )
+    notes.append(
+        f"- Agent work: {work}. With {threads} agent threads on {cores} cores a hook call can be "
+        "descheduled, or wait in the middle for the GIL held by another agent thread or by the "
+        "sink's own thread: those waits are in the figures, as the agent sees them."
+    )
+    for kind in kinds:
+        result = latency[kind]
+        rows = result["variants"]
+        largest = max(rows, key=lambda r: trace_workload_from_spec(r["workload"]).spans)
+        counted = sum(sum(r["requests"].values()) for r in rows)
+        proxy: Counter[str] = Counter()
+        for path, n in result.get("proxy_paths", {}).items():
+            proxy[_path_group(path)] += n
+        by_path = ", ".join(f"`{path}` {n:,}" for path, n in proxy.most_common())
+        notes.append(
+            f"- {LABELS[kind]}, requests by path in the '{largest['label']}' window (time "
+            f"inside them summed): {_path_breakdown(largest)}. Over the whole child (setup, "
+            f"warm-ups and closes included) the proxy read {sum(proxy.values()):,} requests "
+            f"({by_path}); the timed windows account for {counted:,} of them."
+        )
+        lost = [r["lost"] for r in rows if r.get("lost")]
+        if lost:
+            notes.append(f"- {LABELS[kind]}: hook calls that failed or were skipped: {lost}.")
+        made = [
+            f"{r['label']}: {r['spans_made'] - 1:,} made, "
+            f"{trace_workload_from_spec(r['workload']).spans:,} expected"
+            for r in rows
+            if r.get("spans_made") is not None
+            and r["spans_made"] - 1 != trace_workload_from_spec(r["workload"]).spans
+        ]
+        if made:
+            notes.append(f"- {LABELS[kind]} did not make the tree it should: {'; '.join(made)}.")
+    if "ours" in latency and "tracing" in latency:
+        ours, theirs = latency["ours"]["variants"], latency["tracing"]["variants"]
+        per_span = [
+            ratio(t["per_span_us"], o["per_span_us"]) for o, t in zip(ours, theirs, strict=True)
+        ]
+        per_trace = []
+        for o, t in zip(ours, theirs, strict=True):
+            runs = trace_workload_from_spec(o["workload"]).runs
+            _, mlflow_every = trace_requests(t)
+            ours_otlp, _ = trace_requests(o)
+            per_trace.append(f"{mlflow_every / runs:.1f} against {ours_otlp / runs:.2f}")
+        notes.append(
+            "- MLflow tracing against ours, variant by variant: hook time per span "
+            + ", ".join(per_span)
+            + " as much; trace requests per trace (all of MLflow tracing's requests, which are "
+            "all about traces, against ours' `POST /v1/traces`) "
+            + ", ".join(per_trace)
+            + ". Ours also logs every run as an MLflow run (params, metrics, status): those "
+            "requests are in its 'every request' column and in its time until readable; the "
+            "tracing baseline logs no runs."
+        )
+    failures = [
+        f"{SHORT[r['sink']]} ({r['ending']}): {r['logged_trace_failures']} log lines such as "
+        f"`{r['trace_failure_sample']}`"
+        for r in section["exits"]
+        if r.get("logged_trace_failures")
+    ]
+    if failures:
+        notes.append("- Export failures logged by the exiting processes: " + "; ".join(failures))
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole report
 # ---------------------------------------------------------------------------------------------
 
@@ -633,6 +936,7 @@ def render(results: Results, plot_path: Path | None = None) -> str:
         *hooks_section(results),
         *sweep_section(results, plot_path),
         *concurrency_section(results),
+        *traces_section(results),
         *other_figures(results),
     ]
     while out and out[-1] == "":

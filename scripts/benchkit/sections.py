@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .baselines import COMPARED
+from .baselines import COMPARED, TRACE_COMPARED
 from .harness import Harness, closed_port_uri, log
 from .plan import (
     DEFAULT_QUEUE_SIZE,
@@ -20,7 +20,14 @@ from .plan import (
     Plan,
     Regime,
 )
-from .workloads import RlmWorkload, steps_for, workload_spec
+from .workloads import (
+    RlmWorkload,
+    TraceWorkload,
+    plural,
+    steps_for,
+    trace_workload_from_spec,
+    workload_spec,
+)
 
 
 @dataclass
@@ -329,6 +336,92 @@ def run_concurrency(ctx: Context) -> dict[str, Any]:
     return {"rows": rows, "steps": plan.concurrency_steps}
 
 
+def trace_variants(plan: Plan) -> list[tuple[str, TraceWorkload]]:
+    """The trace workload on each number of agent threads, with agent work and without."""
+    thinks = (plan.trace_think_ms, 0.0) if plan.trace_think_ms else (0.0,)
+    out = []
+    for threads, runs in plan.trace_sizes:
+        for think in thinks:
+            workload = replace(plan.trace, runs=runs, threads=threads, think_ms=think)
+            work = f"{think:g} ms agent work" if think else "no agent work"
+            out.append((f"{plural(threads, 'thread')}, {work}", workload))
+    return out
+
+
+def run_traces(ctx: Context) -> dict[str, Any]:
+    harness, plan = ctx.harness, ctx.plan
+    variants = trace_variants(plan)
+    latency: dict[str, Any] = {}
+    for kind in TRACE_COMPARED:
+        log(f"traces, {kind}: {len(variants)} variants, one fresh sink each")
+        specs = [
+            {
+                "label": label,
+                "workload": workload_spec(workload),
+                "experiment": harness.experiment(f"traces-{kind}"),
+                "prefix": f"{kind}{index}",
+            }
+            for index, (label, workload) in enumerate(variants)
+        ]
+        before = harness.proxy_paths
+        result = harness.child(
+            {
+                "task": "traces",
+                "sink": kind,
+                "uri": harness.uri,
+                "db": str(harness.db_path),
+                "variants": specs,
+                "flush_timeout": 600.0,
+                "readable_timeout": 60.0,
+            },
+            timeout=1800.0,
+        )
+        harness.settle()
+        proxy = harness.proxy_paths
+        proxy.subtract(before)
+        result["proxy_paths"] = {path: n for path, n in proxy.items() if n}
+        for row in result["variants"]:
+            spans_per_trace = trace_workload_from_spec(row["workload"]).spans_per_trace
+            row["readback"] = harness.read_traces(row["experiment"], spans_per_trace)
+            if kind == "ours":
+                row["runs_readback"] = harness.read_back(row["experiment"])
+        latency[kind] = result
+    exits = []
+    workload = plan.trace_exit
+    for ending in plan.trace_endings:
+        for kind in TRACE_COMPARED:
+            log(f"traces, {kind}: the process ends right after its last hook ({ending})")
+            experiment = harness.experiment(f"exit-{kind}")
+            result = harness.ending_child(
+                {
+                    "task": "trace_exit",
+                    "sink": kind,
+                    "ending": ending,
+                    "uri": harness.uri,
+                    "experiment": experiment,
+                    "workload": workload_spec(workload),
+                    "prefix": f"{kind}-{ending}",
+                }
+            )
+            harness.settle()
+            result.update({"sink": kind, "ending": ending, "experiment": experiment})
+            result["readback"] = harness.read_traces(experiment, workload.spans_per_trace)
+            if kind == "ours":  # its runs too; then whatever its journal still holds
+                result["runs_readback"] = harness.read_back(experiment)
+                log("    rlm-mlflow replay of its journal")
+                result["replay"] = harness.replay(result["journal_dir"])
+                result["after_replay"] = harness.read_traces(experiment, workload.spans_per_trace)
+                result["runs_after_replay"] = harness.read_back(experiment)
+            exits.append(result)
+    return {
+        "variants": [label for label, _ in variants],
+        "think_ms": plan.trace_think_ms,
+        "latency": latency,
+        "exit_workload": workload_spec(workload),
+        "exits": exits,
+    }
+
+
 SECTIONS = (
     Section("construct", "construction cost, and whether the caller imports mlflow", run_construct),
     Section("hooks", "each hook's cost in isolation, one thread", run_hooks, needs_server=False),
@@ -340,6 +433,7 @@ SECTIONS = (
     Section("memory", "memory bound with the server unreachable", run_memory, needs_server=False),
     Section("close", "close() time with events pending", run_close),
     Section("concurrency", "our sink with 1 to 100 concurrent runs", run_concurrency),
+    Section("traces", "rich step events as traces, against MLflow's own tracing", run_traces),
 )
 SECTION_NAMES = tuple(section.name for section in SECTIONS)
 

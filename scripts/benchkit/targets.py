@@ -18,13 +18,14 @@ from .plan import (
     WORKER_READING_BACK,
     WORKER_SENDING,
 )
-from .workloads import HOOKS
+from .workloads import HOOKS, trace_workload_from_spec
 
 TARGET_HOOK_P99_US = 20.0
 TARGET_CONSTRUCT_MS = 5.0
 TARGET_DRAIN_FRACTION = 0.90
 TARGET_REQUESTS_PER_1000 = 5.0
 TARGET_CLOSE_S = 3.0
+TARGET_TRACE_HOOK_P99_US = 30.0
 
 Results = Mapping[str, Any]
 
@@ -218,6 +219,90 @@ def close_target(results: Results) -> tuple[str, str, str] | None:
     )
 
 
+def trace_hook_target(results: Results) -> tuple[str, str, str] | None:
+    section = results.get("traces")
+    if section is None or "ours" not in section["latency"]:
+        return None
+    rows = section["latency"]["ours"]["variants"]
+    parts, missed = [], []
+    for row in rows:
+        p99 = {h: float(row["hooks"][h]["p99_us"]) for h in HOOKS if row["hooks"][h].get("n")}
+        over = [h for h, value in p99.items() if value > TARGET_TRACE_HOOK_P99_US]
+        if over:
+            missed.append(f"{row['label']} ({', '.join(over)})")
+        parts.append(
+            f"{row['label']}: "
+            + ", ".join(f"{h} {us(value)}" for h, value in p99.items())
+            + f" (n={row['hooks']['on_step']['n']:,} on_step)"
+        )
+    return (
+        f"hook p99 <= {TARGET_TRACE_HOOK_P99_US:.0f} us with rich step events (traces)",
+        "; ".join(parts),
+        "NOT met in " + "; ".join(missed) if missed else "met",
+    )
+
+
+def _exactly_once(readback: Mapping[str, Any], traces: int, spans: int) -> bool:
+    return (
+        readback["traces"] == traces
+        and readback["spans"] == spans
+        and not readback["duplicates"]
+        and not readback["incomplete_traces"]
+    )
+
+
+def trace_delivery_target(results: Results) -> tuple[str, str, str] | None:
+    section = results.get("traces")
+    if section is None or "ours" not in section["latency"]:
+        return None
+    parts, ok = [], True
+    for row in section["latency"]["ours"]["variants"]:
+        workload = trace_workload_from_spec(row["workload"])
+        rb = row["readback"]
+        once = _exactly_once(rb, workload.runs, workload.spans) and bool(row["readable"])
+        ok = ok and once
+        parts.append(
+            f"{row['label']}: {rb['traces']}/{workload.runs} traces, "
+            f"{rb['spans']:,}/{workload.spans:,} spans, {rb['duplicates']} duplicated"
+        )
+    exit_workload = trace_workload_from_spec(section["exit_workload"])
+    for row in section["exits"]:
+        if row["sink"] != "ours" or row["ending"] != "exit":
+            continue
+        rb = row["readback"]
+        ok = ok and _exactly_once(rb, exit_workload.runs, exit_workload.spans)
+        parts.append(
+            f"normal exit without flush: {rb['spans']:,}/{exit_workload.spans:,} spans, "
+            f"{rb['duplicates']} duplicated"
+        )
+    return ("every span read back exactly once (traces)", "; ".join(parts), verdict(ok))
+
+
+def trace_sigterm_target(results: Results) -> tuple[str, str, str] | None:
+    section = results.get("traces")
+    if section is None:
+        return None
+    rows = [r for r in section["exits"] if r["sink"] == "ours" and r["ending"] == "sigterm"]
+    if not rows:
+        return None
+    workload = trace_workload_from_spec(section["exit_workload"])
+    parts, ok = [], True
+    for row in rows:
+        direct = row["readback"]
+        after = row.get("after_replay", direct)
+        ok = ok and _exactly_once(after, workload.runs, workload.spans)
+        parts.append(
+            f"{direct['spans']:,}/{workload.spans:,} spans directly, "
+            f"{after['spans']:,} after `rlm-mlflow replay`, {after['duplicates']} duplicated; "
+            f"the process was gone {secs(row['exit_s'])} after SIGTERM"
+        )
+    return (
+        "SIGTERM right after the last hook: every span in MLflow, directly or after a replay",
+        "; ".join(parts),
+        verdict(ok),
+    )
+
+
 def targets_section(results: Results) -> list[str]:
     rows = [
         row
@@ -228,6 +313,9 @@ def targets_section(results: Results) -> list[str]:
             steady_target(results),
             memory_target(results),
             close_target(results),
+            trace_hook_target(results),
+            trace_delivery_target(results),
+            trace_sigterm_target(results),
         )
         if row is not None
     ]

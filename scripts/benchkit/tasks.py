@@ -16,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .baselines import SeedFluentSink, make_sink
-from .measure import HTTP, QueueSampler, RssPeak, summarize, timer_overhead_ns
+from .baselines import MlflowTracingSink, SeedFluentSink, make_sink
+from .measure import HTTP, QueueSampler, RssPeak, summarize, timer_overhead_ns, wait_readable
 from .plan import WORKER_READING_BACK, WORKER_SENDING
 from .workloads import (
     HOOKS,
+    WARM_UP,
     Call,
     Progress,
     RlmWorkload,
@@ -31,6 +32,7 @@ from .workloads import (
     replay,
     start_call,
     step_call,
+    trace_workload_from_spec,
     workload_from_spec,
 )
 
@@ -51,7 +53,7 @@ def requests_made(sink: Any) -> int:
 
 def warm_up(sink: Any) -> None:
     """One untimed run start and end: the first hook call starts the worker thread."""
-    replay(sink, [start_call("warm-up"), end_call("warm-up", RunResult(True, 0, 0.0), None)])
+    replay(sink, [start_call(WARM_UP), end_call(WARM_UP, RunResult(True, 0, 0.0), None)])
 
 
 def journal_disk_mb() -> float:
@@ -482,6 +484,108 @@ def task_close(spec: Spec) -> dict[str, Any]:
     }
 
 
+def lost_by(sink: Any) -> dict[str, int]:
+    """What a baseline skipped or failed to do, by reason (ours: nothing, it never raises)."""
+    return dict(sink.lost) if isinstance(sink, SeedFluentSink | MlflowTracingSink) else {}
+
+
+def task_traces(spec: Spec) -> dict[str, Any]:
+    """One sink through trace workloads (one fresh sink and experiment per variant): every hook
+    timed; then ``flush()``, and the server's store polled until every span is there.
+
+    Before the timed hooks, untimed: one run start and end (``warm-up``: the first hook call
+    starts our worker thread, MLflow's tracer provider), flushed; its trace (one span) is
+    counted in the store and left out of the read-back. HTTP requests are counted in-process by
+    path, from the first timed hook until the spans are readable.
+    """
+    pc = time.perf_counter
+    variants = []
+    for variant in spec["variants"]:
+        workload = trace_workload_from_spec(variant["workload"])
+        experiment = variant["experiment"]
+        t0 = pc()
+        sink = make_sink(spec["sink"], spec["uri"], experiment, spec.get("options"))
+        construct_s = pc() - t0
+        warm_up(sink)
+        warmed = sink.flush(60)
+        before, seconds_before = HTTP.snapshot(), HTTP.seconds_snapshot()
+        start = pc()
+        timings = drive(sink, workload, Path(), variant["prefix"])
+        hooks_s = pc() - start
+        flushed = sink.flush(spec["flush_timeout"])
+        flush_s = pc() - start
+        readable, traces, spans = wait_readable(
+            spec["db"], experiment, workload.spans + 1, spec["readable_timeout"]
+        )
+        readable_s = pc() - start
+        requests, seconds = HTTP.snapshot(), HTTP.seconds_snapshot()
+        requests.subtract(before)
+        status = sink.status() if spec["sink"] == "ours" else {}
+        sink.close(10)
+        hooks_ns = sum(timings.all())
+        variants.append(
+            {
+                "label": variant["label"],
+                "experiment": experiment,
+                "workload": variant["workload"],
+                "construct_s": construct_s,
+                "warmed": warmed,
+                "hooks": hook_stats(timings),
+                "all_hooks": summarize(timings.all()),
+                "hooks_s": hooks_s,
+                "hook_time_s": hooks_ns / 1e9,
+                "per_span_us": hooks_ns / 1000 / workload.spans,
+                "flushed": flushed,
+                "flush_s": flush_s,
+                "readable": readable,
+                "readable_s": readable_s,
+                "store": {"traces": traces - 1, "spans": spans - 1},  # the warm-up's left out
+                "requests": {path: n for path, n in requests.items() if n},
+                "request_seconds": {
+                    path: seconds.get(path, 0.0) - seconds_before.get(path, 0.0)
+                    for path, n in requests.items()
+                    if n
+                },
+                "status": status,
+                "lost": lost_by(sink),
+                # The baseline's own count of the spans it started (the warm-up's one included).
+                "spans_made": getattr(sink, "spans_started", None),
+            }
+        )
+    return {"variants": variants, "requests_total": HTTP.count}
+
+
+#: Sinks kept alive until the interpreter exits, as a program's global sink would be.
+_KEEP: list[Any] = []
+
+
+def task_trace_exit(spec: Spec) -> dict[str, Any]:
+    """A trace workload, then the process ends right after the last hook: no flush, no close.
+
+    The result line is printed as soon as the hooks are done; with ``ending`` "exit" the
+    process then exits normally (exit hooks run), with "sigterm" it waits for the parent's
+    SIGTERM. The sink is kept alive until then, as a program's global sink would be.
+    """
+    workload = trace_workload_from_spec(spec["workload"])
+    sink = make_sink(spec["sink"], spec["uri"], spec["experiment"], spec.get("options"))
+    _KEEP.append(sink)
+    start = time.perf_counter()
+    timings = drive(sink, workload, Path(), spec["prefix"])
+    result: dict[str, Any] = {
+        "hooks_s": time.perf_counter() - start,
+        "hooks": hook_stats(timings),
+        "status": sink.status() if spec["sink"] == "ours" else {},
+        "lost": lost_by(sink),
+    }
+    if spec["ending"] == "sigterm":
+        result[LINGER_KEY] = spec.get("linger_s", 120.0)
+    return result
+
+
+#: A task result with this key makes the child wait that many seconds after printing it.
+LINGER_KEY = "_linger_s"
+
+
 TASKS: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "workload": task_workload,
     "construct": task_construct,
@@ -492,4 +596,6 @@ TASKS: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "steady": task_steady,
     "memory": task_memory,
     "close": task_close,
+    "traces": task_traces,
+    "trace_exit": task_trace_exit,
 }

@@ -3,8 +3,9 @@
 A workload is data: for each top-level run it yields a script of :class:`Call` objects (the hook,
 its arguments, and the agent's own work before it). A driver replays scripts through a sink on a
 number of agent threads and times every hook call with ``perf_counter_ns``. Any object with the
-three hooks is a sink here (``rlm_mlflow.MLflowSink``, the baselines in ``baselines.py``), so a new
-workload (a trace workload with large step payloads, say) only has to describe its events.
+three hooks is a sink here (``rlm_mlflow.MLflowSink``, the baselines in ``baselines.py``), so a
+workload only has to describe its events: :class:`RlmWorkload` (plain steps, for metrics) and
+:class:`TraceWorkload` (RLM Code's rich step events, for traces).
 
 Scripts are generators: events are built lazily, between hook calls and outside the timed region,
 as an agent builds them. Nothing here imports mlflow or rlm_mlflow.
@@ -12,17 +13,22 @@ as an agent builds them. Nothing here imports mlflow or rlm_mlflow.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
+import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 HOOKS = ("on_run_start", "on_step", "on_run_end")
+#: The run id of the untimed run that starts a sink's worker before the timed hooks.
+WARM_UP = "warm-up"
 STEP_KEYS = ("step_reward", "cumulative_reward")
 SUMMARY_KEYS = ("completed", "steps", "total_reward")
 TASK = "Write a function that returns the n-th prime, then test it on n = 1..50. " * 4
@@ -237,17 +243,285 @@ def round_robin(scripts: Iterable[Iterator[Call]]) -> Iterator[Call]:
         live = still
 
 
-WORKLOADS: dict[str, type[RlmWorkload]] = {RlmWorkload.kind: RlmWorkload}
+# ---------------------------------------------------------------------------------------------
+# Rich step events, for traces
+# ---------------------------------------------------------------------------------------------
+
+RATIONALE = (
+    "The helper returned the wrong count for the last window, so I will print the intermediate "
+    "table, check the boundary case by hand and only then rewrite the accumulation step. "
+)
+
+TRACEBACK = "Traceback (most recent call last):\nZeroDivisionError: division by zero\n"
 
 
-def workload_spec(workload: RlmWorkload) -> dict[str, Any]:
+def code_text(run_id: str, step: int, chars: int) -> str:
+    """Python source of ``chars`` characters, different for every run and step (the bulk is
+    made once per step and size: building an event costs the agent thread little CPU)."""
+    header = f"# {run_id}, step {step}: count primes in sliding windows\n"
+    return (header + _code_body(step, chars))[:chars]
+
+
+@functools.lru_cache(maxsize=256)
+def _code_body(step: int, chars: int) -> str:
+    lines = [
+        "import math",
+        "",
+        "def is_prime(n: int) -> bool:",
+        "    if n < 2:",
+        "        return False",
+        "    return all(n % d for d in range(2, math.isqrt(n) + 1))",
+        "",
+    ]
+    size = sum(len(line) + 1 for line in lines)
+    index = 0
+    while size < chars:
+        line = (
+            f"window_{index} = [n for n in range({step * 100 + index * 37}, "
+            f"{step * 100 + index * 37 + 50}) if is_prime(n)]; print({index}, len(window_{index}))"
+        )
+        lines.append(line)
+        size += len(line) + 1
+        index += 1
+    return "\n".join(lines)[:chars]
+
+
+def stdout_text(run_id: str, step: int, chars: int) -> str:
+    """Printed output of ``chars`` characters, different for every run and step and as
+    compressible as real printed output (the same text twice would flatter a sender that
+    compresses). The bulk is made once per step and size; each run permutes its digits."""
+    return _stdout_body(step, chars).translate(_digit_table(run_id)).decode("ascii")
+
+
+@functools.lru_cache(maxsize=256)
+def _stdout_body(step: int, chars: int) -> bytes:
+    base = step * 1_000
+    lines = [
+        f"window {i:4d}: {(base + i * 37) % 11} primes in [{base + i * 37}, {base + i * 37 + 50})"
+        for i in range(chars // 30 + 1)
+    ]
+    return ("\n".join(lines) + "\n")[:chars].encode("ascii")
+
+
+@functools.lru_cache(maxsize=1024)
+def _digit_table(run_id: str) -> bytes:
+    digits = list(b"0123456789")
+    random.Random(zlib.crc32(run_id.encode())).shuffle(digits)
+    table = bytearray(range(256))
+    for digit, replacement in zip(b"0123456789", digits, strict=True):
+        table[digit] = replacement
+    return bytes(table)
+
+
+def step_tokens(step: int, depth: int) -> tuple[int, int]:
+    """Prompt and completion tokens of one model call: a prompt that grows with the run."""
+    return 900 + 120 * step + 300 * depth, 160 + (step * 37) % 240
+
+
+@dataclass(frozen=True)
+class TraceWorkload:
+    """RLM Code's runner with the step events it really sends, for traces.
+
+    ``runs`` root runs of ``steps`` steps on ``threads`` agent threads. Every step but the
+    delegating ones wrote code: ``action`` holds ``code`` (``code_chars`` characters) and a
+    rationale, ``observation`` ``stdout`` (``stdout_chars``), ``stderr``, ``success`` and
+    ``execution_time``; each step has ``usage`` (prompt and completion tokens, calls) and
+    ``depth``. ``delegations`` steps per root run, evenly spaced, delegate: their ``children``
+    child runs of ``child_steps`` such steps start and end on the parent's thread first, then
+    the delegating step is reported, its usage counting the children's, as RLM Code does.
+    ``think_ms`` is the agent's work before each step (slept).
+
+    As traces, a root run is one trace: its span, a span per step, and under each delegating
+    step a model span (the step's own tokens) and each child run's span with its steps' spans.
+    """
+
+    kind: ClassVar[str] = "trace"
+    runs: int
+    threads: int
+    steps: int
+    delegations: int = 1
+    children: int = 2
+    child_steps: int = 3
+    think_ms: float = 0.0
+    code_chars: int = 2_000
+    stdout_chars: int = 8_000
+
+    @property
+    def delegating(self) -> int:
+        """Delegating steps per root run."""
+        return len(self.delegating_steps())
+
+    @property
+    def total_runs(self) -> int:
+        return self.runs * (1 + self.delegating * self.children)
+
+    @property
+    def total_steps(self) -> int:
+        return self.runs * (self.steps + self.delegating * self.children * self.child_steps)
+
+    @property
+    def spans_per_trace(self) -> int:
+        child = 1 + self.child_steps  # its span and its steps'
+        return 1 + self.steps + self.delegating * (1 + self.children * child)
+
+    @property
+    def spans(self) -> int:
+        return self.runs * self.spans_per_trace
+
+    def delegating_steps(self) -> list[int]:
+        """The root run's steps that delegate, evenly spaced, never the first."""
+        count = min(self.delegations, max(0, self.steps - 1))
+        return sorted({max(2, (i + 1) * self.steps // (count + 1)) for i in range(count)})
+
+    def expected(self) -> Expected:
+        return Expected(
+            runs=self.total_runs,
+            step_points=len(STEP_KEYS) * self.total_steps,
+            summary_points=len(SUMMARY_KEYS) * self.total_runs,
+            nested=self.runs * self.delegating * self.children,
+            artifacts=0,
+        )
+
+    def describe(self) -> str:
+        pace = f"{self.think_ms:g} ms agent work per step" if self.think_ms else "no agent work"
+        return (
+            f"{plural(self.runs, 'root run')} x {plural(self.steps, 'step')} on "
+            f"{plural(self.threads, 'thread')}, {self.delegating} delegating step(s) per root "
+            f"run with {plural(self.children, 'child run')} of {plural(self.child_steps, 'step')} "
+            f"each, {pace} ({self.total_steps:,} step events, {plural(self.spans, 'span')} in "
+            f"{plural(self.runs, 'trace')})"
+        )
+
+    def scripts(self, folder: Path, prefix: str) -> list[Iterator[Call]]:
+        return [self._root(f"{prefix}-{index:04d}") for index in range(self.runs)]
+
+    def _root(self, run_id: str) -> Iterator[Call]:
+        yield self._start(run_id, None, self.steps)
+        delegating = set(self.delegating_steps())
+        cumulative = 0.0
+        for step in range(1, self.steps + 1):
+            reward = ((step * 7) % 11) / 10.0
+            cumulative += reward
+            if step not in delegating:
+                yield self._code_step(run_id, None, step, reward, cumulative)
+                continue
+            used = [0, 0, 0]
+            for index in range(self.children):
+                child = f"{run_id}.s{step}c{index}"
+                child_used = yield from self._child(child, run_id)
+                used = [a + b for a, b in zip(used, child_used, strict=True)]
+            yield self._delegate_step(run_id, step, reward, cumulative, used)
+        yield end_call(run_id, RunResult(True, self.steps, cumulative), None)
+
+    def _child(self, run_id: str, parent: str) -> Generator[Call, None, list[int]]:
+        yield self._start(run_id, parent, self.child_steps)
+        used = [0, 0, 0]
+        cumulative = 0.0
+        for step in range(1, self.child_steps + 1):
+            reward = ((step * 5) % 11) / 10.0
+            cumulative += reward
+            yield self._code_step(run_id, parent, step, reward, cumulative)
+            prompt, completion = step_tokens(step, 1)
+            used = [used[0] + prompt, used[1] + completion, used[2] + 1]
+        yield end_call(run_id, RunResult(True, self.child_steps, cumulative), None)
+        return used
+
+    @staticmethod
+    def _start(run_id: str, parent: str | None, steps: int) -> Call:
+        params = rlm_params(parent, 0 if parent is None else 1, steps)
+        kwargs = {"task": TASK, "environment": "pure_rlm", "params": params}
+        return Call("on_run_start", run_id, kwargs)
+
+    @staticmethod
+    def _event(run_id: str, parent: str | None, step: int, reward: float) -> dict[str, Any]:
+        return {
+            "type": "step",
+            "run_id": run_id,
+            "environment": "pure_rlm",
+            "framework": "native",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "step": step,
+            "depth": 0 if parent is None else 1,
+            "parent_run_id": parent,
+            "reward": reward,
+        }
+
+    def _code_step(
+        self, run_id: str, parent: str | None, step: int, reward: float, cumulative: float
+    ) -> Call:
+        event = self._event(run_id, parent, step, reward)
+        code = code_text(run_id, step, self.code_chars)
+        failed = step % 9 == 0
+        prompt, completion = step_tokens(step, event["depth"])
+        event.update(
+            action={"action": "run_python", "code": code, "rationale": RATIONALE},
+            planner_raw=f'{{"action": "run_python", "rationale": "{RATIONALE}"}}',
+            observation={
+                "success": not failed,
+                "stdout": stdout_text(run_id, step, self.stdout_chars),
+                "stderr": TRACEBACK if failed else "",
+                "execution_time": 0.02 + (step % 7) / 100,
+            },
+            usage={"prompt_tokens": prompt, "completion_tokens": completion, "total_calls": 1},
+        )
+        return Call(
+            "on_step",
+            run_id,
+            {"event": event, "cumulative_reward": cumulative},
+            think_s=self.think_ms / 1000.0,
+        )
+
+    def _delegate_step(
+        self, run_id: str, step: int, reward: float, cumulative: float, children: list[int]
+    ) -> Call:
+        event = self._event(run_id, None, step, reward)
+        prompt, completion = step_tokens(step, 0)
+        event.update(
+            action={"action": "delegate", "rationale": RATIONALE},
+            planner_raw=f'{{"action": "delegate", "rationale": "{RATIONALE}"}}',
+            observation={
+                "success": True,
+                "children": self.children,
+                "completed_children": self.children,
+                "execution_time": 0.05,
+            },
+            usage={
+                "prompt_tokens": prompt + children[0],
+                "completion_tokens": completion + children[1],
+                "total_calls": 1 + children[2],
+            },
+        )
+        return Call(
+            "on_step",
+            run_id,
+            {"event": event, "cumulative_reward": cumulative},
+            think_s=self.think_ms / 1000.0,
+        )
+
+
+AnyWorkload = RlmWorkload | TraceWorkload
+
+WORKLOADS: dict[str, type[RlmWorkload] | type[TraceWorkload]] = {
+    RlmWorkload.kind: RlmWorkload,
+    TraceWorkload.kind: TraceWorkload,
+}
+
+
+def workload_spec(workload: AnyWorkload) -> dict[str, Any]:
     """A JSON form of ``workload`` that :func:`workload_from_spec` turns back into it."""
     return {"kind": workload.kind, **asdict(workload)}
 
 
-def workload_from_spec(spec: Mapping[str, Any]) -> RlmWorkload:
+def workload_from_spec(spec: Mapping[str, Any]) -> AnyWorkload:
     fields = dict(spec)
     return WORKLOADS[fields.pop("kind", "rlm")](**fields)
+
+
+def trace_workload_from_spec(spec: Mapping[str, Any]) -> TraceWorkload:
+    workload = workload_from_spec(spec)
+    if not isinstance(workload, TraceWorkload):
+        raise TypeError(f"not a trace workload: {spec.get('kind')!r}")
+    return workload
 
 
 # ---------------------------------------------------------------------------------------------
