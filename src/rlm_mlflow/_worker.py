@@ -121,6 +121,7 @@ class Worker:
         )
         self.dispatcher = Dispatcher(self.runs, self.traces, self.counts, on_settled=self._settled)
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
+        self.later: list[RunWork] = []  # closing: steps waiting while their runs' ends go
         self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self._maintaining = False
@@ -240,8 +241,10 @@ class Worker:
                 works = self._group(items, final=False)
                 if closing:  # ends first: with little time left, statuses matter most
                     parts = [work.split() for work in works]
+                    # Counted at the end if the deadline comes while the ends are out.
+                    self.later = [rest for _, rest in parts if rest.steps or rest.span_steps]
                     await self._export([c for c, _ in parts if c.starts or c.end or c.span_end])
-                    works = [rest for _, rest in parts if rest.steps or rest.span_steps]
+                    works, self.later = self.later, []
                 await self._export(works)
                 await self._maintain_journal()
                 continue
@@ -446,7 +449,9 @@ class Worker:
         pipeline = self.pipeline
         left = self.dispatcher.take_unsettled()
         left.extend(self.carry.values())
+        left.extend(self.later)
         self.carry.clear()
+        self.later = []
         # What waits in memory is counted here; what waits in the journal only (spilled) stays
         # there unread: reading millions of records back just to count them could outlive the
         # deadline, and the journal knows how many there are.
