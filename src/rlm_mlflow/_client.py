@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from ._config import redact_text, redact_uri
 from ._exceptions import PermanentError, StoreRefused, TransientError
+from ._spans import parse_spans_request
 from ._transport import KEY_TAG, Metric, RunRef
 
 T = TypeVar("T")
@@ -245,13 +246,13 @@ class ClientTransport:
             "log artifact", lambda: upload_with_repository(run.artifact_uri, local_path, self._uri)
         )
 
-    def export_spans(self, experiment_id: str, run_uuid: str | None, request: Any) -> None:
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: bytes) -> None:
         def run() -> None:
             from mlflow.entities.span import Span
 
             spans = [
                 Span.from_otel_proto(span)
-                for resource in request.resource_spans
+                for resource in parse_spans_request(request).resource_spans
                 for scope in resource.scope_spans
                 for span in scope.spans
             ]

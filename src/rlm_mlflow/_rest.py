@@ -399,8 +399,8 @@ class RestTransport:
                     want_json=False,
                 )
 
-    def export_spans(self, experiment_id: str, run_uuid: str | None, request: Any) -> None:
-        body = gzip.compress(request.SerializeToString(), compresslevel=1)
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: bytes) -> None:
+        body = gzip.compress(request, compresslevel=1)
         headers = {
             "Content-Type": "application/x-protobuf",
             "Content-Encoding": "gzip",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,11 +149,20 @@ class SpanBuilder:
 
     def __init__(self, ids: Ids) -> None:
         from opentelemetry.proto.common.v1 import common_pb2
+        from opentelemetry.proto.resource.v1 import resource_pb2
         from opentelemetry.proto.trace.v1 import trace_pb2
 
         self.ids = ids
         self._common = common_pb2
         self._trace = trace_pb2
+        # The parts of every request but its spans, serialized once: ResourceSpans.resource
+        # and ScopeSpans.scope (field 1 of each).
+        resource = resource_pb2.Resource(
+            attributes=self._attributes({"service.name": "rlm-mlflow"})
+        ).SerializeToString()
+        scope = common_pb2.InstrumentationScope(name="rlm_mlflow").SerializeToString()
+        self._resource = _key_length(1, len(resource)) + resource
+        self._scope = _key_length(1, len(scope)) + scope
 
     # -- attributes ----------------------------------------------------------------------------
 
@@ -201,14 +210,14 @@ class SpanBuilder:
         attributes: Mapping[str, Any],
         error: str | None = None,
         ok: bool = True,
-    ) -> Any:
+    ) -> bytes:
         trace = self._trace
         status = trace.Status(code=trace.Status.STATUS_CODE_UNSET)
         if error is not None:
             status = trace.Status(code=trace.Status.STATUS_CODE_ERROR, message=error)
         elif ok:
             status = trace.Status(code=trace.Status.STATUS_CODE_OK)
-        return trace.Span(
+        span = trace.Span(
             trace_id=trace_id,
             span_id=span_id,
             parent_span_id=parent_id or b"",
@@ -219,10 +228,11 @@ class SpanBuilder:
             attributes=self._attributes(attributes),
             status=status,
         )
+        return span.SerializeToString()  # type: ignore[no-any-return]
 
     # -- spans ---------------------------------------------------------------------------------
 
-    def step_spans(self, run: RunInfo, step: Step) -> list[Any]:
+    def step_spans(self, run: RunInfo, step: Step) -> list[bytes]:
         """The span of one step (and the leaf "model" span of a step that had child runs)."""
         ids, detail = self.ids, step.detail
         number = step_number(step.step)
@@ -337,7 +347,7 @@ class SpanBuilder:
             },
         )
 
-    def run_span(self, run: RunInfo, end: RunEnd) -> Any:
+    def run_span(self, run: RunInfo, end: RunEnd) -> bytes:
         """The AGENT span of a run: the trace's root for a root run."""
         ids = self.ids
         inputs: dict[str, Any] = {}
@@ -401,21 +411,50 @@ class SpanBuilder:
             error=error,
         )
 
-    def request(self, spans: list[Any]) -> Any:
-        """An ``ExportTraceServiceRequest`` carrying ``spans``."""
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-        from opentelemetry.proto.resource.v1 import resource_pb2
+    def request(self, spans: Sequence[bytes]) -> bytes:
+        """A serialized ``ExportTraceServiceRequest`` carrying ``spans`` (each serialized).
 
-        trace = self._trace
-        resource = resource_pb2.Resource(
-            attributes=self._attributes({"service.name": "rlm-mlflow"})
-        )
-        scope = self._common.InstrumentationScope(name="rlm_mlflow")
-        return trace_service_pb2.ExportTraceServiceRequest(
-            resource_spans=[
-                trace.ResourceSpans(
-                    resource=resource,
-                    scope_spans=[trace.ScopeSpans(scope=scope, spans=spans)],
-                )
-            ]
-        )
+        Framed by hand: one copy of the spans' bytes, never a protobuf call holding the
+        interpreter for the whole request (building an 8 MB request as one message holds it
+        for tens of milliseconds, while agent threads wait to run their hooks)."""
+        scope = self._scope
+        scope_size = len(scope) + sum(_field_size(len(span)) for span in spans)
+        resource = self._resource
+        resource_size = len(resource) + _field_size(scope_size)
+        parts: list[bytes] = [
+            _key_length(1, resource_size),  # resource_spans
+            resource,
+            _key_length(2, scope_size),  # scope_spans
+            scope,
+        ]
+        for span in spans:
+            parts.append(_key_length(2, len(span)))  # spans
+            parts.append(span)
+        return b"".join(parts)
+
+
+def parse_spans_request(request: bytes) -> Any:
+    """A serialized ``ExportTraceServiceRequest`` as the protobuf message (for stores written
+    to in-process)."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    return trace_service_pb2.ExportTraceServiceRequest.FromString(request)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key_length(field: int, length: int) -> bytes:
+    """The key of a length-delimited field, then its length."""
+    return _varint(field << 3 | 2) + _varint(length)
+
+
+def _field_size(length: int) -> int:
+    """Bytes a length-delimited field of ``length`` bytes takes (field numbers below 16)."""
+    return 1 + len(_varint(length)) + length

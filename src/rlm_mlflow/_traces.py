@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import anyio
 
@@ -28,7 +27,7 @@ logger = logging.getLogger("rlm_mlflow")
 
 #: Spans in one request at most, and serialized bytes (before gzip) at most.
 MAX_SPANS = 5_000
-MAX_BYTES = 8 << 20
+MAX_BYTES = 4 << 20
 #: Steps in a cycle beyond which spans are built on a worker thread, off the event loop.
 _BUILD_ON_THREAD = 200
 #: Ended runs remembered, for a step that comes after its run's end.
@@ -119,18 +118,18 @@ class TracesExporter:
 
     def _requests_of(
         self, works: Sequence[RunWork]
-    ) -> list[tuple[str | None, list[Any], set[int]]]:
+    ) -> list[tuple[str | None, list[bytes], set[int]]]:
         """The spans of a cycle as requests: each trace whose root run ends now in one request
         of its own, linked to the root's MLflow run; the spans of running traces together."""
         builder = self._builder
         assert builder is not None
         ending = {self._info(w).root_no for w in works if self.ends_root(w)}
-        shared: list[Any] = []
+        shared: list[bytes] = []
         shared_nos: set[int] = set()
-        traces: dict[int, tuple[list[Any], set[int]]] = {root: ([], set()) for root in ending}
+        traces: dict[int, tuple[list[bytes], set[int]]] = {root: ([], set()) for root in ending}
         for work in works:
             info = self._info(work)
-            spans: list[Any] = []
+            spans: list[bytes] = []
             for step in work.span_steps:
                 spans.extend(builder.step_spans(info, step))
             if work.span_end is not None:
@@ -140,7 +139,7 @@ class TracesExporter:
             target, nos = traces.get(info.root_no, (shared, shared_nos))
             target.extend(spans)
             nos.add(work.no)
-        requests: list[tuple[str | None, list[Any], set[int]]] = [
+        requests: list[tuple[str | None, list[bytes], set[int]]] = [
             (None, chunk, shared_nos) for chunk in _chunks(shared)
         ]
         for root, (spans, nos) in traces.items():
@@ -165,7 +164,7 @@ class TracesExporter:
                     while len(self.ended) > ENDED_MEMORY:
                         self.ended.popitem(last=False)
 
-    async def _send(self, experiment_id: str, run_uuid: str | None, spans: list[Any]) -> Outcome:
+    async def _send(self, experiment_id: str, run_uuid: str | None, spans: list[bytes]) -> Outcome:
         builder = self._builder
         assert builder is not None
         request = builder.request(spans)
@@ -205,13 +204,13 @@ def worse(a: Outcome, b: Outcome) -> Outcome:
     return b if a == SENT else a
 
 
-def _chunks(spans: list[Any]) -> list[list[Any]]:
+def _chunks(spans: list[bytes]) -> list[list[bytes]]:
     """Requests within MAX_SPANS spans and (roughly) MAX_BYTES bytes each."""
-    chunks: list[list[Any]] = []
-    current: list[Any] = []
+    chunks: list[list[bytes]] = []
+    current: list[bytes] = []
     size = 0
     for span in spans:
-        span_size = span.ByteSize()
+        span_size = len(span)
         if current and (len(current) >= MAX_SPANS or size + span_size > MAX_BYTES):
             chunks.append(current)
             current, size = [], 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 #: The tag that holds a run's client-side id, so a retried or replayed create finds the first one.
 KEY_TAG = "rlm_mlflow.key"
@@ -109,10 +109,10 @@ class Transport(Protocol):
         """Upload a file, or every file of a directory, to the run's artifact root."""
         ...
 
-    def export_spans(self, experiment_id: str, run_uuid: str | None, request: Any) -> None:
-        """Write the spans of an OTLP ``ExportTraceServiceRequest`` (all or nothing), and link
-        the traces whose root span it carries to ``run_uuid``. A store that cannot take traces
-        raises PermanentError with code ``TRACES_UNSUPPORTED``."""
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: bytes) -> None:
+        """Write the spans of a serialized OTLP ``ExportTraceServiceRequest`` (all or nothing),
+        and link the traces whose root span it carries to ``run_uuid``. A store that cannot take
+        traces raises PermanentError with code ``TRACES_UNSUPPORTED``."""
         ...
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ._exceptions import PermanentError
 from ._faultproxy import FaultProxy
+from ._spans import parse_spans_request
 from ._transport import KEY_TAG, Metric, RunRef
 
 __all__ = [
@@ -200,10 +201,11 @@ class MemoryTransport:
         with self.lock:
             self.runs[run.run_uuid].artifacts.extend(names)
 
-    def export_spans(self, experiment_id: str, run_uuid: str | None, request: Any) -> None:
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: bytes) -> None:
         self._enter("export_spans")
+        parsed = parse_spans_request(request)
         with self.lock:
-            for resource in request.resource_spans:
+            for resource in parsed.resource_spans:
                 for scope in resource.scope_spans:
                     for span in scope.spans:
                         self.spans[(bytes(span.trace_id), bytes(span.span_id))] = span
