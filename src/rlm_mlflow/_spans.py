@@ -322,7 +322,7 @@ class SpanBuilder:
         )
         return spans
 
-    def _call_span(self, run: RunInfo, step: Step, index: int, call: ModelCall) -> Any:
+    def _call_span(self, run: RunInfo, step: Step, index: int, call: ModelCall) -> bytes:
         """One model call of a step, as an LLM span with its own tokens."""
         inputs: dict[str, Any] = {}
         outputs: dict[str, Any] = {}
