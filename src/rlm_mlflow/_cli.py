@@ -1,4 +1,4 @@
-"""``rlm-mlflow``: the command line (demo, status)."""
+"""``rlm-mlflow``: the command line (demo, status, replay, run)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,12 @@ def print_replay_report(report: ReplayReport, directory: Path) -> int:
         print(f"problem: {problem}")
     failed = not_sent or report.refused or report.kept or report.problems
     return 1 if failed else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._launcher import run
+
+    return run(args.command)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -339,6 +345,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to keep retrying a failing request (default: 60)",
     )
     replay.set_defaults(handler=_replay)
+
+    run = commands.add_parser(
+        "run",
+        help="run a command with rlm-mlflow's sink in place of RLM Code's own",
+        usage="rlm-mlflow run [-h] -- COMMAND [ARGS...]",
+        description="Run COMMAND (RLM Code's CLI, TUI or MCP server, or any program that uses "
+        "RLM Code) in place of this process, with rlm-mlflow's sink wherever RLM Code builds "
+        "its own MLflow sink (RLMObservability.default()). The sink is configured by the same "
+        "environment variables: DSPY_RLM_MLFLOW_ENABLED, MLFLOW_TRACKING_URI, "
+        "DSPY_RLM_MLFLOW_EXPERIMENT and RLM_MLFLOW_*. Python processes that COMMAND starts get "
+        "it too. The exit status is COMMAND's (127: not found, 126: cannot be run).",
+    )
+    run.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND [ARGS...]",
+        help="the command to run, after --",
+    )
+    run.set_defaults(handler=_run)
     return parser
 
 
@@ -348,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if args.command != "run":  # a command run by 'run' gets the environment as it is
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     code: int = args.handler(args)
     return code
 
