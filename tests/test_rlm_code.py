@@ -409,14 +409,25 @@ def test_switching_an_rlm_code_runner_over_as_documented(
     assert len(parents) == 3  # no parent (the root), the root, child A
 
 
+@pytest.mark.parametrize("how", ["its-own-line", "rlm-mlflow-run"])
 def test_the_rlm_code_example(
-    rlm_code: Any, seed_env: str, read_runs: Callable[[str], dict[str, Any]], tmp_path: Path
+    rlm_code: Any,
+    seed_env: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    tmp_path: Path,
+    how: str,
 ) -> None:
     """``examples/rlm_code_runner.py`` as a user runs it: RLM Code's runner and its real local
-    execution engine, the scripted planner, the sink switched on by the seed's variables."""
+    execution engine, the scripted planner, the sink switched on by the seed's variables; either
+    with the example's own line, or built as RLM Code's CLI builds it, under ``rlm-mlflow run``.
+    Either way our sink, and each run once."""
     example = Path(__file__).resolve().parent.parent / "examples" / "rlm_code_runner.py"
+    command = [sys.executable, str(example), "--run-dir", str(tmp_path / "runs")]
+    if how == "rlm-mlflow-run":
+        launcher = str(Path(sys.executable).with_name("rlm-mlflow"))
+        command = [launcher, "run", "--", *command, "--default-observability"]
     done = subprocess.run(
-        [sys.executable, str(example), "--run-dir", str(tmp_path / "runs")],
+        command,
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -425,6 +436,7 @@ def test_the_rlm_code_example(
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "completed=True" in done.stdout
+    assert "MLflow sink: rlm_mlflow._sink.MLflowSink" in done.stdout
     assert "'dropped': {}" in done.stdout
     runs = read_runs(seed_env)
     assert len(runs) == 3
