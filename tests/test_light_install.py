@@ -140,6 +140,25 @@ def test_the_runtime_install_is_light(light_venv: LightVenv, tmp_path: Path) -> 
     assert found.pop("rlm_mlflow") is True
     assert not any(found.values()), found
     assert _size_mb(light_venv.root) < LIMIT_MB
+    # The launcher's bootstrap folder is part of the installed package, not only of the checkout.
+    hooked = subprocess.run(
+        [
+            str(light_venv.root / "bin" / "rlm-mlflow"),
+            "run",
+            "--",
+            str(light_venv.python),
+            "-c",
+            "import sys; print(type(sys.meta_path[0]).__name__)",
+        ],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert hooked.returncode == 0, hooked.stderr
+    assert hooked.stdout.strip() == "RLMCodeHook"
 
 
 SEND = """
