@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 from pathlib import Path
 
 from agents import report, run_agent
-
 from rlm_mlflow import MLflowSink
 
 
@@ -31,13 +31,17 @@ async def main(agents: int, run_dir: Path, think: float) -> bool:
                 run_agent(sink, f"agent-{n}", f"task {n}", run_dir=run_dir, think=think)
             )
     # Leaving the block sent what was queued and ended every run.
+    print(f"trajectories in {run_dir}")
     return report(sink)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=8, help="agents to run at once")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs"), help="trajectory files")
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="trajectory files (default: a new temp folder)"
+    )
     parser.add_argument("--think", type=float, default=0.02, help="most seconds a step thinks")
     args = parser.parse_args()
+    args.run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="rlm-mlflow-runs-"))
     raise SystemExit(0 if asyncio.run(main(args.agents, args.run_dir, args.think)) else 1)

@@ -19,6 +19,7 @@ the app stopped any other way).
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from agents import Result, run_agent
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from agents import Result, run_agent
 from rlm_mlflow import MLflowSink
 
 
@@ -43,7 +44,7 @@ class RunRequest(BaseModel):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    run_dir = Path(os.environ.get("RLM_RUN_DIR", "runs"))
+    run_dir = Path(os.environ.get("RLM_RUN_DIR") or tempfile.mkdtemp(prefix="rlm-mlflow-runs-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     async with MLflowSink.from_env() as sink, anyio.create_task_group() as agents:
         app.state.sink = sink

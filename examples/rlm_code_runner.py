@@ -1,10 +1,14 @@
 """RLM Code's own ``RLMRunner`` sending its runs to MLflow through rlm-mlflow.
 
-    pip install rlm-mlflow rlm-code
-    export DSPY_RLM_MLFLOW_ENABLED=true
-    export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
-    python examples/rlm_code_runner.py                              # a scripted planner, offline
-    python examples/rlm_code_runner.py --model openai/gpt-4o-mini   # a real model (OPENAI_API_KEY)
+From the checkout, with ``.venv`` made by ``bash scripts/demo`` (or ``python3.11 -m venv .venv &&
+.venv/bin/pip install '.[full]'``):
+
+    .venv/bin/pip install rlm-code
+    export DSPY_RLM_MLFLOW_ENABLED=true MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+    .venv/bin/python examples/rlm_code_runner.py                     # a scripted planner, offline
+    .venv/bin/python examples/rlm_code_runner.py --model openai/gpt-4o-mini   # OPENAI_API_KEY
+    # the runner built as RLM Code's CLI builds it, our sink put in by the launcher:
+    .venv/bin/rlm-mlflow run -- .venv/bin/python examples/rlm_code_runner.py --default-observability
 
 The code runs for real, in RLM Code's own local sandbox (``ExecutionEngine``). With the scripted
 planner the root run delegates two sub-tasks, which RLM Code runs in parallel as child runs: MLflow
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,23 +62,42 @@ def real_model(name: str) -> Any:
     return connector
 
 
-def main(model: str, run_dir: Path) -> None:
-    sink = MLflowSink.from_env()
-    runner = RLMRunner(
-        llm_connector=ScriptedPlanner() if model == "scripted" else real_model(model),
-        execution_engine=ExecutionEngine(),
-        run_dir=run_dir,
-        observability=RLMObservability(sinks=[sink]),  # <- the line that matters
-    )
+def main(model: str, run_dir: Path, default_observability: bool) -> None:
+    connector = ScriptedPlanner() if model == "scripted" else real_model(model)
+    if default_observability:
+        # As RLM Code's CLI, TUI and MCP server do: the runner builds its sinks from the
+        # environment (RLMObservability.default()). Under 'rlm-mlflow run', that is our sink.
+        runner = RLMRunner(
+            llm_connector=connector, execution_engine=ExecutionEngine(), run_dir=run_dir
+        )
+    else:
+        runner = RLMRunner(
+            llm_connector=connector,
+            execution_engine=ExecutionEngine(),
+            run_dir=run_dir,
+            observability=RLMObservability(sinks=[MLflowSink.from_env()]),  # <- the line
+        )
+    sink = runner.observability.get_sink("mlflow")
     result = runner.run_task("Sum the numbers below 10", max_steps=4, environment="generic")
     print(f"run {result.run_id}: completed={result.completed} reward={result.total_reward}")
-    sink.close()  # optional: the sink also closes itself when the program exits
-    print(sink.status())
+    print(f"trajectories in {run_dir}")
+    print(f"MLflow sink: {type(sink).__module__}.{type(sink).__name__}")
+    if isinstance(sink, MLflowSink):
+        sink.close()  # optional: the sink also closes itself when the program exits
+        print(sink.status())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="scripted", help="provider/model, or 'scripted'")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs"), help="trajectory files")
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="trajectory files (default: a new temp folder)"
+    )
+    parser.add_argument(
+        "--default-observability",
+        action="store_true",
+        help="let RLM Code build its sinks, as its CLI does (run it under 'rlm-mlflow run')",
+    )
     args = parser.parse_args()
-    main(args.model, args.run_dir)
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="rlm-mlflow-example-")) / "runs"
+    main(args.model, run_dir, args.default_observability)

@@ -11,12 +11,13 @@ The sink is built on anyio, so ``async with`` runs its worker in trio's loop jus
 from __future__ import annotations
 
 import argparse
+import tempfile
 from functools import partial
 from pathlib import Path
 
 import trio
-from agents import report, run_agent
 
+from agents import report, run_agent
 from rlm_mlflow import MLflowSink
 
 
@@ -27,13 +28,17 @@ async def main(agents: int, run_dir: Path, think: float) -> bool:
             agent = partial(run_agent, run_dir=run_dir, think=think)
             nursery.start_soon(agent, sink, f"agent-{n}", f"task {n}")
     # Leaving the block sent what was queued and ended every run.
+    print(f"trajectories in {run_dir}")
     return report(sink)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=8, help="agents to run at once")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs"), help="trajectory files")
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="trajectory files (default: a new temp folder)"
+    )
     parser.add_argument("--think", type=float, default=0.02, help="most seconds a step thinks")
     args = parser.parse_args()
+    args.run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="rlm-mlflow-runs-"))
     raise SystemExit(0 if trio.run(main, args.agents, args.run_dir, args.think) else 1)

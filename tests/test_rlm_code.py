@@ -9,9 +9,7 @@ every step point, the summary metrics, the trajectory artifact and the final sta
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from rlm_code_support import import_or_install
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer
 
@@ -33,42 +32,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:PureRLMEnvironment is using exec:UserWarning"),
 ]
 
-RLM_CODE = "rlm-code==0.1.13"
 FAST: dict[str, Any] = {"flush_interval": 0.1, "retry_initial": 0.05, "retry_max_wait": 0.5}
-
-
-# -- getting the real package -----------------------------------------------------------------
-
-
-def _pip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def _import_or_install() -> Any:
-    """``rlm_code.rlm.runner``, installed into this virtualenv first when it is missing.
-
-    ``--no-deps`` keeps CI fast: rlm-code's declared dependencies (dspy, mcp, ...) are not needed
-    by the runner. On CI a failed install fails the test; elsewhere (no network) it skips.
-    """
-    try:
-        return importlib.import_module("rlm_code.rlm.runner")
-    except ImportError:
-        pass
-    for args in (("--no-deps", RLM_CODE), ("pyyaml", "rich")):
-        done = _pip(*args)
-        if done.returncode != 0:
-            reason = f"pip install {' '.join(args)} failed: {done.stderr.strip()[-500:]}"
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(reason)
-            pytest.skip(reason)
-    importlib.invalidate_caches()
-    return importlib.import_module("rlm_code.rlm.runner")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +43,7 @@ def rlm_code() -> Iterator[Any]:
     would share one (the sink copes, see the unit tests). Here runs are compared by id, so the
     real id function is asked again until it gives a new one.
     """
-    runner = _import_or_install()
+    runner = import_or_install()
     original: Callable[[], str] = runner.RLMRunner._new_run_id
     seen: set[str] = set()
     lock = threading.Lock()
@@ -445,14 +409,25 @@ def test_switching_an_rlm_code_runner_over_as_documented(
     assert len(parents) == 3  # no parent (the root), the root, child A
 
 
+@pytest.mark.parametrize("how", ["its-own-line", "rlm-mlflow-run"])
 def test_the_rlm_code_example(
-    rlm_code: Any, seed_env: str, read_runs: Callable[[str], dict[str, Any]], tmp_path: Path
+    rlm_code: Any,
+    seed_env: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    tmp_path: Path,
+    how: str,
 ) -> None:
     """``examples/rlm_code_runner.py`` as a user runs it: RLM Code's runner and its real local
-    execution engine, the scripted planner, the sink switched on by the seed's variables."""
+    execution engine, the scripted planner, the sink switched on by the seed's variables; either
+    with the example's own line, or built as RLM Code's CLI builds it, under ``rlm-mlflow run``.
+    Either way our sink, and each run once."""
     example = Path(__file__).resolve().parent.parent / "examples" / "rlm_code_runner.py"
+    command = [sys.executable, str(example), "--run-dir", str(tmp_path / "runs")]
+    if how == "rlm-mlflow-run":
+        launcher = str(Path(sys.executable).with_name("rlm-mlflow"))
+        command = [launcher, "run", "--", *command, "--default-observability"]
     done = subprocess.run(
-        [sys.executable, str(example), "--run-dir", str(tmp_path / "runs")],
+        command,
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -461,6 +436,7 @@ def test_the_rlm_code_example(
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "completed=True" in done.stdout
+    assert "MLflow sink: rlm_mlflow._sink.MLflowSink" in done.stdout
     assert "'dropped': {}" in done.stdout
     runs = read_runs(seed_env)
     assert len(runs) == 3

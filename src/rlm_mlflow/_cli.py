@@ -1,4 +1,4 @@
-"""``rlm-mlflow``: the command line (demo, status)."""
+"""``rlm-mlflow``: the command line (demo, status, replay, run)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._config import config_from_env, redact_uri
+
+if TYPE_CHECKING:
+    from ._replay import ReplayReport
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -60,18 +64,45 @@ def _replay(args: argparse.Namespace) -> int:
         retry_deadline=args.retry_deadline,
         progress=_ProgressBar(),
     )
-    print(f"journals found     {report.journals} in {directory}")
-    print(f"events read        {report.events}  (torn records skipped: {report.torn})")
-    print(f"events sent        {report.sent}")
-    print(f"runs ended KILLED  {report.runs_killed}  (left open by a process that died)")
-    if report.in_use:
-        print(f"in use, left alone {len(report.in_use)}  (their sink is still running)")
-    if report.failed or report.kept:
-        print(f"NOT sent           {report.failed} events; kept for the next replay in:")
-        for folder in report.kept:
-            print(f"  {folder}")
-        return 1
-    return 0
+    return print_replay_report(report, directory)
+
+
+def print_replay_report(report: ReplayReport, directory: Path) -> int:
+    """Say what a replay did, one line per fate of an event; 1 if something did not land."""
+    if report.journals == 0:
+        print(f"nothing to replay: no journal in {directory}")
+        return 0
+    print(
+        f"journals          {report.journals} in {directory}: {report.replayed} sent in full "
+        f"and removed, {len(report.kept)} kept, {len(report.in_use)} left alone (in use)"
+    )
+    print(f"waiting           {report.events} events had not been confirmed sent")
+    print(f"sent now          {report.sent} events")
+    print(
+        f"sent before       {report.already_sent} events had reached MLflow already "
+        "(the journals still held them; not sent again)"
+    )
+    # A replay that stops on a problem (the server is down) leaves events it never tried.
+    not_sent = max(report.failed, report.events - report.sent - report.refused)
+    print(f"not sent          {not_sent} events (kept for the next replay)")
+    print(f"refused           {report.refused} events MLflow refused for good (see the log)")
+    if report.torn:
+        print(f"torn              {report.torn} records skipped (cut short by a crash, or corrupt)")
+    print(f"runs ended KILLED {report.runs_killed} (left open by a process that died)")
+    for folder in report.in_use:
+        print(f"in use            {folder} (its sink is still running, or another replay)")
+    for folder in report.kept:
+        print(f"kept              {folder} (run 'rlm-mlflow replay' again to send the rest)")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    failed = not_sent or report.refused or report.kept or report.problems
+    return 1 if failed else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._launcher import run
+
+    return run(args.command)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -83,24 +114,109 @@ def _status(args: argparse.Namespace) -> int:
     problems: list[str] = []
     print(f"enabled           {config.enabled}  (DSPY_RLM_MLFLOW_ENABLED)")
     print(f"experiment        {config.experiment}  (DSPY_RLM_MLFLOW_EXPERIMENT)")
-    uri = config.tracking_uri
-    print(
-        f"tracking URI      {redact_uri(uri) or 'MLflow default (./mlflow.db)'}"
-        "  (MLFLOW_TRACKING_URI)"
-    )
-    print(f"queue             {config.queue_size} steps, overflow {config.overflow.value}")
-    print(f"shutdown timeout  {config.shutdown_timeout:g} s")
     if not config.enabled:
         problems.append("the sink is disabled: set DSPY_RLM_MLFLOW_ENABLED=true")
-    if importlib.util.find_spec("mlflow") is None:
-        problems.append("mlflow is not installed: pip install mlflow")
+    mlflow_found = importlib.util.find_spec("mlflow") is not None
+    uri = config.tracking_uri
+    if uri:
+        print(f"tracking URI      {redact_uri(uri)}  (MLFLOW_TRACKING_URI)")
+    elif mlflow_found:
+        uri = _default_tracking_uri()
+        print(
+            f"tracking URI      {redact_uri(uri)}  (MLflow's default: MLFLOW_TRACKING_URI is unset)"
+        )
+    else:
+        print("tracking URI      MLflow's default  (MLFLOW_TRACKING_URI is unset)")
+    print(f"queue             {config.queue_size} steps, overflow {config.overflow.value}")
+    print(f"shutdown timeout  {config.shutdown_timeout:g} s")
+    if not mlflow_found:
+        problems.append(
+            "mlflow is not installed: pip install mlflow-skinny (rlm-mlflow's own dependency)"
+        )
         print("mlflow            not importable")
-    if uri and uri.startswith(("http://", "https://")):
+    invalid = tracking_uri_problem(uri) if uri else None
+    if invalid:
+        problems.append(invalid)
+    elif uri and uri.startswith(("http://", "https://")):
         print(f"server            {_probe(uri, args.timeout, problems, config.experiment)}")
+    elif uri and mlflow_found:
+        from ._client import embedded_store_problem
+
+        missing = embedded_store_problem(uri)
+        if missing:
+            problems.append(missing)
     print(f"journal           {_journal_summary(config.journal, config.journal_dir)}")
     for problem in problems:
         print(f"problem: {problem}")
     return 1 if problems else 0
+
+
+def _default_tracking_uri() -> str | None:
+    try:
+        import mlflow
+
+        return str(mlflow.get_tracking_uri())
+    except Exception:
+        return None
+
+
+#: Tracking URI schemes MLflow knows without plugins (a database's may name a driver: "+...").
+KNOWN_SCHEMES = frozenset(
+    {
+        "http",
+        "https",
+        "file",
+        "sqlite",
+        "postgresql",
+        "mysql",
+        "mssql",
+        "databricks",
+        "databricks-uc",
+        "uc",
+    }
+)
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """What is wrong with a tracking URI's form, if anything (the server is not asked)."""
+    from urllib.parse import urlsplit
+
+    shown = redact_uri(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        return f"MLFLOW_TRACKING_URI is not a valid URI ({exc})"
+    scheme = parts.scheme.lower()
+    if not scheme or len(scheme) == 1:  # a path (or a Windows drive letter): a file store
+        return None
+    base = scheme.split("+", 1)[0]
+    if base not in KNOWN_SCHEMES and scheme not in _plugin_schemes():
+        known = ", ".join(sorted(KNOWN_SCHEMES))
+        return (
+            f"MLFLOW_TRACKING_URI={shown!r}: unknown scheme {parts.scheme!r} "
+            f"(MLflow knows {known}, a path, and the schemes of installed plugins)"
+        )
+    if base in ("http", "https") and not parts.hostname:
+        return (
+            f"MLFLOW_TRACKING_URI={shown!r} names no host: write {base}://HOST:PORT "
+            f"(e.g. {base}://127.0.0.1:5000)"
+        )
+    if base in ("postgresql", "mysql", "mssql") and not parts.netloc:
+        return f"MLFLOW_TRACKING_URI={shown!r} names no database server: {base}://USER@HOST/DB"
+    if base == "sqlite" and not uri.lower().startswith("sqlite://"):
+        return f"MLFLOW_TRACKING_URI={shown!r}: write sqlite:///relative.db or sqlite:////abs.db"
+    if base == "file" and not parts.path:
+        return f"MLFLOW_TRACKING_URI={shown!r} names no folder: file:///path/to/mlruns"
+    return None
+
+
+def _plugin_schemes() -> set[str]:
+    from importlib.metadata import entry_points
+
+    try:
+        return {e.name.lower() for e in entry_points(group="mlflow.tracking_store")}
+    except Exception:
+        return set()
 
 
 def _journal_summary(enabled: bool, folder: str | None) -> str:
@@ -206,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="send what journals kept after a crash, a kill or an outage",
         description="Send every event that journals hold and that never reached MLflow, "
         "exactly once, then end the runs their process left open (KILLED) and remove the "
-        "journals. Journals of sinks still running are left alone. Exits 1 if something could "
-        "not be sent (it stays for the next replay).",
+        "journals. Journals of sinks still running are left alone. Exits 1 if an event could "
+        "not be sent (it stays for the next replay) or MLflow refused one.",
     )
     replay.add_argument(
         "directory",
@@ -229,6 +345,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to keep retrying a failing request (default: 60)",
     )
     replay.set_defaults(handler=_replay)
+
+    run = commands.add_parser(
+        "run",
+        help="run a command with rlm-mlflow's sink in place of RLM Code's own",
+        usage="rlm-mlflow run [-h] -- COMMAND [ARGS...]",
+        description="Run COMMAND (RLM Code's CLI, TUI or MCP server, or any program that uses "
+        "RLM Code) in place of this process, with rlm-mlflow's sink wherever RLM Code builds "
+        "its own MLflow sink (RLMObservability.default()). The sink is configured by the same "
+        "environment variables: DSPY_RLM_MLFLOW_ENABLED, MLFLOW_TRACKING_URI, "
+        "DSPY_RLM_MLFLOW_EXPERIMENT and RLM_MLFLOW_*. Python processes that COMMAND starts get "
+        "it too. The exit status is COMMAND's (127: not found, 126: cannot be run).",
+    )
+    run.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND [ARGS...]",
+        help="the command to run, after --",
+    )
+    run.set_defaults(handler=_run)
     return parser
 
 
@@ -238,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if args.command != "run":  # a command run by 'run' gets the environment as it is
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     code: int = args.handler(args)
     return code
 

@@ -3,7 +3,8 @@
 The default store (``sqlite:///mlflow.db`` when ``MLFLOW_TRACKING_URI`` is unset), file stores,
 and tracking URIs with plugins go through here. mlflow is imported on the worker, never on a
 hook's caller. The embedded stores need the full ``mlflow`` package (``pip install
-'rlm-mlflow[full]'``); the slim client alone can only talk to a server.
+'.[full]'`` from the checkout, or ``pip install mlflow``); the slim client alone (``mlflow-skinny``,
+the runtime dependency) can only talk to a server.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ _PERMANENT_CODES = frozenset(
 _REFUSED_CODES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 FULL_MLFLOW_HINT = (
-    "the embedded store ({uri}) needs the full mlflow package (SQLAlchemy, alembic): "
-    "pip install 'rlm-mlflow[full]' (or pip install mlflow), or point MLFLOW_TRACKING_URI "
-    "at a tracking server (http://...)"
+    "the embedded store ({uri}) needs the full mlflow package (SQLAlchemy, alembic), which "
+    "rlm-mlflow's runtime install leaves out: pip install mlflow (from rlm-mlflow's checkout: "
+    "pip install '.[full]'), or point MLFLOW_TRACKING_URI at a tracking server (http://...)"
 )
 
 

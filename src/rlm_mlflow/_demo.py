@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -270,6 +272,7 @@ def run_demo(
         "hook_p50_us": hook_ns[len(hook_ns) // 2] / 1000 if hook_ns else 0.0,
         "hook_p99_us": hook_ns[int(len(hook_ns) * 0.99)] / 1000 if hook_ns else 0.0,
         "status": sink.status(),
+        "experiment_id": experiment_id(uri, experiment),
     }
 
 
@@ -316,9 +319,41 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"  experiment             {report['experiment']} at {status['detail']}")
     uri = report["uri"]
     print()
+    links = ui_links(uri, report.get("experiment_id"))
     if uri.startswith(("http://", "https://")):
-        print(f"Open {uri} in a browser to see the runs.")
+        print("See them in MLflow's UI:")
     else:
-        print("See the runs, nested under their parents, with reward curves:")
-        print(f"  mlflow ui --backend-store-uri {uri} --port 5000")
-        print("  then open http://127.0.0.1:5000")
+        print("See them in MLflow's UI: start it on this store (Ctrl-C stops it)")
+        print(f"  {mlflow_command()} ui --backend-store-uri {shlex.quote(uri)} --port 5000")
+        print("then open")
+    print(f"  the runs, nested, with reward curves:  {links['runs']}")
+    print(f"  the traces, one per task:              {links['traces']}")
+
+
+def mlflow_command() -> str:
+    """The ``mlflow`` program of this Python, as a command that works wherever it is typed."""
+    script = Path(sys.executable).with_name("mlflow")
+    if script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m mlflow"
+
+
+def ui_links(uri: str, experiment_id: str | None) -> dict[str, str]:
+    """MLflow 3's UI pages of an experiment: its runs (the "model training" view, where runs
+    nest) and its traces. The UI of an embedded store is the one ``mlflow ui`` serves."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if experiment_id is None:
+        return {"runs": f"{base}/#/experiments", "traces": f"{base}/#/experiments"}
+    page = f"{base}/#/experiments/{experiment_id}"
+    return {"runs": f"{page}/runs?workflowType=machine_learning", "traces": f"{page}/traces"}
+
+
+def experiment_id(uri: str, name: str) -> str | None:
+    """The id of experiment ``name`` in the store at ``uri``; None if it cannot be read."""
+    try:
+        from mlflow import MlflowClient
+
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    except Exception:
+        return None
+    return None if found is None else str(found.experiment_id)

@@ -1,0 +1,1 @@
+"""The folder ``rlm-mlflow run`` puts first on ``PYTHONPATH``: it holds only ``sitecustomize``."""

@@ -1,0 +1,232 @@
+"""``rlm-mlflow status``, ``replay`` and ``demo`` as a user runs them, in processes of their own."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from promises_support import WAIT, Agent, child_env, journal_folders
+from rlm_mlflow import MLflowSink
+from rlm_mlflow._cli import tracking_uri_problem
+from rlm_mlflow.testing import MlflowServer, free_port
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("rlm-mlflow")), *args],
+        env=env if env is not None else child_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("htp:/nonsense", "unknown scheme 'htp'"),
+        ("http:/nonsense", "names no host"),
+        ("https://", "names no host"),
+        ("postgresql://", "names no database server"),
+        ("sqlite:mlflow.db", "write sqlite:///relative.db"),
+        ("file:", "names no folder"),
+    ],
+)
+def test_status_refuses_a_malformed_tracking_uri(uri: str, says: str) -> None:
+    done = cli("status", env=child_env(DSPY_RLM_MLFLOW_ENABLED="true", MLFLOW_TRACKING_URI=uri))
+    assert done.returncode == 1, done.stdout
+    assert f"problem: MLFLOW_TRACKING_URI={uri!r}" in done.stdout
+    assert says in done.stdout
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.com/prefix",
+        "sqlite:///mlflow.db",
+        "sqlite:////var/lib/mlflow.db",
+        "postgresql+psycopg://mlflow@db.internal:5432/mlflow",
+        "mysql://u@h/db",
+        "file:///tmp/mlruns",
+        "./mlruns",
+        "/abs/mlruns",
+        "databricks",
+        "databricks://profile",
+        "databricks-uc",
+    ],
+)
+def test_well_formed_tracking_uris_pass(uri: str) -> None:
+    assert tracking_uri_problem(uri) is None
+
+
+@pytest.mark.integration
+def test_status_against_a_live_server_exits_zero(
+    mlflow_server: MlflowServer, experiment_name: str, tmp_path: Path
+) -> None:
+    env = child_env(
+        DSPY_RLM_MLFLOW_ENABLED="true",
+        MLFLOW_TRACKING_URI=mlflow_server.uri,
+        DSPY_RLM_MLFLOW_EXPERIMENT=experiment_name,
+    )
+    done = cli("status", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout
+    assert "server            answers" in done.stdout
+    assert "problem" not in done.stdout
+
+
+def test_status_of_the_default_store_names_it(tmp_path: Path) -> None:
+    """MLFLOW_TRACKING_URI unset: MLflow's default store in the current folder, named."""
+    env = child_env(DSPY_RLM_MLFLOW_ENABLED="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = cli("status", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout
+    assert f"sqlite:///{tmp_path.resolve()}/mlflow.db" in done.stdout
+    assert "MLflow's default" in done.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # status only looks
+
+
+# -- replay --------------------------------------------------------------------------------------
+
+
+def kept_journal(uri: str, experiment: str) -> None:
+    """A run, its start, 5 steps and its end, kept in a journal: the server never answers."""
+    sink = MLflowSink(
+        enabled=True,
+        experiment=experiment,
+        tracking_uri=uri,
+        flush_interval=0.1,
+        retry_deadline=0.5,
+        retry_initial=0.05,
+    )
+    sink.on_run_start("ended", task="t", environment="e", params={})
+    for number in range(5):
+        sink.on_step("ended", event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_end("ended", result={"completed": True, "steps": 5}, run_path=None)
+    sink.close(3.0)
+
+
+def figures(stdout: str) -> dict[str, int]:
+    """The first number of each line of the replay's report, by the line's label."""
+    found: dict[str, int] = {}
+    for line in stdout.splitlines():
+        match = re.match(r"^([a-zA-Z][a-zA-Z ]*?) +(\d+)", line)
+        if match:
+            found[match.group(1)] = int(match.group(2))
+    return found
+
+
+@pytest.mark.integration
+def test_replay_says_what_was_waiting_sent_failed_and_killed(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    agents: Callable[..., Agent],
+) -> None:
+    """Two journals: one kept whole by a sink whose server never answered, one left by an
+    agent killed (-9) mid-run. A replay to a dead server: everything waiting is not sent, exit
+    1. Then to the live server: all of it sent, the killed agent's run ended KILLED, exit 0."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    kept_journal(dead, experiment_name)
+    agent = agents("crash_steps.py", mlflow_server.uri, experiment_name, "crashed")
+    while True:
+        line = agent.next_line(WAIT)
+        assert line is not None, f"the agent ended on its own:\n{agent.stderr()}"
+        if line == "STEP 50":
+            agent.kill9()
+            break
+    assert len(journal_folders(journal_dir)) == 2
+
+    failed = cli("replay", str(journal_dir), "--tracking-uri", dead, "--retry-deadline", "1")
+    assert failed.returncode == 1, failed.stdout
+    first = figures(failed.stdout)
+    assert first["journals"] == 2
+    assert first["waiting"] >= 7  # at least the first journal: a start, 5 steps, an end
+    assert first["sent now"] == 0
+    assert first["not sent"] == first["waiting"]
+    assert "run 'rlm-mlflow replay' again" in failed.stdout
+
+    done = cli("replay", str(journal_dir), "--tracking-uri", mlflow_server.uri)
+    assert done.returncode == 0, done.stdout + done.stderr
+    second = figures(done.stdout)
+    assert second["waiting"] == first["waiting"]
+    assert second["sent now"] == second["waiting"]
+    assert second["not sent"] == 0
+    assert second["refused"] == 0
+    assert second["runs ended KILLED"] == 1
+    assert not [line for line in done.stdout.splitlines() if line.startswith("kept")]
+    assert journal_folders(journal_dir) == []
+    runs = read_runs(experiment_name)
+    assert {name: run.info.status for name, run in runs.items()} == {
+        "ended": "FINISHED",
+        "crashed": "KILLED",
+    }
+
+    nothing = cli("replay", str(journal_dir))
+    assert nothing.returncode == 0
+    assert "nothing to replay" in nothing.stdout
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_demo_prints_commands_that_work_as_printed(tmp_path: Path) -> None:
+    """The demo into the default store; the UI command it prints names a program that exists
+    and the store it wrote, and its links lead to the experiment's runs and traces."""
+    env = child_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = cli("demo", "--tasks", "2", "--workdir", str(tmp_path), env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all data in MLflow     yes" in done.stdout
+    (command,) = [line.strip() for line in done.stdout.splitlines() if " ui " in line]
+    program, *args = command.split()
+    assert Path(program).is_file(), program
+    assert args[:2] == ["ui", "--backend-store-uri"]
+    assert args[2] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    links = re.findall(r"http://127\.0\.0\.1:5000/\S+", done.stdout)
+    assert [re.sub(r"/experiments/\d+/", "/experiments/ID/", link) for link in links] == [
+        "http://127.0.0.1:5000/#/experiments/ID/runs?workflowType=machine_learning",
+        "http://127.0.0.1:5000/#/experiments/ID/traces",
+    ]
+
+
+@pytest.mark.integration
+def test_the_demo_links_open_pages_of_a_real_server(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """Against a server, the demo prints the experiment's runs and traces links on that server;
+    the server serves its UI for them."""
+    done = cli(
+        "demo",
+        "--tasks",
+        "1",
+        "--tracking-uri",
+        mlflow_server.uri,
+        "--workdir",
+        str(tmp_path),
+        "--experiment",
+        f"demo-{free_port()}",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    links = re.findall(re.escape(mlflow_server.uri) + r"/\S+", done.stdout)
+    assert len(links) == 2, done.stdout
+    for link in links:
+        with urllib.request.urlopen(link.split("#")[0], timeout=30) as page:
+            assert page.status == 200
+            assert b"<html" in page.read().lower()
