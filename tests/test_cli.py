@@ -104,7 +104,8 @@ def test_status_of_the_default_store_names_it(tmp_path: Path) -> None:
 
 
 def kept_journal(uri: str, experiment: str) -> None:
-    """A run, its start, 5 steps and its end, kept in a journal: the server never answers."""
+    """A run, its start, 5 steps and its end, and a run left open (the close ends it FAILED),
+    kept in a journal: the server never answers."""
     sink = MLflowSink(
         enabled=True,
         experiment=experiment,
@@ -117,6 +118,7 @@ def kept_journal(uri: str, experiment: str) -> None:
     for number in range(5):
         sink.on_step("ended", event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
     sink.on_run_end("ended", result={"completed": True, "steps": 5}, run_path=None)
+    sink.on_run_start("left-open", task="t", environment="e", params={})
     sink.close(3.0)
 
 
@@ -140,7 +142,8 @@ def test_replay_says_what_was_waiting_sent_failed_and_killed(
 ) -> None:
     """Two journals: one kept whole by a sink whose server never answered, one left by an
     agent killed (-9) mid-run. A replay to a dead server: everything waiting is not sent, exit
-    1. Then to the live server: all of it sent, the killed agent's run ended KILLED, exit 0."""
+    1. Then to the live server: all of it sent, the killed agent's run ended KILLED (and counted
+    so), the run the closing sink ended FAILED stays FAILED (and is not counted), exit 0."""
     dead = f"http://127.0.0.1:{free_port()}"
     kept_journal(dead, experiment_name)
     agent = agents("crash_steps.py", mlflow_server.uri, experiment_name, "crashed")
@@ -174,6 +177,7 @@ def test_replay_says_what_was_waiting_sent_failed_and_killed(
     runs = read_runs(experiment_name)
     assert {name: run.info.status for name, run in runs.items()} == {
         "ended": "FINISHED",
+        "left-open": "FAILED",
         "crashed": "KILLED",
     }
 

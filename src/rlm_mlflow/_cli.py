@@ -82,8 +82,7 @@ def print_replay_report(report: ReplayReport, directory: Path) -> int:
         f"sent before       {report.already_sent} events had reached MLflow already "
         "(the journals still held them; not sent again)"
     )
-    # A replay that stops on a problem (the server is down) leaves events it never tried.
-    not_sent = max(report.failed, report.events - report.sent - report.refused)
+    not_sent = report.failed
     print(f"not sent          {not_sent} events (kept for the next replay)")
     print(f"refused           {report.refused} events MLflow refused for good (see the log)")
     if report.torn:

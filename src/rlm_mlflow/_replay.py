@@ -111,14 +111,14 @@ def replay(
     folders = journal_folders(root)
     report.journals = len(folders)
     for folder in folders:
-        if report.unreachable is not None:  # one budget for the whole replay, not per journal
-            report.kept.append(str(folder))
-            continue
         fd = try_lock(folder)
         if fd is None:
             report.in_use.append(str(folder))
             continue
         try:
+            if report.unreachable is not None:  # one budget for the whole replay: not tried
+                _count_waiting(folder, report)
+                continue
             _replay_folder(
                 folder,
                 report,
@@ -187,6 +187,24 @@ def _load(folder: Path) -> _Loaded:
     return _Loaded(segments, works, starts, open_runs, events, already, stats.torn)
 
 
+def _count_waiting(folder: Path, report: ReplayReport) -> None:
+    """A journal the replay does not try (the store is gone): what it holds is not sent."""
+    loaded = _load(folder)
+    _close_segments(loaded.segments)
+    report.events += loaded.events
+    report.failed += loaded.events
+    report.already_sent += loaded.already_sent
+    report.torn += loaded.torn
+    report.kept.append(str(folder))
+
+
+def _close_segments(segments: list[Segment]) -> None:
+    for segment in segments:
+        with contextlib.suppress(ValueError, OSError, BufferError):
+            segment.mm.flush()
+            segment.mm.close()
+
+
 def _replay_folder(
     folder: Path,
     report: ReplayReport,
@@ -222,20 +240,24 @@ def _replay_folder(
         else:
             counts, killed, problem, gave_up = WorkerCounts(), 0, None, None
     finally:
-        for segment in loaded.segments:
-            with contextlib.suppress(ValueError, OSError, BufferError):
-                segment.mm.flush()
-                segment.mm.close()
+        _close_segments(loaded.segments)
+    refused = sum(v for k, v in counts.dropped.items() if k != "send_failed")
     report.sent += counts.sent
-    report.failed += counts.deferred + counts.dropped.get("send_failed", 0)
-    report.refused += sum(v for k, v in counts.dropped.items() if k != "send_failed")
+    report.refused += refused
+    # A replay that stops on a problem (the store gone) leaves events it never tried: every
+    # event that was waiting and is neither sent nor refused is not sent.
+    failed = max(
+        counts.deferred + counts.dropped.get("send_failed", 0),
+        loaded.events - counts.sent - refused,
+    )
+    report.failed += failed
     report.runs_killed += killed
     if problem is not None:
         report.problems.append(problem)
     if gave_up is not None:
         report.unreachable = gave_up
     left = sum(segment.written - segment.done for segment in loaded.segments)
-    if left == 0 and problem is None and report.failed == 0:
+    if left == 0 and problem is None and failed == 0:
         remove_journal(folder)
         report.replayed += 1
     else:

@@ -767,8 +767,8 @@ class RunsExporter:
         )
         state.ended = True
         self.counts.runs_ended += 1
-        if self.replaying and end.internal:
-            self.killed += 1
+        if self.replaying and end.internal and end.status == "KILLED":
+            self.killed += 1  # not a FAILED end a closing sink wrote to its journal
         self._forget(state)
 
     def _forget(self, state: RunState) -> None:
