@@ -24,7 +24,7 @@ import pytest
 
 from promises_support import WAIT, child_env, eventually
 from rlm_mlflow import MLflowSink
-from rlm_mlflow._client import FULL_MLFLOW_HINT
+from rlm_mlflow._transports.client import FULL_MLFLOW_HINT
 from rlm_mlflow.testing import MlflowServer
 
 ROOT = Path(__file__).resolve().parent.parent

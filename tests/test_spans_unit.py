@@ -7,7 +7,8 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from rlm_mlflow._spans import Ids, SpanBuilder, parse_spans_request
+from rlm_mlflow._exporters.spans import Ids, SpanBuilder
+from rlm_mlflow._transports.base import parse_spans_request
 
 
 def span(number: int, text_size: int) -> trace_pb2.Span:

@@ -11,9 +11,9 @@ from ._replay import replay as replay
 from ._sink import MLflowSink as MLflowSink
 from ._sink import create_mlflow_sink_from_env as create_mlflow_sink_from_env
 from ._stats import SinkStatistics as SinkStatistics
-from ._transport import Metric as Metric
-from ._transport import RunRef as RunRef
-from ._transport import Transport as Transport
+from ._transports.base import Metric as Metric
+from ._transports.base import RunRef as RunRef
+from ._transports.base import Transport as Transport
 
 __all__ = [
     "MLflowSink",

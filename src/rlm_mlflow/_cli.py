@@ -139,7 +139,7 @@ def _status(args: argparse.Namespace) -> int:
     elif uri and uri.startswith(("http://", "https://")):
         print(f"server            {_probe(uri, args.timeout, problems, config.experiment)}")
     elif uri and mlflow_found:
-        from ._client import embedded_store_problem
+        from ._transports.client import embedded_store_problem
 
         missing = embedded_store_problem(uri)
         if missing:
@@ -254,7 +254,7 @@ def _probe(uri: str, timeout: float, problems: list[str], experiment: str) -> st
         return f"HTTP {response.status_code}"
     # /health needs no credentials: ask for the experiment the way the sink will.
     from ._exceptions import PermanentError, TransientError
-    from ._rest import RestTransport
+    from ._transports.rest import RestTransport
 
     transport = RestTransport(uri, timeout=timeout)
     try:

@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ._exceptions import StoreRefused
+from ._exporters.runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
+from ._exporters.traces import TracesExporter
 from ._journal import RUNS_DONE, RUNS_IN_FLIGHT, TRACES_DONE, TRACES_IN_FLIGHT
-from ._runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
 from ._stats import WorkerCounts
-from ._traces import TracesExporter
 
 
 def done(outcome: Outcome | None) -> bool:

@@ -34,6 +34,8 @@ from ._config import DEFAULT_EXPERIMENT
 from ._dispatch import Dispatcher
 from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
+from ._exporters.runs import SENT, RunsExporter, RunWork
+from ._exporters.traces import TracesExporter
 from ._journal import (
     RUNS_IN_FLIGHT,
     ScanStats,
@@ -47,10 +49,8 @@ from ._journal import (
     try_lock,
 )
 from ._retry import RetryPolicy
-from ._runs import SENT, RunsExporter, RunWork
 from ._stats import RateLimitedWarnings, WorkerCounts
-from ._traces import TracesExporter
-from ._transport import Transport
+from ._transports.base import Transport
 
 logger = logging.getLogger("rlm_mlflow")
 

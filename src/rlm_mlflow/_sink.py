@@ -27,7 +27,7 @@ from . import _runtime
 from ._config import Overflow, SinkConfig, config_from_env, redact_text, redact_uri
 from ._pipeline import Pipeline, State
 from ._stats import RateLimitedWarnings, SinkStatistics
-from ._transport import Transport
+from ._transports.base import Transport
 from ._worker import Worker
 
 logger = logging.getLogger("rlm_mlflow")
@@ -37,10 +37,10 @@ def default_transport_factory(tracking_uri: str | None, request_timeout: float) 
     """The fastest way to reach the store: plain HTTP for a server, ``MlflowClient`` otherwise."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is not None and uri.startswith(("http://", "https://")):
-        from ._rest import shared_transport
+        from ._transports.rest import shared_transport
 
         return shared_transport(uri, timeout=request_timeout)
-    from ._client import ClientTransport
+    from ._transports.client import ClientTransport
 
     return ClientTransport(uri)
 

@@ -33,13 +33,13 @@ from ._config import SinkConfig
 from ._dispatch import Dispatcher
 from ._events import RunStart, Step
 from ._exceptions import PermanentError, StoreRefused
+from ._exporters.runs import DEFERRED, RunsExporter, RunWork
+from ._exporters.traces import TracesExporter
 from ._journal import Segment
 from ._pipeline import Item, Pipeline, State
 from ._retry import RetryPolicy
-from ._runs import DEFERRED, RunsExporter, RunWork
 from ._stats import RateLimitedWarnings, SinkStatistics, WorkerCounts
-from ._traces import TracesExporter
-from ._transport import Transport
+from ._transports.base import Transport
 
 logger = logging.getLogger("rlm_mlflow")
 

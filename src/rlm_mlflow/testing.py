@@ -25,8 +25,7 @@ from typing import Any
 
 from ._exceptions import PermanentError
 from ._faultproxy import FaultProxy
-from ._spans import parse_spans_request
-from ._transport import KEY_TAG, Metric, RunRef
+from ._transports.base import KEY_TAG, Metric, RunRef, parse_spans_request
 
 __all__ = [
     "FaultProxy",

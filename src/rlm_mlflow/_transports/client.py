@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._config import redact_text, redact_uri
-from ._exceptions import PermanentError, StoreRefused, TransientError
-from ._spans import parse_spans_request
-from ._transport import KEY_TAG, Metric, RunRef
+from .._config import redact_text, redact_uri
+from .._exceptions import PermanentError, StoreRefused, TransientError
+from .base import KEY_TAG, Metric, RunRef, parse_spans_request
 
 T = TypeVar("T")
 
@@ -69,7 +68,7 @@ def embedded_store_problem(uri: str) -> str | None:
 
 
 class ClientTransport:
-    """The :class:`~rlm_mlflow._transport.Transport` interface over ``MlflowClient``."""
+    """The :class:`~rlm_mlflow._transports.base.Transport` interface over ``MlflowClient``."""
 
     def __init__(self, tracking_uri: str | None = None) -> None:
         self._uri = resolve_tracking_uri(tracking_uri)

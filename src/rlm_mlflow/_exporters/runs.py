@@ -28,14 +28,14 @@ from typing import Any, Literal
 
 import anyio
 
-from . import _convert
-from ._calls import Caller
-from ._codec import describe
-from ._config import COMPONENT_TAG
-from ._events import RunEnd, RunStart, Step, Usage
-from ._exceptions import PermanentError, StoreRefused, TransientError
-from ._stats import RateLimitedWarnings, WorkerCounts
-from ._transport import KEY_TAG, PARENT_TAG, Metric, RunRef, Transport
+from .._calls import Caller
+from .._codec import describe
+from .._config import COMPONENT_TAG
+from .._events import RunEnd, RunStart, Step, Usage
+from .._exceptions import PermanentError, StoreRefused, TransientError
+from .._stats import RateLimitedWarnings, WorkerCounts
+from .._transports.base import KEY_TAG, PARENT_TAG, Metric, RunRef, Transport
+from . import convert as _convert
 
 logger = logging.getLogger("rlm_mlflow")
 

@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
-from ._calls import Caller
-from ._exceptions import PermanentError, StoreRefused, TransientError
-from ._runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
-from ._spans import Ids, RunInfo, SpanBuilder
-from ._stats import RateLimitedWarnings
-from ._transport import Transport
+from .._calls import Caller
+from .._exceptions import PermanentError, StoreRefused, TransientError
+from .._stats import RateLimitedWarnings
+from .._transports.base import Transport
+from .runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
+from .spans import Ids, RunInfo, SpanBuilder
 
 logger = logging.getLogger("rlm_mlflow")
 

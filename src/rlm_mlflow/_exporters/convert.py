@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from ._codec import describe, is_odd
+from .._codec import describe, is_odd
 
 # MLflow's own limits (mlflow/utils/validation.py).
 MAX_KEY_LENGTH = 250

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 #: The tag that holds a run's client-side id, so a retried or replayed create finds the first one.
 KEY_TAG = "rlm_mlflow.key"
@@ -118,3 +118,11 @@ class Transport(Protocol):
     def close(self) -> None:
         """Release connections."""
         ...
+
+
+def parse_spans_request(request: bytes) -> Any:
+    """A serialized ``ExportTraceServiceRequest`` as the protobuf message (for stores written
+    to in-process)."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    return trace_service_pb2.ExportTraceServiceRequest.FromString(request)

@@ -31,9 +31,9 @@ from urllib.parse import quote, urlsplit
 import requests
 import urllib3.exceptions
 
-from ._config import parse_bool, redact_text, redact_uri
-from ._exceptions import PermanentError, StoreRefused, TransientError
-from ._transport import KEY_TAG, Metric, RunRef
+from .._config import parse_bool, redact_text, redact_uri
+from .._exceptions import PermanentError, StoreRefused, TransientError
+from .base import KEY_TAG, Metric, RunRef
 
 _API = "/api/2.0/mlflow"
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
@@ -499,6 +499,6 @@ def _proxied_artifact_root(artifact_uri: str) -> str | None:
 
 def _log_artifact_with_mlflow(run: RunRef, local_path: str, tracking_uri: str) -> None:
     """Artifact roots the proxy does not serve (s3://, gs://, a path): MLflow's own repository."""
-    from ._client import upload_with_repository
+    from .client import upload_with_repository
 
     upload_with_repository(run.artifact_uri, local_path, tracking_uri)

@@ -26,11 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._codec import CAPS, is_odd
-from ._config import COMPONENT_TAG
-from ._convert import step_number
-from ._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
-from ._transport import KEY_TAG
+from .._codec import CAPS, is_odd
+from .._config import COMPONENT_TAG
+from .._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
+from .._transports.base import KEY_TAG
+from .convert import step_number
 
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
 
@@ -431,14 +431,6 @@ class SpanBuilder:
             parts.append(_key_length(2, len(span)))  # spans
             parts.append(span)
         return b"".join(parts)
-
-
-def parse_spans_request(request: bytes) -> Any:
-    """A serialized ``ExportTraceServiceRequest`` as the protobuf message (for stores written
-    to in-process)."""
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-
-    return trace_service_pb2.ExportTraceServiceRequest.FromString(request)
 
 
 def _varint(value: int) -> bytes:
