@@ -70,7 +70,8 @@ class MLflowSink:
         batch_trigger: Queued events that wake the worker before ``flush_interval`` is up.
         journal: Write every event to a local write-ahead journal first (default on).
         journal_dir: Where journals live (default ``~/.local/state/rlm-mlflow/journal``).
-        journal_fsync: Also flush the journal to the device when closing (power-loss durability).
+        journal_fsync: Also flush the journal to the device now and then and when closing
+            (power-loss durability).
         handle_signals: On SIGTERM/SIGINT, end open runs KILLED, then run the previous handler.
         traces: Each run also as an MLflow trace: ``"full"`` (code, output, task text),
             ``"metadata"`` (no text: sizes, timings, tokens, status), or ``"off"``.
