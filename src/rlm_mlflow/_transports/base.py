@@ -126,3 +126,17 @@ def parse_spans_request(request: bytes) -> Any:
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
     return trace_service_pb2.ExportTraceServiceRequest.FromString(request)
+
+
+def key_filter(key: str) -> str:
+    """A runs search filter: the runs whose ``KEY_TAG`` is ``key``."""
+    return f"tags.`{KEY_TAG}` = '{_quote(key)}'"
+
+
+def prefix_filter(prefix: str) -> str:
+    """A runs search filter: the runs whose ``KEY_TAG`` starts with ``prefix`` and a dash."""
+    return f"tags.`{KEY_TAG}` LIKE '{_quote(prefix)}-%'"
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")

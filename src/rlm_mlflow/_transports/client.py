@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from .._config import redact_text, redact_uri
 from .._exceptions import PermanentError, StoreRefused, TransientError
-from .base import KEY_TAG, Metric, RunRef, parse_spans_request
+from .base import KEY_TAG, Metric, RunRef, key_filter, parse_spans_request, prefix_filter
 
 T = TypeVar("T")
 
@@ -169,10 +169,10 @@ class ClientTransport:
                 return runs
 
     def find_runs(self, experiment_id: str, key: str) -> list[RunRef]:
-        return self._search(experiment_id, f"tags.`{KEY_TAG}` = '{_quote(key)}'", 100)
+        return self._search(experiment_id, key_filter(key), 100)
 
     def find_runs_by_prefix(self, experiment_id: str, prefix: str) -> list[RunRef]:
-        return self._search(experiment_id, f"tags.`{KEY_TAG}` LIKE '{_quote(prefix)}-%'", 10**9)
+        return self._search(experiment_id, prefix_filter(prefix), 10**9)
 
     def create_run(
         self,
@@ -272,10 +272,6 @@ class ClientTransport:
 
     def close(self) -> None:
         pass
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _deleted(name: str) -> StoreRefused:

@@ -33,7 +33,7 @@ import urllib3.exceptions
 
 from .._config import parse_bool, redact_text, redact_uri
 from .._exceptions import PermanentError, StoreRefused, TransientError
-from .base import KEY_TAG, Metric, RunRef
+from .base import KEY_TAG, Metric, RunRef, key_filter, prefix_filter
 
 _API = "/api/2.0/mlflow"
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
@@ -272,10 +272,10 @@ class RestTransport:
                 return runs
 
     def find_runs(self, experiment_id: str, key: str) -> list[RunRef]:
-        return self._search(experiment_id, f"tags.`{KEY_TAG}` = '{_quote(key)}'", 100)
+        return self._search(experiment_id, key_filter(key), 100)
 
     def find_runs_by_prefix(self, experiment_id: str, prefix: str) -> list[RunRef]:
-        return self._search(experiment_id, f"tags.`{KEY_TAG}` LIKE '{_quote(prefix)}-%'", 10**9)
+        return self._search(experiment_id, prefix_filter(prefix), 10**9)
 
     def create_run(
         self,
@@ -432,10 +432,6 @@ class RestTransport:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _deleted(name: str) -> StoreRefused:
