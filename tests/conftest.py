@@ -15,6 +15,10 @@ from rlm_mlflow.testing import MlflowServer, local_server
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# The server prices LLM spans with litellm when it is installed (dspy brings it): without this,
+# litellm's first import tries to download its price list, which takes as long as the network
+# lets it fail (more than a request timeout here, with no network).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 @pytest.fixture(autouse=True)

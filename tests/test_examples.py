@@ -233,3 +233,40 @@ def test_fastapi_app_example(
     assert "Application shutdown complete" in (tmp_path / "uvicorn.log").read_text()
     runs = landed.check(tmp_path / "runs", cut_short=dict.fromkeys(slow, "KILLED"))
     assert len(runs) == 10 * 3 + 2
+
+
+# -- DSPy ---------------------------------------------------------------------------------------
+
+
+def test_dspy_rlm_example(
+    example_env: dict[str, str],
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+    tmp_path: Path,
+) -> None:
+    """``examples/dspy_rlm.py``: three ``dspy.RLM`` calls at once in one event loop, each
+    delegating to a sub-agent: three runs with their four iterations, each with a child run
+    under it, and one trace per top-level call holding its child."""
+    out = run_example("dspy_rlm.py", "--tasks", "3", env=example_env, cwd=tmp_path)
+    assert "runs 6 created / 6 ended, dropped none" in out
+    runs = read_runs(experiment_name)
+    assert len(runs) == 6
+    roots = {r.info.run_id: r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags}
+    children = [r for r in runs.values() if "mlflow.parentRunId" in r.data.tags]
+    assert len(roots) == 3
+    assert sorted(c.data.tags["mlflow.parentRunId"] for c in children) == sorted(roots)
+    for run in runs.values():
+        assert run.info.status == "FINISHED"
+        assert run.data.params["environment"] == "dspy"
+        assert run.data.metrics["completed"] == 1.0
+        assert run.data.metrics["total_tokens"] > 0
+    assert all(r.data.metrics["steps"] == 4.0 for r in roots.values())
+    assert all(c.data.metrics["steps"] == 2.0 for c in children)
+    experiment = mlflow_client.get_experiment_by_name(experiment_name)
+    traces = mlflow_client.search_traces(locations=[experiment.experiment_id])
+    assert len(traces) == 3
+    for trace in traces:
+        agents = [s for s in trace.data.spans if s.span_type == "AGENT"]
+        assert len(agents) == 2
+        assert sum(1 for s in trace.data.spans if s.span_type == "LLM") == 8
