@@ -328,7 +328,9 @@ class Recorder:
     ) -> None:
         self.events.append(("start", run_id, {"task": task, "params": params}))
 
-    def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
+    def on_step(
+        self, run_id: str, *, event: dict[str, Any], cumulative_reward: float | None
+    ) -> None:
         self.cumulative.append(cumulative_reward)
         self.events.append(("step", run_id, event))
 

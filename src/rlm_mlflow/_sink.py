@@ -178,9 +178,12 @@ class MLflowSink:
         """
         self._pipeline.start(run_id, task, environment, params)
 
-    def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
+    def on_step(
+        self, run_id: str, *, event: dict[str, Any], cumulative_reward: float | None
+    ) -> None:
         """A step: queue ``step_reward`` (``event["reward"]``) and ``cumulative_reward`` at
-        ``event["step"]``, stamped with the time of this call. Returns at once; never raises."""
+        ``event["step"]``, stamped with the time of this call; a step without rewards (None)
+        logs no reward metric. Returns at once; never raises."""
         self._pipeline.step(run_id, event, cumulative_reward)
 
     def on_run_end(self, run_id: str, *, result: Any, run_path: Path | str | None) -> None:

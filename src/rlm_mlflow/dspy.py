@@ -66,7 +66,9 @@ class RunSink(Protocol):
         self, run_id: str, *, task: str, environment: str, params: dict[str, Any]
     ) -> None: ...
 
-    def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None: ...
+    def on_step(
+        self, run_id: str, *, event: dict[str, Any], cumulative_reward: float | None
+    ) -> None: ...
 
     def on_run_end(self, run_id: str, *, result: Any, run_path: Any) -> None: ...
 
@@ -168,7 +170,7 @@ class RLMCallback(_BaseCallback):  # type: ignore[misc]  # DSPy ships no type in
 
     def __init__(self, sink: RunSink, *, environment: str = "dspy") -> None:
         self._run_start = sink.on_run_start
-        self._step: Any = sink.on_step  # called with cumulative_reward=None: DSPy has no reward
+        self._step = sink.on_step  # called with cumulative_reward=None: DSPy has no reward
         self._run_end = sink.on_run_end
         self._environment = environment
         config = getattr(sink, "config", None)
