@@ -30,6 +30,7 @@ from .._codec import CAPS, is_odd
 from .._config import COMPONENT_TAG
 from .._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
 from .._transports.base import KEY_TAG
+from . import otlp
 from .convert import step_number
 
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
@@ -145,58 +146,13 @@ def _usage(usage: Usage) -> dict[str, int]:
 
 
 class SpanBuilder:
-    """Builds OTLP protobuf spans (``opentelemetry.proto``, imported on first use)."""
+    """Builds serialized OTLP spans (:mod:`.otlp`)."""
 
     def __init__(self, ids: Ids) -> None:
-        from opentelemetry.proto.common.v1 import common_pb2
-        from opentelemetry.proto.resource.v1 import resource_pb2
-        from opentelemetry.proto.trace.v1 import trace_pb2
-
         self.ids = ids
-        self._common = common_pb2
-        self._trace = trace_pb2
-        # The parts of every request but its spans, serialized once: ResourceSpans.resource
-        # and ScopeSpans.scope (field 1 of each).
-        resource = resource_pb2.Resource(
-            attributes=self._attributes({"service.name": "rlm-mlflow"})
-        ).SerializeToString()
-        scope = common_pb2.InstrumentationScope(name="rlm_mlflow").SerializeToString()
-        self._resource = _key_length(1, len(resource)) + resource
-        self._scope = _key_length(1, len(scope)) + scope
-
-    # -- attributes ----------------------------------------------------------------------------
-
-    def _value(self, value: Any) -> Any:
-        common = self._common
-        if isinstance(value, bool):
-            return common.AnyValue(bool_value=value)
-        if isinstance(value, int) and -(2**63) <= value < 2**63:
-            return common.AnyValue(int_value=value)
-        if isinstance(value, float):
-            return common.AnyValue(double_value=value)
-        if isinstance(value, Mapping):
-            return common.AnyValue(
-                kvlist_value=common.KeyValueList(
-                    values=[
-                        common.KeyValue(key=str(k), value=self._value(v))
-                        for k, v in value.items()
-                        if v is not None
-                    ]
-                )
-            )
-        if isinstance(value, list | tuple):
-            return common.AnyValue(
-                array_value=common.ArrayValue(values=[self._value(v) for v in value])
-            )
-        return common.AnyValue(string_value=str(value))
-
-    def _attributes(self, attributes: Mapping[str, Any]) -> list[Any]:
-        common = self._common
-        return [
-            common.KeyValue(key=key, value=self._value(value))
-            for key, value in attributes.items()
-            if value is not None
-        ]
+        # The parts of every request but its spans, serialized once.
+        self._resource = otlp.resource_field({"service.name": "rlm-mlflow"})
+        self._scope = otlp.scope_field("rlm_mlflow")
 
     def _span(
         self,
@@ -211,24 +167,22 @@ class SpanBuilder:
         error: str | None = None,
         ok: bool = True,
     ) -> bytes:
-        trace = self._trace
-        status = trace.Status(code=trace.Status.STATUS_CODE_UNSET)
+        code = otlp.STATUS_UNSET
         if error is not None:
-            status = trace.Status(code=trace.Status.STATUS_CODE_ERROR, message=error)
+            code = otlp.STATUS_ERROR
         elif ok:
-            status = trace.Status(code=trace.Status.STATUS_CODE_OK)
-        span = trace.Span(
+            code = otlp.STATUS_OK
+        return otlp.span(
             trace_id=trace_id,
             span_id=span_id,
-            parent_span_id=parent_id or b"",
+            parent_id=parent_id,
             name=name[:250] or "span",
-            kind=trace.Span.SPAN_KIND_INTERNAL,
-            start_time_unix_nano=max(0, start_ns),
-            end_time_unix_nano=max(start_ns, end_ns),
-            attributes=self._attributes(attributes),
-            status=status,
+            start_ns=max(0, start_ns),
+            end_ns=max(start_ns, end_ns),
+            attributes=attributes,
+            status_code=code,
+            status_message=error,
         )
-        return span.SerializeToString()  # type: ignore[no-any-return]
 
     # -- spans ---------------------------------------------------------------------------------
 
@@ -412,41 +366,5 @@ class SpanBuilder:
         )
 
     def request(self, spans: Sequence[bytes]) -> bytes:
-        """A serialized ``ExportTraceServiceRequest`` carrying ``spans`` (each serialized).
-
-        Framed by hand: one copy of the spans' bytes, never a protobuf call holding the
-        interpreter for the whole request (building an 8 MB request as one message holds it
-        for tens of milliseconds, while agent threads wait to run their hooks)."""
-        scope = self._scope
-        scope_size = len(scope) + sum(_field_size(len(span)) for span in spans)
-        resource = self._resource
-        resource_size = len(resource) + _field_size(scope_size)
-        parts: list[bytes] = [
-            _key_length(1, resource_size),  # resource_spans
-            resource,
-            _key_length(2, scope_size),  # scope_spans
-            scope,
-        ]
-        for span in spans:
-            parts.append(_key_length(2, len(span)))  # spans
-            parts.append(span)
-        return b"".join(parts)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _key_length(field: int, length: int) -> bytes:
-    """The key of a length-delimited field, then its length."""
-    return _varint(field << 3 | 2) + _varint(length)
-
-
-def _field_size(length: int) -> int:
-    """Bytes a length-delimited field of ``length`` bytes takes (field numbers below 16)."""
-    return 1 + len(_varint(length)) + length
+        """A serialized ``ExportTraceServiceRequest`` carrying ``spans`` (each serialized)."""
+        return otlp.request(self._resource, self._scope, spans)

@@ -100,7 +100,7 @@ class TracesExporter:
             self._forget_ended(works)
             return outcomes
         if self._builder is None:
-            self._builder = await anyio.to_thread.run_sync(SpanBuilder, self.ids)
+            self._builder = SpanBuilder(self.ids)
         if sum(len(w.span_steps) for w in todo) > _BUILD_ON_THREAD:
             requests = await anyio.to_thread.run_sync(self._requests_of, todo)
         else:
