@@ -151,6 +151,8 @@ class SeenRun:
     params: dict[str, Any]
     thread: int
     steps: list[tuple[int, float, float]] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    usage: list[dict[str, Any]] = field(default_factory=list)
     result: Any = None
     run_path: Path | None = None
 
@@ -178,9 +180,14 @@ class Recorder:
 
     def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
         with self.lock:
-            self.runs[run_id].steps.append(
+            seen = self.runs[run_id]
+            seen.steps.append(
                 (int(event["step"]), float(event["reward"]), float(cumulative_reward))
             )
+            action = event.get("action")
+            seen.actions.append(str(action.get("action")) if isinstance(action, dict) else "")
+            usage = event.get("usage")
+            seen.usage.append(dict(usage) if isinstance(usage, dict) else {})
 
     def on_run_end(self, run_id: str, *, result: Any, run_path: Path) -> None:
         with self.lock:
@@ -294,6 +301,48 @@ def assert_mlflow_holds(
         assert Path(local).read_bytes() == seen.run_path.read_bytes()
 
 
+def assert_trace_holds(recorder: Recorder, runs: dict[str, Any], client: Any) -> None:
+    """The root's one trace holds every run the runner started (an AGENT span each, a child
+    under the step of its parent that delegated to it) and every step they reported (a span
+    each, under its run, named by its action), linked to the root's MLflow run."""
+    [root] = [run for run in recorder.runs.values() if run.params["parent_run_id"] is None]
+    experiment_id = runs[root.run_id].info.experiment_id
+    (trace,) = client.search_traces(locations=[experiment_id])
+    linked = client.search_traces(locations=[experiment_id], run_id=runs[root.run_id].info.run_id)
+    assert [t.info.trace_id for t in linked] == [trace.info.trace_id]
+    spans = trace.data.spans
+    assert len({span.span_id for span in spans}) == len(spans)
+    by_id = {span.span_id: span for span in spans}
+    agents = {span.name: span for span in spans if span.span_type == "AGENT"}
+    assert set(agents) == set(recorder.runs)
+    assert agents[root.run_id].parent_id is None
+    for run_id, seen in recorder.runs.items():
+        agent = agents[run_id]
+        steps = [
+            span
+            for span in spans
+            if span.parent_id == agent.span_id and span.span_type in ("TOOL", "CHAIN")
+        ]
+        expected = [
+            f"step {number}: {action}"
+            for (number, _, _), action in zip(seen.steps, seen.actions, strict=True)
+        ]
+        assert sorted(span.name for span in steps) == sorted(expected), run_id
+        parent = seen.params["parent_run_id"]
+        if parent is not None:
+            step = by_id[agent.parent_id]
+            assert by_id[step.parent_id] is agents[parent]
+            assert step.name.split(": ", 1)[1] in ("delegate", "delegate_batch")
+    reported = {
+        key: sum(int(usage.get(name, 0) or 0) for usage in root.usage)
+        for key, name in (("input_tokens", "prompt_tokens"), ("output_tokens", "completion_tokens"))
+    }
+    if any(reported.values()):  # each token once: the root's steps count their children's
+        usage = trace.info.token_usage
+        assert usage["input_tokens"] == reported["input_tokens"]
+        assert usage["output_tokens"] == reported["output_tokens"]
+
+
 def assert_tree(recorder: Recorder, *, parallel: bool) -> None:
     """The scenario ran as scripted: root -> (child A -> leaf, child B)."""
     [root] = recorder.by_kind("root")
@@ -329,13 +378,16 @@ def test_a_plain_run(harness: Harness) -> None:
 @pytest.mark.parametrize("parallelism", [2, 1], ids=["children-in-parallel", "nested-one-thread"])
 def test_recursive_children(harness: Harness, parallelism: int) -> None:
     """Children on a thread pool (parallelism 2) or nested on the parent's thread (1): every run
-    lands, each child under its own parent, grandchild included."""
+    lands, each child under its own parent, grandchild included; the root's trace holds every
+    run and step, the runner's own events as they came."""
     harness.runner.run_task(
         "root: split the work", max_steps=5, environment="generic", parallelism=parallelism
     )
     assert harness.sink.flush(30)
     assert_tree(harness.recorder, parallel=parallelism > 1)
-    assert len(harness.check()) == 4
+    runs = harness.check()
+    assert len(runs) == 4
+    assert_trace_holds(harness.recorder, runs, harness.client)
 
 
 def test_a_model_that_raises_mid_run(harness: Harness) -> None:

@@ -219,9 +219,10 @@ def regimes_section(results: Results) -> list[str]:
         "the worker thread), then a producer steps "
         f"{first['fill']['runs']} other runs as fast as it can until the queue is full (depth at "
         "capacity, or events spilled or dropped), and waits until the worker is in the "
-        "regime's state ('worker sending': it has sent step events and has a backlog, so it "
-        "drains while the timed hooks come; 'worker reading back': it has sent more events "
-        "than the queue holds, so what it sends next came back from the journal). "
+        "regime's state ('worker sending': it has made requests since the fill and events are "
+        "pending, so it drains while the timed hooks come; 'worker reading back': besides, "
+        "events were spilled and the memory queue was taken, so what it sends next comes back "
+        "from the journal). "
         "The sink has its default settings unless the regime says otherwise. The regimes: "
         + "; ".join(regime_description(r.name) for r in REGIMES)
         + ". Each is run again with `journal=False` as a reference line (there a full queue "

@@ -263,18 +263,28 @@ def fill_queue(sink: Any, runs: int, backlog: int, ready_when: str, timeout: flo
         if full and steps >= backlog:
             break
     filled_s = pc() - t0
-    # Before any step is sent, the worker sends the warm-up run (2 events) and the backlog
-    # runs' starts; in memory there were at most `capacity` steps besides those.
-    starts = runs + 2
-    threshold = {WORKER_SENDING: starts, WORKER_READING_BACK: capacity + starts}.get(ready_when)
+    # The worker takes what waits in one go and reports events sent once a run's whole batch
+    # has landed (``sent`` jumps), so "sending" is read from its requests: it has made one since
+    # the fill, and events are still pending. "Reading back": the memory queue was taken (depth
+    # below capacity) while spilled events are still pending, so they come from the journal.
+    before = sink.status()
+    made = int(before.get("requests") or 0)
     ready = full
-    if full and threshold is not None:
+    if full and ready_when in (WORKER_SENDING, WORKER_READING_BACK):
         ready = False
         while time.monotonic() < deadline:
-            if int(sink.status().get("sent") or 0) > threshold:
+            status = sink.status()
+            sending = int(status.get("requests") or 0) > made and int(status["pending"]) > 0
+            if ready_when == WORKER_READING_BACK:
+                sending = (
+                    sending
+                    and int(status.get("spilled") or 0) > 0
+                    and int(status["queue_depth"]) < capacity
+                )
+            if sending:
                 ready = True
                 break
-            time.sleep(0.002)
+            time.sleep(0.001)
     return {
         "steps": steps,
         "full": full,

@@ -247,6 +247,14 @@ class Worker:
                     works, self.later = self.later, []
                 await self._export(works)
                 await self._maintain_journal()
+                if closing or self.flush_requested or pipeline.waiting() >= pipeline.trigger:
+                    continue  # a backlog, a flush or a close: go on at once
+                # Otherwise what came in meanwhile waits for the next cycle (flush_interval,
+                # or batch_trigger events): one request per run and interval, not one per
+                # request's round trip.
+                self._cycle_finished()
+                self._release_idle_journal()
+                await self._idle()
                 continue
             if closing:
                 if self.carry:  # events of runs whose start never came: send them as they are
