@@ -428,6 +428,35 @@ def test_close_is_idempotent_and_bounded_when_mlflow_hangs() -> None:
     assert status["state"] == "closed"
 
 
+def test_a_close_whose_deadline_comes_mid_request_still_ends_open_runs(journal_dir: Path) -> None:
+    """The store hangs on the first request: the close deadline cuts it before the close began.
+    The run left open is ended FAILED in the journal all the same, so a replay writes FAILED
+    (the process did not die: not KILLED)."""
+    from rlm_mlflow import replay
+
+    memory = MemoryTransport()
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hang(call: str) -> None:
+        entered.set()
+        release.wait(60)
+
+    memory.fail = hang
+    sink = make_sink(memory, journal_dir=journal_dir)
+    sink.on_run_start("open", task="t", environment="e", params={})
+    sink.on_step("open", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    assert entered.wait(20)
+    sink.close(0.5)
+    assert sink._worker.stopped.wait(20)
+    release.set()
+
+    store = MemoryTransport()
+    report = replay(journal_dir, transport=store)
+    assert report.runs_killed == 0
+    assert [run.status for run in store.by_name("open")] == ["FAILED"]
+
+
 def test_status_reports_live_figures_and_redacts_credentials() -> None:
     sink = MLflowSink(
         enabled=True,

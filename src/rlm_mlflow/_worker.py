@@ -129,6 +129,7 @@ class Worker:
         self.describe: str | None = None
         # Signalled across threads: close and flush requests, progress for flush() waiters.
         self.close_requested = False
+        self._open_runs_ended = False
         self.close_deadline: float | None = None  # time.monotonic(); None: no hurry
         self._deadline_set: float | None = None
         self.flush_requested = False
@@ -201,6 +202,10 @@ class Worker:
             logger.exception("rlm-mlflow worker failed; what it had not sent is counted below")
         finally:
             with anyio.CancelScope(shield=True):
+                if self.close_requested and not self._open_runs_ended:
+                    # The deadline came while a request was out, before the close began: the
+                    # runs still open are ended in the journal all the same (kept for replay).
+                    await self._end_open_runs()
                 self._finish()
 
     async def _watch_close(self, scope: anyio.CancelScope) -> None:
@@ -315,12 +320,17 @@ class Worker:
         if pipeline.quiet():
             pipeline.release_idle_journals()
 
-    async def _begin_close(self) -> None:
+    async def _end_open_runs(self) -> None:
         pipeline = self.pipeline
         with anyio.move_on_after(QUIESCE_TIMEOUT):
             while not pipeline.quiet():
                 await anyio.sleep(0.001)
+        self._open_runs_ended = True
         pipeline.end_open_runs(pipeline.end_status)
+
+    async def _begin_close(self) -> None:
+        pipeline = self.pipeline
+        await self._end_open_runs()
         # Ends first: the run starts and ends that wait in the journal, behind steps spilled
         # before them, go now; the steps follow while the deadline allows (then replay).
         control = [
