@@ -227,10 +227,19 @@ def run_drain(ctx: Context) -> dict[str, Any]:
     ceilings = [run_ceiling(ctx, "before")] if plan.ceiling_before else []
     rows = []
     big = workload.total_steps + 1_000
-    for variant, queue_size in (("spilling", None), ("not spilling", big)):
+    variants = (
+        ("spilling", None, "off"),
+        ("not spilling", big, "off"),
+        ("spilling, traces on", None, "full"),
+    )
+    for variant, queue_size, traces in variants:
         log(f"drain, {variant}: {workload.describe()}, straight to the server")
         experiment = harness.experiment("drain")
-        options = {} if queue_size is None else {"queue_size": queue_size}
+        # The raw ceiling is metric points: the target rows send runs only; the last row is the
+        # default settings (every step also a span), reported beside them.
+        options: dict[str, Any] = {"traces": traces}
+        if queue_size is not None:
+            options["queue_size"] = queue_size
         result = harness.child(
             {
                 "task": "drain",
@@ -244,7 +253,7 @@ def run_drain(ctx: Context) -> dict[str, Any]:
             },
             timeout=1500.0,
         )
-        result.update({"variant": variant, "queue_size": queue_size})
+        result.update({"variant": variant, "queue_size": queue_size, "traces": traces})
         result["readback"] = harness.read_back(experiment)
         rows.append(result)
     ceilings.append(run_ceiling(ctx, "after"))

@@ -116,10 +116,12 @@ def drain_target(results: Results) -> tuple[str, str, str] | None:
     best = drain["ceiling"]["client_best"]
     parts, ok, proven = [], True, True
     for row in drain["rows"]:
+        if row.get("traces", "off") != "off":
+            continue  # spans are not metric points: reported beside the target, not held to it
         fraction = row["rate"] / best
         ok = ok and fraction >= TARGET_DRAIN_FRACTION and row["flushed"]
         spilled = drain_spilled(row)
-        if row["variant"] == "spilling" and not spilled:
+        if row["variant"].startswith("spilling") and not spilled:
             proven = False
         parts.append(
             f"{row['variant']} ({spilled:,} spilled): {row['rate']:,.0f} points/s "
@@ -130,7 +132,7 @@ def drain_target(results: Results) -> tuple[str, str, str] | None:
     if ok and not proven:
         text = "NOT proven: the spilling variant did not spill"
     return (
-        f"drain >= {TARGET_DRAIN_FRACTION:.0%} of the raw ceiling, spilling or not",
+        f"drain >= {TARGET_DRAIN_FRACTION:.0%} of the raw ceiling, spilling or not (runs)",
         "; ".join(parts) + f"; of {best:,.0f} points/s (best MlflowClient.log_batch loop of 1000)",
         text,
     )

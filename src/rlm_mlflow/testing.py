@@ -307,6 +307,8 @@ def _spawn(
     artifacts.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The job runner (huey consumers) serves no sink: its processes only take CPU.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env.pop("MLFLOW_TRACKING_URI", None)
     log = (root / "server.log").open("ab")
     command = [
