@@ -355,7 +355,7 @@ def drain_section(results: Results) -> list[str]:
         f"{workload.describe()}, produced as fast as one thread can, straight to the server; "
         "then `flush()` until everything is in MLflow. Once with the default `queue_size` "
         "(the queue spills to the journal and the worker reads back from it), once with a "
-        "queue big enough for every event: these two send runs only (`traces=\"off\"`), "
+        'queue big enough for every event: these two send runs only (`traces="off"`), '
         "as the raw ceiling does. A third time with the default settings, where every step "
         "is also a span sent to `/v1/traces`: the server then stores a span per step besides "
         "its metric points, so that row is reported beside the target, not held to it. The "
