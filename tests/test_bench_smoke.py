@@ -85,7 +85,11 @@ def test_smoke_plan_writes_every_table(tmp_path: Path) -> None:
             assert "| yes: " in row or "| NO: " in row, row
 
     drain = table_after(text, "## Drain in the spilling regime")
-    assert [row.split(" | ")[0] for row in drain] == ["| spilling", "| not spilling"]
+    assert [row.split(" | ")[:2] for row in drain] == [
+        ["| spilling", "off"],
+        ["| not spilling", "off"],
+        ["| spilling, traces on", "on"],
+    ]
     for heading in ("## Hook cost in isolation", "## Latency sweep", "## Concurrency sweep"):
         assert heading in text
 

@@ -252,6 +252,40 @@ def test_create_retried_after_lost_answer_makes_one_run() -> None:
     assert "find_runs" in memory.calls
 
 
+@pytest.mark.parametrize("seen_at", ["later", "close"])
+def test_a_create_committed_after_the_run_ended_is_deleted(seen_at: str) -> None:
+    """A create whose answer was lost is still waiting in the server; the run is created again,
+    logged and ended. The late create commits after all that: the sink deletes it once its late
+    window is over, while running or, at the latest, at close."""
+    memory = MemoryTransport()
+    lost = {"count": 1}
+
+    def lose_first_create(call: str) -> Exception | None:
+        if call == "create_run" and lost["count"]:
+            lost["count"] -= 1
+            return TransientError("read timeout")  # never reached the store, here
+        return None
+
+    memory.fail = lose_first_create
+    sink = make_sink(memory, request_timeout=0.2, shutdown_timeout=10.0)
+    run_one(sink, "r")
+    assert sink.flush(20)
+    kept = memory.one("r")
+    assert kept.status == "FINISHED"
+    # The lost create commits now: a second active run with the same key, empty and RUNNING.
+    memory.fail = None
+    memory.create_run(
+        kept.experiment_id, run_name="r", start_time_ms=kept.start_time_ms, tags=kept.tags.items()
+    )
+    assert len(memory.by_name("r")) == 2
+    if seen_at == "close":
+        sink.close()
+    else:
+        assert wait_for(lambda: len(memory.by_name("r")) == 1, 20)
+    assert [run.run_uuid for run in memory.by_name("r")] == [kept.run_uuid]
+    sink.close()
+
+
 def test_a_refused_item_does_not_sink_the_batch() -> None:
     """MLflow refuses one param: it is isolated and counted, every other item lands."""
     memory = MemoryTransport()

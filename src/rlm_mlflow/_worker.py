@@ -99,6 +99,9 @@ class Worker:
             prefix=self.pipeline.prefix,
             experiment=config.experiment,
             transport=self._get_transport,
+            # A create given up on may still be waiting in the server (its own database
+            # timeouts, its queue): two request timeouts cover what servers keep waiting.
+            late_window=2 * config.request_timeout + 1.0,
         )
         # Traces never hold runs up: their requests are retried briefly, then kept for replay.
         traces_caller = Caller(
@@ -259,6 +262,7 @@ class Worker:
                 # request's round trip.
                 self._cycle_finished()
                 self._release_idle_journal()
+                await self.runs.recheck()
                 await self._idle()
                 continue
             if closing:
@@ -267,10 +271,12 @@ class Worker:
                     self.carry.clear()
                     await self._export(works)
                     continue
+                await self.runs.recheck(closing=True)
                 return
             self._cycle_finished()
             self._release_idle_journal()
             await self._maintain_journal()
+            await self.runs.recheck()
             await self._idle()
 
     async def _keep_journal_ready(self) -> None:

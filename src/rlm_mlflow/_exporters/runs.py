@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -169,11 +170,21 @@ class RunState:
     sent_params: list[tuple[str, str]] = field(default_factory=list)
     started: bool = False  # a real (not implicit) start was seen
     maybe_created: bool = False  # a create may have landed without us knowing its run
+    uncertain_at: float = 0.0  # time.monotonic() of the last create whose answer was lost
     look_first: bool = False  # the run may exist already (replay, a late event): look it up
     parent_pending: bool = False  # the parent link is still to be set
     last_step: int = -1
     ended: bool = False
     refused: str | None = None
+
+
+@dataclass
+class _Suspect:
+    """A run whose create answer was lost: looked up once more when ``due`` has come."""
+
+    run_id: str
+    keep: str  # the MLflow run we chose
+    due: float  # time.monotonic()
 
 
 class RunsExporter:
@@ -190,6 +201,7 @@ class RunsExporter:
         experiment: str,
         transport: Callable[[], Transport],
         replaying: bool = False,
+        late_window: float = 60.0,
     ) -> None:
         self.caller = caller
         self.counts = counts
@@ -204,6 +216,10 @@ class RunsExporter:
         self.ended: OrderedDict[int, RunRef] = OrderedDict()
         self.known: dict[str, list[RunRef]] = {}  # key -> runs found by a bulk search
         self.killed = 0  # replay: runs left open by a dead process, ended KILLED
+        # Runs whose create answer was lost: a server may still commit such a create after the
+        # run's end; each is looked up once more, ``late_window`` s after that create was sent.
+        self.late_window = late_window
+        self.suspects: dict[str, _Suspect] = {}
 
     @property
     def transport(self) -> Transport:
@@ -441,6 +457,7 @@ class RunsExporter:
         except TransientError as exc:
             if exc.maybe_committed:
                 state.maybe_created = True
+                state.uncertain_at = time.monotonic()
             raise
         if state.maybe_created:  # an earlier attempt may still have been committed
             found = transport.find_runs(experiment_id, state.key)
@@ -480,20 +497,53 @@ class RunsExporter:
         found = await self.caller.call(
             "find runs", self.transport.find_runs, self.experiment_id, state.key
         )
-        extra = [r for r in found if r.run_uuid != state.ref.run_uuid]
-        if extra:
+        await self._delete_extra(state.run_id, state.ref.run_uuid, found)
+        self.suspects[state.key] = _Suspect(
+            state.run_id, state.ref.run_uuid, state.uncertain_at + self.late_window
+        )
 
-            def delete() -> None:
-                for ref in extra:
-                    self.transport.delete_run(ref.run_uuid)
+    async def _delete_extra(self, run_id: str, keep: str, found: list[RunRef]) -> None:
+        extra = [r for r in found if r.run_uuid != keep]
+        if not extra:
+            return
 
-            await self.caller.call("delete duplicate runs", delete)
-            self.warnings.warn(
-                "duplicate_runs",
-                "rlm-mlflow run %s: %d duplicate MLflow runs committed late were deleted",
-                state.run_id,
-                len(extra),
-            )
+        def delete() -> None:
+            for ref in extra:
+                self.transport.delete_run(ref.run_uuid)
+
+        await self.caller.call("delete duplicate runs", delete)
+        self.warnings.warn(
+            "duplicate_runs",
+            "rlm-mlflow run %s: %d duplicate MLflow runs committed late were deleted",
+            run_id,
+            len(extra),
+        )
+
+    async def recheck(self, *, closing: bool = False) -> None:
+        """Look once more for duplicates of runs whose create answer was lost, once their late
+        window is over; closing, wait for the windows still open (the close deadline bounds it)."""
+        if not self.suspects or self.experiment_id is None:
+            return
+        for key, suspect in sorted(self.suspects.items(), key=lambda item: item[1].due):
+            wait = suspect.due - time.monotonic()
+            if wait > 0:
+                if not closing:
+                    continue
+                await anyio.sleep(wait)
+            try:
+                found = await self.caller.call(
+                    "find runs", self.transport.find_runs, self.experiment_id, key
+                )
+                await self._delete_extra(suspect.run_id, suspect.keep, found)
+            except Exception as exc:  # a look-up that fails never stops the worker
+                logger.warning(
+                    "rlm-mlflow run %s: could not look for duplicate MLflow runs: %s",
+                    suspect.run_id,
+                    self.caller.clean(str(exc)),
+                )
+                if not closing:
+                    continue  # looked for again at the next cycle
+            self.suspects.pop(key, None)
 
     async def _parent_uuid(self, state: RunState) -> str | None:
         """The MLflow run of the parent, by state or by key; None (and retried later) if unknown."""
