@@ -25,7 +25,12 @@ AGENT = Path(__file__).with_name("agent_process.py")
 
 def start_agent(mode: str, uri: str, experiment: str, journal_dir: Path) -> subprocess.Popen[str]:
     """Start the agent process and wait (with a deadline) until it says READY."""
-    env = {**os.environ, "RLM_MLFLOW_JOURNAL_DIR": str(journal_dir), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "RLM_MLFLOW_JOURNAL_DIR": str(journal_dir),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONFAULTHANDLER": "1",  # a hang is shown: SIGABRT dumps every thread's stack
+    }
     process = subprocess.Popen(
         [sys.executable, str(AGENT), mode, uri, experiment],
         stdout=subprocess.PIPE,
@@ -48,7 +53,13 @@ def start_agent(mode: str, uri: str, experiment: str, journal_dir: Path) -> subp
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
-    _, err = process.communicate(timeout=60)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, err = process.communicate(timeout=30)
+        stacks = err[-6000:]
+        raise AssertionError(f"the agent did not end within 60 s; its threads:\n{stacks}") from None
     return process.returncode, err
 
 

@@ -112,6 +112,29 @@ def test_sigterm_inside_a_hook_ends_the_run_killed_and_the_process_dies_of_it(
     assert_each_once(steps, range(10))
 
 
+@pytest.mark.parametrize("kind", ["reward", "step", "cumulative", "event"])
+def test_sigint_inside_a_hook_raises_when_the_hook_returns_with_the_step_kept(
+    agents: Spawn,
+    store: Store,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    kind: str,
+) -> None:
+    """SIGINT (Python's default handler: KeyboardInterrupt) while the main thread is inside a
+    hook: the interrupt is raised as the hook returns, never in the middle of writing its record.
+    The step the hook was taking lands, the run ends KILLED, the process dies of the interrupt."""
+    agent = agents("signal_in_hook.py", mlflow_server.uri, experiment_name, kind, "SIGINT")
+    agent.expect("ARMED")
+    code = agent.wait(30)
+    stderr = agent.stderr()
+    assert code in (-signal.SIGINT, 1), f"exit code {code}; stderr:\n{stderr[-2000:]}"
+    assert "KeyboardInterrupt" in stderr
+    assert "RETURNED" not in agent.lines  # the interrupt came out of the hook itself
+    runs = store.by_name(experiment_name)
+    assert runs["hooked"].info.status == "KILLED"
+    assert_each_once(store.steps(runs["hooked"]), range(11))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_sigterm_under_async_with_kills_the_run_and_the_process(

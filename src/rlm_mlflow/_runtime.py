@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any
 
 import anyio
@@ -250,6 +250,10 @@ def _close_all_at_exit() -> None:
 # -- signals -----------------------------------------------------------------------------------
 
 _previous_signal: dict[int, Any] = {}
+# A signal whose handler raises (SIGINT's KeyboardInterrupt, a program's own handler) is not
+# run in the middle of a hook, where it would cut a record in two: the hook runs it on return.
+_hook_codes: frozenset[CodeType] = frozenset()
+deferred_signal: tuple[Callable[[int, FrameType | None], Any], int] | None = None
 _reraising: set[int] = set()
 _reraise_after_exit: int | None = None
 _process_hooks = False
@@ -274,8 +278,38 @@ def install_signal_handlers() -> None:
         _previous_signal[signum] = current
 
 
+def protect(*functions: Callable[..., Any]) -> None:
+    """Signals arriving while one of ``functions`` runs on the main thread wait for its end."""
+    global _hook_codes
+    _hook_codes = _hook_codes | {f.__code__ for f in functions}
+
+
+def _inside_a_hook(frame: FrameType | None) -> bool:
+    depth = 0
+    while frame is not None and depth < 64:
+        if frame.f_code in _hook_codes:
+            return True
+        frame, depth = frame.f_back, depth + 1
+    return False
+
+
+def run_deferred_signal() -> None:
+    """Called by a hook as it returns: run the handler a signal during the hook was kept for."""
+    global deferred_signal
+    deferred, deferred_signal = deferred_signal, None
+    if deferred is not None and threading.current_thread() is threading.main_thread():
+        handler, signum = deferred
+        handler(signum, sys._getframe(1))
+    elif deferred is not None:
+        deferred_signal = deferred  # another thread's hook: the main thread's runs it
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    global _reraise_after_exit
+    global _reraise_after_exit, deferred_signal
     previous = _previous_signal.get(signum, signal.SIG_DFL)
     if signum in _reraising:  # the sinks are closed: die of the signal, as was asked
         _die(signum)
@@ -285,9 +319,15 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     for worker in workers:
         worker.pipeline.end_status = "KILLED"
     if callable(previous) and previous is not signal.default_int_handler:
+        if _inside_a_hook(frame):
+            deferred_signal = (previous, signum)
+            return
         previous(signum, frame)  # the program's own handler decides; exit hooks close us
         return
     if signum == signal.SIGINT and previous is signal.default_int_handler:
+        if _inside_a_hook(frame):
+            deferred_signal = (_raise_interrupt, signum)
+            return
         raise KeyboardInterrupt  # Python's default: unwinds, then the exit hook closes us
     # The default action (die): let the background thread close every sink, then die of it.
     if current is None or not any(not w.stopped.is_set() for w in workers):

@@ -33,6 +33,9 @@ from ._worker import Worker
 logger = logging.getLogger("rlm_mlflow")
 
 
+_runtime.protect(Pipeline.start, Pipeline.step, Pipeline.end)
+
+
 def default_transport_factory(tracking_uri: str | None, request_timeout: float) -> Transport:
     """The fastest way to reach the store: plain HTTP for a server, ``MlflowClient`` otherwise."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -177,6 +180,8 @@ class MLflowSink:
         Returns at once; never raises.
         """
         self._pipeline.start(run_id, task, environment, params)
+        if _runtime.deferred_signal is not None:  # a signal came during the hook
+            _runtime.run_deferred_signal()
 
     def on_step(
         self, run_id: str, *, event: dict[str, Any], cumulative_reward: float | None
@@ -185,12 +190,16 @@ class MLflowSink:
         ``event["step"]``, stamped with the time of this call; a step without rewards (None)
         logs no reward metric. Returns at once; never raises."""
         self._pipeline.step(run_id, event, cumulative_reward)
+        if _runtime.deferred_signal is not None:  # a signal came during the hook
+            _runtime.run_deferred_signal()
 
     def on_run_end(self, run_id: str, *, result: Any, run_path: Path | str | None) -> None:
         """A run ended: queue ``completed``, ``steps``, ``total_reward`` (read from ``result``'s
         attributes or keys), the upload of ``run_path`` (a file or a directory) and the end of
         the run (FINISHED). Returns at once; never raises."""
         self._pipeline.end(run_id, result, run_path)
+        if _runtime.deferred_signal is not None:  # a signal came during the hook
+            _runtime.run_deferred_signal()
 
     # -- the worker -----------------------------------------------------------------------------
 

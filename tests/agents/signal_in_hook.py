@@ -1,6 +1,6 @@
-"""An agent that receives SIGTERM while its main thread is inside a hook.
+"""An agent that receives SIGTERM (or SIGINT) while its main thread is inside a hook.
 
-Usage: signal_in_hook.py TRACKING_URI EXPERIMENT KIND
+Usage: signal_in_hook.py TRACKING_URI EXPERIMENT KIND [SIGNAL]
 
 The run ``hooked`` gets ten steps, which are flushed; the agent prints ``ARMED`` and calls one
 more hook carrying a value that sends SIGTERM to the process the moment the sink touches it
@@ -10,7 +10,8 @@ more hook carrying a value that sends SIGTERM to the process the moment the sink
 - ``param``: a param of a new run's start, ``event``: the event itself (a Mapping whose reads
   send the signal).
 
-SIGTERM's action is the default: the process must die of it, after the sink ended the run KILLED.
+SIGNAL is ``SIGTERM`` (the default) or ``SIGINT``; its action is Python's default: the process
+must die of it (SIGINT: of the KeyboardInterrupt it raises), after the sink ended the run KILLED.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from typing import Any
 from agentkit import make_sink, say, step
 
 _fired = threading.Event()
+_signal = signal.Signals[sys.argv[4]] if len(sys.argv) > 4 else signal.SIGTERM
 
 
 def _fire() -> None:
     if not _fired.is_set():
         _fired.set()
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), _signal)
 
 
 class Bomb:
@@ -111,6 +113,7 @@ def main() -> None:
         sink.on_step("hooked", event=event, cumulative_reward=11.0)
     else:
         raise SystemExit(f"unknown kind {kind}")
+    say("RETURNED")  # the hook returned, whatever the signal did inside it
     # Still alive: the value was never touched on this thread, or the handler returned.
     # Touch it here, outside any hook, so the signal arrives in every case.
     _fire()
