@@ -9,6 +9,7 @@ It prints ``READY`` on stdout once the events the test relies on have been hande
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,6 +29,9 @@ def ready() -> None:
 
 def main() -> None:
     mode, uri, experiment = sys.argv[1:4]
+    # SIGINT raises KeyboardInterrupt, as in a terminal, whatever this process inherited (a
+    # program started in the background by a shell has SIGINT ignored, and so its children).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sink = MLflowSink(
         enabled=True,
         experiment=experiment,

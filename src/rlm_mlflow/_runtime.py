@@ -296,12 +296,12 @@ def _inside_a_hook(frame: FrameType | None) -> bool:
 def run_deferred_signal() -> None:
     """Called by a hook as it returns: run the handler a signal during the hook was kept for."""
     global deferred_signal
+    if threading.current_thread() is not threading.main_thread():
+        return  # the hook the signal came in is on the main thread: it runs the handler
     deferred, deferred_signal = deferred_signal, None
-    if deferred is not None and threading.current_thread() is threading.main_thread():
+    if deferred is not None:
         handler, signum = deferred
         handler(signum, sys._getframe(1))
-    elif deferred is not None:
-        deferred_signal = deferred  # another thread's hook: the main thread's runs it
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

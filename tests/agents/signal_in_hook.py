@@ -92,6 +92,9 @@ class BombEvent(Mapping[str, Any]):
 
 def main() -> None:
     uri, experiment, kind = sys.argv[1:4]
+    # SIGINT raises KeyboardInterrupt, as in a terminal, whatever this process inherited (a
+    # program started in the background by a shell has SIGINT ignored, and so its children).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sink = make_sink(uri, experiment, shutdown_timeout=2.0)
     sink.on_run_start("hooked", task="t", environment="e", params={"kind": kind})
     for number in range(10):

@@ -42,6 +42,8 @@ logger = logging.getLogger("rlm_mlflow")
 
 #: Runs whose data is sent at the same time (each run's own writes stay in order).
 CONCURRENT_RUNS = 4
+#: How long, at least, runs whose create answer was lost are looked for duplicates.
+LATE_HORIZON = 300.0
 #: Ended runs remembered, so that a late event finds its MLflow run without a search.
 ENDED_MEMORY = 1024
 #: Codes for which splitting a refused batch cannot help: the whole run is concerned.
@@ -180,11 +182,15 @@ class RunState:
 
 @dataclass
 class _Suspect:
-    """A run whose create answer was lost: looked up once more when ``due`` has come."""
+    """A run whose create answer was lost: looked up again when ``due`` has come, at growing
+    intervals until ``until`` (a request can wait in a busy server far longer than its client
+    waited for it), and once more at close."""
 
     run_id: str
     keep: str  # the MLflow run we chose
     due: float  # time.monotonic()
+    interval: float
+    until: float
 
 
 class RunsExporter:
@@ -498,8 +504,13 @@ class RunsExporter:
             "find runs", self.transport.find_runs, self.experiment_id, state.key
         )
         await self._delete_extra(state.run_id, state.ref.run_uuid, found)
+        due = state.uncertain_at + self.late_window
         self.suspects[state.key] = _Suspect(
-            state.run_id, state.ref.run_uuid, state.uncertain_at + self.late_window
+            state.run_id,
+            state.ref.run_uuid,
+            due=due,
+            interval=self.late_window,
+            until=due + max(LATE_HORIZON, 10 * self.late_window),
         )
 
     async def _delete_extra(self, run_id: str, keep: str, found: list[RunRef]) -> None:
@@ -520,16 +531,13 @@ class RunsExporter:
         )
 
     async def recheck(self, *, closing: bool = False) -> None:
-        """Look once more for duplicates of runs whose create answer was lost, once their late
-        window is over; closing, wait for the windows still open (the close deadline bounds it)."""
+        """Look again for duplicates of runs whose create answer was lost, when due; closing,
+        look for all of them at once (a close does not wait for late windows)."""
         if not self.suspects or self.experiment_id is None:
             return
         for key, suspect in sorted(self.suspects.items(), key=lambda item: item[1].due):
-            wait = suspect.due - time.monotonic()
-            if wait > 0:
-                if not closing:
-                    continue
-                await anyio.sleep(wait)
+            if suspect.due > time.monotonic() and not closing:
+                continue
             try:
                 found = await self.caller.call(
                     "find runs", self.transport.find_runs, self.experiment_id, key
@@ -543,7 +551,10 @@ class RunsExporter:
                 )
                 if not closing:
                     continue  # looked for again at the next cycle
-            self.suspects.pop(key, None)
+            suspect.interval *= 2
+            suspect.due = time.monotonic() + suspect.interval
+            if closing or suspect.due > suspect.until:
+                self.suspects.pop(key, None)
 
     async def _parent_uuid(self, state: RunState) -> str | None:
         """The MLflow run of the parent, by state or by key; None (and retried later) if unknown."""
