@@ -475,7 +475,12 @@ def task_close(spec: Spec) -> dict[str, Any]:
         "ours",
         spec["uri"],
         spec["experiment"],
-        {"queue_size": 2 * pending, "flush_interval": 3600.0, "batch_trigger": 10**9},
+        {
+            "queue_size": 2 * pending,
+            "flush_interval": 3600.0,
+            "batch_trigger": 10**9,
+            **spec.get("options", {}),
+        },
     )
     workload = RlmWorkload(runs=runs, threads=1, steps=pending // runs, interleave=True)
     calls = workload.scripts(Path(spec["folder"]), "close")[0]
