@@ -703,7 +703,7 @@ def traces_section(results: Results) -> list[str]:
         replayed = "-"
         if "after_replay" in row:
             report = row["replay"]["report"]
-            sent = report.get("events sent", "?")
+            sent = report.get("sent now", "").split(" ")[0] or "?"
             replayed = (
                 f"{_readback_text(row['after_replay'], exit_workload.runs, exit_workload.spans)}"
                 f"; {_runs_text(row.get('runs_after_replay'), exit_workload.total_runs)}"
