@@ -275,7 +275,10 @@ def test_a_create_committed_after_the_run_ended_is_deleted(seen_at: str) -> None
     # The lost create commits now: a second active run with the same key, empty and RUNNING.
     memory.fail = None
     memory.create_run(
-        kept.experiment_id, run_name="r", start_time_ms=kept.start_time_ms, tags=kept.tags.items()
+        kept.experiment_id,
+        run_name="r",
+        start_time_ms=kept.start_time_ms,
+        tags=list(kept.tags.items()),
     )
     assert len(memory.by_name("r")) == 2
     if seen_at == "close":
