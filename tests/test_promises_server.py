@@ -202,6 +202,34 @@ def test_hooks_racing_close_leave_every_event_accounted_and_no_run_running(
     assert not problems, f"{problems}; status {status}"
 
 
+@pytest.mark.slow
+def test_a_close_too_short_for_the_steps_still_ends_the_run_and_keeps_the_rest(
+    proxy: FaultProxy,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """1 s per request, 3,000 steps pending (six log_batch requests) and the run's end, then
+    close(2.5): the end goes ahead of the steps, so the run is FINISHED at the server; the steps
+    the deadline left are kept, and a replay lands every step once."""
+    sink = make_sink(proxy.uri, experiment_name, flush_interval=60.0, batch_trigger=10**9)
+    start(sink, "long")
+    assert sink.flush(WAIT)  # the run exists, as after a while of running
+    proxy.set(latency=1.0)
+    steps(sink, "long", range(3000))
+    end(sink, "long", 3000)
+    close_within(sink, 2.5)
+    store = Store(mlflow_server.uri)
+    run = store.by_name(experiment_name)["long"]
+    assert run.info.status == "FINISHED"
+    assert len(store.steps(run)) < 3000  # the deadline did cut the steps short
+    assert sink.status()["deferred"] > 0
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert report.failed == 0
+    assert_each_once(store.steps(store.by_name(experiment_name)["long"]), range(3000))
+
+
 # -- 13. run creation is exactly once ----------------------------------------------------------
 
 
