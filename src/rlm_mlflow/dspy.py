@@ -341,7 +341,7 @@ class RLMCallback(_BaseCallback):  # type: ignore[misc]  # DSPy ships no type in
     # Calls that only need to be known as made inside a run (a sub-agent or an LM call may
     # be made inside them, on another thread).
 
-    def _enter(self, call_id: str) -> None:
+    def _enter(self, call_id: str, instance: Any = None, inputs: Any = None) -> None:
         if self._off:
             return
         parent_id = _ACTIVE_CALL_ID.get()
@@ -350,43 +350,16 @@ class RLMCallback(_BaseCallback):  # type: ignore[misc]  # DSPy ships no type in
             if owner is not None:
                 self._owner[call_id] = owner
 
-    def _leave(self, call_id: str) -> None:
+    def _leave(
+        self, call_id: str, outputs: Any | None = None, exception: BaseException | None = None
+    ) -> None:
         if not self._off:
             self._owner.pop(call_id, None)
 
-    def on_interpreter_tool_call_start(
-        self, call_id: str, instance: Any, inputs: dict[str, Any]
-    ) -> None:
-        self._enter(call_id)
-
-    def on_interpreter_tool_call_end(
-        self, call_id: str, outputs: Any | None, exception: BaseException | None = None
-    ) -> None:
-        self._leave(call_id)
-
-    def on_tool_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        self._enter(call_id)
-
-    def on_tool_end(
-        self, call_id: str, outputs: Any | None, exception: BaseException | None = None
-    ) -> None:
-        self._leave(call_id)
-
-    def on_adapter_format_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        self._enter(call_id)
-
-    def on_adapter_format_end(
-        self, call_id: str, outputs: Any | None, exception: BaseException | None = None
-    ) -> None:
-        self._leave(call_id)
-
-    def on_adapter_parse_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        self._enter(call_id)
-
-    def on_adapter_parse_end(
-        self, call_id: str, outputs: Any | None, exception: BaseException | None = None
-    ) -> None:
-        self._leave(call_id)
+    on_interpreter_tool_call_start = on_tool_start = _enter
+    on_adapter_format_start = on_adapter_parse_start = _enter
+    on_interpreter_tool_call_end = on_tool_end = _leave
+    on_adapter_format_end = on_adapter_parse_end = _leave
 
     # -- runs and steps ---------------------------------------------------------------------
 
