@@ -171,8 +171,9 @@ class RunState:
     params: list[tuple[str, str]] = field(default_factory=list)  # not sent yet
     sent_params: list[tuple[str, str]] = field(default_factory=list)
     started: bool = False  # a real (not implicit) start was seen
-    maybe_created: bool = False  # a create may have landed without us knowing its run
-    uncertain_at: float = 0.0  # time.monotonic() of the last create whose answer was lost
+    # time.monotonic() of the last create whose answer was lost (None: none was): such a
+    # create may have landed without us knowing its run.
+    create_lost_at: float | None = None
     look_first: bool = False  # the run may exist already (replay, a late event): look it up
     parent_pending: bool = False  # the parent link is still to be set
     last_step: int = -1
@@ -449,7 +450,7 @@ class RunsExporter:
     ) -> RunRef:
         """On a thread: the run of ``state``, found (after a lost answer) or created."""
         transport = self.transport
-        if state.look_first or state.maybe_created:
+        if state.look_first or state.create_lost_at is not None:
             found = self.known.get(state.key) or transport.find_runs(experiment_id, state.key)
             if found:
                 return self._keep_one(state, found, None)
@@ -462,10 +463,9 @@ class RunsExporter:
             )
         except TransientError as exc:
             if exc.maybe_committed:
-                state.maybe_created = True
-                state.uncertain_at = time.monotonic()
+                state.create_lost_at = time.monotonic()
             raise
-        if state.maybe_created:  # an earlier attempt may still have been committed
+        if state.create_lost_at is not None:  # an earlier attempt may have been committed
             found = transport.find_runs(experiment_id, state.key)
             if len(found) > 1:
                 ref = self._keep_one(state, found, ref.run_uuid)
@@ -498,13 +498,14 @@ class RunsExporter:
 
     async def _repair(self, state: RunState) -> None:
         """At a run's end: delete duplicates a slow server committed after we chose our run."""
-        if not state.maybe_created or state.ref is None or self.experiment_id is None:
+        lost_at = state.create_lost_at
+        if lost_at is None or state.ref is None or self.experiment_id is None:
             return
         found = await self.caller.call(
             "find runs", self.transport.find_runs, self.experiment_id, state.key
         )
         await self._delete_extra(state.run_id, state.ref.run_uuid, found)
-        due = state.uncertain_at + self.late_window
+        due = lost_at + self.late_window
         self.suspects[state.key] = _Suspect(
             state.run_id,
             state.ref.run_uuid,
