@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._config import config_from_env, redact_uri
+from ._config import config_from_env, redact_text, redact_uri
 
 if TYPE_CHECKING:
     from ._replay import ReplayReport
@@ -20,11 +20,24 @@ if TYPE_CHECKING:
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import print_report, run_demo
 
+    workdir = Path(args.workdir).resolve()
+    uri = (
+        args.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{workdir}/mlflow.db"
+    )
+    problem = store_problem(uri, timeout=5.0)
+    if problem:
+        print(f"problem: {problem}")
+        print(
+            "the demo did not run: fix the above, or unset MLFLOW_TRACKING_URI to use ./mlflow.db"
+        )
+        return 2
     report = run_demo(
         tasks=args.tasks,
         experiment=args.experiment,
-        tracking_uri=args.tracking_uri,
-        workdir=Path(args.workdir),
+        tracking_uri=uri,
+        workdir=workdir,
     )
     print_report(report)
     return 0 if report["flushed"] else 1
@@ -139,9 +152,7 @@ def _status(args: argparse.Namespace) -> int:
     elif uri and uri.startswith(("http://", "https://")):
         print(f"server            {_probe(uri, args.timeout, problems, config.experiment)}")
     elif uri and mlflow_found:
-        from ._transports.client import embedded_store_problem
-
-        missing = embedded_store_problem(uri)
+        missing = store_problem(uri, timeout=args.timeout)
         if missing:
             problems.append(missing)
     print(f"journal           {_journal_summary(config.journal, config.journal_dir)}")
@@ -178,13 +189,20 @@ KNOWN_SCHEMES = frozenset(
 
 def tracking_uri_problem(uri: str) -> str | None:
     """What is wrong with a tracking URI's form, if anything (the server is not asked)."""
+    import re
     from urllib.parse import urlsplit
 
     shown = redact_uri(uri)
     try:
         parts = urlsplit(uri)
+        parts.port  # noqa: B018 (raises on a port out of range)
     except ValueError as exc:
-        return f"MLFLOW_TRACKING_URI is not a valid URI ({exc})"
+        return f"MLFLOW_TRACKING_URI={shown!r} is not a valid URI ({exc})"
+    if re.fullmatch(r"[A-Za-z0-9.-]+:[0-9]{1,5}(/\S*)?", uri):
+        return (
+            f"MLFLOW_TRACKING_URI={shown!r} looks like a server's address without its scheme: "
+            f"write http://{uri}"
+        )
     scheme = parts.scheme.lower()
     if not scheme or len(scheme) == 1:  # a path (or a Windows drive letter): a file store
         return None
@@ -207,6 +225,81 @@ def tracking_uri_problem(uri: str) -> str | None:
     if base == "file" and not parts.path:
         return f"MLFLOW_TRACKING_URI={shown!r} names no folder: file:///path/to/mlruns"
     return None
+
+
+def store_problem(uri: str, *, timeout: float) -> str | None:
+    """Why the store at ``uri`` cannot be used from here, if it cannot: a malformed URI, a
+    server that does not answer, a database that cannot be reached, a file store that this
+    MLflow refuses. Asks the store once, within about ``timeout`` seconds."""
+    invalid = tracking_uri_problem(uri)
+    if invalid:
+        return invalid
+    shown = redact_uri(uri) or uri
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as exc:
+            return (
+                f"the tracking server at {shown} does not answer ({type(exc).__name__}); "
+                "is it running, and is the URI right?"
+            )
+        return None
+    if importlib.util.find_spec("mlflow") is None:
+        return None  # said on its own
+    from ._transports.client import embedded_store_problem
+
+    missing = embedded_store_problem(uri)
+    if missing:
+        return missing
+    if uri.startswith(("postgresql", "mysql", "mssql")):
+        return _database_problem(uri, shown, timeout)
+    if uri.startswith("file:") or "://" not in uri:
+        return _file_store_problem(shown)
+    return None
+
+
+def _database_problem(uri: str, shown: str, timeout: float) -> str | None:
+    """Connect to the database once, on a thread that is left behind if it hangs."""
+    import concurrent.futures
+
+    def connect() -> None:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        pool.submit(connect).result(timeout=max(timeout, 1.0))
+    except concurrent.futures.TimeoutError:
+        return f"the database at {shown} does not answer within {timeout:g} s"
+    except Exception as exc:
+        reason = redact_text(str(exc).splitlines()[0] if str(exc) else "", uri)
+        return f"the database at {shown} cannot be used ({type(exc).__name__}: {reason[:300]})"
+    finally:
+        pool.shutdown(wait=False)
+    return None
+
+
+def _file_store_problem(shown: str) -> str | None:
+    try:
+        from mlflow import environment_variables
+    except Exception:
+        return None
+    allow = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
+    if allow is None or allow.get():
+        return None
+    return (
+        f"MLFLOW_TRACKING_URI={shown!r} is a file store, which this MLflow refuses "
+        "(it keeps file stores in maintenance mode): use sqlite:///mlflow.db, a server "
+        "(http://...), or set MLFLOW_ALLOW_FILE_STORE=true"
+    )
 
 
 def _plugin_schemes() -> set[str]:
