@@ -324,7 +324,8 @@ def _journal_summary(enabled: bool, folder: str | None) -> str:
         stats = ScanStats()
         for path in journal_segments(journal):
             backlog += sum(1 for r in scan_segment(path, stats) if not r.finished)
-    text = f"{root}  ({len(journals)} journals, {backlog} events not yet confirmed sent)"
+    count = f"{len(journals)} journal{'' if len(journals) == 1 else 's'}"
+    text = f"{root}  ({count}, {backlog} events not yet confirmed sent)"
     if journals:
         text += "; 'rlm-mlflow replay' sends those of processes that have ended"
     return text
