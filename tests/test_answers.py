@@ -264,6 +264,30 @@ def test_413_on_v1_traces_splits_the_spans_until_they_fit(
 
 
 @pytest.mark.integration
+def test_413_on_log_batch_splits_down_to_one_item_and_counts_the_one_too_large(
+    proxy: FaultProxy, store: Store, experiment_name: str
+) -> None:
+    """A 4 KB body limit (an HTML 413 from the proxy): metric batches are split until they fit
+    and every point lands; the one param too large alone is refused and counted, the params
+    beside it land."""
+    with sink_for(proxy, experiment_name) as sink:
+        proxy.set(body_limit=4_000)
+        params = {"small": 1, "big": "x" * 5_000, "other": "y"}
+        sink.on_run_start("limited", task="t", environment="e", params=params)
+        steps(sink, "limited", 200)
+        sink.on_run_end("limited", result={"completed": True}, run_path=None)
+        sink.flush(WAIT)
+        status = sink.status()
+    assert status["dropped"] == {}
+    assert status["refused"] == 1
+    assert_run_landed(store, experiment_name, "limited", 200)
+    run = store.run(experiment_name, "limited")
+    assert run.data.params["small"] == "1"
+    assert run.data.params["other"] == "y"
+    assert "big" not in run.data.params
+
+
+@pytest.mark.integration
 def test_a_301_never_turns_a_post_into_a_get_and_is_said_once(
     proxy: FaultProxy,
     store: Store,
