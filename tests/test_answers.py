@@ -14,15 +14,16 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import requests
 
 from promises_support import Store, wait_until
-from rlm_mlflow import MLflowSink, PermanentError, StoreRefused, TransientError
+from rlm_mlflow import MLflowSink, PermanentError, StoreRefused, TransientError, TransportError
 from rlm_mlflow._transports.http import REDIRECTED, TOO_LARGE, classify
-from rlm_mlflow._transports.rest import shared_transport
+from rlm_mlflow._transports.rest import RestTransport, shared_transport
 from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
 
 FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.05, "retry_max_wait": 0.5}
@@ -117,6 +118,58 @@ def test_overload_and_server_errors_are_transient_with_retry_after(status: int) 
     with pytest.raises(TransientError) as raised:
         classify(answer(status, HTML, {"Retry-After": "7"}), "x")
     assert raised.value.retry_after == 7.0
+
+
+class _OldServer(BaseHTTPRequestHandler):
+    """A server without OTLP ingest: /v1/traces is a plain 404 page; /version says which."""
+
+    protocol_version = "HTTP/1.1"
+    version = "3.1.4"
+
+    def do_GET(self) -> None:
+        if self.path == "/version":
+            self._send(200, self.version.encode())
+        else:
+            self._send(404, HTML)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self._send(404, HTML)
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain" if status == 200 else "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("version", "unsupported"), [("3.1.4", True), ("3.7.0", False)])
+def test_a_404_page_on_v1_traces_means_no_ingest_only_from_a_server_older_than_3_6(
+    version: str, unsupported: bool
+) -> None:
+    handler = type("Handler", (_OldServer,), {"version": version})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="old-server")
+    thread.start()
+    transport = RestTransport(f"http://127.0.0.1:{server.server_address[1]}", timeout=10.0)
+    try:
+        with pytest.raises(TransportError) as raised:
+            transport.export_spans("1", None, b"")
+    finally:
+        transport.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+    if unsupported:
+        assert isinstance(raised.value, PermanentError)
+        assert raised.value.code == "TRACES_UNSUPPORTED"
+    else:
+        assert isinstance(raised.value, TransientError)
 
 
 # -- a custom transport's refusal ---------------------------------------------------------------
