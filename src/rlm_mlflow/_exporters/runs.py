@@ -276,15 +276,21 @@ class RunsExporter:
         self.experiment_id = None
 
     async def probe(self) -> None:
-        """A cheap request that succeeds when the store takes our writes (StoreRefused if not)."""
+        """A cheap request that succeeds when the store takes our writes (StoreRefused if not).
+
+        It reads: when reads pass while writes were refused, the writes are due again only
+        now and then (:meth:`Caller.write_try_due`); until then the block stands."""
+        caller = self.caller
         if self.experiment_id is None:
-            self.experiment_id = await self.caller.once(
+            self.experiment_id = await caller.once(
                 "get or create experiment", self.transport.get_or_create_experiment, self.experiment
             )
         else:
-            await self.caller.once(
+            await caller.once(
                 "check experiment", self.transport.check_experiment, self.experiment_id
             )
+        if caller.refused is not None and not caller.write_try_due():
+            raise StoreRefused(caller.refused)
 
     async def load_known(self) -> None:
         """Replay: find every run this sink created, in one search."""
@@ -862,6 +868,10 @@ class RunsExporter:
             describe(value),
             level=logging.INFO,
         )
+
+    def count_rejected(self, reason: str) -> None:
+        """Count one value that cannot be sent (status()'s ``rejected``)."""
+        self._rejected(reason)
 
     def _failed(self, message: str) -> None:
         self.caller.note_error(message)
