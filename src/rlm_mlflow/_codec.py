@@ -341,6 +341,77 @@ def step_detail(
     ), counts
 
 
+#: The fields of a step event that the detail block reads, by the mapping they sit in.
+_DETAIL_FIELDS = {
+    "action": ("action", "code", "rationale"),
+    "observation": ("stdout", "stderr", "success", "execution_time"),
+    "usage": (
+        "prompt_tokens",
+        "input_tokens",
+        "completion_tokens",
+        "output_tokens",
+        "total_tokens",
+        "total_calls",
+        "calls",
+    ),
+}
+_CALL_FIELDS = ("model", "input", "output", "usage", "start_ns", "end_ns")
+
+
+def careful_step_detail(
+    event: Mapping[str, Any], texts: bool, children: Counts | None = None
+) -> tuple[bytes, Counts | None, list[str]]:
+    """:func:`step_detail` for an event on which it raised: each field is read on its own into
+    plain dicts, a field that cannot be read or kept is left out, and what was left out is said
+    (``problems``). The rest of the step (its rewards first) is kept. Never raises."""
+    problems: list[str] = []
+
+    def read(mapping: Any, name: str, where: str) -> Any:
+        try:
+            return mapping.get(name)
+        except Exception as exc:
+            problems.append(f"{where}{name} could not be read ({type(exc).__name__})")
+            return None
+
+    def plain_mapping(value: Any, names: tuple[str, ...], where: str) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        return {name: read(value, name, where) for name in names}
+
+    clean: dict[str, Any] = {}
+    for name, names in _DETAIL_FIELDS.items():
+        clean[name] = plain_mapping(read(event, name, ""), names, f"{name}.")
+    clean["depth"] = read(event, "depth", "")
+    observation = clean["observation"]
+    if isinstance(observation, dict):
+        elapsed = observation.get("execution_time")
+        if type(elapsed) is int and not -(2**1023) < elapsed < 2**1023:
+            problems.append(f"observation.execution_time is an int of {elapsed.bit_length()} bits")
+            observation["execution_time"] = None
+    calls = read(event, "llm_calls", "")
+    if isinstance(calls, list | tuple):
+        try:
+            kept = []
+            for index, given in enumerate(calls[:MAX_CALLS]):
+                if isinstance(given, Mapping):
+                    where = f"llm_calls[{index}]."
+                    call = plain_mapping(given, _CALL_FIELDS, where)
+                    usage = call["usage"]
+                    call["usage"] = plain_mapping(usage, _DETAIL_FIELDS["usage"], where + "usage.")
+                    kept.append(call)
+                else:
+                    kept.append(given)
+            clean["llm_calls"] = kept
+        except Exception as exc:
+            problems.append(f"llm_calls could not be read ({type(exc).__name__})")
+    try:
+        detail, used = step_detail(clean, texts, children)
+    except Exception as exc:  # defensive: every field above is plain
+        problems.append(f"the step's detail could not be read ({type(exc).__name__})")
+        detail, used = b"", None
+    return detail, used, problems
+
+
 def _model_calls(calls: object, texts: bool) -> bytes:
     """Model calls of a step (``llm_calls``: dicts with model, input, output, usage, start_ns,
     end_ns) as compact JSON, texts cut; b"" when there is nothing usable."""
