@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from promises_support import Store
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MemoryTransport, MlflowServer
 
@@ -106,6 +107,13 @@ def test_an_array_as_parent_run_id_is_an_unknown_parent_not_a_lost_run() -> None
     assert sink.status()["rejected"]["parent_unknown"] == 1
 
 
+def traces_of(store: Store, experiment: str) -> list[Any]:
+    experiment_id = store.experiment_id(experiment)
+    assert experiment_id is not None
+    found: list[Any] = store.client.search_traces(locations=[experiment_id])
+    return found
+
+
 def final_responses() -> list[tuple[str, Callable[[], Any]]]:
     np = pytest.importorskip("numpy")
     pd = pytest.importorskip("pandas")
@@ -143,3 +151,143 @@ def test_an_array_or_dataframe_final_response_ends_the_run_finished_with_its_sum
         assert run.data.metrics["completed"] == 1.0, name
         assert run.data.metrics["total_reward"] == 1.0, name
         assert run.data.metrics["steps"] == 1.0, name
+
+
+@pytest.mark.integration
+def test_a_lone_surrogate_in_a_param_is_replaced_and_every_param_beside_it_lands(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """MLflow answers 200 to a param value holding a lone surrogate, stores '' and loses every
+    param after it in the request: the value is sent with U+FFFD instead, counted, said once."""
+    caplog.set_level(logging.WARNING, logger="rlm_mlflow")
+    params: dict[str, Any] = {f"a{n:02}": n for n in range(10)}
+    params["hostile"] = "x\ud800y"
+    params.update({f"z{n:02}": f"v{n}" for n in range(10)})
+    with MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, flush_interval=0.1
+    ) as sink:
+        for run_id in ("first", "second"):
+            sink.on_run_start(run_id, task="t", environment="e", params=params)
+            sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+            sink.on_run_end(run_id, result={"completed": True}, run_path=None)
+        assert sink.flush(60)
+        status = sink.status()
+    assert status["rejected"].get("text_replaced", 0) >= 2, status["rejected"]
+    said = [r.getMessage() for r in caplog.records if "surrogate" in r.getMessage()]
+    assert len(said) == 1, said
+    for run_id in ("first", "second"):
+        stored = store.run(experiment_name, run_id).data.params
+        for key, value in params.items():
+            if key != "hostile":
+                assert stored[key] == str(value), (run_id, key)
+        assert stored["hostile"] == "x\ufffdy"
+
+
+@pytest.mark.integration
+def test_a_run_id_with_a_lone_surrogate_names_its_run_and_its_run_id_tag(
+    mlflow_server: MlflowServer, experiment_name: str, store: Store
+) -> None:
+    run_id = "run-\udc80-surrogate"
+    clean = "run-\ufffd-surrogate"
+    with MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, flush_interval=0.1
+    ) as sink:
+        sink.on_run_start(run_id, task="t", environment="e", params={"good": 1})
+        sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        sink.on_run_end(run_id, result={"completed": True}, run_path=None)
+        assert sink.flush(60)
+        status = sink.status()
+    assert status["rejected"].get("text_replaced", 0) >= 1, status["rejected"]
+    (run,) = store.runs(experiment_name)
+    assert run.info.run_name == clean
+    assert run.data.tags["run_id"] == clean
+    assert run.data.params["good"] == "1"
+    assert run.info.status == "FINISHED"
+    (trace,) = traces_of(store, experiment_name)
+    assert trace.info.tags["run_id"] == clean
+
+
+@pytest.mark.integration
+def test_a_very_long_run_id_is_cut_to_mlflow_s_limits_and_its_spans_land(
+    mlflow_server: MlflowServer, experiment_name: str, store: Store
+) -> None:
+    run_id = "r" * 10_000
+    with MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, flush_interval=0.1
+    ) as sink:
+        sink.on_run_start(run_id, task="t", environment="e", params={})
+        sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        sink.on_run_end(run_id, result={"completed": True}, run_path=None)
+        assert sink.flush(60)
+        status = sink.status()
+    assert status["dropped"] == {}, status
+    (run,) = store.runs(experiment_name)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == run_id[:250]
+    (trace,) = traces_of(store, experiment_name)
+    assert len(trace.data.spans) == 2  # the run and its step
+    assert trace.info.tags["mlflow.traceName"] == run_id[:250]
+
+
+def test_every_text_a_record_gives_the_worker_is_valid_utf8() -> None:
+    """Hooks keep a lone surrogate as it came (no cost on their path); the worker's decoding is
+    the one door to MLflow, live or replayed: there it becomes U+FFFD and the event says so."""
+    from rlm_mlflow import _codec
+    from rlm_mlflow._events import RunEnd, RunStart, Step
+
+    start = _codec.decode(
+        _codec.encode_start(
+            1,
+            1,
+            run_id="r\ud800",
+            environment="e\udfff",
+            task_chars=1,
+            params={"k": "v\udc80"},
+            parent_no=None,
+            task=_codec.text_document("t\ud800", "task", True),
+        )
+    )
+    assert isinstance(start, RunStart)
+    assert (start.run_id, start.environment, start.params) == (
+        "r\ufffd",
+        "e\ufffd",
+        {"k": "v\ufffd"},
+    )
+    assert start.task is not None
+    assert start.task.text == "t\ufffd"
+    assert start.replaced
+    end = _codec.decode(
+        _codec.encode_end(1, 2, run_id="r\ud800", status="FINISHED", final=["f\ud800", 2, False])
+    )
+    assert isinstance(end, RunEnd)
+    assert end.run_id == "r\ufffd"
+    assert end.final is not None
+    assert end.final.text == "f\ufffd"
+    assert end.replaced
+    plain_start = _codec.decode(
+        _codec.encode_start(
+            1, 1, run_id="r", environment="e", task_chars=1, params={}, parent_no=None
+        )
+    )
+    assert isinstance(plain_start, RunStart)
+    assert not plain_start.replaced
+    event = {
+        "step": 1,
+        "reward": 1.0,
+        "action": {"code": "c\ud800"},
+        "llm_calls": [{"model": "m\ud800", "input": "i\udfff"}],
+    }
+    detail, _ = _codec.step_detail(event, True)
+    step = _codec.decode(_codec.encode_step(1, 3, "s\ud800", 1.0, 1.0, detail=detail))
+    assert isinstance(step, Step)
+    assert step.step == "s\ufffd"
+    assert step.detail is not None
+    assert step.detail.code is not None
+    assert step.detail.code.text == "c\ufffd"
+    (call,) = step.detail.calls
+    assert call.model == "m\ufffd"
+    assert call.input is not None
+    assert call.input.text == "i\ufffd"

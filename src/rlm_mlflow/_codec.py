@@ -9,7 +9,9 @@ Every value a caller passes is made plain here, without trusting it: numbers fro
 are converted (their ``__float__``/``__int__`` may raise: caught), integers too large to be a step
 or a metric are marked rather than printed (``str()`` of a 5,000-digit int raises), long strings
 are cut, and anything else is kept as a short description the worker can report. Encoding never
-raises.
+raises. A text holding a lone surrogate (a ``str`` that is not valid UTF-8) is written as it came,
+at no cost to the hook; decoding, the one way records reach the worker (live, spilled or
+replayed), replaces it with U+FFFD and marks the event, so no text MLflow sees is invalid.
 
 Layout of a record (all little-endian)::
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -529,11 +532,11 @@ def decode(payload: bytes | memoryview) -> Event:
             if flags & FLAG_DETAIL:
                 detail, offset = _decode_detail(payload, offset)
             if flags & FLAG_ODD:
-                step, reward, cumulative = json.loads(bytes(payload[offset:]))
+                step, reward, cumulative = _load(payload[offset:])[0]
             return Step(
                 run_no, timestamp, step, reward, cumulative, internal, detail, ordinal, since
             )
-        document = json.loads(bytes(payload[PREFIX_SIZE:]).decode("utf-8", "surrogatepass"))
+        document, replaced = _load(payload[PREFIX_SIZE:])
         if kind == KIND_START:
             return RunStart(
                 run_no,
@@ -549,6 +552,7 @@ def decode(payload: bytes | memoryview) -> Event:
                 document.get("parent_step"),
                 document.get("depth"),
                 _text_of(document.get("task")),
+                replaced,
             )
         if kind == KIND_END:
             return RunEnd(
@@ -563,10 +567,33 @@ def decode(payload: bytes | memoryview) -> Event:
                 internal,
                 _text_of(document.get("final")),
                 _usage_of(document.get("usage")),
+                replaced,
             )
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"not a record: {type(exc).__name__}: {exc}") from None
     raise ValueError(f"unknown record kind {kind}")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate (a str that is not valid UTF-8) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _decode_text(data: bytes) -> tuple[str, bool]:
+    """UTF-8 written by a hook (lone surrogates passed through): ``(valid text, replaced)``."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return valid_text(data.decode("utf-8", "surrogatepass")), True
+
+
+def _load(data: bytes | memoryview) -> tuple[Any, bool]:
+    """A JSON part of a record, its texts valid UTF-8: ``(document, replaced)``."""
+    text, replaced = _decode_text(bytes(data))
+    return json.loads(text), replaced
 
 
 def _usage_of(value: Any) -> Usage | None:
@@ -596,7 +623,7 @@ def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail
             continue
         text = None
         if not text_flags & _NOT_RECORDED:
-            text = bytes(payload[offset : offset + size]).decode("utf-8", "surrogatepass")
+            text = _decode_text(bytes(payload[offset : offset + size]))[0]
         offset += size
         texts.append(Text(text, length, bool(text_flags & (_CUT | _NOT_RECORDED))))
     action, code, rationale, stdout, stderr = texts
@@ -604,7 +631,7 @@ def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail
     if bits & _CALLS:
         (size,) = _U32.unpack_from(payload, offset)
         offset += _U32.size
-        listed = json.loads(bytes(payload[offset : offset + size]))
+        listed = _load(payload[offset : offset + size])[0]
         offset += size
         model_calls = tuple(
             ModelCall(

@@ -372,6 +372,8 @@ class RunsExporter:
         state.started = True
         state.run_id = start.run_id
         reject = self._reject(start.run_id)
+        if start.replaced:
+            reject("text_replaced", _convert.REPLACED)
         try:
             state.params.extend(
                 _convert.params_of(
@@ -457,7 +459,7 @@ class RunsExporter:
         try:
             ref = transport.create_run(
                 experiment_id,
-                run_name=state.run_id[:250] or "run",
+                run_name=_convert.name_of(state.run_id),
                 start_time_ms=state.start_ms,
                 tags=tags,
             )
@@ -654,6 +656,8 @@ class RunsExporter:
 
     def _summary_of(self, state: RunState, end: RunEnd) -> list[Metric]:
         reject = self._reject(state.run_id)
+        if end.replaced:
+            reject("text_replaced", _convert.REPLACED)
         metrics: list[Metric] = []
         completed: Any = end.completed
         if type(completed) in (bool, int, float):
