@@ -10,6 +10,7 @@ import pytest
 
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._config import MAX_SECONDS, SinkConfig, config_from_env
+from rlm_mlflow.testing import MemoryTransport
 
 DURATIONS = (
     "flush_interval",
@@ -114,3 +115,22 @@ def test_valid_environment_values_are_read() -> None:
         7.0,
     )
     assert (config.retry_deadline, config.queue_size) == (60.0, 123)
+
+
+def test_flush_and_close_take_any_timeout_but_nan_and_return() -> None:
+    """An infinite timeout waits as long as it takes (it made close() raise OverflowError), a
+    negative one does not wait, NaN is refused before anything is done."""
+    memory = MemoryTransport()
+    sink = MLflowSink(enabled=True, experiment="x", transport=memory)
+    sink.on_run_start("r", task="t", environment="e", params={})
+    sink.on_step("r", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_end("r", result={"completed": True}, run_path=None)
+    with pytest.raises(ValueError, match="nan"):
+        sink.flush(math.nan)
+    with pytest.raises(ValueError, match="nan"):
+        sink.close(math.nan)
+    assert sink.flush(math.inf)
+    sink.flush(-1.0)
+    sink.close(math.inf)
+    assert memory.one("r").status == "FINISHED"
+    assert sink.status()["state"] == "closed"

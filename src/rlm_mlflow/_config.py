@@ -127,6 +127,20 @@ def _count(name: str, value: object) -> int:
     return count
 
 
+def call_timeout(timeout: object, default: float) -> float:
+    """The ``timeout`` argument of ``flush()`` or ``close()`` in seconds: ``default`` when None,
+    a negative one as 0, an infinite one as :data:`MAX_SECONDS` (waiting as long as it takes);
+    NaN or anything but a number is a ValueError, raised before anything is done."""
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise ValueError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    seconds = float(timeout)
+    if math.isnan(seconds):
+        raise ValueError("timeout must be a number of seconds, not nan")
+    return min(max(seconds, 0.0), MAX_SECONDS)
+
+
 def parse_bool(value: str | None, *, default: bool = False) -> bool:
     """Read a boolean the way the seed does: true/1/yes/on (any case) are true."""
     if value is None:
