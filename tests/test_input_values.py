@@ -212,8 +212,14 @@ def test_a_run_id_with_a_lone_surrogate_names_its_run_and_its_run_id_tag(
 
 @pytest.mark.integration
 def test_a_very_long_run_id_is_cut_to_mlflow_s_limits_and_its_spans_land(
-    mlflow_server: MlflowServer, experiment_name: str, store: Store
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """MLflow refused every span of a run whose id was 10,000 characters long (a trace name is
+    at most 4,096): names are cut, counted once, and logs show a short form of the id."""
+    caplog.set_level(logging.WARNING, logger="rlm_mlflow")
     run_id = "r" * 10_000
     with MLflowSink(
         enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, flush_interval=0.1
@@ -224,12 +230,14 @@ def test_a_very_long_run_id_is_cut_to_mlflow_s_limits_and_its_spans_land(
         assert sink.flush(60)
         status = sink.status()
     assert status["dropped"] == {}, status
+    assert status["rejected"].get("name_cut") == 1, status["rejected"]
     (run,) = store.runs(experiment_name)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == run_id[:250]
     (trace,) = traces_of(store, experiment_name)
     assert len(trace.data.spans) == 2  # the run and its step
     assert trace.info.tags["mlflow.traceName"] == run_id[:250]
+    assert all(len(r.getMessage()) < 1000 for r in caplog.records)
 
 
 def test_every_text_a_record_gives_the_worker_is_valid_utf8() -> None:

@@ -374,6 +374,12 @@ class RunsExporter:
         reject = self._reject(start.run_id)
         if start.replaced:
             reject("text_replaced", _convert.REPLACED)
+        if len(start.run_id) > _convert.MAX_NAME_LENGTH:
+            reject(
+                "name_cut",
+                f"its run id of {len(start.run_id)} characters names its run and trace cut to "
+                f"{_convert.MAX_NAME_LENGTH}",
+            )
         try:
             state.params.extend(
                 _convert.params_of(
@@ -848,9 +854,11 @@ class RunsExporter:
     # -- errors --------------------------------------------------------------------------------
 
     def _reject(self, run_id: str) -> Callable[[str, str], None]:
+        shown = run_id if len(run_id) <= 100 else run_id[:97] + "..."
+
         def reject(reason: str, message: str) -> None:
             self._rejected(reason)
-            self.warnings.warn(reason, "rlm-mlflow run %s: %s", run_id, message)
+            self.warnings.warn(reason, "rlm-mlflow run %s: %s", shown, message)
 
         return reject
 
