@@ -38,13 +38,20 @@ STEP_FIELDS: list[tuple[str, dict[str, Any], bool]] = [
     ("execution-time-huge-int", {"observation": {"execution_time": 10**400}}, True),
     ("execution-time-nan", {"observation": {"execution_time": math.nan}}, False),
     ("execution-time-inf", {"observation": {"execution_time": -math.inf}}, False),
-    ("execution-time-object", {"observation": {"execution_time": Unconvertible()}}, False),
+    ("execution-time-object", {"observation": {"execution_time": Unconvertible()}}, True),
+    ("success-not-a-bool", {"observation": {"success": "yes"}}, True),
     ("observation-unreadable", {"observation": Unreadable(stdout="x")}, True),
     ("action-unreadable", {"action": Unreadable(code="x")}, True),
     ("texts-unprintable", {"action": {"code": Unconvertible()}}, False),
     ("model-call-unreadable", {"llm_calls": [Unreadable(model="m")]}, True),
     ("model-call-usage-unreadable", {"llm_calls": [{"model": "m", "usage": Unreadable()}]}, True),
-    ("depth-huge", {"depth": 10**400}, False),
+    ("depth-huge", {"depth": 10**400}, True),
+    (
+        "usage-one-count-bad",
+        {"usage": {"input_tokens": 7, "output_tokens": 10**400, "total_tokens": math.nan}},
+        True,
+    ),
+    ("model-call-time-huge", {"llm_calls": [{"model": "m", "start_ns": 10**400}]}, True),
 ]
 
 
@@ -112,6 +119,28 @@ def traces_of(store: Store, experiment: str) -> list[Any]:
     assert experiment_id is not None
     found: list[Any] = store.client.search_traces(locations=[experiment_id])
     return found
+
+
+def test_numpy_counts_and_times_are_kept_not_dropped() -> None:
+    """Counts from numpy (an int64 is not an int) used to become 0 without a word."""
+    np = pytest.importorskip("numpy")
+    memory = MemoryTransport()
+    event = {
+        "step": 1,
+        "reward": 2.0,
+        "usage": {"prompt_tokens": np.int64(7), "completion_tokens": np.int32(3)},
+        "observation": {"execution_time": np.float64(0.5), "success": True},
+        "depth": np.int16(0),
+    }
+    with MLflowSink(enabled=True, experiment="x", transport=memory, flush_interval=0.05) as sink:
+        sink.on_run_start("numpy", task="t", environment="e", params={})
+        sink.on_step("numpy", event=event, cumulative_reward=2.0)
+        sink.on_run_end("numpy", result={"completed": True}, run_path=None)
+        assert sink.flush(30)
+    run = memory.one("numpy")
+    assert run.history("step_input_tokens") == [(1, 7.0)]
+    assert run.history("step_output_tokens") == [(1, 3.0)]
+    assert sink.status()["rejected"] == {}
 
 
 def final_responses() -> list[tuple[str, Callable[[], Any]]]:

@@ -268,12 +268,20 @@ def _text_slot(value: object, name: str, record: bool) -> bytes:
     return _TEXT.pack(length, _CUT if was_cut else 0, len(data)) + data
 
 
+class BadField(ValueError):
+    """A field of a step holds a value that cannot be kept (the careful path says which)."""
+
+
 def _count(value: object) -> int:
+    """A token or call count, or a time in nanoseconds: 0 when absent; BadField when present
+    but not a whole number from 0 to 2**62 (the careful path then reads the fields one by one)."""
     if type(value) is int and 0 <= value < 2**62:
         return value
+    if value is None:
+        return 0
     if type(value) is float and value.is_integer() and 0 <= value < 2**62:
         return int(value)
-    return 0
+    raise BadField
 
 
 def step_detail(
@@ -309,15 +317,21 @@ def step_detail(
     if type(success) is bool:
         bits |= _SUCCESS
         succeeded = 1 if success else 2
+    elif success is not None:
+        raise BadField
     elapsed = observation.get("execution_time")
     seconds = 0.0
-    if type(elapsed) in (int, float):
+    if type(elapsed) is float or type(elapsed) is int:
         bits |= _EXEC_TIME
-        seconds = float(elapsed)  # type: ignore[arg-type]
+        seconds = float(elapsed)  # an int beyond a double raises: the careful path drops it
+    elif elapsed is not None:
+        raise BadField
     level = 0
     if type(depth) is int and -32768 <= depth < 32768:
         bits |= _DEPTH
         level = depth
+    elif depth is not None:
+        raise BadField
     if children is None:
         children = (0, 0, 0, 0)
     else:
@@ -359,6 +373,7 @@ _DETAIL_FIELDS = {
     ),
 }
 _CALL_FIELDS = ("model", "input", "output", "usage", "start_ns", "end_ns")
+_ABSENT_FIELD = object()
 
 
 def careful_step_detail(
@@ -369,28 +384,32 @@ def careful_step_detail(
     (``problems``). The rest of the step (its rewards first) is kept. Never raises."""
     problems: list[str] = []
 
-    def read(mapping: Any, name: str, where: str) -> Any:
+    def read(mapping: Any, name: str, where: str, default: Any = None) -> Any:
         try:
-            return mapping.get(name)
+            return mapping.get(name, default)
         except Exception as exc:
             problems.append(f"{where}{name} could not be read ({type(exc).__name__})")
             return None
 
     def plain_mapping(value: Any, names: tuple[str, ...], where: str) -> Any:
+        """The fields of ``value`` that it has (absent ones stay absent: some fall back to
+        others), as a plain dict."""
         if not isinstance(value, Mapping):
             return value
-        return {name: read(value, name, where) for name in names}
+        found = {name: read(value, name, where, _ABSENT_FIELD) for name in names}
+        return {name: field for name, field in found.items() if field is not _ABSENT_FIELD}
 
     clean: dict[str, Any] = {}
     for name, names in _DETAIL_FIELDS.items():
         clean[name] = plain_mapping(read(event, name, ""), names, f"{name}.")
-    clean["depth"] = read(event, "depth", "")
+    clean["depth"] = _checked(read(event, "depth", ""), "depth", _depth, problems)
     observation = clean["observation"]
     if isinstance(observation, dict):
-        elapsed = observation.get("execution_time")
-        if type(elapsed) is int and not -(2**1023) < elapsed < 2**1023:
-            problems.append(f"observation.execution_time is an int of {elapsed.bit_length()} bits")
-            observation["execution_time"] = None
+        for name, check in (("execution_time", _seconds), ("success", _flag)):
+            if name in observation:
+                where = f"observation.{name}"
+                observation[name] = _checked(observation[name], where, check, problems)
+    _check_counts(clean["usage"], "usage.", problems)
     calls = read(event, "llm_calls", "")
     if isinstance(calls, list | tuple):
         try:
@@ -399,8 +418,10 @@ def careful_step_detail(
                 if isinstance(given, Mapping):
                     where = f"llm_calls[{index}]."
                     call = plain_mapping(given, _CALL_FIELDS, where)
-                    usage = call["usage"]
+                    usage = call.get("usage")
                     call["usage"] = plain_mapping(usage, _DETAIL_FIELDS["usage"], where + "usage.")
+                    _check_counts(call["usage"], where + "usage.", problems)
+                    _check_counts(call, where, problems, ("start_ns", "end_ns"))
                     kept.append(call)
                 else:
                     kept.append(given)
@@ -413,6 +434,56 @@ def careful_step_detail(
         problems.append(f"the step's detail could not be read ({type(exc).__name__})")
         detail, used = b"", None
     return detail, used, problems
+
+
+def _checked(value: Any, where: str, check: Any, problems: list[str]) -> Any:
+    """``check(value)`` (a plain value, or None for one that cannot be kept, which is said)."""
+    if value is None:
+        return None
+    try:
+        kept = check(value)
+    except Exception:
+        kept = None
+    if kept is None:
+        problems.append(f"{where} is {describe(value)}")
+    return kept
+
+
+def _whole(value: Any) -> int | None:
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    elif type(value) is not int and isinstance(value, numbers.Integral):
+        value = int(value)  # a numpy int: kept
+    return value if type(value) is int else None
+
+
+def _count_of(value: Any) -> int | None:
+    number = _whole(value)
+    return number if number is not None and 0 <= number < 2**62 else None
+
+
+def _depth(value: Any) -> int | None:
+    number = _whole(value) if type(value) is not bool else None
+    return number if number is not None and -32768 <= number < 32768 else None
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)  # an int beyond a double raises: not kept
+
+
+def _flag(value: Any) -> bool | None:
+    return value if type(value) is bool else None
+
+
+def _check_counts(
+    mapping: Any, where: str, problems: list[str], names: tuple[str, ...] = _DETAIL_FIELDS["usage"]
+) -> None:
+    if isinstance(mapping, dict):
+        for name in names:
+            if name in mapping:
+                mapping[name] = _checked(mapping[name], where + name, _count_of, problems)
 
 
 def _model_calls(calls: object, texts: bool) -> bytes:
