@@ -4,6 +4,7 @@ and positive, from keyword arguments and from environment variables alike."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -134,3 +135,11 @@ def test_flush_and_close_take_any_timeout_but_nan_and_return() -> None:
     sink.close(math.inf)
     assert memory.one("r").status == "FINISHED"
     assert sink.status()["state"] == "closed"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_replay_refuses_a_retry_deadline_that_is_not_finite(bad: float, tmp_path: Path) -> None:
+    from rlm_mlflow import replay
+
+    with pytest.raises(ValueError, match="retry_deadline"):
+        replay(tmp_path, transport=MemoryTransport(), retry_deadline=bad)

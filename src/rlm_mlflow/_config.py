@@ -127,6 +127,12 @@ def _count(name: str, value: object) -> int:
     return count
 
 
+def duration(name: str, value: object) -> float:
+    """A duration argument outside the sink's settings (``replay(retry_deadline=...)``): a
+    finite number of seconds, zero or more, at most :data:`MAX_SECONDS`; ValueError otherwise."""
+    return _seconds(name, value, 0.0, True)
+
+
 def call_timeout(timeout: object, default: float) -> float:
     """The ``timeout`` argument of ``flush()`` or ``close()`` in seconds: ``default`` when None,
     a negative one as 0, an infinite one as :data:`MAX_SECONDS` (waiting as long as it takes);
