@@ -238,7 +238,10 @@ class Pipeline:
             children = run.drain_children() if run.children else None
             if type(event) is dict:
                 step, reward = event.get("step"), event.get("reward")
-                detail, used = _codec.step_detail(event, self.texts, children)
+                try:
+                    detail, used = _codec.step_detail(event, self.texts, children)
+                except Exception:  # one bad field: read them one by one, keep the rest
+                    detail, used = self._careful_detail(event, run.run_id, children)
             else:
                 step, reward, detail, used = self._read_event(event, run.run_id, children)
             if used is not None:
@@ -290,7 +293,9 @@ class Pipeline:
                 steps=values[1],
                 total_reward=values[2],
                 run_path=path,
-                final=_codec.text_document(final, "final", self.texts) if final else None,
+                final=(
+                    _codec.text_document(final, "final", self.texts) if final is not None else None
+                ),
                 usage=usage,
             )
             self.admit(payload, ctl=True)
@@ -315,7 +320,7 @@ class Pipeline:
                 parent = None
         else:
             self.bad_input("params_not_mapping", run_id, f"params is a {type(params).__name__}")
-        if parent is None or parent == "":
+        if parent is None or (type(parent) is str and not parent):  # never bool() a user value
             return None
         found = self.find(text_of(parent))
         if found is None:
@@ -376,10 +381,18 @@ class Pipeline:
         try:
             detail, used = _codec.step_detail(event, self.texts, children)
         except Exception:  # a Mapping whose reads raise: its numbers are what matters
-            detail, used, ok = b"", None, False
+            detail, used = self._careful_detail(event, run_id, children)
         if not (ok and ok2):
             self.bad_input("event_unreadable", run_id, "reading the event raised")
         return step, reward, detail, used
+
+    def _careful_detail(
+        self, event: Mapping[str, Any], run_id: str, children: _codec.Counts | None
+    ) -> tuple[bytes, _codec.Counts | None]:
+        detail, used, problems = _codec.careful_step_detail(event, self.texts, children)
+        for problem in problems:
+            self.bad_input("bad_step_field", run_id, f"{problem}; left out of the step")
+        return detail, used
 
     # -- admission -------------------------------------------------------------------------------
 

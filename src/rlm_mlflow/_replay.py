@@ -30,7 +30,7 @@ import anyio
 
 from . import _codec
 from ._calls import Caller
-from ._config import DEFAULT_EXPERIMENT
+from ._config import DEFAULT_EXPERIMENT, duration
 from ._dispatch import Dispatcher
 from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
@@ -106,6 +106,7 @@ def replay(
 
     ``retry_deadline`` bounds how long one failing request is retried; once the store has not
     answered for that long, the rest of the journal is left for the next replay."""
+    retry_deadline = duration("retry_deadline", retry_deadline)
     root = Path(directory) if directory is not None else default_journal_dir()
     report = ReplayReport()
     folders = journal_folders(root)

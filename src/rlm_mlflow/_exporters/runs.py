@@ -378,6 +378,14 @@ class RunsExporter:
         state.started = True
         state.run_id = start.run_id
         reject = self._reject(start.run_id)
+        if start.replaced:
+            reject("text_replaced", _convert.REPLACED)
+        if len(start.run_id) > _convert.MAX_NAME_LENGTH:
+            reject(
+                "name_cut",
+                f"its run id of {len(start.run_id)} characters names its run and trace cut to "
+                f"{_convert.MAX_NAME_LENGTH}",
+            )
         try:
             state.params.extend(
                 _convert.params_of(
@@ -463,7 +471,7 @@ class RunsExporter:
         try:
             ref = transport.create_run(
                 experiment_id,
-                run_name=state.run_id[:250] or "run",
+                run_name=_convert.name_of(state.run_id),
                 start_time_ms=state.start_ms,
                 tags=tags,
             )
@@ -660,6 +668,8 @@ class RunsExporter:
 
     def _summary_of(self, state: RunState, end: RunEnd) -> list[Metric]:
         reject = self._reject(state.run_id)
+        if end.replaced:
+            reject("text_replaced", _convert.REPLACED)
         metrics: list[Metric] = []
         completed: Any = end.completed
         if type(completed) in (bool, int, float):
@@ -850,9 +860,11 @@ class RunsExporter:
     # -- errors --------------------------------------------------------------------------------
 
     def _reject(self, run_id: str) -> Callable[[str, str], None]:
+        shown = run_id if len(run_id) <= 100 else run_id[:97] + "..."
+
         def reject(reason: str, message: str) -> None:
             self._rejected(reason)
-            self.warnings.warn(reason, "rlm-mlflow run %s: %s", run_id, message)
+            self.warnings.warn(reason, "rlm-mlflow run %s: %s", shown, message)
 
         return reject
 
