@@ -4,7 +4,9 @@ After a crash, a kill, a shutdown deadline or an outage, a journal keeps the eve
 confirmed sent. ``replay()`` sends them through the same dispatcher and exporters the live sink
 uses, ends the runs their process left open (KILLED: it died without ending them; a run that is
 not RUNNING anymore is left as it is), marks each record done as it lands, and removes the
-journal once nothing is left in it.
+journal once nothing is left in it. Damaged bytes in a segment (a torn page, bit rot) are passed
+over to the whole records after them, which are sent as usual; a journal with damage is kept,
+and the report names the damaged byte ranges.
 
 Exactly once, whatever the store: what an exporter is done with is skipped; what was in flight
 (a request carrying it was sent, its answer never came) is checked against the store first, and
@@ -36,15 +38,13 @@ from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._exporters.runs import SENT, RunsExporter, RunWork
 from ._exporters.traces import TracesExporter
-from ._journal import (
+from ._journal import Segment, default_journal_dir, open_segment, remove_journal
+from ._journal_format import (
     RUNS_IN_FLIGHT,
+    Damage,
     ScanStats,
-    Segment,
-    default_journal_dir,
     journal_segments,
-    open_segment,
     read_meta,
-    remove_journal,
     scan_segment,
     try_lock,
 )
@@ -73,14 +73,15 @@ class ReplayReport:
     failed: int = 0  # events that could not be sent (they stay for the next replay)
     refused: int = 0  # events the store refused for good (logged; not tried again)
     already_sent: int = 0  # events the journals held that had been sent already
-    torn: int = 0  # torn or corrupt records skipped
+    torn: int = 0  # records cut short at the end of what was written (a crash), skipped
+    damaged: list[str] = field(default_factory=list)  # damaged byte ranges skipped (kept)
     runs_killed: int = 0  # runs left open by a dead process, ended KILLED
     problems: list[str] = field(default_factory=list)
     unreachable: str | None = None  # the store stopped answering: the rest was not tried
 
     @property
     def ok(self) -> bool:
-        return not self.kept and self.failed == 0
+        return not self.kept and self.failed == 0 and not self.damaged
 
 
 def journal_folders(directory: Path) -> list[Path]:
@@ -142,6 +143,7 @@ class _Loaded:
     events: int
     already_sent: int
     torn: int
+    damaged: list[Damage]
 
 
 def _load(folder: Path) -> _Loaded:
@@ -154,9 +156,12 @@ def _load(folder: Path) -> _Loaded:
     for path in journal_segments(folder):
         segment = open_segment(path)
         if segment is None:
-            stats.torn += 1
+            size = path.stat().st_size if path.exists() else 0
+            stats.damaged.append(Damage(path, 0, size))
+            logger.warning("rlm-mlflow replay: %s is not a segment file; skipped", path)
             continue
         segments.append(segment)
+        damaged = len(stats.damaged)
         for record in scan_segment(path, stats, segment.mm):
             try:
                 event = _codec.decode(record.payload)
@@ -183,8 +188,9 @@ def _load(folder: Path) -> _Loaded:
                 events += 1
             if record.state & RUNS_IN_FLIGHT and record.needs_runs:
                 work.maybe_sent = True
+        segment.damaged = len(stats.damaged) > damaged
     open_runs = {no: s.run_id for no, s in starts.items() if no not in ended}
-    return _Loaded(segments, works, starts, open_runs, events, already, stats.torn)
+    return _Loaded(segments, works, starts, open_runs, events, already, stats.torn, stats.damaged)
 
 
 def _count_waiting(folder: Path, report: ReplayReport) -> None:
@@ -195,6 +201,7 @@ def _count_waiting(folder: Path, report: ReplayReport) -> None:
     report.failed += loaded.events
     report.already_sent += loaded.already_sent
     report.torn += loaded.torn
+    report.damaged.extend(str(damage) for damage in loaded.damaged)
     report.kept.append(str(folder))
 
 
@@ -224,6 +231,7 @@ def _replay_folder(
         return
     loaded = _load(folder)
     report.torn += loaded.torn
+    report.damaged.extend(str(damage) for damage in loaded.damaged)
     report.events += loaded.events
     report.already_sent += loaded.already_sent
     try:
@@ -257,7 +265,8 @@ def _replay_folder(
     if gave_up is not None:
         report.unreachable = gave_up
     left = sum(segment.written - segment.done for segment in loaded.segments)
-    if left == 0 and problem is None and failed == 0:
+    # Damaged bytes may have held events no one can read back: the journal stays, for a look.
+    if left == 0 and problem is None and failed == 0 and not loaded.damaged:
         remove_journal(folder)
         report.replayed += 1
     else:
