@@ -237,6 +237,7 @@ class Lane:
         "number",
         "read_at",
         "read_internal",
+        "released",
         "segment",
         "segments",
         "spill_from",
@@ -251,6 +252,7 @@ class Lane:
         self.segment = segment
         self.segments: list[Segment] = [segment]
         self.next: Segment | None = None  # made ahead by the worker, for when this one is full
+        self.released = 0  # segments at the front already removed (worker)
         # Spilled records: written by the hook (spill_written, spill_from), read by the worker
         # (spill_read, read_at). The lane keeps spilling while the worker has not read them all,
         # so a thread's later events never overtake its spilled ones.
@@ -508,6 +510,20 @@ class Journal:
                 lane.next = prepared
                 made = True
         return made
+
+    def release_sealed(self) -> None:
+        """Worker: remove each sealed segment whose records are all finished. A segment is
+        sealed by the hook that finds it full, often after the worker marked its last record
+        done: marking cannot see that, so sealed segments are looked at again here."""
+        for lane in list(self.lanes):
+            segments = lane.segments
+            first = lane.released
+            while first < len(segments) and segments[first].removed:
+                first += 1
+            lane.released = first
+            for segment in segments[first:]:
+                if segment.sealed:
+                    segment.release_if_finished()
 
     def needs_maintenance(self) -> bool:
         if self.failed is not None or self.closed or self.retiring:

@@ -296,10 +296,12 @@ class Worker:
             written = now
 
     async def _maintain_journal(self) -> bool:
-        """Lanes and segments made ahead (so hooks do not make files), and the fsync setting."""
+        """Lanes and segments made ahead (so hooks do not make files), finished segments
+        removed, and the fsync setting."""
         journal = self.pipeline.journal
         if journal is None:
             return False
+        journal.release_sealed()
         busy = False
         if journal.needs_maintenance() and not self._maintaining:
             self._maintaining = True

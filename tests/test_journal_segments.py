@@ -1,0 +1,64 @@
+"""Journal segments go as soon as everything in them is sent, while the sink is still busy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from promises_support import WAIT, Store, assert_each_once, wait_until
+from rlm_mlflow import MLflowSink
+from rlm_mlflow._journal import Segment
+from rlm_mlflow.testing import MlflowServer
+
+
+@pytest.mark.integration
+def test_a_segment_sealed_after_its_records_were_sent_is_removed_while_the_sink_runs(
+    mlflow_server: MlflowServer,
+    store: Store,
+    experiment_name: str,
+    journal_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step is sent before the next one is made, so every segment fills up (and is
+    sealed) after all its records were confirmed sent: those files must still go, and their
+    mappings be released, while the process goes on."""
+    import rlm_mlflow._journal
+
+    monkeypatch.setattr(rlm_mlflow._journal, "FIRST_SEGMENT", 4096)  # many segments
+    monkeypatch.setattr(rlm_mlflow._journal, "MAX_SEGMENT", 4096)
+    sink = MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, flush_interval=5
+    )
+    try:
+        sink.on_run_start("long", task="t", environment="e", params={})
+        steps = 0
+
+        def lane_segments() -> list[Segment]:
+            journal = sink._pipeline.journal
+            assert journal is not None
+            return list(journal._local.lane.lane.segments)
+
+        while len(lane_segments()) < 5:
+            sink.on_step("long", event={"step": steps, "reward": 1.0}, cumulative_reward=1.0)
+            steps += 1
+            assert sink.flush(WAIT), sink.status()
+            assert steps < 2000, "the segments never filled up"
+        segments = lane_segments()
+        # The first holds the open run's start (replay needs it); the last is being written.
+        sealed = [s for s in segments[1:-1] if s.sealed]
+        assert len(sealed) >= 3
+        wait_until(
+            lambda: all(s.removed and not s.path.exists() for s in sealed),
+            WAIT,
+            "the sealed segments whose records were all sent are removed",
+        )
+        assert segments[0].path.exists()
+        assert sink.status()["state"] != "closed"
+        sink.on_run_end("long", result={"completed": True}, run_path=None)
+    finally:
+        sink.close(WAIT)
+    run = store.run(experiment_name, "long")
+    assert_each_once(store.steps(run), range(steps))
+    assert run.info.status == "FINISHED"
+    assert list(journal_dir.iterdir()) == []
