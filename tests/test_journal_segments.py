@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from promises_support import WAIT, Store, assert_each_once, wait_until
+from promises_support import WAIT, Agent, Store, assert_each_once, replay_cli, wait_until
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._journal import Segment
 from rlm_mlflow.testing import MlflowServer
@@ -62,3 +63,51 @@ def test_a_segment_sealed_after_its_records_were_sent_is_removed_while_the_sink_
     assert_each_once(store.steps(run), range(steps))
     assert run.info.status == "FINISHED"
     assert list(journal_dir.iterdir()) == []
+
+
+def root_states(store: Store, experiment: str) -> dict[str, str]:
+    """The status of each trace's root span (when it was sent), by the root's RLM run id."""
+    experiment_id = store.experiment_id(experiment)
+    assert experiment_id is not None
+    out: dict[str, str] = {}
+    for trace in store.client.search_traces(locations=[experiment_id]):
+        for root in [s for s in trace.data.spans if s.parent_id is None]:  # none while running
+            out[str(root.attributes.get("rlm.run_id"))] = str(root.status.status_code.value)
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_replay_never_kills_a_run_whose_end_was_sent_from_a_removed_segment(
+    agents: Callable[..., Agent],
+    mlflow_server: MlflowServer,
+    store: Store,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """kill -9 after a run's end was sent and its segment removed, while its start is still in
+    a segment kept for another run's start: replay ends only the open run, KILLED, and the
+    ended run keeps its FINISHED status and its root span its OK status."""
+    agent = agents("end_in_removed_segment.py", mlflow_server.uri, experiment_name)
+    agent.expect("READY", 180)
+    wait_until(
+        lambda: store.run(experiment_name, "done").info.status == "FINISHED",
+        WAIT,
+        "the ended run is FINISHED on the server",
+    )
+    wait_until(
+        lambda: root_states(store, experiment_name).get("done") == "OK",
+        WAIT,
+        "the ended run's root span is OK",
+    )
+    agent.kill9()
+    done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "runs ended KILLED 1" in done.stdout, done.stdout
+    runs = store.by_name(experiment_name)
+    assert runs["done"].info.status == "FINISHED"
+    assert runs["open"].info.status == "KILLED"
+    assert_each_once(store.steps(runs["done"]), range(3))
+    states = root_states(store, experiment_name)
+    assert states["done"] == "OK", states
+    assert states["open"] == "ERROR", states

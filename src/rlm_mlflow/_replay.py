@@ -320,20 +320,30 @@ def _send(
     )
     dispatcher = Dispatcher(runs, traces, counts)
     works = loaded.works
-    now = time.time_ns()
-    for no, run_id in loaded.open_runs.items():
-        work = works.get(no)
-        if work is None:
-            work = works[no] = RunWork(no, run_id=run_id)
-        if work.end is None and work.span_end is None:
+
+    async def end_open_runs() -> None:
+        """End KILLED the runs the process left open, unless MLflow holds the run as ended
+        already: its end was sent, from a segment removed since. A replay never changes an
+        ended run, nor its trace (the root span would be sent again, as an error)."""
+        now = time.time_ns()
+        for no, run_id in loaded.open_runs.items():
+            work = works.get(no)
+            if work is not None and (work.end is not None or work.span_end is not None):
+                continue
+            if await _ended_in_store(runs, caller, holder[0], no):
+                logger.info("rlm-mlflow replay: run %s had ended already; left as it is", run_id)
+                continue
+            if work is None:
+                work = works[no] = RunWork(no, run_id=run_id)
             work.add(RunEnd(no, now, run_id, "KILLED", internal=True))
-    for work in works.values():
-        work.steps.sort(key=lambda s: s.timestamp_ns)
-        work.span_steps.sort(key=lambda s: s.timestamp_ns)
-        if not (work.steps or work.end or any(not s.implicit for s in work.starts)):
-            work.runs_outcome = SENT  # nothing the runs exporter has not had already
-        if not (work.span_steps or work.span_end):
-            work.needs_traces = False
+        for work in works.values():
+            work.steps.sort(key=lambda s: s.timestamp_ns)
+            work.span_steps.sort(key=lambda s: s.timestamp_ns)
+            if not (work.steps or work.end or any(not s.implicit for s in work.starts)):
+                work.runs_outcome = SENT  # nothing the runs exporter has not had already
+            if not (work.span_steps or work.span_end):
+                work.needs_traces = False
+
     traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
     from ._sink import default_transport_factory
 
@@ -349,6 +359,7 @@ def _send(
         )
         try:
             await runs.load_known()
+            await end_open_runs()
             ordered = sorted(works.values(), key=lambda w: w.no)
             for start in range(0, len(ordered), BATCH):
                 await dispatcher.export(ordered[start : start + BATCH])
@@ -369,6 +380,19 @@ def _send(
         logger.error("rlm-mlflow replay: %s", exc)
         counts.deferred += loaded.events - counts.sent
     return counts, runs.killed, problem, caller.gave_up
+
+
+async def _ended_in_store(
+    runs: RunsExporter, caller: Caller, transport: Transport, no: int
+) -> bool:
+    """Whether the MLflow run of run ``no`` exists and has ended (any status but RUNNING)."""
+    for ref in runs.known.get(runs.key_of(no), ()):
+        status: str | None = ref.status
+        if not status:
+            status = await caller.call("read run status", transport.run_status, ref.run_uuid)
+        if status and status != "RUNNING":
+            return True
+    return False
 
 
 def _uri_for(meta: dict[str, Any], override: str | None) -> str | None:
