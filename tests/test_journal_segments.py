@@ -35,10 +35,15 @@ def test_a_segment_sealed_after_its_records_were_sent_is_removed_while_the_sink_
         sink.on_run_start("long", task="t", environment="e", params={})
         steps = 0
 
+        seen: list[Segment] = []
+
         def lane_segments() -> list[Segment]:
             journal = sink._pipeline.journal
             assert journal is not None
-            return list(journal._local.lane.lane.segments)
+            for segment in list(journal._local.lane.lane.segments):
+                if segment not in seen:
+                    seen.append(segment)
+            return seen
 
         while len(lane_segments()) < 5:
             sink.on_step("long", event={"step": steps, "reward": 1.0}, cumulative_reward=1.0)
@@ -55,6 +60,13 @@ def test_a_segment_sealed_after_its_records_were_sent_is_removed_while_the_sink_
             "the sealed segments whose records were all sent are removed",
         )
         assert segments[0].path.exists()
+        journal = sink._pipeline.journal
+        assert journal is not None
+        wait_until(
+            lambda: not [s for s in journal._local.lane.lane.segments if s in sealed],
+            WAIT,
+            "the removed segments are dropped from the lane",
+        )
         assert sink.status()["state"] != "closed"
         sink.on_run_end("long", result={"completed": True}, run_path=None)
     finally:

@@ -232,12 +232,12 @@ class Lane:
 
     __slots__ = (
         "__weakref__",
+        "gone_written",
         "journal",
         "next",
         "number",
         "read_at",
         "read_internal",
-        "released",
         "segment",
         "segments",
         "spill_from",
@@ -252,7 +252,7 @@ class Lane:
         self.segment = segment
         self.segments: list[Segment] = [segment]
         self.next: Segment | None = None  # made ahead by the worker, for when this one is full
-        self.released = 0  # segments at the front already removed (worker)
+        self.gone_written = 0  # records of the removed segments dropped from ``segments``
         # Spilled records: written by the hook (spill_written, spill_from), read by the worker
         # (spill_read, read_at). The lane keeps spilling while the worker has not read them all,
         # so a thread's later events never overtake its spilled ones.
@@ -514,16 +514,19 @@ class Journal:
     def release_sealed(self) -> None:
         """Worker: remove each sealed segment whose records are all finished. A segment is
         sealed by the hook that finds it full, often after the worker marked its last record
-        done: marking cannot see that, so sealed segments are looked at again here."""
+        done: marking cannot see that, so sealed segments are looked at again here. Removed
+        segments are then dropped from the lane (their records still counted), unless
+        spilled records wait to be read: reading walks the lane's list."""
         for lane in list(self.lanes):
             segments = lane.segments
-            first = lane.released
-            while first < len(segments) and segments[first].removed:
-                first += 1
-            lane.released = first
-            for segment in segments[first:]:
+            for segment in list(segments):
                 if segment.sealed:
                     segment.release_if_finished()
+            if lane.spill_written != lane.spill_read:
+                continue
+            for segment in [s for s in segments[:-1] if s.removed]:
+                lane.gone_written += segment.written
+                segments.remove(segment)  # one step each, as the hook's append to the end
 
     def needs_maintenance(self) -> bool:
         if self.failed is not None or self.closed or self.retiring:
@@ -587,7 +590,10 @@ class Journal:
 
     def written(self) -> int:
         """Records written so far (it stops moving when the agent is idle)."""
-        return sum(s.written for lane in list(self.lanes) for s in list(lane.segments))
+        return sum(
+            lane.gone_written + sum(s.written for s in list(lane.segments))
+            for lane in list(self.lanes)
+        )
 
     def backlog(self) -> int:
         """Records written and not finished yet."""
