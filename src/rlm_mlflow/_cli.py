@@ -99,7 +99,9 @@ def print_replay_report(report: ReplayReport, directory: Path) -> int:
     print(f"not sent          {not_sent} events (kept for the next replay)")
     print(f"refused           {report.refused} events MLflow refused for good (see the log)")
     if report.torn:
-        print(f"torn              {report.torn} records skipped (cut short by a crash, or corrupt)")
+        print(f"torn              {report.torn} records skipped (cut short by a crash)")
+    for damage in report.damaged:
+        print(f"damaged           {damage} skipped (unreadable; the journal is kept)")
     print(f"runs ended KILLED {report.runs_killed} (left open by a process that died)")
     for folder in report.in_use:
         print(f"in use            {folder} (its sink is still running, or another replay)")
@@ -107,7 +109,7 @@ def print_replay_report(report: ReplayReport, directory: Path) -> int:
         print(f"kept              {folder} (run 'rlm-mlflow replay' again to send the rest)")
     for problem in report.problems:
         print(f"problem: {problem}")
-    failed = not_sent or report.refused or report.kept or report.problems
+    failed = not_sent or report.refused or report.kept or report.problems or report.damaged
     return 1 if failed else 0
 
 
@@ -312,20 +314,24 @@ def _plugin_schemes() -> set[str]:
 
 
 def _journal_summary(enabled: bool, folder: str | None) -> str:
-    from ._journal import ScanStats, default_journal_dir, journal_segments, scan_segment
+    from ._journal import default_journal_dir
+    from ._journal_format import ScanStats, journal_segments, scan_segment
     from ._replay import journal_folders
 
     root = Path(folder) if folder else default_journal_dir()
     if not enabled:
         return f"off  (RLM_MLFLOW_JOURNAL); directory {root}"
     journals = journal_folders(root)
-    backlog = 0
+    backlog = damaged = 0
     for journal in journals:
         stats = ScanStats()
         for path in journal_segments(journal):
             backlog += sum(1 for r in scan_segment(path, stats) if not r.finished)
+        damaged += len(stats.damaged)
     count = f"{len(journals)} journal{'' if len(journals) == 1 else 's'}"
     text = f"{root}  ({count}, {backlog} events not yet confirmed sent)"
+    if damaged:
+        text += f"; {damaged} damaged byte ranges (skipped by replay)"
     if journals:
         text += "; 'rlm-mlflow replay' sends those of processes that have ended"
     return text

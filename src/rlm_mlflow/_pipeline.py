@@ -484,30 +484,66 @@ class Pipeline:
             callback()
 
     def _open_journal(self) -> Journal | None:
+        """The first event's journal (hook side: before it, the sink holds no file)."""
         with self._opening:
             current = self.journal
             if (current is not None and not current.retiring) or not self.journal_wanted:
                 return current
-            config = self.config
-            root = Path(config.journal_dir) if config.journal_dir else default_journal_dir()
             try:
-                self.journal = Journal(
-                    root,
-                    prefix=self.prefix,
-                    experiment=config.experiment,
-                    tracking_uri=config.tracking_uri,
-                    fsync=config.journal_fsync,
-                )
+                self.journal = self._new_journal()
                 if current is not None:
                     self.retired.append(current)
             except OSError as exc:
-                self.journal_wanted = False
-                self.journal_problem = f"cannot open a journal in {root}: {exc}"
-                logger.warning(
-                    "rlm-mlflow: %s; going on without one (a full queue drops step events)",
-                    self.journal_problem,
-                )
+                self._no_journal(exc)
             return self.journal
+
+    def _new_journal(self) -> Journal:
+        config = self.config
+        return Journal(
+            self._journal_root(),
+            prefix=self.prefix,
+            experiment=config.experiment,
+            tracking_uri=config.tracking_uri,
+            fsync=config.journal_fsync,
+        )
+
+    def _journal_root(self) -> Path:
+        config = self.config
+        return Path(config.journal_dir) if config.journal_dir else default_journal_dir()
+
+    def _no_journal(self, exc: OSError) -> None:
+        self.journal_wanted = False
+        self.journal_problem = f"cannot open a journal in {self._journal_root()}: {exc}"
+        logger.warning(
+            "rlm-mlflow: %s; going on without one (a full queue drops step events)",
+            self.journal_problem,
+        )
+
+    def prepare_journal(self) -> Journal | None:
+        """Worker, on a thread: a fresh journal, its lanes' pages faulted in, to take the place
+        of an idle one (so the next hook finds it ready and makes no file); None if the disk
+        refuses it."""
+        try:
+            journal = self._new_journal()
+        except OSError as exc:
+            logger.warning("rlm-mlflow: cannot make a new journal (%s); keeping the old one", exc)
+            return None
+        for lane in list(journal.lanes):
+            lane.segment.populate()
+        return journal
+
+    def replace_journal(self, old: Journal, fresh: Journal) -> bool:
+        """Worker: ``fresh`` takes the place of ``old`` (idle), which goes once nothing is left
+        in it and no hook runs. False (``fresh`` is removed) if ``old`` is not current anymore."""
+        with self._opening:
+            closing = self.state in (State.CLOSING, State.CLOSED)
+            if self.journal is old and not old.retiring and not closing:
+                self.journal = fresh
+                self.retired.append(old)
+                old.retiring = True  # a hook that still sees it finds the new one
+                return True
+        fresh.close(keep=False)
+        return False
 
     # -- the rare paths ----------------------------------------------------------------------
 
