@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -218,6 +219,55 @@ def test_replay_says_what_was_waiting_sent_failed_and_killed(
     nothing = cli("replay", str(journal_dir))
     assert nothing.returncode == 0
     assert "nothing to replay" in nothing.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bad_uri", ["htp:/host", "127.0.0.1:5000"])
+def test_a_journal_headed_for_a_bad_uri_is_kept_with_the_reason_and_the_others_go(
+    bad_uri: str,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+) -> None:
+    """Two journals, one written for a URI MLflow cannot use: replay says why that one waits
+    (no traceback), sends the other in full, and exits 1."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    kept_journal(dead, f"{experiment_name}-bad")
+    kept_journal(dead, experiment_name)
+    folders = journal_folders(journal_dir)
+    assert len(folders) == 2
+    metas = {folder: json.loads((folder / "meta.json").read_text()) for folder in folders}
+    (bad,) = [f for f, meta in metas.items() if meta["experiment"].endswith("-bad")]
+    (good,) = [f for f in folders if f != bad]
+    for folder, uri in ((bad, bad_uri), (good, mlflow_server.uri)):
+        metas[folder]["tracking_uri"] = uri
+        (folder / "meta.json").write_text(json.dumps(metas[folder]))
+
+    done = cli("replay", str(journal_dir))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    (problem,) = [line for line in done.stdout.splitlines() if line.startswith("problem:")]
+    assert f"tracking URI {bad_uri} cannot be used" in problem
+    assert "--tracking-uri" in problem
+    assert journal_folders(journal_dir) == [bad]
+    runs = read_runs(experiment_name)
+    assert {name: run.info.status for name, run in runs.items()} == {
+        "ended": "FINISHED",
+        "left-open": "FAILED",
+    }
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_replay_of_a_folder_that_is_not_there_says_so(kind: str, tmp_path: Path) -> None:
+    target = tmp_path / "jornal"
+    if kind == "file":
+        target.write_text("not a journal")
+    done = cli("replay", str(target))
+    assert done.returncode == 2, done.stdout
+    assert str(target) in done.stderr
+    assert ("is a file" if kind == "file" else "does not exist") in done.stderr
+    assert "nothing to replay" not in done.stdout
 
 
 # -- demo ----------------------------------------------------------------------------------------

@@ -70,6 +70,11 @@ def _replay(args: argparse.Namespace) -> int:
     from ._replay import replay
 
     directory = Path(args.directory) if args.directory else default_journal_dir()
+    if args.directory and not directory.is_dir():
+        what = "is a file, not a journal folder" if directory.exists() else "does not exist"
+        print(f"rlm-mlflow replay: {directory} {what}", file=sys.stderr)
+        print(f"journals are kept in {default_journal_dir()} unless RLM_MLFLOW_JOURNAL_DIR says")
+        return 2
     report = replay(
         directory,
         tracking_uri=args.tracking_uri,

@@ -32,7 +32,7 @@ import anyio
 
 from . import _codec
 from ._calls import Caller
-from ._config import DEFAULT_EXPERIMENT, duration
+from ._config import DEFAULT_EXPERIMENT, duration, redact_uri
 from ._dispatch import Dispatcher
 from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
@@ -353,11 +353,21 @@ def _send(
 
     async def send() -> None:
         nonlocal problem
-        holder.append(
-            transport
-            if transport is not None
-            else await anyio.to_thread.run_sync(default_transport_factory, uri, 30.0)
-        )
+        try:
+            holder.append(
+                transport
+                if transport is not None
+                else await anyio.to_thread.run_sync(default_transport_factory, uri, 30.0)
+            )
+        except Exception as exc:  # a URI MLflow cannot use: this journal waits, the rest go
+            reason = caller.clean(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            problem = (
+                f"the journal's tracking URI {redact_uri(uri) or '(MLflow default)'} cannot be "
+                f"used ({type(exc).__name__}: {reason[:300]}); replay it with --tracking-uri"
+            )
+            logger.error("rlm-mlflow replay: %s", problem)
+            counts.deferred += loaded.events - counts.sent
+            return
         try:
             await runs.load_known()
             await end_open_runs()
