@@ -10,6 +10,15 @@ When the store refuses everything (credentials, a deleted experiment) the worker
 has, stops taking more (the journal takes the agent's events meanwhile), probes now and then,
 and goes on where it stopped once the store takes writes again.
 
+The worker is supervised: an exception it did not expect (a bug, a custom transport raising
+something of its own) is logged once with its traceback, counted, shown by ``status()`` (health
+"failed", ``last_error``), and the worker starts its loop again. What it had taken and not settled
+is exported again (the exporters do again only what was not confirmed done: runs are found by
+their key before being created, stored points are read back before metrics are sent), so nothing
+is lost and nothing lands twice; hooks never feed a dead worker.
+
+The worker imports nothing above it: its owner passes what it needs (``on_transport_ready``).
+
 Closing is the worker's own job, whoever asks (``close()``, the exit hook, a signal, a dropped
 sink): it waits for hooks in flight, ends every open run with the status the process ends with,
 drains within the deadline, then counts what is left (kept in the journal for replay, or dropped
@@ -33,7 +42,7 @@ from ._config import SinkConfig
 from ._dispatch import Dispatcher
 from ._events import RunStart, Step
 from ._exceptions import PermanentError, StoreRefused
-from ._exporters.runs import DEFERRED, RunsExporter, RunWork
+from ._exporters.runs import DEFERRED, HOLD, RunsExporter, RunWork
 from ._exporters.traces import TracesExporter
 from ._journal import Segment
 from ._pipeline import Item, Pipeline, State
@@ -57,6 +66,10 @@ JOURNAL_IDLE = 30.0
 TRACES_RETRY = 15.0
 #: How often the worker makes sure spare journal lanes and next segments are ready.
 MAINTENANCE_EVERY = 0.25
+#: After an unexpected failure the worker starts again after this pause, doubled (up to
+#: RESTART_MAX) while it keeps failing, back to this once a cycle went through.
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
 
 
 class Worker:
@@ -69,11 +82,13 @@ class Worker:
         *,
         transport_factory: Callable[[], Transport],
         warnings: RateLimitedWarnings,
+        on_transport_ready: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.warnings = warnings
         self._transport_factory = transport_factory
+        self._on_transport_ready = on_transport_ready
         self.reset()
 
     def reset(self) -> None:
@@ -127,6 +142,14 @@ class Worker:
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
         self.later: list[RunWork] = []  # closing: steps waiting while their runs' ends go
         self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
+        self.retry: list[RunWork] = []  # taken, not settled when the worker failed: sent again
+        # Spilled run starts and ends read ahead of the read position at a close: passed over
+        # when the read position reaches them (they have their fate already).
+        self.early: set[tuple[Segment, int]] = set()
+        self.failure: str | None = None  # the worker's last unexpected failure, until it recovers
+        self._logged_failure = False
+        self._restart_pause = RESTART_FIRST
+        self._closing = False
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self._maintaining = False
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
@@ -166,9 +189,8 @@ class Worker:
         try:
             self.transport = await anyio.to_thread.run_sync(self._transport_factory)
             self.describe = self.transport.describe()
-            from . import _runtime
-
-            _runtime.after_mlflow_import()
+            if self._on_transport_ready is not None:
+                self._on_transport_ready()
             return True
         except ImportError as exc:
             self.unavailable = f"mlflow cannot be used: {exc}"
@@ -200,9 +222,10 @@ class Worker:
                 with anyio.CancelScope() as scope:
                     tg.start_soon(self._watch_close, scope)
                     tg.start_soon(self._keep_journal_ready)
-                    await self._loop()
+                    await self._supervise()
                 tg.cancel_scope.cancel()
-        except Exception:  # never let the worker die silently
+        except Exception:  # the supervision itself failed: stop taking events, count them
+            self.pipeline.active = False
             logger.exception("rlm-mlflow worker failed; what it had not sent is counted below")
         finally:
             with anyio.CancelScope(shield=True):
@@ -224,17 +247,73 @@ class Worker:
             if deadline is not None:
                 scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
 
+    async def _supervise(self) -> None:
+        """The drain loop, started again after any exception it did not expect."""
+        while True:
+            try:
+                await self._loop()
+                return
+            except Exception as exc:
+                self._failed(exc)
+            self._take_back()
+            pause = self._restart_pause
+            self._restart_pause = min(pause * 2, RESTART_MAX)
+            if self.close_requested:
+                await anyio.sleep(min(pause, 1.0))  # the close deadline still bounds it
+            else:
+                await self._sleep(pause)
+
+    def _failed(self, exc: BaseException, where: str = "drain") -> None:
+        """An exception the worker did not expect: logged once with its traceback, counted,
+        shown by status() until a cycle goes through again."""
+        self.counts.worker_failures += 1
+        text = self.caller.clean(f"the worker failed ({where}): {type(exc).__name__}: {exc}")
+        self.failure = text
+        self.caller.note_error(text)
+        if not self._logged_failure:
+            self._logged_failure = True
+            logger.error(
+                "rlm-mlflow: %s; restarting it (what it had taken is kept and sent again)",
+                text,
+                exc_info=exc,
+            )
+        else:
+            self.warnings.warn(
+                "worker_failed", "rlm-mlflow: %s; restarting it", text, level=logging.ERROR
+            )
+
+    def _take_back(self) -> None:
+        """After a failure: what the exporters had and did not settle is exported again."""
+        dispatcher = self.dispatcher
+        held = len(dispatcher.held)
+        dispatcher.give_up(HOLD)  # unsettled: back with what each exporter had finished
+        self.retry.extend(dispatcher.held[held:])
+        del dispatcher.held[held:]
+        self.retry.extend(self.later)
+        self.later = []
+        now = time.monotonic()
+        for state in self.runs.runs.values():
+            # A create the failure interrupted may have been committed: look before creating.
+            if state.ref is None and state.create_lost_at is None:
+                state.create_lost_at = now
+
     async def _loop(self) -> None:
         pipeline = self.pipeline
-        closing = False
         while True:
-            if self.close_requested and not closing:
-                closing = True
-                await self._begin_close()
+            # The transport first, even when closing: a close that comes before the worker could
+            # connect waits for the connection (within the close deadline), then sends.
             if not await self._setup():
-                if closing:
+                if self.close_requested:
                     return
                 await self._sleep(self.config.flush_interval)
+                continue
+            if self.close_requested and not self._closing:
+                self._closing = True
+                await self._begin_close()
+            closing = self._closing
+            if self.retry:
+                works, self.retry = self.retry, []
+                await self._export(works)
                 continue
             if self.dispatcher.held:
                 if not await self._store_back():
@@ -287,7 +366,12 @@ class Worker:
         """Now and then, even while a long export runs: new threads find a lane ready."""
         written = -1
         while True:
-            await self._maintain_journal()
+            try:
+                await self._maintain_journal()
+            except Exception as exc:  # the hooks write in memory meanwhile, or spill
+                self._failed(exc, "journal upkeep")
+                await anyio.sleep(MAINTENANCE_EVERY)
+                continue
             # While records come in, look after the lanes often (a busy lane fills a segment in
             # milliseconds with large records); when nothing comes, now and then.
             journal = self.pipeline.journal
@@ -349,7 +433,9 @@ class Worker:
             for item in journal.spilled_unsent(control_only=True)
         ]
         if control:
-            await self._export(self._group(control, final=True))
+            works = self._group(control, final=True)
+            self.early.update((segment, offset) for segment, offset, _ in control)
+            await self._export(works)
 
     async def _idle(self) -> None:
         """Sleep until a batch is ready, a flush or close asks, or the interval is up."""
@@ -390,6 +476,8 @@ class Worker:
         return True
 
     def _cycle_finished(self) -> None:
+        self.failure = None  # a whole cycle went through: recovered
+        self._restart_pause = RESTART_FIRST
         self._notify_progress()
 
     def cycle_event(self) -> anyio.Event:
@@ -411,7 +499,11 @@ class Worker:
     def _group(self, items: Sequence[Item], *, final: bool) -> list[RunWork]:
         """Decode records and group them by run, in order; hold runs whose start is not here."""
         works: dict[int, RunWork] = {}
+        early = self.early
         for segment, offset, queued in items:
+            if early and (segment, offset) in early:  # sent ahead at the close: has its fate
+                early.discard((segment, offset))
+                continue
             try:
                 # A large record is queued by reference: its bytes are in the journal.
                 payload = queued if queued is not None else _read_back(segment, offset)
@@ -475,11 +567,14 @@ class Worker:
     def _finish(self) -> None:
         """After the loop, whatever ended it: count what is left, release everything."""
         pipeline = self.pipeline
+        pipeline.active = False  # whatever ended the loop, nothing feeds it any more
         left = self.dispatcher.take_unsettled()
         left.extend(self.carry.values())
         left.extend(self.later)
+        left.extend(self.retry)
         self.carry.clear()
         self.later = []
+        self.retry = []
         # What waits in memory is counted here; what waits in the journal only (spilled) stays
         # there unread: reading millions of records back just to count them could outlive the
         # deadline, and the journal knows how many there are.
@@ -493,6 +588,11 @@ class Worker:
             spilled = journal.count_spilled_unsent()  # still in the journal: kept for replay
             self.counts.deferred += spilled
             deferred += spilled
+        # Run starts and ends read ahead at the close are counted with their works already,
+        # and the journal counts them again while the read position has not passed them.
+        twice = self._early_unsettled()
+        self.counts.deferred -= twice
+        deferred -= twice
         kept: list[str] = []
         for journal in pipeline.journals():
             keep = journal.backlog() > 0
@@ -524,6 +624,20 @@ class Worker:
         self.stopped.set()
         self._notify_progress()
 
+    def _early_unsettled(self) -> int:
+        """Records read ahead at the close, not finished, made by hook calls."""
+        count = 0
+        for segment, offset in self.early:
+            if segment.removed or segment.mark(offset, 0):  # (no bits: only reads the state)
+                continue
+            try:
+                if not _codec.decode(segment.payload(offset)).internal:
+                    count += 1
+            except ValueError:
+                continue
+        self.early.clear()
+        return count
+
     # -- figures -------------------------------------------------------------------------------
 
     def _count_rejected(self, reason: str) -> None:
@@ -543,12 +657,15 @@ class Worker:
         return self.settled() - self.counts.sent
 
     def statistics(self) -> SinkStatistics:
+        """One consistent snapshot: every fate is read before ``accepted`` (an event is accepted
+        before it has a fate), so ``accepted == sent + deferred + dropped + pending`` holds with
+        ``pending >= 0`` however hooks and the worker race this."""
         pipeline, counts = self.pipeline, self.counts
-        accepted = pipeline.accepted.value
+        sent = counts.sent
+        deferred = counts.deferred + pipeline.deferred_door.value
         dropped = Counter(dict(counts.dropped))
         dropped.update(pipeline.door.snapshot())
-        deferred = counts.deferred + pipeline.deferred_door.value
-        sent = counts.sent
+        accepted = pipeline.accepted.value
         rejected = Counter(dict(self.rejected))
         rejected.update(pipeline.rejected.snapshot())
         on_disk = [j for j in pipeline.journals() if j.kept or not j.closed]
@@ -574,6 +691,7 @@ class Worker:
             runs_created=counts.runs_created,
             runs_ended=counts.runs_ended,
             last_error=counts.last_error,
+            worker_failures=counts.worker_failures,
         )
 
 
