@@ -131,3 +131,59 @@ def test_closing_does_not_wait_for_hooks_turned_away(tmp_path: Path) -> None:
         leave.set()
         late.join(WAIT)
     assert sink.statistics().dropped == {"after_close": 1}
+
+
+class SlowSteps(MemoryTransport):
+    """Requests carrying many points never answer before ``gate`` opens; the rest do at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if len(metrics) > 20:
+            self.gate.wait(WAIT)
+        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+
+
+def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_first(
+    tmp_path: Path,
+) -> None:
+    """Three runs of 300 steps each wait when close() comes and the steps' requests do not
+    answer in time: each run still ends (FINISHED) at the store, its steps kept for replay."""
+    memory = SlowSteps()
+    sink = MLflowSink(
+        enabled=True,
+        experiment="unit",
+        transport=memory,
+        journal_dir=tmp_path,
+        flush_interval=60.0,
+        batch_trigger=10**9,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        assert sink.flush(WAIT)  # the worker is up, and asleep until close() wakes it
+        for name in ("a", "b", "c"):
+            sink.on_run_start(name, task="t", environment="e", params={})
+            for number in range(300):
+                step(sink, name, number)
+            sink.on_run_end(name, result={"completed": True, "steps": 300}, run_path=None)
+        sink.close(3.0)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+    for name in ("a", "b", "c"):
+        assert memory.one(name).status == "FINISHED"
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+    assert stats.deferred >= 900

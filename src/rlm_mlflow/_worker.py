@@ -54,7 +54,7 @@ logger = logging.getLogger("rlm_mlflow")
 
 #: Records taken from the queue and the journal in one drain cycle.
 TAKE_LIMIT = 20_000
-CLOSE_SPLIT_STEPS = 500  # a run's steps that fit one log_batch (two metrics each)
+CLOSE_SPLIT_STEPS = 500  # steps that fit one log_batch (two metrics each)
 #: How long closing waits for hooks that were already running when it began.
 QUIESCE_TIMEOUT = 1.0
 #: How often a blocked store (credentials, deleted experiment) is asked again.
@@ -327,10 +327,10 @@ class Worker:
             items = pipeline.take(TAKE_LIMIT)
             if items:
                 works = self._group(items, final=False)
-                if closing and any(len(work.steps) > CLOSE_SPLIT_STEPS for work in works):
-                    # Ends first: with more steps than one request carries and little time
-                    # left, statuses matter most. (With fewer, a run's steps and its end go
-                    # together, in fewer rounds of requests.)
+                if closing and sum(len(work.steps) for work in works) > CLOSE_SPLIT_STEPS:
+                    # Ends first: with more steps than one round of requests carries and little
+                    # time left, statuses matter most (many runs of a few hundred steps each
+                    # take many rounds too). With fewer, a run's steps and its end go together.
                     parts = [work.split() for work in works]
                     # Counted at the end if the deadline comes while the ends are out.
                     self.later = [rest for _, rest in parts if rest.steps or rest.span_steps]
