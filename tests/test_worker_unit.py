@@ -139,6 +139,7 @@ class SlowSteps(MemoryTransport):
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
+        self.held = threading.Event()  # a request is waiting for the gate
 
     def log_batch(
         self,
@@ -149,6 +150,7 @@ class SlowSteps(MemoryTransport):
         tags: Sequence[tuple[str, str]] = (),
     ) -> None:
         if len(metrics) > 20:
+            self.held.set()
             self.gate.wait(WAIT)
         super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
 
@@ -187,3 +189,39 @@ def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_fi
     stats = sink.statistics()
     assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
     assert stats.deferred >= 900
+
+
+def test_a_close_during_a_long_cycle_takes_it_over_and_ends_the_run_first(
+    tmp_path: Path,
+) -> None:
+    """close() comes while the worker waits for the answer to a request carrying a run's 600
+    steps (the server is slow): the close takes over what that cycle was sending, the run's end
+    goes first and reaches the store in time, the steps are kept; nothing is counted twice."""
+    memory = SlowSteps()
+    sink = MLflowSink(
+        enabled=True,
+        experiment="unit",
+        transport=memory,
+        journal_dir=tmp_path,
+        flush_interval=60.0,
+        batch_trigger=10**9,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        assert sink.flush(WAIT)
+        sink.on_run_start("long", task="t", environment="e", params={})
+        for number in range(600):
+            step(sink, "long", number)
+        sink.on_run_end("long", result={"completed": True, "steps": 600}, run_path=None)
+        sink._request_flush()  # a normal cycle takes it all and waits for the slow request
+        assert memory.held.wait(WAIT)
+        sink.close(3.0)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+    assert memory.one("long").status == "FINISHED"
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())

@@ -150,6 +150,7 @@ class Worker:
         self._logged_failure = False
         self._restart_pause = RESTART_FIRST
         self._closing = False
+        self._interruptible: anyio.CancelScope | None = None  # a cycle a close may interrupt
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self._maintaining = False
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
@@ -209,6 +210,9 @@ class Worker:
             seen.set()
         if self._wake is not None:
             self._wake.set()
+        scope = self._interruptible
+        if self.close_requested and scope is not None:
+            scope.cancel()  # the close takes over what this cycle was sending (see _send)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -313,7 +317,7 @@ class Worker:
             closing = self._closing
             if self.retry:
                 works, self.retry = self.retry, []
-                await self._export(works)
+                await self._send(works)
                 continue
             if self.dispatcher.held:
                 if not await self._store_back():
@@ -322,23 +326,18 @@ class Worker:
                     await self._sleep(min(BLOCKED_PROBE, max(self.config.retry_max_wait, 1.0)))
                     continue
                 works, self.dispatcher.held = self.dispatcher.held, []
-                await self._export(works)
+                await self._send(works)
                 continue
             items = pipeline.take(TAKE_LIMIT)
             if items:
-                works = self._group(items, final=False)
-                if closing and sum(len(work.steps) for work in works) > CLOSE_SPLIT_STEPS:
-                    # Ends first: with more steps than one round of requests carries and little
-                    # time left, statuses matter most (many runs of a few hundred steps each
-                    # take many rounds too). With fewer, a run's steps and its end go together.
-                    parts = [work.split() for work in works]
-                    # Counted at the end if the deadline comes while the ends are out.
-                    self.later = [rest for _, rest in parts if rest.steps or rest.span_steps]
-                    await self._export([c for c, _ in parts if c.starts or c.end or c.span_end])
-                    works, self.later = self.later, []
-                await self._export(works)
+                await self._send(self._group(items, final=False))
                 await self._maintain_journal()
-                if closing or self.flush_requested or pipeline.waiting() >= pipeline.trigger:
+                if (
+                    closing
+                    or self.close_requested
+                    or self.flush_requested
+                    or pipeline.waiting() >= pipeline.trigger
+                ):
                     continue  # a backlog, a flush or a close: go on at once
                 # Otherwise what came in meanwhile waits for the next cycle (flush_interval,
                 # or batch_trigger events): one request per run and interval, not one per
@@ -361,6 +360,37 @@ class Worker:
             await self._maintain_journal()
             await self.runs.recheck()
             await self._idle()
+
+    async def _send(self, works: list[RunWork]) -> None:
+        """One cycle's works through the exporters.
+
+        Before the close, a close request interrupts it: what was not settled is taken back
+        and sent again by the closing cycles, whose run starts and ends go first (the exporters
+        do again only what they had not finished). While closing, with more steps than one
+        round of requests carries and little time left, statuses matter most: the runs' starts
+        and ends go ahead of their steps (many runs of a few hundred steps each take many
+        rounds too). With fewer, a run's steps and its end go together."""
+        if not self._closing:
+            with anyio.CancelScope() as scope:
+                self._interruptible = scope
+                try:
+                    await self._export(works)
+                finally:
+                    self._interruptible = None
+            if scope.cancelled_caught:
+                self._take_back()
+            return
+        whole = [w for w in works if w.runs_outcome or w.traces_outcome]  # half done: as is
+        fresh = [w for w in works if not (w.runs_outcome or w.traces_outcome)]
+        if sum(len(work.steps) for work in fresh) > CLOSE_SPLIT_STEPS:
+            parts = [work.split() for work in fresh]
+            for work, (control, _) in zip(fresh, parts, strict=True):
+                control.maybe_sent = work.maybe_sent  # its summary may be stored already
+            # Counted at the end if the deadline comes while the ends are out.
+            self.later = [rest for _, rest in parts if rest.steps or rest.span_steps] + whole
+            await self._export([c for c, _ in parts if c.starts or c.end or c.span_end])
+            works, self.later = self.later, []
+        await self._export(works)
 
     async def _keep_journal_ready(self) -> None:
         """Now and then, even while a long export runs: new threads find a lane ready."""
