@@ -55,7 +55,7 @@ _HANDLED = (signal.SIGTERM, signal.SIGINT)
 IDLE_EXIT = 2.0
 #: After a signal whose action is to die: hooks are taken until the agent has accepted nothing
 #: for this long (it stopped) ...
-SIGNAL_SILENCE = 0.5
+SIGNAL_SILENCE = 0.25
 #: ... or until this share of the shutdown timeout is left (bounds below) to end runs and send.
 SIGNAL_RESERVE = 0.25
 SIGNAL_RESERVE_BOUNDS = (0.5, 5.0)
@@ -370,6 +370,11 @@ def _go_on_after_signal() -> float | None:
         return None
     timeout = max(w.config.shutdown_timeout for w in workers)
     deadline = time.monotonic() + timeout
+    for worker in workers:  # what waits goes now, while the program goes on
+        worker.flush_requested = True
+        waker = worker.pipeline.waker
+        if waker is not None:
+            waker()
     low, high = SIGNAL_RESERVE_BOUNDS
     door = deadline - min(max(timeout * SIGNAL_RESERVE, low), high, timeout)
     accepted = -1

@@ -364,15 +364,18 @@ class Worker:
     async def _send(self, works: list[RunWork]) -> None:
         """One cycle's works through the exporters.
 
-        Before the close, a close request interrupts it: what was not settled is taken back
-        and sent again by the closing cycles, whose run starts and ends go first (the exporters
-        do again only what they had not finished). While closing, with more steps than one
+        Before the close, a close request interrupts a cycle of more than one round of
+        requests: what was not settled is taken back and sent again by the closing cycles,
+        whose run starts and ends go first (the exporters do again only what they had not
+        finished). While closing, with more steps than one
         round of requests carries and little time left, statuses matter most: the runs' starts
         and ends go ahead of their steps (many runs of a few hundred steps each take many
         rounds too). With fewer, a run's steps and its end go together."""
         if not self._closing:
             with anyio.CancelScope() as scope:
-                self._interruptible = scope
+                # (A cycle of one round of requests is cheaper finished than taken back.)
+                if sum(len(work.steps) for work in works) > CLOSE_SPLIT_STEPS:
+                    self._interruptible = scope
                 try:
                     await self._export(works)
                 finally:
