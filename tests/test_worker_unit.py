@@ -3,11 +3,13 @@ the races of a close deterministic."""
 
 from __future__ import annotations
 
+import ast
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import rlm_mlflow._worker
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._transports.base import Metric, RunRef
 from rlm_mlflow.testing import MemoryTransport, wait_for
@@ -225,3 +227,18 @@ def test_a_close_during_a_long_cycle_takes_it_over_and_ends_the_run_first(
     assert memory.one("long").status == "FINISHED"
     stats = sink.statistics()
     assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+
+
+def test_the_worker_imports_nothing_above_it() -> None:
+    """The process side (runtime, sink) owns the worker and passes it what it needs: the worker
+    never imports them, not even inside a function."""
+    tree = ast.parse(Path(rlm_mlflow._worker.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    above = {"_runtime", "_sink", "rlm_mlflow._runtime", "rlm_mlflow._sink"}
+    assert not imported & above, imported & above
