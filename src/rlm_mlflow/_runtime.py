@@ -56,6 +56,7 @@ IDLE_EXIT = 2.0
 #: After a signal whose action is to die: hooks are taken until the agent has accepted nothing
 #: for this long (it stopped) ...
 SIGNAL_SILENCE = 0.25
+SIGNAL_SILENT_LOOKS = 10  # (looked every 20 ms)
 #: ... or until this share of the shutdown timeout is left (bounds below) to end runs and send.
 SIGNAL_RESERVE = 0.25
 SIGNAL_RESERVE_BOUNDS = (0.5, 5.0)
@@ -379,15 +380,18 @@ def _go_on_after_signal() -> float | None:
     door = deadline - min(max(timeout * SIGNAL_RESERVE, low), high, timeout)
     accepted = -1
     silent_since = time.monotonic()
+    silent_looks = 0  # a stalled process stalls this thread too: silence is seen, not assumed
     while True:
         now = time.monotonic()
         if now >= door or _signal_again:
             break
         seen = sum(w.pipeline.accepted.value for w in workers)
         if seen != accepted:
-            accepted, silent_since = seen, now
-        elif now - silent_since >= SIGNAL_SILENCE:
-            break
+            accepted, silent_since, silent_looks = seen, now, 0
+        else:
+            silent_looks += 1
+            if now - silent_since >= SIGNAL_SILENCE and silent_looks >= SIGNAL_SILENT_LOOKS:
+                break
         if all(w.stopped.is_set() or not w.pipeline.active for w in workers):
             break  # closed meanwhile (by the program, or the sink was dropped)
         time.sleep(0.02)
