@@ -171,7 +171,7 @@ def test_an_unexpected_exception_in_the_worker_is_shown_and_the_worker_goes_on(
             steps(sink, "supervised", range(10, 20))  # hooks go on meanwhile
             flaky.failing.clear()
             assert sink.flush(WAIT), sink.status()
-            assert sink.status()["health"] == "ok"
+            wait_until(lambda: sink.status()["health"] == "ok", WAIT, "health 'ok' again")
             end(sink, "supervised", 20)
             close_within(sink, WAIT)
     finally:
