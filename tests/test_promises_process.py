@@ -112,6 +112,38 @@ def test_sigterm_inside_a_hook_ends_the_run_killed_and_the_process_dies_of_it(
     assert_each_once(steps, range(10))
 
 
+@pytest.mark.slow
+def test_steps_after_sigterm_land_and_the_run_ends_killed_after_the_last_of_them(
+    agents: Spawn, store: Store, mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """SIGTERM (default action) while the agent steps every 4 ms: the agent goes on for 250 more
+    steps, and every hook that returned lands exactly once; the run ends KILLED, its end after
+    its last step, and the process dies of SIGTERM within shutdown_timeout (10 s) + slack."""
+    agent = agents("steps_through_sigterm.py", mlflow_server.uri, experiment_name, "through", "300")
+    while True:
+        line = agent.next_line(WAIT)
+        assert line is not None, f"the agent ended on its own:\n{agent.stderr()}"
+        if step_numbers([line]) and step_numbers([line])[0] >= 50:
+            break
+    signalled = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    code = agent.wait(60)
+    elapsed = time.monotonic() - signalled
+    said = agent.lines + agent.rest()
+    returned = step_numbers(said)
+    assert code == -signal.SIGTERM, f"exit code {code}; stderr:\n{agent.stderr()[-2000:]}"
+    assert elapsed < 10.0 + 5.0, f"took {elapsed:.1f} s to die"
+    assert "DONE" in said, f"the agent did not finish its steps: {said[-3:]}"
+    assert "hook called after close" not in agent.stderr()
+    run = store.run(experiment_name, "through")
+    assert run.info.status == "KILLED"
+    assert_each_once(store.steps(run), range(max(returned) + 1))
+    assert max(returned) == 299
+    history = store.client.get_metric_history(run.info.run_id, "step_reward")
+    last_step_ms = max(point.timestamp for point in history)
+    assert run.info.end_time >= last_step_ms
+
+
 @pytest.mark.parametrize("kind", ["reward", "step", "cumulative", "event"])
 def test_sigint_inside_a_hook_raises_when_the_hook_returns_with_the_step_kept(
     agents: Spawn,

@@ -160,7 +160,8 @@ class Pipeline:
         self._opening = threading.Lock()  # only while the journal does not exist yet
         self.accepted = AtomicCounter()
         self.entered = AtomicCounter()
-        self.exited = AtomicCounter()
+        self.exited = AtomicCounter()  # hook calls that saw ``active`` and returned
+        self.turned_away = AtomicCounter()  # hook calls that found ``active`` false
         self.door = Tally()  # events dropped before they reached the queue
         self.deferred_door = AtomicCounter()  # evicted from memory, still in the journal
         self.rejected = Tally()
@@ -178,10 +179,10 @@ class Pipeline:
         if self.off:
             return
         self.entered.incr()  # before looking at ``active``: close() waits for us (see quiet)
+        if not self.active:
+            self.refuse()
+            return
         try:
-            if not self.active:
-                self.refuse()
-                return
             rid = run_id if type(run_id) is str else text_of(run_id)
             try:
                 task_chars: int | None = len(task)  # type: ignore[arg-type]
@@ -228,10 +229,10 @@ class Pipeline:
         if self.off:
             return
         self.entered.incr()  # before looking at ``active``: close() waits for us (see quiet)
+        if not self.active:
+            self.refuse()
+            return
         try:
-            if not self.active:
-                self.refuse()
-                return
             run = self.by_id.get(run_id) if type(run_id) is str else None
             if run is None or run.thread != threading.get_ident():
                 run = self.route(run_id)
@@ -266,10 +267,10 @@ class Pipeline:
         if self.off:
             return
         self.entered.incr()  # before looking at ``active``: close() waits for us (see quiet)
+        if not self.active:
+            self.refuse()
+            return
         try:
-            if not self.active:
-                self.refuse()
-                return
             run = self.route(run_id)
             values = []
             for name in ("completed", "steps", "total_reward", "final_response"):
@@ -548,6 +549,7 @@ class Pipeline:
     # -- the rare paths ----------------------------------------------------------------------
 
     def refuse(self) -> None:
+        self.turned_away.incr()  # first: from here on, closing does not wait for this call
         if self.state in (State.CLOSING, State.CLOSED):
             self.accepted.incr()
             self.door.add("after_close")
@@ -569,9 +571,15 @@ class Pipeline:
     def quiet(self) -> bool:
         """No hook is running: every hook that saw ``active`` true has appended its record.
 
-        A hook counts itself in before it reads ``active``, so once ``active`` is false and
-        this is true, no record can be appended any more (closing relies on it)."""
-        return self.entered.value == self.exited.value
+        A hook counts itself in (``entered``) before it reads ``active``, then counts itself
+        either turned away (found it false) or, on return, ``exited``. Once ``active`` is false
+        and this is true, no record can be appended any more (closing relies on it). Hooks that
+        keep coming after the close are turned away and never make this wait: ``exited`` is
+        read first, so ``entered - turned_away`` read after it can only be larger while one
+        hook that saw ``active`` true is still running."""
+        exited = self.exited.value
+        turned_away = self.turned_away.value
+        return self.entered.value - turned_away == exited
 
     def end_open_runs(self, status: str, *, thread: int | None = None) -> int:
         """Queue an end for every open run (of one thread only, when given); how many."""

@@ -15,9 +15,12 @@ How the process ends, and what each way means for the runs still open:
   the background thread: it never waits, joins or takes a lock (the code it interrupted may hold
   any lock, a hook included). If the previous handler is a Python function (asyncio's, uvicorn's,
   the program's), it is called at once and the program shuts down its own way, closing the sinks
-  on the way out. If the previous action is the default one (die), the background thread closes
-  every sink in parallel within the deadline, then the signal is raised again with its default
-  action, so the process still dies of it.
+  on the way out. If the previous action is the default one (die), the program goes on until it
+  dies, and its hooks with it: every sink keeps accepting and sending while the agent keeps
+  stepping, until the agent has been silent for ``SIGNAL_SILENCE`` or the deadline is near (the
+  last ``SIGNAL_RESERVE`` of it is kept for the ends); then every sink closes in parallel (its
+  open runs end KILLED after every step they accepted, the rest is sent or kept in the journal)
+  and the signal is raised again with its default action, so the process still dies of it.
 - fork: the child gets fresh sinks of its own (empty queue, no journal, no worker yet) and never
   sends what the parent had queued.
 
@@ -50,6 +53,13 @@ logger = logging.getLogger("rlm_mlflow")
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
 #: How long the background thread stays when no sink needs it, before it ends.
 IDLE_EXIT = 2.0
+#: After a signal whose action is to die: hooks are taken until the agent has accepted nothing
+#: for this long (it stopped) ...
+SIGNAL_SILENCE = 0.25
+SIGNAL_SILENT_LOOKS = 10  # (looked every 20 ms)
+#: ... or until this share of the shutdown timeout is left (bounds below) to end runs and send.
+SIGNAL_RESERVE = 0.25
+SIGNAL_RESERVE_BOUNDS = (0.5, 5.0)
 
 
 class Waker:
@@ -256,6 +266,7 @@ _hook_codes: frozenset[CodeType] = frozenset()
 deferred_signal: tuple[Callable[[int, FrameType | None], Any], int] | None = None
 _reraising: set[int] = set()
 _reraise_after_exit: int | None = None
+_signal_again = False  # a second signal while the sinks wait for the program to stop
 _process_hooks = False
 _process_hooks_lock = threading.Lock()
 
@@ -309,7 +320,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    global _reraise_after_exit, deferred_signal
+    global _reraise_after_exit, deferred_signal, _signal_again
     previous = _previous_signal.get(signum, signal.SIG_DFL)
     if signum in _reraising:  # the sinks are closed: die of the signal, as was asked
         _die(signum)
@@ -333,6 +344,9 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     if current is None or not any(not w.stopped.is_set() for w in workers):
         _die(signum)
         return
+    if _reraise_after_exit is not None:  # a second signal: stop taking hooks, close now
+        _signal_again = True
+        return
     _reraise_after_exit = signum
     # A thread of its own does the waiting; starting it takes no lock the interrupted code
     # could hold (``_thread`` does not wait for the new thread, unlike ``threading``).
@@ -341,9 +355,47 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _close_after_signal(signum: int) -> None:
     try:
-        close_all("KILLED")
+        timeout = _go_on_after_signal()
+        close_all("KILLED", timeout)
     finally:
         _reraise(signum)
+
+
+def _go_on_after_signal() -> float | None:
+    """The program goes on after the signal until it dies: keep taking its hooks while it
+    steps (they must land, and the runs' ends come after them), until it has been silent for
+    ``SIGNAL_SILENCE`` or only the reserve of the deadline is left. Returns the time left."""
+    current = _runtime
+    workers = [w for w in current.snapshot if not w.stopped.is_set()] if current else []
+    if not workers:
+        return None
+    timeout = max(w.config.shutdown_timeout for w in workers)
+    deadline = time.monotonic() + timeout
+    for worker in workers:  # what waits goes now, while the program goes on
+        worker.flush_requested = True
+        waker = worker.pipeline.waker
+        if waker is not None:
+            waker()
+    low, high = SIGNAL_RESERVE_BOUNDS
+    door = deadline - min(max(timeout * SIGNAL_RESERVE, low), high, timeout)
+    accepted = -1
+    silent_since = time.monotonic()
+    silent_looks = 0  # a stalled process stalls this thread too: silence is seen, not assumed
+    while True:
+        now = time.monotonic()
+        if now >= door or _signal_again:
+            break
+        seen = sum(w.pipeline.accepted.value for w in workers)
+        if seen != accepted:
+            accepted, silent_since, silent_looks = seen, now, 0
+        else:
+            silent_looks += 1
+            if now - silent_since >= SIGNAL_SILENCE and silent_looks >= SIGNAL_SILENT_LOOKS:
+                break
+        if all(w.stopped.is_set() or not w.pipeline.active for w in workers):
+            break  # closed meanwhile (by the program, or the sink was dropped)
+        time.sleep(0.02)
+    return max(0.0, deadline - time.monotonic())
 
 
 def _die(signum: int) -> None:

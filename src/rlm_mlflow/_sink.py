@@ -147,6 +147,7 @@ class MLflowSink:
             self._pipeline,
             transport_factory=functools.partial(_make_transport, self.config, transport),
             warnings=self._warnings,
+            on_transport_ready=_runtime.after_mlflow_import,
         )
         self._pipeline.on_first_event = functools.partial(_activate, self._worker)
         self._task_loop: _runtime.Loop | None = None
@@ -404,6 +405,8 @@ class MLflowSink:
             health, detail = "unavailable", self._detail
         elif worker.unavailable is not None:
             health, detail = "unavailable", worker.unavailable
+        elif worker.failure is not None:
+            health, detail = "failed", worker.failure
         else:
             health, reason = worker.caller.health()
             detail = reason or worker.describe or self._detail

@@ -72,6 +72,7 @@ class WorkerCounts:
     runs_created: int = 0
     runs_ended: int = 0
     last_error: str | None = None
+    worker_failures: int = 0  # exceptions the worker did not expect (it started again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,7 @@ class SinkStatistics:
     runs_created: int
     runs_ended: int
     last_error: str | None
+    worker_failures: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -10,6 +10,15 @@ When the store refuses everything (credentials, a deleted experiment) the worker
 has, stops taking more (the journal takes the agent's events meanwhile), probes now and then,
 and goes on where it stopped once the store takes writes again.
 
+The worker is supervised: an exception it did not expect (a bug, a custom transport raising
+something of its own) is logged once with its traceback, counted, shown by ``status()`` (health
+"failed", ``last_error``), and the worker starts its loop again. What it had taken and not settled
+is exported again (the exporters do again only what was not confirmed done: runs are found by
+their key before being created, stored points are read back before metrics are sent), so nothing
+is lost and nothing lands twice; hooks never feed a dead worker.
+
+The worker imports nothing above it: its owner passes what it needs (``on_transport_ready``).
+
 Closing is the worker's own job, whoever asks (``close()``, the exit hook, a signal, a dropped
 sink): it waits for hooks in flight, ends every open run with the status the process ends with,
 drains within the deadline, then counts what is left (kept in the journal for replay, or dropped
@@ -33,7 +42,7 @@ from ._config import SinkConfig
 from ._dispatch import Dispatcher
 from ._events import RunStart, Step
 from ._exceptions import PermanentError, StoreRefused
-from ._exporters.runs import DEFERRED, RunsExporter, RunWork
+from ._exporters.runs import DEFERRED, HOLD, RunsExporter, RunWork
 from ._exporters.traces import TracesExporter
 from ._journal import Segment
 from ._pipeline import Item, Pipeline, State
@@ -45,7 +54,7 @@ logger = logging.getLogger("rlm_mlflow")
 
 #: Records taken from the queue and the journal in one drain cycle.
 TAKE_LIMIT = 20_000
-CLOSE_SPLIT_STEPS = 500  # a run's steps that fit one log_batch (two metrics each)
+CLOSE_SPLIT_STEPS = 500  # steps that fit one log_batch (two metrics each)
 #: How long closing waits for hooks that were already running when it began.
 QUIESCE_TIMEOUT = 1.0
 #: How often a blocked store (credentials, deleted experiment) is asked again.
@@ -58,6 +67,10 @@ JOURNAL_IDLE = 30.0
 TRACES_RETRY = 15.0
 #: How often the worker makes sure spare journal lanes and next segments are ready.
 MAINTENANCE_EVERY = 0.25
+#: After an unexpected failure the worker starts again after this pause, doubled (up to
+#: RESTART_MAX) while it keeps failing, back to this once a cycle went through.
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
 
 
 class Worker:
@@ -70,11 +83,13 @@ class Worker:
         *,
         transport_factory: Callable[[], Transport],
         warnings: RateLimitedWarnings,
+        on_transport_ready: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.warnings = warnings
         self._transport_factory = transport_factory
+        self._on_transport_ready = on_transport_ready
         self.reset()
 
     def reset(self) -> None:
@@ -128,6 +143,15 @@ class Worker:
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
         self.later: list[RunWork] = []  # closing: steps waiting while their runs' ends go
         self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
+        self.retry: list[RunWork] = []  # taken, not settled when the worker failed: sent again
+        # Spilled run starts and ends read ahead of the read position at a close: passed over
+        # when the read position reaches them (they have their fate already).
+        self.early: set[tuple[Segment, int]] = set()
+        self.failure: str | None = None  # the worker's last unexpected failure, until it recovers
+        self._logged_failure = False
+        self._restart_pause = RESTART_FIRST
+        self._closing = False
+        self._interruptible: anyio.CancelScope | None = None  # a cycle a close may interrupt
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self._maintaining = False
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
@@ -167,9 +191,8 @@ class Worker:
         try:
             self.transport = await anyio.to_thread.run_sync(self._transport_factory)
             self.describe = self.transport.describe()
-            from . import _runtime
-
-            _runtime.after_mlflow_import()
+            if self._on_transport_ready is not None:
+                self._on_transport_ready()
             return True
         except ImportError as exc:
             self.unavailable = f"mlflow cannot be used: {exc}"
@@ -188,6 +211,9 @@ class Worker:
             seen.set()
         if self._wake is not None:
             self._wake.set()
+        scope = self._interruptible
+        if self.close_requested and scope is not None:
+            scope.cancel()  # the close takes over what this cycle was sending (see _send)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -201,9 +227,10 @@ class Worker:
                 with anyio.CancelScope() as scope:
                     tg.start_soon(self._watch_close, scope)
                     tg.start_soon(self._keep_journal_ready)
-                    await self._loop()
+                    await self._supervise()
                 tg.cancel_scope.cancel()
-        except Exception:  # never let the worker die silently
+        except Exception:  # the supervision itself failed: stop taking events, count them
+            self.pipeline.active = False
             logger.exception("rlm-mlflow worker failed; what it had not sent is counted below")
         finally:
             with anyio.CancelScope(shield=True):
@@ -225,17 +252,73 @@ class Worker:
             if deadline is not None:
                 scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
 
+    async def _supervise(self) -> None:
+        """The drain loop, started again after any exception it did not expect."""
+        while True:
+            try:
+                await self._loop()
+                return
+            except Exception as exc:
+                self._failed(exc)
+            self._take_back()
+            pause = self._restart_pause
+            self._restart_pause = min(pause * 2, RESTART_MAX)
+            if self.close_requested:
+                await anyio.sleep(min(pause, 1.0))  # the close deadline still bounds it
+            else:
+                await self._sleep(pause)
+
+    def _failed(self, exc: BaseException, where: str = "drain") -> None:
+        """An exception the worker did not expect: logged once with its traceback, counted,
+        shown by status() until a cycle goes through again."""
+        self.counts.worker_failures += 1
+        text = self.caller.clean(f"the worker failed ({where}): {type(exc).__name__}: {exc}")
+        self.failure = text
+        self.caller.note_error(text)
+        if not self._logged_failure:
+            self._logged_failure = True
+            logger.error(
+                "rlm-mlflow: %s; restarting it (what it had taken is kept and sent again)",
+                text,
+                exc_info=exc,
+            )
+        else:
+            self.warnings.warn(
+                "worker_failed", "rlm-mlflow: %s; restarting it", text, level=logging.ERROR
+            )
+
+    def _take_back(self) -> None:
+        """After a failure: what the exporters had and did not settle is exported again."""
+        dispatcher = self.dispatcher
+        held = len(dispatcher.held)
+        dispatcher.give_up(HOLD)  # unsettled: back with what each exporter had finished
+        self.retry.extend(dispatcher.held[held:])
+        del dispatcher.held[held:]
+        self.retry.extend(self.later)
+        self.later = []
+        now = time.monotonic()
+        for state in self.runs.runs.values():
+            # A create the failure interrupted may have been committed: look before creating.
+            if state.ref is None and state.create_lost_at is None:
+                state.create_lost_at = now
+
     async def _loop(self) -> None:
         pipeline = self.pipeline
-        closing = False
         while True:
-            if self.close_requested and not closing:
-                closing = True
-                await self._begin_close()
+            # The transport first, even when closing: a close that comes before the worker could
+            # connect waits for the connection (within the close deadline), then sends.
             if not await self._setup():
-                if closing:
+                if self.close_requested:
                     return
                 await self._sleep(self.config.flush_interval)
+                continue
+            if self.close_requested and not self._closing:
+                self._closing = True
+                await self._begin_close()
+            closing = self._closing
+            if self.retry:
+                works, self.retry = self.retry, []
+                await self._send(works)
                 continue
             if self.dispatcher.held:
                 if not await self._store_back():
@@ -244,23 +327,18 @@ class Worker:
                     await self._sleep(min(BLOCKED_PROBE, max(self.config.retry_max_wait, 1.0)))
                     continue
                 works, self.dispatcher.held = self.dispatcher.held, []
-                await self._export(works)
+                await self._send(works)
                 continue
             items = pipeline.take(TAKE_LIMIT)
             if items:
-                works = self._group(items, final=False)
-                if closing and any(len(work.steps) > CLOSE_SPLIT_STEPS for work in works):
-                    # Ends first: with more steps than one request carries and little time
-                    # left, statuses matter most. (With fewer, a run's steps and its end go
-                    # together, in fewer rounds of requests.)
-                    parts = [work.split() for work in works]
-                    # Counted at the end if the deadline comes while the ends are out.
-                    self.later = [rest for _, rest in parts if rest.steps or rest.span_steps]
-                    await self._export([c for c, _ in parts if c.starts or c.end or c.span_end])
-                    works, self.later = self.later, []
-                await self._export(works)
+                await self._send(self._group(items, final=False))
                 await self._maintain_journal()
-                if closing or self.flush_requested or pipeline.waiting() >= pipeline.trigger:
+                if (
+                    closing
+                    or self.close_requested
+                    or self.flush_requested
+                    or pipeline.waiting() >= pipeline.trigger
+                ):
                     continue  # a backlog, a flush or a close: go on at once
                 # Otherwise what came in meanwhile waits for the next cycle (flush_interval,
                 # or batch_trigger events): one request per run and interval, not one per
@@ -284,11 +362,50 @@ class Worker:
             await self.runs.recheck()
             await self._idle()
 
+    async def _send(self, works: list[RunWork]) -> None:
+        """One cycle's works through the exporters.
+
+        Before the close, a close request interrupts a cycle of more than one round of
+        requests: what was not settled is taken back and sent again by the closing cycles,
+        whose run starts and ends go first (the exporters do again only what they had not
+        finished). While closing, with more steps than one
+        round of requests carries and little time left, statuses matter most: the runs' starts
+        and ends go ahead of their steps (many runs of a few hundred steps each take many
+        rounds too). With fewer, a run's steps and its end go together."""
+        if not self._closing:
+            with anyio.CancelScope() as scope:
+                # (A cycle of one round of requests is cheaper finished than taken back.)
+                if sum(len(work.steps) for work in works) > CLOSE_SPLIT_STEPS:
+                    self._interruptible = scope
+                try:
+                    await self._export(works)
+                finally:
+                    self._interruptible = None
+            if scope.cancelled_caught:
+                self._take_back()
+            return
+        whole = [w for w in works if w.runs_outcome or w.traces_outcome]  # half done: as is
+        fresh = [w for w in works if not (w.runs_outcome or w.traces_outcome)]
+        if sum(len(work.steps) for work in fresh) > CLOSE_SPLIT_STEPS:
+            parts = [work.split() for work in fresh]
+            for work, (control, _) in zip(fresh, parts, strict=True):
+                control.maybe_sent = work.maybe_sent  # its summary may be stored already
+            # Counted at the end if the deadline comes while the ends are out.
+            self.later = [rest for _, rest in parts if rest.steps or rest.span_steps] + whole
+            await self._export([c for c, _ in parts if c.starts or c.end or c.span_end])
+            works, self.later = self.later, []
+        await self._export(works)
+
     async def _keep_journal_ready(self) -> None:
         """Now and then, even while a long export runs: new threads find a lane ready."""
         written = -1
         while True:
-            await self._maintain_journal()
+            try:
+                await self._maintain_journal()
+            except Exception as exc:  # the hooks write in memory meanwhile, or spill
+                self._failed(exc, "journal upkeep")
+                await anyio.sleep(MAINTENANCE_EVERY)
+                continue
             # While records come in, look after the lanes often (a busy lane fills a segment in
             # milliseconds with large records); when nothing comes, now and then.
             journal = self.pipeline.journal
@@ -359,7 +476,9 @@ class Worker:
             for item in journal.spilled_unsent(control_only=True)
         ]
         if control:
-            await self._export(self._group(control, final=True))
+            works = self._group(control, final=True)
+            self.early.update((segment, offset) for segment, offset, _ in control)
+            await self._export(works)
 
     async def _idle(self) -> None:
         """Sleep until a batch is ready, a flush or close asks, or the interval is up."""
@@ -399,6 +518,8 @@ class Worker:
         return True  # the first write that succeeds lifts the block, and says so
 
     def _cycle_finished(self) -> None:
+        self.failure = None  # a whole cycle went through: recovered
+        self._restart_pause = RESTART_FIRST
         self._notify_progress()
 
     def cycle_event(self) -> anyio.Event:
@@ -420,7 +541,11 @@ class Worker:
     def _group(self, items: Sequence[Item], *, final: bool) -> list[RunWork]:
         """Decode records and group them by run, in order; hold runs whose start is not here."""
         works: dict[int, RunWork] = {}
+        early = self.early
         for segment, offset, queued in items:
+            if early and (segment, offset) in early:  # sent ahead at the close: has its fate
+                early.discard((segment, offset))
+                continue
             try:
                 # A large record is queued by reference: its bytes are in the journal.
                 payload = queued if queued is not None else _read_back(segment, offset)
@@ -484,11 +609,14 @@ class Worker:
     def _finish(self) -> None:
         """After the loop, whatever ended it: count what is left, release everything."""
         pipeline = self.pipeline
+        pipeline.active = False  # whatever ended the loop, nothing feeds it any more
         left = self.dispatcher.take_unsettled()
         left.extend(self.carry.values())
         left.extend(self.later)
+        left.extend(self.retry)
         self.carry.clear()
         self.later = []
+        self.retry = []
         # What waits in memory is counted here; what waits in the journal only (spilled) stays
         # there unread: reading millions of records back just to count them could outlive the
         # deadline, and the journal knows how many there are.
@@ -502,6 +630,11 @@ class Worker:
             spilled = journal.count_spilled_unsent()  # still in the journal: kept for replay
             self.counts.deferred += spilled
             deferred += spilled
+        # Run starts and ends read ahead at the close are counted with their works already,
+        # and the journal counts them again while the read position has not passed them.
+        twice = self._early_unsettled()
+        self.counts.deferred -= twice
+        deferred -= twice
         kept: list[str] = []
         for journal in pipeline.journals():
             keep = journal.backlog() > 0
@@ -533,6 +666,20 @@ class Worker:
         self.stopped.set()
         self._notify_progress()
 
+    def _early_unsettled(self) -> int:
+        """Records read ahead at the close, not finished, made by hook calls."""
+        count = 0
+        for segment, offset in self.early:
+            if segment.removed or segment.mark(offset, 0):  # (no bits: only reads the state)
+                continue
+            try:
+                if not _codec.decode(segment.payload(offset)).internal:
+                    count += 1
+            except ValueError:
+                continue
+        self.early.clear()
+        return count
+
     # -- figures -------------------------------------------------------------------------------
 
     def _count_rejected(self, reason: str) -> None:
@@ -552,12 +699,15 @@ class Worker:
         return self.settled() - self.counts.sent
 
     def statistics(self) -> SinkStatistics:
+        """One consistent snapshot: every fate is read before ``accepted`` (an event is accepted
+        before it has a fate), so ``accepted == sent + deferred + dropped + pending`` holds with
+        ``pending >= 0`` however hooks and the worker race this."""
         pipeline, counts = self.pipeline, self.counts
-        accepted = pipeline.accepted.value
+        sent = counts.sent
+        deferred = counts.deferred + pipeline.deferred_door.value
         dropped = Counter(dict(counts.dropped))
         dropped.update(pipeline.door.snapshot())
-        deferred = counts.deferred + pipeline.deferred_door.value
-        sent = counts.sent
+        accepted = pipeline.accepted.value
         rejected = Counter(dict(self.rejected))
         rejected.update(pipeline.rejected.snapshot())
         on_disk = [j for j in pipeline.journals() if j.kept or not j.closed]
@@ -583,6 +733,7 @@ class Worker:
             runs_created=counts.runs_created,
             runs_ended=counts.runs_ended,
             last_error=counts.last_error,
+            worker_failures=counts.worker_failures,
         )
 
 

@@ -1,0 +1,244 @@
+"""The worker's closing accounting against an in-memory MLflow: a store that answers on cue makes
+the races of a close deterministic."""
+
+from __future__ import annotations
+
+import ast
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import rlm_mlflow._worker
+from rlm_mlflow import MLflowSink
+from rlm_mlflow._transports.base import Metric, RunRef
+from rlm_mlflow.testing import MemoryTransport, wait_for
+
+FAST: dict[str, Any] = {"flush_interval": 0.05, "retry_initial": 0.01, "retry_max_wait": 0.05}
+WAIT = 60.0
+
+
+class Gated(MemoryTransport):
+    """Holds the first ``log_batch`` until ``batch_gate`` opens, and the creation of run ``b``
+    until ``create_gate`` opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_batch = threading.Event()
+        self.batch_gate = threading.Event()
+        self.create_gate = threading.Event()
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if not self.in_batch.is_set():
+            self.in_batch.set()
+            self.batch_gate.wait(WAIT)
+        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+
+    def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str,
+        start_time_ms: int,
+        tags: Sequence[tuple[str, str]],
+    ) -> RunRef:
+        if run_name == "b":
+            self.create_gate.wait(WAIT)
+        return super().create_run(
+            experiment_id, run_name=run_name, start_time_ms=start_time_ms, tags=tags
+        )
+
+
+def step(sink: MLflowSink, run_id: str, number: int) -> None:
+    sink.on_step(run_id, event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+
+
+def test_a_close_deadline_during_the_ends_sent_first_counts_each_event_once(
+    tmp_path: Path,
+) -> None:
+    """At a close, run starts and ends spilled to the journal are sent ahead of the steps. When
+    the deadline comes while they are out, each of them is counted once (kept for replay), not
+    once as unsettled and again as unread in the journal: accepted == sent + deferred +
+    dropped, nothing pending."""
+    memory = Gated()
+    sink = MLflowSink(
+        enabled=True,
+        experiment="unit",
+        transport=memory,
+        queue_size=10,
+        journal_dir=tmp_path,
+        **FAST,
+    )
+    try:
+        sink.on_run_start("a", task="t", environment="e", params={})
+        step(sink, "a", 0)
+        assert memory.in_batch.wait(WAIT)  # the worker is held in a request
+        for number in range(1, 40):  # ten wait in memory, the rest spill to the journal
+            step(sink, "a", number)
+        sink.on_run_start("b", task="t", environment="e", params={})
+        for number in range(5):
+            step(sink, "b", number)
+        sink.on_run_end("b", result={"completed": True}, run_path=None)
+        assert sink.statistics().spilled > 0
+        closer = threading.Thread(target=sink.close, args=(1.0,))
+        closer.start()
+        assert wait_for(lambda: sink._worker.close_requested, WAIT)
+        memory.batch_gate.set()  # the close goes on: run b's creation never answers in time
+        closer.join(WAIT)
+        assert not closer.is_alive()
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.batch_gate.set()
+        memory.create_gate.set()
+        sink.close(1.0)
+    stats = sink.statistics()
+    fates = stats.sent + stats.deferred + sum(stats.dropped.values())
+    assert stats.accepted == 1 + 40 + 1 + 5 + 1
+    assert fates == stats.accepted, stats
+    assert stats.pending == 0
+
+
+def test_closing_does_not_wait_for_hooks_turned_away(tmp_path: Path) -> None:
+    """A hook that found the sink closed appends nothing: closing never waits for it, however
+    many keep coming (threads hooking in a loop while close() runs)."""
+    memory = MemoryTransport()
+    sink = MLflowSink(
+        enabled=True, experiment="unit", transport=memory, journal_dir=tmp_path, **FAST
+    )
+    sink.on_run_start("a", task="t", environment="e", params={})
+    sink.close(WAIT)
+    pipeline = sink._pipeline
+    inside, leave = threading.Event(), threading.Event()
+    warn = pipeline.warnings.warn
+
+    def held_warn(*args: Any, **kwargs: Any) -> None:  # the refusal, paused half-way
+        inside.set()
+        leave.wait(WAIT)
+        warn(*args, **kwargs)
+
+    pipeline.warnings.warn = held_warn  # type: ignore[method-assign]
+    late = threading.Thread(target=step, args=(sink, "a", 0))
+    late.start()
+    try:
+        assert inside.wait(WAIT)
+        assert pipeline.quiet()
+    finally:
+        leave.set()
+        late.join(WAIT)
+    assert sink.statistics().dropped == {"after_close": 1}
+
+
+class SlowSteps(MemoryTransport):
+    """Requests carrying many points never answer before ``gate`` opens; the rest do at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.held = threading.Event()  # a request is waiting for the gate
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if len(metrics) > 20:
+            self.held.set()
+            self.gate.wait(WAIT)
+        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+
+
+def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_first(
+    tmp_path: Path,
+) -> None:
+    """Three runs of 300 steps each wait when close() comes and the steps' requests do not
+    answer in time: each run still ends (FINISHED) at the store, its steps kept for replay."""
+    memory = SlowSteps()
+    sink = MLflowSink(
+        enabled=True,
+        experiment="unit",
+        transport=memory,
+        journal_dir=tmp_path,
+        flush_interval=60.0,
+        batch_trigger=10**9,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        assert sink.flush(WAIT)  # the worker is up, and asleep until close() wakes it
+        for name in ("a", "b", "c"):
+            sink.on_run_start(name, task="t", environment="e", params={})
+            for number in range(300):
+                step(sink, name, number)
+            sink.on_run_end(name, result={"completed": True, "steps": 300}, run_path=None)
+        sink.close(3.0)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+    for name in ("a", "b", "c"):
+        assert memory.one(name).status == "FINISHED"
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+    assert stats.deferred >= 900
+
+
+def test_a_close_during_a_long_cycle_takes_it_over_and_ends_the_run_first(
+    tmp_path: Path,
+) -> None:
+    """close() comes while the worker waits for the answer to a request carrying a run's 600
+    steps (the server is slow): the close takes over what that cycle was sending, the run's end
+    goes first and reaches the store in time, the steps are kept; nothing is counted twice."""
+    memory = SlowSteps()
+    sink = MLflowSink(
+        enabled=True,
+        experiment="unit",
+        transport=memory,
+        journal_dir=tmp_path,
+        flush_interval=60.0,
+        batch_trigger=10**9,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        assert sink.flush(WAIT)
+        sink.on_run_start("long", task="t", environment="e", params={})
+        for number in range(600):
+            step(sink, "long", number)
+        sink.on_run_end("long", result={"completed": True, "steps": 600}, run_path=None)
+        sink._request_flush()  # a normal cycle takes it all and waits for the slow request
+        assert memory.held.wait(WAIT)
+        sink.close(3.0)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+    assert memory.one("long").status == "FINISHED"
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+
+
+def test_the_worker_imports_nothing_above_it() -> None:
+    """The process side (runtime, sink) owns the worker and passes it what it needs: the worker
+    never imports them, not even inside a function."""
+    tree = ast.parse(Path(rlm_mlflow._worker.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    above = {"_runtime", "_sink", "rlm_mlflow._runtime", "rlm_mlflow._sink"}
+    assert not imported & above, imported & above
