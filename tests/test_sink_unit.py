@@ -465,6 +465,24 @@ def test_close_is_idempotent_and_bounded_when_mlflow_hangs() -> None:
     assert status["state"] == "closed"
 
 
+def test_a_close_that_leaves_events_says_why_and_what_to_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store fails every request: the close's one warning names the cause (the store's
+    state and its last error) and the command that sends what was kept."""
+    caplog.set_level(logging.WARNING, logger="rlm_mlflow")
+    memory = MemoryTransport()
+    memory.fail = lambda call: TransientError("HTTP 503 from the proxy")
+    sink = make_sink(memory)
+    run_one(sink, "r")
+    sink.close(0.5)
+    assert sink._worker.stopped.wait(20)
+    (line,) = [r.getMessage() for r in caplog.records if "stopped with" in r.getMessage()]
+    assert "HTTP 503 from the proxy" in line
+    assert "kept in" in line
+    assert "rlm-mlflow replay" in line
+
+
 def test_a_close_whose_deadline_comes_mid_request_still_ends_open_runs(journal_dir: Path) -> None:
     """The store hangs on the first request: the close deadline cuts it before the close began.
     The run left open is ended FAILED in the journal all the same, so a replay writes FAILED

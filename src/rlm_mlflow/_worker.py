@@ -606,6 +606,20 @@ class Worker:
 
     # -- the end -------------------------------------------------------------------------------
 
+    def _why_not_sent(self) -> str:
+        """What held events back at the close, in words a user can act on."""
+        health, detail = self.caller.health()
+        if self.unavailable is not None:
+            return self.unavailable
+        if health == "ok":
+            error = self.counts.last_error
+            reason = f"; last error: {error}" if error else ""
+            return (
+                "the server did not take them before the close's deadline (shutdown_timeout "
+                f"is {self.pipeline.config.shutdown_timeout:g} s){reason}"
+            )
+        return f"the store is {health}: {detail}"
+
     def _finish(self) -> None:
         """After the loop, whatever ended it: count what is left, release everything."""
         pipeline = self.pipeline
@@ -643,8 +657,9 @@ class Worker:
                 kept.append(str(journal.folder))
         if deferred or dropped:
             logger.warning(
-                "rlm-mlflow stopped with %d events not sent%s%s",
+                "rlm-mlflow stopped with %d events not sent (%s)%s%s",
                 deferred + dropped,
+                self._why_not_sent(),
                 f"; {deferred} kept in {', '.join(kept)}: send them with 'rlm-mlflow replay'"
                 if kept and deferred
                 else "",
