@@ -124,6 +124,24 @@ def test_the_demo_checks_its_server_before_it_runs(tmp_path: Path) -> None:
     assert not (tmp_path / "demo-output").exists()
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("ture", "DSPY_RLM_MLFLOW_ENABLED='ture' is not a value read as true (true, 1, yes, on)"),
+        ("0", "DSPY_RLM_MLFLOW_ENABLED='0'"),
+        (None, "DSPY_RLM_MLFLOW_ENABLED is not set"),
+    ],
+)
+def test_status_quotes_the_value_that_leaves_the_sink_off(value: str | None, says: str) -> None:
+    env = child_env()
+    env.pop("DSPY_RLM_MLFLOW_ENABLED", None)
+    if value is not None:
+        env["DSPY_RLM_MLFLOW_ENABLED"] = value
+    done = cli("status", env=env)
+    assert done.returncode == 1, done.stdout
+    assert f"problem: the sink is disabled ({says})" in done.stdout
+
+
 def test_status_of_the_default_store_names_it(tmp_path: Path) -> None:
     """MLFLOW_TRACKING_URI unset: MLflow's default store in the current folder, named."""
     env = child_env(DSPY_RLM_MLFLOW_ENABLED="true")

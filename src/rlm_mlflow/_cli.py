@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._config import config_from_env, redact_text, redact_uri
+from ._config import config_from_env, redact_text, redact_uri, why_disabled
 
 if TYPE_CHECKING:
     from ._replay import ReplayReport
@@ -134,7 +134,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"enabled           {config.enabled}  (DSPY_RLM_MLFLOW_ENABLED)")
     print(f"experiment        {config.experiment}  (DSPY_RLM_MLFLOW_EXPERIMENT)")
     if not config.enabled:
-        problems.append("the sink is disabled: set DSPY_RLM_MLFLOW_ENABLED=true")
+        problems.append(
+            f"the sink is disabled ({why_disabled(os.environ)}): set DSPY_RLM_MLFLOW_ENABLED=true"
+        )
     mlflow_found = importlib.util.find_spec("mlflow") is not None
     uri = config.tracking_uri
     if uri:

@@ -159,6 +159,16 @@ def parse_bool(value: str | None, *, default: bool = False) -> bool:
     return default
 
 
+def why_disabled(env: Mapping[str, str]) -> str:
+    """Why ``DSPY_RLM_MLFLOW_ENABLED`` leaves the sink off, quoting a value that means nothing."""
+    raw = env.get(ENV_ENABLED)
+    if raw is None or not raw.strip():
+        return f"{ENV_ENABLED} is not set"
+    if raw.strip().lower() in _FALSE:
+        return f"{ENV_ENABLED}={raw!r}"
+    return f"{ENV_ENABLED}={raw!r} is not a value read as true (true, 1, yes, on)"
+
+
 def _env_number(env: Mapping[str, str], name: str, kind: type[float] | type[int]) -> Any:
     raw = env.get(name)
     if raw is None or not raw.strip():

@@ -32,7 +32,7 @@ def launcher_environment(env: Mapping[str, str]) -> dict[str, str]:
 
 def check_configuration(env: Mapping[str, str]) -> list[str]:
     """Notes for the user about the sink the command will get; empty when all is well."""
-    from ._config import config_from_env, parse_bool
+    from ._config import config_from_env, parse_bool, why_disabled
 
     notes: list[str] = []
     try:
@@ -41,8 +41,7 @@ def check_configuration(env: Mapping[str, str]) -> list[str]:
         return [f"configuration error: {exc}; RLM Code will use its own MLflow sink"]
     if not config.enabled:
         notes.append(
-            "the sink is off (DSPY_RLM_MLFLOW_ENABLED is not true): RLM Code's runs are not "
-            "sent to MLflow"
+            f"the sink is off ({why_disabled(env)}): RLM Code's runs are not sent to MLflow"
         )
     if not parse_bool(env.get("DSPY_RLM_OBS_ENABLED"), default=True):
         notes.append("DSPY_RLM_OBS_ENABLED is false: RLM Code builds no sinks at all")
