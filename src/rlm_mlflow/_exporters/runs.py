@@ -227,6 +227,7 @@ class RunsExporter:
         # run's end; each is looked up once more, ``late_window`` s after that create was sent.
         self.late_window = late_window
         self.suspects: dict[str, _Suspect] = {}
+        self._creating: dict[int, anyio.Event] = {}  # parents a child is creating first
 
     @property
     def transport(self) -> Transport:
@@ -335,6 +336,13 @@ class RunsExporter:
         parent = created.get(state.parent_no) if state.parent_no is not None else None
         if parent is not None:
             await parent.wait()
+            if self._parent_not_created(state):
+                # Tried in this cycle and failed: the child waits for it (kept for replay, which
+                # creates the parent first), so that it is never created without its link.
+                created[state.no].set()
+                self._failed(f"run {state.run_id}: its parent run is not created yet; kept")
+                finished(state.no, DEFERRED)
+                return
         try:
             async with limiter:
                 outcome = await self._contain(state, self._send(state, work, created[state.no]))
@@ -422,6 +430,7 @@ class RunsExporter:
             ("component", COMPONENT_TAG),
             (KEY_TAG, state.key),
         ]
+        await self._ensure_parent(state)
         parent = await self._parent_uuid(state)
         if parent is not None:
             tags.append((PARENT_TAG, parent))
@@ -556,6 +565,37 @@ class RunsExporter:
             suspect.due = time.monotonic() + suspect.interval
             if closing or suspect.due > suspect.until:
                 self.suspects.pop(key, None)
+
+    def _parent_not_created(self, state: RunState) -> bool:
+        """The parent's events came here, and its MLflow run could not be created yet."""
+        parent = self.runs.get(state.parent_no) if state.parent_no is not None else None
+        return parent is not None and parent.ref is None and parent.refused is None
+
+    async def _ensure_parent(self, state: RunState) -> None:
+        """A parent first: a child created before its parent's MLflow run exists would end
+        without ``mlflow.parentRunId`` (a crash before the link is set leaves it so for good).
+        Creating the parent may fail: the child is then not created either, and kept."""
+        if not self._parent_not_created(state):
+            return
+        assert state.parent_no is not None
+        parent = self.runs[state.parent_no]
+        creating = self._creating.get(parent.no)
+        if creating is not None:  # a sibling is creating it
+            await creating.wait()
+        else:
+            creating = self._creating[parent.no] = anyio.Event()
+            try:
+                await self._ensure_parent(parent)
+                await self._ensure_run(parent)
+            except StoreRefused:
+                raise
+            except PermanentError as exc:  # refused for good: the child goes on without it
+                parent.refused = parent.refused or str(exc)
+            finally:
+                creating.set()
+                self._creating.pop(parent.no, None)
+        if parent.ref is None and parent.refused is None:
+            raise TransientError(f"its parent run {parent.run_id} is not created yet")
 
     async def _parent_uuid(self, state: RunState) -> str | None:
         """The MLflow run of the parent, by state or by key; None (and retried later) if unknown."""
