@@ -2,13 +2,15 @@
 
 Real forked processes (``tests/agents/fork_children.py``: a module-level sink, two children
 forked before its first event) against the session's real ``mlflow server``; ``kill -9`` and
-``rlm-mlflow replay`` in processes of their own.
+``rlm-mlflow replay`` in processes of their own. Replay's check of a journal's key prefix runs
+against an in-memory store.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,9 +19,8 @@ from typing import Any
 import pytest
 
 from promises_support import WAIT, Agent, Store, journal_folders, replay_cli, wait_until
-from rlm_mlflow.testing import FaultProxy, MlflowServer
-
-pytestmark = pytest.mark.integration
+from rlm_mlflow import MLflowSink, TransientError, replay
+from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
 
 KEY = "rlm_mlflow.key"
 Spawn = Callable[..., Agent]
@@ -78,6 +79,7 @@ def assert_two_processes_two_identities(store: Store, experiment: str, b_status:
     assert not span_ids(first) & span_ids(second), "two processes wrote the same span ids"
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_children_of_an_unused_sink_log_runs_and_traces_under_keys_of_their_own(
     agents: Spawn, mlflow_server: MlflowServer, store: Store, experiment_name: str
@@ -97,6 +99,7 @@ def test_children_of_an_unused_sink_log_runs_and_traces_under_keys_of_their_own(
     assert store.steps(runs["run-b"]) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_replaying_a_killed_child_never_maps_its_run_onto_its_siblings(
     agents: Spawn,
@@ -140,3 +143,62 @@ def test_replaying_a_killed_child_never_maps_its_run_onto_its_siblings(
     assert store.steps(runs["run-a"]) == [0, 1, 2]
     assert store.steps(runs["run-b"]) == [0, 1, 2, 3, 4]
     assert_two_processes_two_identities(store, experiment_name, "KILLED")
+
+
+# -- replay: a journal's runs are found by its key prefix, which must be its own ------------------
+
+
+def kept_journal(journal_dir: Path) -> Path:
+    """A journal holding one run of three steps that the store never took."""
+
+    def down(call: str) -> None:
+        raise TransientError("the store is down")
+
+    memory = MemoryTransport()
+    memory.fail = down
+    sink = MLflowSink(
+        enabled=True, experiment="e", transport=memory, journal_dir=journal_dir, retry_deadline=0.2
+    )
+    sink.on_run_start("kept", task="t", environment="e", params={})
+    for number in range(3):
+        sink.on_step("kept", event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_end("kept", result={"completed": True}, run_path=None)
+    sink.close(1.0)
+    assert sink.status()["deferred"] == 5, sink.status()
+    (folder,) = journal_folders(journal_dir)
+    return folder
+
+
+def test_replay_keeps_journals_that_claim_one_key_prefix_and_sends_none_of_them(
+    journal_dir: Path,
+) -> None:
+    """Two journals with one key prefix (forked children of a sink that kept its prefix): their
+    runs cannot be told apart by key, so neither is sent into the other's runs; both are kept
+    and the report says why."""
+    folder = kept_journal(journal_dir)
+    shutil.copytree(folder, folder.with_name(folder.name + "-copy"))
+    store = MemoryTransport()
+    report = replay(journal_dir, transport=store)
+    assert store.by_name("kept") == []
+    assert len(report.kept) == 2, report
+    assert sum("same key prefix" in problem for problem in report.problems) == 2, report.problems
+    assert not report.ok
+
+
+def test_replay_keeps_a_journal_without_a_valid_key_prefix(journal_dir: Path) -> None:
+    """A journal whose meta.json has no valid prefix is kept, never sent under a made-up key."""
+    folder = kept_journal(journal_dir)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["prefix"] = ""
+    (folder / "meta.json").write_text(json.dumps(meta))
+    store = MemoryTransport()
+    report = replay(journal_dir, transport=store)
+    assert store.by_name("kept") == []
+    assert report.kept == [str(folder)], report
+    assert any("no valid key prefix" in problem for problem in report.problems), report
+    (mine,) = journal_folders(journal_dir)
+    meta["prefix"] = "0123456789abcdef"
+    (mine / "meta.json").write_text(json.dumps(meta))
+    report = replay(journal_dir, transport=store)
+    assert report.ok, report
+    assert [run.status for run in store.by_name("kept")] == ["FINISHED"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +25,16 @@ from typing import Any, TypeVar
 logger = logging.getLogger("rlm_mlflow")
 
 T = TypeVar("T")
+
+#: A sink's key prefix: 64 random bits, drawn at construction and again in each forked child, so
+#: that keys are unique across processes without relying on process ids (which repeat).
+KEY_PREFIX = re.compile(r"[0-9a-f]{16}")
+
+
+def new_prefix() -> str:
+    """A new key prefix (:data:`KEY_PREFIX`)."""
+    return secrets.token_hex(8)
+
 
 _holders: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
 _module_resets: list[Callable[[], None]] = []

@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import secrets
 import sys
 import threading
 import time
@@ -150,7 +149,7 @@ class Pipeline:
         self.state = State.IDLE
         self.active = self.config.enabled
         self.off = not self.config.enabled  # disabled (or unusable): every hook returns at once
-        self.prefix = secrets.token_hex(8)
+        self.prefix = _fork.new_prefix()
         self.run_numbers = itertools.count(1)
         self.ctl: deque[Item] = deque()
         self.steps: deque[Item] = deque()
