@@ -227,7 +227,7 @@ class RunsExporter:
         # run's end; each is looked up once more, ``late_window`` s after that create was sent.
         self.late_window = late_window
         self.suspects: dict[str, _Suspect] = {}
-        self._creating: dict[int, anyio.Event] = {}  # parents a child is creating first
+        self._creating: dict[int, anyio.Event] = {}  # runs being created (see _ensure_run)
 
     @property
     def transport(self) -> Transport:
@@ -420,10 +420,22 @@ class RunsExporter:
     # -- creating a run ----------------------------------------------------------------------
 
     async def _ensure_run(self, state: RunState) -> None:
+        """The run's MLflow run, created once: a child creating its parent first and the
+        parent's own job never create it twice (the second waits for the first)."""
+        while state.ref is None and (creating := self._creating.get(state.no)) is not None:
+            await creating.wait()
         if state.ref is not None:
             return
         if state.refused is not None:
             raise PermanentError(state.refused)
+        creating = self._creating[state.no] = anyio.Event()
+        try:
+            await self._create_run(state)
+        finally:
+            creating.set()
+            self._creating.pop(state.no, None)
+
+    async def _create_run(self, state: RunState) -> None:
         experiment_id = await self.ensure_experiment()
         tags = [
             ("run_id", _convert.tag_value(state.run_id, "run_id", self._reject(state.run_id))),
@@ -579,21 +591,12 @@ class RunsExporter:
             return
         assert state.parent_no is not None
         parent = self.runs[state.parent_no]
-        creating = self._creating.get(parent.no)
-        if creating is not None:  # a sibling is creating it
-            await creating.wait()
-        else:
-            creating = self._creating[parent.no] = anyio.Event()
-            try:
-                await self._ensure_parent(parent)
-                await self._ensure_run(parent)
-            except StoreRefused:
-                raise
-            except PermanentError as exc:  # refused for good: the child goes on without it
-                parent.refused = parent.refused or str(exc)
-            finally:
-                creating.set()
-                self._creating.pop(parent.no, None)
+        try:
+            await self._ensure_run(parent)
+        except StoreRefused:
+            raise
+        except PermanentError as exc:  # refused for good: the child goes on without it
+            parent.refused = parent.refused or str(exc)
         if parent.ref is None and parent.refused is None:
             raise TransientError(f"its parent run {parent.run_id} is not created yet")
 
