@@ -115,6 +115,7 @@ def report(sink: MLflowSink) -> bool:
     print(
         f"runs {status['runs_created']} created / {status['runs_ended']} ended, "
         f"events {status['sent']} sent / {status['accepted']} accepted, "
+        f"{status['deferred']} kept for 'rlm-mlflow replay', "
         f"dropped {status['dropped'] or 'none'}, {status['requests']} requests "
         f"to {status['detail']} (experiment {status['experiment']})"
     )

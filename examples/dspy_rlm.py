@@ -129,7 +129,10 @@ def main(model: str, tasks: int) -> None:
     sink.close()  # optional: the sink also closes itself when the program exits
     stats = sink.statistics()
     dropped = ", ".join(f"{k} {v}" for k, v in stats.dropped.items()) or "none"
-    print(f"runs {stats.runs_created} created / {stats.runs_ended} ended, dropped {dropped}")
+    print(
+        f"runs {stats.runs_created} created / {stats.runs_ended} ended; events {stats.sent} sent, "
+        f"{stats.deferred} kept for 'rlm-mlflow replay', dropped {dropped}"
+    )
     print(f"MLflow: {sink.config.tracking_uri or 'the default store'}, {sink.config.experiment}")
 
 

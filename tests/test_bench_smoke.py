@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,9 @@ from benchkit.measure import summarize_traces  # noqa: E402
 from benchkit.targets import regime_entered  # noqa: E402
 from benchkit.workloads import TraceWorkload  # noqa: E402
 
+#: Generous: the smoke plan takes about a minute on a quiet machine, several on a busy one.
+BENCH_TIMEOUT = 1200
+
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
@@ -38,15 +42,28 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT / "scripts"), env.get("PYTHONPATH")) if p
         )
-    return subprocess.run(
+    process = subprocess.Popen(
         [*command, *args],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
-        check=False,
+        start_new_session=True,
     )
+    try:
+        out, err = process.communicate(timeout=BENCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the bench then stops the MLflow server it started (a server of
+        # its own session, which a kill of the bench alone would leave running).
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+        pytest.fail(f"the bench ran over {BENCH_TIMEOUT} s and was stopped\n{out}\n{err}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def table_after(text: str, heading: str, index: int = 0) -> list[str]:

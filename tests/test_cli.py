@@ -44,6 +44,9 @@ def cli(
         ("postgresql://", "names no database server"),
         ("sqlite:mlflow.db", "write sqlite:///relative.db"),
         ("file:", "names no folder"),
+        ("127.0.0.1:5000", "write http://127.0.0.1:5000"),
+        ("mlflow.internal:5000/", "without its scheme"),
+        ("http://127.0.0.1:99999", "is not a valid URI (Port out of range"),
     ],
 )
 def test_status_refuses_a_malformed_tracking_uri(uri: str, says: str) -> None:
@@ -87,6 +90,37 @@ def test_status_against_a_live_server_exits_zero(
     assert done.returncode == 0, done.stdout
     assert "server            answers" in done.stdout
     assert "problem" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("postgresql://mlflow@127.0.0.1:{port}/db", "the database at postgresql://"),
+        ("file:///{tmp}/mlruns", "is a file store, which this MLflow refuses"),
+        ("{tmp}/mlruns", "is a file store, which this MLflow refuses"),
+    ],
+)
+def test_status_checks_stores_the_sink_cannot_use(uri: str, says: str, tmp_path: Path) -> None:
+    """Well formed, but unusable: a database nothing listens for, a file store MLflow refuses."""
+    uri = uri.format(port=free_port(), tmp=tmp_path)
+    env = child_env(DSPY_RLM_MLFLOW_ENABLED="true", MLFLOW_TRACKING_URI=uri)
+    env.pop("MLFLOW_ALLOW_FILE_STORE", None)
+    done = cli("status", env=env, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout
+    assert says in done.stdout
+    assert not (tmp_path / "mlruns").exists()  # status only looks
+
+
+def test_the_demo_checks_its_server_before_it_runs(tmp_path: Path) -> None:
+    """Nothing listens at the URI: the demo says so and stops at once, without running tasks
+    against it or printing links to a UI that is not there."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    done = cli("demo", "--tracking-uri", uri, "--workdir", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"problem: the tracking server at {uri} does not answer" in done.stdout
+    assert "Retrying" not in done.stderr
+    assert "See them" not in done.stdout
+    assert not (tmp_path / "demo-output").exists()
 
 
 def test_status_of_the_default_store_names_it(tmp_path: Path) -> None:
@@ -203,10 +237,12 @@ def test_the_demo_prints_commands_that_work_as_printed(tmp_path: Path) -> None:
     assert Path(program).is_file(), program
     assert args[:2] == ["ui", "--backend-store-uri"]
     assert args[2] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    links = re.findall(r"http://127\.0\.0\.1:5000/\S+", done.stdout)
+    port = args[args.index("--port") + 1]
+    assert port != "5000"  # the port the docs give a tracking server
+    links = re.findall(rf"http://127\.0\.0\.1:{port}/\S+", done.stdout)
     assert [re.sub(r"/experiments/\d+/", "/experiments/ID/", link) for link in links] == [
-        "http://127.0.0.1:5000/#/experiments/ID/runs?workflowType=machine_learning",
-        "http://127.0.0.1:5000/#/experiments/ID/traces",
+        f"http://127.0.0.1:{port}/#/experiments/ID/runs?workflowType=machine_learning",
+        f"http://127.0.0.1:{port}/#/experiments/ID/traces",
     ]
 
 

@@ -249,7 +249,8 @@ def test_dspy_rlm_example(
     delegating to a sub-agent: three runs with their four iterations, each with a child run
     under it, and one trace per top-level call holding its child."""
     out = run_example("dspy_rlm.py", "--tasks", "3", env=example_env, cwd=tmp_path)
-    assert "runs 6 created / 6 ended, dropped none" in out
+    assert "runs 6 created / 6 ended; events " in out
+    assert "0 kept for 'rlm-mlflow replay', dropped none" in out
     runs = read_runs(experiment_name)
     assert len(runs) == 6
     roots = {r.info.run_id: r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags}

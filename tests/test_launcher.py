@@ -252,3 +252,27 @@ def test_the_environment_puts_the_bootstrap_folder_first_once() -> None:
     assert twice["PYTHONPATH"] == os.pathsep.join([str(BOOTSTRAP), "/a", "/b"])
     assert (BOOTSTRAP / "sitecustomize.py").exists()
     assert launcher_environment({})["PYTHONPATH"] == str(BOOTSTRAP)
+
+
+def test_empty_pythonpath_entries_still_mean_the_working_directory(tmp_path: Path) -> None:
+    """``PYTHONPATH=":x"``: the empty entry is the working directory for Python, with or
+    without the launcher; a program importing a module from its working directory runs."""
+    from rlm_mlflow._launcher import BOOTSTRAP, launcher_environment
+
+    folder = str(BOOTSTRAP)
+    sep = os.pathsep
+    assert launcher_environment({"PYTHONPATH": f"{sep}/x"})["PYTHONPATH"] == f"{folder}{sep}{sep}/x"
+    assert launcher_environment({"PYTHONPATH": f"/x{sep}"})["PYTHONPATH"] == f"{folder}{sep}/x{sep}"
+    assert launcher_environment({"PYTHONPATH": ""})["PYTHONPATH"] == folder
+
+    work, scripts = tmp_path / "work", tmp_path / "scripts"
+    work.mkdir()
+    scripts.mkdir()
+    (work / "helper_in_cwd.py").write_text("VALUE = 'found in the working directory'\n")
+    program = scripts / "program.py"  # not ``-c``: its own folder, not the cwd, is sys.path[0]
+    program.write_text("import helper_in_cwd\nprint(helper_in_cwd.VALUE)\n")
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(sep) if p]
+    env = child_env(PYTHONPATH=sep.join(["", str(tmp_path / "x"), *inherited]))
+    done = launch(sys.executable, str(program), env=env, cwd=work)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "found in the working directory"

@@ -598,8 +598,8 @@ def test_a_sink_never_used_makes_no_journal_and_no_thread(journal_dir: Path) -> 
 def test_an_idle_sink_lets_go_of_its_journal(
     journal_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once everything is sent and nothing happens, the journal folder and its descriptor go;
-    the next event makes a new journal."""
+    """Once everything is sent and nothing happens, the journal folder and its files go; a
+    fresh, empty one the worker made takes its place, and the next event writes there."""
     import rlm_mlflow._worker
 
     monkeypatch.setattr(rlm_mlflow._worker, "JOURNAL_IDLE", 0.0)
@@ -607,8 +607,11 @@ def test_an_idle_sink_lets_go_of_its_journal(
     sink = make_sink(memory)
     run_one(sink, "first")
     assert sink.flush(10)
-    assert wait_for(lambda: not journal_dir.exists() or not list(journal_dir.iterdir()))
-    assert sink.status()["journal"] is None
+    first = Path(str(sink.status()["journal"]))
+    assert wait_for(lambda: not first.exists())
+    fresh = sink.status()["journal"]
+    assert fresh is not None
+    assert [p.name for p in journal_dir.iterdir()] == [Path(fresh).name]
     run_one(sink, "second")
     assert sink.flush(10)
     sink.close()

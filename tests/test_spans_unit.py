@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -143,3 +146,45 @@ def test_a_request_framed_by_hand_parses_as_the_one_protobuf_builds() -> None:
         )
         assert parse_spans_request(body) == expected
         assert body == expected.SerializeToString()
+
+
+def test_int_subclasses_and_huge_ints_encode_at_once_and_never_raise() -> None:
+    """An IntEnum is an int subclass: it is written as its plain int (a ``range`` membership
+    test on a subclass walks the whole range, holding the interpreter); an int beyond int64 as
+    its text; a value whose ``__str__`` raises as its type's name. In a child process, so a
+    hang is a failure, not a stuck suite."""
+    program = textwrap.dedent(
+        """
+        import enum, sys
+        from opentelemetry.proto.common.v1 import common_pb2
+        from rlm_mlflow._exporters import otlp
+
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        class Hostile(int):
+            def __eq__(self, other):
+                raise RuntimeError("no")
+            __hash__ = int.__hash__
+
+        class Unprintable:
+            def __str__(self):
+                raise RuntimeError("no")
+
+        sys.set_int_max_str_digits(4300)
+        for value in (Level.HIGH, Hostile(-5), 2**70, 10**5000, Unprintable()):
+            parsed = common_pb2.AnyValue.FromString(otlp.any_value(value))
+            print(parsed.WhichOneof("value"), getattr(parsed, parsed.WhichOneof("value")))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "int_value 3",
+        "int_value -5",
+        f"string_value {2**70}",
+        f"string_value <int of {(10**5000).bit_length()} bits>",
+        "string_value <Unprintable>",
+    ]

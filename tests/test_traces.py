@@ -211,7 +211,8 @@ def test_a_server_without_trace_ingest_turns_traces_off_once(
     experiment_name: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """/v1/traces answering 404 (an older server): one warning, status says why, runs land."""
+    """/v1/traces answering MLflow's JSON 404 (an older server): one warning, status says why,
+    runs land; the spans of that cycle are counted as rejected, never as sent."""
     caplog.set_level(logging.WARNING, logger="rlm_mlflow")
     with FaultProxy(mlflow_server.port) as proxy:
         proxy.set(mode="http", status=404, path="/v1/traces")
@@ -228,6 +229,8 @@ def test_a_server_without_trace_ingest_turns_traces_off_once(
     assert status["traces"].startswith("off: ")
     assert "404" in status["traces"]
     assert status["dropped"] == {}
+    assert status["spans_sent"] == 0
+    assert status["rejected"]["traces_unsupported"] > 0
     assert traces_requests == 1
     warnings = [r for r in caplog.records if "traces are off" in r.getMessage()]
     assert len(warnings) == 1

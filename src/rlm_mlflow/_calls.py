@@ -12,7 +12,12 @@ an outage and the request keeps waiting for it (the journal holds what the agent
 meanwhile, and a shutdown deadline still bounds every wait).
 
 The caller also keeps what ``status()`` reports about the store: healthy, retrying, stalled (a
-request has waited long for its answer), or blocked (credentials refused, experiment deleted).
+request has waited long for its answer), or blocked (credentials refused, experiment deleted, the
+tracking URI redirects). A refusal of the credentials is a block whether a transport raises
+:class:`StoreRefused` or, as custom transports do, a ``PermanentError`` with code
+``UNAUTHENTICATED``/``PERMISSION_DENIED`` or status 401/403. A block lifts only when a write
+succeeds: credentials that may read but not write pass every read, so a read proves nothing, and
+while reads pass during a block, writes are tried again only every :meth:`Caller.write_try_due`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import anyio.to_thread
 from tenacity import RetryCallState
 
 from ._config import redact_text
-from ._exceptions import StoreRefused, TransientError
+from ._exceptions import REFUSED_CODES, REFUSED_STATUS, PermanentError, StoreRefused, TransientError
 from ._retry import RetryPolicy
 from ._stats import RateLimitedWarnings, WorkerCounts
 
@@ -39,6 +44,28 @@ T = TypeVar("T")
 
 #: A request waiting longer than this for its answer makes the store "stalled" in status().
 STALLED_AFTER = 5.0
+#: The calls that only read: their success does not lift a block (writes may still be refused).
+READS = frozenset(
+    {
+        "get or create experiment",
+        "check experiment",
+        "find runs",
+        "find parent run",
+        "read metric history",
+        "read run status",
+    }
+)
+
+
+def as_refusal(exc: PermanentError) -> StoreRefused | None:
+    """The block a permanent error means, when it refuses our credentials (None otherwise)."""
+    if isinstance(exc, StoreRefused):
+        return exc
+    if exc.code in REFUSED_CODES or exc.status in REFUSED_STATUS:
+        refused = StoreRefused(str(exc), code=exc.code, status=exc.status)
+        refused.__cause__ = exc
+        return refused
+    return None
 
 
 class Caller:
@@ -63,6 +90,7 @@ class Caller:
         self._tokens = itertools.count()
         self.failing_since: float | None = None  # first failure of the current trouble
         self.refused: str | None = None  # why the store refuses everything, while it does
+        self.refused_at = 0.0  # when a request was last refused (monotonic)
         self.sleep_until: float | None = None
         # Without a probe, a request past its deadline is given up. With ``give_up`` (replay),
         # every later one too: the store stopped answering, what is left waits for next time.
@@ -109,9 +137,14 @@ class Caller:
             result = await anyio.to_thread.run_sync(
                 functools.partial(fn, *args), abandon_on_cancel=True
             )
-        except StoreRefused as exc:
-            self.refused_by(exc)
-            raise
+        except PermanentError as exc:
+            refused = as_refusal(exc)
+            if refused is None:
+                raise
+            self.refused_by(refused)
+            if refused is exc:
+                raise
+            raise refused from exc
         except TransientError as exc:
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
@@ -120,7 +153,9 @@ class Caller:
         finally:
             self.inflight.pop(token, None)
         self.failing_since = None
-        self.refused = None
+        if self.refused is not None and what not in READS:
+            logger.warning("rlm-mlflow: the store takes our writes again; sending what was held")
+            self.refused = None
         return result
 
     def refused_by(self, exc: StoreRefused) -> None:
@@ -128,7 +163,13 @@ class Caller:
         if self.refused is None:
             logger.error("rlm-mlflow: the store refuses our writes: %s", text)
         self.refused = text
+        self.refused_at = time.monotonic()
         self.note_error(text)
+
+    def write_try_due(self) -> bool:
+        """Blocked while reads pass: whether writes may be tried again (one try per backoff
+        period, however often the store is probed)."""
+        return time.monotonic() - self.refused_at >= max(self.policy.max_wait, 1.0)
 
     async def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """Call with retries: see the module docstring. Raises what the last attempt raised."""

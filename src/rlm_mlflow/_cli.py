@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._config import config_from_env, redact_uri
+from ._config import config_from_env, redact_text, redact_uri
 
 if TYPE_CHECKING:
     from ._replay import ReplayReport
@@ -20,11 +20,24 @@ if TYPE_CHECKING:
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import print_report, run_demo
 
+    workdir = Path(args.workdir).resolve()
+    uri = (
+        args.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{workdir}/mlflow.db"
+    )
+    problem = store_problem(uri, timeout=5.0)
+    if problem:
+        print(f"problem: {problem}")
+        print(
+            "the demo did not run: fix the above, or unset MLFLOW_TRACKING_URI to use ./mlflow.db"
+        )
+        return 2
     report = run_demo(
         tasks=args.tasks,
         experiment=args.experiment,
-        tracking_uri=args.tracking_uri,
-        workdir=Path(args.workdir),
+        tracking_uri=uri,
+        workdir=workdir,
     )
     print_report(report)
     return 0 if report["flushed"] else 1
@@ -86,7 +99,9 @@ def print_replay_report(report: ReplayReport, directory: Path) -> int:
     print(f"not sent          {not_sent} events (kept for the next replay)")
     print(f"refused           {report.refused} events MLflow refused for good (see the log)")
     if report.torn:
-        print(f"torn              {report.torn} records skipped (cut short by a crash, or corrupt)")
+        print(f"torn              {report.torn} records skipped (cut short by a crash)")
+    for damage in report.damaged:
+        print(f"damaged           {damage} skipped (unreadable; the journal is kept)")
     print(f"runs ended KILLED {report.runs_killed} (left open by a process that died)")
     for folder in report.in_use:
         print(f"in use            {folder} (its sink is still running, or another replay)")
@@ -94,7 +109,7 @@ def print_replay_report(report: ReplayReport, directory: Path) -> int:
         print(f"kept              {folder} (run 'rlm-mlflow replay' again to send the rest)")
     for problem in report.problems:
         print(f"problem: {problem}")
-    failed = not_sent or report.refused or report.kept or report.problems
+    failed = not_sent or report.refused or report.kept or report.problems or report.damaged
     return 1 if failed else 0
 
 
@@ -139,9 +154,7 @@ def _status(args: argparse.Namespace) -> int:
     elif uri and uri.startswith(("http://", "https://")):
         print(f"server            {_probe(uri, args.timeout, problems, config.experiment)}")
     elif uri and mlflow_found:
-        from ._transports.client import embedded_store_problem
-
-        missing = embedded_store_problem(uri)
+        missing = store_problem(uri, timeout=args.timeout)
         if missing:
             problems.append(missing)
     print(f"journal           {_journal_summary(config.journal, config.journal_dir)}")
@@ -178,13 +191,20 @@ KNOWN_SCHEMES = frozenset(
 
 def tracking_uri_problem(uri: str) -> str | None:
     """What is wrong with a tracking URI's form, if anything (the server is not asked)."""
+    import re
     from urllib.parse import urlsplit
 
     shown = redact_uri(uri)
     try:
         parts = urlsplit(uri)
+        parts.port  # noqa: B018 (raises on a port out of range)
     except ValueError as exc:
-        return f"MLFLOW_TRACKING_URI is not a valid URI ({exc})"
+        return f"MLFLOW_TRACKING_URI={shown!r} is not a valid URI ({exc})"
+    if re.fullmatch(r"[A-Za-z0-9.-]+:[0-9]{1,5}(/\S*)?", uri):
+        return (
+            f"MLFLOW_TRACKING_URI={shown!r} looks like a server's address without its scheme: "
+            f"write http://{uri}"
+        )
     scheme = parts.scheme.lower()
     if not scheme or len(scheme) == 1:  # a path (or a Windows drive letter): a file store
         return None
@@ -209,6 +229,81 @@ def tracking_uri_problem(uri: str) -> str | None:
     return None
 
 
+def store_problem(uri: str, *, timeout: float) -> str | None:
+    """Why the store at ``uri`` cannot be used from here, if it cannot: a malformed URI, a
+    server that does not answer, a database that cannot be reached, a file store that this
+    MLflow refuses. Asks the store once, within about ``timeout`` seconds."""
+    invalid = tracking_uri_problem(uri)
+    if invalid:
+        return invalid
+    shown = redact_uri(uri) or uri
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as exc:
+            return (
+                f"the tracking server at {shown} does not answer ({type(exc).__name__}); "
+                "is it running, and is the URI right?"
+            )
+        return None
+    if importlib.util.find_spec("mlflow") is None:
+        return None  # said on its own
+    from ._transports.client import embedded_store_problem
+
+    missing = embedded_store_problem(uri)
+    if missing:
+        return missing
+    if uri.startswith(("postgresql", "mysql", "mssql")):
+        return _database_problem(uri, shown, timeout)
+    if uri.startswith("file:") or "://" not in uri:
+        return _file_store_problem(shown)
+    return None
+
+
+def _database_problem(uri: str, shown: str, timeout: float) -> str | None:
+    """Connect to the database once, on a thread that is left behind if it hangs."""
+    import concurrent.futures
+
+    def connect() -> None:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        pool.submit(connect).result(timeout=max(timeout, 1.0))
+    except concurrent.futures.TimeoutError:
+        return f"the database at {shown} does not answer within {timeout:g} s"
+    except Exception as exc:
+        reason = redact_text(str(exc).splitlines()[0] if str(exc) else "", uri)
+        return f"the database at {shown} cannot be used ({type(exc).__name__}: {reason[:300]})"
+    finally:
+        pool.shutdown(wait=False)
+    return None
+
+
+def _file_store_problem(shown: str) -> str | None:
+    try:
+        from mlflow import environment_variables
+    except Exception:
+        return None
+    allow = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
+    if allow is None or allow.get():
+        return None
+    return (
+        f"MLFLOW_TRACKING_URI={shown!r} is a file store, which this MLflow refuses "
+        "(it keeps file stores in maintenance mode): use sqlite:///mlflow.db, a server "
+        "(http://...), or set MLFLOW_ALLOW_FILE_STORE=true"
+    )
+
+
 def _plugin_schemes() -> set[str]:
     from importlib.metadata import entry_points
 
@@ -219,19 +314,24 @@ def _plugin_schemes() -> set[str]:
 
 
 def _journal_summary(enabled: bool, folder: str | None) -> str:
-    from ._journal import ScanStats, default_journal_dir, journal_segments, scan_segment
+    from ._journal import default_journal_dir
+    from ._journal_format import ScanStats, journal_segments, scan_segment
     from ._replay import journal_folders
 
     root = Path(folder) if folder else default_journal_dir()
     if not enabled:
         return f"off  (RLM_MLFLOW_JOURNAL); directory {root}"
     journals = journal_folders(root)
-    backlog = 0
+    backlog = damaged = 0
     for journal in journals:
         stats = ScanStats()
         for path in journal_segments(journal):
             backlog += sum(1 for r in scan_segment(path, stats) if not r.finished)
-    text = f"{root}  ({len(journals)} journals, {backlog} events not yet confirmed sent)"
+        damaged += len(stats.damaged)
+    count = f"{len(journals)} journal{'' if len(journals) == 1 else 's'}"
+    text = f"{root}  ({count}, {backlog} events not yet confirmed sent)"
+    if damaged:
+        text += f"; {damaged} damaged byte ranges (skipped by replay)"
     if journals:
         text += "; 'rlm-mlflow replay' sends those of processes that have ended"
     return text

@@ -9,7 +9,9 @@ Every value a caller passes is made plain here, without trusting it: numbers fro
 are converted (their ``__float__``/``__int__`` may raise: caught), integers too large to be a step
 or a metric are marked rather than printed (``str()`` of a 5,000-digit int raises), long strings
 are cut, and anything else is kept as a short description the worker can report. Encoding never
-raises.
+raises. A text holding a lone surrogate (a ``str`` that is not valid UTF-8) is written as it came,
+at no cost to the hook; decoding, the one way records reach the worker (live, spilled or
+replayed), replaces it with U+FFFD and marks the event, so no text MLflow sees is invalid.
 
 Layout of a record (all little-endian)::
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -265,12 +268,20 @@ def _text_slot(value: object, name: str, record: bool) -> bytes:
     return _TEXT.pack(length, _CUT if was_cut else 0, len(data)) + data
 
 
+class BadField(ValueError):
+    """A field of a step holds a value that cannot be kept (the careful path says which)."""
+
+
 def _count(value: object) -> int:
+    """A token or call count, or a time in nanoseconds: 0 when absent; BadField when present
+    but not a whole number from 0 to 2**62 (the careful path then reads the fields one by one)."""
     if type(value) is int and 0 <= value < 2**62:
         return value
+    if value is None:
+        return 0
     if type(value) is float and value.is_integer() and 0 <= value < 2**62:
         return int(value)
-    return 0
+    raise BadField
 
 
 def step_detail(
@@ -306,15 +317,21 @@ def step_detail(
     if type(success) is bool:
         bits |= _SUCCESS
         succeeded = 1 if success else 2
+    elif success is not None:
+        raise BadField
     elapsed = observation.get("execution_time")
     seconds = 0.0
-    if type(elapsed) in (int, float):
+    if type(elapsed) is float or type(elapsed) is int:
         bits |= _EXEC_TIME
-        seconds = float(elapsed)  # type: ignore[arg-type]
+        seconds = float(elapsed)  # an int beyond a double raises: the careful path drops it
+    elif elapsed is not None:
+        raise BadField
     level = 0
     if type(depth) is int and -32768 <= depth < 32768:
         bits |= _DEPTH
         level = depth
+    elif depth is not None:
+        raise BadField
     if children is None:
         children = (0, 0, 0, 0)
     else:
@@ -339,6 +356,134 @@ def step_detail(
             tail,
         )
     ), counts
+
+
+#: The fields of a step event that the detail block reads, by the mapping they sit in.
+_DETAIL_FIELDS = {
+    "action": ("action", "code", "rationale"),
+    "observation": ("stdout", "stderr", "success", "execution_time"),
+    "usage": (
+        "prompt_tokens",
+        "input_tokens",
+        "completion_tokens",
+        "output_tokens",
+        "total_tokens",
+        "total_calls",
+        "calls",
+    ),
+}
+_CALL_FIELDS = ("model", "input", "output", "usage", "start_ns", "end_ns")
+_ABSENT_FIELD = object()
+
+
+def careful_step_detail(
+    event: Mapping[str, Any], texts: bool, children: Counts | None = None
+) -> tuple[bytes, Counts | None, list[str]]:
+    """:func:`step_detail` for an event on which it raised: each field is read on its own into
+    plain dicts, a field that cannot be read or kept is left out, and what was left out is said
+    (``problems``). The rest of the step (its rewards first) is kept. Never raises."""
+    problems: list[str] = []
+
+    def read(mapping: Any, name: str, where: str, default: Any = None) -> Any:
+        try:
+            return mapping.get(name, default)
+        except Exception as exc:
+            problems.append(f"{where}{name} could not be read ({type(exc).__name__})")
+            return None
+
+    def plain_mapping(value: Any, names: tuple[str, ...], where: str) -> Any:
+        """The fields of ``value`` that it has (absent ones stay absent: some fall back to
+        others), as a plain dict."""
+        if not isinstance(value, Mapping):
+            return value
+        found = {name: read(value, name, where, _ABSENT_FIELD) for name in names}
+        return {name: field for name, field in found.items() if field is not _ABSENT_FIELD}
+
+    clean: dict[str, Any] = {}
+    for name, names in _DETAIL_FIELDS.items():
+        clean[name] = plain_mapping(read(event, name, ""), names, f"{name}.")
+    clean["depth"] = _checked(read(event, "depth", ""), "depth", _depth, problems)
+    observation = clean["observation"]
+    if isinstance(observation, dict):
+        for name, check in (("execution_time", _seconds), ("success", _flag)):
+            if name in observation:
+                where = f"observation.{name}"
+                observation[name] = _checked(observation[name], where, check, problems)
+    _check_counts(clean["usage"], "usage.", problems)
+    calls = read(event, "llm_calls", "")
+    if isinstance(calls, list | tuple):
+        try:
+            kept = []
+            for index, given in enumerate(calls[:MAX_CALLS]):
+                if isinstance(given, Mapping):
+                    where = f"llm_calls[{index}]."
+                    call = plain_mapping(given, _CALL_FIELDS, where)
+                    usage = call.get("usage")
+                    call["usage"] = plain_mapping(usage, _DETAIL_FIELDS["usage"], where + "usage.")
+                    _check_counts(call["usage"], where + "usage.", problems)
+                    _check_counts(call, where, problems, ("start_ns", "end_ns"))
+                    kept.append(call)
+                else:
+                    kept.append(given)
+            clean["llm_calls"] = kept
+        except Exception as exc:
+            problems.append(f"llm_calls could not be read ({type(exc).__name__})")
+    try:
+        detail, used = step_detail(clean, texts, children)
+    except Exception as exc:  # defensive: every field above is plain
+        problems.append(f"the step's detail could not be read ({type(exc).__name__})")
+        detail, used = b"", None
+    return detail, used, problems
+
+
+def _checked(value: Any, where: str, check: Any, problems: list[str]) -> Any:
+    """``check(value)`` (a plain value, or None for one that cannot be kept, which is said)."""
+    if value is None:
+        return None
+    try:
+        kept = check(value)
+    except Exception:
+        kept = None
+    if kept is None:
+        problems.append(f"{where} is {describe(value)}")
+    return kept
+
+
+def _whole(value: Any) -> int | None:
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    elif type(value) is not int and isinstance(value, numbers.Integral):
+        value = int(value)  # a numpy int: kept
+    return value if type(value) is int else None
+
+
+def _count_of(value: Any) -> int | None:
+    number = _whole(value)
+    return number if number is not None and 0 <= number < 2**62 else None
+
+
+def _depth(value: Any) -> int | None:
+    number = _whole(value) if type(value) is not bool else None
+    return number if number is not None and -32768 <= number < 32768 else None
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)  # an int beyond a double raises: not kept
+
+
+def _flag(value: Any) -> bool | None:
+    return value if type(value) is bool else None
+
+
+def _check_counts(
+    mapping: Any, where: str, problems: list[str], names: tuple[str, ...] = _DETAIL_FIELDS["usage"]
+) -> None:
+    if isinstance(mapping, dict):
+        for name in names:
+            if name in mapping:
+                mapping[name] = _checked(mapping[name], where + name, _count_of, problems)
 
 
 def _model_calls(calls: object, texts: bool) -> bytes:
@@ -458,11 +603,11 @@ def decode(payload: bytes | memoryview) -> Event:
             if flags & FLAG_DETAIL:
                 detail, offset = _decode_detail(payload, offset)
             if flags & FLAG_ODD:
-                step, reward, cumulative = json.loads(bytes(payload[offset:]))
+                step, reward, cumulative = _load(payload[offset:])[0]
             return Step(
                 run_no, timestamp, step, reward, cumulative, internal, detail, ordinal, since
             )
-        document = json.loads(bytes(payload[PREFIX_SIZE:]).decode("utf-8", "surrogatepass"))
+        document, replaced = _load(payload[PREFIX_SIZE:])
         if kind == KIND_START:
             return RunStart(
                 run_no,
@@ -478,6 +623,7 @@ def decode(payload: bytes | memoryview) -> Event:
                 document.get("parent_step"),
                 document.get("depth"),
                 _text_of(document.get("task")),
+                replaced,
             )
         if kind == KIND_END:
             return RunEnd(
@@ -492,10 +638,33 @@ def decode(payload: bytes | memoryview) -> Event:
                 internal,
                 _text_of(document.get("final")),
                 _usage_of(document.get("usage")),
+                replaced,
             )
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"not a record: {type(exc).__name__}: {exc}") from None
     raise ValueError(f"unknown record kind {kind}")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate (a str that is not valid UTF-8) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _decode_text(data: bytes) -> tuple[str, bool]:
+    """UTF-8 written by a hook (lone surrogates passed through): ``(valid text, replaced)``."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return valid_text(data.decode("utf-8", "surrogatepass")), True
+
+
+def _load(data: bytes | memoryview) -> tuple[Any, bool]:
+    """A JSON part of a record, its texts valid UTF-8: ``(document, replaced)``."""
+    text, replaced = _decode_text(bytes(data))
+    return json.loads(text), replaced
 
 
 def _usage_of(value: Any) -> Usage | None:
@@ -525,7 +694,7 @@ def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail
             continue
         text = None
         if not text_flags & _NOT_RECORDED:
-            text = bytes(payload[offset : offset + size]).decode("utf-8", "surrogatepass")
+            text = _decode_text(bytes(payload[offset : offset + size]))[0]
         offset += size
         texts.append(Text(text, length, bool(text_flags & (_CUT | _NOT_RECORDED))))
     action, code, rationale, stdout, stderr = texts
@@ -533,7 +702,7 @@ def _decode_detail(payload: bytes | memoryview, offset: int) -> tuple[StepDetail
     if bits & _CALLS:
         (size,) = _U32.unpack_from(payload, offset)
         offset += _U32.size
-        listed = json.loads(bytes(payload[offset : offset + size]))
+        listed = _load(payload[offset : offset + size])[0]
         offset += size
         model_calls = tuple(
             ModelCall(

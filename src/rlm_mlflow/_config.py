@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -68,25 +70,81 @@ class SinkConfig:
     traces: str = "full"
 
     def __post_init__(self) -> None:
-        if self.queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
-        if self.flush_interval <= 0:
-            raise ValueError("flush_interval must be positive")
-        for name in ("shutdown_timeout", "request_timeout", "retry_deadline", "retry_initial"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} cannot be negative")
+        for name, low, allow_zero in _DURATIONS:
+            object.__setattr__(self, name, _seconds(name, getattr(self, name), low, allow_zero))
+        for name in _COUNTS:
+            object.__setattr__(self, name, _count(name, getattr(self, name)))
         if self.retry_max_wait < self.retry_initial:
             raise ValueError("retry_max_wait cannot be smaller than retry_initial")
-        if self.batch_trigger < 1:
-            raise ValueError("batch_trigger must be at least 1")
-        if not self.experiment:
-            raise ValueError("experiment cannot be empty")
+        if not isinstance(self.experiment, str) or not self.experiment:
+            raise ValueError("experiment must be a non-empty string")
         if self.traces not in TRACE_MODES:
             raise ValueError(f"traces must be one of {', '.join(TRACE_MODES)}, not {self.traces!r}")
         object.__setattr__(self, "overflow", Overflow(self.overflow))
 
     def with_changes(self, **changes: Any) -> SinkConfig:
         return replace(self, **changes)
+
+
+#: The longest any duration may be: longer ones are a mistake, and some clocks overflow.
+MAX_SECONDS = 7 * 24 * 3600.0
+#: The largest queue size or batch trigger.
+MAX_COUNT = 2**62
+# (setting, smallest value, whether the smallest value itself is allowed)
+_DURATIONS = (
+    ("flush_interval", 0.0, False),
+    ("shutdown_timeout", 0.0, True),
+    ("request_timeout", 0.0, False),
+    ("retry_deadline", 0.0, True),
+    ("retry_initial", 0.0, True),
+    ("retry_max_wait", 0.0, True),
+)
+_COUNTS = ("queue_size", "batch_trigger")
+
+
+def _seconds(name: str, value: object, low: float, allow_low: bool) -> float:
+    """``value`` as a float number of seconds within range, or ValueError saying why not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} must be a finite number of seconds, not {seconds!r}")
+    if seconds < low or (seconds == low and not allow_low):
+        bound = "positive" if not allow_low else "zero or more"
+        raise ValueError(f"{name} must be {bound}, not {seconds!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:.0f} seconds, not {seconds!r}")
+    return seconds
+
+
+def _count(name: str, value: object) -> int:
+    """``value`` as an int from 1 to :data:`MAX_COUNT`, or ValueError saying why not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, not {type(value).__name__}")
+    count = int(value)
+    if not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"{name} must be at least 1 and at most {MAX_COUNT}, not {count}")
+    return count
+
+
+def duration(name: str, value: object) -> float:
+    """A duration argument outside the sink's settings (``replay(retry_deadline=...)``): a
+    finite number of seconds, zero or more, at most :data:`MAX_SECONDS`; ValueError otherwise."""
+    return _seconds(name, value, 0.0, True)
+
+
+def call_timeout(timeout: object, default: float) -> float:
+    """The ``timeout`` argument of ``flush()`` or ``close()`` in seconds: ``default`` when None,
+    a negative one as 0, an infinite one as :data:`MAX_SECONDS` (waiting as long as it takes);
+    NaN or anything but a number is a ValueError, raised before anything is done."""
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise ValueError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    seconds = float(timeout)
+    if math.isnan(seconds):
+        raise ValueError("timeout must be a number of seconds, not nan")
+    return min(max(seconds, 0.0), MAX_SECONDS)
 
 
 def parse_bool(value: str | None, *, default: bool = False) -> bool:
@@ -106,9 +164,12 @@ def _env_number(env: Mapping[str, str], name: str, kind: type[float] | type[int]
     if raw is None or not raw.strip():
         return None
     try:
-        return kind(raw.strip())
+        number = kind(raw.strip())
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name}={raw!r} is not a finite number")
+    return number
 
 
 def config_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> SinkConfig:

@@ -8,10 +8,12 @@ With ``MLFLOW_TRACKING_URI`` unset, everything lands in MLflow's embedded defaul
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -319,12 +321,20 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"  experiment             {report['experiment']} at {status['detail']}")
     uri = report["uri"]
     print()
-    links = ui_links(uri, report.get("experiment_id"))
-    if uri.startswith(("http://", "https://")):
+    served = uri.startswith(("http://", "https://"))
+    port = UI_PORT if served else ui_port()
+    links = ui_links(uri, report.get("experiment_id"), port)
+    if served:
         print("See them in MLflow's UI:")
+    elif importlib.util.find_spec("flask") is None:
+        print("MLflow's UI needs the full mlflow package, which this install leaves out:")
+        print("  pip install mlflow   (from rlm-mlflow's checkout: pip install '.[full]')")
+        print("then start it on this store (Ctrl-C stops it)")
+        print(f"  {mlflow_command()} ui --backend-store-uri {shlex.quote(uri)} --port {port}")
+        print("and open")
     else:
         print("See them in MLflow's UI: start it on this store (Ctrl-C stops it)")
-        print(f"  {mlflow_command()} ui --backend-store-uri {shlex.quote(uri)} --port 5000")
+        print(f"  {mlflow_command()} ui --backend-store-uri {shlex.quote(uri)} --port {port}")
         print("then open")
     print(f"  the runs, nested, with reward curves:  {links['runs']}")
     print(f"  the traces, one per task:              {links['traces']}")
@@ -338,10 +348,26 @@ def mlflow_command() -> str:
     return f"{shlex.quote(sys.executable)} -m mlflow"
 
 
-def ui_links(uri: str, experiment_id: str | None) -> dict[str, str]:
+#: The port the demo suggests for ``mlflow ui`` on its store: not 5000, which the docs give a
+#: tracking server (two servers on one port: the second never starts).
+UI_PORT = 5001
+
+
+def ui_port() -> int:
+    """:data:`UI_PORT`, or the next port free on this machine when something listens there."""
+    for port in range(UI_PORT, UI_PORT + 50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.2)
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    return UI_PORT
+
+
+def ui_links(uri: str, experiment_id: str | None, port: int = UI_PORT) -> dict[str, str]:
     """MLflow 3's UI pages of an experiment: its runs (the "model training" view, where runs
     nest) and its traces. The UI of an embedded store is the one ``mlflow ui`` serves."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    served = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if served else f"http://127.0.0.1:{port}"
     if experiment_id is None:
         return {"runs": f"{base}/#/experiments", "traces": f"{base}/#/experiments"}
     page = f"{base}/#/experiments/{experiment_id}"

@@ -103,6 +103,7 @@ class RunStart:
     parent_step: int | None = None  # which step of the parent was running (0-based)
     depth: int | None = None
     task: Text | None = None
+    replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,7 @@ class RunEnd:
     internal: bool = False
     final: Text | None = None
     usage: Usage | None = None  # what the run used in all (its steps' usage added up)
+    replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
 
 
 Event = RunStart | Step | RunEnd

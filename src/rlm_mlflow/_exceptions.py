@@ -10,6 +10,16 @@ TransportError
 
 from __future__ import annotations
 
+#: MLflow error codes, and HTTP statuses, that refuse our credentials: the whole store, not one
+#: request (from MLflow, a proxy, or a custom transport).
+REFUSED_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+REFUSED_STATUS = frozenset({401, 403})
+#: The code of a request too large for the server or a proxy in front of it (HTTP 413): the
+#: caller splits it; it says nothing about any one item.
+TOO_LARGE = "REQUEST_TOO_LARGE"
+#: The code of a tracking URI that redirects elsewhere (a configuration error: everything held).
+REDIRECTED = "REDIRECTED"
+
 
 class TransportError(Exception):
     """Raised by a transport when a request to MLflow fails."""

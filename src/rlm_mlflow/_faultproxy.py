@@ -20,6 +20,14 @@ client with a ``Content-Length``, keeping the client connection open.
   JSON document.
 - ``commit_then_reset``: forward the request (after ``latency`` seconds) and read the server's
   answer, then reset the client connection: the server committed, the client sees a failure.
+- ``redirect``: answer ``status`` (301, 302, 303, 307 or 308) with a ``Location`` header:
+  ``location`` when given, else this proxy's own URL for the same path and query (with
+  ``count``, a redirect a client may follow back to the proxy, which then forwards it).
+
+``method``, when given, applies the mode only to requests with that method (``POST``: a proxy or
+a permission that refuses writes and lets reads through). ``body_limit``, when given, answers
+every request whose body is larger with an HTML 413 page, whatever the mode (nginx's
+``client_max_body_size``), without forwarding it.
 
 ``count`` applies the mode to the next ``count`` requests only, then the proxy goes back to
 ``pass``. ``path``, when given, applies the mode only to requests whose path contains it (the
@@ -47,7 +55,7 @@ from typing import Self
 
 __all__ = ["FaultProxy"]
 
-MODES = frozenset({"pass", "refuse", "reset", "stall", "http", "commit_then_reset"})
+MODES = frozenset({"pass", "refuse", "reset", "stall", "http", "commit_then_reset", "redirect"})
 
 _HOP_BY_HOP = frozenset(
     {
@@ -77,9 +85,15 @@ _REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
     404: "Not Found",
     408: "Request Timeout",
     409: "Conflict",
+    413: "Payload Too Large",
     429: "Too Many Requests",
     500: "Internal Server Error",
     502: "Bad Gateway",
@@ -126,6 +140,9 @@ class _Settings:
     path: str | None = None
     body: bytes | None = None
     content_type: str = "text/html; charset=utf-8"
+    method: str | None = None
+    body_limit: int | None = None
+    location: str | None = None
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]] | None:
@@ -213,6 +230,12 @@ async def _read_response(reader: asyncio.StreamReader, method: str) -> _Message:
 def _serialise(start: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
     lines = [start, *(f"{name}: {value}" for name, value in headers), "", ""]
     return "\r\n".join(lines).encode("latin-1") + body
+
+
+def _page(status: int, body: bytes) -> bytes:
+    """An HTML error page, as a proxy in front of the server sends one."""
+    headers = [("Content-Type", "text/html"), ("Content-Length", str(len(body)))]
+    return _serialise(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", headers, body)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -347,6 +370,9 @@ class FaultProxy:
         path: str | None = None,
         body: bytes | None = None,
         content_type: str = "text/html; charset=utf-8",
+        method: str | None = None,
+        body_limit: int | None = None,
+        location: str | None = None,
     ) -> None:
         """Apply ``mode`` (and ``latency``) to the requests that follow; see the module docstring.
 
@@ -364,9 +390,25 @@ class FaultProxy:
             raise ValueError("status must be an HTTP status code")
         if body is not None and mode != "http":
             raise ValueError("a body is only sent in mode 'http'")
-        settings = _Settings(latency, mode, status, retry_after, count, path, body, content_type)
+        if mode == "redirect" and status not in (301, 302, 303, 307, 308):
+            raise ValueError("mode 'redirect' needs a redirect status")
+        if body_limit is not None and body_limit < 0:
+            raise ValueError("body_limit cannot be negative")
+        settings = _Settings(
+            latency,
+            mode,
+            status,
+            retry_after,
+            count,
+            path,
+            body,
+            content_type,
+            method.upper() if method else None,
+            body_limit,
+            location,
+        )
         if count == 0:
-            settings = _Settings(latency=latency)
+            settings = _Settings(latency=latency, body_limit=body_limit)
         loop = self._loop
         if loop is None or self._closed:
             self._settings, self._left = settings, settings.count
@@ -408,15 +450,20 @@ class FaultProxy:
             self.in_flight += in_flight
             self._changed.notify_all()
 
-    def _mode_for(self, path: str) -> _Settings:
+    def _mode_for(self, path: str, method: str) -> _Settings:
         """The settings for one request, counting it against ``count`` if the mode applies."""
         settings = self._settings
-        if settings.mode == "pass" or (settings.path is not None and settings.path not in path):
-            return _Settings(latency=settings.latency)
+        plain = _Settings(latency=settings.latency, body_limit=settings.body_limit)
+        if (
+            settings.mode == "pass"
+            or (settings.path is not None and settings.path not in path)
+            or (settings.method is not None and settings.method != method)
+        ):
+            return plain
         if self._left is not None:
             self._left -= 1
             if self._left <= 0:
-                self._settings, self._left = _Settings(latency=settings.latency), None
+                self._settings, self._left = plain, None
         return settings
 
     # -- listening -------------------------------------------------------------------------------
@@ -464,9 +511,11 @@ class FaultProxy:
             parts = request.start.split(" ")
             method = parts[0].upper()
             path = parts[1] if len(parts) > 1 else "/"
-            settings = self._mode_for(path)
+            settings = self._mode_for(path, method)
             self._bump(requests=1, path=path)
             mode = settings.mode
+            if settings.body_limit is not None and len(request.body) > settings.body_limit:
+                mode = "too_large"
             if mode in ("reset", "refuse"):
                 _reset(writer)
                 return
@@ -480,6 +529,15 @@ class FaultProxy:
                     return
             if mode == "http":
                 response = self._error_response(settings)
+            elif mode == "too_large":
+                response = _page(413, b"<html><body><h1>413 Request Entity Too Large</h1></body>")
+            elif mode == "redirect":
+                location = settings.location or f"{self.uri}{path}"
+                response = _serialise(
+                    f"HTTP/1.1 {settings.status} {_REASONS[settings.status]}",
+                    [("Location", location), ("Content-Length", "0")],
+                    b"",
+                )
             else:
                 try:
                     response = await self._forward(request, method)

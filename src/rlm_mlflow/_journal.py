@@ -14,18 +14,14 @@ returns, which outlives the process: a ``kill -9`` after a hook returned loses n
 cut may; see ``fsync``). Segments are allocated in full up front (``posix_fallocate``), so a full
 disk shows up as a failed allocation, never as a fault on a write.
 
-Segment file: 16-byte header (``RLMJ``, format, lane, segment), then records::
-
-    length u32 | crc32 u32 | state u8 | flags u8 | reserved u16 | payload (length bytes)
-
-The payload is written before the header, so a record whose header is there is whole (a record
-cut by a crash has length 0, the end of the segment); the checksum also catches a torn page.
-``state`` is the record's progress, updated in place by the worker, for each exporter that
-needs it (runs always; traces when the record's ``HFLAG_TRACES`` says so): in flight (a request
-carrying it was sent; whether the server committed it is unknown until it answers), then done.
-Replay sends what is not done, checks what was in flight against the server before sending it
-again, and skips what is done, so nothing is sent twice even to a store that does not
-deduplicate, and a replay interrupted half way can simply be run again.
+Segment files and records are laid out as :mod:`._journal_format` describes. The payload is
+written before the header, so a record whose header is there is whole. ``state`` is the
+record's progress, updated in place by the worker, for each exporter that needs it (runs always;
+traces when the record's ``HFLAG_TRACES`` says so): in flight (a request carrying it was sent;
+whether the server committed it is unknown until it answers), then done. Replay sends what is
+not done, checks what was in flight against the server before sending it again, and skips what
+is done, so nothing is sent twice even to a store that does not deduplicate, and a replay
+interrupted half way can simply be run again.
 
 A segment is removed once it is sealed (its lane moved on), every record in it is finished, and
 no run whose start it holds is still open (replay must find every open run to end it).
@@ -34,7 +30,6 @@ no run whose start it holds is still open (replay must find every open run to en
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import itertools
 import json
@@ -42,43 +37,53 @@ import logging
 import mmap
 import os
 import secrets
-import struct
 import threading
 import time
 import weakref
 import zlib
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._config import redact_uri
+from ._journal_format import (
+    FORMAT,
+    HFLAG_SPILLED,
+    HFLAG_TRACES,
+    MAX_RECORD,
+    NEW,
+    RECORD,
+    RECORD_HEADER_SIZE,
+    RUNS_DONE,
+    RUNS_IN_FLIGHT,
+    SEGMENT_HEADER_SIZE,
+    STATE_OFFSET,
+    TRACES_DONE,
+    TRACES_IN_FLIGHT,
+    finished,
+    map_segment,
+    segment_header,
+    segment_name,
+)
+
+__all__ = [
+    "HFLAG_SPILLED",
+    "HFLAG_TRACES",
+    "RUNS_DONE",
+    "RUNS_IN_FLIGHT",
+    "TRACES_DONE",
+    "TRACES_IN_FLIGHT",
+    "Journal",
+    "Lane",
+    "Segment",
+    "default_journal_dir",
+    "open_segment",
+    "remove_journal",
+    "without_credentials",
+]
 
 logger = logging.getLogger("rlm_mlflow")
-
-FORMAT = 2
-MAGIC = b"RLMJ"
-_SEGMENT_HEADER = struct.Struct("<4sHHII")  # magic, format, lane, segment, reserved
-SEGMENT_HEADER_SIZE = _SEGMENT_HEADER.size
-_RECORD = struct.Struct("<IIBBH")
-RECORD_HEADER_SIZE = _RECORD.size
-STATE_OFFSET = 8
-
-NEW = 0
-RUNS_IN_FLIGHT = 1
-RUNS_DONE = 2
-TRACES_IN_FLIGHT = 4
-TRACES_DONE = 8
-
-HFLAG_SPILLED = 1  # the record went to the journal only (the memory queue was full)
-HFLAG_TRACES = 2  # the record is also sent as spans (traces were on when it was written)
-
-
-def finished(state: int, flags: int) -> bool:
-    """Every exporter the record needs is done with it."""
-    return bool(state & RUNS_DONE) and (bool(state & TRACES_DONE) or not flags & HFLAG_TRACES)
-
 
 _INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
 _CONTROL_KINDS = frozenset({1, 3})  # _codec.KIND_START, KIND_END: a payload's first byte
@@ -89,7 +94,6 @@ MAX_SEGMENT = 16 << 20
 #: Lanes kept ready for threads that have none yet (made by the worker, not by a hook: a system
 #: call in a hook costs it a turn of the GIL, 5 ms or more while other threads are busy).
 SPARE_LANES = 8
-_MAX_RECORD = 64 << 20
 
 
 def default_journal_dir() -> Path:
@@ -102,10 +106,6 @@ def default_journal_dir() -> Path:
     return Path(state) / "rlm-mlflow" / "journal"
 
 
-def segment_name(lane: int, number: int) -> str:
-    return f"L{lane:04d}-S{number:06d}.seg"
-
-
 class Segment:
     """One mapped segment file of a lane.
 
@@ -114,6 +114,7 @@ class Segment:
     """
 
     __slots__ = (
+        "damaged",
         "done",
         "lane",
         "mm",
@@ -141,6 +142,7 @@ class Segment:
         self.done = 0
         self.starts_ended = 0
         self.removed = False
+        self.damaged = False  # replay: bytes in it could not be read; the file stays
 
     def mark(self, offset: int, bits: int) -> bool:
         """Add ``bits`` to a record's state; whether the record is now finished."""
@@ -152,7 +154,7 @@ class Segment:
 
     def payload(self, offset: int) -> bytes:
         """The payload of the record at ``offset`` (a large record is queued by reference)."""
-        size = _RECORD.unpack_from(self.mm, offset)[0]
+        size = RECORD.unpack_from(self.mm, offset)[0]
         body = offset + RECORD_HEADER_SIZE
         return self.mm[body : body + size]
 
@@ -182,6 +184,7 @@ class Segment:
             and self.done >= self.written
             and self.starts_ended >= self.starts
             and not self.removed
+            and not self.damaged
         )
 
     def release_if_finished(self) -> None:
@@ -229,6 +232,7 @@ class Lane:
 
     __slots__ = (
         "__weakref__",
+        "gone_written",
         "journal",
         "next",
         "number",
@@ -248,6 +252,7 @@ class Lane:
         self.segment = segment
         self.segments: list[Segment] = [segment]
         self.next: Segment | None = None  # made ahead by the worker, for when this one is full
+        self.gone_written = 0  # records of the removed segments dropped from ``segments``
         # Spilled records: written by the hook (spill_written, spill_from), read by the worker
         # (spill_read, read_at). The lane keeps spilling while the worker has not read them all,
         # so a thread's later events never overtake its spilled ones.
@@ -273,7 +278,7 @@ class Lane:
             end = offset + RECORD_HEADER_SIZE + size
         mm = segment.mm
         mm[offset + RECORD_HEADER_SIZE : end] = payload
-        mm[offset : offset + RECORD_HEADER_SIZE] = _RECORD.pack(
+        mm[offset : offset + RECORD_HEADER_SIZE] = RECORD.pack(
             size, zlib.crc32(payload), NEW, flags, 0
         )
         segment.pos = end
@@ -298,7 +303,7 @@ class Lane:
         while True:
             end, mm = segment.pos, segment.mm
             while offset < end:
-                size, _, _, flags, _ = _RECORD.unpack_from(mm, offset)
+                size, _, _, flags, _ = RECORD.unpack_from(mm, offset)
                 yield segment, offset, size, flags
                 offset += RECORD_HEADER_SIZE + size
             if not segment.sealed or index + 1 >= len(segments):
@@ -506,6 +511,23 @@ class Journal:
                 made = True
         return made
 
+    def release_sealed(self) -> None:
+        """Worker: remove each sealed segment whose records are all finished. A segment is
+        sealed by the hook that finds it full, often after the worker marked its last record
+        done: marking cannot see that, so sealed segments are looked at again here. Removed
+        segments are then dropped from the lane (their records still counted), unless
+        spilled records wait to be read: reading walks the lane's list."""
+        for lane in list(self.lanes):
+            segments = lane.segments
+            for segment in list(segments):
+                if segment.sealed:
+                    segment.release_if_finished()
+            if lane.spill_written != lane.spill_read:
+                continue
+            for segment in [s for s in segments[:-1] if s.removed]:
+                lane.gone_written += segment.written
+                segments.remove(segment)  # one step each, as the hook's append to the end
+
     def needs_maintenance(self) -> bool:
         if self.failed is not None or self.closed or self.retiring:
             return False
@@ -517,7 +539,7 @@ class Journal:
         )
 
     def _allocate(self, lane: int, size: int) -> Segment | None:
-        if self.failed is not None or self.closed or size > _MAX_RECORD + SEGMENT_HEADER_SIZE:
+        if self.failed is not None or self.closed or size > MAX_RECORD + SEGMENT_HEADER_SIZE:
             return None
         number = next(self._segment_numbers)
         path = self.folder / segment_name(lane, number)
@@ -539,7 +561,7 @@ class Journal:
                 self.failed,
             )
             return None
-        mm[:SEGMENT_HEADER_SIZE] = _SEGMENT_HEADER.pack(MAGIC, FORMAT, lane, number, 0)
+        mm[:SEGMENT_HEADER_SIZE] = segment_header(lane, number)
         return Segment(lane, number, path, mm)
 
     # -- worker side -------------------------------------------------------------------------
@@ -568,7 +590,10 @@ class Journal:
 
     def written(self) -> int:
         """Records written so far (it stops moving when the agent is idle)."""
-        return sum(s.written for lane in list(self.lanes) for s in list(lane.segments))
+        return sum(
+            lane.gone_written + sum(s.written for s in list(lane.segments))
+            for lane in list(self.lanes)
+        )
 
     def backlog(self) -> int:
         """Records written and not finished yet."""
@@ -624,97 +649,15 @@ class Journal:
 # -- reading journals back (replay, status) ---------------------------------------------------
 
 
-@dataclass(slots=True)
-class ScannedRecord:
-    path: Path
-    offset: int
-    state: int
-    flags: int
-    payload: bytes
-
-    @property
-    def finished(self) -> bool:
-        return finished(self.state, self.flags)
-
-    @property
-    def needs_runs(self) -> bool:
-        return not self.state & RUNS_DONE
-
-    @property
-    def needs_traces(self) -> bool:
-        return bool(self.flags & HFLAG_TRACES) and not self.state & TRACES_DONE
-
-
-@dataclass(slots=True)
-class ScanStats:
-    records: int = 0
-    torn: int = 0  # records cut short or failing their checksum (a crash while writing)
-
-
-def journal_segments(folder: Path) -> list[Path]:
-    return sorted(folder.glob("L*-S*.seg"))
-
-
-def scan_segment(
-    path: Path, stats: ScanStats, data: bytes | mmap.mmap | None = None
-) -> Iterator[ScannedRecord]:
-    """Every whole record of a segment file (or of ``data``, its contents), stopping at the
-    first torn or empty one."""
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return
-    if len(data) < SEGMENT_HEADER_SIZE or data[:4] != MAGIC:
-        stats.torn += 1
-        logger.warning("rlm-mlflow journal %s: not a segment file; skipped", path)
-        return
-    offset, size = SEGMENT_HEADER_SIZE, len(data)
-    while offset + RECORD_HEADER_SIZE <= size:
-        length, crc, state, flags, _ = _RECORD.unpack_from(data, offset)
-        if length == 0:
-            return  # the end of what was written
-        body = offset + RECORD_HEADER_SIZE
-        payload = data[body : body + length]
-        if length > _MAX_RECORD or len(payload) < length or zlib.crc32(payload) != crc:
-            stats.torn += 1
-            logger.warning(
-                "rlm-mlflow journal %s: torn or corrupt record at byte %d; the rest of this "
-                "segment is skipped",
-                path,
-                offset,
-            )
-            return
-        stats.records += 1
-        yield ScannedRecord(path, offset, state, flags, payload)
-        offset = body + length
-
-
 def open_segment(path: Path) -> Segment | None:
     """A segment file mapped for reading and marking (replay); None if it is not one."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
+    mapped = map_segment(path)
+    if mapped is None:
         return None
-    try:
-        size = os.fstat(fd).st_size
-        if size < SEGMENT_HEADER_SIZE:
-            return None
-        mm = mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-    magic, _, lane, number, _ = _SEGMENT_HEADER.unpack_from(mm)
-    if magic != MAGIC:
-        mm.close()
-        return None
+    mm, lane, number = mapped
     segment = Segment(lane, number, path, mm)
     segment.sealed = True
     return segment
-
-
-def read_meta(folder: Path) -> dict[str, Any]:
-    meta: dict[str, Any] = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    return meta
 
 
 def remove_journal(folder: Path) -> None:
@@ -746,19 +689,3 @@ def without_credentials(uri: str | None) -> str | None:
     parts = urlsplit(uri)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", parts.fragment))
-
-
-def try_lock(folder: Path) -> int | None:
-    """Take a journal's lock for replay; None when its sink (or another replay) holds it."""
-    try:
-        fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd

@@ -18,10 +18,14 @@ BOOTSTRAP = Path(__file__).resolve().parent / "_bootstrap"
 
 
 def launcher_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` with the bootstrap folder first on ``PYTHONPATH`` (once)."""
+    """``env`` with the bootstrap folder first on ``PYTHONPATH`` (once).
+
+    Every other entry is kept as it was, empty ones included: Python reads an empty entry as the
+    working directory, and programs that import from there rely on it."""
     result = dict(env)
     folder = str(BOOTSTRAP)
-    entries = [p for p in result.get("PYTHONPATH", "").split(os.pathsep) if p and p != folder]
+    given = result.get("PYTHONPATH", "")
+    entries = [p for p in given.split(os.pathsep) if p != folder] if given else []
     result["PYTHONPATH"] = os.pathsep.join([folder, *entries])
     return result
 

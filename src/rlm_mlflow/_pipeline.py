@@ -239,7 +239,10 @@ class Pipeline:
             children = run.drain_children() if run.children else None
             if type(event) is dict:
                 step, reward = event.get("step"), event.get("reward")
-                detail, used = _codec.step_detail(event, self.texts, children)
+                try:
+                    detail, used = _codec.step_detail(event, self.texts, children)
+                except Exception:  # one bad field: read them one by one, keep the rest
+                    detail, used = self._careful_detail(event, run.run_id, children)
             else:
                 step, reward, detail, used = self._read_event(event, run.run_id, children)
             if used is not None:
@@ -291,7 +294,9 @@ class Pipeline:
                 steps=values[1],
                 total_reward=values[2],
                 run_path=path,
-                final=_codec.text_document(final, "final", self.texts) if final else None,
+                final=(
+                    _codec.text_document(final, "final", self.texts) if final is not None else None
+                ),
                 usage=usage,
             )
             self.admit(payload, ctl=True)
@@ -316,7 +321,7 @@ class Pipeline:
                 parent = None
         else:
             self.bad_input("params_not_mapping", run_id, f"params is a {type(params).__name__}")
-        if parent is None or parent == "":
+        if parent is None or (type(parent) is str and not parent):  # never bool() a user value
             return None
         found = self.find(text_of(parent))
         if found is None:
@@ -377,10 +382,18 @@ class Pipeline:
         try:
             detail, used = _codec.step_detail(event, self.texts, children)
         except Exception:  # a Mapping whose reads raise: its numbers are what matters
-            detail, used, ok = b"", None, False
+            detail, used = self._careful_detail(event, run_id, children)
         if not (ok and ok2):
             self.bad_input("event_unreadable", run_id, "reading the event raised")
         return step, reward, detail, used
+
+    def _careful_detail(
+        self, event: Mapping[str, Any], run_id: str, children: _codec.Counts | None
+    ) -> tuple[bytes, _codec.Counts | None]:
+        detail, used, problems = _codec.careful_step_detail(event, self.texts, children)
+        for problem in problems:
+            self.bad_input("bad_step_field", run_id, f"{problem}; left out of the step")
+        return detail, used
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -472,30 +485,66 @@ class Pipeline:
             callback()
 
     def _open_journal(self) -> Journal | None:
+        """The first event's journal (hook side: before it, the sink holds no file)."""
         with self._opening:
             current = self.journal
             if (current is not None and not current.retiring) or not self.journal_wanted:
                 return current
-            config = self.config
-            root = Path(config.journal_dir) if config.journal_dir else default_journal_dir()
             try:
-                self.journal = Journal(
-                    root,
-                    prefix=self.prefix,
-                    experiment=config.experiment,
-                    tracking_uri=config.tracking_uri,
-                    fsync=config.journal_fsync,
-                )
+                self.journal = self._new_journal()
                 if current is not None:
                     self.retired.append(current)
             except OSError as exc:
-                self.journal_wanted = False
-                self.journal_problem = f"cannot open a journal in {root}: {exc}"
-                logger.warning(
-                    "rlm-mlflow: %s; going on without one (a full queue drops step events)",
-                    self.journal_problem,
-                )
+                self._no_journal(exc)
             return self.journal
+
+    def _new_journal(self) -> Journal:
+        config = self.config
+        return Journal(
+            self._journal_root(),
+            prefix=self.prefix,
+            experiment=config.experiment,
+            tracking_uri=config.tracking_uri,
+            fsync=config.journal_fsync,
+        )
+
+    def _journal_root(self) -> Path:
+        config = self.config
+        return Path(config.journal_dir) if config.journal_dir else default_journal_dir()
+
+    def _no_journal(self, exc: OSError) -> None:
+        self.journal_wanted = False
+        self.journal_problem = f"cannot open a journal in {self._journal_root()}: {exc}"
+        logger.warning(
+            "rlm-mlflow: %s; going on without one (a full queue drops step events)",
+            self.journal_problem,
+        )
+
+    def prepare_journal(self) -> Journal | None:
+        """Worker, on a thread: a fresh journal, its lanes' pages faulted in, to take the place
+        of an idle one (so the next hook finds it ready and makes no file); None if the disk
+        refuses it."""
+        try:
+            journal = self._new_journal()
+        except OSError as exc:
+            logger.warning("rlm-mlflow: cannot make a new journal (%s); keeping the old one", exc)
+            return None
+        for lane in list(journal.lanes):
+            lane.segment.populate()
+        return journal
+
+    def replace_journal(self, old: Journal, fresh: Journal) -> bool:
+        """Worker: ``fresh`` takes the place of ``old`` (idle), which goes once nothing is left
+        in it and no hook runs. False (``fresh`` is removed) if ``old`` is not current anymore."""
+        with self._opening:
+            closing = self.state in (State.CLOSING, State.CLOSED)
+            if self.journal is old and not old.retiring and not closing:
+                self.journal = fresh
+                self.retired.append(old)
+                old.retiring = True  # a hook that still sees it finds the new one
+                return True
+        fresh.close(keep=False)
+        return False
 
     # -- the rare paths ----------------------------------------------------------------------
 

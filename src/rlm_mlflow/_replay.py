@@ -4,7 +4,9 @@ After a crash, a kill, a shutdown deadline or an outage, a journal keeps the eve
 confirmed sent. ``replay()`` sends them through the same dispatcher and exporters the live sink
 uses, ends the runs their process left open (KILLED: it died without ending them; a run that is
 not RUNNING anymore is left as it is), marks each record done as it lands, and removes the
-journal once nothing is left in it.
+journal once nothing is left in it. Damaged bytes in a segment (a torn page, bit rot) are passed
+over to the whole records after them, which are sent as usual; a journal with damage is kept,
+and the report names the damaged byte ranges.
 
 Exactly once, whatever the store: what an exporter is done with is skipped; what was in flight
 (a request carrying it was sent, its answer never came) is checked against the store first, and
@@ -30,22 +32,20 @@ import anyio
 
 from . import _codec
 from ._calls import Caller
-from ._config import DEFAULT_EXPERIMENT
+from ._config import DEFAULT_EXPERIMENT, duration
 from ._dispatch import Dispatcher
 from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._exporters.runs import SENT, RunsExporter, RunWork
 from ._exporters.traces import TracesExporter
 from ._fork import KEY_PREFIX
-from ._journal import (
+from ._journal import Segment, default_journal_dir, open_segment, remove_journal
+from ._journal_format import (
     RUNS_IN_FLIGHT,
+    Damage,
     ScanStats,
-    Segment,
-    default_journal_dir,
     journal_segments,
-    open_segment,
     read_meta,
-    remove_journal,
     scan_segment,
     try_lock,
 )
@@ -74,14 +74,15 @@ class ReplayReport:
     failed: int = 0  # events that could not be sent (they stay for the next replay)
     refused: int = 0  # events the store refused for good (logged; not tried again)
     already_sent: int = 0  # events the journals held that had been sent already
-    torn: int = 0  # torn or corrupt records skipped
+    torn: int = 0  # records cut short at the end of what was written (a crash), skipped
+    damaged: list[str] = field(default_factory=list)  # damaged byte ranges skipped (kept)
     runs_killed: int = 0  # runs left open by a dead process, ended KILLED
     problems: list[str] = field(default_factory=list)
     unreachable: str | None = None  # the store stopped answering: the rest was not tried
 
     @property
     def ok(self) -> bool:
-        return not self.kept and self.failed == 0
+        return not self.kept and self.failed == 0 and not self.damaged
 
 
 def journal_folders(directory: Path) -> list[Path]:
@@ -107,6 +108,7 @@ def replay(
 
     ``retry_deadline`` bounds how long one failing request is retried; once the store has not
     answered for that long, the rest of the journal is left for the next replay."""
+    retry_deadline = duration("retry_deadline", retry_deadline)
     root = Path(directory) if directory is not None else default_journal_dir()
     report = ReplayReport()
     folders = journal_folders(root)
@@ -145,6 +147,7 @@ class _Loaded:
     events: int
     already_sent: int
     torn: int
+    damaged: list[Damage]
 
 
 def _load(folder: Path) -> _Loaded:
@@ -157,9 +160,12 @@ def _load(folder: Path) -> _Loaded:
     for path in journal_segments(folder):
         segment = open_segment(path)
         if segment is None:
-            stats.torn += 1
+            size = path.stat().st_size if path.exists() else 0
+            stats.damaged.append(Damage(path, 0, size))
+            logger.warning("rlm-mlflow replay: %s is not a segment file; skipped", path)
             continue
         segments.append(segment)
+        damaged = len(stats.damaged)
         for record in scan_segment(path, stats, segment.mm):
             try:
                 event = _codec.decode(record.payload)
@@ -186,8 +192,9 @@ def _load(folder: Path) -> _Loaded:
                 events += 1
             if record.state & RUNS_IN_FLIGHT and record.needs_runs:
                 work.maybe_sent = True
+        segment.damaged = len(stats.damaged) > damaged
     open_runs = {no: s.run_id for no, s in starts.items() if no not in ended}
-    return _Loaded(segments, works, starts, open_runs, events, already, stats.torn)
+    return _Loaded(segments, works, starts, open_runs, events, already, stats.torn, stats.damaged)
 
 
 def _count_waiting(folder: Path, report: ReplayReport) -> None:
@@ -198,6 +205,7 @@ def _count_waiting(folder: Path, report: ReplayReport) -> None:
     report.failed += loaded.events
     report.already_sent += loaded.already_sent
     report.torn += loaded.torn
+    report.damaged.extend(str(damage) for damage in loaded.damaged)
     report.kept.append(str(folder))
 
 
@@ -260,6 +268,7 @@ def _replay_folder(
         return
     loaded = _load(folder)
     report.torn += loaded.torn
+    report.damaged.extend(str(damage) for damage in loaded.damaged)
     report.events += loaded.events
     report.already_sent += loaded.already_sent
     try:
@@ -293,7 +302,8 @@ def _replay_folder(
     if gave_up is not None:
         report.unreachable = gave_up
     left = sum(segment.written - segment.done for segment in loaded.segments)
-    if left == 0 and problem is None and failed == 0:
+    # Damaged bytes may have held events no one can read back: the journal stays, for a look.
+    if left == 0 and problem is None and failed == 0 and not loaded.damaged:
         remove_journal(folder)
         report.replayed += 1
     else:
@@ -347,20 +357,30 @@ def _send(
     )
     dispatcher = Dispatcher(runs, traces, counts)
     works = loaded.works
-    now = time.time_ns()
-    for no, run_id in loaded.open_runs.items():
-        work = works.get(no)
-        if work is None:
-            work = works[no] = RunWork(no, run_id=run_id)
-        if work.end is None and work.span_end is None:
+
+    async def end_open_runs() -> None:
+        """End KILLED the runs the process left open, unless MLflow holds the run as ended
+        already: its end was sent, from a segment removed since. A replay never changes an
+        ended run, nor its trace (the root span would be sent again, as an error)."""
+        now = time.time_ns()
+        for no, run_id in loaded.open_runs.items():
+            work = works.get(no)
+            if work is not None and (work.end is not None or work.span_end is not None):
+                continue
+            if await _ended_in_store(runs, caller, holder[0], no):
+                logger.info("rlm-mlflow replay: run %s had ended already; left as it is", run_id)
+                continue
+            if work is None:
+                work = works[no] = RunWork(no, run_id=run_id)
             work.add(RunEnd(no, now, run_id, "KILLED", internal=True))
-    for work in works.values():
-        work.steps.sort(key=lambda s: s.timestamp_ns)
-        work.span_steps.sort(key=lambda s: s.timestamp_ns)
-        if not (work.steps or work.end or any(not s.implicit for s in work.starts)):
-            work.runs_outcome = SENT  # nothing the runs exporter has not had already
-        if not (work.span_steps or work.span_end):
-            work.needs_traces = False
+        for work in works.values():
+            work.steps.sort(key=lambda s: s.timestamp_ns)
+            work.span_steps.sort(key=lambda s: s.timestamp_ns)
+            if not (work.steps or work.end or any(not s.implicit for s in work.starts)):
+                work.runs_outcome = SENT  # nothing the runs exporter has not had already
+            if not (work.span_steps or work.span_end):
+                work.needs_traces = False
+
     traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
     from ._sink import default_transport_factory
 
@@ -376,6 +396,7 @@ def _send(
         )
         try:
             await runs.load_known()
+            await end_open_runs()
             ordered = sorted(works.values(), key=lambda w: w.no)
             for start in range(0, len(ordered), BATCH):
                 await dispatcher.export(ordered[start : start + BATCH])
@@ -396,6 +417,19 @@ def _send(
         logger.error("rlm-mlflow replay: %s", exc)
         counts.deferred += loaded.events - counts.sent
     return counts, runs.killed, problem, caller.gave_up
+
+
+async def _ended_in_store(
+    runs: RunsExporter, caller: Caller, transport: Transport, no: int
+) -> bool:
+    """Whether the MLflow run of run ``no`` exists and has ended (any status but RUNNING)."""
+    for ref in runs.known.get(runs.key_of(no), ()):
+        status: str | None = ref.status
+        if not status:
+            status = await caller.call("read run status", transport.run_status, ref.run_uuid)
+        if status and status != "RUNNING":
+            return True
+    return False
 
 
 def _uri_for(meta: dict[str, Any], override: str | None) -> str | None:

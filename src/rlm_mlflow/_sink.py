@@ -24,7 +24,14 @@ import anyio
 import anyio.to_thread
 
 from . import _runtime
-from ._config import Overflow, SinkConfig, config_from_env, redact_text, redact_uri
+from ._config import (
+    Overflow,
+    SinkConfig,
+    call_timeout,
+    config_from_env,
+    redact_text,
+    redact_uri,
+)
 from ._pipeline import Pipeline, State
 from ._stats import RateLimitedWarnings, SinkStatistics
 from ._transports.base import Transport
@@ -226,7 +233,7 @@ class MLflowSink:
                 "use 'await sink.aflush()'"
             )
             return False
-        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        timeout = call_timeout(timeout, self.config.shutdown_timeout)
         worker = self._worker
         target = self._pipeline.accepted.value
         lost_before = worker.lost()
@@ -251,7 +258,7 @@ class MLflowSink:
         """``flush()`` for async code: never blocks the event loop."""
         if not self._in_worker_loop():
             return await anyio.to_thread.run_sync(self.flush, timeout, abandon_on_cancel=True)
-        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        timeout = call_timeout(timeout, self.config.shutdown_timeout)
         worker = self._worker
         target = self._pipeline.accepted.value
         lost_before = worker.lost()
@@ -268,7 +275,7 @@ class MLflowSink:
         Returns within ``timeout`` (default ``shutdown_timeout``) whatever the server does.
         Idempotent. From inside the event loop that runs the worker, use ``await aclose()``.
         """
-        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        timeout = call_timeout(timeout, self.config.shutdown_timeout)
         in_loop = self._in_worker_loop()
         worker = self._worker
         _runtime.request_close(worker, time.monotonic() + timeout)
@@ -283,7 +290,7 @@ class MLflowSink:
 
     async def aclose(self, timeout: float | None = None) -> None:
         """``close()`` for async code: never blocks the event loop."""
-        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        timeout = call_timeout(timeout, self.config.shutdown_timeout)
         if not self._in_worker_loop():
             await anyio.to_thread.run_sync(self.close, timeout, abandon_on_cancel=True)
             return

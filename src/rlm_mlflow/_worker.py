@@ -50,8 +50,9 @@ CLOSE_SPLIT_STEPS = 500  # a run's steps that fit one log_batch (two metrics eac
 QUIESCE_TIMEOUT = 1.0
 #: How often a blocked store (credentials, deleted experiment) is asked again.
 BLOCKED_PROBE = 30.0
-#: A journal with nothing in it and no record for this long is removed (a new one is made
-#: by the next event): an idle sink holds no file and no descriptor.
+#: A journal with nothing left to send and no record for this long is swapped for a fresh,
+#: empty one the worker makes: the files an idle sink holds shrink to those of a new journal,
+#: and the next event finds a journal ready.
 JOURNAL_IDLE = 30.0
 #: How long a failing span request is retried before its spans are kept for replay.
 TRACES_RETRY = 15.0
@@ -265,7 +266,7 @@ class Worker:
                 # or batch_trigger events): one request per run and interval, not one per
                 # request's round trip.
                 self._cycle_finished()
-                self._release_idle_journal()
+                await self._release_idle_journal()
                 await self.runs.recheck()
                 await self._idle()
                 continue
@@ -278,7 +279,7 @@ class Worker:
                 await self.runs.recheck(closing=True)
                 return
             self._cycle_finished()
-            self._release_idle_journal()
+            await self._release_idle_journal()
             await self._maintain_journal()
             await self.runs.recheck()
             await self._idle()
@@ -296,10 +297,12 @@ class Worker:
             written = now
 
     async def _maintain_journal(self) -> bool:
-        """Lanes and segments made ahead (so hooks do not make files), and the fsync setting."""
+        """Lanes and segments made ahead (so hooks do not make files), finished segments
+        removed, and the fsync setting."""
         journal = self.pipeline.journal
         if journal is None:
             return False
+        journal.release_sealed()
         busy = False
         if journal.needs_maintenance() and not self._maintaining:
             self._maintaining = True
@@ -311,8 +314,10 @@ class Worker:
             await anyio.to_thread.run_sync(journal.sync)
         return busy
 
-    def _release_idle_journal(self) -> None:
-        """Retire a journal that is empty and idle; close retired ones once no hook runs."""
+    async def _release_idle_journal(self) -> None:
+        """Swap a journal that is idle, and was written to, for a fresh one made here (so the
+        next hook finds a journal ready and makes no file); close retired ones once no hook
+        runs."""
         pipeline = self.pipeline
         journal = pipeline.journal
         now = time.monotonic()
@@ -321,12 +326,17 @@ class Worker:
             if written != self._journal_seen[0]:
                 self._journal_seen = (written, now)
             elif (
-                now - self._journal_seen[1] >= JOURNAL_IDLE
+                written
+                and now - self._journal_seen[1] >= JOURNAL_IDLE
                 and not journal.backlog()
                 and not pipeline.runs_open()
                 and not (self.pins or self.carry or self.dispatcher.held)
             ):
-                journal.retiring = True  # the next hook opens a new journal
+                fresh = await anyio.to_thread.run_sync(pipeline.prepare_journal)
+                if fresh is None:
+                    journal.retiring = True  # the next hook opens a new journal
+                else:
+                    pipeline.replace_journal(journal, fresh)
         if pipeline.quiet():
             pipeline.release_idle_journals()
 
@@ -386,8 +396,7 @@ class Worker:
             return False
         except Exception:
             return False
-        logger.warning("rlm-mlflow: the store takes our writes again; sending what was held")
-        return True
+        return True  # the first write that succeeds lifts the block, and says so
 
     def _cycle_finished(self) -> None:
         self._notify_progress()

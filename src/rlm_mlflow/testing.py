@@ -309,6 +309,9 @@ def _spawn(
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # The job runner (huey consumers) serves no sink: its processes only take CPU.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # The server prices LLM spans with litellm, which otherwise fetches its price list from the
+    # network on each trace request (and waits for it to fail where there is no network).
+    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     env.pop("MLFLOW_TRACKING_URI", None)
     log = (root / "server.log").open("ab")
     command = [

@@ -22,12 +22,23 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 MAX_ENTITIES_PER_BATCH = 1000
+#: Run, trace and span names are cut to this many characters (names, not documents).
+MAX_NAME_LENGTH = 250
+#: The longest trace tag value every MLflow store keeps (``mlflow/tracing/constant.py``); a
+#: longer trace name makes MLflow refuse the trace's spans.
+MAX_TRACE_TAG_VALUE_LENGTH = 4096
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
 _KEY_PATTERN = re.compile(r"^[/\w.\- :]*$")
 
 Reject = Callable[[str, str], None]  # (reason, message)
+
+#: Said when a record's texts held a lone surrogate (a Python str that is not valid UTF-8).
+REPLACED = (
+    "a lone surrogate (text that is not valid UTF-8) in its run id, params or texts was "
+    "replaced by U+FFFD; MLflow would have stored an empty value and lost the values after it"
+)
 
 
 def key_problem(key: object) -> str | None:
@@ -163,3 +174,8 @@ def tag_value(value: str, key: str, reject: Reject) -> str:
         )
         return value[:MAX_TAG_VALUE_LENGTH]
     return value
+
+
+def name_of(run_id: str) -> str:
+    """The name of the MLflow run, and of the trace and the span, of an RLM run."""
+    return run_id[:MAX_NAME_LENGTH] or "run"

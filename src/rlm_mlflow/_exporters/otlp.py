@@ -21,7 +21,7 @@ from typing import Any
 
 _FIXED64 = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
-_INT64 = range(-(2**63), 2**63)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 SPAN_KIND_INTERNAL = 1
 STATUS_UNSET = 0
@@ -79,27 +79,48 @@ _STRING, _BOOL, _INT, _DOUBLE_KEY = _key(1, 2), _key(2, 0), _key(3, 0), _key(4, 
 
 def any_value(value: Any) -> bytes:
     """An ``AnyValue`` holding ``value``: a mapping as a key-value list (None values left out),
-    a list or tuple as an array, an int beyond int64 and anything else as its text."""
+    a list or tuple as an array, an int beyond int64 and anything else as its text. Never
+    raises; subclasses of int, float and str are read through their base type, so no method of
+    theirs runs."""
     kind = type(value)
     if kind is str:
         data = _text(value)
         return _STRING + varint(len(data)) + data
     if kind is bool:
         return _BOOL + (b"\x01" if value else b"\x00")
-    if kind is int and value in _INT64:
-        return _INT + varint(value)
+    if kind is int:
+        return _integer(value)
     if kind is float:
         return _DOUBLE_KEY + _DOUBLE.pack(value)
     if isinstance(value, Mapping):
         return length_delimited(6, key_values(value.items()))
     if isinstance(value, list | tuple):
         return length_delimited(5, b"".join(length_delimited(1, any_value(v)) for v in value))
-    if isinstance(value, int) and value in _INT64:  # subclasses of the types above
-        return _INT + varint(int(value))
+    if isinstance(value, int):  # an IntEnum, a numpy-like int: its plain int, compared as one
+        return _integer(int.__int__(value))
     if isinstance(value, float):
-        return _DOUBLE_KEY + _DOUBLE.pack(float(value))
-    data = _text(str(value))
+        return _DOUBLE_KEY + _DOUBLE.pack(float.__float__(value))
+    data = _text(str.__str__(value) if isinstance(value, str) else _describe(value))
     return _STRING + varint(len(data)) + data
+
+
+def _integer(value: int) -> bytes:
+    if _INT64_MIN <= value <= _INT64_MAX:
+        return _INT + varint(value)
+    try:
+        text = str(value)
+    except ValueError:  # more digits than int's text conversion allows
+        text = f"<int of {value.bit_length()} bits>"
+    data = text.encode()
+    return _STRING + varint(len(data)) + data
+
+
+def _describe(value: object) -> str:
+    try:
+        text = str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if type(text) is str else f"<{type(value).__name__}>"
 
 
 def key_value(key: str, value: Any) -> bytes:

@@ -277,15 +277,21 @@ class RunsExporter:
         self.experiment_id = None
 
     async def probe(self) -> None:
-        """A cheap request that succeeds when the store takes our writes (StoreRefused if not)."""
+        """A cheap request that succeeds when the store takes our writes (StoreRefused if not).
+
+        It reads: when reads pass while writes were refused, the writes are due again only
+        now and then (:meth:`Caller.write_try_due`); until then the block stands."""
+        caller = self.caller
         if self.experiment_id is None:
-            self.experiment_id = await self.caller.once(
+            self.experiment_id = await caller.once(
                 "get or create experiment", self.transport.get_or_create_experiment, self.experiment
             )
         else:
-            await self.caller.once(
+            await caller.once(
                 "check experiment", self.transport.check_experiment, self.experiment_id
             )
+        if caller.refused is not None and not caller.write_try_due():
+            raise StoreRefused(caller.refused)
 
     async def load_known(self) -> None:
         """Replay: find every run this sink created, in one search."""
@@ -380,6 +386,14 @@ class RunsExporter:
         state.started = True
         state.run_id = start.run_id
         reject = self._reject(start.run_id)
+        if start.replaced:
+            reject("text_replaced", _convert.REPLACED)
+        if len(start.run_id) > _convert.MAX_NAME_LENGTH:
+            reject(
+                "name_cut",
+                f"its run id of {len(start.run_id)} characters names its run and trace cut to "
+                f"{_convert.MAX_NAME_LENGTH}",
+            )
         try:
             state.params.extend(
                 _convert.params_of(
@@ -478,7 +492,7 @@ class RunsExporter:
         try:
             ref = transport.create_run(
                 experiment_id,
-                run_name=state.run_id[:250] or "run",
+                run_name=_convert.name_of(state.run_id),
                 start_time_ms=state.start_ms,
                 tags=tags,
             )
@@ -697,6 +711,8 @@ class RunsExporter:
 
     def _summary_of(self, state: RunState, end: RunEnd) -> list[Metric]:
         reject = self._reject(state.run_id)
+        if end.replaced:
+            reject("text_replaced", _convert.REPLACED)
         metrics: list[Metric] = []
         completed: Any = end.completed
         if type(completed) in (bool, int, float):
@@ -887,9 +903,11 @@ class RunsExporter:
     # -- errors --------------------------------------------------------------------------------
 
     def _reject(self, run_id: str) -> Callable[[str, str], None]:
+        shown = run_id if len(run_id) <= 100 else run_id[:97] + "..."
+
         def reject(reason: str, message: str) -> None:
             self._rejected(reason)
-            self.warnings.warn(reason, "rlm-mlflow run %s: %s", run_id, message)
+            self.warnings.warn(reason, "rlm-mlflow run %s: %s", shown, message)
 
         return reject
 
@@ -905,6 +923,10 @@ class RunsExporter:
             describe(value),
             level=logging.INFO,
         )
+
+    def count_rejected(self, reason: str) -> None:
+        """Count one value that cannot be sent (status()'s ``rejected``)."""
+        self._rejected(reason)
 
     def _failed(self, message: str) -> None:
         self.caller.note_error(message)

@@ -31,7 +31,7 @@ from .._config import COMPONENT_TAG
 from .._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
 from .._transports.base import KEY_TAG
 from . import otlp
-from .convert import step_number
+from .convert import MAX_TRACE_TAG_VALUE_LENGTH, name_of, step_number
 
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
 
@@ -340,9 +340,9 @@ class SpanBuilder:
         if run.is_root:
             attributes.update(
                 {
-                    "mlflow.traceTag.run_id": run.run_id,
+                    "mlflow.traceTag.run_id": run.run_id[:MAX_TRACE_TAG_VALUE_LENGTH],
                     "mlflow.traceTag.component": COMPONENT_TAG,
-                    "mlflow.traceTag.mlflow.traceName": run.run_id,
+                    "mlflow.traceTag.mlflow.traceName": name_of(run.run_id),
                     f"mlflow.traceTag.{KEY_TAG}": f"{ids.prefix}-{run.no}",
                 }
             )
@@ -358,7 +358,7 @@ class SpanBuilder:
             trace_id=ids.trace(run.root_no),
             span_id=ids.run(run.no),
             parent_id=parent,
-            name=run.run_id,
+            name=name_of(run.run_id),
             start_ns=run.start_ns or end.timestamp_ns,
             end_ns=end.timestamp_ns,
             attributes=attributes,

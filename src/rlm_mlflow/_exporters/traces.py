@@ -4,8 +4,12 @@ Each drain cycle's spans go out together: one OTLP request (protobuf, gzip) with
 the traces still running, and one per trace whose root run ended in the cycle, sent last with
 the root's MLflow run in its header, which links the trace to that run (the run page's Traces
 tab, ``search_traces(run_id=...)``). Spans are upserted by their ids, so a retry or a replay
-never duplicates one. A store that cannot take traces (a server older than MLflow 3.6, a store
-without trace ingest answering 501) turns traces off with one warning; runs go on.
+never duplicates one. A store that says itself that it cannot take traces (a server older than
+MLflow 3.6, a store without trace ingest answering 501) turns traces off with one warning: the
+spans of that cycle are counted as rejected (``traces_unsupported``), never as sent; runs go
+on. A proxy's page on ``/v1/traces`` is a transient failure like any other. A request too large
+for the server or a proxy (HTTP 413) is split in halves, down to one span; a single span still
+too large is refused and counted (``span_too_large``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from .._calls import Caller
-from .._exceptions import PermanentError, StoreRefused, TransientError
+from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import Transport
 from .runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
@@ -106,10 +110,13 @@ class TracesExporter:
         else:
             requests = self._requests_of(todo)
         experiment_id = await self.runs.ensure_experiment()
-        for run_uuid, spans, nos in requests:
+        for index, (run_uuid, spans, nos) in enumerate(requests):
             outcome = await self._send(experiment_id, run_uuid, spans)
-            if self.unsupported is not None:  # the store cannot take traces: nothing to send
-                outcomes = {work.no: SENT for work in works}
+            if self.unsupported is not None:  # the store cannot take traces: none are sent
+                unsent = sum(len(spans) for _, spans, _ in requests[index:])
+                for _ in range(unsent):
+                    self.runs.count_rejected("traces_unsupported")
+                outcomes = {work.no: SENT for work in works}  # their runs' part is what is left
                 break
             for no in nos:
                 outcomes[no] = worse(outcomes[no], outcome)
@@ -182,6 +189,8 @@ class TracesExporter:
                     self.unsupported,
                 )
                 return SENT
+            if exc.code == TOO_LARGE:
+                return await self._split(experiment_id, run_uuid, spans, exc)
             self.warnings.warn(
                 "spans_refused", "rlm-mlflow: MLflow refused %d spans: %s", len(spans), exc
             )
@@ -194,6 +203,28 @@ class TracesExporter:
         self.spans_sent += len(spans)
         self.requests += 1
         return SENT
+
+    async def _split(
+        self, experiment_id: str, run_uuid: str | None, spans: list[bytes], exc: PermanentError
+    ) -> Outcome:
+        """A request too large: its halves, each on its own (the half with the last span, the
+        root when the trace ends, goes last and carries the link); one span too large is
+        refused and counted, and the others of its runs still count as sent."""
+        if len(spans) <= 1:
+            self.runs.count_rejected("span_too_large")
+            self.warnings.warn(
+                "span_too_large",
+                "rlm-mlflow: a span of %d bytes is too large for the server or a proxy in "
+                "front of it; it is not sent: %s",
+                sum(len(span) for span in spans),
+                exc,
+            )
+            return SENT
+        half = len(spans) // 2
+        first = await self._send(experiment_id, None, spans[:half])
+        if first == HOLD or self.unsupported is not None:
+            return first
+        return worse(first, await self._send(experiment_id, run_uuid, spans[half:]))
 
 
 def worse(a: Outcome, b: Outcome) -> Outcome:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._config import redact_text, redact_uri
-from .._exceptions import PermanentError, StoreRefused, TransientError
+from .._exceptions import REFUSED_CODES, PermanentError, StoreRefused, TransientError
 from .base import KEY_TAG, Metric, RunRef, key_filter, parse_spans_request, prefix_filter
 
 T = TypeVar("T")
@@ -33,7 +33,6 @@ _PERMANENT_CODES = frozenset(
         "ENDPOINT_NOT_FOUND",
     }
 )
-_REFUSED_CODES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 FULL_MLFLOW_HINT = (
     "the embedded store ({uri}) needs the full mlflow package (SQLAlchemy, alembic), which "
@@ -104,7 +103,7 @@ class ClientTransport:
             code = str(getattr(exc, "error_code", "") or "INTERNAL_ERROR")
             message = str(exc.message)
             text = redact_text(f"{what}: {code}: {message}", self._uri)
-            if code in _REFUSED_CODES:
+            if code in REFUSED_CODES:
                 raise StoreRefused(text, code=code) from None
             if code == "INVALID_PARAMETER_VALUE" and "'active' state" in message:
                 raise PermanentError(text, code="RUN_NOT_ACTIVE") from None

@@ -7,41 +7,37 @@ exactly one request per call, with a short timeout, and leaves retrying to the e
 It speaks MLflow's public REST API (``/api/2.0/mlflow``), and the artifact proxy
 (``/api/2.0/mlflow-artifacts``) for runs whose artifacts the server stores.
 
-It also decides what an answer means: 401 and 403 are a refusal of our credentials, whatever the
-body says (a login page, an HTML error), so the whole store is refused, not one request; an
-answer that is not MLflow's JSON (an empty body, a page from a proxy) is a transient failure, never
-a success.
+What an answer means, sessions, the in-flight limit, redirects and fork safety are
+:mod:`.http`'s: every request here goes through :class:`.http.HttpClient` and
+:func:`.http.classify`.
 """
 
 from __future__ import annotations
 
-import email.utils
 import gzip
 import json
-import math
 import mimetypes
 import os
+import re
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import requests
-import urllib3.exceptions
-
 from .._config import parse_bool, redact_text, redact_uri
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .base import KEY_TAG, Metric, RunRef, key_filter, prefix_filter
+from .http import MAX_IN_FLIGHT, HttpClient, classify, mlflow_error, retry_after_seconds
+
+__all__ = ["MAX_IN_FLIGHT", "RestTransport", "retry_after_seconds", "shared_transport"]
+
+#: The first MLflow release whose server takes OTLP spans on ``/v1/traces``.
+_TRACES_SINCE = (3, 6)
 
 _API = "/api/2.0/mlflow"
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
-_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _PAGE = 1000
-#: Requests one process has in flight to one server at most, whatever the number of sinks: a
-#: tracking server has a small database pool (5 + 10 by default) and a handful of workers.
-MAX_IN_FLIGHT = 4
 _ENV_KEYS = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
@@ -68,31 +64,18 @@ def shared_transport(tracking_uri: str, *, timeout: float) -> RestTransport:
         return transport
 
 
-def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
-    """Parse ``Retry-After``: delta-seconds or an HTTP date. None when absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if math.isnan(seconds):
-        return None
-    return max(0.0, seconds)
+def _forget_shared_in_child() -> None:
+    """A forked child starts with no shared transport: the parent's are the parent's (their
+    users, and a lock a parent thread may have held at the fork)."""
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    for transport in _shared.values():
+        transport._shared_key = None
+    _shared.clear()
 
 
-def _never_sent(exc: requests.RequestException) -> bool:
-    """True when the request cannot have reached the server (no connection was made)."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    reason = exc.args[0] if exc.args else None
-    reason = getattr(reason, "reason", reason)
-    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_shared_in_child)
 
 
 class RestTransport:
@@ -108,27 +91,29 @@ class RestTransport:
     ) -> None:
         env = dict(os.environ) if env is None else env
         self._uri = tracking_uri.rstrip("/")
-        self._timeout = (min(connect_timeout, timeout) if timeout else connect_timeout, timeout)
-        self._local = threading.local()
-        self._headers = {"User-Agent": "rlm-mlflow", "Content-Type": "application/json"}
-        self._auth: tuple[str, str] | None = None
+        headers = {"User-Agent": "rlm-mlflow", "Content-Type": "application/json"}
+        auth: tuple[str, str] | None = None
         user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
         token = env.get("MLFLOW_TRACKING_TOKEN")
         if user and password:
-            self._auth = (user, password)
+            auth = (user, password)
         elif token:
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._verify: bool | str = True
+            headers["Authorization"] = f"Bearer {token}"
+        verify: bool | str = True
         if parse_bool(env.get("MLFLOW_TRACKING_INSECURE_TLS")):
-            self._verify = False
+            verify = False
         elif env.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
-            self._verify = env["MLFLOW_TRACKING_SERVER_CERT_PATH"]
-        self._cert = env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None
-        self._sessions: list[requests.Session] = []
-        self._sessions_lock = threading.Lock()
+            verify = env["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+        self.http = HttpClient(
+            self._uri,
+            timeout=(min(connect_timeout, timeout) if timeout else connect_timeout, timeout),
+            headers=headers,
+            auth=auth,
+            verify=verify,
+            cert=env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
+        )
         self._shared_key: tuple[object, ...] | None = None
         self._users = 0
-        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
 
     @property
     def uri(self) -> str:
@@ -138,22 +123,6 @@ class RestTransport:
         return redact_uri(self._uri) or ""
 
     # -- plumbing -------------------------------------------------------------------------------
-
-    def session(self) -> requests.Session:
-        """This thread's HTTP session (connections are reused, one pool per thread)."""
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers.update(self._headers)
-            if self._auth:
-                session.auth = self._auth
-            session.verify = self._verify
-            if self._cert:
-                session.cert = self._cert
-            self._local.session = session
-            with self._sessions_lock:
-                self._sessions.append(session)
-        return session
 
     def request(
         self,
@@ -166,57 +135,10 @@ class RestTransport:
         headers: dict[str, str] | None = None,
         want_json: bool = True,
     ) -> dict[str, Any]:
-        """One request; the parsed JSON answer, or the exceptions of the module docstring."""
-        url = self._uri + path
+        """One request; the parsed JSON answer, or what :func:`.http.classify` raises."""
         payload = json.dumps(body, allow_nan=False) if body is not None else data
-        try:
-            with self._slots:
-                response = self.session().request(
-                    method, url, data=payload, params=params, headers=headers, timeout=self._timeout
-                )
-        except requests.RequestException as exc:
-            raise TransientError(
-                self._clean(f"{method} {path}: {type(exc).__name__}"),
-                maybe_committed=not _never_sent(exc),
-            ) from None
-        return self.answer(response, f"{method} {path}", want_json=want_json)
-
-    def answer(
-        self, response: requests.Response, what: str, *, want_json: bool = True
-    ) -> dict[str, Any]:
-        status = response.status_code
-        if status in (401, 403):
-            raise StoreRefused(
-                self._clean(
-                    f"{what}: the server refused our credentials (HTTP {status}); set "
-                    "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
-                ),
-                code="UNAUTHENTICATED" if status == 401 else "PERMISSION_DENIED",
-                status=status,
-            )
-        if status < 300:
-            if not want_json:
-                return {}
-            if not response.content:
-                raise TransientError(f"{what}: HTTP {status} with an empty body")
-            try:
-                parsed = response.json()
-            except ValueError:
-                kind = response.headers.get("Content-Type", "unknown type")
-                raise TransientError(
-                    f"{what}: HTTP {status} with a body that is not JSON ({kind})"
-                ) from None
-            if not isinstance(parsed, dict):
-                raise TransientError(f"{what}: HTTP {status} with an unexpected JSON answer")
-            return parsed
-        code, message = _error_of(response)
-        text = self._clean(f"{what}: HTTP {status} {code}: {message}")
-        if status in _TRANSIENT_STATUS or (status >= 500 and status != 501):
-            retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-            raise TransientError(text, retry_after=retry_after)
-        if code == "INVALID_PARAMETER_VALUE" and "'active' state" in message:
-            code = "RUN_NOT_ACTIVE"  # the run (or its experiment) was deleted
-        raise PermanentError(text, code=code, status=status)
+        response = self.http.send(method, path, data=payload, params=params, headers=headers)
+        return classify(response, f"{method} {path}", want_json=want_json, clean=self._clean)
 
     def _clean(self, text: str) -> str:
         return redact_text(text, self._uri)
@@ -408,17 +330,35 @@ class RestTransport:
         }
         if run_uuid:
             headers["x-mlflow-run-id"] = run_uuid
-        try:
-            self.request("POST", "/v1/traces", data=body, headers=headers, want_json=False)
-        except PermanentError as exc:
-            if isinstance(exc, StoreRefused) or exc.status not in (404, 405, 501):
-                raise
+        response = self.http.send("POST", "/v1/traces", data=body, headers=headers)
+        status = response.status_code
+        if status in (404, 405, 501) and self._no_trace_ingest(response):
             raise PermanentError(
-                f"the server does not take traces (HTTP {exc.status} on /v1/traces: MLflow 3.6 "
+                f"the server does not take traces (HTTP {status} on /v1/traces: MLflow 3.6 "
                 "or newer with a database store is needed)",
                 code="TRACES_UNSUPPORTED",
-                status=exc.status,
-            ) from None
+                status=status,
+            )
+        classify(response, "POST /v1/traces", want_json=False, clean=self._clean)
+
+    def _no_trace_ingest(self, response: Any) -> bool:
+        """The server itself says it takes no spans: MLflow's own error for the endpoint, or
+        a page from a server whose ``/version`` is older than OTLP ingest. Anything else (a
+        proxy's page during a redeploy) is not taken for it."""
+        if mlflow_error(response.content) is not None:
+            return True
+        if response.status_code == 501:
+            return False
+        try:
+            answer = self.http.send("GET", "/version")
+        except TransientError:
+            return False
+        if answer.status_code != 200:
+            return False
+        found = re.fullmatch(r"\s*(\d+)\.(\d+)[^\s]*\s*", answer.text[:64])
+        if found is None:
+            return False
+        return (int(found[1]), int(found[2])) < _TRACES_SINCE
 
     def close(self) -> None:
         if self._shared_key is not None:
@@ -428,10 +368,7 @@ class RestTransport:
                     return
                 if _shared.get(self._shared_key) is self:
                     del _shared[self._shared_key]
-        with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
+        self.http.close()
 
 
 def _deleted(name: str) -> StoreRefused:
@@ -473,16 +410,6 @@ def _run_ref(run: dict[str, Any]) -> RunRef:
         start_time_ms=int(info.get("start_time") or 0),
         has_data=bool(data.get("metrics") or data.get("params")),
     )
-
-
-def _error_of(response: requests.Response) -> tuple[str, str]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        return str(body.get("error_code", "UNKNOWN")), str(body.get("message", ""))[:500]
-    return "UNKNOWN", f"{response.reason or ''} ({len(response.content)} bytes, not JSON)"
 
 
 def _proxied_artifact_root(artifact_uri: str) -> str | None:

@@ -1,0 +1,279 @@
+"""The journal's on-disk format: segment and record headers, reading segments back, and the
+files of a journal folder. Used by the writer (:mod:`._journal`), replay and the command line.
+
+Segment file: 16-byte header (``RLMJ``, format, lane, segment), then records::
+
+    length u32 | crc32 u32 | state u8 | flags u8 | reserved u16 | payload (length bytes)
+
+The writer copies the payload in before the header, so a record whose header is there is whole,
+and a record cut by a crash has no header (length 0): the end of what was written. The checksum
+covers the payload; ``state`` is updated in place as exporters finish with the record.
+
+Reading back (:func:`scan_segment`) survives damage in the middle of a file (a torn page, bit
+rot): a record that fails its checks is skipped by its length when a whole record follows it,
+otherwise the scan looks byte by byte for the next whole record (a valid header whose checksum
+matches); every record after the damage is still read, and the damaged byte range is reported.
+A bad record with no whole record after it is the end of what was written (a write cut short).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("rlm_mlflow")
+
+FORMAT = 2
+MAGIC = b"RLMJ"
+SEGMENT_HEADER = struct.Struct("<4sHHII")  # magic, format, lane, segment, reserved
+SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size
+RECORD = struct.Struct("<IIBBH")
+RECORD_HEADER_SIZE = RECORD.size
+STATE_OFFSET = 8
+
+NEW = 0
+RUNS_IN_FLIGHT = 1
+RUNS_DONE = 2
+TRACES_IN_FLIGHT = 4
+TRACES_DONE = 8
+_KNOWN_STATE = RUNS_IN_FLIGHT | RUNS_DONE | TRACES_IN_FLIGHT | TRACES_DONE
+
+HFLAG_SPILLED = 1  # the record went to the journal only (the memory queue was full)
+HFLAG_TRACES = 2  # the record is also sent as spans (traces were on when it was written)
+_KNOWN_FLAGS = HFLAG_SPILLED | HFLAG_TRACES
+
+MAX_RECORD = 64 << 20
+
+_ZEROS = b"\0\0\0\0"
+_WINDOW = 1 << 16
+
+
+def finished(state: int, flags: int) -> bool:
+    """Every exporter the record needs is done with it."""
+    return bool(state & RUNS_DONE) and (bool(state & TRACES_DONE) or not flags & HFLAG_TRACES)
+
+
+def segment_name(lane: int, number: int) -> str:
+    return f"L{lane:04d}-S{number:06d}.seg"
+
+
+def segment_header(lane: int, number: int) -> bytes:
+    return SEGMENT_HEADER.pack(MAGIC, FORMAT, lane, number, 0)
+
+
+def read_segment_header(data: bytes | mmap.mmap) -> tuple[int, int] | None:
+    """``(lane, segment number)`` of a segment file's contents; None if it is not one."""
+    if len(data) < SEGMENT_HEADER_SIZE:
+        return None
+    magic, _, lane, number, _ = SEGMENT_HEADER.unpack_from(data)
+    if magic != MAGIC:
+        return None
+    return lane, number
+
+
+# -- reading back --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ScannedRecord:
+    path: Path
+    offset: int
+    state: int
+    flags: int
+    payload: bytes
+
+    @property
+    def finished(self) -> bool:
+        return finished(self.state, self.flags)
+
+    @property
+    def needs_runs(self) -> bool:
+        return not self.state & RUNS_DONE
+
+    @property
+    def needs_traces(self) -> bool:
+        return bool(self.flags & HFLAG_TRACES) and not self.state & TRACES_DONE
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """Bytes ``[start, end)`` of a segment file that hold no whole record, with whole records
+    after them: what was there (one record or more) could not be read."""
+
+    path: Path
+    start: int
+    end: int
+
+    def __str__(self) -> str:
+        return f"{self.path} bytes {self.start}-{self.end}"
+
+
+@dataclass(slots=True)
+class ScanStats:
+    records: int = 0
+    torn: int = 0  # a bad record at the end of what was written (a write cut short)
+    damaged: list[Damage] = field(default_factory=list)  # skipped, whole records after them
+
+
+def _record_end(data: bytes | mmap.mmap, offset: int, size: int) -> int | None:
+    """Where the whole record at ``offset`` ends; None if there is none there."""
+    if offset + RECORD_HEADER_SIZE > size:
+        return None
+    length: int
+    length, crc, state, flags, reserved = RECORD.unpack_from(data, offset)
+    body = offset + RECORD_HEADER_SIZE
+    if (
+        length == 0
+        or reserved
+        or state & ~_KNOWN_STATE
+        or flags & ~_KNOWN_FLAGS
+        or length > MAX_RECORD
+        or body + length > size
+    ):
+        return None
+    if zlib.crc32(data[body : body + length]) != crc:
+        return None
+    return body + length
+
+
+def _next_nonzero(data: bytes | mmap.mmap, start: int, size: int) -> int | None:
+    """The first byte at or after ``start`` that is not zero; None if there is none."""
+    position = start
+    while position < size:
+        window = data[position : min(size, position + _WINDOW)]
+        rest = window.lstrip(b"\0")
+        if rest:
+            return position + len(window) - len(rest)
+        position += len(window)
+    return None
+
+
+def _resync(data: bytes | mmap.mmap, start: int, size: int) -> int | None:
+    """The offset of the next whole record at or after ``start``; None if there is none."""
+    position = start
+    last = size - RECORD_HEADER_SIZE
+    while position <= last:
+        if data[position : position + 4] == _ZEROS:  # no length starts here: skip the zeros
+            nonzero = _next_nonzero(data, position, size)
+            if nonzero is None:
+                return None
+            position = max(position + 1, nonzero - 3)
+            continue
+        if _record_end(data, position, size) is not None:
+            return position
+        position += 1
+    return None
+
+
+def scan_segment(
+    path: Path, stats: ScanStats, data: bytes | mmap.mmap | None = None
+) -> Iterator[ScannedRecord]:
+    """Every whole record of a segment file (or of ``data``, its contents), in order, passing
+    over damaged bytes (recorded in ``stats.damaged``) to the whole records after them."""
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+    size = len(data)
+    if read_segment_header(data) is None:
+        stats.damaged.append(Damage(path, 0, size))
+        logger.warning("rlm-mlflow journal %s: not a segment file; skipped", path)
+        return
+    offset = SEGMENT_HEADER_SIZE
+    while offset + RECORD_HEADER_SIZE <= size:
+        end = _record_end(data, offset, size)
+        if end is not None:
+            _, _, state, flags, _ = RECORD.unpack_from(data, offset)
+            stats.records += 1
+            yield ScannedRecord(path, offset, state, flags, data[offset + RECORD_HEADER_SIZE : end])
+            offset = end
+            continue
+        header = data[offset : offset + RECORD_HEADER_SIZE]
+        empty = header == bytes(RECORD_HEADER_SIZE)
+        following: int | None = None
+        length = RECORD.unpack_from(data, offset)[0]
+        by_length = offset + RECORD_HEADER_SIZE + length
+        if not empty and 0 < length <= MAX_RECORD and _record_end(data, by_length, size):
+            following = by_length  # skipped by its length: the next record is whole
+        else:
+            following = _resync(data, offset + 1, size)
+        if following is None:
+            if not empty:
+                stats.torn += 1
+                logger.warning(
+                    "rlm-mlflow journal %s: torn record at byte %d, the end of what was written; "
+                    "skipped",
+                    path,
+                    offset,
+                )
+            return  # the end of what was written
+        damage = Damage(path, offset, following)
+        stats.damaged.append(damage)
+        logger.warning(
+            "rlm-mlflow journal %s: bytes %d-%d hold no whole record (damaged); skipped, the "
+            "records after them are read",
+            path,
+            damage.start,
+            damage.end,
+        )
+        offset = following
+
+
+# -- the files of a journal ----------------------------------------------------------------------
+
+
+def journal_segments(folder: Path) -> list[Path]:
+    return sorted(folder.glob("L*-S*.seg"))
+
+
+def map_segment(path: Path) -> tuple[mmap.mmap, int, int] | None:
+    """A segment file mapped for reading and marking (replay): ``(mapping, lane, number)``;
+    None if it cannot be opened or is not one."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < SEGMENT_HEADER_SIZE:
+            return None
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    header = read_segment_header(mm)
+    if header is None:
+        mm.close()
+        return None
+    return mm, header[0], header[1]
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    return meta
+
+
+def try_lock(folder: Path) -> int | None:
+    """Take a journal's lock for replay; None when its sink (or another replay) holds it."""
+    try:
+        fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd

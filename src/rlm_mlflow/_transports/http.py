@@ -1,0 +1,324 @@
+"""HTTP to a tracking server: sessions, the in-flight limit, redirects, fork safety, and what an
+answer means.
+
+:func:`classify` is the one place that turns an HTTP answer into a result or an exception:
+
+- 2xx: MLflow's JSON answer (an empty body or one that is not JSON is transient, never a success);
+- 401, 403: our credentials are refused, whatever the body says: the whole store is refused
+  (:class:`StoreRefused`), for reads and writes alike;
+- 301, 302, 303 (and a 307/308 that cannot be followed): the tracking URI points at the wrong
+  address, a configuration error that holds everything (:class:`StoreRefused`, ``REDIRECTED``);
+  ``requests`` would have turned the POST into a GET;
+- 413: the request is too large for something on the way (``REQUEST_TOO_LARGE``): the caller
+  splits it; it says nothing about any one item;
+- 408, 425, 429, 5xx but 501: transient, with the server's ``Retry-After``;
+- any other answer refuses the request only when it is MLflow's JSON error (an ``error_code``):
+  a proxy's page (an HTML 404 during a redeploy, a JSON 404 without MLflow's fields) is transient.
+
+:class:`HttpClient` makes one request per call, at most :data:`MAX_IN_FLIGHT` at a time per
+server, follows 307/308 to the same host with the same method and body, and is reset in a forked
+child (a parent's requests in flight must not hold the child's slots, locks or connections).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3.exceptions
+
+from .._config import redact_text, redact_uri
+from .._exceptions import (
+    REDIRECTED,
+    REFUSED_STATUS,
+    TOO_LARGE,
+    PermanentError,
+    StoreRefused,
+    TransientError,
+)
+
+__all__ = ["MAX_IN_FLIGHT", "REDIRECTED", "TOO_LARGE", "HttpClient", "classify"]
+
+#: Requests one process has in flight to one server at most, whatever the number of sinks: a
+#: tracking server has a small database pool (5 + 10 by default) and a handful of workers.
+MAX_IN_FLIGHT = 4
+#: Same-host 307/308 redirects followed for one request at most.
+MAX_REDIRECTS = 5
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+MOVED_STATUS = frozenset({301, 302, 303})
+FOLLOWED_STATUS = frozenset({307, 308})
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """Parse ``Retry-After``: delta-seconds or an HTTP date. None when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def mlflow_error(body: bytes) -> tuple[str, str] | None:
+    """``(error_code, message)`` when ``body`` is MLflow's JSON error, else None.
+
+    MLflow's REST handlers answer ``{"error_code": ..., "message": ...}``; its OTLP endpoint
+    (FastAPI) answers ``{"detail": ...}``, reported with the code ``UNKNOWN``."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    code = parsed.get("error_code")
+    if isinstance(code, str) and code:
+        return code, str(parsed.get("message", ""))[:500]
+    detail = parsed.get("detail")
+    if isinstance(detail, str) and set(parsed) <= {"detail"}:
+        return "UNKNOWN", detail[:500]
+    return None
+
+
+def classify(
+    response: requests.Response,
+    what: str,
+    *,
+    want_json: bool = True,
+    clean: Any = None,
+) -> dict[str, Any]:
+    """The parsed answer of a successful request, or the exception its answer means (see the
+    module docstring). ``clean`` redacts texts (credentials in the URI)."""
+    scrub = clean if clean is not None else (lambda text: text)
+    status = response.status_code
+    if status in REFUSED_STATUS:
+        raise StoreRefused(
+            scrub(
+                f"{what}: the server refused our credentials (HTTP {status}); set "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN "
+                "(a token that may read but not write is refused the same way)"
+            ),
+            code="UNAUTHENTICATED" if status == 401 else "PERMISSION_DENIED",
+            status=status,
+        )
+    if 200 <= status < 300:
+        if not want_json:
+            return {}
+        if not response.content:
+            raise TransientError(f"{what}: HTTP {status} with an empty body")
+        try:
+            parsed = response.json()
+        except ValueError:
+            kind = response.headers.get("Content-Type", "unknown type")
+            raise TransientError(
+                f"{what}: HTTP {status} with a body that is not JSON ({kind})"
+            ) from None
+        if not isinstance(parsed, dict):
+            raise TransientError(f"{what}: HTTP {status} with an unexpected JSON answer")
+        return parsed
+    if status in MOVED_STATUS or status in FOLLOWED_STATUS:
+        location = redact_uri(response.headers.get("Location") or "") or "nowhere"
+        raise StoreRefused(
+            scrub(
+                f"{what}: the tracking server redirects to {location} (HTTP {status}); set "
+                "the tracking URI to the address it redirects to (nothing is sent until then; "
+                "everything is kept)"
+            ),
+            code=REDIRECTED,
+            status=status,
+        )
+    error = mlflow_error(response.content)
+    if status == 413:
+        raise PermanentError(
+            scrub(f"{what}: HTTP 413, the request is too large for the server or a proxy"),
+            code=TOO_LARGE,
+            status=status,
+        )
+    if status in TRANSIENT_STATUS or (status >= 500 and status != 501) or status < 200:
+        code, message = error or ("", _not_mlflow(response))
+        raise TransientError(
+            scrub(f"{what}: HTTP {status} {code}: {message}".replace("  ", " ")),
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
+    if error is None:  # not MLflow's answer: a proxy's page, a redeploy in progress
+        raise TransientError(
+            scrub(f"{what}: HTTP {status} that is not MLflow's answer ({_not_mlflow(response)})")
+        )
+    code, message = error
+    if code == "INVALID_PARAMETER_VALUE" and "'active' state" in message:
+        code = "RUN_NOT_ACTIVE"  # the run (or its experiment) was deleted
+    raise PermanentError(
+        scrub(f"{what}: HTTP {status} {code}: {message}"), code=code, status=status
+    )
+
+
+def _not_mlflow(response: requests.Response) -> str:
+    kind = response.headers.get("Content-Type", "no type")
+    return f"{response.reason or ''} ({len(response.content)} bytes of {kind})".strip()
+
+
+def never_sent(exc: requests.RequestException) -> bool:
+    """True when the request cannot have reached the server (no connection was made)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
+def _same_origin(a: str, b: str) -> bool:
+    """``b`` is on the host of ``a`` (http may become https): credentials may follow."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    if pa.hostname != pb.hostname:
+        return False
+    if pa.scheme == pb.scheme:
+        return pa.port == pb.port
+    return (
+        pa.scheme == "http"
+        and pb.scheme == "https"
+        and pa.port in (None, 80)
+        and (pb.port in (None, 443))
+    )
+
+
+class HttpClient:
+    """Sessions (one per thread), at most :data:`MAX_IN_FLIGHT` requests at a time, same-host
+    307/308 redirects, and a reset in a forked child."""
+
+    def __init__(
+        self,
+        base_uri: str,
+        *,
+        timeout: tuple[float, float],
+        headers: Mapping[str, str],
+        auth: tuple[str, str] | None,
+        verify: bool | str,
+        cert: str | None,
+    ) -> None:
+        self.base_uri = base_uri.rstrip("/")
+        self._timeout = timeout
+        self._headers = dict(headers)
+        self._auth = auth
+        self._verify = verify
+        self._cert = cert
+        self._fresh()
+        _CLIENTS.add(self)
+
+    def _fresh(self) -> None:
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's requests in flight hold slots, maybe locks, and its
+        connections are shared with the parent; start over (the parent's sockets are left for
+        the parent to close)."""
+        self._fresh()
+
+    def clean(self, text: str) -> str:
+        return redact_text(text, self.base_uri)
+
+    def session(self) -> requests.Session:
+        """This thread's HTTP session (connections are reused, one pool per thread)."""
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers.update(self._headers)
+            if self._auth:
+                session.auth = self._auth
+            session.verify = self._verify
+            if self._cert:
+                session.cert = self._cert
+            self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        """One request (and the same-host 307/308 it is sent on to), never redirected by
+        ``requests`` itself (it would turn a POST into a GET). Raises TransientError when no
+        answer came."""
+        url = self.base_uri + path
+        try:
+            with self._slots:
+                for _ in range(MAX_REDIRECTS + 1):
+                    response = self.session().request(
+                        method,
+                        url,
+                        data=data,
+                        params=params,
+                        headers=dict(headers) if headers else None,
+                        timeout=self._timeout,
+                        allow_redirects=False,
+                    )
+                    location = response.headers.get("Location")
+                    if response.status_code not in FOLLOWED_STATUS or not location:
+                        return response
+                    target = urljoin(response.url or url, location)
+                    if not _same_origin(url, target) or not _rewind(data):
+                        return response  # classify() reports it as a configuration error
+                    response.close()
+                    url, params = target, None
+                return response
+        except requests.RequestException as exc:
+            raise TransientError(
+                self.clean(f"{method} {path}: {type(exc).__name__}"),
+                maybe_committed=not never_sent(exc),
+            ) from None
+
+    def close(self) -> None:
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+
+def _rewind(data: Any) -> bool:
+    """The body can be sent again (bytes, text, or a file rewound to its start)."""
+    if data is None or isinstance(data, bytes | str):
+        return True
+    seek = getattr(data, "seek", None)
+    if seek is None:
+        return False
+    try:
+        seek(0)
+    except OSError:
+        return False
+    return True
+
+
+_CLIENTS: weakref.WeakSet[HttpClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

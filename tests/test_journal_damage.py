@@ -1,0 +1,143 @@
+"""A journal with damaged bytes in the middle of a segment (a torn page, bit rot): every whole
+record after the damage is still read and sent, runs end with their true status, the damage is
+reported, and the journal is kept.
+
+The journals are written by a real sink whose server never answers, damaged on disk, then
+replayed into a real server."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from promises_support import Store, assert_each_once, journal_folders
+from rlm_mlflow import MLflowSink, replay
+from rlm_mlflow._codec import decode
+from rlm_mlflow._events import Step
+from rlm_mlflow._journal_format import (
+    RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    ScanStats,
+    journal_segments,
+    scan_segment,
+    segment_header,
+)
+from rlm_mlflow.testing import MlflowServer, free_port
+
+STEPS = 10
+DAMAGED_STEP = 5
+
+
+def kept_journal(journal_dir: Path, experiment: str, run_id: str) -> Path:
+    """A run's start, 10 steps and its end, kept in a journal (the server never answers)."""
+    sink = MLflowSink(
+        enabled=True,
+        experiment=experiment,
+        tracking_uri=f"http://127.0.0.1:{free_port()}",
+        flush_interval=0.1,
+        retry_deadline=0.5,
+        retry_initial=0.05,
+    )
+    sink.on_run_start(run_id, task="t", environment="e", params={})
+    for number in range(STEPS):
+        sink.on_step(run_id, event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_end(run_id, result={"completed": True, "steps": STEPS}, run_path=None)
+    sink.close(3.0)
+    (folder,) = journal_folders(journal_dir)
+    return folder
+
+
+def record_of_step(folder: Path, number: int) -> tuple[Path, int, int]:
+    """``(segment file, offset, payload length)`` of the record of step ``number``."""
+    for path in journal_segments(folder):
+        for record in scan_segment(path, ScanStats()):
+            event = decode(record.payload)
+            if type(event) is Step and event.step == number:
+                return path, record.offset, len(record.payload)
+    raise AssertionError(f"no record of step {number} in {folder}")
+
+
+def damage(path: Path, offset: int, length: int, how: str) -> None:
+    with path.open("r+b") as handle:
+        if how == "payload":  # bit rot inside the payload: the checksum fails
+            handle.seek(offset + RECORD_HEADER_SIZE + length // 2)
+            handle.write(b"\xff\x00\xff")
+        elif how == "length":  # the length itself is wrong: the scan must find the next record
+            handle.seek(offset)
+            handle.write(struct.pack("<I", length + 7))
+        else:  # zeroed, header and payload (a page never written back)
+            handle.seek(offset)
+            handle.write(bytes(RECORD_HEADER_SIZE + length))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["payload", "length", "zeroed"])
+def test_a_damaged_record_mid_segment_hides_nothing_after_it(
+    how: str,
+    mlflow_server: MlflowServer,
+    store: Store,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    folder = kept_journal(journal_dir, experiment_name, "damaged")
+    path, offset, length = record_of_step(folder, DAMAGED_STEP)
+    damage(path, offset, length, how)
+
+    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+
+    run = store.run(experiment_name, "damaged")
+    intact = [n for n in range(STEPS) if n != DAMAGED_STEP]
+    assert_each_once(store.steps(run), intact)
+    assert DAMAGED_STEP not in store.steps(run)
+    assert run.info.status == "FINISHED"  # its end, after the damage, was read
+    assert report.runs_killed == 0
+    assert len(report.damaged) == 1, report
+    assert f"{path} bytes {offset}-" in report.damaged[0]
+    assert not report.ok
+    assert report.kept == [str(folder)]
+    assert journal_folders(journal_dir) == [folder]  # kept, for a look at the damage
+
+    again = replay(journal_dir, tracking_uri=mlflow_server.uri)  # nothing sent twice
+    assert again.sent == 0
+    assert again.damaged == report.damaged
+    assert_each_once(store.steps(store.run(experiment_name, "damaged")), intact)
+
+
+def segment_of(*payloads: bytes) -> bytearray:
+    """A segment file's contents holding these records, with room after them."""
+    import zlib
+
+    data = bytearray(segment_header(0, 0))
+    for payload in payloads:
+        data += struct.pack("<IIBBH", len(payload), zlib.crc32(payload), 0, 0, 0) + payload
+    return data + bytes(4096)
+
+
+def test_a_write_cut_at_the_end_is_torn_not_damage(tmp_path: Path) -> None:
+    """Bytes after the last whole record with no whole record after them are a write cut
+    short by a crash: counted torn, never reported as damage."""
+    data = segment_of(b"a" * 40, b"b" * 40)
+    end = SEGMENT_HEADER_SIZE + 2 * (RECORD_HEADER_SIZE + 40)
+    data[end + RECORD_HEADER_SIZE : end + RECORD_HEADER_SIZE + 30] = b"c" * 30  # payload only
+    stats = ScanStats()
+    records = list(scan_segment(tmp_path / "x.seg", stats, bytes(data)))
+    assert [r.payload for r in records] == [b"a" * 40, b"b" * 40]
+    assert (stats.torn, stats.damaged) == (0, [])
+    data[end : end + 4] = struct.pack("<I", 30)  # a header whose checksum fails, at the end
+    stats = ScanStats()
+    assert len(list(scan_segment(tmp_path / "x.seg", stats, bytes(data)))) == 2
+    assert (stats.torn, stats.damaged) == (1, [])
+
+
+def test_garbage_mid_segment_is_skipped_to_the_next_whole_record(tmp_path: Path) -> None:
+    payloads = [bytes([65 + i]) * (20 + i) for i in range(6)]
+    data = segment_of(*payloads)
+    start = SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE + 20  # the second record
+    end = start + RECORD_HEADER_SIZE + 21 + RECORD_HEADER_SIZE + 22  # and the third
+    data[start:end] = bytes(range(7, 7 + end - start))
+    stats = ScanStats()
+    records = list(scan_segment(tmp_path / "x.seg", stats, bytes(data)))
+    assert [r.payload for r in records] == [payloads[0], *payloads[3:]]
+    assert [(d.start, d.end) for d in stats.damaged] == [(start, end)]
