@@ -296,6 +296,39 @@ def test_a_child_of_a_parent_sent_in_an_earlier_session_is_linked_by_replay(
 
 
 @pytest.mark.slow
+def test_a_child_whose_parent_was_not_created_yet_is_linked_to_it_live_and_after_kill_9(
+    agents: Spawn,
+    store: Store,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """The server refuses to create the parent run (kept for replay); then it creates runs
+    again and a child of that parent starts, ends and is flushed; kill -9 and replay. The child
+    has its ``mlflow.parentRunId`` (the parent is created before it), and replay never leaves
+    it without one: one parent, its steps once, the child FINISHED under it."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="http", status=503, path="runs/create")
+        agent = agents("late_parent.py", proxy.uri, experiment_name, stdin=True)
+        tried = payload(agent.expect("PARENT_TRIED", 120))
+        assert tried["deferred"] >= 3, tried  # the parent's start and steps: kept for replay
+        proxy.set(mode="pass")
+        agent.send("go")
+        agent.expect("CHILD_DONE", 120)
+        agent.kill9()
+    done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = store.by_name(experiment_name)
+    assert sorted(runs) == ["child", "parent"]
+    child = runs["child"]
+    assert child.data.tags.get("mlflow.parentRunId") == runs["parent"].info.run_id, child.data.tags
+    assert child.info.status == "FINISHED"
+    assert_each_once(store.steps(child), range(3))
+    assert_each_once(store.steps(runs["parent"]), range(2))
+    assert runs["parent"].info.status == "KILLED"
+
+
+@pytest.mark.slow
 def test_replay_into_a_file_store_repeats_no_point_the_sink_had_sent(
     agents: Spawn,
     experiment_name: str,

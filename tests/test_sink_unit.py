@@ -635,3 +635,48 @@ def test_an_idle_sink_lets_go_of_its_journal(
     sink.close()
     assert [r.status for r in memory.runs.values()] == ["FINISHED", "FINISHED"]
     assert list(journal_dir.iterdir()) == []
+
+
+class _RefusingParent(MemoryTransport):
+    """Creates every run but ``parent`` while ``refuse`` is set (a transient failure)."""
+
+    refuse = True
+
+    def create_run(self, experiment_id: str, *, run_name: str, **kwargs: Any) -> Any:
+        if self.refuse and run_name == "parent":
+            raise TransientError("the server could not create it this time")
+        return super().create_run(experiment_id, run_name=run_name, **kwargs)
+
+
+def test_a_child_whose_parent_failed_in_its_cycle_is_kept_and_replay_links_it(
+    journal_dir: Path,
+) -> None:
+    """The parent's create fails in the same cycle as its child's start and end: the child is
+    not created without its link (kept with its parent); replay creates the parent, then the
+    child under it, FINISHED."""
+    from rlm_mlflow import replay
+
+    memory = _RefusingParent()
+    gate = threading.Event()
+
+    def hold_first_cycle(call: str) -> None:
+        if call == "get_or_create_experiment":
+            gate.wait(30)
+
+    memory.fail = hold_first_cycle
+    sink = make_sink(memory, journal_dir=journal_dir, retry_deadline=0.2)
+    sink.on_run_start("parent", task="t", environment="e", params={})
+    run_one(sink, "child", steps=2, parent_run_id="parent", depth=1)
+    gate.set()  # one cycle holds the parent's start and the whole child
+    sink.close(1.0)
+    assert memory.by_name("child") == []
+    assert sink.status()["deferred"] == 5, sink.status()
+
+    memory.refuse = False
+    report = replay(journal_dir, transport=memory)
+    assert report.ok, report
+    (parent,) = memory.by_name("parent")
+    (child,) = memory.by_name("child")
+    assert child.tags.get("mlflow.parentRunId") == parent.run_uuid, child.tags
+    assert child.status == "FINISHED"
+    assert [m.step for m in child.metrics if m.key == "step_reward"] == [0, 1]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import secrets
 import sys
 import threading
 import time
@@ -34,7 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _codec
+from . import _codec, _fork
 from ._config import Overflow, SinkConfig
 from ._journal import HFLAG_SPILLED, HFLAG_TRACES, Journal, Segment, default_journal_dir
 from ._stats import AtomicCounter, RateLimitedWarnings, Tally
@@ -142,13 +141,15 @@ class Pipeline:
         self.record_flags = HFLAG_TRACES if config.traces != "off" else 0
         self.on_first_event: Callable[[], None] | None = None
         self.reset()
+        _fork.register(self, Pipeline.after_fork_in_child)
 
     def reset(self) -> None:
         """A fresh state: at construction, and in a forked child."""
+        self.generation = _fork.generation()  # the fork this state belongs to
         self.state = State.IDLE
         self.active = self.config.enabled
         self.off = not self.config.enabled  # disabled (or unusable): every hook returns at once
-        self.prefix = secrets.token_hex(8)
+        self.prefix = _fork.new_prefix()
         self.run_numbers = itertools.count(1)
         self.ctl: deque[Item] = deque()
         self.steps: deque[Item] = deque()
@@ -650,6 +651,19 @@ class Pipeline:
             self.spilled_before += sum(lane.spill_written for lane in list(journal.lanes))
             journal.close(keep=False)
 
-    def forget_journal_after_fork(self) -> None:
+    def after_fork_in_child(self) -> None:
+        """A forked child: a new key prefix, run counter, queue and no journal (the parent's
+        files stay the parent's). Used or not, registered with the runtime or not: two children
+        of one parent must never write runs, traces or spans under the same keys. Once per fork."""
+        if self.generation == _fork.generation():
+            return
         for journal in self.journals():
             journal.forget()
+        if self.state is State.CLOSED or not self.config.enabled:
+            self.generation = _fork.generation()
+            self.journal, self.retired = None, []
+            return
+        unavailable = self.off  # the sink found it cannot work at all: it stays off
+        self.reset()
+        if unavailable:
+            self.off, self.active = True, False

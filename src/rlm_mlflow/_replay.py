@@ -38,6 +38,7 @@ from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._exporters.runs import SENT, RunsExporter, RunWork
 from ._exporters.traces import TracesExporter
+from ._fork import KEY_PREFIX
 from ._journal import Segment, default_journal_dir, open_segment, remove_journal
 from ._journal_format import (
     RUNS_IN_FLIGHT,
@@ -112,6 +113,7 @@ def replay(
     report = ReplayReport()
     folders = journal_folders(root)
     report.journals = len(folders)
+    shared = _shared_prefixes(folders)
     for folder in folders:
         fd = try_lock(folder)
         if fd is None:
@@ -124,6 +126,7 @@ def replay(
             _replay_folder(
                 folder,
                 report,
+                shared=shared,
                 tracking_uri=tracking_uri,
                 experiment=experiment,
                 transport=transport,
@@ -213,10 +216,37 @@ def _close_segments(segments: list[Segment]) -> None:
             segment.mm.close()
 
 
+def _shared_prefixes(folders: list[Path]) -> set[str]:
+    """Key prefixes that more than one of these journals claims (a version that did not draw a
+    new prefix in a forked child wrote them): such journals' runs cannot be told apart by key."""
+    seen: dict[str, int] = {}
+    for folder in folders:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            prefix = str(read_meta(folder).get("prefix") or "")
+            seen[prefix] = seen.get(prefix, 0) + 1
+    return {prefix for prefix, count in seen.items() if count > 1}
+
+
+def _prefix_problem(meta: dict[str, Any], shared: set[str]) -> str | None:
+    """Why the journal's runs could be mistaken for another process's runs, if they could: the
+    runs are found again on the server by ``<prefix>-<run_no>``, so the prefix must be one this
+    journal alone holds."""
+    prefix = meta.get("prefix")
+    if not isinstance(prefix, str) or not KEY_PREFIX.fullmatch(prefix):
+        return "its meta.json holds no valid key prefix, so its runs cannot be found by key"
+    if prefix in shared:
+        return (
+            f"another journal claims the same key prefix {prefix}, so their runs cannot be "
+            "told apart (replay each folder on its own after checking which runs are its)"
+        )
+    return None
+
+
 def _replay_folder(
     folder: Path,
     report: ReplayReport,
     *,
+    shared: set[str],
     tracking_uri: str | None,
     experiment: str | None,
     transport: Transport | None,
@@ -229,6 +259,12 @@ def _replay_folder(
         report.problems.append(f"{folder}: no readable meta.json ({exc})")
         logger.error("rlm-mlflow replay: %s has no readable meta.json (%s); skipped", folder, exc)
         report.kept.append(str(folder))
+        return
+    problem = _prefix_problem(meta, shared)
+    if problem is not None:  # sent under a wrong key, its steps would land in someone's run
+        report.problems.append(f"{folder}: {problem}; kept, not sent")
+        logger.error("rlm-mlflow replay: %s: %s; kept, not sent", folder, problem)
+        _count_waiting(folder, report)
         return
     loaded = _load(folder)
     report.torn += loaded.torn

@@ -21,8 +21,9 @@ How the process ends, and what each way means for the runs still open:
   last ``SIGNAL_RESERVE`` of it is kept for the ends); then every sink closes in parallel (its
   open runs end KILLED after every step they accepted, the rest is sent or kept in the journal)
   and the signal is raised again with its default action, so the process still dies of it.
-- fork: the child gets fresh sinks of its own (empty queue, no journal, no worker yet) and never
-  sends what the parent had queued.
+- fork: the child gets fresh sinks of its own (empty queue, no journal, no worker yet, a new key
+  prefix and run counter), every sink built before the fork, used or not (:mod:`._fork`), and
+  never sends what the parent had queued.
 
 Every hook here is installed once per process, chains to what was there, and holds sinks weakly.
 """
@@ -46,6 +47,8 @@ from typing import Any
 
 import anyio
 
+from . import _fork
+from ._pipeline import State
 from ._worker import Worker
 
 logger = logging.getLogger("rlm_mlflow")
@@ -445,7 +448,6 @@ def _install_process_hooks() -> None:
         _previous_thread_excepthook = threading.excepthook
         sys.excepthook = _on_uncaught
         threading.excepthook = _on_thread_uncaught
-        os.register_at_fork(after_in_child=_after_fork_in_child)
         atexit.register(_close_all_at_exit)
 
 
@@ -481,15 +483,24 @@ def _on_thread_uncaught(args: threading.ExceptHookArgs) -> None:
 
 
 def _after_fork_in_child() -> None:
+    """The child has no background thread: forget the parent's (each sink's pipeline and worker
+    renew themselves, see :func:`follow_fork`)."""
     global _runtime, _runtime_lock, _process_hooks_lock
-    old = _runtime
     _runtime = None
     _runtime_lock = threading.Lock()
     _process_hooks_lock = threading.Lock()
-    if old is None:
-        return
-    for worker in list(old.workers):
-        worker.pipeline.forget_journal_after_fork()
-        if worker.pipeline.config.enabled:
-            worker.pipeline.reset()
-            worker.reset()
+
+
+def _renew_worker(worker: Worker) -> None:
+    pipeline = worker.pipeline
+    pipeline.after_fork_in_child()  # first: the worker's exporters take its new key prefix
+    if pipeline.config.enabled and pipeline.state is State.IDLE:
+        worker.reset()
+
+
+def follow_fork(worker: Worker) -> None:
+    """Give ``worker`` (and its pipeline) fresh state in every forked child, used or not."""
+    _fork.register(worker, _renew_worker)
+
+
+_fork.at_fork_in_child(_after_fork_in_child)

@@ -150,6 +150,7 @@ class MLflowSink:
             on_transport_ready=_runtime.after_mlflow_import,
         )
         self._pipeline.on_first_event = functools.partial(_activate, self._worker)
+        _runtime.follow_fork(self._worker)  # a child forked before its first event too
         self._task_loop: _runtime.Loop | None = None
         self._loop_thread: int | None = None
         self._task_group: Any = None

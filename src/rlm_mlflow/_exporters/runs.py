@@ -227,6 +227,7 @@ class RunsExporter:
         # run's end; each is looked up once more, ``late_window`` s after that create was sent.
         self.late_window = late_window
         self.suspects: dict[str, _Suspect] = {}
+        self._creating: dict[int, anyio.Event] = {}  # runs being created (see _ensure_run)
 
     @property
     def transport(self) -> Transport:
@@ -341,6 +342,13 @@ class RunsExporter:
         parent = created.get(state.parent_no) if state.parent_no is not None else None
         if parent is not None:
             await parent.wait()
+            if self._parent_not_created(state):
+                # Tried in this cycle and failed: the child waits for it (kept for replay, which
+                # creates the parent first), so that it is never created without its link.
+                created[state.no].set()
+                self._failed(f"run {state.run_id}: its parent run is not created yet; kept")
+                finished(state.no, DEFERRED)
+                return
         try:
             async with limiter:
                 outcome = await self._contain(state, self._send(state, work, created[state.no]))
@@ -426,16 +434,29 @@ class RunsExporter:
     # -- creating a run ----------------------------------------------------------------------
 
     async def _ensure_run(self, state: RunState) -> None:
+        """The run's MLflow run, created once: a child creating its parent first and the
+        parent's own job never create it twice (the second waits for the first)."""
+        while state.ref is None and (creating := self._creating.get(state.no)) is not None:
+            await creating.wait()
         if state.ref is not None:
             return
         if state.refused is not None:
             raise PermanentError(state.refused)
+        creating = self._creating[state.no] = anyio.Event()
+        try:
+            await self._create_run(state)
+        finally:
+            creating.set()
+            self._creating.pop(state.no, None)
+
+    async def _create_run(self, state: RunState) -> None:
         experiment_id = await self.ensure_experiment()
         tags = [
             ("run_id", _convert.tag_value(state.run_id, "run_id", self._reject(state.run_id))),
             ("component", COMPONENT_TAG),
             (KEY_TAG, state.key),
         ]
+        await self._ensure_parent(state)
         parent = await self._parent_uuid(state)
         if parent is not None:
             tags.append((PARENT_TAG, parent))
@@ -570,6 +591,28 @@ class RunsExporter:
             suspect.due = time.monotonic() + suspect.interval
             if closing or suspect.due > suspect.until:
                 self.suspects.pop(key, None)
+
+    def _parent_not_created(self, state: RunState) -> bool:
+        """The parent's events came here, and its MLflow run could not be created yet."""
+        parent = self.runs.get(state.parent_no) if state.parent_no is not None else None
+        return parent is not None and parent.ref is None and parent.refused is None
+
+    async def _ensure_parent(self, state: RunState) -> None:
+        """A parent first: a child created before its parent's MLflow run exists would end
+        without ``mlflow.parentRunId`` (a crash before the link is set leaves it so for good).
+        Creating the parent may fail: the child is then not created either, and kept."""
+        if not self._parent_not_created(state):
+            return
+        assert state.parent_no is not None
+        parent = self.runs[state.parent_no]
+        try:
+            await self._ensure_run(parent)
+        except StoreRefused:
+            raise
+        except PermanentError as exc:  # refused for good: the child goes on without it
+            parent.refused = parent.refused or str(exc)
+        if parent.ref is None and parent.refused is None:
+            raise TransientError(f"its parent run {parent.run_id} is not created yet")
 
     async def _parent_uuid(self, state: RunState) -> str | None:
         """The MLflow run of the parent, by state or by key; None (and retried later) if unknown."""
