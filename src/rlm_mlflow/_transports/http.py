@@ -25,10 +25,8 @@ from __future__ import annotations
 import email.utils
 import json
 import math
-import os
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -36,6 +34,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3.exceptions
 
+from .. import _fork
 from .._config import redact_text, redact_uri
 from .._exceptions import (
     REDIRECTED,
@@ -218,7 +217,7 @@ class HttpClient:
         self._verify = verify
         self._cert = cert
         self._fresh()
-        _CLIENTS.add(self)
+        _fork.register(self, HttpClient.after_fork)
 
     def _fresh(self) -> None:
         self._local = threading.local()
@@ -310,15 +309,3 @@ def _rewind(data: Any) -> bool:
     except OSError:
         return False
     return True
-
-
-_CLIENTS: weakref.WeakSet[HttpClient] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_CLIENTS):
-        client.after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .. import _fork
 from .._config import parse_bool, redact_text, redact_uri
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .base import KEY_TAG, Metric, RunRef, key_filter, prefix_filter
@@ -74,8 +75,7 @@ def _forget_shared_in_child() -> None:
     _shared.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_shared_in_child)
+_fork.at_fork_in_child(_forget_shared_in_child)
 
 
 class RestTransport:
