@@ -610,7 +610,7 @@ class Worker:
         """What held events back at the close, in words a user can act on."""
         health, detail = self.caller.health()
         if self.unavailable is not None:
-            return self.unavailable
+            return "the store cannot be used, as said above"
         if health == "ok":
             error = self.counts.last_error
             reason = f"; last error: {error}" if error else ""
