@@ -13,6 +13,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -315,3 +316,25 @@ def assert_each_once(steps: list[int], expected: Iterable[int]) -> None:
 def thread_count_of(pid: int) -> int:
     """Threads of a process, from /proc."""
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def start(sink: Any, run_id: str, **params: Any) -> None:
+    sink.on_run_start(run_id, task="a task", environment="pure_rlm", params=params)
+
+
+def steps(sink: Any, run_id: str, numbers: range) -> None:
+    for i in numbers:
+        sink.on_step(run_id, event={"step": i, "reward": 1.0}, cumulative_reward=float(i + 1))
+
+
+def end(sink: Any, run_id: str, count: int) -> None:
+    result = {"completed": True, "steps": count, "total_reward": float(count)}
+    sink.on_run_end(run_id, result=result, run_path=None)
+
+
+def close_within(sink: Any, timeout: float) -> None:
+    """``close(timeout)`` on a thread of its own; it must return by its deadline (+ slack)."""
+    closer = threading.Thread(target=sink.close, args=(timeout,), name="closer")
+    closer.start()
+    closer.join(timeout + 10.0)
+    assert not closer.is_alive(), f"close({timeout}) did not return"

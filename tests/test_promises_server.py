@@ -18,7 +18,18 @@ from typing import Any
 
 import pytest
 
-from promises_support import WAIT, Store, assert_accounted, assert_each_once, eventually, wait_until
+from promises_support import (
+    WAIT,
+    Store,
+    assert_accounted,
+    assert_each_once,
+    close_within,
+    end,
+    eventually,
+    start,
+    steps,
+    wait_until,
+)
 from rlm_mlflow import MLflowSink, replay
 from rlm_mlflow.testing import FaultProxy, MlflowServer, local_server
 
@@ -39,28 +50,6 @@ def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
 
 def make_sink(uri: str, experiment: str, **kwargs: Any) -> MLflowSink:
     return MLflowSink(enabled=True, experiment=experiment, tracking_uri=uri, **{**FAST, **kwargs})
-
-
-def start(sink: MLflowSink, run_id: str, **params: Any) -> None:
-    sink.on_run_start(run_id, task="a task", environment="pure_rlm", params=params)
-
-
-def steps(sink: MLflowSink, run_id: str, numbers: range) -> None:
-    for i in numbers:
-        sink.on_step(run_id, event={"step": i, "reward": 1.0}, cumulative_reward=float(i + 1))
-
-
-def end(sink: MLflowSink, run_id: str, count: int) -> None:
-    result = {"completed": True, "steps": count, "total_reward": float(count)}
-    sink.on_run_end(run_id, result=result, run_path=None)
-
-
-def close_within(sink: MLflowSink, timeout: float) -> None:
-    """``close(timeout)`` on a thread of its own; it must return by its deadline (+ slack)."""
-    closer = threading.Thread(target=sink.close, args=(timeout,), name="closer")
-    closer.start()
-    closer.join(timeout + 10.0)
-    assert not closer.is_alive(), f"close({timeout}) did not return"
 
 
 # -- 1. the hot path never waits -------------------------------------------------------------------

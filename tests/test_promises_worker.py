@@ -15,7 +15,17 @@ from typing import Any
 import anyio
 import pytest
 
-from promises_support import WAIT, Store, assert_accounted, assert_each_once, wait_until
+from promises_support import (
+    WAIT,
+    Store,
+    assert_accounted,
+    assert_each_once,
+    close_within,
+    end,
+    start,
+    steps,
+    wait_until,
+)
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._transports.rest import shared_transport
 from rlm_mlflow.testing import FaultProxy, MlflowServer
@@ -29,28 +39,6 @@ FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.05, "retry_max
 def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
     with FaultProxy(mlflow_server.port) as proxy:
         yield proxy
-
-
-def start(sink: MLflowSink, run_id: str) -> None:
-    sink.on_run_start(run_id, task="a task", environment="pure_rlm", params={})
-
-
-def steps(sink: MLflowSink, run_id: str, numbers: range) -> None:
-    for i in numbers:
-        sink.on_step(run_id, event={"step": i, "reward": 1.0}, cumulative_reward=float(i + 1))
-
-
-def end(sink: MLflowSink, run_id: str, count: int) -> None:
-    result = {"completed": True, "steps": count, "total_reward": float(count)}
-    sink.on_run_end(run_id, result=result, run_path=None)
-
-
-def close_within(sink: MLflowSink, timeout: float) -> None:
-    """``close(timeout)`` on a thread of its own; it must return by its deadline (+ slack)."""
-    closer = threading.Thread(target=sink.close, args=(timeout,), name="closer")
-    closer.start()
-    closer.join(timeout + 10.0)
-    assert not closer.is_alive(), f"close({timeout}) did not return"
 
 
 # -- a close before the transport is ready ------------------------------------------------------
