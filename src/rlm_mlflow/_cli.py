@@ -70,7 +70,8 @@ def _replay(args: argparse.Namespace) -> int:
     from ._replay import replay
 
     directory = Path(args.directory) if args.directory else default_journal_dir()
-    if args.directory and not directory.is_dir():
+    named = args.directory and directory.expanduser().resolve() != default_journal_dir().resolve()
+    if named and not directory.is_dir():  # the default folder is made by the first journal
         what = "is a file, not a journal folder" if directory.exists() else "does not exist"
         print(f"rlm-mlflow replay: {directory} {what}", file=sys.stderr)
         print(f"journals are kept in {default_journal_dir()} unless RLM_MLFLOW_JOURNAL_DIR says")
