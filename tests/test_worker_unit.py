@@ -157,22 +157,27 @@ class SlowSteps(MemoryTransport):
         super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
 
 
+def asleep_until_closed(memory: MemoryTransport, journal_dir: Path) -> MLflowSink:
+    """A sink whose worker sends only when flushed or closed, and retries quickly."""
+    return MLflowSink(
+        enabled=True,
+        experiment="unit",
+        transport=memory,
+        journal_dir=journal_dir,
+        flush_interval=60.0,
+        batch_trigger=10**9,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+
+
 def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_first(
     tmp_path: Path,
 ) -> None:
     """Three runs of 300 steps each wait when close() comes and the steps' requests do not
     answer in time: each run still ends (FINISHED) at the store, its steps kept for replay."""
     memory = SlowSteps()
-    sink = MLflowSink(
-        enabled=True,
-        experiment="unit",
-        transport=memory,
-        journal_dir=tmp_path,
-        flush_interval=60.0,
-        batch_trigger=10**9,
-        retry_initial=0.01,
-        retry_max_wait=0.05,
-    )
+    sink = asleep_until_closed(memory, tmp_path)
     try:
         sink.on_run_start("warm", task="t", environment="e", params={})
         assert sink.flush(WAIT)  # the worker is up, and asleep until close() wakes it
@@ -200,16 +205,7 @@ def test_a_close_during_a_long_cycle_takes_it_over_and_ends_the_run_first(
     steps (the server is slow): the close takes over what that cycle was sending, the run's end
     goes first and reaches the store in time, the steps are kept; nothing is counted twice."""
     memory = SlowSteps()
-    sink = MLflowSink(
-        enabled=True,
-        experiment="unit",
-        transport=memory,
-        journal_dir=tmp_path,
-        flush_interval=60.0,
-        batch_trigger=10**9,
-        retry_initial=0.01,
-        retry_max_wait=0.05,
-    )
+    sink = asleep_until_closed(memory, tmp_path)
     try:
         sink.on_run_start("warm", task="t", environment="e", params={})
         assert sink.flush(WAIT)
