@@ -350,8 +350,11 @@ def test_full_queue_drops_steps_but_never_starts_or_ends(overflow: str) -> None:
     steps = [s for s, _ in run.history("step_reward")]
     assert status["dropped"]["queue_full"] == 50 - len(steps)
     assert len(steps) >= 10
+    # The worker drains the queue while the hooks run, so room comes and goes; what is kept is
+    # always in order, each step once, and the side the policy keeps is there.
+    assert steps == sorted(set(steps))
     if overflow == "drop_newest":
-        assert steps == list(range(len(steps)))
+        assert steps[:9] == list(range(9))  # the start and steps 0-8 filled the queue first
     else:
         assert steps[-1] == 49
     assert run.status == "FINISHED"
