@@ -25,7 +25,7 @@ from dspy.lm15 import Usage
 from dspy.primitives.local_interpreter import LocalInterpreter
 from dspy.utils.dummies import DummyLM
 
-from promises_support import Store
+from promises_support import Store, patient
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.dspy import RLMCallback
 from rlm_mlflow.testing import MlflowServer
@@ -133,7 +133,7 @@ def sink(mlflow_server: MlflowServer, experiment_name: str) -> Iterator[MLflowSi
 
 def settle(sink: MLflowSink) -> None:
     """Everything the sink accepted is in MLflow, every run ended."""
-    assert sink.flush(60)
+    assert sink.flush(patient(60))
     sink.close()
     status = sink.status()
     assert status["dropped"] == {}

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 
+from promises_support import patient
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer, local_server
 
@@ -352,7 +353,7 @@ def test_two_seconds_of_latency_on_every_request_loses_nothing(
     start(sink, "slow")
     steps(sink, "slow", range(20))
     end(sink, "slow", 20)
-    assert sink.flush(120)
+    assert sink.flush(patient(120))
     close_in_thread(sink, 10.0)
 
     assert proxy.requests == proxy.forwarded
@@ -556,7 +557,7 @@ def test_a_producer_faster_than_a_slow_server_loses_steps_never_runs(
         start(sink, f"fast-{n}")
         steps(sink, f"fast-{n}", range(step_count))
         end(sink, f"fast-{n}", step_count)
-    assert sink.flush(120)
+    assert sink.flush(patient(120))
     close_in_thread(sink, 10.0)
 
     status = sink.status()
@@ -642,7 +643,7 @@ def test_a_producer_faster_than_a_slow_server_loses_nothing_with_the_journal(
         steps(sink, f"spill-{n}", range(step_count))
         end(sink, f"spill-{n}", step_count)
     assert sink.status()["spilled"] > 0
-    assert sink.flush(120)
+    assert sink.flush(patient(120))
     close_in_thread(sink, 10.0)
 
     status = sink.status()

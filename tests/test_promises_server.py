@@ -26,6 +26,7 @@ from promises_support import (
     close_within,
     end,
     eventually,
+    patient,
     start,
     steps,
     wait_until,
@@ -96,7 +97,7 @@ def test_hooks_never_wait_for_a_wedged_worker_and_every_step_lands_once(
     proxy.set(mode="pass")
     produced = 2 + threads * (count + 2)
     if journal:
-        assert sink.flush(180), sink.status()
+        assert sink.flush(patient(180)), sink.status()
     else:
         wait_until(lambda: sink.status()["pending"] == 0, 180, "every event handled")
     close_within(sink, 30.0)
@@ -259,7 +260,7 @@ def test_a_run_is_created_exactly_once_while_the_store_is_slow_to_commit(
                 lock.execute("COMMIT")
                 lock.close()
             end(sink, f"slow-{n}", 5)
-            sink.flush(120)
+            sink.flush(patient(120))
         close_within(sink, 20.0)
         # The server may still be committing what the sink gave up waiting for.
         wait_until(lambda: proxy.in_flight == 0, WAIT, "the server answered every request")
@@ -432,7 +433,7 @@ def test_a_server_redeployed_on_an_empty_database_gets_the_experiment_and_runs_b
         steps(sink, "b", range(10))
         end(sink, "b", 10)
         end(sink, "a", 30)
-        recovered = sink.flush(120)
+        recovered = sink.flush(patient(120))
         status = sink.status()
         close_within(sink, 20.0)
 

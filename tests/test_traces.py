@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from promises_support import Agent, Store, replay_cli, wait_until
+from promises_support import Agent, Store, patient, replay_cli, wait_until
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer
 
@@ -89,7 +89,7 @@ def test_one_trace_per_root_run_holds_the_whole_recursion(
         enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, **FAST
     ) as sink:
         build_tree(sink)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
         assert sink.status()["traces"] == "full"
     (trace,) = traces_of(store, experiment_name)
     spans = {span.name: span for span in trace.data.spans}
@@ -220,7 +220,7 @@ def test_a_server_without_trace_ingest_turns_traces_off_once(
             enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST
         ) as sink:
             build_tree(sink)
-            assert sink.flush(60)
+            assert sink.flush(patient(60))
             status = sink.status()
             sink.on_run_start("later", task="t", environment="e", params={})
             sink.on_step("later", event=rich(1, (1, 1)), cumulative_reward=0.5)
