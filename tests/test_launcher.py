@@ -161,6 +161,7 @@ def test_the_command_replaces_the_launcher_and_its_status_is_ours(tmp_path: Path
     )
     assert bare.returncode == 2
     assert "usage: rlm-mlflow run -- COMMAND" in bare.stderr
+    assert "no command given" in bare.stderr
 
 
 def test_a_process_that_never_imports_rlm_code_pays_nothing(tmp_path: Path) -> None:
