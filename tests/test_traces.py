@@ -112,8 +112,8 @@ def test_one_trace_per_root_run_holds_the_whole_recursion(
         for s in trace.data.spans
         if s.name == "step 1: run_python" and s.parent_id == root.span_id
     )
-    assert first.inputs == {"code": "print(2 + 2)  # 1", "rationale": "add"}
-    assert first.outputs == {"stdout": "4\n", "stderr": "", "success": True}
+    assert first.inputs == {"code": "```python\nprint(2 + 2)  # 1\n```", "rationale": "add"}
+    assert first.outputs == {"stdout": "```\n4\n```", "stderr": "", "success": True}
     assert root.inputs == {"task": "solve it all"}
     assert root.outputs["final_response"] == "42"
     assert spans["b"].status.status_code == "ERROR"
@@ -183,8 +183,8 @@ def test_long_output_is_cut_and_says_so(
     (trace,) = traces_of(store, experiment_name)
     step = next(s for s in trace.data.spans if s.span_type == "TOOL")
     shown = step.outputs["stdout"]
-    assert shown.startswith("line 0\n")
-    assert shown.endswith("line 5999\n")
+    assert shown.startswith("```\nline 0\n")
+    assert shown.endswith("line 5999\n```")
     assert "characters cut]" in shown
     assert len(shown) < 17_000
     assert step.attributes["rlm.truncated"] == ["stdout"]

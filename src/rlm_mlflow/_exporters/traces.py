@@ -83,6 +83,9 @@ class TracesExporter:
                 if start.implicit and work.no in self.info:
                     continue
                 self.info[work.no] = RunInfo.of(start)
+                parent = self.info.get(start.parent_no) if start.parent_no is not None else None
+                if parent is not None and start.parent_step is not None and not start.implicit:
+                    parent.child_started(start.parent_step, start.timestamp_ns)
 
     def _info(self, work: RunWork) -> RunInfo:
         info = self.info.get(work.no) or self.ended.get(work.no)
