@@ -340,6 +340,8 @@ def print_report(report: dict[str, Any]) -> None:
         print("then open")
     print(f"  the runs, nested, with reward curves:  {links['runs']}")
     print(f"  the traces, one per task:              {links['traces']}")
+    print("A run page opens under GenAI > Evaluation runs until MLflow's toggle at the top left")
+    print("is switched to Model training once (the browser keeps that; the link's does not).")
 
 
 def mlflow_command() -> str:
