@@ -254,8 +254,8 @@ def test_one_run_per_call_with_params_steps_and_model_calls(
     ]
     calls = [c for s in steps for c in children_of(trace, s)]
     assert all(c.span_type == "LLM" for c in calls)
-    summary = next(c for c in calls if c.inputs.get("prompt", "").startswith("summarize"))
-    assert summary.inputs == {"prompt": "summarize: what is it about?"}
+    summary = next(c for c in calls if "summarize" in c.inputs.get("prompt", ""))
+    assert summary.inputs == {"prompt": code_block("summarize: what is it about?")}
     assert "a summary" in summary.outputs["response"]
     by_prompt = {r.prompt: r for r in sub.reported}
     usage = summary.attributes["mlflow.chat.tokenUsage"]
@@ -451,7 +451,7 @@ def check_separate_runs(
         assert [s.name for s in steps] == [f"step {n}: iteration" for n in (1, 2, 3)]
         assert steps[0].outputs["stdout"] == code_block(task)
         (echo,) = [c for c in children_of(trace, steps[1]) if c.name == "scripted/sub"]
-        assert echo.inputs == {"prompt": f"echo {task}"}
+        assert echo.inputs == {"prompt": code_block(f"echo {task}")}
         assert f"echoed {task}" in steps[1].outputs["stdout"]
         assert run.data.metrics["steps"] == 3.0
         assert run.data.metrics["completed"] == 1.0

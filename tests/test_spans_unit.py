@@ -261,6 +261,29 @@ def test_code_and_output_are_fenced_code_blocks_the_pretty_view_shows_as_written
     assert spans["r"][0]["mlflow.spanInputs"] == {"task": "# look at the data"}
 
 
+def test_a_model_calls_prompt_and_response_are_shown_as_sent() -> None:
+    """A model call's prompt and response (DSPy's ``[[ ## field ## ]]`` blocks, line by line)
+    are code blocks too; a response holding the model's own fenced code keeps it, inside a
+    longer fence."""
+    prompt = "[[ ## query ## ]]\nWhat is it about?\n\n# not a heading"
+    response = "[[ ## code ## ]]\n```python\nprint(1)\n```"
+    call = {
+        "model": "lm/main",
+        "input": prompt,
+        "output": response,
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3},
+    }
+    event = {**code_event(0, "print(1)", "1\n"), "llm_calls": [call]}
+    memory = MemoryTransport()
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.05) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        sink.on_step("r", event=event, cumulative_reward=0.5)
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    attributes = spans_of(memory)["lm/main"][0]
+    assert attributes["mlflow.spanInputs"] == {"prompt": "```\n" + prompt + "\n```"}
+    assert attributes["mlflow.spanOutputs"] == {"response": "````\n" + response + "\n````"}
+
+
 def test_execution_time_says_its_unit() -> None:
     memory = MemoryTransport()
     with MLflowSink(enabled=True, transport=memory, flush_interval=0.05) as sink:

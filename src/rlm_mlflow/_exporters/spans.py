@@ -19,8 +19,9 @@ What the MLflow UI reads: ``mlflow.spanType``, ``mlflow.spanInputs``/``mlflow.sp
 
 How it shows them: the trace view's default ("Pretty") view renders a string input or output as
 Markdown, where a ``# comment`` is a heading and lines run together. A step's code, stdout and
-stderr are therefore sent as fenced code blocks, which it shows as written, line by line; the
-fence is longer than any run of backticks in the text, so no text can close it early.
+stderr, and a model call's prompt and response, are therefore sent as fenced code blocks, which
+it shows as written, line by line; the fence is longer than any run of backticks in the text, so
+no text can close it early.
 
 Times: a step span runs from the run's previous step (or its start) to this step, as the hooks
 saw them: the model's turn and the code's execution. ``rlm.execution_time_s`` is what the
@@ -330,6 +331,8 @@ class SpanBuilder:
         cut: list[str] = []
         _texts({"prompt": call.input}, inputs, cut)
         _texts({"response": call.output}, outputs, cut)
+        _as_code(inputs, "prompt")  # as sent: its line breaks and markers kept
+        _as_code(outputs, "response")
         start = call.start_ns or step.since_ns or step.timestamp_ns
         return self._span(
             trace_id=self.ids.trace(run.root_no),
