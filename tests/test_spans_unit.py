@@ -14,10 +14,12 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from rlm_mlflow import MLflowSink
-from rlm_mlflow._events import Step, StepDetail, Text, Usage
+from rlm_mlflow._events import RunStart, Step, StepDetail, Text, Usage
 from rlm_mlflow._exporters import otlp
 from rlm_mlflow._exporters.convert import run_name
+from rlm_mlflow._exporters.runs import RunWork
 from rlm_mlflow._exporters.spans import Ids, RunInfo, SpanBuilder
+from rlm_mlflow._exporters.traces import TracesExporter
 from rlm_mlflow._transports.base import parse_spans_request
 from rlm_mlflow.testing import MemoryTransport
 
@@ -320,6 +322,29 @@ def test_a_delegating_steps_model_span_ends_where_its_first_child_started() -> N
     _, kid_start, kid_end = spans["kid"]
     assert model["mlflow.chat.tokenUsage"]["input_tokens"] == 40  # its own share
     assert step_start == model_start <= model_end == kid_start < kid_end <= step_end
+
+
+def test_child_starts_are_learnt_whatever_order_runs_come_in_and_kept_on_a_retry() -> None:
+    """A cycle can list a child's run before its parent's (a journal replayed lane by lane):
+    the parent's step still knows when its first child started, and a retry of the parent's
+    start keeps it."""
+    traces = TracesExporter(
+        caller=None,  # type: ignore[arg-type]
+        warnings=None,  # type: ignore[arg-type]
+        prefix="t",
+        runs=None,  # type: ignore[arg-type]
+        transport=lambda: None,  # type: ignore[arg-type,return-value]
+        mode="full",
+    )
+    parent = RunWork(no=1, starts=[RunStart(1, 100, "parent", root_no=1)])
+    children = [
+        RunWork(no=n, starts=[RunStart(n, at, f"c{n}", parent_no=1, root_no=1, parent_step=2)])
+        for n, at in ((2, 500), (3, 400))
+    ]
+    traces.learn([*children, parent])
+    assert traces.info[1].child_start_ns == {2: 400}
+    traces.learn([parent])
+    assert traces.info[1].child_start_ns == {2: 400}
 
 
 def test_a_code_steps_model_span_ends_where_the_code_began() -> None:
