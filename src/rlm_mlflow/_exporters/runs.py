@@ -393,8 +393,8 @@ class RunsExporter:
         if len(start.run_id) > _convert.MAX_NAME_LENGTH:
             reject(
                 "name_cut",
-                f"its run id of {len(start.run_id)} characters names its run and trace cut to "
-                f"{_convert.MAX_NAME_LENGTH}",
+                f"its run id of {len(start.run_id)} characters names its trace (and its run "
+                f"when no task does) cut to {_convert.MAX_NAME_LENGTH}",
             )
         try:
             state.params.extend(
