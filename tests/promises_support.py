@@ -311,10 +311,11 @@ class Store:
         return list(self.client.search_runs([experiment_id], run_view_type=view, max_results=5000))
 
     def by_name(self, experiment: str, *, missing_ok: bool = False) -> dict[str, Any]:
-        """Active runs keyed by run name; two active runs of one name fail the test."""
+        """Active runs keyed by RLM run id (their ``run_id`` tag; a run the sink did not make
+        by its name); two active runs of one id fail the test."""
         out: dict[str, Any] = {}
         for run in self.runs(experiment, missing_ok=missing_ok):
-            name = run.info.run_name
+            name = run.data.tags.get("run_id", run.info.run_name)
             assert name not in out, f"two active runs named {name!r} in {experiment!r}"
             out[name] = run
         return out

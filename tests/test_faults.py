@@ -330,7 +330,7 @@ def test_a_server_restart_mid_run_loses_nothing(tmp_path: Path, experiment_name:
         client = MlflowClient(tracking_uri=server.uri)
         experiment = client.get_experiment_by_name(experiment_name)
         assert experiment is not None
-        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        runs = {r.data.tags["run_id"]: r for r in client.search_runs([experiment.experiment_id])}
         assert sorted(runs) == ["a", "b"]
         for run in runs.values():
             assert_landed(client, run, 30)

@@ -231,7 +231,7 @@ def test_a_run_id_with_a_lone_surrogate_names_its_run_and_its_run_id_tag(
         status = sink.status()
     assert status["rejected"].get("text_replaced", 0) >= 1, status["rejected"]
     (run,) = store.runs(experiment_name)
-    assert run.info.run_name == clean
+    assert run.info.run_name == "t · rogate"  # its task, then the end of its id
     assert run.data.tags["run_id"] == clean
     assert run.data.params["good"] == "1"
     assert run.info.status == "FINISHED"
@@ -262,7 +262,7 @@ def test_a_very_long_run_id_is_cut_to_mlflow_s_limits_and_its_spans_land(
     assert status["rejected"].get("name_cut") == 1, status["rejected"]
     (run,) = store.runs(experiment_name)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == run_id[:250]
+    assert run.info.run_name == "t · rrrrrr"  # its task, then the end of its id
     (trace,) = traces_of(store, experiment_name)
     assert len(trace.data.spans) == 2  # the run and its step
     assert trace.info.tags["mlflow.traceName"] == run_id[:250]

@@ -176,7 +176,9 @@ def test_hooks_racing_close_leave_every_event_accounted_and_no_run_running(
     made = sum(calls) + 2
     dropped = sum(status["dropped"].values())
     fates = status["sent"] + status["deferred"] + dropped + status["pending"]
-    running = [r.info.run_name for r in store.runs(experiment_name) if r.info.status == "RUNNING"]
+    running = [
+        r.data.tags["run_id"] for r in store.runs(experiment_name) if r.info.status == "RUNNING"
+    ]
     problems = []
     if status["accepted"] != fates:
         problems.append(f"accepted {status['accepted']} but {fates} fates")

@@ -497,6 +497,6 @@ def test_the_rlm_code_example(
     for run in runs.values():
         assert run.info.status == "FINISHED"
         assert run.data.metrics["completed"] == 1.0
-        assert (tmp_path / "runs" / f"{run.info.run_name}.jsonl").exists()
+        assert (tmp_path / "runs" / f"{run.data.tags['run_id']}.jsonl").exists()
         if run is not root:
             assert run.data.tags["mlflow.parentRunId"] == root.info.run_id

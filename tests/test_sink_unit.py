@@ -647,7 +647,7 @@ class _RefusingParent(MemoryTransport):
     refuse = True
 
     def create_run(self, experiment_id: str, *, run_name: str, **kwargs: Any) -> Any:
-        if self.refuse and run_name == "parent":
+        if self.refuse and dict(kwargs["tags"]).get("run_id") == "parent":
             raise TransientError("the server could not create it this time")
         return super().create_run(experiment_id, run_name=run_name, **kwargs)
 

@@ -16,12 +16,24 @@ once.
 What the MLflow UI reads: ``mlflow.spanType``, ``mlflow.spanInputs``/``mlflow.spanOutputs``
 (structured values, not JSON strings), ``mlflow.chat.tokenUsage``, and on the root span
 ``mlflow.traceTag.<key>`` (trace tags) and the status (ERROR makes the trace ERROR).
+
+How it shows them: the trace view's default ("Pretty") view renders a string input or output as
+Markdown, where a ``# comment`` is a heading and lines run together. A step's code, stdout and
+stderr, and a model call's prompt and response, are therefore sent as fenced code blocks, which
+it shows as written, line by line; the fence is longer than any run of backticks in the text, so
+no text can close it early.
+
+Times: a step span runs from the run's previous step (or its start) to this step, as the hooks
+saw them: the model's turn and the code's execution. ``rlm.execution_time_s`` is what the
+runtime measured running the code alone, in seconds. The "model" span of a step that had child
+runs ends where the first child started (or, for code, where its execution began).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +46,7 @@ from . import otlp
 from .convert import MAX_TRACE_TAG_VALUE_LENGTH, name_of, step_number
 
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
+_BACKTICKS = re.compile(r"`{3,}")
 
 
 @dataclass(slots=True)
@@ -46,6 +59,8 @@ class RunInfo:
     parent_no: int | None = None
     parent_step: int | None = None
     start_ns: int = 0
+    # When the first child run spawned by each of its steps started (step ordinal -> ns).
+    child_start_ns: dict[int, int] = field(default_factory=dict)
     depth: int | None = None
     environment: Any = None
     task: Text | None = None
@@ -72,6 +87,12 @@ class RunInfo:
     @property
     def is_root(self) -> bool:
         return self.root_no == self.no
+
+    def child_started(self, step_ordinal: int, start_ns: int) -> None:
+        """A child run of this run's step ``step_ordinal`` started at ``start_ns``."""
+        known = self.child_start_ns.get(step_ordinal)
+        if start_ns > 0 and (known is None or start_ns < known):
+            self.child_start_ns[step_ordinal] = start_ns
 
 
 class Ids:
@@ -128,6 +149,26 @@ def _texts(fields: Mapping[str, Text | None], out: dict[str, Any], cut: list[str
         out[name] = shown(text, name)
         if text.cut:
             cut.append(name)
+
+
+def code_block(text: str, language: str = "") -> str:
+    """``text`` as a Markdown fenced code block, shown as written by MLflow's "Pretty" view.
+
+    The fence is one backtick longer than the longest run of three or more in the text (at
+    least three), so nothing in the text can end the block; an empty text stays empty."""
+    if not text:
+        return text
+    longest = max((len(run) for run in _BACKTICKS.findall(text)), default=2)
+    fence = "`" * (longest + 1)
+    newline = "" if text.endswith("\n") else "\n"
+    return f"{fence}{language}\n{text}{newline}{fence}"
+
+
+def _as_code(out: dict[str, Any], name: str, language: str = "") -> None:
+    """The text ``out[name]`` (when it was recorded) as a fenced code block."""
+    value = out.get(name)
+    if isinstance(value, str):
+        out[name] = code_block(value, language)
 
 
 def _number(value: object) -> float | None:
@@ -210,11 +251,14 @@ class SpanBuilder:
                 attributes["rlm.action"] = action
             _texts({"code": detail.code, "rationale": detail.rationale}, inputs, cut)
             _texts({"stdout": detail.stdout, "stderr": detail.stderr}, outputs, cut)
+            _as_code(inputs, "code", "python")
+            _as_code(outputs, "stdout")
+            _as_code(outputs, "stderr")
             if detail.success is not None:
                 outputs["success"] = detail.success
                 if not detail.success:
                     error = "the step failed"
-            attributes["rlm.execution_time"] = detail.execution_time
+            attributes["rlm.execution_time_s"] = detail.execution_time
             if detail.depth is not None:
                 attributes["rlm.depth"] = detail.depth
             if detail.code is not None:
@@ -242,10 +286,14 @@ class SpanBuilder:
         if own and children is None and not calls:
             attributes["mlflow.chat.tokenUsage"] = _usage(own)
         elif own:  # spans hang under this step: its own tokens go on a leaf of their own
-            elapsed = detail.execution_time if detail is not None else None
             model_end = step.timestamp_ns
-            if elapsed is not None and elapsed >= 0:
-                model_end = max(start, step.timestamp_ns - int(elapsed * 1e9))
+            elapsed = detail.execution_time if detail is not None else None
+            if elapsed is not None and elapsed >= 0:  # the model spoke before the code ran
+                model_end = step.timestamp_ns - int(elapsed * 1e9)
+            first_child = run.child_start_ns.get(step.ordinal)
+            if first_child is not None:  # ... and before the children it asked for ran
+                model_end = min(model_end, first_child)
+            model_end = max(start, model_end)
             spans.append(
                 self._span(
                     trace_id=trace_id,
@@ -283,6 +331,8 @@ class SpanBuilder:
         cut: list[str] = []
         _texts({"prompt": call.input}, inputs, cut)
         _texts({"response": call.output}, outputs, cut)
+        _as_code(inputs, "prompt")  # as sent: its line breaks and markers kept
+        _as_code(outputs, "response")
         start = call.start_ns or step.since_ns or step.timestamp_ns
         return self._span(
             trace_id=self.ids.trace(run.root_no),

@@ -200,8 +200,13 @@ class MemoryTransport:
     # -- reading back --------------------------------------------------------------------------
 
     def by_name(self, name: str) -> list[MemoryRun]:
+        """The runs of an RLM run id (their ``run_id`` tag), or of an MLflow run name."""
         with self.lock:
-            return [run for run in self.runs.values() if run.name == name and not run.deleted]
+            return [
+                run
+                for run in self.runs.values()
+                if name in (run.tags.get("run_id"), run.name) and not run.deleted
+            ]
 
     def one(self, name: str) -> MemoryRun:
         runs = self.by_name(name)
