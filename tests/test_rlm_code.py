@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from promises_support import patient
-from rlm_code_support import import_or_install
+from rlm_code_support import import_or_install, own_tests
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer
 
@@ -500,3 +500,44 @@ def test_the_rlm_code_example(
         assert (tmp_path / "runs" / f"{run.data.tags['run_id']}.jsonl").exists()
         if run is not root:
             assert run.data.tags["mlflow.parentRunId"] == root.info.run_id
+
+
+#: RLM Code's own tests of its runner and observability; two of them fail without rlm-mlflow
+#: too (they read evaluation packs that only the repository has, not the sdist).
+OWN_TESTS = ("test_rlm_observability.py", "test_rlm_runner.py")
+
+
+def _failed(output: str) -> set[str]:
+    return set(re.findall(r"^FAILED (\S+)", output, re.M))
+
+
+@pytest.mark.slow
+def test_rlm_codes_own_tests_under_rlm_mlflow_run_end_every_run_finished(
+    rlm_code: Any,
+    seed_env: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    tmp_path_factory: pytest.TempPathFactory,
+    journal_dir: Path,
+) -> None:
+    """RLM Code's own test suite builds a runner (and a sink) per test: under ``rlm-mlflow run``
+    the same tests pass as without it, and at exit every run its sinks started is FINISHED in
+    MLflow, with nothing left in a journal."""
+    tests = own_tests(tmp_path_factory.mktemp("rlm-code-sdist"))
+    pytest_command = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"]
+    pytest_command += ["--noconftest", "-o", "addopts=", *(f"tests/{name}" for name in OWN_TESTS)]
+    launcher = str(Path(sys.executable).with_name("rlm-mlflow"))
+
+    def suite(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, cwd=tests.parent, capture_output=True, text=True, timeout=600, check=False
+        )
+
+    alone = suite(pytest_command)
+    swapped = suite([launcher, "run", "--", *pytest_command])
+    assert "passed" in swapped.stdout, swapped.stdout[-3000:] + swapped.stderr[-3000:]
+    assert _failed(swapped.stdout) == _failed(alone.stdout), swapped.stdout[-3000:]
+    runs = read_runs(seed_env)
+    assert len(runs) >= 20, sorted(runs)
+    statuses = {name: run.info.status for name, run in runs.items()}
+    assert set(statuses.values()) == {"FINISHED"}, statuses
+    assert not list(journal_dir.glob("*/meta.json")), "journals left for replay"
