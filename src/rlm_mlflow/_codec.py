@@ -284,6 +284,22 @@ def _count(value: object) -> int:
     raise BadField
 
 
+def usage_counts(usage: object) -> Counts | None:
+    """The token counts of a usage mapping (``prompt_tokens``/``completion_tokens`` or
+    ``input_tokens``/``output_tokens``, ``total_tokens``, ``total_calls``), None when it is not
+    one or a count is not a whole number: never raises."""
+    if not isinstance(usage, Mapping):
+        return None
+    try:
+        tokens_in = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        tokens_out = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+        total = _count(usage.get("total_tokens")) or tokens_in + tokens_out
+        calls = _count(usage.get("total_calls", usage.get("calls")))
+    except Exception:
+        return None
+    return (tokens_in, tokens_out, total, calls)
+
+
 def step_detail(
     event: Mapping[str, Any], texts: bool, children: Counts | None = None
 ) -> tuple[bytes, Counts | None]:

@@ -286,6 +286,13 @@ class Pipeline:
                 path = None
             tokens = run.tokens
             usage = (tokens[0], tokens[1], tokens[2], tokens[3])
+            # What the runtime says the run used in all (RLM Code's ``usage_summary``) also
+            # holds the calls it made outside any step, such as its closing summary.
+            summary, _ = read_field(result, "usage_summary")
+            if summary is not None:
+                reported = _codec.usage_counts(summary)
+                if reported is not None and reported[2] >= usage[2]:
+                    usage = reported
             payload = _codec.encode_end(
                 run.no,
                 now_ns(),

@@ -6,12 +6,16 @@ parent step that spawned it, so the whole recursion is one tree. Ids are derived
 key, never drawn at random: a retry or a replay writes the same spans again, and MLflow stores a
 span once per (trace id, span id).
 
-Token usage: RLM Code measures a step's usage on the model connector its child runs share, so a
-step that delegated reports its children's tokens too. MLflow adds a trace's usage up over the
-span tree, skipping spans under one that has usage already. So a step span carries its usage
-only when no child run hangs under it; a step that had children gets a leaf LLM span ("model")
-with its own share (its usage minus what the children used), and the trace counts each token
-once.
+Token usage: RLM Code measures a step's usage on the model connector its runs share, as the
+difference of the connector's totals before and after the step, so a step that delegated reports
+its children's tokens too (and a child running beside a sibling on another thread reports some of
+the sibling's). MLflow adds a trace's usage up over the span tree, counting the topmost spans that
+carry ``mlflow.chat.tokenUsage`` and skipping everything under them. So every step span carries
+the usage its runtime reported: the steps of the root run, measured one after the other on one
+thread, make the total, and the spans under them show their own figures without being counted
+twice. A run span carries what its run used in all once it ended, which for the root is the
+trace's total (the calls the run made outside any step included). Model calls listed by the
+runtime carry their own usage, counted only under a step that reported none.
 
 What the MLflow UI reads: ``mlflow.spanType``, ``mlflow.spanInputs``/``mlflow.spanOutputs``
 (structured values, not JSON strings), ``mlflow.chat.tokenUsage``, and on the root span
@@ -92,9 +96,6 @@ class Ids:
 
     def step(self, no: int, ordinal: int) -> bytes:
         return self._digest(f"step/{no}/{ordinal}", 8)
-
-    def model(self, no: int, ordinal: int) -> bytes:
-        return self._digest(f"model/{no}/{ordinal}", 8)
 
     def call(self, no: int, ordinal: int, index: int) -> bytes:
         return self._digest(f"call/{no}/{ordinal}/{index}", 8)
@@ -187,7 +188,7 @@ class SpanBuilder:
     # -- spans ---------------------------------------------------------------------------------
 
     def step_spans(self, run: RunInfo, step: Step) -> list[bytes]:
-        """The span of one step (and the leaf "model" span of a step that had child runs)."""
+        """The span of one step, and one span for each model call it lists."""
         ids, detail = self.ids, step.detail
         number = step_number(step.step)
         label = f"step {number if number is not None else step.ordinal + 1}"
@@ -201,8 +202,7 @@ class SpanBuilder:
             "rlm.cumulative_reward": _number(step.cumulative_reward),
             "rlm.depth": run.depth,
         }
-        span_type, error, own = "CHAIN", None, None
-        children = None
+        span_type, error = "CHAIN", None
         if detail is not None:
             action = detail.action.text if detail.action is not None else None
             if action:
@@ -219,12 +219,12 @@ class SpanBuilder:
                 attributes["rlm.depth"] = detail.depth
             if detail.code is not None:
                 span_type = "TOOL"
-            children = detail.children_usage
             if detail.usage is not None:
                 attributes["rlm.usage"] = _usage(detail.usage)
-                own = detail.usage - children if children is not None else detail.usage
-            if children is not None:
-                attributes["rlm.children_usage"] = _usage(children)
+                if detail.usage:  # everything under this span is in it: MLflow counts it alone
+                    attributes["mlflow.chat.tokenUsage"] = _usage(detail.usage)
+            if detail.children_usage is not None:
+                attributes["rlm.children_usage"] = _usage(detail.children_usage)
         if cut:
             attributes["rlm.truncated"] = cut
         attributes["mlflow.spanType"] = span_type
@@ -233,33 +233,8 @@ class SpanBuilder:
         trace_id = ids.trace(run.root_no)
         step_id = ids.step(run.no, step.ordinal)
         start = step.since_ns or step.timestamp_ns
-        spans = []
         calls = detail.calls if detail is not None else ()
-        for index, call in enumerate(calls):
-            spans.append(self._call_span(run, step, index, call))
-            if own is not None:
-                own = own - call.usage  # the call's tokens are on the call's span
-        if own and children is None and not calls:
-            attributes["mlflow.chat.tokenUsage"] = _usage(own)
-        elif own:  # spans hang under this step: its own tokens go on a leaf of their own
-            elapsed = detail.execution_time if detail is not None else None
-            model_end = step.timestamp_ns
-            if elapsed is not None and elapsed >= 0:
-                model_end = max(start, step.timestamp_ns - int(elapsed * 1e9))
-            spans.append(
-                self._span(
-                    trace_id=trace_id,
-                    span_id=ids.model(run.no, step.ordinal),
-                    parent_id=step_id,
-                    name="model",
-                    start_ns=start,
-                    end_ns=model_end,
-                    attributes={
-                        "mlflow.spanType": "LLM",
-                        "mlflow.chat.tokenUsage": _usage(own),
-                    },
-                )
-            )
+        spans = [self._call_span(run, step, index, call) for index, call in enumerate(calls)]
         spans.insert(
             0,
             self._span(
@@ -337,6 +312,7 @@ class SpanBuilder:
         }
         if end.usage is not None and end.usage:
             attributes["rlm.usage"] = _usage(end.usage)
+            attributes["mlflow.chat.tokenUsage"] = _usage(end.usage)
         if run.is_root:
             attributes.update(
                 {
