@@ -555,6 +555,8 @@ def encode_start(
     depth: object = None,
     task: list[Any] | None = None,
     flags: int = 0,
+    session: str | None = None,
+    user: str | None = None,
 ) -> bytes:
     document = {
         "run_id": run_id,
@@ -568,6 +570,10 @@ def encode_start(
         "depth": depth if type(depth) is int else None,
         "task": task,
     }
+    if session is not None:
+        document["session"] = session
+    if user is not None:
+        document["user"] = user
     return _PREFIX.pack(KIND_START, flags, run_no, timestamp_ns) + _json(document)
 
 
@@ -640,6 +646,8 @@ def decode(payload: bytes | memoryview) -> Event:
                 document.get("depth"),
                 _text_of(document.get("task")),
                 replaced,
+                _id_of(document.get("session")),
+                _id_of(document.get("user")),
             )
         if kind == KIND_END:
             return RunEnd(
@@ -659,6 +667,10 @@ def decode(payload: bytes | memoryview) -> Event:
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"not a record: {type(exc).__name__}: {exc}") from None
     raise ValueError(f"unknown record kind {kind}")
+
+
+def _id_of(value: object) -> str | None:
+    return value if type(value) is str and value else None
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

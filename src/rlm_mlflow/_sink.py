@@ -110,6 +110,8 @@ class MLflowSink:
         journal_fsync: bool | None = None,
         handle_signals: bool | None = None,
         traces: str | None = None,
+        session: str | None = None,
+        user: str | None = None,
         transport: Transport | Callable[[], Transport] | None = None,
         config: SinkConfig | None = None,
     ) -> None:
@@ -133,6 +135,8 @@ class MLflowSink:
                 "journal_fsync": journal_fsync,
                 "handle_signals": handle_signals,
                 "traces": traces,
+                "session": session,
+                "user": user,
             }.items()
             if value is not None
         }

@@ -33,6 +33,7 @@ from typing import Any
 from .._codec import CAPS, is_odd
 from .._config import COMPONENT_TAG
 from .._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
+from .._session import MAX_ID_CHARS
 from .._transports.base import KEY_TAG
 from . import otlp
 from .convert import MAX_TRACE_TAG_VALUE_LENGTH, name_of, step_number
@@ -55,6 +56,8 @@ class RunInfo:
     task: Text | None = None
     task_chars: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    session: str | None = None
+    user: str | None = None
 
     @classmethod
     def of(cls, start: RunStart) -> RunInfo:
@@ -71,6 +74,8 @@ class RunInfo:
             task=start.task,
             task_chars=start.task_chars,
             params=start.params if isinstance(start.params, dict) else {},
+            session=start.session,
+            user=start.user,
         )
 
     @property
@@ -320,6 +325,9 @@ class SpanBuilder:
                     "mlflow.traceTag.component": COMPONENT_TAG,
                     "mlflow.traceTag.mlflow.traceName": name_of(run.run_id),
                     f"mlflow.traceTag.{KEY_TAG}": f"{ids.prefix}-{run.no}",
+                    # OpenTelemetry's names, which MLflow reads into the trace's session and user
+                    "session.id": run.session[:MAX_ID_CHARS] if run.session else None,
+                    "user.id": run.user[:MAX_ID_CHARS] if run.user else None,
                 }
             )
         error = None
