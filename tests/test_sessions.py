@@ -252,6 +252,7 @@ def test_two_chat_turns_of_one_rlm_code_session_share_it(
     store: Store,
     experiment_name: str,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """RLM Code's real runner, ``run_chat_turn`` twice in session ``support-42`` and once in
     another: MLflow holds each turn's trace in its chat session; a user given around the turns
@@ -286,6 +287,19 @@ def test_two_chat_turns_of_one_rlm_code_session_share_it(
         other.run_id: ("other-7", None),
     }
     assert in_session(store, experiment_name, "support-42") == {first.run_id, second.run_id}
+    # What the Sessions page shows: MLflow's own grouping of the experiment's traces.
+    import mlflow
+    from mlflow.tracking import _tracking_service
+
+    monkeypatch.setattr(_tracking_service.utils, "_tracking_uri", mlflow_server.uri)
+    experiment_id = store.experiment_id(experiment_name)
+    assert experiment_id is not None
+    sessions = mlflow.search_sessions(locations=[experiment_id])
+    turns = {found.id: sorted(t.info.tags["run_id"] for t in found) for found in sessions}
+    assert turns == {
+        "support-42": sorted([first.run_id, second.run_id]),
+        "other-7": [other.run_id],
+    }
 
 
 # -- kill -9 and replay -------------------------------------------------------------------------
