@@ -111,3 +111,51 @@ def test_the_trace_total_is_what_the_model_spent(
     assert all(
         span.attributes["mlflow.chat.tokenUsage"] == span.attributes["rlm.usage"] for span in steps
     )
+
+
+class Hostile:
+    """A ``usage_summary`` that raises on every read."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("no")
+
+
+class HostileMapping(dict[str, Any]):
+    def get(self, key: str, default: Any = None) -> Any:
+        raise RuntimeError("no")
+
+
+@pytest.mark.parametrize(
+    ("summary", "expected"),
+    [
+        ({"prompt_tokens": 50, "completion_tokens": 9, "total_calls": 3}, 59.0),  # more: taken
+        ({"prompt_tokens": 5, "completion_tokens": 1}, 24.0),  # less than the steps: not
+        ({"prompt_tokens": -5, "completion_tokens": 1}, 24.0),
+        ({"prompt_tokens": "lots"}, 24.0),
+        (HostileMapping(), 24.0),
+        (Hostile(), 24.0),
+        ("not a mapping", 24.0),
+    ],
+    ids=["more", "less", "negative", "text", "mapping-raises", "object-raises", "a-string"],
+)
+def test_a_runs_usage_summary_counts_when_it_holds_more(summary: Any, expected: float) -> None:
+    """A run's total is what the runtime reports for it when that holds more than its steps
+    (calls outside any step); a bad one is ignored, the steps' sum kept, the hook never raises."""
+    from types import SimpleNamespace
+
+    from rlm_mlflow.testing import MemoryTransport
+
+    memory = MemoryTransport()
+    sink = MLflowSink(enabled=True, experiment="unit", transport=memory, **FAST)
+    try:
+        sink.on_run_start("r", task="t", environment="generic", params={})
+        for number in (1, 2):
+            usage = {"prompt_tokens": 10, "completion_tokens": 2}
+            sink.on_step("r", event={"step": number, "usage": usage}, cumulative_reward=0.0)
+        result = SimpleNamespace(completed=True, steps=2, total_reward=0.0, usage_summary=summary)
+        sink.on_run_end("r", result=result, run_path=None)
+        assert sink.flush(30)
+    finally:
+        sink.close()
+    assert memory.one("r").history("total_tokens") == [(0, expected)]
+    assert sink.status()["dropped"] == {}
