@@ -381,3 +381,33 @@ def test_a_context_is_left_the_way_it_was_found() -> None:
                 inner.__enter__()
         assert current() is outer
     assert current() is None
+
+
+def test_a_running_turn_is_in_its_session_before_it_ends(
+    mlflow_server: MlflowServer, store: Store, experiment_name: str
+) -> None:
+    """The steps of a root run carry its session too: its trace is in the session while it
+    runs, not only once its root span is sent at its end."""
+    with MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, **FAST
+    ) as sink:
+        with rlm_mlflow.session("live", user="ada"):
+            sink.on_run_start("running", task="a long turn", environment="generic", params={})
+        sink.on_step("running", event={"step": 1, "reward": 1.0}, cumulative_reward=1.0)
+        assert sink.flush(60)
+        wait_until(
+            lambda: sessions_of_running(store, experiment_name) == [("live", "ada")],
+            60,
+            "the running trace in its session",
+        )
+        sink.on_run_end("running", result={"completed": True}, run_path=None)
+
+
+def sessions_of_running(store: Store, experiment: str) -> list[tuple[str | None, str | None]]:
+    experiment_id = store.experiment_id(experiment)
+    if experiment_id is None:
+        return []
+    return [
+        (t.info.trace_metadata.get(SESSION), t.info.trace_metadata.get(USER))
+        for t in store.client.search_traces(locations=[experiment_id])
+    ]

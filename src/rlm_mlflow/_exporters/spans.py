@@ -151,6 +151,15 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
+def _session_attributes(run: RunInfo) -> dict[str, str | None]:
+    """OpenTelemetry's names for the session and user, which MLflow reads from a trace's spans
+    into its ``mlflow.trace.session`` and ``mlflow.trace.user``."""
+    return {
+        "session.id": run.session[:MAX_ID_CHARS] if run.session else None,
+        "user.id": run.user[:MAX_ID_CHARS] if run.user else None,
+    }
+
+
 class SpanBuilder:
     """Builds serialized OTLP spans (:mod:`.otlp`)."""
 
@@ -232,6 +241,8 @@ class SpanBuilder:
                 attributes["rlm.children_usage"] = _usage(detail.children_usage)
         if cut:
             attributes["rlm.truncated"] = cut
+        if run.is_root and (run.session or run.user):  # the trace is in its session while it runs
+            attributes.update(_session_attributes(run))
         attributes["mlflow.spanType"] = span_type
         attributes["mlflow.spanInputs"] = inputs or None
         attributes["mlflow.spanOutputs"] = outputs or None
@@ -325,9 +336,7 @@ class SpanBuilder:
                     "mlflow.traceTag.component": COMPONENT_TAG,
                     "mlflow.traceTag.mlflow.traceName": name_of(run.run_id),
                     f"mlflow.traceTag.{KEY_TAG}": f"{ids.prefix}-{run.no}",
-                    # OpenTelemetry's names, which MLflow reads into the trace's session and user
-                    "session.id": run.session[:MAX_ID_CHARS] if run.session else None,
-                    "user.id": run.user[:MAX_ID_CHARS] if run.user else None,
+                    **_session_attributes(run),
                 }
             )
         error = None
