@@ -380,6 +380,7 @@ def test_a_context_is_left_the_way_it_was_found() -> None:
             with pytest.raises(RuntimeError):
                 inner.__enter__()
         assert current() is outer
+        assert (inner.id, inner.user) == ("inner", None)
     assert current() is None
 
 

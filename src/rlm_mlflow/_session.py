@@ -62,13 +62,14 @@ class session:
     threads started inside it (see the module's documentation for plain threads).
     """
 
-    __slots__ = ("_token", "id", "thread", "user")
+    __slots__ = ("_given", "_token", "id", "thread", "user")
 
     def __init__(self, session_id: str | None = None, *, user: str | None = None) -> None:
         self.id = check_id("session_id", session_id)
         self.user = check_id("user", user)
         if self.id is None and self.user is None:
             raise ValueError("give a session id, a user, or both")
+        self._given = (self.id, self.user)
         self.thread = 0
         self._token: Token[session | None] | None = None
 
@@ -95,6 +96,7 @@ class session:
         tb: TracebackType | None,
     ) -> None:
         token, self._token = self._token, None
+        self.id, self.user = self._given  # what it took from the context around it, given back
         with _lock:
             _opened(tuple(entry for entry in _open if entry is not self))
         if token is None:
