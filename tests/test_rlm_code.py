@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from promises_support import patient
 from rlm_code_support import import_or_install
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer
@@ -367,7 +368,7 @@ def test_a_plain_run(harness: Harness) -> None:
     """One run of the real runner: params, tags, every step, summary, trajectory, FINISHED."""
     result = harness.runner.run_task("plain: sum two numbers", max_steps=5, environment="generic")
     assert result.completed
-    assert harness.sink.flush(30)
+    assert harness.sink.flush(patient(30))
     status = harness.sink.status()
     assert status["dropped"] == {}
     assert status["refused"] == 0
@@ -383,7 +384,7 @@ def test_recursive_children(harness: Harness, parallelism: int) -> None:
     harness.runner.run_task(
         "root: split the work", max_steps=5, environment="generic", parallelism=parallelism
     )
-    assert harness.sink.flush(30)
+    assert harness.sink.flush(patient(30))
     assert_tree(harness.recorder, parallel=parallelism > 1)
     runs = harness.check()
     assert len(runs) == 4
@@ -496,6 +497,6 @@ def test_the_rlm_code_example(
     for run in runs.values():
         assert run.info.status == "FINISHED"
         assert run.data.metrics["completed"] == 1.0
-        assert (tmp_path / "runs" / f"{run.info.run_name}.jsonl").exists()
+        assert (tmp_path / "runs" / f"{run.data.tags['run_id']}.jsonl").exists()
         if run is not root:
             assert run.data.tags["mlflow.parentRunId"] == root.info.run_id

@@ -15,17 +15,31 @@ the usage its runtime reported: the steps of the root run, measured one after th
 thread, make the total, and the spans under them show their own figures without being counted
 twice. A run span carries what its run used in all once it ended, which for the root is the
 trace's total (the calls the run made outside any step included). Model calls listed by the
-runtime carry their own usage, counted only under a step that reported none.
+runtime carry their own usage, counted only under a step that reported none; a step with child
+runs or model calls also gets a leaf "model" span showing the model's own share (its usage less
+the children's and the calls'), counted within the step's.
 
 What the MLflow UI reads: ``mlflow.spanType``, ``mlflow.spanInputs``/``mlflow.spanOutputs``
 (structured values, not JSON strings), ``mlflow.chat.tokenUsage``, and on the root span
 ``mlflow.traceTag.<key>`` (trace tags) and the status (ERROR makes the trace ERROR).
+
+How it shows them: the trace view's default ("Pretty") view renders a string input or output as
+Markdown, where a ``# comment`` is a heading and lines run together. A step's code, stdout and
+stderr, and a model call's prompt and response, are therefore sent as fenced code blocks, which
+it shows as written, line by line; the fence is longer than any run of backticks in the text, so
+no text can close it early.
+
+Times: a step span runs from the run's previous step (or its start) to this step, as the hooks
+saw them: the model's turn and the code's execution. ``rlm.execution_time_s`` is what the
+runtime measured running the code alone, in seconds. The "model" span of a step that had child
+runs ends where the first child started (or, for code, where its execution began).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +53,7 @@ from . import otlp
 from .convert import MAX_TRACE_TAG_VALUE_LENGTH, name_of, step_number
 
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
+_BACKTICKS = re.compile(r"`{3,}")
 
 
 @dataclass(slots=True)
@@ -51,6 +66,8 @@ class RunInfo:
     parent_no: int | None = None
     parent_step: int | None = None
     start_ns: int = 0
+    # When the first child run spawned by each of its steps started (step ordinal -> ns).
+    child_start_ns: dict[int, int] = field(default_factory=dict)
     depth: int | None = None
     environment: Any = None
     task: Text | None = None
@@ -82,6 +99,12 @@ class RunInfo:
     def is_root(self) -> bool:
         return self.root_no == self.no
 
+    def child_started(self, step_ordinal: int, start_ns: int) -> None:
+        """A child run of this run's step ``step_ordinal`` started at ``start_ns``."""
+        known = self.child_start_ns.get(step_ordinal)
+        if start_ns > 0 and (known is None or start_ns < known):
+            self.child_start_ns[step_ordinal] = start_ns
+
 
 class Ids:
     """Deterministic trace and span ids for one sink's runs (its key prefix)."""
@@ -101,6 +124,9 @@ class Ids:
 
     def step(self, no: int, ordinal: int) -> bytes:
         return self._digest(f"step/{no}/{ordinal}", 8)
+
+    def model(self, no: int, ordinal: int) -> bytes:
+        return self._digest(f"model/{no}/{ordinal}", 8)
 
     def call(self, no: int, ordinal: int, index: int) -> bytes:
         return self._digest(f"call/{no}/{ordinal}/{index}", 8)
@@ -134,6 +160,26 @@ def _texts(fields: Mapping[str, Text | None], out: dict[str, Any], cut: list[str
         out[name] = shown(text, name)
         if text.cut:
             cut.append(name)
+
+
+def code_block(text: str, language: str = "") -> str:
+    """``text`` as a Markdown fenced code block, shown as written by MLflow's "Pretty" view.
+
+    The fence is one backtick longer than the longest run of three or more in the text (at
+    least three), so nothing in the text can end the block; an empty text stays empty."""
+    if not text:
+        return text
+    longest = max((len(run) for run in _BACKTICKS.findall(text)), default=2)
+    fence = "`" * (longest + 1)
+    newline = "" if text.endswith("\n") else "\n"
+    return f"{fence}{language}\n{text}{newline}{fence}"
+
+
+def _as_code(out: dict[str, Any], name: str, language: str = "") -> None:
+    """The text ``out[name]`` (when it was recorded) as a fenced code block."""
+    value = out.get(name)
+    if isinstance(value, str):
+        out[name] = code_block(value, language)
 
 
 def _number(value: object) -> float | None:
@@ -202,7 +248,8 @@ class SpanBuilder:
     # -- spans ---------------------------------------------------------------------------------
 
     def step_spans(self, run: RunInfo, step: Step) -> list[bytes]:
-        """The span of one step, and one span for each model call it lists."""
+        """The span of one step, one span for each model call it lists, and the leaf "model"
+        span of a step that had child runs or model calls."""
         ids, detail = self.ids, step.detail
         number = step_number(step.step)
         label = f"step {number if number is not None else step.ordinal + 1}"
@@ -224,11 +271,14 @@ class SpanBuilder:
                 attributes["rlm.action"] = action
             _texts({"code": detail.code, "rationale": detail.rationale}, inputs, cut)
             _texts({"stdout": detail.stdout, "stderr": detail.stderr}, outputs, cut)
+            _as_code(inputs, "code", "python")
+            _as_code(outputs, "stdout")
+            _as_code(outputs, "stderr")
             if detail.success is not None:
                 outputs["success"] = detail.success
                 if not detail.success:
                     error = "the step failed"
-            attributes["rlm.execution_time"] = detail.execution_time
+            attributes["rlm.execution_time_s"] = detail.execution_time
             if detail.depth is not None:
                 attributes["rlm.depth"] = detail.depth
             if detail.code is not None:
@@ -251,6 +301,16 @@ class SpanBuilder:
         start = step.since_ns or step.timestamp_ns
         calls = detail.calls if detail is not None else ()
         spans = [self._call_span(run, step, index, call) for index, call in enumerate(calls)]
+        children = detail.children_usage if detail is not None else None
+        own = detail.usage if detail is not None else None
+        if own is not None and (children is not None or calls):
+            # The model's own share, on a leaf of its own beside the children and the calls:
+            # shown, not counted again (the step above carries the whole usage).
+            own = own - children if children is not None else own
+            for call in calls:
+                own = own - call.usage
+            if own:
+                spans.append(self._model_span(run, step, own))
         spans.insert(
             0,
             self._span(
@@ -267,6 +327,28 @@ class SpanBuilder:
         )
         return spans
 
+    def _model_span(self, run: RunInfo, step: Step, own: Usage) -> bytes:
+        """The "model" leaf of a step with child runs or model calls: the model's turn, from
+        the step's start to where the code's execution or the first child began."""
+        start = step.since_ns or step.timestamp_ns
+        model_end = step.timestamp_ns
+        detail = step.detail
+        elapsed = detail.execution_time if detail is not None else None
+        if elapsed is not None and elapsed >= 0:  # the model spoke before the code ran
+            model_end = step.timestamp_ns - int(elapsed * 1e9)
+        first_child = run.child_start_ns.get(step.ordinal)
+        if first_child is not None:  # ... and before the children it asked for ran
+            model_end = min(model_end, first_child)
+        return self._span(
+            trace_id=self.ids.trace(run.root_no),
+            span_id=self.ids.model(run.no, step.ordinal),
+            parent_id=self.ids.step(run.no, step.ordinal),
+            name="model",
+            start_ns=start,
+            end_ns=max(start, model_end),
+            attributes={"mlflow.spanType": "LLM", "mlflow.chat.tokenUsage": _usage(own)},
+        )
+
     def _call_span(self, run: RunInfo, step: Step, index: int, call: ModelCall) -> bytes:
         """One model call of a step, as an LLM span with its own tokens."""
         inputs: dict[str, Any] = {}
@@ -274,6 +356,8 @@ class SpanBuilder:
         cut: list[str] = []
         _texts({"prompt": call.input}, inputs, cut)
         _texts({"response": call.output}, outputs, cut)
+        _as_code(inputs, "prompt")  # as sent: its line breaks and markers kept
+        _as_code(outputs, "response")
         start = call.start_ns or step.since_ns or step.timestamp_ns
         return self._span(
             trace_id=self.ids.trace(run.root_no),
