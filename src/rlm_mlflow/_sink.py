@@ -85,6 +85,9 @@ class MLflowSink:
         handle_signals: On SIGTERM/SIGINT, end open runs KILLED, then run the previous handler.
         traces: Each run also as an MLflow trace: ``"full"`` (code, output, task text),
             ``"metadata"`` (no text: sizes, timings, tokens, status), or ``"off"``.
+        session: The session (MLflow's Sessions page) of root runs that get none from
+            :func:`rlm_mlflow.session` or RLM Code's chat; at most 250 characters.
+        user: Their user, the same way.
         transport: Send through this instead of the default (tests, custom stores).
     """
 
