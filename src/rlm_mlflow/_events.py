@@ -104,6 +104,8 @@ class RunStart:
     depth: int | None = None
     task: Text | None = None
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
+    session: str | None = None  # the session (MLflow's ``session.id``) a root run belongs to
+    user: str | None = None  # and its user (``user.id``)
 
 
 @dataclass(frozen=True, slots=True)

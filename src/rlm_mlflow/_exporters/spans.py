@@ -6,12 +6,18 @@ parent step that spawned it, so the whole recursion is one tree. Ids are derived
 key, never drawn at random: a retry or a replay writes the same spans again, and MLflow stores a
 span once per (trace id, span id).
 
-Token usage: RLM Code measures a step's usage on the model connector its child runs share, so a
-step that delegated reports its children's tokens too. MLflow adds a trace's usage up over the
-span tree, skipping spans under one that has usage already. So a step span carries its usage
-only when no child run hangs under it; a step that had children gets a leaf LLM span ("model")
-with its own share (its usage minus what the children used), and the trace counts each token
-once.
+Token usage: RLM Code measures a step's usage on the model connector its runs share, as the
+difference of the connector's totals before and after the step, so a step that delegated reports
+its children's tokens too (and a child running beside a sibling on another thread reports some of
+the sibling's). MLflow adds a trace's usage up over the span tree, counting the topmost spans that
+carry ``mlflow.chat.tokenUsage`` and skipping everything under them. So every step span carries
+the usage its runtime reported: the steps of the root run, measured one after the other on one
+thread, make the total, and the spans under them show their own figures without being counted
+twice. A run span carries what its run used in all once it ended, which for the root is the
+trace's total (the calls the run made outside any step included). Model calls listed by the
+runtime carry their own usage, counted only under a step that reported none; a step with child
+runs or model calls also gets a leaf "model" span showing the model's own share (its usage less
+the children's and the calls'), counted within the step's.
 
 What the MLflow UI reads: ``mlflow.spanType``, ``mlflow.spanInputs``/``mlflow.spanOutputs``
 (structured values, not JSON strings), ``mlflow.chat.tokenUsage``, and on the root span
@@ -41,6 +47,7 @@ from typing import Any
 from .._codec import CAPS, is_odd
 from .._config import COMPONENT_TAG
 from .._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
+from .._session import MAX_ID_CHARS
 from .._transports.base import KEY_TAG
 from . import otlp
 from .convert import MAX_TRACE_TAG_VALUE_LENGTH, name_of, step_number
@@ -66,6 +73,8 @@ class RunInfo:
     task: Text | None = None
     task_chars: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    session: str | None = None
+    user: str | None = None
 
     @classmethod
     def of(cls, start: RunStart) -> RunInfo:
@@ -82,6 +91,8 @@ class RunInfo:
             task=start.task,
             task_chars=start.task_chars,
             params=start.params if isinstance(start.params, dict) else {},
+            session=start.session,
+            user=start.user,
         )
 
     @property
@@ -186,6 +197,15 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
+def _session_attributes(run: RunInfo) -> dict[str, str | None]:
+    """OpenTelemetry's names for the session and user, which MLflow reads from a trace's spans
+    into its ``mlflow.trace.session`` and ``mlflow.trace.user``."""
+    return {
+        "session.id": run.session[:MAX_ID_CHARS] if run.session else None,
+        "user.id": run.user[:MAX_ID_CHARS] if run.user else None,
+    }
+
+
 class SpanBuilder:
     """Builds serialized OTLP spans (:mod:`.otlp`)."""
 
@@ -228,7 +248,8 @@ class SpanBuilder:
     # -- spans ---------------------------------------------------------------------------------
 
     def step_spans(self, run: RunInfo, step: Step) -> list[bytes]:
-        """The span of one step (and the leaf "model" span of a step that had child runs)."""
+        """The span of one step, one span for each model call it lists, and the leaf "model"
+        span of a step that had child runs or model calls."""
         ids, detail = self.ids, step.detail
         number = step_number(step.step)
         label = f"step {number if number is not None else step.ordinal + 1}"
@@ -242,8 +263,7 @@ class SpanBuilder:
             "rlm.cumulative_reward": _number(step.cumulative_reward),
             "rlm.depth": run.depth,
         }
-        span_type, error, own = "CHAIN", None, None
-        children = None
+        span_type, error = "CHAIN", None
         if detail is not None:
             action = detail.action.text if detail.action is not None else None
             if action:
@@ -263,51 +283,34 @@ class SpanBuilder:
                 attributes["rlm.depth"] = detail.depth
             if detail.code is not None:
                 span_type = "TOOL"
-            children = detail.children_usage
             if detail.usage is not None:
                 attributes["rlm.usage"] = _usage(detail.usage)
-                own = detail.usage - children if children is not None else detail.usage
-            if children is not None:
-                attributes["rlm.children_usage"] = _usage(children)
+                if detail.usage:  # everything under this span is in it: MLflow counts it alone
+                    attributes["mlflow.chat.tokenUsage"] = _usage(detail.usage)
+            if detail.children_usage is not None:
+                attributes["rlm.children_usage"] = _usage(detail.children_usage)
         if cut:
             attributes["rlm.truncated"] = cut
+        if run.is_root and (run.session or run.user):  # the trace is in its session while it runs
+            attributes.update(_session_attributes(run))
         attributes["mlflow.spanType"] = span_type
         attributes["mlflow.spanInputs"] = inputs or None
         attributes["mlflow.spanOutputs"] = outputs or None
         trace_id = ids.trace(run.root_no)
         step_id = ids.step(run.no, step.ordinal)
         start = step.since_ns or step.timestamp_ns
-        spans = []
         calls = detail.calls if detail is not None else ()
-        for index, call in enumerate(calls):
-            spans.append(self._call_span(run, step, index, call))
-            if own is not None:
-                own = own - call.usage  # the call's tokens are on the call's span
-        if own and children is None and not calls:
-            attributes["mlflow.chat.tokenUsage"] = _usage(own)
-        elif own:  # spans hang under this step: its own tokens go on a leaf of their own
-            model_end = step.timestamp_ns
-            elapsed = detail.execution_time if detail is not None else None
-            if elapsed is not None and elapsed >= 0:  # the model spoke before the code ran
-                model_end = step.timestamp_ns - int(elapsed * 1e9)
-            first_child = run.child_start_ns.get(step.ordinal)
-            if first_child is not None:  # ... and before the children it asked for ran
-                model_end = min(model_end, first_child)
-            model_end = max(start, model_end)
-            spans.append(
-                self._span(
-                    trace_id=trace_id,
-                    span_id=ids.model(run.no, step.ordinal),
-                    parent_id=step_id,
-                    name="model",
-                    start_ns=start,
-                    end_ns=model_end,
-                    attributes={
-                        "mlflow.spanType": "LLM",
-                        "mlflow.chat.tokenUsage": _usage(own),
-                    },
-                )
-            )
+        spans = [self._call_span(run, step, index, call) for index, call in enumerate(calls)]
+        children = detail.children_usage if detail is not None else None
+        own = detail.usage if detail is not None else None
+        if own is not None and (children is not None or calls):
+            # The model's own share, on a leaf of its own beside the children and the calls:
+            # shown, not counted again (the step above carries the whole usage).
+            own = own - children if children is not None else own
+            for call in calls:
+                own = own - call.usage
+            if own:
+                spans.append(self._model_span(run, step, own))
         spans.insert(
             0,
             self._span(
@@ -323,6 +326,28 @@ class SpanBuilder:
             ),
         )
         return spans
+
+    def _model_span(self, run: RunInfo, step: Step, own: Usage) -> bytes:
+        """The "model" leaf of a step with child runs or model calls: the model's turn, from
+        the step's start to where the code's execution or the first child began."""
+        start = step.since_ns or step.timestamp_ns
+        model_end = step.timestamp_ns
+        detail = step.detail
+        elapsed = detail.execution_time if detail is not None else None
+        if elapsed is not None and elapsed >= 0:  # the model spoke before the code ran
+            model_end = step.timestamp_ns - int(elapsed * 1e9)
+        first_child = run.child_start_ns.get(step.ordinal)
+        if first_child is not None:  # ... and before the children it asked for ran
+            model_end = min(model_end, first_child)
+        return self._span(
+            trace_id=self.ids.trace(run.root_no),
+            span_id=self.ids.model(run.no, step.ordinal),
+            parent_id=self.ids.step(run.no, step.ordinal),
+            name="model",
+            start_ns=start,
+            end_ns=max(start, model_end),
+            attributes={"mlflow.spanType": "LLM", "mlflow.chat.tokenUsage": _usage(own)},
+        )
 
     def _call_span(self, run: RunInfo, step: Step, index: int, call: ModelCall) -> bytes:
         """One model call of a step, as an LLM span with its own tokens."""
@@ -387,6 +412,7 @@ class SpanBuilder:
         }
         if end.usage is not None and end.usage:
             attributes["rlm.usage"] = _usage(end.usage)
+            attributes["mlflow.chat.tokenUsage"] = _usage(end.usage)
         if run.is_root:
             attributes.update(
                 {
@@ -394,6 +420,7 @@ class SpanBuilder:
                     "mlflow.traceTag.component": COMPONENT_TAG,
                     "mlflow.traceTag.mlflow.traceName": name_of(run.run_id),
                     f"mlflow.traceTag.{KEY_TAG}": f"{ids.prefix}-{run.no}",
+                    **_session_attributes(run),
                 }
             )
         error = None
