@@ -68,6 +68,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         raise AssertionError(f"not within {timeout:g} s: {what}")
 
 
+def span_label(span: Any) -> str:
+    """A span's name; for a run's AGENT span (named after its task), its RLM run id."""
+    if span.span_type == "AGENT":
+        return str(span.attributes.get("rlm.run_id"))
+    return str(span.name)
+
+
 def assert_accounted(status: Mapping[str, Any]) -> None:
     """The accounting invariant: every accepted event is sent, deferred, dropped or pending."""
     dropped = sum(status["dropped"].values())

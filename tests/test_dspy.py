@@ -25,7 +25,7 @@ from dspy.lm15 import Usage
 from dspy.primitives.local_interpreter import LocalInterpreter
 from dspy.utils.dummies import DummyLM
 
-from promises_support import Store, patient
+from promises_support import Store, patient, span_label
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._exporters.spans import code_block
 from rlm_mlflow.dspy import RLMCallback
@@ -405,10 +405,10 @@ def test_a_sub_agent_is_a_child_run_under_the_step_that_called_it(
     assert trace.info.token_usage == tokens_of(main, sub)
     spans = trace.data.spans
     by_id = {s.span_id: s for s in spans}
-    agent = next(s for s in spans if s.name == child.data.tags["run_id"])
+    agent = next(s for s in spans if span_label(s) == child.data.tags["run_id"])
     assert agent.span_type == "AGENT"
     assert by_id[agent.parent_id].name == "step 2: iteration"
-    assert by_id[by_id[agent.parent_id].parent_id].name == parent.data.tags["run_id"]
+    assert span_label(by_id[by_id[agent.parent_id].parent_id]) == parent.data.tags["run_id"]
     child_steps = steps_of(trace, agent)
     assert [s.name for s in child_steps] == ["step 1: iteration", "step 2: iteration"]
     assert sorted(c.name for c in children_of(trace, child_steps[0])) == ["scripted/sub"] * 2

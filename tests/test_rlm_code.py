@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from promises_support import patient
+from promises_support import patient, span_label
 from rlm_code_support import import_or_install, own_tests
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer
@@ -314,7 +314,7 @@ def assert_trace_holds(recorder: Recorder, runs: dict[str, Any], client: Any) ->
     spans = trace.data.spans
     assert len({span.span_id for span in spans}) == len(spans)
     by_id = {span.span_id: span for span in spans}
-    agents = {span.name: span for span in spans if span.span_type == "AGENT"}
+    agents = {span_label(span): span for span in spans if span.span_type == "AGENT"}
     assert set(agents) == set(recorder.runs)
     assert agents[root.run_id].parent_id is None
     for run_id, seen in recorder.runs.items():

@@ -209,11 +209,15 @@ def decoded(value: common_pb2.AnyValue) -> Any:
 
 
 def spans_of(memory: MemoryTransport) -> dict[str, Any]:
-    """Every span the sink sent, by name: its attributes decoded, its times."""
+    """Every span the sink sent, by name (a run's AGENT span by its RLM run id): its attributes
+    decoded, its times."""
     out: dict[str, Any] = {}
     for span in memory.spans.values():
         attributes = {kv.key: decoded(kv.value) for kv in span.attributes}
-        out[span.name] = (attributes, span.start_time_unix_nano, span.end_time_unix_nano)
+        name = span.name
+        if attributes.get("mlflow.spanType") == "AGENT":
+            name = attributes["rlm.run_id"]
+        out[name] = (attributes, span.start_time_unix_nano, span.end_time_unix_nano)
     return out
 
 
@@ -261,6 +265,10 @@ def test_code_and_output_are_fenced_code_blocks_the_pretty_view_shows_as_written
     assert second["mlflow.spanOutputs"]["stderr"] == "```\nTraceback: *boom*\n```"
     assert second["mlflow.spanOutputs"]["stdout"] == ""
     assert spans["r"][0]["mlflow.spanInputs"] == {"task": "# look at the data"}
+    # The run's span, and its trace, are named as its MLflow run is: by the task, then the id.
+    agent = spans["r"][0]
+    assert agent["mlflow.traceTag.mlflow.traceName"] == "# look at the data · r"
+    assert "# look at the data · r" in {span.name for span in memory.spans.values()}
 
 
 def test_a_model_calls_prompt_and_response_are_shown_as_sent() -> None:

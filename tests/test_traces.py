@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from promises_support import Agent, Store, patient, replay_cli, wait_until
+from promises_support import Agent, Store, patient, replay_cli, span_label, wait_until
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer
 
@@ -92,7 +92,7 @@ def test_one_trace_per_root_run_holds_the_whole_recursion(
         assert sink.flush(patient(60))
         assert sink.status()["traces"] == "full"
     (trace,) = traces_of(store, experiment_name)
-    spans = {span.name: span for span in trace.data.spans}
+    spans = {span_label(span): span for span in trace.data.spans}
     by_id = {span.span_id: span for span in trace.data.spans}
     assert Counter(span.span_type for span in trace.data.spans) == {
         "AGENT": 4,  # root, a, b, g
@@ -104,7 +104,7 @@ def test_one_trace_per_root_run_holds_the_whole_recursion(
     assert root.parent_id is None
     assert by_id[spans["a"].parent_id].name == "step 2: delegate"
     assert by_id[spans["g"].parent_id].name == "step 1: delegate"
-    assert by_id[by_id[spans["g"].parent_id].parent_id].name == "b"
+    assert span_label(by_id[by_id[spans["g"].parent_id].parent_id]) == "b"
     code_step = by_id[spans["root"].span_id]
     assert code_step is root
     first = next(
@@ -155,9 +155,9 @@ def test_what_the_mlflow_ui_shows_read_back_from_a_server(
             sink.on_run_end(child, result={"completed": True}, run_path=None)
         sink.on_step("root", event=delegating(2, (50, 20)), cumulative_reward=1.0)
         sink.on_run_end("root", result={"completed": True}, run_path=None)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
     (trace,) = traces_of(store, experiment_name)
-    spans = {(span.name, span.parent_id): span for span in trace.data.spans}
+    spans = {(span_label(span), span.parent_id): span for span in trace.data.spans}
     code_steps = [s for s in trace.data.spans if s.span_type == "TOOL"]
     assert len(code_steps) == 3
     for step in code_steps:

@@ -50,7 +50,7 @@ from .._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
 from .._session import MAX_ID_CHARS
 from .._transports.base import KEY_TAG
 from . import otlp
-from .convert import MAX_TRACE_TAG_VALUE_LENGTH, name_of, step_number
+from .convert import MAX_TRACE_TAG_VALUE_LENGTH, run_name, step_number
 
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
 _BACKTICKS = re.compile(r"`{3,}")
@@ -413,12 +413,13 @@ class SpanBuilder:
         if end.usage is not None and end.usage:
             attributes["rlm.usage"] = _usage(end.usage)
             attributes["mlflow.chat.tokenUsage"] = _usage(end.usage)
+        name = run_name(run.run_id, run.task.text if run.task is not None else None)
         if run.is_root:
             attributes.update(
                 {
                     "mlflow.traceTag.run_id": run.run_id[:MAX_TRACE_TAG_VALUE_LENGTH],
                     "mlflow.traceTag.component": COMPONENT_TAG,
-                    "mlflow.traceTag.mlflow.traceName": name_of(run.run_id),
+                    "mlflow.traceTag.mlflow.traceName": name,
                     f"mlflow.traceTag.{KEY_TAG}": f"{ids.prefix}-{run.no}",
                     **_session_attributes(run),
                 }
@@ -435,7 +436,7 @@ class SpanBuilder:
             trace_id=ids.trace(run.root_no),
             span_id=ids.run(run.no),
             parent_id=parent,
-            name=name_of(run.run_id),
+            name=name,
             start_ns=run.start_ns or end.timestamp_ns,
             end_ns=end.timestamp_ns,
             attributes=attributes,
