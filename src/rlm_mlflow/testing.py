@@ -25,7 +25,7 @@ from typing import Any
 
 from ._exceptions import PermanentError
 from ._faultproxy import FaultProxy
-from ._transports.base import KEY_TAG, Metric, RunRef, parse_spans_request
+from ._transports.base import KEY_TAG, Assessment, Metric, RunRef, parse_spans_request
 
 __all__ = [
     "FaultProxy",
@@ -70,6 +70,9 @@ class MemoryTransport:
         self.calls: list[str] = []
         self.spans: dict[tuple[bytes, bytes], Any] = {}  # (trace id, span id) -> OTLP span
         self.trace_links: dict[bytes, str] = {}  # trace id -> MLflow run
+        # MLflow trace id ("tr-" + hex) -> its assessments, and the other runs it is linked to
+        self.assessments: dict[str, list[tuple[str, Assessment]]] = {}
+        self.run_links: dict[str, set[str]] = {}
         self.fail: Callable[[str], Exception | None] | None = None
         self._ids = itertools.count(1)
 
@@ -210,6 +213,24 @@ class MemoryTransport:
                         self.spans[(bytes(span.trace_id), bytes(span.span_id))] = span
                         if not span.parent_span_id and run_uuid:
                             self.trace_links[bytes(span.trace_id)] = run_uuid
+
+    def assessment_keys(self, trace_id: str) -> set[str]:
+        self._enter("assessment_keys")
+        with self.lock:
+            if bytes.fromhex(trace_id.removeprefix("tr-")) not in self.trace_links:
+                raise PermanentError(f"no trace {trace_id}", code="RESOURCE_DOES_NOT_EXIST")
+            return {key for key, _ in self.assessments.get(trace_id, [])}
+
+    def create_assessment(self, trace_id: str, assessment: Assessment) -> None:
+        self._enter("create_assessment")
+        with self.lock:  # like MLflow: every create is a new assessment
+            self.assessments.setdefault(trace_id, []).append((assessment.key, assessment))
+
+    def link_traces(self, run_uuid: str, trace_ids: Sequence[str]) -> None:
+        self._enter("link_traces")
+        with self.lock:
+            for trace_id in trace_ids:
+                self.run_links.setdefault(trace_id, set()).add(run_uuid)
 
     def close(self) -> None:
         pass

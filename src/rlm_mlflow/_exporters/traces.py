@@ -24,6 +24,7 @@ from .._calls import Caller
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import Transport
+from .assessments import AssessmentsExporter, outcome_of
 from .runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
 from .spans import Ids, RunInfo, SpanBuilder
 
@@ -63,6 +64,9 @@ class TracesExporter:
         self._builder: SpanBuilder | None = None
         self.spans_sent = 0
         self.requests = 0
+        self.assessments = AssessmentsExporter(
+            caller=caller, warnings=warnings, runs=runs, transport=transport
+        )
 
     @property
     def active(self) -> bool:
@@ -120,8 +124,21 @@ class TracesExporter:
                 break
             for no in nos:
                 outcomes[no] = worse(outcomes[no], outcome)
+        if self.active:
+            await self._assess(todo, outcomes)
         self._forget_ended(works)
         return outcomes
+
+    async def _assess(self, works: Sequence[RunWork], outcomes: dict[int, Outcome]) -> None:
+        """The assessments of each trace whose root span is stored now (see
+        :mod:`.assessments`): a root run's outcome is kept for replay until they are written."""
+        for work in works:
+            end = work.span_end
+            if end is None or outcomes[work.no] != SENT or not self.ends_root(work):
+                continue
+            trace_id = self.ids.trace_hex(self._info(work).root_no)
+            outcome = await self.assessments.write(trace_id, outcome_of(trace_id, end))
+            outcomes[work.no] = worse(outcomes[work.no], outcome)
 
     def _requests_of(
         self, works: Sequence[RunWork]
