@@ -104,6 +104,7 @@ class RunStart:
     depth: int | None = None
     task: Text | None = None
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
+    benchmark: bool = False  # a benchmark's evaluation run: its root runs are its cases
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,4 +140,19 @@ class RunEnd:
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
 
 
-Event = RunStart | Step | RunEnd
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    """What a benchmark says of one of its cases (``run_no`` is the benchmark's run): the
+    expected answer and a judge's verdict, written on the case's trace."""
+
+    run_no: int
+    timestamp_ns: int
+    case_no: int  # the case's root run
+    expected: Any = None
+    verdict: Any = None
+    rationale: str | None = None
+    judge: str = "judge"  # the verdict's assessment name
+    internal: bool = False
+
+
+Event = RunStart | Step | RunEnd | CaseResult

@@ -1,0 +1,220 @@
+"""Benchmarks as MLflow evaluation runs, against a real server: the evaluation run found by its
+``mlflow.runType``, its cases' traces linked to it with their assessments, the aggregates, the
+report; every assessment once after lost answers and after ``kill -9`` + replay."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import rlm_mlflow
+from rlm_mlflow import MLflowSink
+from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
+
+FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.05, "retry_max_wait": 0.5}
+WAIT = 60.0
+QUESTIONS = ["2+2", "3*3", "10-7"]
+ANSWERS = ["4", "9", "3"]
+
+
+def run_case(sink: Any, run_id: str, reward: float) -> None:
+    """One case: a root run with a child run and two steps that used 10 tokens each."""
+    sink.on_run_start(run_id, task=run_id, environment="e", params={"max_steps": 5})
+    sink.on_run_start(
+        f"{run_id}/child", task="sub", environment="e", params={"parent_run_id": run_id}
+    )
+    sink.on_run_end(f"{run_id}/child", result={"completed": True}, run_path=None)
+    for number in range(2):
+        usage = {"input_tokens": 6, "output_tokens": 4, "total_tokens": 10}
+        sink.on_step(
+            run_id, event={"step": number, "reward": reward, "usage": usage}, cumulative_reward=0
+        )
+    result = {"completed": reward > 0, "steps": 2, "total_reward": reward}
+    sink.on_run_end(run_id, result=result, run_path=None)
+
+
+def run_benchmark(
+    sink: Any,
+    name: str,
+    *,
+    model: str,
+    rewards: Sequence[float],
+    report: Path | None = None,
+) -> None:
+    """Three cases ``<name>-<i>``; the judge says right when the reward is 1."""
+    with rlm_mlflow.benchmark(
+        sink, name, params={"model": model, "preset": "arith"}, report=report
+    ) as bench:
+        for index, reward in enumerate(rewards):
+            run_id = f"{name}-{index}"
+            run_case(sink, run_id, reward)
+            bench.record(
+                run_id,
+                expected=ANSWERS[index],
+                verdict=reward == 1.0,
+                rationale=f"case {index}: the answer is {ANSWERS[index]}",
+            )
+
+
+@pytest.fixture
+def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
+    with FaultProxy(mlflow_server.port) as proxy:
+        yield proxy
+
+
+def evaluation_runs(client: Any, experiment: str) -> dict[str, Any]:
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    runs = client.search_runs(
+        [found.experiment_id], filter_string="tags.`mlflow.runType` = 'genai_evaluate'"
+    )
+    return {run.info.run_name: run for run in runs}
+
+
+def by_name(trace: Any) -> dict[str, list[Any]]:
+    named: dict[str, list[Any]] = {}
+    for assessment in trace.info.assessments:
+        named.setdefault(assessment.name, []).append(assessment)
+    return named
+
+
+def linked_traces(client: Any, run: Any, filter_string: str | None = None) -> dict[str, Any]:
+    traces = client.search_traces(
+        locations=[run.info.experiment_id],
+        run_id=run.info.run_id,
+        filter_string=filter_string,
+        max_results=100,
+    )
+    return {trace.info.tags["run_id"]: trace for trace in traces}
+
+
+def assert_benchmark(client: Any, run: Any, name: str, rewards: Sequence[float]) -> None:
+    """The evaluation run holds its cases, each with its assessments once."""
+    traces = linked_traces(client, run)
+    assert sorted(traces) == [f"{name}-{i}" for i in range(len(rewards))]
+    for index, reward in enumerate(rewards):
+        named = by_name(traces[f"{name}-{index}"])
+        assert sorted(named) == ["completed", "expected_response", "judge", "total_reward"]
+        assert [a.value for a in named["total_reward"]] == [reward]
+        assert [a.value for a in named["completed"]] == [reward > 0]
+        assert [a.value for a in named["expected_response"]] == [ANSWERS[index]]
+        (judge,) = named["judge"]
+        assert judge.value is (reward == 1.0)
+        assert judge.rationale == f"case {index}: the answer is {ANSWERS[index]}"
+        assert named["expected_response"][0].expectation is not None
+
+
+@pytest.mark.integration
+def test_a_benchmark_is_an_evaluation_run_with_its_cases_traces_and_their_assessments(
+    mlflow_server: MlflowServer, mlflow_client: Any, experiment_name: str, tmp_path: Path
+) -> None:
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"accuracy": 2 / 3}), encoding="utf-8")
+    sink = MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, **FAST
+    )
+    run_benchmark(sink, "model-a", model="m1", rewards=[1.0, 0.0, 1.0], report=report)
+    run_benchmark(sink, "model-b", model="m2", rewards=[0.0, 0.0, 1.0])
+    sink.close(WAIT)
+    status = sink.status()
+    assert status["deferred"] == 0, status
+    assert not status["dropped"], status
+    assert not status["rejected"], status
+
+    runs = evaluation_runs(mlflow_client, experiment_name)
+    assert sorted(runs) == ["model-a", "model-b"]
+    a, b = runs["model-a"], runs["model-b"]
+    assert a.data.params["model"] == "m1"
+    assert a.data.params["preset"] == "arith"
+    assert a.info.status == "FINISHED"
+    assert_benchmark(mlflow_client, a, "model-a", [1.0, 0.0, 1.0])
+    assert_benchmark(mlflow_client, b, "model-b", [0.0, 0.0, 1.0])
+    assert a.data.metrics["reward/mean"] == pytest.approx(2 / 3)
+    assert a.data.metrics["completed/mean"] == pytest.approx(2 / 3)
+    assert a.data.metrics["judge/mean"] == pytest.approx(2 / 3)
+    assert a.data.metrics["cases"] == 3
+    assert a.data.metrics["tokens/total"] == 60  # the case roots' own steps, children none
+    assert a.data.metrics["tokens/mean"] == 20
+    assert a.data.metrics["duration/mean"] >= 0
+    assert b.data.metrics["reward/mean"] == pytest.approx(1 / 3)
+    assert "total_reward" not in a.data.metrics  # an evaluation run has its aggregates only
+    artifacts = [f.path for f in mlflow_client.list_artifacts(a.info.run_id)]
+    assert any("report.json" in path for path in artifacts), artifacts
+    # The case runs nest under their evaluation run; a reward filter finds the right cases.
+    children = mlflow_client.search_runs(
+        [a.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{a.info.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["model-a-0", "model-a-1", "model-a-2"]
+    good = linked_traces(mlflow_client, a, "feedback.total_reward > 0.5")
+    assert sorted(good) == ["model-a-0", "model-a-2"]
+
+
+@pytest.mark.integration
+def test_lost_answers_write_no_assessment_or_link_twice(
+    proxy: FaultProxy, mlflow_client: Any, experiment_name: str
+) -> None:
+    proxy.set(mode="commit_then_reset", count=6, path="/api/", method="POST")
+    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+    run_benchmark(sink, "bench", model="m1", rewards=[1.0, 0.0, 1.0])
+    sink.close(WAIT)
+    assert sink.status()["deferred"] == 0, sink.status()
+    (run,) = evaluation_runs(mlflow_client, experiment_name).values()
+    assert_benchmark(mlflow_client, run, "bench", [1.0, 0.0, 1.0])
+    assert run.data.metrics["reward/mean"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.integration
+def test_a_benchmark_killed_before_its_assessments_is_completed_once_by_replay(
+    agents: Callable[..., Any],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """Every assessment request fails until the agent is killed: replay writes each once
+    (a second replay adds nothing), links the cases and logs the aggregates."""
+    from promises_support import replay_cli
+
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="http", status=503, path="/api/3.0/mlflow/traces/")
+        agent = agents("benchmark_cases.py", proxy.uri, experiment_name)
+        status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
+        assert status["deferred"] > 0, status
+        agent.kill9()
+    for attempt in range(2):
+        done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+        assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
+    (run,) = evaluation_runs(mlflow_client, experiment_name).values()
+    assert_benchmark(mlflow_client, run, "bench", [1.0, 0.0, 1.0])
+    assert run.data.metrics["reward/mean"] == pytest.approx(2 / 3)
+
+
+def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> None:
+    transport = MemoryTransport()
+    sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+    run_case(sink, "before", 1.0)
+    with rlm_mlflow.benchmark(sink, "bench") as bench:
+        run_case(sink, "inside", 1.0)
+        bench.record("before", expected="x")
+        bench.record("inside", expected="y", verdict=0.5)
+    sink.close(WAIT)
+    status = sink.status()
+    assert status["rejected"] == {"case_unknown": 1}, status
+    bench_run = transport.one("bench")
+    assert bench_run.tags["mlflow.runType"] == "genai_evaluate"
+    assert transport.one("inside").tags["mlflow.parentRunId"] == bench_run.run_uuid
+    assert "mlflow.parentRunId" not in transport.one("before").tags
+    linked = [t for t, runs in transport.run_links.items() if bench_run.run_uuid in runs]
+    assert len(linked) == 1
+    held = sorted(a.name for _, a in transport.assessments[linked[0]])
+    assert held == ["completed", "expected_response", "judge", "total_reward"]
+    assert bench_run.history("judge/mean") == [(0, 0.5)]
+
+
+def test_a_benchmark_on_a_sink_that_is_not_mlflows_logs_nothing_and_never_raises() -> None:
+    with rlm_mlflow.benchmark(object(), "bench") as bench:
+        bench.record("any", expected="x")
