@@ -46,8 +46,9 @@ def run_benchmark(
     report: Path | None = None,
 ) -> None:
     """Three cases ``<name>-<i>``; the judge says right when the reward is 1."""
+    dataset = [{"question": q, "answer": a} for q, a in zip(QUESTIONS, ANSWERS, strict=True)]
     with rlm_mlflow.benchmark(
-        sink, name, params={"model": model, "preset": "arith"}, report=report
+        sink, name, params={"model": model, "preset": "arith"}, dataset=dataset, report=report
     ) as bench:
         for index, reward in enumerate(rewards):
             run_id = f"{name}-{index}"
@@ -130,6 +131,12 @@ def test_a_benchmark_is_an_evaluation_run_with_its_cases_traces_and_their_assess
     a, b = runs["model-a"], runs["model-b"]
     assert a.data.params["model"] == "m1"
     assert a.data.params["preset"] == "arith"
+    assert set(a.data.params) == {"model", "preset"}
+    (dataset,) = [d.dataset for d in a.inputs.dataset_inputs]
+    assert dataset.name == "model-a"
+    assert json.loads(dataset.profile) == {"num_rows": 3}
+    (same,) = [d.dataset for d in b.inputs.dataset_inputs]
+    assert same.digest == dataset.digest  # the same cases
     assert a.info.status == "FINISHED"
     assert_benchmark(mlflow_client, a, "model-a", [1.0, 0.0, 1.0])
     assert_benchmark(mlflow_client, b, "model-b", [0.0, 0.0, 1.0])
@@ -197,7 +204,7 @@ def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> No
     transport = MemoryTransport()
     sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
     run_case(sink, "before", 1.0)
-    with rlm_mlflow.benchmark(sink, "bench") as bench:
+    with rlm_mlflow.benchmark(sink, "bench", dataset="arith-v1") as bench:
         run_case(sink, "inside", 1.0)
         bench.record("before", expected="x")
         bench.record("inside", expected="y", verdict=0.5)
@@ -213,6 +220,8 @@ def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> No
     held = sorted(a.name for _, a in transport.assessments[linked[0]])
     assert held == ["completed", "expected_response", "judge", "total_reward"]
     assert bench_run.history("judge/mean") == [(0, 0.5)]
+    (dataset,) = transport.datasets[bench_run.run_uuid]
+    assert dataset.name == "arith-v1"
 
 
 def test_a_benchmark_on_a_sink_that_is_not_mlflows_logs_nothing_and_never_raises() -> None:

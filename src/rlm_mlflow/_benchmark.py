@@ -10,7 +10,8 @@ expected=..., verdict=...)`` adds the case's expected answer (Expectation ``expe
 and a judge's verdict (Feedback ``judge``, with its rationale). At the end the evaluation run
 gets the aggregates: ``reward/mean``, ``completed/mean``, ``judge/mean`` (when verdicts are bools
 or numbers), ``tokens/total``, ``tokens/mean``, ``duration/mean`` (seconds), ``cases``; and the
-benchmark's report file as an artifact when given.
+benchmark's report file as an artifact when given, and its dataset (a name, or its records) as
+the run's input.
 
 Everything goes through the sink's queue and journal like any hook: nothing here waits for
 MLflow, and what the worker could not send is sent by ``rlm-mlflow replay``. The aggregates are
@@ -20,9 +21,11 @@ replay, without them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -38,10 +41,12 @@ class Benchmark:
         name: str,
         *,
         params: Mapping[str, Any] | None = None,
+        dataset: str | Sequence[Any] | None = None,
         report: str | os.PathLike[str] | None = None,
     ) -> None:
         self.name = str(name)
         self.params = dict(params or {})
+        self.dataset = _dataset(self.name, dataset)
         #: The benchmark's own report (a file or a folder), logged as an artifact at the end;
         #: may be set inside the ``with`` block.
         self.report = report
@@ -60,7 +65,7 @@ class Benchmark:
         pipeline = self._pipeline
         if pipeline is None:
             return self
-        pipeline.start(self.name, self.name, None, self.params, benchmark=True)
+        pipeline.start(self.name, None, None, self.params, benchmark=True, dataset=self.dataset)
         self._run = pipeline.find(self.name)
         if self._run is not None:
             self._outer, pipeline.bench = pipeline.bench, self._run
@@ -111,11 +116,33 @@ class Benchmark:
         pipeline.end(self.name, {"completed": exc_type is None}, report)
 
 
+def _dataset(name: str, dataset: str | Sequence[Any] | None) -> dict[str, Any] | None:
+    """The run input of a dataset given by its name, or by its records (named after the
+    benchmark, its digest computed from them)."""
+    if dataset is None:
+        return None
+    try:
+        if isinstance(dataset, str):
+            rows: int | None = None
+            named, text = dataset, dataset
+        else:
+            rows, named = len(dataset), name
+            text = json.dumps(list(dataset), sort_keys=True, default=repr)
+    except Exception:
+        logger.warning("rlm-mlflow: benchmark %r: its dataset cannot be read; not logged", name)
+        return None
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=4).hexdigest()
+    profile = json.dumps({"num_rows": rows} if rows is not None else {})
+    source = json.dumps({"benchmark": name})
+    return {"name": named[:500], "digest": digest, "source": source, "profile": profile}
+
+
 def benchmark(
     sink: Any,
     name: str,
     *,
     params: Mapping[str, Any] | None = None,
+    dataset: str | Sequence[Any] | None = None,
     report: str | os.PathLike[str] | None = None,
 ) -> Benchmark:
     """A benchmark as one MLflow evaluation run (see :mod:`rlm_mlflow._benchmark`)::
@@ -125,4 +152,4 @@ def benchmark(
             result = agent.run(case.question)  # its root run is a case
             bench.record(result.run_id, expected=case.answer, verdict=result.ok)
     """
-    return Benchmark(sink, name, params=params, report=report)
+    return Benchmark(sink, name, params=params, dataset=dataset, report=report)

@@ -552,6 +552,7 @@ def encode_start(
     task: list[Any] | None = None,
     flags: int = 0,
     benchmark: bool = False,
+    dataset: dict[str, Any] | None = None,
 ) -> bytes:
     document: dict[str, Any] = {
         "run_id": run_id,
@@ -567,6 +568,8 @@ def encode_start(
     }
     if benchmark:
         document["benchmark"] = True
+    if dataset is not None:
+        document["dataset"] = dataset
     return _PREFIX.pack(KIND_START, flags, run_no, timestamp_ns) + _json(document)
 
 
@@ -668,6 +671,7 @@ def decode(payload: bytes | memoryview) -> Event:
                 _text_of(document.get("task")),
                 replaced,
                 bool(document.get("benchmark")),
+                document.get("dataset") if isinstance(document.get("dataset"), dict) else None,
             )
         if kind == KIND_END:
             return RunEnd(

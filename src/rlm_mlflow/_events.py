@@ -105,6 +105,7 @@ class RunStart:
     task: Text | None = None
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
     benchmark: bool = False  # a benchmark's evaluation run: its root runs are its cases
+    dataset: dict[str, Any] | None = None  # a benchmark's dataset: name, digest, rows
 
 
 @dataclass(frozen=True, slots=True)

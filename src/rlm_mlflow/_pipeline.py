@@ -186,7 +186,9 @@ class Pipeline:
         task: object,
         environment: object,
         params: object,
+        *,
         benchmark: bool = False,
+        dataset: dict[str, Any] | None = None,
     ) -> None:
         if self.off:
             return
@@ -236,6 +238,7 @@ class Pipeline:
                 depth=depth,
                 task=_codec.text_document(task, "task", self.texts) if task is not None else None,
                 benchmark=benchmark,
+                dataset=dataset,
             )
             self.admit(payload, ctl=True, start=True)
         except Exception:

@@ -25,7 +25,7 @@ from typing import Any
 
 from ._exceptions import PermanentError
 from ._faultproxy import FaultProxy
-from ._transports.base import KEY_TAG, Assessment, Metric, RunRef, parse_spans_request
+from ._transports.base import KEY_TAG, Assessment, Dataset, Metric, RunRef, parse_spans_request
 
 __all__ = [
     "FaultProxy",
@@ -73,6 +73,7 @@ class MemoryTransport:
         # MLflow trace id ("tr-" + hex) -> its assessments, and the other runs it is linked to
         self.assessments: dict[str, list[tuple[str, Assessment]]] = {}
         self.run_links: dict[str, set[str]] = {}
+        self.datasets: dict[str, list[Dataset]] = {}  # run -> its inputs
         self.fail: Callable[[str], Exception | None] | None = None
         self._ids = itertools.count(1)
 
@@ -231,6 +232,13 @@ class MemoryTransport:
         with self.lock:
             for trace_id in trace_ids:
                 self.run_links.setdefault(trace_id, set()).add(run_uuid)
+
+    def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
+        self._enter("log_dataset")
+        with self.lock:
+            held = self.datasets.setdefault(run_uuid, [])
+            if dataset not in held:
+                held.append(dataset)
 
     def close(self) -> None:
         pass

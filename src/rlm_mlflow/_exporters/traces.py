@@ -24,7 +24,7 @@ from .._calls import Caller
 from .._events import CaseResult, RunEnd
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
-from .._transports.base import Assessment, Metric, Transport
+from .._transports.base import Assessment, AssessmentStore, Dataset, Metric, Transport
 from .assessments import AssessmentsExporter, assessment_key, number, outcome_of, value_of
 from .runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
 from .spans import Ids, RunInfo, SpanBuilder
@@ -69,6 +69,7 @@ class TracesExporter:
             caller=caller, warnings=warnings, runs=runs, transport=transport
         )
         self.benchmarks: set[int] = set()  # evaluation runs: no trace of their own
+        self.datasets: dict[int, Dataset] = {}  # an evaluation run's input
         # benchmark -> case -> its figures (reward, completed, tokens, duration, verdict)
         self.figures: dict[int, dict[int, dict[str, float]]] = {}
 
@@ -90,6 +91,9 @@ class TracesExporter:
             for start in work.starts:
                 if start.benchmark:
                     self.benchmarks.add(work.no)
+                    dataset = _dataset_of(start.dataset)
+                    if dataset is not None:
+                        self.datasets[work.no] = dataset
                 if start.implicit and work.no in self.info:
                     continue
                 self.info[work.no] = RunInfo.of(start)
@@ -202,7 +206,28 @@ class TracesExporter:
         """A benchmark's aggregate metrics, on its evaluation run, once."""
         cases = self.figures.pop(bench, {})
         ref = self.runs.ref_of(bench)
-        if ref is None or not cases:
+        if ref is None:
+            return SENT
+        dataset = self.datasets.get(bench)
+        store = self._transport()
+        if dataset is not None and isinstance(store, AssessmentStore):
+            try:
+                await self.caller.call("log dataset", store.log_dataset, ref.run_uuid, dataset)
+            except StoreRefused:
+                self.figures[bench] = cases
+                return HOLD
+            except PermanentError as exc:
+                self.warnings.warn(
+                    "dataset_refused", "rlm-mlflow: MLflow refused a benchmark's dataset: %s", exc
+                )
+            except TransientError as exc:
+                self.figures[bench] = cases
+                self.warnings.warn(
+                    "dataset_deferred", "rlm-mlflow: a benchmark's dataset not sent, kept: %s", exc
+                )
+                return DEFERRED
+        self.datasets.pop(bench, None)
+        if not cases:
             return SENT
         at = end.timestamp_ns // 1_000_000
         metrics = [Metric("cases", float(len(cases)), at, 0)]
@@ -344,6 +369,17 @@ class TracesExporter:
         if first == HOLD or self.unsupported is not None:
             return first
         return worse(first, await self._send(experiment_id, run_uuid, spans[half:]))
+
+
+def _dataset_of(document: object) -> Dataset | None:
+    """The dataset of a benchmark's start record, if it has a valid one."""
+    if not isinstance(document, dict):
+        return None
+    fields = [document.get(name) for name in ("name", "digest", "source", "profile")]
+    if not all(isinstance(value, str) and value for value in fields):
+        return None
+    name, digest, source, profile = (str(value) for value in fields)
+    return Dataset(name, digest, source, profile)
 
 
 def _log_once(transport: Transport, run_uuid: str, metrics: list[Metric]) -> None:

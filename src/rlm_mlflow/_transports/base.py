@@ -69,6 +69,26 @@ class Assessment:
         return document
 
 
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """A benchmark's dataset as an MLflow run input (what ``mlflow.genai.evaluate`` logs)."""
+
+    name: str
+    digest: str
+    source: str
+    profile: str
+    source_type: str = "code"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "source_type": self.source_type,
+            "source": self.source,
+            "profile": self.profile,
+        }
+
+
 @runtime_checkable
 class Transport(Protocol):
     """Blocking calls to one MLflow tracking store.
@@ -170,6 +190,10 @@ class AssessmentStore(Protocol):
 
     def link_traces(self, run_uuid: str, trace_ids: Sequence[str]) -> None:
         """Link traces to one more run (an evaluation run); linking again changes nothing."""
+        ...
+
+    def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
+        """Log a dataset as the run's input; logging it again changes nothing."""
         ...
 
 

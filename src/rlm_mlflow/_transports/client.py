@@ -22,6 +22,7 @@ from .base import (
     ASSESSMENTS_UNSUPPORTED,
     KEY_TAG,
     Assessment,
+    Dataset,
     Metric,
     RunRef,
     key_filter,
@@ -332,6 +333,16 @@ class ClientTransport:
                 list(trace_ids), run_uuid
             ),
         )
+
+    def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
+        def run() -> None:
+            from mlflow.entities import Dataset as MlflowDataset
+            from mlflow.entities import DatasetInput
+
+            entity = MlflowDataset(**dataset.body())
+            self._client.log_inputs(run_uuid, datasets=[DatasetInput(dataset=entity)])
+
+        self._call("log dataset", run)
 
     def close(self) -> None:
         pass

@@ -33,6 +33,7 @@ from .base import (
     ASSESSMENTS_UNSUPPORTED,
     KEY_TAG,
     Assessment,
+    Dataset,
     Metric,
     RunRef,
     key_filter,
@@ -378,6 +379,13 @@ class RestTransport:
             "POST",
             f"{_API}/traces/link-to-run",
             body={"trace_ids": list(trace_ids), "run_id": run_uuid},
+        )
+
+    def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
+        self.request(
+            "POST",
+            f"{_API}/runs/log-inputs",
+            body={"run_id": run_uuid, "datasets": [{"dataset": dataset.body()}]},
         )
 
     def _assessments_call(
