@@ -15,6 +15,7 @@ too large is refused and counted (``span_too_large``).
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -197,9 +198,8 @@ class TracesExporter:
             found.append(Assessment(case.judge, verdict, key, rationale=case.rationale))
             score = float(verdict) if type(verdict) is bool else number(verdict)
             if score is not None:
-                self.figures.setdefault(case.run_no, {}).setdefault(case.case_no, {})["judge"] = (
-                    score
-                )
+                figures = self.figures.setdefault(case.run_no, {}).setdefault(case.case_no, {})
+                figures[_VERDICT + case.judge] = score
         return await self.assessments.write(trace_id, found)
 
     async def _aggregate(self, bench: int, end: RunEnd) -> Outcome:
@@ -231,16 +231,11 @@ class TracesExporter:
             return SENT
         at = end.timestamp_ns // 1_000_000
         metrics = [Metric("cases", float(len(cases)), at, 0)]
-        for name, metric in (
-            ("reward", "reward/mean"),
-            ("completed", "completed/mean"),
-            ("judge", "judge/mean"),
-            ("tokens", "tokens/mean"),
-            ("duration", "duration/mean"),
-        ):
+        names = sorted({name for figures in cases.values() for name in figures})
+        for name in names:
             values = [figures[name] for figures in cases.values() if name in figures]
-            if values:
-                metrics.append(Metric(metric, sum(values) / len(values), at, 0))
+            key = _METRIC_UNSAFE.sub("_", name.removeprefix(_VERDICT))[:200]
+            metrics.append(Metric(f"{key}/mean", mean(values), at, 0))
         tokens = [figures["tokens"] for figures in cases.values() if "tokens" in figures]
         if tokens:
             metrics.append(Metric("tokens/total", sum(tokens), at, 0))
@@ -369,6 +364,16 @@ class TracesExporter:
         if first == HOLD or self.unsupported is not None:
             return first
         return worse(first, await self._send(experiment_id, run_uuid, spans[half:]))
+
+
+#: A verdict among a case's figures (its judge's name follows).
+_VERDICT = "verdict:"
+#: What MLflow refuses in a metric name.
+_METRIC_UNSAFE = re.compile(r"[^\w\-. /]")
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _dataset_of(document: object) -> Dataset | None:
