@@ -227,3 +227,71 @@ def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> No
 def test_a_benchmark_on_a_sink_that_is_not_mlflows_logs_nothing_and_never_raises() -> None:
     with rlm_mlflow.benchmark(object(), "bench") as bench:
         bench.record("any", expected="x")
+
+
+# -- DSPy's dspy.Evaluate ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:Passing OpenAI-style message dictionaries:DeprecationWarning")
+def test_dspy_evaluate_of_an_rlm_is_an_evaluation_run_with_its_examples_as_cases(
+    mlflow_server: MlflowServer, mlflow_client: Any, experiment_name: str, tmp_path: Path
+) -> None:
+    """The real ``dspy.Evaluate`` of a real ``dspy.RLM`` (a scripted DummyLM, two threads):
+    one evaluation run; each example's run is a case whose trace has the example's answer as
+    its expectation and the metric's score as Feedback; ``exact_match/mean`` is the score."""
+    dspy = pytest.importorskip("dspy")
+    from dspy.primitives.local_interpreter import LocalInterpreter
+    from dspy.utils.dummies import DummyLM
+
+    from rlm_mlflow.dspy import RLMCallback
+
+    said = {"2+2": "4", "3*3": "9", "10-7": "2"}  # the last one is wrong
+    lm = DummyLM({q: {"reasoning": "r", "code": f"SUBMIT(answer='{a}')"} for q, a in said.items()})
+    sink = MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, **FAST
+    )
+    devset = [
+        dspy.Example(question=q, answer=a).with_inputs("question")
+        for q, a in zip(QUESTIONS, ANSWERS, strict=True)
+    ]
+
+    def exact_match(example: Any, prediction: Any, trace: Any = None) -> bool:
+        return bool(example.answer == prediction.answer)
+
+    report = tmp_path / "evaluate.json"
+    try:
+        dspy.configure(lm=lm, callbacks=[RLMCallback(sink)])
+        rlm = dspy.RLM("question -> answer", max_iters=3, interpreter_factory=LocalInterpreter)
+        evaluate = dspy.Evaluate(
+            devset=devset, metric=exact_match, num_threads=2, save_as_json=str(report)
+        )
+        result = evaluate(rlm)
+    finally:
+        dspy.configure(lm=None, callbacks=[])
+    sink.close(WAIT)
+    assert result.score == pytest.approx(200 / 3, abs=0.01)
+    status = sink.status()
+    assert status["deferred"] == 0, status
+    assert not status["rejected"], status
+
+    (run,) = evaluation_runs(mlflow_client, experiment_name).values()
+    assert run.data.params["metric"] == "exact_match"
+    assert run.data.params["program"] == "RLM"
+    assert run.data.params["devset_size"] == "3"
+    assert run.data.metrics["exact_match/mean"] == pytest.approx(2 / 3)
+    assert run.data.metrics["completed/mean"] == 1.0
+    assert run.data.metrics["cases"] == 3
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [run.info.run_name]
+    artifacts = [f.path for f in mlflow_client.list_artifacts(run.info.run_id)]
+    assert any("evaluate.json" in path for path in artifacts), artifacts
+    traces = list(linked_traces(mlflow_client, run).values())
+    assert len(traces) == 3
+    by_answer = {}
+    for trace in traces:
+        named = by_name(trace)
+        assert sorted(named) == ["completed", "exact_match", "expected_response"], named
+        (expected,) = named["expected_response"]
+        (score,) = named["exact_match"]
+        by_answer[expected.value] = score.value
+    assert by_answer == {"4": True, "9": True, "3": False}
