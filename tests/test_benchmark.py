@@ -295,3 +295,72 @@ def test_dspy_evaluate_of_an_rlm_is_an_evaluation_run_with_its_examples_as_cases
         (score,) = named["exact_match"]
         by_answer[expected.value] = score.value
     assert by_answer == {"4": True, "9": True, "3": False}
+
+
+# -- RLM Code's run_benchmark -----------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:PureRLMEnvironment is using exec:UserWarning")
+def test_rlm_code_run_benchmark_under_rlm_mlflow_run_is_an_evaluation_run(
+    mlflow_server: MlflowServer, mlflow_client: Any, experiment_name: str, tmp_path: Path
+) -> None:
+    """RLM Code's real runner and ``run_benchmark`` (a pack of two cases with expected answers,
+    a scripted model), switched on by ``rlm-mlflow run`` only: one evaluation run with the
+    preset, mode and model as params, each case's trace linked to it with its reward,
+    completion, expected answer and RLM Code's ``answer_match``; RLM Code's summary file as its
+    artifact."""
+    import subprocess
+    import sys
+
+    from promises_support import child_env
+    from rlm_code_support import import_or_install
+
+    import_or_install()
+    pack = tmp_path / "pack.json"
+    cases = [
+        {"id": "right", "task": "plain one", "environment": "generic", "expected_answer": "done"},
+        {"id": "wrong", "task": "plain two", "environment": "generic", "expected_answer": "42"},
+    ]
+    pack.write_text(json.dumps({"presets": {"mini": {"cases": cases}}}), encoding="utf-8")
+    script = Path(__file__).resolve().parent / "agents" / "rlm_code_benchmark.py"
+    launcher = str(Path(sys.executable).with_name("rlm-mlflow"))
+    env = child_env(
+        DSPY_RLM_MLFLOW_ENABLED="true",
+        DSPY_RLM_MLFLOW_EXPERIMENT=experiment_name,
+        MLFLOW_TRACKING_URI=mlflow_server.uri,
+    )
+    done = subprocess.run(
+        [launcher, "run", "--", sys.executable, str(script), str(tmp_path / "runs"), str(pack)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    summary = Path(done.stdout.split("SUMMARY ", 1)[1].split()[0])
+
+    (run,) = evaluation_runs(mlflow_client, experiment_name).values()
+    params = run.data.params
+    assert (params["preset"], params["mode"], params["model"]) == ("mini", "native", "scripted")
+    assert params["max_steps"] == "5"
+    assert run.data.metrics["answer_match/mean"] == 0.5
+    assert run.data.metrics["completed/mean"] == 1.0
+    assert run.data.metrics["cases"] == 2
+    artifacts = [f.path for f in mlflow_client.list_artifacts(run.info.run_id)]
+    assert summary.name in artifacts, artifacts
+    traces = list(linked_traces(mlflow_client, run).values())
+    assert len(traces) == 2
+    found = {}
+    for trace in traces:
+        named = by_name(trace)
+        assert sorted(named) == [
+            "answer_match",
+            "completed",
+            "expected_response",
+            "total_reward",
+        ], named
+        found[named["expected_response"][0].value] = named["answer_match"][0].value
+    assert found == {"done": True, "42": False}
