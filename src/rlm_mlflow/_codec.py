@@ -553,6 +553,7 @@ def encode_start(
     flags: int = 0,
     benchmark: bool = False,
     dataset: dict[str, Any] | None = None,
+    bench_no: int | None = None,
 ) -> bytes:
     document: dict[str, Any] = {
         "run_id": run_id,
@@ -570,6 +571,8 @@ def encode_start(
         document["benchmark"] = True
     if dataset is not None:
         document["dataset"] = dataset
+    if bench_no is not None:
+        document["bench_no"] = bench_no
     return _PREFIX.pack(KIND_START, flags, run_no, timestamp_ns) + _json(document)
 
 
@@ -672,6 +675,7 @@ def decode(payload: bytes | memoryview) -> Event:
                 replaced,
                 bool(document.get("benchmark")),
                 document.get("dataset") if isinstance(document.get("dataset"), dict) else None,
+                document.get("bench_no") if type(document.get("bench_no")) is int else None,
             )
         if kind == KIND_END:
             return RunEnd(

@@ -106,6 +106,7 @@ class RunStart:
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
     benchmark: bool = False  # a benchmark's evaluation run: its root runs are its cases
     dataset: dict[str, Any] | None = None  # a benchmark's dataset: name, digest, rows
+    bench_no: int | None = None  # the benchmark this root run is a case of
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,14 +215,13 @@ class Pipeline:
                 new = OpenRun(next(self.run_numbers), rid, me)
                 new.previous = run
                 run = self.by_thread[(rid, me)] = self.by_id[rid] = new
-            parent_no = None
+            bench_no = None
             if parent is not None:
                 run.root = parent.root
                 run.parent = parent
-                parent_no = parent.no
-            elif self.bench is not None and not benchmark:  # a case: its own trace, nested
-                parent_no = self.bench.no
-                self.cases[rid] = (parent_no, run.no)
+            elif self.bench is not None and not benchmark:  # a case of the open benchmark
+                bench_no = self.bench.no
+                self.cases[rid] = (bench_no, run.no)
             run.last_ns = now = now_ns()
             depth = params.get("depth") if type(params) is dict else None
             payload = _codec.encode_start(
@@ -232,13 +231,14 @@ class Pipeline:
                 environment=environment,
                 task_chars=task_chars,
                 params=params,
-                parent_no=parent_no,
+                parent_no=parent.no if parent is not None else None,
                 root_no=run.root,
                 parent_step=parent.steps if parent is not None else None,
                 depth=depth,
                 task=_codec.text_document(task, "task", self.texts) if task is not None else None,
                 benchmark=benchmark,
                 dataset=dataset,
+                bench_no=bench_no,
             )
             self.admit(payload, ctl=True, start=True)
         except Exception:

@@ -71,6 +71,7 @@ class TracesExporter:
         )
         self.benchmarks: set[int] = set()  # evaluation runs: no trace of their own
         self.datasets: dict[int, Dataset] = {}  # an evaluation run's input
+        self.case_of: dict[int, int] = {}  # a benchmark's case (root run) -> the benchmark
         # benchmark -> case -> its figures (reward, completed, tokens, duration, verdict)
         self.figures: dict[int, dict[int, dict[str, float]]] = {}
 
@@ -90,6 +91,8 @@ class TracesExporter:
         """Remember what the spans of these runs need (their starts), even with traces off."""
         for work in works:
             for start in work.starts:
+                if start.bench_no is not None:
+                    self.case_of[work.no] = start.bench_no
                 if start.benchmark:
                     self.benchmarks.add(work.no)
                     dataset = _dataset_of(start.dataset)
@@ -153,12 +156,16 @@ class TracesExporter:
             info = self._info(work)
             trace_id = self.ids.trace_hex(info.root_no)
             outcome = await self.assessments.write(trace_id, outcome_of(trace_id, end))
-            bench = info.parent_no  # a root run with a parent is a benchmark's case
+            bench = self.case_of.get(work.no)
             if bench is not None and outcome == SENT:
                 ref = self.runs.ref_of(bench)
-                if ref is not None:
+                if ref is None:  # the evaluation run could not be had yet: kept for replay
+                    outcome = DEFERRED
+                else:
                     outcome = await self.assessments.link(ref.run_uuid, [trace_id])
-                self._case_figures(bench, work.no, info.start_ns, end)
+                if outcome == SENT:
+                    self.case_of.pop(work.no, None)
+                    self._case_figures(bench, work.no, info.start_ns, end)
             outcomes[work.no] = worse(outcomes[work.no], outcome)
         for work in works:
             if work.no not in self.benchmarks or outcomes[work.no] != SENT:
