@@ -4,8 +4,8 @@
 marked the way ``mlflow.genai.evaluate`` marks its runs (tag ``mlflow.runType`` =
 ``genai_evaluate``), so MLflow's **Evaluation runs** page lists it and compares two of them case
 by case. Every root run the sink sees while the benchmark is open, on any thread, is one of its
-cases: its MLflow run nests under the evaluation run, its trace (a trace of its own) is linked to
-it and carries ``total_reward`` and ``completed`` as Feedback. ``bench.record(run_id,
+cases: its trace is linked to the evaluation run (its own MLflow run stays a run of its own) and
+carries ``total_reward`` and ``completed`` as Feedback. ``bench.record(run_id,
 expected=..., verdict=...)`` adds the case's expected answer (Expectation ``expected_response``)
 and a judge's verdict (Feedback ``judge``, with its rationale). At the end the evaluation run
 gets the aggregates: ``reward/mean``, ``completed/mean``, ``judge/mean`` (when verdicts are bools

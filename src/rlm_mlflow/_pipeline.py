@@ -215,13 +215,12 @@ class Pipeline:
                 new = OpenRun(next(self.run_numbers), rid, me)
                 new.previous = run
                 run = self.by_thread[(rid, me)] = self.by_id[rid] = new
-            bench_no = parent_no = None
+            bench_no = None
             if parent is not None:
                 run.root = parent.root
                 run.parent = parent
-                parent_no = parent.no
-            elif self.bench is not None and not benchmark:  # a case: nested, its own trace
-                bench_no = parent_no = self.bench.no
+            elif self.bench is not None and not benchmark:  # a case of the open benchmark
+                bench_no = self.bench.no
                 self.cases[rid] = (bench_no, run.no)
             run.last_ns = now = now_ns()
             depth = params.get("depth") if type(params) is dict else None
@@ -232,7 +231,7 @@ class Pipeline:
                 environment=environment,
                 task_chars=task_chars,
                 params=params,
-                parent_no=parent_no,
+                parent_no=parent.no if parent is not None else None,
                 root_no=run.root,
                 parent_step=parent.steps if parent is not None else None,
                 depth=depth,
