@@ -9,7 +9,8 @@ them (``feedback.total_reward > 0.5``).
 Each create makes a new assessment server-side, so exactly once is ours: every assessment
 carries a key stable for (trace, name) in its metadata, and one write is "read the trace's keys,
 create what is missing", retried whole. A lost answer, a retry or a replay after ``kill -9``
-reads the keys again and creates nothing twice. The trace's journal records keep their traces
+reads the keys again and creates nothing twice. (A trace's first write in a live process skips
+the read: nothing can be there yet.) The trace's journal records keep their traces
 "done" bit until their assessments are written, so what is not written is replayed.
 
 A store without assessments (MLflow older than 3, a transport without the calls) turns them off
@@ -95,6 +96,7 @@ class AssessmentsExporter:
         self._transport = transport
         self.unsupported: str | None = None  # why assessments are off for this store
         self.written = 0
+        self.tried: set[str] = set()  # traces whose write was tried and not confirmed
 
     def _off(self, why: str) -> None:
         self.unsupported = why
@@ -120,13 +122,16 @@ class AssessmentsExporter:
             self._not_written(len(assessments), "assessments_unsupported")
             return SENT
         assert isinstance(store, AssessmentStore)
+        # Nothing can be there yet on a trace's first try in a live process: no read then.
+        look = self.runs.replaying or trace_id in self.tried
+        self.tried.add(trace_id)
+        writer = _Writer(store, trace_id, list(assessments), look=look)
         try:
-            written = await self.caller.call(
-                "write assessments", _write_missing, store, trace_id, list(assessments)
-            )
+            written = await self.caller.call("write assessments", writer)
         except StoreRefused:
             return HOLD
         except PermanentError as exc:
+            self.tried.discard(trace_id)  # settled: never tried again
             if exc.code == ASSESSMENTS_UNSUPPORTED:
                 self._off(self.caller.clean(str(exc)))
                 self._not_written(len(assessments), "assessments_unsupported")
@@ -150,6 +155,7 @@ class AssessmentsExporter:
             )
             return DEFERRED
         self.written += written
+        self.tried.discard(trace_id)
         return SENT
 
     async def link(self, run_uuid: str, trace_ids: Sequence[str]) -> Outcome:
@@ -174,13 +180,25 @@ class AssessmentsExporter:
         return SENT
 
 
-def _write_missing(store: AssessmentStore, trace_id: str, assessments: list[Assessment]) -> int:
-    """Read the trace's keys, create what is missing: one unit, safe to run again."""
-    held = store.assessment_keys(trace_id)
-    written = 0
-    for assessment in assessments:
-        if assessment.key not in held:
-            store.create_assessment(trace_id, assessment)
-            held.add(assessment.key)
-            written += 1
-    return written
+class _Writer:
+    """One write: read the trace's keys (unless nothing can be there yet), create what is
+    missing. Every later try of it reads first: an answer lost may have hidden a create."""
+
+    def __init__(
+        self, store: AssessmentStore, trace_id: str, assessments: list[Assessment], *, look: bool
+    ) -> None:
+        self.store = store
+        self.trace_id = trace_id
+        self.assessments = assessments
+        self.look = look
+
+    def __call__(self) -> int:
+        held = self.store.assessment_keys(self.trace_id) if self.look else set()
+        self.look = True
+        written = 0
+        for assessment in self.assessments:
+            if assessment.key not in held:
+                self.store.create_assessment(self.trace_id, assessment)
+                held.add(assessment.key)
+                written += 1
+        return written
