@@ -14,7 +14,7 @@ import pytest
 
 from promises_support import Agent, replay_cli
 from rlm_mlflow import MLflowSink
-from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
+from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def ours(trace: Any) -> dict[str, list[Any]]:
 
 
 def assert_each_once(client: Any, experiment: str, count: int) -> None:
-    traces = traces_of(client, experiment)
+    traces = {k: v for k, v in traces_of(client, experiment).items() if k.startswith("scored-")}
     assert sorted(traces) == sorted(f"scored-{i}" for i in range(count))
     for index in range(count):
         named = ours(traces[f"scored-{index}"])
@@ -102,6 +102,26 @@ def test_a_create_whose_answer_was_lost_is_not_written_twice(
     assert sink.status()["deferred"] == 0, sink.status()
     assert sink.status()["retries"] >= 2, sink.status()  # the two lost answers were retried
     assert_each_once(mlflow_client, experiment_name, 2)
+
+
+def test_an_outage_as_the_runs_end_loses_and_repeats_no_assessment(
+    proxy: FaultProxy, mlflow_client: Any, experiment_name: str
+) -> None:
+    """The server is unreachable when the runs end (connections refused) and comes back: runs,
+    spans and assessments all land, each assessment once."""
+    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+    sink.on_run_start("warm-up", task="t", environment="e", params={})
+    sink.on_run_end("warm-up", result={"completed": True}, run_path=None)
+    assert sink.flush(WAIT)  # the experiment exists
+    proxy.set(mode="refuse")
+    run_scored(sink, 3)
+    assert wait_for(lambda: sink.status()["retries"] > 0, WAIT)  # the worker met the outage
+    proxy.set(mode="pass")
+    sink.close(WAIT)
+    status = sink.status()
+    assert status["deferred"] == 0, status
+    assert not status["dropped"], status
+    assert_each_once(mlflow_client, experiment_name, 3)
 
 
 def test_assessments_lost_at_kill_9_are_written_once_by_replay(
