@@ -6,7 +6,10 @@ and opens it in a real headless Chromium (Debian's ``chromium``, driven by Playw
 - ``docs/img/mlflow-ui.png``: the runs view, every parent run expanded, the reward charts;
 - ``docs/img/mlflow-trace.png``: the Traces view of the experiment, with the trace of a root run
   whose children delegated again open: the recursion as a span tree, one of a child's steps
-  selected (the code it ran, what it printed).
+  selected (the code it ran, what it printed), in the view MLflow opens by default (Pretty).
+
+Runs are reached as a user does: the experiment, then the *Model training* toggle (the browser
+remembers it, so the run pages the list links to open there too).
 
 Run it with ``bash scripts/screenshot``; it installs what it needs.
 """
@@ -63,17 +66,28 @@ def expand_all(page: Any) -> int:
     return clicks
 
 
+def close_hints(page: Any) -> None:
+    """Close what a first visit shows: the "Detect issues" hint, the Assistant panel."""
+    for name in ("Got it", "Close"):
+        found = page.get_by_role("button", name=name)
+        if found.count():
+            found.last.click()
+
+
 def capture(url: str, out: Path, width: int, height: int) -> None:
+    """The runs of the experiment at ``url``, reached through the Model training toggle."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(url)
+        page.get_by_text("Model training", exact=True).first.wait_for(timeout=60_000)
+        page.wait_for_timeout(2000)  # first-visit hints appear
+        close_hints(page)
+        page.get_by_text("Model training", exact=True).first.click()  # remembered by the browser
         page.wait_for_selector('[data-testid="experiment-view-table-run-color"]', timeout=60_000)
-        assistant = page.get_by_role("button", name="Close")
-        if assistant.count():
-            assistant.last.click()  # the MLflow Assistant side panel
+        close_hints(page)
         page.locator('label:has(input[name="runs-view-mode"][value="TABLE"])').click()
         expanded = expand_all(page)
         page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
@@ -120,10 +134,7 @@ def capture_trace(server_uri: str, experiment_id: str, trace_id: str, out: Path)
         page.goto(traces)
         page.wait_for_selector("text=Traces", timeout=60_000)
         page.wait_for_timeout(2000)  # first-visit hints appear
-        for name in ("Got it", "Close"):  # the "Detect issues" hint, the Assistant panel
-            found = page.get_by_role("button", name=name)
-            if found.count():
-                found.last.click()
+        close_hints(page)
         page.goto(f"{traces}?traceId={trace_id}")
         drawer = page.get_by_role("dialog").last
         drawer.get_by_text("Spans").wait_for(timeout=60_000)
@@ -132,9 +143,8 @@ def capture_trace(server_uri: str, experiment_id: str, trace_id: str, out: Path)
         deepest = max(boxes, key=lambda pair: (pair[0]["x"], -pair[1]))[1]
         steps.nth(deepest).click()  # its code and what it printed
         drawer.get_by_text("stdout").first.wait_for(timeout=30_000)
-        for _ in range(2):  # Inputs, then Outputs: YAML shows code and output as written
-            drawer.get_by_text("Pretty", exact=True).first.click()
-            page.get_by_text("YAML", exact=True).last.click()
+        # The default view (Pretty) shows the code as a code block, a comment as a comment.
+        drawer.get_by_text(re.compile(r"^# step \d+: ")).first.wait_for(timeout=30_000)
         page.wait_for_timeout(800)  # the span panel settles
         out.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(out))
@@ -171,8 +181,7 @@ def main() -> None:
             print_report(report)
             experiment = MlflowClient(server.uri).get_experiment_by_name("rlm-mlflow-demo")
             assert experiment is not None
-            runs = f"#/experiments/{experiment.experiment_id}/runs"
-            url = f"{server.uri}/{runs}?workflowType=machine_learning"  # "Model training"
+            url = f"{server.uri}/#/experiments/{experiment.experiment_id}"
             capture(url, args.out.resolve(), args.width, args.height)
             trace_id = deepest_trace(MlflowClient(server.uri), experiment.experiment_id)
             capture_trace(server.uri, experiment.experiment_id, trace_id, args.trace_out.resolve())

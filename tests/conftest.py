@@ -50,7 +50,8 @@ def experiment_name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def read_runs(mlflow_server: MlflowServer) -> Callable[[str], dict[str, Any]]:
-    """Read every run of an experiment back from the server, keyed by run name."""
+    """Read every run of an experiment back from the server, keyed by RLM run id (its
+    ``run_id`` tag; a run the sink did not make by its name)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)
@@ -61,8 +62,9 @@ def read_runs(mlflow_server: MlflowServer) -> Callable[[str], dict[str, Any]]:
         runs = client.search_runs([found.experiment_id], max_results=1000)
         by_name: dict[str, Any] = {}
         for run in runs:
-            assert run.info.run_name not in by_name, f"duplicate run {run.info.run_name}"
-            by_name[run.info.run_name] = run
+            name = run.data.tags.get("run_id", run.info.run_name)
+            assert name not in by_name, f"duplicate run {name}"
+            by_name[name] = run
         return by_name
 
     return read

@@ -28,9 +28,32 @@ WAIT = 60.0
 POLL = 0.02
 
 
+#: Extra patience asked for by the person running the tests (``RLM_MLFLOW_TEST_PATIENCE=3``).
+_PATIENCE = float(os.environ.get("RLM_MLFLOW_TEST_PATIENCE") or 1.0)
+#: How far the machine's load may stretch a deadline.
+_MOST_STRETCH = 8.0
+
+
+def patient(seconds: float) -> float:
+    """A deadline for something expected to happen, stretched by how busy the machine is now.
+
+    On an idle machine it is ``seconds``; with the load average at twice the cores it is twice
+    that (at most 8x), so a test on a machine shared with other jobs waits longer instead of
+    failing. Only for waits that end early when the thing happens, never for a deadline whose
+    expiry is what a test checks (``close(1.0)`` giving up in time).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on every platform
+        load = 0.0
+    stretch = min(_MOST_STRETCH, max(1.0, load / (os.cpu_count() or 1)))
+    return seconds * stretch * _PATIENCE
+
+
 def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False); the
+    timeout is stretched by the machine's load (:func:`patient`)."""
+    deadline = time.monotonic() + patient(timeout)
     while True:
         if predicate():
             return True
@@ -43,6 +66,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
     """Like :func:`eventually`, but a missed deadline fails the test, saying what was awaited."""
     if not eventually(predicate, timeout):
         raise AssertionError(f"not within {timeout:g} s: {what}")
+
+
+def span_label(span: Any) -> str:
+    """A span's name; for a run's AGENT span (named after its task), its RLM run id."""
+    if span.span_type == "AGENT":
+        return str(span.attributes.get("rlm.run_id"))
+    return str(span.name)
 
 
 def assert_accounted(status: Mapping[str, Any]) -> None:
@@ -157,7 +187,9 @@ class Agent:
         self.lines.append(line)
 
     def next_line(self, timeout: float) -> str | None:
-        """The next line of stdout; None at end of file; an AssertionError at the deadline."""
+        """The next line of stdout; None at end of file; an AssertionError at the deadline
+        (stretched by the machine's load)."""
+        timeout = patient(timeout)
         deadline = time.monotonic() + timeout
         while not self._unread:
             if self._eof:
@@ -192,7 +224,9 @@ class Agent:
         return self._eof and not self._unread
 
     def expect(self, prefix: str, timeout: float = WAIT) -> str:
-        """Read lines until one starts with ``prefix`` (the readiness line), within ``timeout``."""
+        """Read lines until one starts with ``prefix`` (the readiness line), within ``timeout``
+        (stretched by the machine's load)."""
+        timeout = patient(timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -234,7 +268,9 @@ class Agent:
 
     def wait(self, timeout: float) -> int:
         """The exit code (negative: the signal that killed it); a failure if it is still running
-        after ``timeout`` seconds (it is then killed, so nothing outlives the test)."""
+        after ``timeout`` seconds, stretched by the machine's load (it is then killed, so
+        nothing outlives the test)."""
+        timeout = patient(timeout)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -282,10 +318,11 @@ class Store:
         return list(self.client.search_runs([experiment_id], run_view_type=view, max_results=5000))
 
     def by_name(self, experiment: str, *, missing_ok: bool = False) -> dict[str, Any]:
-        """Active runs keyed by run name; two active runs of one name fail the test."""
+        """Active runs keyed by RLM run id (their ``run_id`` tag; a run the sink did not make
+        by its name); two active runs of one id fail the test."""
         out: dict[str, Any] = {}
         for run in self.runs(experiment, missing_ok=missing_ok):
-            name = run.info.run_name
+            name = run.data.tags.get("run_id", run.info.run_name)
             assert name not in out, f"two active runs named {name!r} in {experiment!r}"
             out[name] = run
         return out
@@ -336,5 +373,5 @@ def close_within(sink: Any, timeout: float) -> None:
     """``close(timeout)`` on a thread of its own; it must return by its deadline (+ slack)."""
     closer = threading.Thread(target=sink.close, args=(timeout,), name="closer")
     closer.start()
-    closer.join(timeout + 10.0)
+    closer.join(timeout + patient(10.0))
     assert not closer.is_alive(), f"close({timeout}) did not return"

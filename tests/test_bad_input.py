@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from promises_support import patient
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MemoryRun, MemoryTransport, MlflowServer
 
@@ -266,7 +267,7 @@ def test_all_bad_input_against_a_real_server(
             if case.name in ("started-twice", "end-without-start"):
                 continue  # two MLflow runs share a name there; covered above
             case.action(sink, f"case-{case.name}", tmp_path)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
         status = sink.status()
     assert status["refused"] == 0
     assert status["dropped"] == {}

@@ -151,11 +151,12 @@ def test_a_benchmark_is_an_evaluation_run_with_its_cases_traces_and_their_assess
     assert "total_reward" not in a.data.metrics  # an evaluation run has its aggregates only
     artifacts = [f.path for f in mlflow_client.list_artifacts(a.info.run_id)]
     assert any("report.json" in path for path in artifacts), artifacts
-    # The case runs are runs of their own (the Evaluation runs page lists the benchmarks only);
-    # a reward filter on the evaluation run's traces finds the right cases.
-    case = mlflow_client.search_runs(
-        [a.info.experiment_id], filter_string="attributes.run_name = 'model-a-0'"
-    )[0]
+    # The case runs are runs of their own (the Evaluation runs page compares two runs, and
+    # selecting a parent selects its children); a reward filter on the evaluation run's traces
+    # finds the right cases.
+    (case,) = mlflow_client.search_runs(
+        [a.info.experiment_id], filter_string="tags.run_id = 'model-a-0'"
+    )
     assert "mlflow.parentRunId" not in case.data.tags
     assert "mlflow.runType" not in case.data.tags
     good = linked_traces(mlflow_client, a, "feedback.total_reward > 0.5")

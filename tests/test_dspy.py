@@ -25,8 +25,9 @@ from dspy.lm15 import Usage
 from dspy.primitives.local_interpreter import LocalInterpreter
 from dspy.utils.dummies import DummyLM
 
-from promises_support import Store
+from promises_support import Store, patient, span_label
 from rlm_mlflow import MLflowSink
+from rlm_mlflow._exporters.spans import code_block
 from rlm_mlflow.dspy import RLMCallback
 from rlm_mlflow.testing import MlflowServer
 
@@ -133,7 +134,7 @@ def sink(mlflow_server: MlflowServer, experiment_name: str) -> Iterator[MLflowSi
 
 def settle(sink: MLflowSink) -> None:
     """Everything the sink accepted is in MLflow, every run ended."""
-    assert sink.flush(60)
+    assert sink.flush(patient(60))
     sink.close()
     status = sink.status()
     assert status["dropped"] == {}
@@ -229,11 +230,21 @@ def test_one_run_per_call_with_params_steps_and_model_calls(
     steps = steps_of(trace, root)
     assert [s.name for s in steps] == [f"step {n}: iteration" for n in (1, 2, 3, 4)]
     assert all(s.span_type == "TOOL" for s in steps)
-    assert steps[0].inputs == {"code": "print(len(context))", "rationale": "look at the data"}
-    assert steps[0].outputs == {"stdout": str(len(context)), "stderr": "", "success": True}
-    assert steps[1].inputs["code"] == "r = llm_query('summarize: ' + query)\nprint(r)"  # unfenced
+    assert steps[0].inputs == {
+        "code": code_block("print(len(context))", "python"),
+        "rationale": "look at the data",
+    }
+    assert steps[0].outputs == {
+        "stdout": code_block(str(len(context))),
+        "stderr": "",
+        "success": True,
+    }
+    # What ran: the model's own fences taken off, the span's code block around it.
+    assert steps[1].inputs["code"] == code_block(
+        "r = llm_query('summarize: ' + query)\nprint(r)", "python"
+    )
     assert "a summary" in steps[1].outputs["stdout"]
-    assert steps[3].outputs["stdout"] == "SUBMIT({'answer': 'forty-two'})"
+    assert steps[3].outputs["stdout"] == code_block("SUBMIT({'answer': 'forty-two'})")
     models = [sorted(c.name for c in children_of(trace, s)) for s in steps]
     assert models == [
         ["scripted/main"],
@@ -243,8 +254,8 @@ def test_one_run_per_call_with_params_steps_and_model_calls(
     ]
     calls = [c for s in steps for c in children_of(trace, s)]
     assert all(c.span_type == "LLM" for c in calls)
-    summary = next(c for c in calls if c.inputs.get("prompt", "").startswith("summarize"))
-    assert summary.inputs == {"prompt": "summarize: what is it about?"}
+    summary = next(c for c in calls if "summarize" in c.inputs.get("prompt", ""))
+    assert summary.inputs == {"prompt": code_block("summarize: what is it about?")}
     assert "a summary" in summary.outputs["response"]
     by_prompt = {r.prompt: r for r in sub.reported}
     usage = summary.attributes["mlflow.chat.tokenUsage"]
@@ -380,7 +391,7 @@ def test_a_sub_agent_is_a_child_run_under_the_step_that_called_it(
     assert len(runs) == 2
     (parent,) = [r for r in runs.values() if "parent_run_id" not in r.data.params]
     (child,) = [r for r in runs.values() if "parent_run_id" in r.data.params]
-    assert child.data.params["parent_run_id"] == parent.info.run_name
+    assert child.data.params["parent_run_id"] == parent.data.tags["run_id"]
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.data.params["depth"] == "1"
     assert child.data.params["signature"] == "text -> summary"
@@ -394,14 +405,14 @@ def test_a_sub_agent_is_a_child_run_under_the_step_that_called_it(
     assert trace.info.token_usage == tokens_of(main, sub)
     spans = trace.data.spans
     by_id = {s.span_id: s for s in spans}
-    agent = next(s for s in spans if s.name == child.info.run_name)
+    agent = next(s for s in spans if span_label(s) == child.data.tags["run_id"])
     assert agent.span_type == "AGENT"
     assert by_id[agent.parent_id].name == "step 2: iteration"
-    assert by_id[by_id[agent.parent_id].parent_id].name == parent.info.run_name
+    assert span_label(by_id[by_id[agent.parent_id].parent_id]) == parent.data.tags["run_id"]
     child_steps = steps_of(trace, agent)
     assert [s.name for s in child_steps] == ["step 1: iteration", "step 2: iteration"]
     assert sorted(c.name for c in children_of(trace, child_steps[0])) == ["scripted/sub"] * 2
-    assert child_steps[0].outputs["stdout"].endswith("gist")
+    assert child_steps[0].outputs["stdout"].endswith("gist\n```")
     assert agent.outputs["final_response"] == "the gist"
 
 
@@ -438,9 +449,9 @@ def check_separate_runs(
         seen.add(task)
         steps = steps_of(trace, root)
         assert [s.name for s in steps] == [f"step {n}: iteration" for n in (1, 2, 3)]
-        assert steps[0].outputs["stdout"] == task
+        assert steps[0].outputs["stdout"] == code_block(task)
         (echo,) = [c for c in children_of(trace, steps[1]) if c.name == "scripted/sub"]
-        assert echo.inputs == {"prompt": f"echo {task}"}
+        assert echo.inputs == {"prompt": code_block(f"echo {task}")}
         assert f"echoed {task}" in steps[1].outputs["stdout"]
         assert run.data.metrics["steps"] == 3.0
         assert run.data.metrics["completed"] == 1.0

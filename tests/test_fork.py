@@ -203,3 +203,15 @@ def test_replay_keeps_a_journal_without_a_valid_key_prefix(journal_dir: Path) ->
     report = replay(journal_dir, transport=store)
     assert report.ok, report
     assert [run.status for run in store.by_name("kept")] == ["FINISHED"]
+
+
+def test_a_sigterm_sent_before_a_forked_child_first_runs_still_ends_it(
+    agents: Spawn, experiment_name: str
+) -> None:
+    """The sink's SIGTERM handler is a Python one, and Python forgets in a new child every signal
+    that came before its own after-fork work: a pool terminated on a busy machine left children
+    that never died. Signals stay blocked through the fork, so each child still dies of it."""
+    agent = agents("fork_sigterm.py", "http://127.0.0.1:1", experiment_name, "5")
+    line = agent.expect("ENDED", WAIT + 5 * 60)
+    assert json.loads(line.split(" ", 1)[1]) == ["signal 15"] * 5
+    assert agent.wait(WAIT) == 0

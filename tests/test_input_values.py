@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from promises_support import Store
+from promises_support import Store, patient
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MemoryTransport, MlflowServer
 
@@ -70,7 +70,7 @@ def test_a_bad_field_of_a_step_is_left_out_and_the_step_lands(
             event = {"step": n, "reward": 2.0, "usage": USAGE, **fields}
             sink.on_step(name, event=event, cumulative_reward=1.0 + 2.0 * n)
         sink.on_run_end(name, result={"completed": True}, run_path=None)
-        assert sink.flush(30)
+        assert sink.flush(patient(30))
     status = sink.status()
     run = memory.one(name)
     assert run.status == "FINISHED"
@@ -95,7 +95,7 @@ def test_a_mapping_event_with_an_unreadable_field_keeps_its_rewards() -> None:
         sink.on_run_start("mapping", task="t", environment="e", params={})
         sink.on_step("mapping", event=event, cumulative_reward=2.0)
         sink.on_run_end("mapping", result={"completed": True}, run_path=None)
-        assert sink.flush(30)
+        assert sink.flush(patient(30))
     run = memory.one("mapping")
     assert run.history("step_reward") == [(1, 2.0)]
     assert run.history("step_input_tokens") == [(1, 7.0)]
@@ -109,7 +109,7 @@ def test_an_array_as_parent_run_id_is_an_unknown_parent_not_a_lost_run() -> None
         sink.on_run_start("child", task="t", environment="e", params={"parent_run_id": np.ones(3)})
         sink.on_step("child", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
         sink.on_run_end("child", result={"completed": True}, run_path=None)
-        assert sink.flush(30)
+        assert sink.flush(patient(30))
     assert memory.one("child").history("step_reward") == [(0, 1.0)]
     assert sink.status()["rejected"]["parent_unknown"] == 1
 
@@ -136,7 +136,7 @@ def test_numpy_counts_and_times_are_kept_not_dropped() -> None:
         sink.on_run_start("numpy", task="t", environment="e", params={})
         sink.on_step("numpy", event=event, cumulative_reward=2.0)
         sink.on_run_end("numpy", result={"completed": True}, run_path=None)
-        assert sink.flush(30)
+        assert sink.flush(patient(30))
     run = memory.one("numpy")
     assert run.history("step_input_tokens") == [(1, 7.0)]
     assert run.history("step_output_tokens") == [(1, 3.0)]
@@ -170,7 +170,7 @@ def test_an_array_or_dataframe_final_response_ends_the_run_finished_with_its_sum
             sink.on_step(name, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
             result = {"completed": True, "steps": 1, "total_reward": 1.0, "final_response": make()}
             sink.on_run_end(name, result=result, run_path=None)
-        assert sink.flush(120)
+        assert sink.flush(patient(120))
         status = sink.status()
     assert "hook_error" not in status["rejected"], status["rejected"]
     runs = read_runs(experiment_name)
@@ -202,7 +202,7 @@ def test_a_lone_surrogate_in_a_param_is_replaced_and_every_param_beside_it_lands
             sink.on_run_start(run_id, task="t", environment="e", params=params)
             sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
             sink.on_run_end(run_id, result={"completed": True}, run_path=None)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
         status = sink.status()
     assert status["rejected"].get("text_replaced", 0) >= 2, status["rejected"]
     said = [r.getMessage() for r in caplog.records if "surrogate" in r.getMessage()]
@@ -227,11 +227,11 @@ def test_a_run_id_with_a_lone_surrogate_names_its_run_and_its_run_id_tag(
         sink.on_run_start(run_id, task="t", environment="e", params={"good": 1})
         sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
         sink.on_run_end(run_id, result={"completed": True}, run_path=None)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
         status = sink.status()
     assert status["rejected"].get("text_replaced", 0) >= 1, status["rejected"]
     (run,) = store.runs(experiment_name)
-    assert run.info.run_name == clean
+    assert run.info.run_name == "t · rogate"  # its task, then the end of its id
     assert run.data.tags["run_id"] == clean
     assert run.data.params["good"] == "1"
     assert run.info.status == "FINISHED"
@@ -256,13 +256,13 @@ def test_a_very_long_run_id_is_cut_to_mlflow_s_limits_and_its_spans_land(
         sink.on_run_start(run_id, task="t", environment="e", params={})
         sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
         sink.on_run_end(run_id, result={"completed": True}, run_path=None)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
         status = sink.status()
     assert status["dropped"] == {}, status
     assert status["rejected"].get("name_cut") == 1, status["rejected"]
     (run,) = store.runs(experiment_name)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == run_id[:250]
+    assert run.info.run_name == "t · rrrrrr"  # its task, then the end of its id
     (trace,) = traces_of(store, experiment_name)
     assert len(trace.data.spans) == 2  # the run and its step
     assert trace.info.tags["mlflow.traceName"] == run_id[:250]

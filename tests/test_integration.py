@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
+from promises_support import patient
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer
 
@@ -89,7 +90,7 @@ def test_one_run_lands_as_the_seed_documents(
 ) -> None:
     with sink_for(mlflow_server, experiment_name) as sink:
         agent(sink, "run_20261126_120000_000001", steps=4, trajectory=trajectory)
-        assert sink.flush(30)
+        assert sink.flush(patient(30))
         status = sink.status()
     run = read_runs(experiment_name)["run_20261126_120000_000001"]
     assert run.info.status == "FINISHED"
@@ -162,7 +163,7 @@ def test_concurrent_runs_from_threads_with_recursive_children(
             t.start()
         for t in roots:
             t.join(60)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
     runs = read_runs(experiment_name)
     assert len(runs) == 15
     for n in range(5):
@@ -235,7 +236,7 @@ async def test_async_context_manager_runs_the_worker_in_the_loop(
             for n in range(6):
                 tg.start_soon(task_agent, n)
         sink.on_run_start("left-open", task="t", environment="e", params={})
-        assert await sink.aflush(30)
+        assert await sink.aflush(patient(30))
     assert sink.status()["state"] == "closed"
     runs = await anyio.to_thread.run_sync(read_runs, experiment_name)
     for n in range(6):
@@ -259,7 +260,7 @@ async def test_hooks_inside_a_running_loop_with_a_thread_worker(
     agent(sink, "in-loop", steps=3)  # called right here, on the event loop's thread
     assert sink.status()["state"] == "thread"
     assert loop.is_running()
-    assert await sink.aflush(30)
+    assert await sink.aflush(patient(30))
     await sink.aclose()
     runs = await asyncio.to_thread(read_runs, experiment_name)
     assert runs["in-loop"].info.status == "FINISHED"
@@ -274,7 +275,7 @@ def test_many_steps_go_out_in_few_requests(
     """5,000 steps (10,000 points) of one run: every point lands, in at most a dozen requests."""
     with sink_for(mlflow_server, experiment_name, flush_interval=60, batch_trigger=10**6) as sink:
         agent(sink, "long", steps=5000)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
         requests = sink.status()["requests"]
     run = read_runs(experiment_name)["long"]
     points = history(mlflow_client, run, "cumulative_reward")

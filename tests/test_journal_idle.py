@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from promises_support import patient
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._journal import Journal
 from rlm_mlflow.testing import MemoryTransport, wait_for
@@ -43,14 +44,14 @@ def test_the_first_hook_after_idle_makes_no_journal_on_the_agent_thread(
         run_one(sink, "first")  # the first event of a sink makes its journal: in the hook
         assert [thread for thread, _ in made] == [agent]
         first = made[0][1]
-        assert sink.flush(10)
+        assert sink.flush(patient(10))
         assert wait_for(lambda: not first.exists(), 10), "the idle journal never went"
         in_hooks = sum(thread is agent for thread, _ in made)
 
         run_one(sink, "second")  # the first hooks after the idle time
 
         assert sum(thread is agent for thread, _ in made) == in_hooks, made
-        assert sink.flush(10)
+        assert sink.flush(patient(10))
         current = sink.status()["journal"]
         assert current is not None
         (maker,) = [thread for thread, folder in made if folder == Path(current)]
@@ -73,7 +74,7 @@ def test_a_journal_never_written_to_is_not_swapped_again(
     )
     try:
         run_one(sink, "first")
-        assert sink.flush(10)
+        assert sink.flush(patient(10))
         first = sink.status()["journal"]
         assert wait_for(lambda: sink.status()["journal"] not in (None, first), 10)
         fresh = sink.status()["journal"]

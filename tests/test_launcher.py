@@ -102,7 +102,7 @@ def test_rlm_code_builds_our_sink_under_the_launcher(
         assert run.info.status == "FINISHED"
         assert run.data.tags["rlm_mlflow.key"]  # only our sink writes this tag
         assert run.data.metrics["completed"] == 1.0
-        assert (run_dir / f"{run.info.run_name}.jsonl").exists()
+        assert (run_dir / f"{run.data.tags['run_id']}.jsonl").exists()
     assert [p.step for p in store.client.get_metric_history(root.info.run_id, "step_reward")] == [
         1,
         2,
@@ -161,6 +161,7 @@ def test_the_command_replaces_the_launcher_and_its_status_is_ours(tmp_path: Path
     )
     assert bare.returncode == 2
     assert "usage: rlm-mlflow run -- COMMAND" in bare.stderr
+    assert "no command given" in bare.stderr
 
 
 def test_a_process_that_never_imports_rlm_code_pays_nothing(tmp_path: Path) -> None:

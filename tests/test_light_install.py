@@ -140,6 +140,17 @@ def test_the_runtime_install_is_light(light_venv: LightVenv, tmp_path: Path) -> 
     assert found.pop("rlm_mlflow") is True
     assert not any(found.values()), found
     assert _size_mb(light_venv.root) < LIMIT_MB
+    # The testing helpers are a package of the install, their memory transport usable in it.
+    helpers = (
+        "import importlib.util, json, rlm_mlflow.testing as t\n"
+        "t.MemoryTransport().get_or_create_experiment('e')\n"
+        "names = ['memory', 'server', 'faultproxy']\n"
+        "print(json.dumps([importlib.util.find_spec(f'{t.__name__}.{n}') is not None\n"
+        "                  for n in names]))\n"
+    )
+    done = light_venv.run("-c", helpers, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [True, True, True]
     # The launcher's bootstrap folder is part of the installed package, not only of the checkout.
     hooked = subprocess.run(
         [

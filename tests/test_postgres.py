@@ -324,7 +324,7 @@ def test_agent_processes_in_parallel_into_postgres(
     client = MlflowClient(tracking_uri=scaled_server.uri)
     experiment = client.get_experiment_by_name(experiment_name)
     assert experiment is not None
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = {r.data.tags["run_id"]: r for r in client.search_runs([experiment.experiment_id])}
     expected_runs = {
         name: parent for n in range(processes) for name, parent in run_names(f"p{n}", roots).items()
     }

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from promises_support import WAIT, Store, assert_accounted, assert_each_once, journal_folders
+from promises_support import (
+    WAIT,
+    Store,
+    assert_accounted,
+    assert_each_once,
+    close_within,
+    end,
+    journal_folders,
+)
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer, free_port
 
@@ -28,18 +36,6 @@ def make_sink(uri: str, experiment: str, **kwargs: Any) -> MLflowSink:
 
 def step(sink: MLflowSink, run_id: str, number: Any) -> None:
     sink.on_step(run_id, event={"step": number, "reward": 1.0}, cumulative_reward=2.0)
-
-
-def end(sink: MLflowSink, run_id: str, count: int) -> None:
-    result = {"completed": True, "steps": count, "total_reward": float(count)}
-    sink.on_run_end(run_id, result=result, run_path=None)
-
-
-def close_within(sink: MLflowSink, timeout: float) -> None:
-    closer = threading.Thread(target=sink.close, args=(timeout,), name="closer")
-    closer.start()
-    closer.join(timeout + 10.0)
-    assert not closer.is_alive(), f"close({timeout}) did not return"
 
 
 def rejected(sink: MLflowSink) -> int:

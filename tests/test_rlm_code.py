@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from rlm_code_support import import_or_install
+from promises_support import patient, span_label
+from rlm_code_support import import_or_install, own_tests
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer
 
@@ -313,7 +314,7 @@ def assert_trace_holds(recorder: Recorder, runs: dict[str, Any], client: Any) ->
     spans = trace.data.spans
     assert len({span.span_id for span in spans}) == len(spans)
     by_id = {span.span_id: span for span in spans}
-    agents = {span.name: span for span in spans if span.span_type == "AGENT"}
+    agents = {span_label(span): span for span in spans if span.span_type == "AGENT"}
     assert set(agents) == set(recorder.runs)
     assert agents[root.run_id].parent_id is None
     for run_id, seen in recorder.runs.items():
@@ -367,7 +368,7 @@ def test_a_plain_run(harness: Harness) -> None:
     """One run of the real runner: params, tags, every step, summary, trajectory, FINISHED."""
     result = harness.runner.run_task("plain: sum two numbers", max_steps=5, environment="generic")
     assert result.completed
-    assert harness.sink.flush(30)
+    assert harness.sink.flush(patient(30))
     status = harness.sink.status()
     assert status["dropped"] == {}
     assert status["refused"] == 0
@@ -383,7 +384,7 @@ def test_recursive_children(harness: Harness, parallelism: int) -> None:
     harness.runner.run_task(
         "root: split the work", max_steps=5, environment="generic", parallelism=parallelism
     )
-    assert harness.sink.flush(30)
+    assert harness.sink.flush(patient(30))
     assert_tree(harness.recorder, parallel=parallelism > 1)
     runs = harness.check()
     assert len(runs) == 4
@@ -496,6 +497,47 @@ def test_the_rlm_code_example(
     for run in runs.values():
         assert run.info.status == "FINISHED"
         assert run.data.metrics["completed"] == 1.0
-        assert (tmp_path / "runs" / f"{run.info.run_name}.jsonl").exists()
+        assert (tmp_path / "runs" / f"{run.data.tags['run_id']}.jsonl").exists()
         if run is not root:
             assert run.data.tags["mlflow.parentRunId"] == root.info.run_id
+
+
+#: RLM Code's own tests of its runner and observability; two of them fail without rlm-mlflow
+#: too (they read evaluation packs that only the repository has, not the sdist).
+OWN_TESTS = ("test_rlm_observability.py", "test_rlm_runner.py")
+
+
+def _failed(output: str) -> set[str]:
+    return set(re.findall(r"^FAILED (\S+)", output, re.M))
+
+
+@pytest.mark.slow
+def test_rlm_codes_own_tests_under_rlm_mlflow_run_end_every_run_finished(
+    rlm_code: Any,
+    seed_env: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    tmp_path_factory: pytest.TempPathFactory,
+    journal_dir: Path,
+) -> None:
+    """RLM Code's own test suite builds a runner (and a sink) per test: under ``rlm-mlflow run``
+    the same tests pass as without it, and at exit every run its sinks started is FINISHED in
+    MLflow, with nothing left in a journal."""
+    tests = own_tests(tmp_path_factory.mktemp("rlm-code-sdist"))
+    pytest_command = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"]
+    pytest_command += ["--noconftest", "-o", "addopts=", *(f"tests/{name}" for name in OWN_TESTS)]
+    launcher = str(Path(sys.executable).with_name("rlm-mlflow"))
+
+    def suite(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, cwd=tests.parent, capture_output=True, text=True, timeout=600, check=False
+        )
+
+    alone = suite(pytest_command)
+    swapped = suite([launcher, "run", "--", *pytest_command])
+    assert "passed" in swapped.stdout, swapped.stdout[-3000:] + swapped.stderr[-3000:]
+    assert _failed(swapped.stdout) == _failed(alone.stdout), swapped.stdout[-3000:]
+    runs = read_runs(seed_env)
+    assert len(runs) >= 20, sorted(runs)
+    statuses = {name: run.info.status for name, run in runs.items()}
+    assert set(statuses.values()) == {"FINISHED"}, statuses
+    assert not list(journal_dir.glob("*/meta.json")), "journals left for replay"

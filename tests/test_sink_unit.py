@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from promises_support import patient
 from rlm_mlflow import MLflowSink, PermanentError, TransientError
 from rlm_mlflow.testing import MemoryTransport, wait_for
 
@@ -46,7 +47,7 @@ def test_logs_what_the_seed_documents(tmp_path: Path) -> None:
         sink.on_run_end(
             "r1", result={"completed": True, "steps": 2, "total_reward": 1.25}, run_path=path
         )
-        assert sink.flush(10)
+        assert sink.flush(patient(10))
     run = memory.one("r1")
     assert run.params == {
         "environment": "pure",
@@ -94,7 +95,7 @@ def test_disabled_sink_does_nothing() -> None:
     memory = MemoryTransport()
     sink = MLflowSink(enabled=False, transport=memory)
     run_one(sink, "r")
-    assert sink.flush(1)
+    assert sink.flush(patient(1))
     sink.close()
     assert memory.calls == []
     status = sink.status()
@@ -184,7 +185,7 @@ def test_many_threads_many_runs_all_land_in_order() -> None:
             t.start()
         for t in threads:
             t.join(30)
-        assert sink.flush(30)
+        assert sink.flush(patient(30))
     for n in range(8):
         run = memory.one(f"run-{n}")
         assert [s for s, _ in run.history("cumulative_reward")] == list(range(200))
@@ -204,7 +205,7 @@ def test_batches_stay_within_mlflow_limits() -> None:
         for i in range(1500):
             sink.on_step("big", event={"step": i, "reward": 1.0}, cumulative_reward=float(i))
         sink.on_run_end("big", result={"completed": True}, run_path=None)
-        assert sink.flush(10)
+        assert sink.flush(patient(10))
     run = memory.one("big")
     assert len(run.params) == 252
     assert len(run.history("step_reward")) == 1500
@@ -225,7 +226,7 @@ def test_transient_errors_are_retried_until_data_lands() -> None:
     memory.fail = fail
     with make_sink(memory) as sink:
         run_one(sink, "r", steps=5)
-        assert sink.flush(10)
+        assert sink.flush(patient(10))
     run = memory.one("r")
     assert len(run.history("step_reward")) == 5
     assert sink.status()["retries"] == 5
@@ -269,7 +270,7 @@ def test_a_create_committed_after_the_run_ended_is_deleted(seen_at: str) -> None
     memory.fail = lose_first_create
     sink = make_sink(memory, request_timeout=0.2, shutdown_timeout=10.0)
     run_one(sink, "r")
-    assert sink.flush(20)
+    assert sink.flush(patient(20))
     kept = memory.one("r")
     assert kept.status == "FINISHED"
     # The lost create commits now: a second active run with the same key, empty and RUNNING.
@@ -383,7 +384,7 @@ def test_full_queue_spills_to_the_journal_and_loses_nothing(
         sink.on_run_end(run, result={"completed": True}, run_path=None)
     assert sink.status()["spilled"] > 500
     gate.set()
-    assert sink.flush(20)
+    assert sink.flush(patient(20))
     sink.close(10)
     status = sink.status()
     assert status["dropped"] == {}
@@ -627,14 +628,14 @@ def test_an_idle_sink_lets_go_of_its_journal(
     memory = MemoryTransport()
     sink = make_sink(memory)
     run_one(sink, "first")
-    assert sink.flush(10)
+    assert sink.flush(patient(10))
     first = Path(str(sink.status()["journal"]))
     assert wait_for(lambda: not first.exists())
     fresh = sink.status()["journal"]
     assert fresh is not None
     assert [p.name for p in journal_dir.iterdir()] == [Path(fresh).name]
     run_one(sink, "second")
-    assert sink.flush(10)
+    assert sink.flush(patient(10))
     sink.close()
     assert [r.status for r in memory.runs.values()] == ["FINISHED", "FINISHED"]
     assert list(journal_dir.iterdir()) == []
@@ -646,7 +647,7 @@ class _RefusingParent(MemoryTransport):
     refuse = True
 
     def create_run(self, experiment_id: str, *, run_name: str, **kwargs: Any) -> Any:
-        if self.refuse and run_name == "parent":
+        if self.refuse and dict(kwargs["tags"]).get("run_id") == "parent":
             raise TransientError("the server could not create it this time")
         return super().create_run(experiment_id, run_name=run_name, **kwargs)
 

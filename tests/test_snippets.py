@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from promises_support import child_env
+from promises_support import child_env, patient
 from rlm_code_support import import_or_install
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer
@@ -192,7 +192,7 @@ def test_the_readme_shows_what_status_really_returns(
         enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri
     ) as sink:
         sink.on_run_start("r", task="t", environment="e", params={})
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
         real = sink.status()
     assert list(shown) == list(real)
     assert {k: type(v) for k, v in shown.items()} == {

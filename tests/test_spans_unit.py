@@ -13,9 +13,15 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from rlm_mlflow import MLflowSink
+from rlm_mlflow._events import RunStart, Step, StepDetail, Text, Usage
 from rlm_mlflow._exporters import otlp
-from rlm_mlflow._exporters.spans import Ids, SpanBuilder
+from rlm_mlflow._exporters.convert import run_name
+from rlm_mlflow._exporters.runs import RunWork
+from rlm_mlflow._exporters.spans import Ids, RunInfo, SpanBuilder
+from rlm_mlflow._exporters.traces import TracesExporter
 from rlm_mlflow._transports.base import parse_spans_request
+from rlm_mlflow.testing import MemoryTransport
 
 
 def reference_value(value: Any) -> common_pb2.AnyValue:
@@ -188,3 +194,239 @@ def test_int_subclasses_and_huge_ints_encode_at_once_and_never_raise() -> None:
         f"string_value <int of {(10**5000).bit_length()} bits>",
         "string_value <Unprintable>",
     ]
+
+
+# -- what the MLflow UI shows: span shapes --------------------------------------------------------
+
+
+def decoded(value: common_pb2.AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "kvlist_value":
+        return {kv.key: decoded(kv.value) for kv in value.kvlist_value.values}
+    if kind == "array_value":
+        return [decoded(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+def spans_of(memory: MemoryTransport) -> dict[str, Any]:
+    """Every span the sink sent, by name (a run's AGENT span by its RLM run id): its attributes
+    decoded, its times."""
+    out: dict[str, Any] = {}
+    for span in memory.spans.values():
+        attributes = {kv.key: decoded(kv.value) for kv in span.attributes}
+        name = span.name
+        if attributes.get("mlflow.spanType") == "AGENT":
+            name = attributes["rlm.run_id"]
+        out[name] = (attributes, span.start_time_unix_nano, span.end_time_unix_nano)
+    return out
+
+
+def code_event(number: int, code: str, stdout: str, stderr: str = "") -> dict[str, Any]:
+    return {
+        "type": "step",
+        "step": number,
+        "reward": 0.5,
+        "action": {"action": "run_python", "code": code, "rationale": "a *first* look"},
+        "observation": {
+            "success": not stderr,
+            "stdout": stdout,
+            "stderr": stderr,
+            "execution_time": 0.004,
+        },
+        "usage": {"total_calls": 1, "prompt_tokens": 10, "completion_tokens": 2},
+    }
+
+
+def test_code_and_output_are_fenced_code_blocks_the_pretty_view_shows_as_written() -> None:
+    """MLflow's default trace view renders a string as Markdown (``# step 0`` a heading, lines
+    run together) but a fenced code block as written: code goes as a python block, stdout and
+    stderr as plain blocks, a fence longer than any backticks inside; prose stays prose."""
+    code = "# step 0: look at the data\nx = [1, 2]\nfor v in x:\n    print(v)\n"
+    tricky = "print('```')\n```\n````"
+    memory = MemoryTransport()
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.05) as sink:
+        sink.on_run_start("r", task="# look at the data", environment="e", params={})
+        sink.on_step("r", event=code_event(0, code, "1\n2\n"), cumulative_reward=0.5)
+        sink.on_step("r", event=code_event(1, tricky, "", "Traceback: *boom*"), cumulative_reward=0)
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    spans = spans_of(memory)
+    first = spans["step 0: run_python"][0]
+    assert first["mlflow.spanInputs"] == {
+        "code": "```python\n" + code + "```",
+        "rationale": "a *first* look",
+    }
+    assert first["mlflow.spanOutputs"] == {
+        "stdout": "```\n1\n2\n```",
+        "stderr": "",  # nothing to show: no empty block
+        "success": True,
+    }
+    second = spans["step 1: run_python"][0]
+    assert second["mlflow.spanInputs"]["code"] == "`````python\n" + tricky + "\n`````"
+    assert second["mlflow.spanOutputs"]["stderr"] == "```\nTraceback: *boom*\n```"
+    assert second["mlflow.spanOutputs"]["stdout"] == ""
+    assert spans["r"][0]["mlflow.spanInputs"] == {"task": "# look at the data"}
+    # The run's span, and its trace, are named as its MLflow run is: by the task, then the id.
+    agent = spans["r"][0]
+    assert agent["mlflow.traceTag.mlflow.traceName"] == "# look at the data · r"
+    assert "# look at the data · r" in {span.name for span in memory.spans.values()}
+
+
+def test_a_model_calls_prompt_and_response_are_shown_as_sent() -> None:
+    """A model call's prompt and response (DSPy's ``[[ ## field ## ]]`` blocks, line by line)
+    are code blocks too; a response holding the model's own fenced code keeps it, inside a
+    longer fence."""
+    prompt = "[[ ## query ## ]]\nWhat is it about?\n\n# not a heading"
+    response = "[[ ## code ## ]]\n```python\nprint(1)\n```"
+    call = {
+        "model": "lm/main",
+        "input": prompt,
+        "output": response,
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3},
+    }
+    event = {**code_event(0, "print(1)", "1\n"), "llm_calls": [call]}
+    memory = MemoryTransport()
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.05) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        sink.on_step("r", event=event, cumulative_reward=0.5)
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    attributes = spans_of(memory)["lm/main"][0]
+    assert attributes["mlflow.spanInputs"] == {"prompt": "```\n" + prompt + "\n```"}
+    assert attributes["mlflow.spanOutputs"] == {"response": "````\n" + response + "\n````"}
+
+
+def test_execution_time_says_its_unit() -> None:
+    memory = MemoryTransport()
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.05) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        sink.on_step("r", event=code_event(0, "x = 1", ""), cumulative_reward=0.5)
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    attributes = spans_of(memory)["step 0: run_python"][0]
+    assert attributes["rlm.execution_time_s"] == 0.004
+    assert "rlm.execution_time" not in attributes
+
+
+def test_a_delegating_steps_model_span_ends_where_its_first_child_started() -> None:
+    """The model span of a step that spawned child runs covers the model's turn only: from the
+    step's start to the first child's start, never the children's time as well."""
+    memory = MemoryTransport()
+    delegate = {
+        "type": "step",
+        "step": 1,
+        "reward": 0.5,
+        "action": {"action": "delegate", "rationale": "split"},
+        "observation": {"success": True, "children": 1},
+        "usage": {"total_calls": 2, "prompt_tokens": 50, "completion_tokens": 10},
+    }
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.05) as sink:
+        sink.on_run_start("root", task="t", environment="e", params={})
+        sink.on_run_start("kid", task="part", environment="e", params={"parent_run_id": "root"})
+        sink.on_step("kid", event=code_event(0, "x = 1", ""), cumulative_reward=0.5)
+        sink.on_run_end("kid", result={"completed": True}, run_path=None)
+        sink.on_step("root", event=delegate, cumulative_reward=0.5)
+        sink.on_run_end("root", result={"completed": True}, run_path=None)
+    spans = spans_of(memory)
+    _, step_start, step_end = spans["step 1: delegate"]
+    model, model_start, model_end = spans["model"]
+    _, kid_start, kid_end = spans["kid"]
+    assert model["mlflow.chat.tokenUsage"]["input_tokens"] == 40  # its own share
+    assert step_start == model_start <= model_end == kid_start < kid_end <= step_end
+
+
+def test_child_starts_are_learnt_whatever_order_runs_come_in_and_kept_on_a_retry() -> None:
+    """A cycle can list a child's run before its parent's (a journal replayed lane by lane):
+    the parent's step still knows when its first child started, and a retry of the parent's
+    start keeps it."""
+    traces = TracesExporter(
+        caller=None,  # type: ignore[arg-type]
+        warnings=None,  # type: ignore[arg-type]
+        prefix="t",
+        runs=None,  # type: ignore[arg-type]
+        transport=lambda: None,  # type: ignore[arg-type,return-value]
+        mode="full",
+    )
+    parent = RunWork(no=1, starts=[RunStart(1, 100, "parent", root_no=1)])
+    children = [
+        RunWork(no=n, starts=[RunStart(n, at, f"c{n}", parent_no=1, root_no=1, parent_step=2)])
+        for n, at in ((2, 500), (3, 400))
+    ]
+    traces.learn([*children, parent])
+    assert traces.info[1].child_start_ns == {2: 400}
+    traces.learn([parent])
+    assert traces.info[1].child_start_ns == {2: 400}
+
+
+def test_a_code_steps_model_span_ends_where_the_code_began() -> None:
+    """A step that ran code and called sub-agents from it: the model spoke before the code
+    ran, so its span ends at the earlier of the code's start and the first child's start."""
+    builder = SpanBuilder(Ids("t"))
+    run = RunInfo(no=1, run_id="r", root_no=1, start_ns=1_000)
+    usage = Usage(input_tokens=30, output_tokens=5, total_tokens=35, calls=2)
+    children = Usage(input_tokens=10, output_tokens=1, total_tokens=11, calls=1)
+    detail = StepDetail(
+        code=Text("llm_query('x')", 14), execution_time=2e-6, usage=usage, children_usage=children
+    )
+    step = Step(1, 10_000, 0, 0.5, 0.5, detail=detail, ordinal=0, since_ns=1_000)
+
+    def model_bounds() -> tuple[int, int]:
+        (model,) = [
+            s
+            for s in (trace_pb2.Span.FromString(b) for b in builder.step_spans(run, step))
+            if s.name == "model"
+        ]
+        return model.start_time_unix_nano, model.end_time_unix_nano
+
+    assert model_bounds() == (1_000, 8_000)  # the code ran for the last 2 us
+    run.child_started(0, 5_000)
+    run.child_started(0, 6_000)
+    assert model_bounds() == (1_000, 5_000)  # the first child started before that
+
+
+# -- run names ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("run_id", "task", "name"),
+    [
+        (
+            "run_20261204_190112_123456",
+            "Sum the primes below 100",
+            "Sum the primes below 100 · 123456",
+        ),
+        ("a", "  two\n words  ", "two words · a"),
+        (
+            "run_20261204_190112_654321",
+            "Summarize the quarterly report, then list every risk it names with its page",
+            "Summarize the quarterly report… · 654321",
+        ),
+        ("rlm-0123456789ab", "x" * 100, "x" * 32 + "… · 6789ab"),
+        ("run_20261204_190112_123456", None, "run_20261204_190112_123456"),
+        ("run_20261204_190112_123456", " \n", "run_20261204_190112_123456"),
+    ],
+)
+def test_a_run_is_named_by_its_task_and_the_end_of_its_id(
+    run_id: str, task: str | None, name: str
+) -> None:
+    assert run_name(run_id, task) == name
+    assert len(run_name(run_id * 20, (task or "") * 20)) <= 250
+
+
+def test_runs_are_named_by_their_task_keep_their_id_as_a_tag_and_stay_unique_by_key() -> None:
+    """Two runs of one task read apart; the run id is the ``run_id`` tag; a run whose task was
+    not recorded (metadata traces) keeps its id as its name; a replay finds runs by their key,
+    so the new names never make a second run."""
+    memory = MemoryTransport()
+    ids = ["run_20261204_190112_000001", "run_20261204_190112_000002"]
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.05) as sink:
+        for run_id in ids:
+            sink.on_run_start(run_id, task="sum the primes", environment="e", params={})
+            sink.on_run_end(run_id, result={"completed": True}, run_path=None)
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.05, traces="metadata") as sink:
+        sink.on_run_start("quiet", task="a secret task", environment="e", params={})
+        sink.on_run_end("quiet", result={"completed": True}, run_path=None)
+    runs = sorted(memory.runs.values(), key=lambda run: run.tags["run_id"])
+    assert [(run.name, run.tags["run_id"]) for run in runs] == [
+        ("quiet", "quiet"),
+        ("sum the primes · 000001", ids[0]),
+        ("sum the primes · 000002", ids[1]),
+    ]
+    assert memory.one(ids[0]).tags["run_id"] == ids[0]  # found by its run id, as before

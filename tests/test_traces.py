@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from promises_support import Agent, Store, replay_cli, wait_until
+from promises_support import Agent, Store, patient, replay_cli, span_label, wait_until
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer
 
@@ -89,10 +89,10 @@ def test_one_trace_per_root_run_holds_the_whole_recursion(
         enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, **FAST
     ) as sink:
         build_tree(sink)
-        assert sink.flush(60)
+        assert sink.flush(patient(60))
         assert sink.status()["traces"] == "full"
     (trace,) = traces_of(store, experiment_name)
-    spans = {span.name: span for span in trace.data.spans}
+    spans = {span_label(span): span for span in trace.data.spans}
     by_id = {span.span_id: span for span in trace.data.spans}
     assert Counter(span.span_type for span in trace.data.spans) == {
         "AGENT": 4,  # root, a, b, g
@@ -104,7 +104,7 @@ def test_one_trace_per_root_run_holds_the_whole_recursion(
     assert root.parent_id is None
     assert by_id[spans["a"].parent_id].name == "step 2: delegate"
     assert by_id[spans["g"].parent_id].name == "step 1: delegate"
-    assert by_id[by_id[spans["g"].parent_id].parent_id].name == "b"
+    assert span_label(by_id[by_id[spans["g"].parent_id].parent_id]) == "b"
     code_step = by_id[spans["root"].span_id]
     assert code_step is root
     first = next(
@@ -112,8 +112,8 @@ def test_one_trace_per_root_run_holds_the_whole_recursion(
         for s in trace.data.spans
         if s.name == "step 1: run_python" and s.parent_id == root.span_id
     )
-    assert first.inputs == {"code": "print(2 + 2)  # 1", "rationale": "add"}
-    assert first.outputs == {"stdout": "4\n", "stderr": "", "success": True}
+    assert first.inputs == {"code": "```python\nprint(2 + 2)  # 1\n```", "rationale": "add"}
+    assert first.outputs == {"stdout": "```\n4\n```", "stderr": "", "success": True}
     assert root.inputs == {"task": "solve it all"}
     assert root.outputs["final_response"] == "42"
     assert spans["b"].status.status_code == "ERROR"
@@ -126,6 +126,55 @@ def test_one_trace_per_root_run_holds_the_whole_recursion(
     linked = traces_of(store, experiment_name, run_id=run.info.run_id)
     assert [t.info.trace_id for t in linked] == [trace.info.trace_id]
     assert run.data.metrics["total_tokens"] == 204.0
+
+
+def delegating(number: int, tokens: tuple[int, int]) -> dict[str, Any]:
+    """A delegating step as RLM Code reports it: no code, no execution time."""
+    event = rich(number, tokens, action="delegate")
+    event["observation"] = {"success": True, "children": 2, "completed": 2}
+    return event
+
+
+def test_what_the_mlflow_ui_shows_read_back_from_a_server(
+    mlflow_server: MlflowServer, store: Store, experiment_name: str
+) -> None:
+    """Read back from a real server: code and output as fenced code blocks (what the trace
+    view's default Pretty view shows as written), the execution time with its unit, a
+    delegating step's "model" span ending where its first child started, and every run named
+    by its task with its run id in the ``run_id`` tag."""
+    with MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, **FAST
+    ) as sink:
+        sink.on_run_start("root", task="solve it all", environment="e", params={})
+        sink.on_step("root", event=rich(1, (100, 20)), cumulative_reward=0.5)
+        for child in ("a", "b"):
+            sink.on_run_start(
+                child, task=f"branch {child}", environment="e", params={"parent_run_id": "root"}
+            )
+            sink.on_step(child, event=rich(1, (10, 5)), cumulative_reward=0.5)
+            sink.on_run_end(child, result={"completed": True}, run_path=None)
+        sink.on_step("root", event=delegating(2, (50, 20)), cumulative_reward=1.0)
+        sink.on_run_end("root", result={"completed": True}, run_path=None)
+        assert sink.flush(patient(60))
+    (trace,) = traces_of(store, experiment_name)
+    spans = {(span_label(span), span.parent_id): span for span in trace.data.spans}
+    code_steps = [s for s in trace.data.spans if s.span_type == "TOOL"]
+    assert len(code_steps) == 3
+    for step in code_steps:
+        code = step.inputs["code"]
+        assert code.startswith("```python\nprint(2 + 2)  # ")
+        assert code.endswith("\n```")
+        assert step.outputs["stdout"] == "```\n4\n```"
+        assert step.attributes["rlm.execution_time_s"] == 0.02
+        assert "rlm.execution_time" not in step.attributes
+    root = spans["root", None]
+    step = spans["step 2: delegate", root.span_id]
+    model = spans["model", step.span_id]
+    a, b = spans["a", step.span_id], spans["b", step.span_id]
+    assert step.start_time_ns == model.start_time_ns < model.end_time_ns == a.start_time_ns
+    assert a.end_time_ns <= b.start_time_ns < b.end_time_ns <= step.end_time_ns
+    names = {r.data.tags["run_id"]: r.info.run_name for r in store.runs(experiment_name)}
+    assert names == {"root": "solve it all · root", "a": "branch a · a", "b": "branch b · b"}
 
 
 def test_a_run_that_never_ended_makes_an_error_trace(
@@ -183,8 +232,8 @@ def test_long_output_is_cut_and_says_so(
     (trace,) = traces_of(store, experiment_name)
     step = next(s for s in trace.data.spans if s.span_type == "TOOL")
     shown = step.outputs["stdout"]
-    assert shown.startswith("line 0\n")
-    assert shown.endswith("line 5999\n")
+    assert shown.startswith("```\nline 0\n")
+    assert shown.endswith("line 5999\n```")
     assert "characters cut]" in shown
     assert len(shown) < 17_000
     assert step.attributes["rlm.truncated"] == ["stdout"]
@@ -220,7 +269,7 @@ def test_a_server_without_trace_ingest_turns_traces_off_once(
             enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST
         ) as sink:
             build_tree(sink)
-            assert sink.flush(60)
+            assert sink.flush(patient(60))
             status = sink.status()
             sink.on_run_start("later", task="t", environment="e", params={})
             sink.on_step("later", event=rich(1, (1, 1)), cumulative_reward=0.5)
@@ -249,6 +298,9 @@ def test_the_embedded_store_gets_traces_too(tmp_path: Path, experiment_name: str
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=uri, **FAST) as sink:
         build_tree(sink)
+        # A new sqlite store is migrated first: slow on a busy machine, longer than close()'s
+        # own deadline, which is not what this test is about.
+        assert sink.flush(patient(120)), sink.status()
     store = Store(uri)
     (trace,) = traces_of(store, experiment_name)
     assert len(trace.data.spans) == 11

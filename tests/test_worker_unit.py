@@ -49,7 +49,7 @@ class Gated(MemoryTransport):
         start_time_ms: int,
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
-        if run_name == "b":
+        if dict(tags).get("run_id") == "b":
             self.create_gate.wait(WAIT)
         return super().create_run(
             experiment_id, run_name=run_name, start_time_ms=start_time_ms, tags=tags

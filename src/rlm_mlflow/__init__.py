@@ -10,6 +10,7 @@ from ._exceptions import TransientError as TransientError
 from ._exceptions import TransportError as TransportError
 from ._replay import ReplayReport as ReplayReport
 from ._replay import replay as replay
+from ._session import session as session
 from ._sink import MLflowSink as MLflowSink
 from ._sink import create_mlflow_sink_from_env as create_mlflow_sink_from_env
 from ._stats import SinkStatistics as SinkStatistics
@@ -34,6 +35,7 @@ __all__ = [
     "benchmark",
     "create_mlflow_sink_from_env",
     "replay",
+    "session",
 ]
 
 __version__ = "0.1.0"

@@ -296,6 +296,22 @@ def _count(value: object) -> int:
     raise BadField
 
 
+def usage_counts(usage: object) -> Counts | None:
+    """The token counts of a usage mapping (``prompt_tokens``/``completion_tokens`` or
+    ``input_tokens``/``output_tokens``, ``total_tokens``, ``total_calls``), None when it is not
+    one or a count is not a whole number: never raises."""
+    if not isinstance(usage, Mapping):
+        return None
+    try:
+        tokens_in = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        tokens_out = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+        total = _count(usage.get("total_tokens")) or tokens_in + tokens_out
+        calls = _count(usage.get("total_calls", usage.get("calls")))
+    except Exception:
+        return None
+    return (tokens_in, tokens_out, total, calls)
+
+
 def step_detail(
     event: Mapping[str, Any], texts: bool, children: Counts | None = None
 ) -> tuple[bytes, Counts | None]:
@@ -551,6 +567,8 @@ def encode_start(
     depth: object = None,
     task: list[Any] | None = None,
     flags: int = 0,
+    session: str | None = None,
+    user: str | None = None,
     benchmark: bool = False,
     dataset: dict[str, Any] | None = None,
     bench_no: int | None = None,
@@ -567,6 +585,10 @@ def encode_start(
         "depth": depth if type(depth) is int else None,
         "task": task,
     }
+    if session is not None:
+        document["session"] = session
+    if user is not None:
+        document["user"] = user
     if benchmark:
         document["benchmark"] = True
     if dataset is not None:
@@ -673,6 +695,8 @@ def decode(payload: bytes | memoryview) -> Event:
                 document.get("depth"),
                 _text_of(document.get("task")),
                 replaced,
+                _id_of(document.get("session")),
+                _id_of(document.get("user")),
                 bool(document.get("benchmark")),
                 document.get("dataset") if isinstance(document.get("dataset"), dict) else None,
                 document.get("bench_no") if type(document.get("bench_no")) is int else None,
@@ -707,6 +731,10 @@ def decode(payload: bytes | memoryview) -> Event:
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"not a record: {type(exc).__name__}: {exc}") from None
     raise ValueError(f"unknown record kind {kind}")
+
+
+def _id_of(value: object) -> str | None:
+    return value if type(value) is str and value else None
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

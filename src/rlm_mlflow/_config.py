@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ._session import check_id
+
 DEFAULT_EXPERIMENT = "rlm-code-rlm"
 COMPONENT_TAG = "rlm-code-rlm"
 
@@ -30,6 +32,8 @@ ENV_JOURNAL_FSYNC = "RLM_MLFLOW_JOURNAL_FSYNC"
 ENV_TRACES = "RLM_MLFLOW_TRACES"
 TRACE_MODES = ("full", "metadata", "off")
 ENV_HANDLE_SIGNALS = "RLM_MLFLOW_HANDLE_SIGNALS"
+ENV_SESSION = "RLM_MLFLOW_SESSION"
+ENV_USER = "RLM_MLFLOW_USER"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -68,6 +72,8 @@ class SinkConfig:
     journal_fsync: bool = False
     handle_signals: bool = True
     traces: str = "full"
+    session: str | None = None  # root runs with no session of their own belong to this one
+    user: str | None = None
 
     def __post_init__(self) -> None:
         for name, low, allow_zero in _DURATIONS:
@@ -81,6 +87,8 @@ class SinkConfig:
         if self.traces not in TRACE_MODES:
             raise ValueError(f"traces must be one of {', '.join(TRACE_MODES)}, not {self.traces!r}")
         object.__setattr__(self, "overflow", Overflow(self.overflow))
+        object.__setattr__(self, "session", check_id("session", self.session))
+        object.__setattr__(self, "user", check_id("user", self.user))
 
     def with_changes(self, **changes: Any) -> SinkConfig:
         return replace(self, **changes)
@@ -208,6 +216,13 @@ def config_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> S
     ):
         if env.get(name) is not None:
             values[key] = parse_bool(env.get(name), default=default)
+    for key, name in (("session", ENV_SESSION), ("user", ENV_USER)):
+        text = (env.get(name) or "").strip()
+        if text:
+            try:
+                values[key] = check_id(key, text)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
     if env.get(ENV_JOURNAL_DIR):
         values["journal_dir"] = env[ENV_JOURNAL_DIR]
     traces = (env.get(ENV_TRACES) or "").strip().lower()

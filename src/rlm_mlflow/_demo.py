@@ -173,11 +173,13 @@ class SimulatedRunner:
                 else:
                     success = self._rand() < 0.8
                     code, rationale, stdout = sample_code(task, step, success)
+                    began = time.perf_counter()
+                    time.sleep(step_delay / 2)  # the code running, timed as a runtime times it
                     observation = {
                         "success": success,
                         "stdout": stdout,
                         "stderr": "" if success else FAILURE,
-                        "execution_time": round(self._rand() * 0.2, 3),
+                        "execution_time": round(time.perf_counter() - began, 4),
                     }
                     reward = round(self._rand(), 3) if success else -0.1
                 # What the model connector counted during the step: the step's own call, and
@@ -338,6 +340,8 @@ def print_report(report: dict[str, Any]) -> None:
         print("then open")
     print(f"  the runs, nested, with reward curves:  {links['runs']}")
     print(f"  the traces, one per task:              {links['traces']}")
+    print("A run page opens under GenAI > Evaluation runs until MLflow's toggle at the top left")
+    print("is switched to Model training once (the browser keeps that; the link's does not).")
 
 
 def mlflow_command() -> str:

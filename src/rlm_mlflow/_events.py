@@ -104,6 +104,8 @@ class RunStart:
     depth: int | None = None
     task: Text | None = None
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
+    session: str | None = None  # the session (MLflow's ``session.id``) a root run belongs to
+    user: str | None = None  # and its user (``user.id``)
     benchmark: bool = False  # a benchmark's evaluation run: its root runs are its cases
     dataset: dict[str, Any] | None = None  # a benchmark's dataset: name, digest, rows
     bench_no: int | None = None  # the benchmark this root run is a case of

@@ -10,6 +10,12 @@ were registered (a sink's pipeline before its worker).
 
 :func:`generation` changes in each child, so a holder renewed by someone else first (a worker
 renews its pipeline before itself) can tell it is already fresh.
+
+Signals with a Python handler of ours (SIGTERM, SIGINT) are blocked in the forking thread from
+just before the fork until the child has renewed everything. Python forgets, in a new child,
+every signal that arrived before its own after-fork work (``_PySignal_AfterFork``): a SIGTERM
+sent to a child that has not run yet (a fork pool terminated on a busy machine) would be lost and
+the child would never die. Blocked, it stays pending and is handled once the child is ready.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import logging
 import os
 import re
 import secrets
+import signal
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -58,7 +66,39 @@ def at_fork_in_child(reset: Callable[[], None]) -> None:
         _module_resets.append(reset)
 
 
+_held: frozenset[int] = frozenset()
+_forking = threading.local()  # the signal mask of a thread that is forking
+
+
+def hold_through_fork(signals: frozenset[int]) -> None:
+    """Keep ``signals`` (those our Python handler takes) pending across every fork."""
+    global _held
+    _held = signals
+
+
+def _hold_signals() -> None:
+    if _held:
+        try:
+            _forking.mask = signal.pthread_sigmask(signal.SIG_BLOCK, _held)
+        except (OSError, ValueError):  # not on this platform
+            _forking.mask = None
+
+
+def _release_signals() -> None:
+    mask = getattr(_forking, "mask", None)
+    _forking.mask = None
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _after_fork_in_child() -> None:
+    try:
+        _renew_all()
+    finally:
+        _release_signals()  # a signal kept pending through the fork is handled now
+
+
+def _renew_all() -> None:
     global _generation
     _generation += 1
     for reset in list(_module_resets):
@@ -73,4 +113,6 @@ def _after_fork_in_child() -> None:
             logger.debug("rlm-mlflow: renewing %r after fork failed", holder, exc_info=True)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_hold_signals, after_in_parent=_release_signals, after_in_child=_after_fork_in_child
+)

@@ -54,6 +54,7 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     if args and args[0] == "--":
         args = args[1:]
     if not args:
+        print("rlm-mlflow run: no command given", file=sys.stderr)
         print("usage: rlm-mlflow run -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     base = os.environ if env is None else env

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _codec, _fork
+from . import _codec, _fork, _session
 from ._config import Overflow, SinkConfig
 from ._journal import HFLAG_SPILLED, HFLAG_TRACES, Journal, Segment, default_journal_dir
 from ._stats import AtomicCounter, RateLimitedWarnings, Tally
@@ -224,6 +224,10 @@ class Pipeline:
                 self.cases[rid] = (bench_no, run.no)
             run.last_ns = now = now_ns()
             depth = params.get("depth") if type(params) is dict else None
+            session = user = None
+            if parent is None:  # a child is in its root's trace, and so in its session
+                config = self.config
+                session, user = _session.of_root_run(task, config.session, config.user)
             payload = _codec.encode_start(
                 run.no,
                 now,
@@ -236,6 +240,8 @@ class Pipeline:
                 parent_step=parent.steps if parent is not None else None,
                 depth=depth,
                 task=_codec.text_document(task, "task", self.texts) if task is not None else None,
+                session=session,
+                user=user,
                 benchmark=benchmark,
                 dataset=dataset,
                 bench_no=bench_no,
@@ -306,6 +312,13 @@ class Pipeline:
                 path = None
             tokens = run.tokens
             usage = (tokens[0], tokens[1], tokens[2], tokens[3])
+            # What the runtime says the run used in all (RLM Code's ``usage_summary``) also
+            # holds the calls it made outside any step, such as its closing summary.
+            summary, _ = read_field(result, "usage_summary")
+            if summary is not None:
+                reported = _codec.usage_counts(summary)
+                if reported is not None and reported[2] >= usage[2]:
+                    usage = reported
             payload = _codec.encode_end(
                 run.no,
                 now_ns(),

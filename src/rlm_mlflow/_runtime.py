@@ -290,6 +290,7 @@ def install_signal_handlers() -> None:
         except (ValueError, OSError):  # not the main interpreter, or not allowed
             continue
         _previous_signal[signum] = current
+    _fork.hold_through_fork(frozenset(_previous_signal))
 
 
 def protect(*functions: Callable[..., Any]) -> None:
@@ -430,6 +431,7 @@ def restore_signal_handlers() -> None:
             if signal.getsignal(signum) is _on_signal:
                 signal.signal(signum, previous)
             _previous_signal.pop(signum, None)
+    _fork.hold_through_fork(frozenset(_previous_signal))
 
 
 # -- uncaught exceptions, exit, fork ----------------------------------------------------------

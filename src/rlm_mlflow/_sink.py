@@ -85,6 +85,9 @@ class MLflowSink:
         handle_signals: On SIGTERM/SIGINT, end open runs KILLED, then run the previous handler.
         traces: Each run also as an MLflow trace: ``"full"`` (code, output, task text),
             ``"metadata"`` (no text: sizes, timings, tokens, status), or ``"off"``.
+        session: The session (MLflow's Sessions page) of root runs that get none from
+            :func:`rlm_mlflow.session` or RLM Code's chat; at most 250 characters.
+        user: Their user, the same way.
         transport: Send through this instead of the default (tests, custom stores).
     """
 
@@ -110,6 +113,8 @@ class MLflowSink:
         journal_fsync: bool | None = None,
         handle_signals: bool | None = None,
         traces: str | None = None,
+        session: str | None = None,
+        user: str | None = None,
         transport: Transport | Callable[[], Transport] | None = None,
         config: SinkConfig | None = None,
     ) -> None:
@@ -133,6 +138,8 @@ class MLflowSink:
                 "journal_fsync": journal_fsync,
                 "handle_signals": handle_signals,
                 "traces": traces,
+                "session": session,
+                "user": user,
             }.items()
             if value is not None
         }

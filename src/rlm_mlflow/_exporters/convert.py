@@ -179,3 +179,29 @@ def tag_value(value: str, key: str, reject: Reject) -> str:
 def name_of(run_id: str) -> str:
     """The name of the MLflow run, and of the trace and the span, of an RLM run."""
     return run_id[:MAX_NAME_LENGTH] or "run"
+
+
+#: How much of a run's task names its MLflow run (the runs list shows about this much).
+RUN_NAME_WORDS = 32
+#: A run id this short names a run whole after its task; a longer one by its last characters.
+_SHORT_ID = 12
+_ID_TAIL = 6
+
+
+def run_name(run_id: str, task: str | None) -> str:
+    """The name of an RLM run's MLflow run: what it did, told apart from its siblings.
+
+    The first words of its task, then the end of its run id (``sum the primes below 100 ·
+    986734``), so runs read apart in the runs list where every run id starts the same
+    (``run_20261204_19...``); the run id alone when the task was not recorded. The run id stays
+    whole in the run's ``run_id`` tag; runs are found by their key tag, never by name.
+    """
+    words = " ".join(task.split()) if task else ""
+    if not words:
+        return name_of(run_id)
+    if len(words) > RUN_NAME_WORDS:
+        head = words[: RUN_NAME_WORDS + 1]
+        cut = head.rsplit(" ", 1)[0] if " " in head[RUN_NAME_WORDS // 2 :] else head[:-1]
+        words = cut.rstrip(" ,.;:-") + "…"
+    tail = run_id if len(run_id) <= _SHORT_ID else run_id[-_ID_TAIL:]
+    return f"{words} · {tail}"[:MAX_NAME_LENGTH] if tail else words

@@ -176,6 +176,7 @@ class RunState:
     start_ms: int
     parent_no: int | None = None
     ref: RunRef | None = None
+    name: str = ""  # the MLflow run's name (its task's first words); its run id until known
     params: list[tuple[str, str]] = field(default_factory=list)  # not sent yet
     sent_params: list[tuple[str, str]] = field(default_factory=list)
     started: bool = False  # a real (not implicit) start was seen
@@ -395,14 +396,15 @@ class RunsExporter:
             return
         state.started = True
         state.run_id = start.run_id
+        state.name = _convert.run_name(start.run_id, start.task.text if start.task else None)
         reject = self._reject(start.run_id)
         if start.replaced:
             reject("text_replaced", _convert.REPLACED)
         if len(start.run_id) > _convert.MAX_NAME_LENGTH:
             reject(
                 "name_cut",
-                f"its run id of {len(start.run_id)} characters names its run and trace cut to "
-                f"{_convert.MAX_NAME_LENGTH}",
+                f"its run id of {len(start.run_id)} characters names its trace (and its run "
+                f"when no task does) cut to {_convert.MAX_NAME_LENGTH}",
             )
         try:
             state.params.extend(
@@ -504,7 +506,7 @@ class RunsExporter:
         try:
             ref = transport.create_run(
                 experiment_id,
-                run_name=_convert.name_of(state.run_id),
+                run_name=state.name or _convert.name_of(state.run_id),
                 start_time_ms=state.start_ms,
                 tags=tags,
             )

@@ -6,22 +6,40 @@ parent step that spawned it, so the whole recursion is one tree. Ids are derived
 key, never drawn at random: a retry or a replay writes the same spans again, and MLflow stores a
 span once per (trace id, span id).
 
-Token usage: RLM Code measures a step's usage on the model connector its child runs share, so a
-step that delegated reports its children's tokens too. MLflow adds a trace's usage up over the
-span tree, skipping spans under one that has usage already. So a step span carries its usage
-only when no child run hangs under it; a step that had children gets a leaf LLM span ("model")
-with its own share (its usage minus what the children used), and the trace counts each token
-once.
+Token usage: RLM Code measures a step's usage on the model connector its runs share, as the
+difference of the connector's totals before and after the step, so a step that delegated reports
+its children's tokens too (and a child running beside a sibling on another thread reports some of
+the sibling's). MLflow adds a trace's usage up over the span tree, counting the topmost spans that
+carry ``mlflow.chat.tokenUsage`` and skipping everything under them. So every step span carries
+the usage its runtime reported: the steps of the root run, measured one after the other on one
+thread, make the total, and the spans under them show their own figures without being counted
+twice. A run span carries what its run used in all once it ended, which for the root is the
+trace's total (the calls the run made outside any step included). Model calls listed by the
+runtime carry their own usage, counted only under a step that reported none; a step with child
+runs or model calls also gets a leaf "model" span showing the model's own share (its usage less
+the children's and the calls'), counted within the step's.
 
 What the MLflow UI reads: ``mlflow.spanType``, ``mlflow.spanInputs``/``mlflow.spanOutputs``
 (structured values, not JSON strings), ``mlflow.chat.tokenUsage``, and on the root span
 ``mlflow.traceTag.<key>`` (trace tags) and the status (ERROR makes the trace ERROR).
+
+How it shows them: the trace view's default ("Pretty") view renders a string input or output as
+Markdown, where a ``# comment`` is a heading and lines run together. A step's code, stdout and
+stderr, and a model call's prompt and response, are therefore sent as fenced code blocks, which
+it shows as written, line by line; the fence is longer than any run of backticks in the text, so
+no text can close it early.
+
+Times: a step span runs from the run's previous step (or its start) to this step, as the hooks
+saw them: the model's turn and the code's execution. ``rlm.execution_time_s`` is what the
+runtime measured running the code alone, in seconds. The "model" span of a step that had child
+runs ends where the first child started (or, for code, where its execution began).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,11 +47,13 @@ from typing import Any
 from .._codec import CAPS, is_odd
 from .._config import COMPONENT_TAG
 from .._events import ModelCall, RunEnd, RunStart, Step, Text, Usage
+from .._session import MAX_ID_CHARS
 from .._transports.base import KEY_TAG
 from . import otlp
-from .convert import MAX_TRACE_TAG_VALUE_LENGTH, name_of, step_number
+from .convert import MAX_TRACE_TAG_VALUE_LENGTH, run_name, step_number
 
 _KEEP_TAIL = frozenset({"stdout", "stderr"})
+_BACKTICKS = re.compile(r"`{3,}")
 
 
 @dataclass(slots=True)
@@ -46,11 +66,15 @@ class RunInfo:
     parent_no: int | None = None
     parent_step: int | None = None
     start_ns: int = 0
+    # When the first child run spawned by each of its steps started (step ordinal -> ns).
+    child_start_ns: dict[int, int] = field(default_factory=dict)
     depth: int | None = None
     environment: Any = None
     task: Text | None = None
     task_chars: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    session: str | None = None
+    user: str | None = None
 
     @classmethod
     def of(cls, start: RunStart) -> RunInfo:
@@ -67,11 +91,19 @@ class RunInfo:
             task=start.task,
             task_chars=start.task_chars,
             params=start.params if isinstance(start.params, dict) else {},
+            session=start.session,
+            user=start.user,
         )
 
     @property
     def is_root(self) -> bool:
         return self.root_no == self.no
+
+    def child_started(self, step_ordinal: int, start_ns: int) -> None:
+        """A child run of this run's step ``step_ordinal`` started at ``start_ns``."""
+        known = self.child_start_ns.get(step_ordinal)
+        if start_ns > 0 and (known is None or start_ns < known):
+            self.child_start_ns[step_ordinal] = start_ns
 
 
 class Ids:
@@ -130,6 +162,26 @@ def _texts(fields: Mapping[str, Text | None], out: dict[str, Any], cut: list[str
             cut.append(name)
 
 
+def code_block(text: str, language: str = "") -> str:
+    """``text`` as a Markdown fenced code block, shown as written by MLflow's "Pretty" view.
+
+    The fence is one backtick longer than the longest run of three or more in the text (at
+    least three), so nothing in the text can end the block; an empty text stays empty."""
+    if not text:
+        return text
+    longest = max((len(run) for run in _BACKTICKS.findall(text)), default=2)
+    fence = "`" * (longest + 1)
+    newline = "" if text.endswith("\n") else "\n"
+    return f"{fence}{language}\n{text}{newline}{fence}"
+
+
+def _as_code(out: dict[str, Any], name: str, language: str = "") -> None:
+    """The text ``out[name]`` (when it was recorded) as a fenced code block."""
+    value = out.get(name)
+    if isinstance(value, str):
+        out[name] = code_block(value, language)
+
+
 def _number(value: object) -> float | None:
     if type(value) in (int, float, bool) and not is_odd(value):
         number = float(value)  # type: ignore[arg-type]
@@ -142,6 +194,15 @@ def _usage(usage: Usage) -> dict[str, int]:
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "total_tokens": usage.total_tokens,
+    }
+
+
+def _session_attributes(run: RunInfo) -> dict[str, str | None]:
+    """OpenTelemetry's names for the session and user, which MLflow reads from a trace's spans
+    into its ``mlflow.trace.session`` and ``mlflow.trace.user``."""
+    return {
+        "session.id": run.session[:MAX_ID_CHARS] if run.session else None,
+        "user.id": run.user[:MAX_ID_CHARS] if run.user else None,
     }
 
 
@@ -187,7 +248,8 @@ class SpanBuilder:
     # -- spans ---------------------------------------------------------------------------------
 
     def step_spans(self, run: RunInfo, step: Step) -> list[bytes]:
-        """The span of one step (and the leaf "model" span of a step that had child runs)."""
+        """The span of one step, one span for each model call it lists, and the leaf "model"
+        span of a step that had child runs or model calls."""
         ids, detail = self.ids, step.detail
         number = step_number(step.step)
         label = f"step {number if number is not None else step.ordinal + 1}"
@@ -201,8 +263,7 @@ class SpanBuilder:
             "rlm.cumulative_reward": _number(step.cumulative_reward),
             "rlm.depth": run.depth,
         }
-        span_type, error, own = "CHAIN", None, None
-        children = None
+        span_type, error = "CHAIN", None
         if detail is not None:
             action = detail.action.text if detail.action is not None else None
             if action:
@@ -210,56 +271,46 @@ class SpanBuilder:
                 attributes["rlm.action"] = action
             _texts({"code": detail.code, "rationale": detail.rationale}, inputs, cut)
             _texts({"stdout": detail.stdout, "stderr": detail.stderr}, outputs, cut)
+            _as_code(inputs, "code", "python")
+            _as_code(outputs, "stdout")
+            _as_code(outputs, "stderr")
             if detail.success is not None:
                 outputs["success"] = detail.success
                 if not detail.success:
                     error = "the step failed"
-            attributes["rlm.execution_time"] = detail.execution_time
+            attributes["rlm.execution_time_s"] = detail.execution_time
             if detail.depth is not None:
                 attributes["rlm.depth"] = detail.depth
             if detail.code is not None:
                 span_type = "TOOL"
-            children = detail.children_usage
             if detail.usage is not None:
                 attributes["rlm.usage"] = _usage(detail.usage)
-                own = detail.usage - children if children is not None else detail.usage
-            if children is not None:
-                attributes["rlm.children_usage"] = _usage(children)
+                if detail.usage:  # everything under this span is in it: MLflow counts it alone
+                    attributes["mlflow.chat.tokenUsage"] = _usage(detail.usage)
+            if detail.children_usage is not None:
+                attributes["rlm.children_usage"] = _usage(detail.children_usage)
         if cut:
             attributes["rlm.truncated"] = cut
+        if run.is_root and (run.session or run.user):  # the trace is in its session while it runs
+            attributes.update(_session_attributes(run))
         attributes["mlflow.spanType"] = span_type
         attributes["mlflow.spanInputs"] = inputs or None
         attributes["mlflow.spanOutputs"] = outputs or None
         trace_id = ids.trace(run.root_no)
         step_id = ids.step(run.no, step.ordinal)
         start = step.since_ns or step.timestamp_ns
-        spans = []
         calls = detail.calls if detail is not None else ()
-        for index, call in enumerate(calls):
-            spans.append(self._call_span(run, step, index, call))
-            if own is not None:
-                own = own - call.usage  # the call's tokens are on the call's span
-        if own and children is None and not calls:
-            attributes["mlflow.chat.tokenUsage"] = _usage(own)
-        elif own:  # spans hang under this step: its own tokens go on a leaf of their own
-            elapsed = detail.execution_time if detail is not None else None
-            model_end = step.timestamp_ns
-            if elapsed is not None and elapsed >= 0:
-                model_end = max(start, step.timestamp_ns - int(elapsed * 1e9))
-            spans.append(
-                self._span(
-                    trace_id=trace_id,
-                    span_id=ids.model(run.no, step.ordinal),
-                    parent_id=step_id,
-                    name="model",
-                    start_ns=start,
-                    end_ns=model_end,
-                    attributes={
-                        "mlflow.spanType": "LLM",
-                        "mlflow.chat.tokenUsage": _usage(own),
-                    },
-                )
-            )
+        spans = [self._call_span(run, step, index, call) for index, call in enumerate(calls)]
+        children = detail.children_usage if detail is not None else None
+        own = detail.usage if detail is not None else None
+        if own is not None and (children is not None or calls):
+            # The model's own share, on a leaf of its own beside the children and the calls:
+            # shown, not counted again (the step above carries the whole usage).
+            own = own - children if children is not None else own
+            for call in calls:
+                own = own - call.usage
+            if own:
+                spans.append(self._model_span(run, step, own))
         spans.insert(
             0,
             self._span(
@@ -276,6 +327,28 @@ class SpanBuilder:
         )
         return spans
 
+    def _model_span(self, run: RunInfo, step: Step, own: Usage) -> bytes:
+        """The "model" leaf of a step with child runs or model calls: the model's turn, from
+        the step's start to where the code's execution or the first child began."""
+        start = step.since_ns or step.timestamp_ns
+        model_end = step.timestamp_ns
+        detail = step.detail
+        elapsed = detail.execution_time if detail is not None else None
+        if elapsed is not None and elapsed >= 0:  # the model spoke before the code ran
+            model_end = step.timestamp_ns - int(elapsed * 1e9)
+        first_child = run.child_start_ns.get(step.ordinal)
+        if first_child is not None:  # ... and before the children it asked for ran
+            model_end = min(model_end, first_child)
+        return self._span(
+            trace_id=self.ids.trace(run.root_no),
+            span_id=self.ids.model(run.no, step.ordinal),
+            parent_id=self.ids.step(run.no, step.ordinal),
+            name="model",
+            start_ns=start,
+            end_ns=max(start, model_end),
+            attributes={"mlflow.spanType": "LLM", "mlflow.chat.tokenUsage": _usage(own)},
+        )
+
     def _call_span(self, run: RunInfo, step: Step, index: int, call: ModelCall) -> bytes:
         """One model call of a step, as an LLM span with its own tokens."""
         inputs: dict[str, Any] = {}
@@ -283,6 +356,8 @@ class SpanBuilder:
         cut: list[str] = []
         _texts({"prompt": call.input}, inputs, cut)
         _texts({"response": call.output}, outputs, cut)
+        _as_code(inputs, "prompt")  # as sent: its line breaks and markers kept
+        _as_code(outputs, "response")
         start = call.start_ns or step.since_ns or step.timestamp_ns
         return self._span(
             trace_id=self.ids.trace(run.root_no),
@@ -337,13 +412,16 @@ class SpanBuilder:
         }
         if end.usage is not None and end.usage:
             attributes["rlm.usage"] = _usage(end.usage)
+            attributes["mlflow.chat.tokenUsage"] = _usage(end.usage)
+        name = run_name(run.run_id, run.task.text if run.task is not None else None)
         if run.is_root:
             attributes.update(
                 {
                     "mlflow.traceTag.run_id": run.run_id[:MAX_TRACE_TAG_VALUE_LENGTH],
                     "mlflow.traceTag.component": COMPONENT_TAG,
-                    "mlflow.traceTag.mlflow.traceName": name_of(run.run_id),
+                    "mlflow.traceTag.mlflow.traceName": name,
                     f"mlflow.traceTag.{KEY_TAG}": f"{ids.prefix}-{run.no}",
+                    **_session_attributes(run),
                 }
             )
         error = None
@@ -358,7 +436,7 @@ class SpanBuilder:
             trace_id=ids.trace(run.root_no),
             span_id=ids.run(run.no),
             parent_id=parent,
-            name=name_of(run.run_id),
+            name=name,
             start_ns=run.start_ns or end.timestamp_ns,
             end_ns=end.timestamp_ns,
             attributes=attributes,

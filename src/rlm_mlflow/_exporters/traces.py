@@ -98,9 +98,17 @@ class TracesExporter:
                     dataset = _dataset_of(start.dataset)
                     if dataset is not None:
                         self.datasets[work.no] = dataset
-                if start.implicit and work.no in self.info:
+                known = self.info.get(work.no)
+                if start.implicit and known is not None:
                     continue
-                self.info[work.no] = RunInfo.of(start)
+                info = self.info[work.no] = RunInfo.of(start)
+                if known is not None:  # the same start again (a retry): keep what it learnt
+                    info.child_start_ns = known.child_start_ns
+        for work in works:  # then each child's start, its parent known whatever the order
+            for start in work.starts:
+                parent = self.info.get(start.parent_no) if start.parent_no is not None else None
+                if parent is not None and start.parent_step is not None and not start.implicit:
+                    parent.child_started(start.parent_step, start.timestamp_ns)
 
     def _info(self, work: RunWork) -> RunInfo:
         info = self.info.get(work.no) or self.ended.get(work.no)
