@@ -27,7 +27,7 @@ import functools
 import importlib
 import inspect
 import logging
-import time
+from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
@@ -192,7 +192,8 @@ def _benchmark_of(runner: Any, kwargs: dict[str, Any]) -> Benchmark | None:
         packs = kwargs.get("pack_paths")
         if packs:
             params["pack_paths"] = ", ".join(str(path) for path in packs)
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        # RLM Code names its benchmarks by the microsecond too: two in one second stay apart.
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
         return Benchmark(sink, f"{preset}-{mode}-{stamp}", params=params, dataset=preset)
     except Exception as exc:
         logger.warning("rlm-mlflow: this benchmark is not logged as an evaluation run (%s)", exc)
