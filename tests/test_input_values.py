@@ -265,7 +265,9 @@ def test_a_very_long_run_id_is_cut_to_mlflow_s_limits_and_its_spans_land(
     assert run.info.run_name == "t · rrrrrr"  # its task, then the end of its id
     (trace,) = traces_of(store, experiment_name)
     assert len(trace.data.spans) == 2  # the run and its step
-    assert trace.info.tags["mlflow.traceName"] == run_id[:250]
+    assert trace.info.tags["mlflow.traceName"] == "t · rrrrrr"  # named as its run
+    (agent,) = [span for span in trace.data.spans if span.span_type == "AGENT"]
+    assert run_id.startswith(agent.attributes["rlm.run_id"])
     assert all(len(r.getMessage()) < 1000 for r in caplog.records)
 
 

@@ -259,10 +259,12 @@ def expected_points(processes: int, roots: int, steps: int) -> dict[tuple[str, s
 
 
 def stored_points(pg: Postgres, experiment: str) -> dict[tuple[str, str, int], list[float]]:
-    """Every metric row PostgreSQL holds for the experiment, straight from MLflow's tables."""
+    """Every metric row PostgreSQL holds for the experiment, straight from MLflow's tables, by
+    the RLM run id (the run's ``run_id`` tag)."""
     rows = pg.query(
-        "SELECT r.name, m.key, m.step, m.value FROM metrics m "
+        "SELECT t.value, m.key, m.step, m.value FROM metrics m "
         "JOIN runs r ON r.run_uuid = m.run_uuid "
+        "JOIN tags t ON t.run_uuid = m.run_uuid AND t.key = 'run_id' "
         "JOIN experiments e ON e.experiment_id = r.experiment_id "
         f"WHERE e.name = '{experiment}'"
     )
