@@ -1,5 +1,7 @@
 """Send recursive language-model agent runs to MLflow without ever slowing the agent down."""
 
+from ._benchmark import Benchmark as Benchmark
+from ._benchmark import benchmark as benchmark
 from ._config import Overflow as Overflow
 from ._config import SinkConfig as SinkConfig
 from ._exceptions import PermanentError as PermanentError
@@ -17,6 +19,7 @@ from ._transports.base import RunRef as RunRef
 from ._transports.base import Transport as Transport
 
 __all__ = [
+    "Benchmark",
     "MLflowSink",
     "Metric",
     "Overflow",
@@ -29,6 +32,7 @@ __all__ = [
     "TransientError",
     "Transport",
     "TransportError",
+    "benchmark",
     "create_mlflow_sink_from_env",
     "replay",
     "session",

@@ -29,6 +29,7 @@ Layout of a record (all little-endian)::
                             root_no, parent_step, depth, task}
     end      prefix | JSON {run_id, status, completed, steps, total_reward, run_path, final,
                             usage}
+    case     prefix (the benchmark's run) | JSON {case_no, expected, verdict, rationale, judge}
 
 Texts are cut where they enter (the caps are in :data:`CAPS`): code and prose keep their head,
 printed output keeps its head and its tail (an error is usually at the end).
@@ -44,11 +45,22 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from ._events import Event, ModelCall, RunEnd, RunStart, Step, StepDetail, Text, Usage
+from ._events import (
+    CaseResult,
+    Event,
+    ModelCall,
+    RunEnd,
+    RunStart,
+    Step,
+    StepDetail,
+    Text,
+    Usage,
+)
 
 KIND_START = 1
 KIND_STEP = 2
 KIND_END = 3
+KIND_CASE = 4
 
 FLAG_ODD = 1  # a step whose values did not fit the fixed layout: they follow as JSON
 FLAG_INTERNAL = 2  # made by the sink itself, not by a hook call
@@ -557,8 +569,11 @@ def encode_start(
     flags: int = 0,
     session: str | None = None,
     user: str | None = None,
+    benchmark: bool = False,
+    dataset: dict[str, Any] | None = None,
+    bench_no: int | None = None,
 ) -> bytes:
-    document = {
+    document: dict[str, Any] = {
         "run_id": run_id,
         "environment": plain(environment) if type(environment) is not str else environment,
         "task_chars": task_chars,
@@ -574,6 +589,12 @@ def encode_start(
         document["session"] = session
     if user is not None:
         document["user"] = user
+    if benchmark:
+        document["benchmark"] = True
+    if dataset is not None:
+        document["dataset"] = dataset
+    if bench_no is not None:
+        document["bench_no"] = bench_no
     return _PREFIX.pack(KIND_START, flags, run_no, timestamp_ns) + _json(document)
 
 
@@ -602,6 +623,34 @@ def encode_end(
         "usage": usage,
     }
     return _PREFIX.pack(KIND_END, flags, run_no, timestamp_ns) + _json(document)
+
+
+def encode_case(
+    bench_no: int,
+    timestamp_ns: int,
+    *,
+    case_no: int,
+    expected: object = None,
+    verdict: object = None,
+    rationale: object = None,
+    judge: str = "judge",
+) -> bytes:
+    """A benchmark's word on one case (not a hook: its values are cut like a final answer)."""
+    document = {
+        "case_no": case_no,
+        "expected": _case_value(expected),
+        "verdict": _case_value(verdict),
+        "rationale": cut(rationale, "rationale")[0] if rationale is not None else None,
+        "judge": judge,
+    }
+    return _PREFIX.pack(KIND_CASE, 0, bench_no, timestamp_ns) + _json(document)
+
+
+def _case_value(value: object) -> Any:
+    """A bool, a number or None as it is; anything else as its text, cut."""
+    if value is None or type(value) in (bool, int, float):
+        return plain(value)
+    return cut(value, "final")[0]
 
 
 # -- worker side -----------------------------------------------------------------------------
@@ -648,6 +697,9 @@ def decode(payload: bytes | memoryview) -> Event:
                 replaced,
                 _id_of(document.get("session")),
                 _id_of(document.get("user")),
+                bool(document.get("benchmark")),
+                document.get("dataset") if isinstance(document.get("dataset"), dict) else None,
+                document.get("bench_no") if type(document.get("bench_no")) is int else None,
             )
         if kind == KIND_END:
             return RunEnd(
@@ -663,6 +715,18 @@ def decode(payload: bytes | memoryview) -> Event:
                 _text_of(document.get("final")),
                 _usage_of(document.get("usage")),
                 replaced,
+            )
+        if kind == KIND_CASE:
+            rationale = document.get("rationale")
+            return CaseResult(
+                run_no,
+                timestamp,
+                int(document["case_no"]),
+                document.get("expected"),
+                document.get("verdict"),
+                str(rationale) if rationale is not None else None,
+                str(document.get("judge") or "judge"),
+                internal,
             )
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"not a record: {type(exc).__name__}: {exc}") from None

@@ -106,6 +106,9 @@ class RunStart:
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
     session: str | None = None  # the session (MLflow's ``session.id``) a root run belongs to
     user: str | None = None  # and its user (``user.id``)
+    benchmark: bool = False  # a benchmark's evaluation run: its root runs are its cases
+    dataset: dict[str, Any] | None = None  # a benchmark's dataset: name, digest, rows
+    bench_no: int | None = None  # the benchmark this root run is a case of
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,4 +144,19 @@ class RunEnd:
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
 
 
-Event = RunStart | Step | RunEnd
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    """What a benchmark says of one of its cases (``run_no`` is the benchmark's run): the
+    expected answer and a judge's verdict, written on the case's trace."""
+
+    run_no: int
+    timestamp_ns: int
+    case_no: int  # the case's root run
+    expected: Any = None
+    verdict: Any = None
+    rationale: str | None = None
+    judge: str = "judge"  # the verdict's assessment name
+    internal: bool = False
+
+
+Event = RunStart | Step | RunEnd | CaseResult

@@ -168,6 +168,10 @@ class Pipeline:
         self.rejected = Tally()
         self.by_id: dict[str, OpenRun] = {}  # the latest open run of each run id
         self.by_thread: dict[tuple[str, int], OpenRun] = {}
+        # The benchmark open (its root runs are its cases), and its cases: run id -> (the
+        # benchmark's run, the case's run)
+        self.bench: OpenRun | None = None
+        self.cases: dict[str, tuple[int, int]] = {}
         self.end_status = "FAILED"  # for runs still open at close; KILLED after a signal
         # Waking the worker costs a system call: only when it sleeps and a batch is ready.
         self.worker_asleep = False
@@ -176,7 +180,16 @@ class Pipeline:
 
     # -- the hooks -------------------------------------------------------------------------------
 
-    def start(self, run_id: object, task: object, environment: object, params: object) -> None:
+    def start(
+        self,
+        run_id: object,
+        task: object,
+        environment: object,
+        params: object,
+        *,
+        benchmark: bool = False,
+        dataset: dict[str, Any] | None = None,
+    ) -> None:
         if self.off:
             return
         self.entered.incr()  # before looking at ``active``: close() waits for us (see quiet)
@@ -202,9 +215,13 @@ class Pipeline:
                 new = OpenRun(next(self.run_numbers), rid, me)
                 new.previous = run
                 run = self.by_thread[(rid, me)] = self.by_id[rid] = new
+            bench_no = None
             if parent is not None:
                 run.root = parent.root
                 run.parent = parent
+            elif self.bench is not None and not benchmark:  # a case of the open benchmark
+                bench_no = self.bench.no
+                self.cases[rid] = (bench_no, run.no)
             run.last_ns = now = now_ns()
             depth = params.get("depth") if type(params) is dict else None
             session = user = None
@@ -225,6 +242,9 @@ class Pipeline:
                 task=_codec.text_document(task, "task", self.texts) if task is not None else None,
                 session=session,
                 user=user,
+                benchmark=benchmark,
+                dataset=dataset,
+                bench_no=bench_no,
             )
             self.admit(payload, ctl=True, start=True)
         except Exception:
@@ -319,6 +339,45 @@ class Pipeline:
                 run.parent.children.append(usage)  # counted once: in the parent's next step
         except Exception:
             self.hook_failed("on_run_end")
+        finally:
+            self.exited.incr()
+
+    def case(
+        self,
+        bench_no: int,
+        run_id: object,
+        *,
+        expected: object,
+        verdict: object,
+        rationale: object,
+        judge: str,
+    ) -> None:
+        """A benchmark's word on one of its cases (its run ``run_id``), like a hook: one
+        record, never raising."""
+        if self.off:
+            return
+        self.entered.incr()
+        if not self.active:
+            self.refuse()
+            return
+        try:
+            rid = run_id if type(run_id) is str else text_of(run_id)
+            found = self.cases.get(rid)
+            if found is None or found[0] != bench_no:
+                self.bad_input("case_unknown", rid, "is not a run of this benchmark; not recorded")
+                return
+            payload = _codec.encode_case(
+                bench_no,
+                now_ns(),
+                case_no=found[1],
+                expected=expected,
+                verdict=verdict,
+                rationale=rationale,
+                judge=judge,
+            )
+            self.admit(payload, ctl=True)
+        except Exception:
+            self.hook_failed("benchmark case")
         finally:
             self.exited.incr()
 

@@ -7,6 +7,13 @@ the seed's environment variables. :func:`install` points that name at :func:`rlm
 which builds an :class:`~rlm_mlflow.MLflowSink` from the same variables (and the ``RLM_MLFLOW_*``
 ones) instead. RLM Code's own sink is then never constructed, so a run is never logged twice.
 
+The same switch makes RLM Code's benchmarks MLflow evaluation runs: :func:`install` wraps
+``run_benchmark`` of RLM Code's ``BenchmarkManagerMixin`` (``RLMRunner``'s) in a
+:class:`~rlm_mlflow.Benchmark` when the runner's observability holds an rlm-mlflow sink. The
+preset, mode and limits are the evaluation run's params, each case's run one of its cases (its
+expected answer an Expectation, RLM Code's ``answer_match`` a Feedback), RLM Code's summary file
+its artifact. A runner without our sink runs its benchmark as before.
+
 The launcher's import hook (``_bootstrap/sitecustomize.py``) calls :func:`install` as soon as
 RLM Code's module is loaded, before anything can use it. Nothing here may break the program:
 :func:`install` refuses (raises, and the hook logs a warning) when the module does not look like
@@ -16,11 +23,15 @@ warning, if rlm-mlflow's cannot be built.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 import logging
+from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
+from ._benchmark import Benchmark
 from ._config import config_from_env
 from ._sink import MLflowSink
 
@@ -28,6 +39,23 @@ logger = logging.getLogger("rlm_mlflow")
 
 #: The attribute of RLM Code's module that keeps its own sink class once it is replaced.
 ORIGINAL = "_rlm_mlflow_replaced_sink"
+#: RLM Code's module with ``BenchmarkManagerMixin.run_benchmark``.
+BENCHMARKS = "rlm_code.rlm.benchmark_manager"
+#: ``run_benchmark``'s keyword arguments logged as the evaluation run's params.
+BENCHMARK_PARAMS = (
+    "preset",
+    "mode",
+    "limit",
+    "environment",
+    "framework",
+    "max_steps",
+    "exec_timeout",
+    "branch_width",
+    "sub_model",
+    "sub_provider",
+    "harness_strategy",
+    "include_mcp",
+)
 #: The parameters of RLM Code's ``MLflowSink`` that ``RLMObservability.default()`` passes.
 EXPECTED = ("enabled", "experiment", "tracking_uri")
 
@@ -107,3 +135,87 @@ def install(module: ModuleType) -> None:
     module.MLflowSink = rlm_code_sink  # type: ignore[attr-defined]
     _module[:] = [module]
     logger.info("rlm-mlflow run: RLM Code's MLflow sink is rlm-mlflow's")
+    try:
+        install_benchmarks(importlib.import_module(BENCHMARKS))
+    except Exception as exc:  # the sink is in place: benchmarks stay RLM Code's own
+        logger.warning(
+            "rlm-mlflow run: RLM Code's benchmarks are not logged as evaluation runs (%s: %s)",
+            type(exc).__name__,
+            exc,
+        )
+
+
+def install_benchmarks(module: ModuleType) -> None:
+    """Wrap ``run_benchmark`` of ``module.BenchmarkManagerMixin`` (see the module docstring).
+
+    Raises ``LookupError`` and changes nothing when there is no such method."""
+    mixin = getattr(module, "BenchmarkManagerMixin", None)
+    original = getattr(mixin, "run_benchmark", None)
+    if mixin is None or not callable(original):
+        raise LookupError(f"{module.__name__} has no BenchmarkManagerMixin.run_benchmark")
+    if getattr(original, "_rlm_mlflow", False):
+        return
+
+    @functools.wraps(original)
+    def run_benchmark(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bench = _benchmark_of(self, kwargs)
+        if bench is None:
+            return original(self, *args, **kwargs)
+        with bench:
+            result = original(self, *args, **kwargs)
+            _record(bench, result)
+        return result
+
+    run_benchmark._rlm_mlflow = True  # type: ignore[attr-defined]
+    mixin.run_benchmark = run_benchmark
+
+
+def _benchmark_of(runner: Any, kwargs: dict[str, Any]) -> Benchmark | None:
+    """A benchmark for this call of ``run_benchmark``, when the runner has our sink."""
+    try:
+        sinks = getattr(getattr(runner, "observability", None), "sinks", None) or []
+        sink = next((s for s in sinks if isinstance(s, MLflowSink)), None)
+        if sink is None:
+            return None
+        preset = str(kwargs.get("preset") or "dspy_quick")
+        mode = str(kwargs.get("mode") or "native")
+        params: dict[str, Any] = {
+            name: kwargs[name]
+            for name in BENCHMARK_PARAMS
+            if kwargs.get(name) is not None and type(kwargs[name]) in (str, int, float, bool)
+        }
+        params.setdefault("preset", preset)
+        params.setdefault("mode", mode)
+        model = getattr(getattr(runner, "llm_connector", None), "current_model", None)
+        if isinstance(model, str) and model:
+            params["model"] = model
+        packs = kwargs.get("pack_paths")
+        if packs:
+            params["pack_paths"] = ", ".join(str(path) for path in packs)
+        # RLM Code names its benchmarks by the microsecond too: two in one second stay apart.
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+        return Benchmark(sink, f"{preset}-{mode}-{stamp}", params=params, dataset=preset)
+    except Exception as exc:
+        logger.warning("rlm-mlflow: this benchmark is not logged as an evaluation run (%s)", exc)
+        return None
+
+
+def _record(bench: Benchmark, result: Any) -> None:
+    """Each case's expected answer and RLM Code's ``answer_match``; the summary file."""
+    try:
+        for case in getattr(result, "case_results", None) or ():
+            run_id = case.get("run_id") if isinstance(case, dict) else None
+            if not isinstance(run_id, str):
+                continue
+            expected, match = case.get("expected_answer"), case.get("answer_match")
+            rationale = None
+            if expected is not None and isinstance(match, bool):
+                rationale = "the expected answer is in the final response" if match else None
+            bench.record(
+                run_id, expected=expected, verdict=match, judge="answer_match", rationale=rationale
+            )
+        summary = getattr(result, "summary_path", None)
+        if summary is not None:
+            bench.report = summary
+    except Exception as exc:
+        logger.warning("rlm-mlflow: a benchmark's cases could not be read (%s)", exc)

@@ -31,6 +31,7 @@ DSPy is imported by this module only: ``import rlm_mlflow`` never imports it. In
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sys
@@ -49,6 +50,8 @@ except ImportError as _missing:  # pragma: no cover - depends on the environment
     raise ImportError(
         "rlm_mlflow.dspy needs DSPy 3.4 or later (dspy.RLM): pip install 'rlm-mlflow[dspy]'"
     ) from _missing
+
+from ._benchmark import Benchmark
 
 __all__ = ["RLMCallback", "RunSink"]
 
@@ -162,6 +165,13 @@ class RLMCallback(_BaseCallback):  # type: ignore[misc]  # DSPy ships no type in
       None;
     - ``on_run_end`` with ``completed`` (SUBMIT was reached), ``steps`` and the final output.
 
+    A ``dspy.Evaluate`` call becomes a benchmark (:func:`rlm_mlflow.benchmark`: one MLflow
+    evaluation run) when the sink is an :class:`rlm_mlflow.MLflowSink`: each example's
+    ``dspy.RLM`` run is a case, its trace linked to the evaluation run with the example's labels
+    as Expectation ``expected_response`` and the metric's score as Feedback named after the
+    metric; the evaluation run gets ``<metric>/mean`` and the other aggregates, the devset as
+    its input, ``save_as_json`` as its artifact.
+
     Args:
         sink: Where runs go: an :class:`rlm_mlflow.MLflowSink` (or anything with its hooks).
             A sink that is not enabled makes every handler return at once.
@@ -172,6 +182,7 @@ class RLMCallback(_BaseCallback):  # type: ignore[misc]  # DSPy ships no type in
         self._run_start = sink.on_run_start
         self._step = sink.on_step  # called with cumulative_reward=None: DSPy has no reward
         self._run_end = sink.on_run_end
+        self._sink = sink
         self._environment = environment
         config = getattr(sink, "config", None)
         self._off = getattr(config, "enabled", True) is False
@@ -180,6 +191,10 @@ class RLMCallback(_BaseCallback):  # type: ignore[misc]  # DSPy ships no type in
         self._lm_calls: dict[str, _LMCall] = {}
         self._failures = 0
         self._usage_unknown = False
+        # Evaluate calls open, and the runs of their examples: id of an RLM run's prediction ->
+        # its run id (the prediction lives in the evaluation's results until it ends)
+        self._evaluations: dict[str, tuple[Benchmark, str]] = {}
+        self._answers: dict[int, str] = {}
 
     # -- modules ----------------------------------------------------------------------------
 
@@ -215,6 +230,8 @@ class RLMCallback(_BaseCallback):  # type: ignore[misc]  # DSPy ships no type in
             if run is not None:
                 self._owner.pop(call_id, None)
                 self._close(run, outputs, exception)
+                if self._evaluations and run.parent is None and outputs is not None:
+                    self._answers[id(outputs)] = run.run_id
                 return
             owner = self._owner.pop(call_id, None)
             if owner is None:
@@ -230,6 +247,64 @@ class RLMCallback(_BaseCallback):  # type: ignore[misc]  # DSPy ships no type in
                 iteration.rationale = _text_or_none(getattr(outputs, "reasoning", None))
         except Exception:
             self._failed("on_module_end")
+
+    # -- evaluations ------------------------------------------------------------------------
+
+    def on_evaluate_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        if self._off or not hasattr(self._sink, "_pipeline"):
+            return
+        try:
+            devset = inputs.get("devset") or getattr(instance, "devset", None) or []
+            metric = inputs.get("metric") or getattr(instance, "metric", None)
+            program = inputs.get("program")
+            metric_name = _name_of(metric) or "metric"
+            params: dict[str, Any] = {
+                "program": type(program).__name__,
+                "metric": metric_name,
+                "devset_size": len(devset),
+                "num_threads": inputs.get("num_threads") or getattr(instance, "num_threads", None),
+                "lm_model": _model_name(_settings.get("lm")),
+            }
+            if isinstance(program, _RLM):
+                signature = getattr(program, "signature", None)
+                text = getattr(signature, "signature", None)
+                params["signature"] = text if isinstance(text, str) else str(signature)
+                params["max_iters"] = getattr(program, "max_iters", None)
+            report = inputs.get("save_as_json") or getattr(instance, "save_as_json", None)
+            bench = Benchmark(
+                self._sink,
+                f"evaluate-{metric_name}-{call_id[:8]}",
+                params={k: v for k, v in params.items() if v is not None},
+                dataset=[_record_of(example) for example in devset],
+                report=report if isinstance(report, str) else None,
+            )
+            bench.__enter__()
+            self._evaluations[call_id] = (bench, metric_name)
+        except Exception:
+            self._failed("on_evaluate_start")
+
+    def on_evaluate_end(
+        self, call_id: str, outputs: Any | None, exception: BaseException | None = None
+    ) -> None:
+        found = self._evaluations.pop(call_id, None)
+        if found is None:
+            return
+        bench, metric_name = found
+        try:
+            for example, prediction, score in getattr(outputs, "results", None) or ():
+                run_id = self._answers.pop(id(prediction), None)
+                if run_id is not None:
+                    bench.record(
+                        run_id, expected=_expected_of(example), verdict=score, judge=metric_name
+                    )
+        except Exception:
+            self._failed("on_evaluate_end")
+        finally:
+            if not self._evaluations:
+                self._answers.clear()
+            with contextlib.suppress(Exception):
+                failed = type(exception) if exception is not None else None
+                bench.__exit__(failed, exception, None)
 
     # -- language models --------------------------------------------------------------------
 
@@ -622,6 +697,27 @@ def _params_of(
     if isinstance(tools, Mapping) and tools:
         params["tools"] = ", ".join(sorted(str(name) for name in tools))
     return params
+
+
+def _name_of(function: object) -> str | None:
+    name = getattr(function, "__name__", None)
+    if not isinstance(name, str):
+        name = type(function).__name__ if function is not None else None
+    return name
+
+
+def _record_of(example: Any) -> Any:
+    """An example as plain data (for the dataset's digest)."""
+    to_dict = getattr(example, "toDict", None)
+    return to_dict() if callable(to_dict) else example
+
+
+def _expected_of(example: Any) -> Any:
+    """An example's labels: the value of its one label, or the labels as JSON text."""
+    labels = example.labels().toDict()
+    if len(labels) == 1:
+        return next(iter(labels.values()))
+    return json.dumps(labels, default=str, sort_keys=True) if labels else None
 
 
 def _interpreter_of(module: Any, arguments: Mapping[str, Any]) -> str | None:

@@ -32,7 +32,7 @@ import anyio
 from .._calls import Caller
 from .._codec import describe
 from .._config import COMPONENT_TAG
-from .._events import RunEnd, RunStart, Step, Usage
+from .._events import CaseResult, Event, RunEnd, RunStart, Step, Usage
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings, WorkerCounts
 from .._transports.base import KEY_TAG, PARENT_TAG, Metric, RunRef, Transport
@@ -81,12 +81,14 @@ class RunWork:
     needs_traces: bool = True  # False: written with traces off, or sent as spans already
     runs_outcome: Outcome | None = None  # each exporter's word, once it has given it
     traces_outcome: Outcome | None = None
+    cases: list[CaseResult] = field(default_factory=list)  # a benchmark's (traces exporter)
 
-    def add(
-        self, event: RunStart | Step | RunEnd, *, runs: bool = True, traces: bool = True
-    ) -> None:
+    def add(self, event: Event, *, runs: bool = True, traces: bool = True) -> None:
         """One event, for the runs exporter, the traces exporter, or both."""
-        if type(event) is Step:
+        if type(event) is CaseResult:
+            if traces:
+                self.cases.append(event)
+        elif type(event) is Step:
             if runs:
                 self.steps.append(event)
             if traces:
@@ -110,6 +112,7 @@ class RunWork:
             starts=self.starts,
             end=self.end,
             span_end=self.span_end,
+            cases=self.cases,
             locations=[at for at in self.locations if at not in steps],
             counted=self.counted - self.step_counted,
             in_memory_only=self.in_memory_only - self.step_in_memory,
@@ -136,6 +139,7 @@ class RunWork:
         self.starts.extend(later.starts)
         self.steps.extend(later.steps)
         self.span_steps.extend(later.span_steps)
+        self.cases.extend(later.cases)
         if later.end is not None:
             self.end = later.end
         if later.span_end is not None:
@@ -152,6 +156,10 @@ class RunWork:
 
 
 Done = Callable[["RunWork", Outcome], None]
+
+#: How MLflow marks an evaluation run (``mlflow.genai.evaluate``'s): the Evaluation runs page.
+RUN_TYPE_TAG = "mlflow.runType"
+RUN_TYPE_EVALUATION = "genai_evaluate"
 
 #: Experiment ids found in this process, by (store, experiment name): sinks share them.
 _EXPERIMENTS: dict[tuple[str, str], str] = {}
@@ -180,6 +188,7 @@ class RunState:
     last_step: int = -1
     ended: bool = False
     refused: str | None = None
+    benchmark: bool = False  # an evaluation run (tagged as MLflow's evaluations are)
 
 
 @dataclass
@@ -380,6 +389,7 @@ class RunsExporter:
     def _take_start(self, state: RunState, start: RunStart) -> None:
         if start.parent_no is not None and state.parent_no is None:
             state.parent_no = start.parent_no
+        state.benchmark = state.benchmark or start.benchmark
         if start.implicit:
             return
         if state.started:
@@ -458,6 +468,8 @@ class RunsExporter:
             ("component", COMPONENT_TAG),
             (KEY_TAG, state.key),
         ]
+        if state.benchmark:
+            tags.append((RUN_TYPE_TAG, RUN_TYPE_EVALUATION))
         await self._ensure_parent(state)
         parent = await self._parent_uuid(state)
         if parent is not None:
@@ -652,7 +664,8 @@ class RunsExporter:
         else:
             metrics = self._metrics_of(state, work.steps)
         end = work.end
-        if end is not None and not state.ended and end.status == "FINISHED":
+        # An evaluation run's metrics are its cases' aggregates (the traces exporter's).
+        if end is not None and not state.ended and end.status == "FINISHED" and not state.benchmark:
             metrics.extend(self._summary_of(state, end))
         tags: list[tuple[str, str]] = []
         if state.parent_pending:

@@ -15,15 +15,18 @@ too large is refused and counted (``span_too_large``).
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import anyio
 
 from .._calls import Caller
+from .._events import CaseResult, RunEnd
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
-from .._transports.base import Transport
+from .._transports.base import Assessment, AssessmentStore, Dataset, Metric, Transport
+from .assessments import AssessmentsExporter, assessment_key, number, outcome_of, value_of
 from .runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
 from .spans import Ids, RunInfo, SpanBuilder
 
@@ -63,6 +66,14 @@ class TracesExporter:
         self._builder: SpanBuilder | None = None
         self.spans_sent = 0
         self.requests = 0
+        self.assessments = AssessmentsExporter(
+            caller=caller, warnings=warnings, runs=runs, transport=transport
+        )
+        self.benchmarks: set[int] = set()  # evaluation runs: no trace of their own
+        self.datasets: dict[int, Dataset] = {}  # an evaluation run's input
+        self.case_of: dict[int, int] = {}  # a benchmark's case (root run) -> the benchmark
+        # benchmark -> case -> its figures (reward, completed, tokens, duration, verdict)
+        self.figures: dict[int, dict[int, dict[str, float]]] = {}
 
     @property
     def active(self) -> bool:
@@ -80,6 +91,13 @@ class TracesExporter:
         """Remember what the spans of these runs need (their starts), even with traces off."""
         for work in works:
             for start in work.starts:
+                if start.bench_no is not None:
+                    self.case_of[work.no] = start.bench_no
+                if start.benchmark:
+                    self.benchmarks.add(work.no)
+                    dataset = _dataset_of(start.dataset)
+                    if dataset is not None:
+                        self.datasets[work.no] = dataset
                 known = self.info.get(work.no)
                 if start.implicit and known is not None:
                     continue
@@ -128,8 +146,131 @@ class TracesExporter:
                 break
             for no in nos:
                 outcomes[no] = worse(outcomes[no], outcome)
+        if self.active:
+            await self._assess(todo, outcomes)
         self._forget_ended(works)
         return outcomes
+
+    async def _assess(self, works: Sequence[RunWork], outcomes: dict[int, Outcome]) -> None:
+        """The assessments of each trace whose root span is stored now (see
+        :mod:`.assessments`), then what benchmarks say of their cases, then the aggregates of
+        each benchmark that ended. A run's outcome is kept for replay until they are written."""
+        for work in works:
+            end = work.span_end
+            if work.no in self.benchmarks or end is None or outcomes[work.no] != SENT:
+                continue
+            if not self.ends_root(work):
+                continue
+            info = self._info(work)
+            trace_id = self.ids.trace_hex(info.root_no)
+            outcome = await self.assessments.write(trace_id, outcome_of(trace_id, end))
+            bench = self.case_of.get(work.no)
+            if bench is not None and outcome == SENT:
+                ref = self.runs.ref_of(bench)
+                if ref is None:  # the evaluation run could not be had yet: kept for replay
+                    outcome = DEFERRED
+                else:
+                    outcome = await self.assessments.link(ref.run_uuid, [trace_id])
+                if outcome == SENT:
+                    self.case_of.pop(work.no, None)
+                    self._case_figures(bench, work.no, info.start_ns, end)
+            outcomes[work.no] = worse(outcomes[work.no], outcome)
+        for work in works:
+            if work.no not in self.benchmarks or outcomes[work.no] != SENT:
+                continue
+            for case in work.cases:
+                if outcomes.get(case.case_no, SENT) != SENT:  # its trace is not there yet
+                    outcomes[work.no] = DEFERRED
+                    continue
+                outcome = await self._case(case)
+                outcomes[work.no] = worse(outcomes[work.no], outcome)
+            if work.span_end is not None and outcomes[work.no] == SENT:
+                outcomes[work.no] = await self._aggregate(work.no, work.span_end)
+
+    def _case_figures(self, bench: int, case: int, start_ns: int, end: RunEnd) -> None:
+        figures = self.figures.setdefault(bench, {}).setdefault(case, {})
+        reward = number(end.total_reward)
+        if reward is not None:
+            figures["reward"] = reward
+        if type(end.completed) is bool:
+            figures["completed"] = float(end.completed)
+        if end.usage is not None and end.usage.total_tokens:
+            figures["tokens"] = float(end.usage.total_tokens)
+        if start_ns and end.timestamp_ns >= start_ns:
+            figures["duration"] = (end.timestamp_ns - start_ns) / 1e9
+
+    async def _case(self, case: CaseResult) -> Outcome:
+        """The expected answer and the verdict of one case, on its trace."""
+        trace_id = self.ids.trace_hex(case.case_no)
+        found: list[Assessment] = []
+        expected = value_of(case.expected)
+        if expected is not None:
+            key = assessment_key(trace_id, "expected_response")
+            found.append(Assessment("expected_response", expected, key, kind="expectation"))
+        verdict = value_of(case.verdict)
+        if verdict is not None:
+            key = assessment_key(trace_id, case.judge)
+            found.append(Assessment(case.judge, verdict, key, rationale=case.rationale))
+            score = float(verdict) if type(verdict) is bool else number(verdict)
+            if score is not None:
+                figures = self.figures.setdefault(case.run_no, {}).setdefault(case.case_no, {})
+                figures[_VERDICT + case.judge] = score
+        return await self.assessments.write(trace_id, found)
+
+    async def _aggregate(self, bench: int, end: RunEnd) -> Outcome:
+        """A benchmark's aggregate metrics, on its evaluation run, once."""
+        cases = self.figures.pop(bench, {})
+        ref = self.runs.ref_of(bench)
+        if ref is None:
+            return SENT
+        dataset = self.datasets.get(bench)
+        store = self._transport()
+        if dataset is not None and isinstance(store, AssessmentStore):
+            try:
+                await self.caller.call("log dataset", store.log_dataset, ref.run_uuid, dataset)
+            except StoreRefused:
+                self.figures[bench] = cases
+                return HOLD
+            except PermanentError as exc:
+                self.warnings.warn(
+                    "dataset_refused", "rlm-mlflow: MLflow refused a benchmark's dataset: %s", exc
+                )
+            except TransientError as exc:
+                self.figures[bench] = cases
+                self.warnings.warn(
+                    "dataset_deferred", "rlm-mlflow: a benchmark's dataset not sent, kept: %s", exc
+                )
+                return DEFERRED
+        self.datasets.pop(bench, None)
+        if not cases:
+            return SENT
+        at = end.timestamp_ns // 1_000_000
+        metrics = [Metric("cases", float(len(cases)), at, 0)]
+        names = sorted({name for figures in cases.values() for name in figures})
+        for name in names:
+            values = [figures[name] for figures in cases.values() if name in figures]
+            key = _METRIC_UNSAFE.sub("_", name.removeprefix(_VERDICT))[:200]
+            metrics.append(Metric(f"{key}/mean", mean(values), at, 0))
+        tokens = [figures["tokens"] for figures in cases.values() if "tokens" in figures]
+        if tokens:
+            metrics.append(Metric("tokens/total", sum(tokens), at, 0))
+        transport = self._transport()
+        try:
+            await self.caller.call("log aggregates", _log_once, transport, ref.run_uuid, metrics)
+        except StoreRefused:
+            self.figures[bench] = cases
+            return HOLD
+        except PermanentError as exc:
+            self.warnings.warn(
+                "aggregates_refused", "rlm-mlflow: MLflow refused a benchmark's metrics: %s", exc
+            )
+        except TransientError as exc:
+            self.figures[bench] = cases
+            self.warnings.warn(
+                "aggregates_deferred", "rlm-mlflow: a benchmark's metrics not sent, kept: %s", exc
+            )
+            return DEFERRED
+        return SENT
 
     def _requests_of(
         self, works: Sequence[RunWork]
@@ -138,11 +279,16 @@ class TracesExporter:
         of its own, linked to the root's MLflow run; the spans of running traces together."""
         builder = self._builder
         assert builder is not None
-        ending = {self._info(w).root_no for w in works if self.ends_root(w)}
+        benchmarks = self.benchmarks
+        ending = {
+            self._info(w).root_no for w in works if self.ends_root(w) and w.no not in benchmarks
+        }
         shared: list[bytes] = []
         shared_nos: set[int] = set()
         traces: dict[int, tuple[list[bytes], set[int]]] = {root: ([], set()) for root in ending}
         for work in works:
+            if work.no in benchmarks:
+                continue
             info = self._info(work)
             spans: list[bytes] = []
             for step in work.span_steps:
@@ -233,6 +379,33 @@ class TracesExporter:
         if first == HOLD or self.unsupported is not None:
             return first
         return worse(first, await self._send(experiment_id, run_uuid, spans[half:]))
+
+
+#: A verdict among a case's figures (its judge's name follows).
+_VERDICT = "verdict:"
+#: What MLflow refuses in a metric name.
+_METRIC_UNSAFE = re.compile(r"[^\w\-. /]")
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _dataset_of(document: object) -> Dataset | None:
+    """The dataset of a benchmark's start record, if it has a valid one."""
+    if not isinstance(document, dict):
+        return None
+    fields = [document.get(name) for name in ("name", "digest", "source", "profile")]
+    if not all(isinstance(value, str) and value for value in fields):
+        return None
+    name, digest, source, profile = (str(value) for value in fields)
+    return Dataset(name, digest, source, profile)
+
+
+def _log_once(transport: Transport, run_uuid: str, metrics: list[Metric]) -> None:
+    """Log metrics the run does not hold yet (a retried or replayed request adds none)."""
+    if not transport.metric_history(run_uuid, "cases"):
+        transport.log_batch(run_uuid, metrics=metrics)
 
 
 def worse(a: Outcome, b: Outcome) -> Outcome:

@@ -14,6 +14,10 @@ from typing import Any, Protocol, runtime_checkable
 #: The tag that holds a run's client-side id, so a retried or replayed create finds the first one.
 KEY_TAG = "rlm_mlflow.key"
 PARENT_TAG = "mlflow.parentRunId"
+#: The metadata key that names an assessment we wrote, so a retry or a replay finds it.
+ASSESSMENT_KEY = "rlm_mlflow.key"
+#: The code of a store without the assessments endpoint (written nowhere, counted).
+ASSESSMENTS_UNSUPPORTED = "ASSESSMENTS_UNSUPPORTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,55 @@ class RunRef:
     status: str = ""
     start_time_ms: int = 0
     has_data: bool = False  # params or metrics logged (used to choose among duplicates)
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """A Feedback (``kind`` "feedback") or an Expectation ("expectation") on one trace.
+
+    ``key`` is stable for (trace, name): written into the assessment's metadata, it is how a
+    retried or replayed write finds the one already stored."""
+
+    name: str
+    value: Any
+    key: str
+    kind: str = "feedback"
+    source_type: str = "CODE"
+    source_id: str = "rlm-mlflow"
+    rationale: str | None = None
+
+    def body(self, trace_id: str) -> dict[str, Any]:
+        """The ``assessment`` object of MLflow's REST API (``CreateAssessment``)."""
+        document: dict[str, Any] = {
+            "trace_id": trace_id,
+            "assessment_name": self.name,
+            "source": {"source_type": self.source_type, "source_id": self.source_id},
+            self.kind: {"value": self.value},
+            "metadata": {ASSESSMENT_KEY: self.key},
+        }
+        if self.rationale:
+            document["rationale"] = self.rationale
+        return document
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """A benchmark's dataset as an MLflow run input (what ``mlflow.genai.evaluate`` logs)."""
+
+    name: str
+    digest: str
+    source: str
+    profile: str
+    source_type: str = "code"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "source_type": self.source_type,
+            "source": self.source,
+            "profile": self.profile,
+        }
 
 
 @runtime_checkable
@@ -117,6 +170,30 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class AssessmentStore(Protocol):
+    """What a transport adds for assessments and evaluation runs. A transport without these
+    calls (one written before them) works as before: assessments are counted as unsupported."""
+
+    def assessment_keys(self, trace_id: str) -> set[str]:
+        """The ``ASSESSMENT_KEY`` of every assessment the trace holds. Raises PermanentError
+        ``RESOURCE_DOES_NOT_EXIST`` when there is no such trace, ``ASSESSMENTS_UNSUPPORTED``
+        when the store has no assessments."""
+        ...
+
+    def create_assessment(self, trace_id: str, assessment: Assessment) -> None:
+        """Write one assessment (not idempotent: the caller looks first)."""
+        ...
+
+    def link_traces(self, run_uuid: str, trace_ids: Sequence[str]) -> None:
+        """Link traces to one more run (an evaluation run); linking again changes nothing."""
+        ...
+
+    def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
+        """Log a dataset as the run's input; logging it again changes nothing."""
         ...
 
 

@@ -17,7 +17,18 @@ from typing import Any, TypeVar
 
 from .._config import redact_text, redact_uri
 from .._exceptions import REFUSED_CODES, PermanentError, StoreRefused, TransientError
-from .base import KEY_TAG, Metric, RunRef, key_filter, parse_spans_request, prefix_filter
+from .base import (
+    ASSESSMENT_KEY,
+    ASSESSMENTS_UNSUPPORTED,
+    KEY_TAG,
+    Assessment,
+    Dataset,
+    Metric,
+    RunRef,
+    key_filter,
+    parse_spans_request,
+    prefix_filter,
+)
 
 T = TypeVar("T")
 
@@ -268,6 +279,70 @@ class ClientTransport:
                 store.link_traces_to_run(roots, run_uuid)
 
         self._call("export spans", run)
+
+    def assessment_keys(self, trace_id: str) -> set[str]:
+        def run() -> set[str]:
+            store = self._client._tracking_client.store
+            try:
+                info = store.get_trace_info(trace_id)
+            except NotImplementedError:
+                raise PermanentError(
+                    f"this store ({type(store).__name__}) has no assessments",
+                    code=ASSESSMENTS_UNSUPPORTED,
+                ) from None
+            keys = set()
+            for found in info.assessments or ():
+                key = (found.metadata or {}).get(ASSESSMENT_KEY)
+                if isinstance(key, str):
+                    keys.add(key)
+            return keys
+
+        return self._call("get trace", run)
+
+    def create_assessment(self, trace_id: str, assessment: Assessment) -> None:
+        def run() -> None:
+            from mlflow.entities.assessment import Expectation, Feedback
+            from mlflow.entities.assessment_source import AssessmentSource
+
+            source = AssessmentSource(
+                source_type=assessment.source_type, source_id=assessment.source_id
+            )
+            metadata = {ASSESSMENT_KEY: assessment.key}
+            made: Any
+            if assessment.kind == "expectation":
+                made = Expectation(
+                    assessment.name, assessment.value, source, trace_id, metadata=metadata
+                )
+            else:
+                made = Feedback(
+                    assessment.name,
+                    assessment.value,
+                    source=source,
+                    trace_id=trace_id,
+                    metadata=metadata,
+                    rationale=assessment.rationale,
+                )
+            self._client._tracking_client.store.create_assessment(made)
+
+        self._call("create assessment", run)
+
+    def link_traces(self, run_uuid: str, trace_ids: Sequence[str]) -> None:
+        self._call(
+            "link traces",
+            lambda: self._client._tracking_client.store.link_traces_to_run(
+                list(trace_ids), run_uuid
+            ),
+        )
+
+    def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
+        def run() -> None:
+            from mlflow.entities import Dataset as MlflowDataset
+            from mlflow.entities import DatasetInput
+
+            entity = MlflowDataset(**dataset.body())
+            self._client.log_inputs(run_uuid, datasets=[DatasetInput(dataset=entity)])
+
+        self._call("log dataset", run)
 
     def close(self) -> None:
         pass

@@ -28,13 +28,28 @@ from urllib.parse import quote, urlsplit
 from .. import _fork
 from .._config import parse_bool, redact_text, redact_uri
 from .._exceptions import PermanentError, StoreRefused, TransientError
-from .base import KEY_TAG, Metric, RunRef, key_filter, prefix_filter
+from .base import (
+    ASSESSMENT_KEY,
+    ASSESSMENTS_UNSUPPORTED,
+    KEY_TAG,
+    Assessment,
+    Dataset,
+    Metric,
+    RunRef,
+    key_filter,
+    prefix_filter,
+)
 from .http import MAX_IN_FLIGHT, HttpClient, classify, mlflow_error, retry_after_seconds
 
 __all__ = ["MAX_IN_FLIGHT", "RestTransport", "retry_after_seconds", "shared_transport"]
 
 #: The first MLflow release whose server takes OTLP spans on ``/v1/traces``.
 _TRACES_SINCE = (3, 6)
+#: The first MLflow release with assessments on traces.
+_ASSESSMENTS_SINCE = (3, 0)
+_TRACES_V3 = "/api/3.0/mlflow/traces"
+#: Error codes a server gives for an endpoint it does not have.
+_NO_ENDPOINT_CODES = frozenset({"ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED"})
 
 _API = "/api/2.0/mlflow"
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
@@ -341,6 +356,61 @@ class RestTransport:
             )
         classify(response, "POST /v1/traces", want_json=False, clean=self._clean)
 
+    def assessment_keys(self, trace_id: str) -> set[str]:
+        path = f"{_TRACES_V3}/{quote(trace_id, safe='')}"
+        answer = self._assessments_call("GET", path, None)
+        trace = answer.get("trace")
+        info = trace.get("trace_info") if isinstance(trace, dict) else None
+        if not isinstance(info, dict):
+            raise TransientError("get trace: the answer has no trace info")
+        keys: set[str] = set()
+        for found in info.get("assessments") or ():
+            metadata = found.get("metadata") if isinstance(found, dict) else None
+            if isinstance(metadata, dict) and isinstance(metadata.get(ASSESSMENT_KEY), str):
+                keys.add(metadata[ASSESSMENT_KEY])
+        return keys
+
+    def create_assessment(self, trace_id: str, assessment: Assessment) -> None:
+        path = f"{_TRACES_V3}/{quote(trace_id, safe='')}/assessments"
+        self._assessments_call("POST", path, {"assessment": assessment.body(trace_id)})
+
+    def link_traces(self, run_uuid: str, trace_ids: Sequence[str]) -> None:
+        self.request(
+            "POST",
+            f"{_API}/traces/link-to-run",
+            body={"trace_ids": list(trace_ids), "run_id": run_uuid},
+        )
+
+    def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
+        self.request(
+            "POST",
+            f"{_API}/runs/log-inputs",
+            body={"run_id": run_uuid, "datasets": [{"dataset": dataset.body()}]},
+        )
+
+    def _assessments_call(
+        self, method: str, path: str, body: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        payload = json.dumps(body, allow_nan=False) if body is not None else None
+        response = self.http.send(method, path, data=payload)
+        status = response.status_code
+        if status in (404, 405, 501) and self._lacks_endpoint(response, _ASSESSMENTS_SINCE):
+            raise PermanentError(
+                f"the server has no assessments (HTTP {status} on {method} {path}: MLflow 3 "
+                "or newer is needed)",
+                code=ASSESSMENTS_UNSUPPORTED,
+                status=status,
+            )
+        return classify(response, f"{method} {path}", clean=self._clean)
+
+    def _lacks_endpoint(self, response: Any, since: tuple[int, int]) -> bool:
+        """MLflow's own error says the endpoint is missing, or the server's ``/version`` is
+        older than ``since``. A missing trace (``RESOURCE_DOES_NOT_EXIST``) is not that."""
+        error = mlflow_error(response.content)
+        if error is not None:
+            return error[0] in _NO_ENDPOINT_CODES
+        return response.status_code != 501 and self._older_than(since)
+
     def _no_trace_ingest(self, response: Any) -> bool:
         """The server itself says it takes no spans: MLflow's own error for the endpoint, or
         a page from a server whose ``/version`` is older than OTLP ingest. Anything else (a
@@ -349,6 +419,9 @@ class RestTransport:
             return True
         if response.status_code == 501:
             return False
+        return self._older_than(_TRACES_SINCE)
+
+    def _older_than(self, since: tuple[int, int]) -> bool:
         try:
             answer = self.http.send("GET", "/version")
         except TransientError:
@@ -358,7 +431,7 @@ class RestTransport:
         found = re.fullmatch(r"\s*(\d+)\.(\d+)[^\s]*\s*", answer.text[:64])
         if found is None:
             return False
-        return (int(found[1]), int(found[2])) < _TRACES_SINCE
+        return (int(found[1]), int(found[2])) < since
 
     def close(self) -> None:
         if self._shared_key is not None:

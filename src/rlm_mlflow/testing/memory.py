@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import PermanentError
-from .._transports.base import KEY_TAG, Metric, RunRef, parse_spans_request
+from .._transports.base import (
+    KEY_TAG,
+    Assessment,
+    Dataset,
+    Metric,
+    RunRef,
+    parse_spans_request,
+)
 
 __all__ = ["MemoryRun", "MemoryTransport", "wait_for"]
 
@@ -53,6 +60,10 @@ class MemoryTransport:
         self.calls: list[str] = []
         self.spans: dict[tuple[bytes, bytes], Any] = {}  # (trace id, span id) -> OTLP span
         self.trace_links: dict[bytes, str] = {}  # trace id -> MLflow run
+        # MLflow trace id ("tr-" + hex) -> its assessments, and the other runs it is linked to
+        self.assessments: dict[str, list[tuple[str, Assessment]]] = {}
+        self.run_links: dict[str, set[str]] = {}
+        self.datasets: dict[str, list[Dataset]] = {}  # run -> its inputs
         self.fail: Callable[[str], Exception | None] | None = None
         self._ids = itertools.count(1)
 
@@ -193,6 +204,31 @@ class MemoryTransport:
                         self.spans[(bytes(span.trace_id), bytes(span.span_id))] = span
                         if not span.parent_span_id and run_uuid:
                             self.trace_links[bytes(span.trace_id)] = run_uuid
+
+    def assessment_keys(self, trace_id: str) -> set[str]:
+        self._enter("assessment_keys")
+        with self.lock:
+            if bytes.fromhex(trace_id.removeprefix("tr-")) not in self.trace_links:
+                raise PermanentError(f"no trace {trace_id}", code="RESOURCE_DOES_NOT_EXIST")
+            return {key for key, _ in self.assessments.get(trace_id, [])}
+
+    def create_assessment(self, trace_id: str, assessment: Assessment) -> None:
+        self._enter("create_assessment")
+        with self.lock:  # like MLflow: every create is a new assessment
+            self.assessments.setdefault(trace_id, []).append((assessment.key, assessment))
+
+    def link_traces(self, run_uuid: str, trace_ids: Sequence[str]) -> None:
+        self._enter("link_traces")
+        with self.lock:
+            for trace_id in trace_ids:
+                self.run_links.setdefault(trace_id, set()).add(run_uuid)
+
+    def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
+        self._enter("log_dataset")
+        with self.lock:
+            held = self.datasets.setdefault(run_uuid, [])
+            if dataset not in held:
+                held.append(dataset)
 
     def close(self) -> None:
         pass

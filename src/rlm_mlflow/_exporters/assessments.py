@@ -1,0 +1,204 @@
+"""Assessments: what a run achieved, written on its trace as MLflow Feedback and Expectations.
+
+A root run's trace gets Feedback ``total_reward`` (a number) and ``completed`` (a bool), source
+CODE ``rlm-mlflow``, once its root span is stored (the trace exists then); a benchmark case's
+trace also gets its expected answer (Expectation ``expected_response``) and a judge's verdict
+(Feedback ``judge``). The traces table shows them as columns and ``search_traces`` filters on
+them (``feedback.total_reward > 0.5``).
+
+Each create makes a new assessment server-side, so exactly once is ours: every assessment
+carries a key stable for (trace, name) in its metadata, and one write is "read the trace's keys,
+create what is missing", retried whole. A lost answer, a retry or a replay after ``kill -9``
+reads the keys again and creates nothing twice. (A trace's first write in a live process skips
+the read: nothing can be there yet.) The trace's journal records keep their traces
+"done" bit until their assessments are written, so what is not written is replayed.
+
+A store without assessments (MLflow older than 3, a transport without the calls) turns them off
+with one warning; each assessment not written is counted in ``status()["rejected"]`` under
+``assessments_unsupported``; runs and spans go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .._calls import Caller
+from .._events import RunEnd
+from .._exceptions import PermanentError, StoreRefused, TransientError
+from .._stats import RateLimitedWarnings
+from .._transports.base import ASSESSMENTS_UNSUPPORTED, Assessment, AssessmentStore, Transport
+from .runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter
+
+logger = logging.getLogger("rlm_mlflow")
+
+#: An assessment's value as MLflow shows it: cut beyond this many characters.
+MAX_VALUE_TEXT = 4_000
+
+
+def assessment_key(trace_id: str, name: str) -> str:
+    """The key of the assessment ``name`` on trace ``trace_id`` (one per trace and name)."""
+    return f"{trace_id}/{name}"
+
+
+def number(value: object) -> float | None:
+    """A finite number (not a bool) as a float, else None."""
+    if type(value) in (int, float):
+        number = float(value)  # type: ignore[arg-type]
+        return number if math.isfinite(number) else None
+    return None
+
+
+def value_of(value: object) -> Any:
+    """A value MLflow keeps as it is (bool, finite number, text), or its text."""
+    if value is None or type(value) in (bool, str):
+        return value if type(value) is not str else value[:MAX_VALUE_TEXT]
+    found = number(value)
+    if found is not None:
+        return found
+    if type(value) in (int, float):
+        return None  # NaN, infinity: no JSON for them
+    try:
+        text = str(value)
+    except Exception:
+        return None
+    return text[:MAX_VALUE_TEXT]
+
+
+def outcome_of(trace_id: str, end: RunEnd) -> list[Assessment]:
+    """Feedback ``total_reward`` and ``completed`` of a root run's end, those it has."""
+    found: list[Assessment] = []
+    reward = number(end.total_reward)
+    if reward is not None:
+        key = assessment_key(trace_id, "total_reward")
+        found.append(Assessment("total_reward", reward, key))
+    if type(end.completed) is bool:
+        found.append(Assessment("completed", end.completed, assessment_key(trace_id, "completed")))
+    return found
+
+
+class AssessmentsExporter:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        caller: Caller,
+        warnings: RateLimitedWarnings,
+        runs: RunsExporter,
+        transport: Callable[[], Transport],
+    ) -> None:
+        self.caller = caller
+        self.warnings = warnings
+        self.runs = runs
+        self._transport = transport
+        self.unsupported: str | None = None  # why assessments are off for this store
+        self.written = 0
+        self.tried: set[str] = set()  # traces whose write was tried and not confirmed
+
+    def _off(self, why: str) -> None:
+        self.unsupported = why
+        logger.warning(
+            "rlm-mlflow: assessments are off for this store (%s); runs and traces are logged "
+            "as before",
+            why,
+        )
+
+    def _not_written(self, count: int, reason: str) -> None:
+        for _ in range(count):
+            self.runs.count_rejected(reason)
+
+    async def write(self, trace_id: str, assessments: Sequence[Assessment]) -> Outcome:
+        """Write what of ``assessments`` the trace does not hold yet (see the module
+        docstring); SENT once they are stored or refused for good (counted)."""
+        if not assessments:
+            return SENT
+        store = self._transport()
+        if self.unsupported is None and not isinstance(store, AssessmentStore):
+            self._off(f"{type(store).__name__} has no assessments calls")
+        if self.unsupported is not None:
+            self._not_written(len(assessments), "assessments_unsupported")
+            return SENT
+        assert isinstance(store, AssessmentStore)
+        # Nothing can be there yet on a trace's first try in a live process: no read then.
+        look = self.runs.replaying or trace_id in self.tried
+        self.tried.add(trace_id)
+        writer = _Writer(store, trace_id, list(assessments), look=look)
+        try:
+            written = await self.caller.call("write assessments", writer)
+        except StoreRefused:
+            return HOLD
+        except PermanentError as exc:
+            self.tried.discard(trace_id)  # settled: never tried again
+            if exc.code == ASSESSMENTS_UNSUPPORTED:
+                self._off(self.caller.clean(str(exc)))
+                self._not_written(len(assessments), "assessments_unsupported")
+                return SENT
+            reason = "assessment_no_trace" if exc.code == "RESOURCE_DOES_NOT_EXIST" else None
+            self._not_written(len(assessments), reason or "assessment_refused")
+            self.warnings.warn(
+                reason or "assessment_refused",
+                "rlm-mlflow: MLflow refused %d assessments of trace %s: %s",
+                len(assessments),
+                trace_id,
+                exc,
+            )
+            return SENT
+        except TransientError as exc:
+            self.warnings.warn(
+                "assessments_deferred",
+                "rlm-mlflow: assessments of trace %s not written, kept: %s",
+                trace_id,
+                exc,
+            )
+            return DEFERRED
+        self.written += written
+        self.tried.discard(trace_id)
+        return SENT
+
+    async def link(self, run_uuid: str, trace_ids: Sequence[str]) -> Outcome:
+        """Link traces to one more run (a benchmark's evaluation run)."""
+        store = self._transport()
+        if not trace_ids or not isinstance(store, AssessmentStore) or self.unsupported:
+            return SENT
+        try:
+            await self.caller.call("link traces", store.link_traces, run_uuid, list(trace_ids))
+        except StoreRefused:
+            return HOLD
+        except PermanentError as exc:
+            self.warnings.warn(
+                "trace_link_refused", "rlm-mlflow: MLflow refused a trace link: %s", exc
+            )
+            return SENT
+        except TransientError as exc:
+            self.warnings.warn(
+                "trace_link_deferred", "rlm-mlflow: traces not linked, kept: %s", exc
+            )
+            return DEFERRED
+        return SENT
+
+
+class _Writer:
+    """One write: read the trace's keys (unless nothing can be there yet), create what is
+    missing. Every later try of it reads first: an answer lost may have hidden a create."""
+
+    def __init__(
+        self, store: AssessmentStore, trace_id: str, assessments: list[Assessment], *, look: bool
+    ) -> None:
+        self.store = store
+        self.trace_id = trace_id
+        self.assessments = assessments
+        self.look = look
+
+    def __call__(self) -> int:
+        held = self.store.assessment_keys(self.trace_id) if self.look else set()
+        self.look = True
+        written = 0
+        for assessment in self.assessments:
+            if assessment.key not in held:
+                self.store.create_assessment(self.trace_id, assessment)
+                held.add(assessment.key)
+                written += 1
+        return written

@@ -1,0 +1,215 @@
+"""A root run's outcome as MLflow assessments on its trace, against a real server: written
+once whatever is lost or replayed, filterable in ``search_traces``, degraded with one warning on
+a server without the endpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from promises_support import Agent, replay_cli
+from rlm_mlflow import MLflowSink
+from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer, wait_for
+
+pytestmark = pytest.mark.integration
+
+FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.05, "retry_max_wait": 0.5}
+WAIT = 60.0
+
+
+@pytest.fixture
+def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
+    with FaultProxy(mlflow_server.port) as proxy:
+        yield proxy
+
+
+def run_scored(sink: MLflowSink, count: int) -> None:
+    """``scored-<i>``: two steps, ``total_reward = i``, ``completed = i is even``; and a child
+    run under ``scored-0`` (its figures stay on the root's trace)."""
+    for index in range(count):
+        run_id = f"scored-{index}"
+        sink.on_run_start(run_id, task="t", environment="e", params={})
+        if index == 0:
+            sink.on_run_start("child", task="c", environment="e", params={"parent_run_id": run_id})
+            sink.on_run_end("child", result={"completed": True, "total_reward": 9.0}, run_path=None)
+        for number in range(2):
+            sink.on_step(run_id, event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+        result = {"completed": index % 2 == 0, "steps": 2, "total_reward": float(index)}
+        sink.on_run_end(run_id, result=result, run_path=None)
+
+
+def traces_of(client: Any, experiment: str, filter_string: str | None = None) -> dict[str, Any]:
+    """The experiment's traces by their run id tag."""
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    traces = client.search_traces(
+        locations=[found.experiment_id], filter_string=filter_string, max_results=500
+    )
+    return {trace.info.tags["run_id"]: trace for trace in traces}
+
+
+def ours(trace: Any) -> dict[str, list[Any]]:
+    """The trace's assessments written by the sink, by name (every copy)."""
+    named: dict[str, list[Any]] = {}
+    for assessment in trace.info.assessments:
+        if assessment.source.source_id == "rlm-mlflow":
+            named.setdefault(assessment.name, []).append(assessment)
+    return named
+
+
+def assert_each_once(client: Any, experiment: str, count: int) -> None:
+    traces = {k: v for k, v in traces_of(client, experiment).items() if k.startswith("scored-")}
+    assert sorted(traces) == sorted(f"scored-{i}" for i in range(count))
+    for index in range(count):
+        named = ours(traces[f"scored-{index}"])
+        assert sorted(named) == ["completed", "total_reward"], named
+        assert [a.value for a in named["total_reward"]] == [float(index)]
+        assert [a.value for a in named["completed"]] == [index % 2 == 0]
+        source = named["total_reward"][0].source
+        assert (source.source_type, source.source_id) == ("CODE", "rlm-mlflow")
+
+
+def test_a_root_runs_reward_and_completion_are_feedback_on_its_trace_and_filterable(
+    mlflow_server: MlflowServer, mlflow_client: Any, experiment_name: str
+) -> None:
+    sink = MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, **FAST
+    )
+    run_scored(sink, 4)
+    sink.close(WAIT)
+    assert sink.status()["deferred"] == 0, sink.status()
+    assert_each_once(mlflow_client, experiment_name, 4)
+    high = traces_of(mlflow_client, experiment_name, "feedback.total_reward > 1.5")
+    assert sorted(high) == ["scored-2", "scored-3"]
+    done = traces_of(mlflow_client, experiment_name, "feedback.completed = 'true'")
+    assert sorted(done) == ["scored-0", "scored-2"]
+
+
+def test_a_create_whose_answer_was_lost_is_not_written_twice(
+    proxy: FaultProxy, mlflow_client: Any, experiment_name: str
+) -> None:
+    """The server stores the assessment, the answer is lost: the retry reads the trace's
+    assessments first and writes only what is missing."""
+    proxy.set(mode="commit_then_reset", count=2, path="/assessments", method="POST")
+    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+    run_scored(sink, 2)
+    sink.close(WAIT)
+    assert sink.status()["deferred"] == 0, sink.status()
+    assert sink.status()["retries"] >= 2, sink.status()  # the two lost answers were retried
+    assert_each_once(mlflow_client, experiment_name, 2)
+
+
+def test_an_outage_as_the_runs_end_loses_and_repeats_no_assessment(
+    proxy: FaultProxy, mlflow_client: Any, experiment_name: str
+) -> None:
+    """The server is unreachable when the runs end (connections refused) and comes back: runs,
+    spans and assessments all land, each assessment once."""
+    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+    sink.on_run_start("warm-up", task="t", environment="e", params={})
+    sink.on_run_end("warm-up", result={"completed": True}, run_path=None)
+    assert sink.flush(WAIT)  # the experiment exists
+    proxy.set(mode="refuse")
+    run_scored(sink, 3)
+    assert wait_for(lambda: sink.status()["retries"] > 0, WAIT)  # the worker met the outage
+    proxy.set(mode="pass")
+    sink.close(WAIT)
+    status = sink.status()
+    assert status["deferred"] == 0, status
+    assert not status["dropped"], status
+    assert_each_once(mlflow_client, experiment_name, 3)
+
+
+def test_assessments_lost_at_kill_9_are_written_once_by_replay(
+    agents: Callable[..., Agent],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """The server answers 503 to every assessment request until the agent is killed: runs and
+    spans are sent, the assessments kept. The first replay goes through a proxy that loses the
+    answer of every create the server stored (it must read what the server holds before each
+    retry); a second replay adds nothing. Each assessment is there once."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="http", status=503, path="/api/3.0/mlflow/traces/")
+        agent = agents("assessed_runs.py", proxy.uri, experiment_name, "3")
+        status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
+        assert status["deferred"] > 0, status  # the assessments were not confirmed: kept
+        agent.kill9()
+        assert not traces_of(mlflow_client, experiment_name)["scored-0"].info.assessments
+        proxy.set(mode="commit_then_reset", path="/assessments", method="POST")
+        done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+        assert done.returncode == 0, f"replay through the proxy: {done.stdout}{done.stderr}"
+        assert proxy.paths  # the replay went through it
+    done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+    assert done.returncode == 0, f"second replay: {done.stdout}{done.stderr}"
+    assert_each_once(mlflow_client, experiment_name, 3)
+
+
+def test_a_server_without_assessments_says_so_once_and_everything_else_goes_on(
+    proxy: FaultProxy,
+    mlflow_client: Any,
+    experiment_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = json.dumps({"error_code": "ENDPOINT_NOT_FOUND", "message": "No such endpoint"})
+    proxy.set(
+        mode="http",
+        status=404,
+        body=body.encode(),
+        content_type="application/json",
+        path="/api/3.0/mlflow/traces/",
+    )
+    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        run_scored(sink, 3)
+        sink.close(WAIT)
+    status = sink.status()
+    assert status["deferred"] == 0, status
+    assert not status["dropped"], status
+    assert status["rejected"].get("assessments_unsupported") == 6, status
+    off = [r for r in caplog.records if "assessments are off" in r.getMessage()]
+    assert len(off) == 1, [r.getMessage() for r in caplog.records]
+    traces = traces_of(mlflow_client, experiment_name)
+    assert sorted(traces) == ["scored-0", "scored-1", "scored-2"]  # spans went on
+    assert all(not ours(trace) for trace in traces.values())
+
+
+def test_a_transport_without_assessment_calls_counts_them_unsupported() -> None:
+    """A transport written before assessments (no such methods) still works."""
+
+    class Older:
+        """Every call of the transport interface, and none of the assessment calls."""
+
+        def __init__(self) -> None:
+            self.inner = MemoryTransport()
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("assessment_keys", "create_assessment", "link_traces"):
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    older = Older()
+    transport = lambda: older  # noqa: E731 - a factory: the class has no methods of its own
+    sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+    run_scored(sink, 2)
+    sink.close(WAIT)
+    status = sink.status()
+    assert status["rejected"].get("assessments_unsupported") == 4, status
+    assert status["deferred"] == 0, status
+    assert not status["dropped"], status
+
+
+def test_memory_transport_holds_each_assessment_once() -> None:
+    transport = MemoryTransport()
+    sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+    run_scored(sink, 3)
+    sink.close(WAIT)
+    assert len(transport.assessments) == 3
+    for held in transport.assessments.values():
+        assert sorted(a.name for _, a in held) == ["completed", "total_reward"]
