@@ -238,3 +238,32 @@ def test_the_worker_imports_nothing_above_it() -> None:
             imported.update(alias.name for alias in node.names)
     above = {"_runtime", "_sink", "rlm_mlflow._runtime", "rlm_mlflow._sink"}
     assert not imported & above, imported & above
+
+
+def test_sinks_closed_together_say_what_they_left_in_one_line(
+    journal_dir: Path, caplog: Any
+) -> None:
+    """Closed together (at exit, on a signal), sinks that could not send say so in one warning
+    with their totals and where the journals are, not one warning per sink."""
+    import logging
+
+    from rlm_mlflow import TransientError
+    from rlm_mlflow._runtime import close_all
+
+    sinks = []
+    for n in range(3):
+        memory = MemoryTransport()
+        memory.fail = lambda call: TransientError("down")
+        sink = MLflowSink(enabled=True, transport=memory, flush_interval=0.05, retry_initial=0.05)
+        sink.on_run_start(f"r{n}", task="t", environment="e", params={})
+        for i in range(4):
+            sink.on_step(f"r{n}", event={"step": i, "reward": 1.0}, cumulative_reward=1.0 + i)
+        sinks.append(sink)
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        close_all("KILLED", 1.0)
+    said = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith("rlm-mlflow: 3 sinks stopped with 15 events not sent"), said[0]
+    assert f"kept in 3 journals under {journal_dir}" in said[0]
+    assert "rlm-mlflow replay" in said[0]
+    assert all(sink.status()["deferred"] == 5 for sink in sinks)

@@ -49,7 +49,7 @@ import anyio
 
 from . import _fork
 from ._pipeline import State
-from ._worker import Worker
+from ._worker import CloseReports, Worker
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -222,12 +222,17 @@ def close_all(status: str | None = None, timeout: float | None = None) -> None:
     if timeout is None:
         timeout = max(w.config.shutdown_timeout for w in workers)
     deadline = time.monotonic() + timeout
+    reports = CloseReports() if len(workers) > 1 else None
     for worker in workers:
         if status is not None:
             worker.pipeline.end_status = status
+        if worker.close_reports is None:
+            worker.close_reports = reports
         request_close(worker, deadline)
     for worker in workers:
         worker.stopped.wait(max(0.0, deadline - time.monotonic()) + 0.5)
+    if reports is not None:
+        reports.say()  # one line for every sink closed here; a later closer speaks for itself
 
 
 def request_close(worker: Worker, deadline: float | None) -> None:

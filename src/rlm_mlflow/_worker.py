@@ -28,6 +28,7 @@ without one) and removes the journal if nothing is left in it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -71,6 +72,61 @@ MAINTENANCE_EVERY = 0.25
 #: RESTART_MAX) while it keeps failing, back to this once a cycle went through.
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
+
+
+class CloseReports:
+    """What the sinks closed together (at exit, on a signal) left unsent, said in one line.
+
+    A process with hundreds of sinks would otherwise print one warning per sink. Each worker
+    that closes while the group is open hands its figures here instead of logging them; one that
+    closes after :meth:`say` (past the group's deadline) logs its own as before.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = True
+        self._unsent = 0
+        self._lost = 0
+        self._sinks = 0
+        self._kept: list[str] = []
+        self._why: Counter[str] = Counter()
+
+    def add(self, deferred: int, dropped: int, kept: list[str], why: str) -> bool:
+        """Take one worker's figures; False once the group has spoken (log them yourself)."""
+        with self._lock:
+            if not self._open:
+                return False
+            if deferred or dropped or kept:
+                self._sinks += 1
+                self._unsent += deferred + dropped
+                self._lost += dropped
+                self._kept.extend(kept)
+                if deferred or dropped:
+                    self._why[why] += 1
+            return True
+
+    def say(self) -> None:
+        """Log what the group left, once; later closers log their own."""
+        with self._lock:
+            self._open = False
+            if not self._sinks:
+                return
+            folders = sorted({os.path.dirname(k) for k in self._kept})
+            reasons = "; ".join(
+                (f"{count} sinks: " if count > 1 else "") + why
+                for why, count in self._why.most_common(3)
+            )
+            logger.warning(
+                "rlm-mlflow: %d sinks stopped with %d events not sent (%s)%s%s",
+                self._sinks,
+                self._unsent,
+                reasons or "none left unsent",
+                f"; kept in {len(self._kept)} journals under {', '.join(folders)}: send them "
+                "with 'rlm-mlflow replay'"
+                if self._kept
+                else "",
+                f"; {self._lost} lost (no journal)" if self._lost else "",
+            )
 
 
 class Worker:
@@ -167,6 +223,7 @@ class Worker:
         self.loop: Any = None  # the _runtime.Loop whose dispatcher wakes this worker
         self.transition = threading.Lock()  # the rare state changes of the sink, never a hook's
         self.stopped = threading.Event()
+        self.close_reports: CloseReports | None = None  # closing with others: say it once
         self.progress = threading.Condition()
         self._wake: anyio.Event | None = None
         self._close_seen: anyio.Event | None = None
@@ -655,7 +712,10 @@ class Worker:
             journal.close(keep=keep)
             if keep:
                 kept.append(str(journal.folder))
-        if deferred or dropped:
+        reports = self.close_reports
+        if reports is not None and reports.add(deferred, dropped, kept, self._why_not_sent()):
+            pass  # said once for every sink that closed with this one
+        elif deferred or dropped:
             logger.warning(
                 "rlm-mlflow stopped with %d events not sent (%s)%s%s",
                 deferred + dropped,
