@@ -17,9 +17,9 @@ from rlm_mlflow import MLflowSink
 from rlm_mlflow._events import RunStart, Step, StepDetail, Text, Usage
 from rlm_mlflow._exporters import otlp
 from rlm_mlflow._exporters.convert import run_name
-from rlm_mlflow._exporters.runs import RunWork
 from rlm_mlflow._exporters.spans import Ids, RunInfo, SpanBuilder
 from rlm_mlflow._exporters.traces import TracesExporter
+from rlm_mlflow._exporters.work import RunWork
 from rlm_mlflow._transports.base import parse_spans_request
 from rlm_mlflow.testing import MemoryTransport
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ._exceptions import StoreRefused
-from ._exporters.runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
+from ._exporters.runs import RunsExporter
 from ._exporters.traces import TracesExporter
+from ._exporters.work import DEFERRED, HOLD, SENT, Outcome, RunWork
 from ._journal import RUNS_DONE, RUNS_IN_FLIGHT, TRACES_DONE, TRACES_IN_FLIGHT
 from ._stats import WorkerCounts
 

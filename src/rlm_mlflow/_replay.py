@@ -36,8 +36,9 @@ from ._config import DEFAULT_EXPERIMENT, duration, redact_uri
 from ._dispatch import Dispatcher
 from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
-from ._exporters.runs import SENT, RunsExporter, RunWork
+from ._exporters.runs import RunsExporter
 from ._exporters.traces import TracesExporter
+from ._exporters.work import SENT, RunWork
 from ._fork import KEY_PREFIX
 from ._journal import Segment, default_journal_dir, open_segment, remove_journal
 from ._journal_format import (

@@ -43,8 +43,9 @@ from ._config import SinkConfig
 from ._dispatch import Dispatcher
 from ._events import RunStart, Step
 from ._exceptions import PermanentError, StoreRefused
-from ._exporters.runs import DEFERRED, HOLD, RunsExporter, RunWork
+from ._exporters.runs import RunsExporter
 from ._exporters.traces import TracesExporter
+from ._exporters.work import DEFERRED, HOLD, RunWork
 from ._journal import Segment
 from ._pipeline import Item, Pipeline, State
 from ._retry import RetryPolicy

@@ -30,7 +30,7 @@ from .._events import RunEnd
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import ASSESSMENTS_UNSUPPORTED, Assessment, AssessmentStore, Transport
-from .runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter
+from .work import DEFERRED, HOLD, SENT, Outcome, RunRefs
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -87,7 +87,7 @@ class AssessmentsExporter:
         *,
         caller: Caller,
         warnings: RateLimitedWarnings,
-        runs: RunsExporter,
+        runs: RunRefs,
         transport: Callable[[], Transport],
     ) -> None:
         self.caller = caller

@@ -25,18 +25,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 
 from .._calls import Caller
 from .._codec import describe
 from .._config import COMPONENT_TAG
-from .._events import CaseResult, Event, RunEnd, RunStart, Step, Usage
+from .._events import RunEnd, RunStart, Step, Usage
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings, WorkerCounts
 from .._transports.base import KEY_TAG, PARENT_TAG, Metric, RunRef, Transport
 from . import convert as _convert
+from .work import DEFERRED, HOLD, SENT, Done, Outcome, RunWork
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -48,114 +49,6 @@ LATE_HORIZON = 300.0
 ENDED_MEMORY = 1024
 #: Codes for which splitting a refused batch cannot help: the whole run is concerned.
 _WHOLE_RUN_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "RUN_NOT_ACTIVE", "ENDPOINT_NOT_FOUND"})
-
-Outcome = Literal["sent", "deferred", "hold"] | tuple[Literal["dropped"], str]
-SENT: Outcome = "sent"
-DEFERRED: Outcome = "deferred"  # kept in the journal for replay; the exporter moves on
-HOLD: Outcome = "hold"  # the store refuses everything for now: try again later
-
-
-@dataclass(slots=True)
-class RunWork:
-    """One run's events of a drain cycle, in order, with what the worker needs to settle them.
-
-    ``steps``/``end`` go to the runs exporter, ``span_steps``/``span_end`` to the traces
-    exporter: the same events, but for a journal replayed after one exporter had some of them.
-    """
-
-    no: int
-    starts: list[RunStart] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
-    end: RunEnd | None = None
-    span_steps: list[Step] = field(default_factory=list)
-    span_end: RunEnd | None = None
-    locations: list[tuple[Any, int]] = field(default_factory=list)  # journal (segment, offset)
-    counted: int = 0  # events from hook calls (not the sink's own)
-    in_memory_only: int = 0  # counted events that are in no journal
-    step_locations: list[tuple[Any, int]] = field(default_factory=list)  # of the steps only
-    step_counted: int = 0
-    step_in_memory: int = 0
-    maybe_sent: bool = False  # a request with its metrics may have been committed already
-    run_id: str = ""
-    needs_runs: bool = True  # replay: False when the runs exporter had it all already
-    needs_traces: bool = True  # False: written with traces off, or sent as spans already
-    runs_outcome: Outcome | None = None  # each exporter's word, once it has given it
-    traces_outcome: Outcome | None = None
-    cases: list[CaseResult] = field(default_factory=list)  # a benchmark's (traces exporter)
-
-    def add(self, event: Event, *, runs: bool = True, traces: bool = True) -> None:
-        """One event, for the runs exporter, the traces exporter, or both."""
-        if type(event) is CaseResult:
-            if traces:
-                self.cases.append(event)
-        elif type(event) is Step:
-            if runs:
-                self.steps.append(event)
-            if traces:
-                self.span_steps.append(event)
-        elif type(event) is RunStart:
-            self.starts.append(event)
-            self.run_id = event.run_id
-        else:
-            assert isinstance(event, RunEnd)
-            self.run_id = event.run_id
-            if runs:
-                self.end = event
-            if traces:
-                self.span_end = event
-
-    def split(self) -> tuple[RunWork, RunWork]:
-        """The run's starts and end, and its steps, as two works (closing sends ends first)."""
-        steps = set(self.step_locations)
-        control = RunWork(
-            self.no,
-            starts=self.starts,
-            end=self.end,
-            span_end=self.span_end,
-            cases=self.cases,
-            locations=[at for at in self.locations if at not in steps],
-            counted=self.counted - self.step_counted,
-            in_memory_only=self.in_memory_only - self.step_in_memory,
-            run_id=self.run_id,
-            needs_traces=self.needs_traces,
-        )
-        rest = RunWork(
-            self.no,
-            steps=self.steps,
-            span_steps=self.span_steps,
-            locations=list(self.step_locations),
-            step_locations=list(self.step_locations),
-            counted=self.step_counted,
-            in_memory_only=self.step_in_memory,
-            step_counted=self.step_counted,
-            step_in_memory=self.step_in_memory,
-            maybe_sent=self.maybe_sent,
-            run_id=self.run_id,
-            needs_traces=self.needs_traces,
-        )
-        return control, rest
-
-    def merge(self, later: RunWork) -> None:
-        self.starts.extend(later.starts)
-        self.steps.extend(later.steps)
-        self.span_steps.extend(later.span_steps)
-        self.cases.extend(later.cases)
-        if later.end is not None:
-            self.end = later.end
-        if later.span_end is not None:
-            self.span_end = later.span_end
-        self.locations.extend(later.locations)
-        self.step_locations.extend(later.step_locations)
-        self.counted += later.counted
-        self.in_memory_only += later.in_memory_only
-        self.step_counted += later.step_counted
-        self.step_in_memory += later.step_in_memory
-        self.maybe_sent = self.maybe_sent or later.maybe_sent
-        self.run_id = self.run_id or later.run_id
-        self.needs_traces = self.needs_traces or later.needs_traces
-
-
-Done = Callable[["RunWork", Outcome], None]
 
 #: How MLflow marks an evaluation run (``mlflow.genai.evaluate``'s): the Evaluation runs page.
 RUN_TYPE_TAG = "mlflow.runType"
@@ -375,7 +268,7 @@ class RunsExporter:
                 no=work.no,
                 key=key,
                 run_id=first.run_id if first else work.run_id or key,
-                start_ms=(first.timestamp_ns if first else _first_time(work)) // 1_000_000,
+                start_ms=(first.timestamp_ns if first else work.first_time()) // 1_000_000,
                 look_first=self.replaying or first is None,
             )
             known = self.ended.get(work.no)
@@ -954,14 +847,6 @@ def _token_counts(usage: Usage) -> list[tuple[str, int]]:
         ("output_tokens", usage.output_tokens),
         ("total_tokens", usage.total_tokens),
     ]
-
-
-def _first_time(work: RunWork) -> int:
-    if work.steps:
-        return work.steps[0].timestamp_ns
-    if work.end is not None:
-        return work.end.timestamp_ns
-    return 0
 
 
 def _chunks(

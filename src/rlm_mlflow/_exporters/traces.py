@@ -27,8 +27,8 @@ from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientErro
 from .._stats import RateLimitedWarnings
 from .._transports.base import Assessment, AssessmentStore, Dataset, Metric, Transport
 from .assessments import AssessmentsExporter, assessment_key, number, outcome_of, value_of
-from .runs import DEFERRED, HOLD, SENT, Outcome, RunsExporter, RunWork
 from .spans import Ids, RunInfo, SpanBuilder
+from .work import DEFERRED, HOLD, SENT, Outcome, RunRefs, RunWork
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -50,7 +50,7 @@ class TracesExporter:
         caller: Caller,
         warnings: RateLimitedWarnings,
         prefix: str,
-        runs: RunsExporter,
+        runs: RunRefs,
         transport: Callable[[], Transport],
         mode: str,
     ) -> None:
