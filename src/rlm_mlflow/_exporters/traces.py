@@ -226,21 +226,11 @@ class TracesExporter:
         dataset = self.datasets.get(bench)
         store = self._transport()
         if dataset is not None and isinstance(store, AssessmentStore):
-            try:
-                await self.caller.call("log dataset", store.log_dataset, ref.run_uuid, dataset)
-            except StoreRefused:
-                self.figures[bench] = cases
-                return HOLD
-            except PermanentError as exc:
-                self.warnings.warn(
-                    "dataset_refused", "rlm-mlflow: MLflow refused a benchmark's dataset: %s", exc
-                )
-            except TransientError as exc:
-                self.figures[bench] = cases
-                self.warnings.warn(
-                    "dataset_deferred", "rlm-mlflow: a benchmark's dataset not sent, kept: %s", exc
-                )
-                return DEFERRED
+            kept = await self._benchmark_write(
+                "dataset", bench, cases, store.log_dataset, ref.run_uuid, dataset
+            )
+            if kept is not None:
+                return kept
         self.datasets.pop(bench, None)
         if not cases:
             return SENT
@@ -255,22 +245,37 @@ class TracesExporter:
         if tokens:
             metrics.append(Metric("tokens/total", sum(tokens), at, 0))
         transport = self._transport()
+        kept = await self._benchmark_write(
+            "aggregates", bench, cases, _log_once, transport, ref.run_uuid, metrics
+        )
+        return SENT if kept is None else kept
+
+    async def _benchmark_write(
+        self,
+        what: str,
+        bench: int,
+        cases: dict[int, dict[str, float]],
+        fn: Callable[..., object],
+        *args: object,
+    ) -> Outcome | None:
+        """One write of a benchmark's run (its dataset, its aggregates): None when it is done
+        (or refused for good, said once); HOLD or DEFERRED with the cases kept for a next try."""
         try:
-            await self.caller.call("log aggregates", _log_once, transport, ref.run_uuid, metrics)
+            await self.caller.call(f"log {what}", fn, *args)
         except StoreRefused:
             self.figures[bench] = cases
             return HOLD
         except PermanentError as exc:
             self.warnings.warn(
-                "aggregates_refused", "rlm-mlflow: MLflow refused a benchmark's metrics: %s", exc
+                f"{what}_refused", "rlm-mlflow: MLflow refused a benchmark's %s: %s", what, exc
             )
         except TransientError as exc:
             self.figures[bench] = cases
             self.warnings.warn(
-                "aggregates_deferred", "rlm-mlflow: a benchmark's metrics not sent, kept: %s", exc
+                f"{what}_deferred", "rlm-mlflow: a benchmark's %s not sent, kept: %s", what, exc
             )
             return DEFERRED
-        return SENT
+        return None
 
     def _requests_of(
         self, works: Sequence[RunWork]
