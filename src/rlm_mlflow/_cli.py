@@ -97,6 +97,11 @@ def print_replay_report(report: ReplayReport, directory: Path) -> int:
     )
     print(f"waiting           {report.events} events had not been confirmed sent")
     print(f"sent now          {report.sent} events")
+    if report.runs_sent != report.sent or report.spans_sent:
+        print(
+            f"landed now        {report.runs_sent} events in their MLflow runs, "
+            f"{report.spans_sent} spans in traces"
+        )
     print(
         f"sent before       {report.already_sent} events had reached MLflow already "
         "(the journals still held them; not sent again)"

@@ -60,6 +60,9 @@ Progress = Callable[[int, int], None]  # (events done, events in all)
 
 #: Runs handed to the exporters at once.
 BATCH = 200
+#: Run trees of one journal sent at the same time, each through exporters of its own (the
+#: transport bounds the requests in flight): a trace's requests never hold up other runs.
+LANES = 4
 
 
 @dataclass
@@ -71,7 +74,9 @@ class ReplayReport:
     kept: list[str] = field(default_factory=list)  # journals with events that still failed
     in_use: list[str] = field(default_factory=list)  # locked by a live sink or another replay
     events: int = 0  # events that were waiting to be sent
-    sent: int = 0
+    sent: int = 0  # events every exporter they needed has now
+    runs_sent: int = 0  # events whose runs part (run, params, metrics, end) has now landed
+    spans_sent: int = 0  # spans written to MLflow's traces
     failed: int = 0  # events that could not be sent (they stay for the next replay)
     refused: int = 0  # events the store refused for good (logged; not tried again)
     already_sent: int = 0  # events the journals held that had been sent already
@@ -274,7 +279,7 @@ def _replay_folder(
     report.already_sent += loaded.already_sent
     try:
         if loaded.works or loaded.open_runs:
-            counts, killed, problem, gave_up = _send(
+            counts, sent, problem, gave_up = _send(
                 loaded,
                 meta,
                 tracking_uri=tracking_uri,
@@ -284,7 +289,7 @@ def _replay_folder(
                 progress=progress,
             )
         else:
-            counts, killed, problem, gave_up = WorkerCounts(), 0, None, None
+            counts, sent, problem, gave_up = WorkerCounts(), _Sent(), None, None
     finally:
         _close_segments(loaded.segments)
     refused = sum(v for k, v in counts.dropped.items() if k != "send_failed")
@@ -297,7 +302,9 @@ def _replay_folder(
         loaded.events - counts.sent - refused,
     )
     report.failed += failed
-    report.runs_killed += killed
+    report.runs_killed += sent.killed
+    report.runs_sent += sent.runs
+    report.spans_sent += sent.spans
     if problem is not None:
         report.problems.append(problem)
     if gave_up is not None:
@@ -311,6 +318,59 @@ def _replay_folder(
         report.kept.append(str(folder))
 
 
+@dataclass
+class _Sent:
+    runs: int = 0  # events whose runs part landed
+    spans: int = 0
+    killed: int = 0
+
+
+@dataclass
+class _Lane:
+    """Exporters of their own for some of a journal's run trees (see :data:`LANES`)."""
+
+    runs: RunsExporter
+    traces: TracesExporter
+    dispatcher: Dispatcher
+    works: list[RunWork] = field(default_factory=list)
+
+
+def _trees(works: dict[int, RunWork], starts: dict[int, RunStart], lanes: int) -> list[list[int]]:
+    """The runs to send, as up to ``lanes`` groups that each hold whole run trees (a run, its
+    parent, and a benchmark with its cases go together: their requests depend on each other),
+    in the order of their runs, the groups about even in events."""
+    root_of: dict[int, int] = {}
+
+    def root(no: int) -> int:
+        seen: list[int] = []
+        while no not in root_of:
+            start = starts.get(no)
+            up = None if start is None else start.parent_no
+            if up is None and start is not None:
+                up = start.bench_no
+            if up is None or up in seen or up == no:
+                break
+            seen.append(no)
+            no = up
+        top = root_of.get(no, no)
+        for each in [*seen, no]:
+            root_of[each] = top
+        return top
+
+    trees: dict[int, list[int]] = {}
+    for no in sorted(works):
+        trees.setdefault(root(no), []).append(no)
+    if any(start.benchmark for start in starts.values()):
+        lanes = 1  # a benchmark's aggregates gather its cases' figures in one traces exporter
+    groups: list[list[int]] = [[] for _ in range(max(1, min(lanes, len(trees))))]
+    weight = [0] * len(groups)
+    for top in sorted(trees):
+        lightest = weight.index(min(weight))
+        groups[lightest].extend(trees[top])
+        weight[lightest] += sum(1 + len(works[no].steps) for no in trees[top])
+    return [sorted(group) for group in groups if group]
+
+
 def _send(
     loaded: _Loaded,
     meta: dict[str, Any],
@@ -320,7 +380,7 @@ def _send(
     transport: Transport | None,
     retry_deadline: float,
     progress: Progress | None,
-) -> tuple[WorkerCounts, int, str | None, str | None]:
+) -> tuple[WorkerCounts, _Sent, str | None, str | None]:
     uri = _uri_for(meta, tracking_uri)
     counts = WorkerCounts()
     warnings = RateLimitedWarnings()
@@ -337,27 +397,34 @@ def _send(
         return holder[0]
 
     prefix = str(meta.get("prefix") or "")
-    runs = RunsExporter(
-        caller=caller,
-        counts=counts,
-        rejected=lambda reason: None,
-        warnings=warnings,
-        prefix=prefix,
-        experiment=experiment or str(meta.get("experiment") or DEFAULT_EXPERIMENT),
-        transport=get_transport,
-        replaying=True,
-    )
-    # The mode the records were written with is in their flags: "full" sends what they hold.
-    traces = TracesExporter(
-        caller=caller,
-        warnings=warnings,
-        prefix=prefix,
-        runs=runs,
-        transport=get_transport,
-        mode="full",
-    )
-    dispatcher = Dispatcher(runs, traces, counts)
+
+    def lane() -> _Lane:
+        runs = RunsExporter(
+            caller=caller,
+            counts=counts,
+            rejected=lambda reason: None,
+            warnings=warnings,
+            prefix=prefix,
+            experiment=experiment or str(meta.get("experiment") or DEFAULT_EXPERIMENT),
+            transport=get_transport,
+            replaying=True,
+        )
+        # The mode the records were written with is in their flags: "full" sends what they hold.
+        traces = TracesExporter(
+            caller=caller,
+            warnings=warnings,
+            prefix=prefix,
+            runs=runs,
+            transport=get_transport,
+            mode="full",
+        )
+        traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
+        return _Lane(runs, traces, Dispatcher(runs, traces, counts))
+
+    lanes = [lane()]
+    runs = lanes[0].runs
     works = loaded.works
+    had_all: set[int] = set()  # runs whose runs part had landed before this replay
 
     async def end_open_runs() -> None:
         """End KILLED the runs the process left open, unless MLflow holds the run as ended
@@ -379,14 +446,27 @@ def _send(
             work.span_steps.sort(key=lambda s: s.timestamp_ns)
             if not (work.steps or work.end or any(not s.implicit for s in work.starts)):
                 work.runs_outcome = SENT  # nothing the runs exporter has not had already
+                had_all.add(work.no)
             if not (work.span_steps or work.span_end):
                 work.needs_traces = False
 
-    traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
     from ._sink import default_transport_factory
 
     total = loaded.events
     problem: str | None = None
+
+    async def send_lane(each: _Lane, scope: anyio.CancelScope) -> None:
+        nonlocal problem
+        try:
+            for start in range(0, len(each.works), BATCH):
+                await each.dispatcher.export(each.works[start : start + BATCH])
+                if progress is not None:
+                    progress(min(total, counts.sent + counts.deferred), total)
+        except (TransientError, StoreRefused, PermanentError) as exc:
+            if problem is None:  # the first lane to stop says why; the others stop with it
+                problem = caller.clean(str(exc))
+                logger.error("rlm-mlflow replay stopped: %s", problem)
+            scope.cancel()
 
     async def send() -> None:
         nonlocal problem
@@ -408,17 +488,24 @@ def _send(
         try:
             await runs.load_known()
             await end_open_runs()
-            ordered = sorted(works.values(), key=lambda w: w.no)
-            for start in range(0, len(ordered), BATCH):
-                await dispatcher.export(ordered[start : start + BATCH])
-                if progress is not None:
-                    progress(min(total, counts.sent + counts.deferred), total)
+            groups = _trees(works, loaded.starts, LANES)
+            while len(lanes) < len(groups):
+                more = lane()
+                more.runs.known, more.runs.searched = runs.known, runs.searched
+                more.runs.experiment_id = runs.experiment_id
+                lanes.append(more)
+            for each, group in zip(lanes, groups, strict=False):
+                each.works = [works[no] for no in group]
+            async with anyio.create_task_group() as tg:
+                for each in lanes:
+                    tg.start_soon(send_lane, each, tg.cancel_scope)
         except (TransientError, StoreRefused, PermanentError) as exc:
             problem = caller.clean(str(exc))
             logger.error("rlm-mlflow replay stopped: %s", problem)
         finally:
-            for work in dispatcher.take_unsettled():
-                dispatcher.settle_left(work)
+            for each in lanes:
+                for work in each.dispatcher.take_unsettled():
+                    each.dispatcher.settle_left(work)
             holder[0].close()
 
     try:
@@ -427,7 +514,14 @@ def _send(
         problem = str(exc)
         logger.error("rlm-mlflow replay: %s", exc)
         counts.deferred += loaded.events - counts.sent
-    return counts, runs.killed, problem, caller.gave_up
+    sent = _Sent(
+        runs=sum(
+            w.counted for w in works.values() if w.runs_outcome == SENT and w.no not in had_all
+        ),
+        spans=sum(each.traces.spans_sent for each in lanes),
+        killed=sum(each.runs.killed for each in lanes),
+    )
+    return counts, sent, problem, caller.gave_up
 
 
 async def _ended_in_store(

@@ -82,6 +82,13 @@ class RunState:
     ended: bool = False
     refused: str | None = None
     benchmark: bool = False  # an evaluation run (tagged as MLflow's evaluations are)
+    # Replay: an earlier process may have sent this run's create or data (its records were in
+    # flight), so a create of ours is checked for a duplicate at the run's end.
+    uncertain: bool = False
+    created_here: bool = False  # this exporter created the MLflow run (it was not found)
+    # Each metric's latest stored point (key -> (step, timestamp_ms)) as known when the run was
+    # found or created, before any data of ours went: None once data went, or when unknown.
+    stored_latest: dict[str, tuple[int, int]] | None = None
 
 
 @dataclass
@@ -125,6 +132,8 @@ class RunsExporter:
         self.runs: dict[int, RunState] = {}
         self.ended: OrderedDict[int, RunRef] = OrderedDict()
         self.known: dict[str, list[RunRef]] = {}  # key -> runs found by a bulk search
+        # A bulk search found every run this sink had created: a key it did not find has no run.
+        self.searched = False
         self.killed = 0  # replay: runs left open by a dead process, ended KILLED
         # Runs whose create answer was lost: a server may still commit such a create after the
         # run's end; each is looked up once more, ``late_window`` s after that create was sent.
@@ -204,6 +213,7 @@ class RunsExporter:
         )
         for ref in found:
             self.known.setdefault(ref.key, []).append(ref)
+        self.searched = True
 
     # -- one cycle ---------------------------------------------------------------------------
 
@@ -270,6 +280,7 @@ class RunsExporter:
                 run_id=first.run_id if first else work.run_id or key,
                 start_ms=(first.timestamp_ns if first else work.first_time()) // 1_000_000,
                 look_first=self.replaying or first is None,
+                uncertain=self.replaying and work.maybe_sent,
             )
             known = self.ended.get(work.no)
             if known is not None:
@@ -393,9 +404,16 @@ class RunsExporter:
         """On a thread: the run of ``state``, found (after a lost answer) or created."""
         transport = self.transport
         if state.look_first or state.create_lost_at is not None:
-            found = self.known.get(state.key) or transport.find_runs(experiment_id, state.key)
+            found = self.known.get(state.key)
+            # A bulk search after the process that created it ended saw every run it had: a
+            # key it did not find needs no search of its own (a create of that process still
+            # being committed is caught by the look for duplicates at the run's end).
+            if not found and not (self.searched and state.create_lost_at is None):
+                found = transport.find_runs(experiment_id, state.key)
             if found:
-                return self._keep_one(state, found, None)
+                ref = self._keep_one(state, found, None)
+                state.stored_latest = _latest_of(ref)
+                return ref
         try:
             ref = transport.create_run(
                 experiment_id,
@@ -411,6 +429,12 @@ class RunsExporter:
             found = transport.find_runs(experiment_id, state.key)
             if len(found) > 1:
                 ref = self._keep_one(state, found, ref.run_uuid)
+                state.stored_latest = _latest_of(ref)
+                return ref
+        state.created_here = True
+        state.stored_latest = {}  # a run just created holds no points
+        if state.uncertain:  # see RunState.uncertain: looked for again at its end
+            state.create_lost_at = time.monotonic()
         return ref
 
     def _keep_one(self, state: RunState, found: list[RunRef], prefer: str | None) -> RunRef:
@@ -569,6 +593,7 @@ class RunsExporter:
             metrics = await self._not_yet_stored(state, metrics)
         params = list(state.params)
         work.maybe_sent = True
+        state.stored_latest = None  # what is stored now depends on what this sends
         await self._log_batches(state, metrics, params, tags)
         state.sent_params.extend(params)
         del state.params[: len(params)]
@@ -647,11 +672,26 @@ class RunsExporter:
         return metrics
 
     async def _not_yet_stored(self, state: RunState, metrics: list[Metric]) -> list[Metric]:
-        """After a lost answer: only the points the store does not hold already."""
+        """After a lost answer: only the points the store does not hold already.
+
+        When the run's latest stored points are known from the answer that found (or created)
+        it, a point past its metric's latest one, or of a metric the run does not hold, cannot
+        be stored: only the points at or before it are read back, and only their metrics."""
         assert state.ref is not None
         run_uuid = state.ref.run_uuid
+        latest = state.stored_latest
+        if latest is not None:
+            maybe = {
+                m.key
+                for m in metrics
+                if m.key in latest and (m.step, m.timestamp_ms) <= latest[m.key]
+            }
+            if not maybe:
+                return metrics
+        else:
+            maybe = {m.key for m in metrics}
         stored: set[Metric] = set()
-        for key in sorted({m.key for m in metrics}):
+        for key in sorted(maybe):
             stored.update(
                 await self.caller.call(
                     "read metric history", self.transport.metric_history, run_uuid, key
@@ -776,7 +816,7 @@ class RunsExporter:
                 self.warnings.warn(
                     "artifact", "rlm-mlflow run %s: artifact not uploaded: %s", end.run_id, exc
                 )
-        if self.replaying and end.internal:
+        if self.replaying and end.internal and not state.created_here:
             status = await self.caller.call(
                 "read run status", self.transport.run_status, ref.run_uuid
             )
@@ -839,6 +879,13 @@ class RunsExporter:
     def _failed(self, message: str) -> None:
         self.caller.note_error(message)
         self.warnings.warn("failed", "rlm-mlflow %s", self.caller.clean(message))
+
+
+def _latest_of(ref: RunRef) -> dict[str, tuple[int, int]] | None:
+    """Each metric's latest stored point of a run found by a search (None: not known)."""
+    if ref.latest is None:
+        return None
+    return {key: (step, timestamp) for key, step, timestamp in ref.latest}
 
 
 def _token_counts(usage: Usage) -> list[tuple[str, int]]:

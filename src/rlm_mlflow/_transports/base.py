@@ -38,6 +38,9 @@ class RunRef:
     status: str = ""
     start_time_ms: int = 0
     has_data: bool = False  # params or metrics logged (used to choose among duplicates)
+    # Each metric's latest point as the store ranks them (highest step, then time) when the run
+    # was read, as (key, step, timestamp_ms); None when the answer did not say.
+    latest: tuple[tuple[str, int, int], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

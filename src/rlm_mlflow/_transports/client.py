@@ -365,7 +365,19 @@ def _run_ref(run: Any) -> RunRef:
         status=str(info.status or ""),
         start_time_ms=int(info.start_time or 0),
         has_data=bool(data.metrics or data.params),
+        latest=_latest(data),
     )
+
+
+def _latest(data: Any) -> tuple[tuple[str, int, int], ...] | None:
+    """The latest point of each metric of a run's data (None if the data does not say)."""
+    objects = getattr(data, "_metric_objs", None)
+    if not isinstance(objects, list):
+        return None
+    try:
+        return tuple((str(m.key), int(m.step or 0), int(m.timestamp)) for m in objects)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def upload_with_repository(artifact_uri: str, local_path: str, tracking_uri: str) -> None:

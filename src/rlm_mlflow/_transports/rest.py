@@ -482,7 +482,23 @@ def _run_ref(run: dict[str, Any]) -> RunRef:
         status=str(info.get("status", "")),
         start_time_ms=int(info.get("start_time") or 0),
         has_data=bool(data.get("metrics") or data.get("params")),
+        latest=_latest(data.get("metrics") or []),
     )
+
+
+def _latest(metrics: Any) -> tuple[tuple[str, int, int], ...] | None:
+    """The latest point of each metric of a run's answer (None if one cannot be read)."""
+    if not isinstance(metrics, list):
+        return None
+    latest: list[tuple[str, int, int]] = []
+    for metric in metrics:
+        if not isinstance(metric, dict) or not isinstance(metric.get("key"), str):
+            return None
+        try:
+            latest.append((metric["key"], int(metric.get("step") or 0), int(metric["timestamp"])))
+        except (KeyError, TypeError, ValueError):
+            return None
+    return tuple(latest)
 
 
 def _proxied_artifact_root(artifact_uri: str) -> str | None:

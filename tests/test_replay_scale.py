@@ -1,0 +1,126 @@
+"""Replay of many runs a killed process journaled while MLflow took none of them: one replay
+sends everything exactly once, at a few requests per run (runs found in one search, no metric
+history read for points that cannot be stored), and a second replay has nothing left."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from promises_support import Agent
+from rlm_mlflow import replay
+from rlm_mlflow.testing import FaultProxy, MlflowServer
+
+RUNS = 40
+STEPS = 50
+OPEN = 2  # runs the process never ended: replay ends them KILLED
+#: What only traces (spans, their assessments) ask of the server: shared, not per run.
+TRACE_PATHS = ("/traces", "/v1/traces", "/assessments")
+
+
+def journal_of_a_killed_agent(
+    agents: Callable[..., Agent], mlflow_server: MlflowServer, experiment: str
+) -> None:
+    """The agent's run creates are all answered 503 (so its records went out in requests, and
+    none landed); killed -9 once it journaled every run and tried to send some."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="http", status=503, path="/runs/create")
+        agent = agents("many_runs.py", proxy.uri, experiment, str(RUNS), str(STEPS), str(OPEN))
+        agent.expect("JOURNALED", 120)
+        assert proxy.wait_until(lambda p: p.paths["/api/2.0/mlflow/runs/create"] >= 4, 120)
+        agent.kill9()
+
+
+def per_run_requests(paths: Counter[str]) -> Counter[str]:
+    return Counter({p: n for p, n in paths.items() if not any(t in p for t in TRACE_PATHS)})
+
+
+def assert_exactly_once(mlflow_client: Any, experiment: str) -> None:
+    found = mlflow_client.get_experiment_by_name(experiment)
+    runs = mlflow_client.search_runs([found.experiment_id], max_results=1000)
+    names = Counter(run.data.tags.get("run_id") for run in runs)
+    assert names == Counter(f"run-{i}" for i in range(RUNS)), names  # each run once
+    statuses = Counter(run.info.status for run in runs)
+    assert statuses == {"FINISHED": RUNS - OPEN, "KILLED": OPEN}, statuses
+    for run in runs:
+        for key in ("step_reward", "cumulative_reward"):
+            history = mlflow_client.get_metric_history(run.info.run_id, key)
+            steps = sorted(m.step for m in history)
+            assert steps == list(range(STEPS)), (run.data.tags.get("run_id"), key, steps)
+        if run.info.status == "FINISHED":
+            assert len(mlflow_client.get_metric_history(run.info.run_id, "total_reward")) == 1
+
+
+def test_one_replay_sends_many_killed_runs_once_at_a_few_requests_per_run(
+    agents: Callable[..., Agent],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    journal_of_a_killed_agent(agents, mlflow_server, experiment_name)
+    with FaultProxy(mlflow_server.port) as proxy:
+        report = replay(journal_dir, tracking_uri=proxy.uri)
+        paths = Counter(proxy.paths)
+    assert report.ok, report
+    assert report.sent == report.events > 0
+    assert report.runs_sent == report.events  # every event's run part landed now
+    assert report.spans_sent >= RUNS * (STEPS + 1)
+    assert report.runs_killed == OPEN
+    requests = per_run_requests(paths)
+    # No point could be stored (no run existed): nothing is read back.
+    assert not [p for p in requests if "get-history" in p], requests
+    # The runs are found in one search (a second per run only for a create that may have gone).
+    searches = requests["/api/2.0/mlflow/runs/search"]
+    assert 1 <= searches <= 1 + RUNS, requests
+    # Per run: create, one batch (params, steps, summary), end; a search for an uncertain one.
+    assert sum(requests.values()) - 3 <= 4 * RUNS, requests  # 3: the experiment, the one search
+    assert_exactly_once(mlflow_client, experiment_name)
+    again = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert (again.journals, again.events, again.sent) == (0, 0, 0), again
+
+
+def test_answers_lost_during_the_replay_still_send_each_run_and_point_once(
+    agents: Callable[..., Agent],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """The server commits, the answer is lost: creates, batches and ends alike, for a while."""
+    journal_of_a_killed_agent(agents, mlflow_server, experiment_name)
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="commit_then_reset", path="/api/2.0/mlflow/runs/", count=12)
+        report = replay(journal_dir, tracking_uri=proxy.uri)
+        assert proxy.paths["/api/2.0/mlflow/runs/log-batch"] > RUNS - OPEN  # some were resent
+    assert report.ok, report
+    assert report.sent == report.events > 0
+    assert_exactly_once(mlflow_client, experiment_name)
+    again = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert (again.journals, again.events, again.sent) == (0, 0, 0), again
+
+
+def test_points_a_killed_process_sent_without_an_answer_are_not_sent_again(
+    agents: Callable[..., Agent],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """The agent's batches were committed but their answers lost until it was killed: replay
+    finds its runs with their points and sends only what they lack."""
+    lost = "/runs/log-batch"
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="commit_then_reset", path=lost)
+        agent = agents("many_runs.py", proxy.uri, experiment_name, str(RUNS), str(STEPS), str(OPEN))
+        agent.expect("JOURNALED", 120)
+        assert proxy.wait_until(lambda p: p.paths["/api/2.0/mlflow" + lost] >= 8, 120)
+        agent.kill9()
+    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert report.ok, report
+    assert report.sent == report.events > 0
+    assert_exactly_once(mlflow_client, experiment_name)
+    again = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert (again.journals, again.events, again.sent) == (0, 0, 0), again
