@@ -5,13 +5,14 @@ history read for points that cannot be stored), and a second replay has nothing 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from promises_support import Agent
-from rlm_mlflow import replay
-from rlm_mlflow.testing import FaultProxy, MlflowServer
+from rlm_mlflow import MLflowSink, TransientError, replay
+from rlm_mlflow._transports.base import Metric
+from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
 
 RUNS = 40
 STEPS = 50
@@ -124,3 +125,68 @@ def test_points_a_killed_process_sent_without_an_answer_are_not_sent_again(
     assert_exactly_once(mlflow_client, experiment_name)
     again = replay(journal_dir, tracking_uri=mlflow_server.uri)
     assert (again.journals, again.events, again.sent) == (0, 0, 0), again
+
+
+class _HalfCommitting(MemoryTransport):
+    """While ``lose`` is set, a store that commits the first half of the first batch it gets
+    (params and all), then nothing, and loses every answer; it records every point offered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lose = True
+        self.committed = False
+        self.offered: list[Metric] = []
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.offered.extend(metrics)
+        if not self.lose:
+            super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+            return
+        if not self.committed:
+            self.committed = True
+            kept = metrics[: max(1, len(metrics) // 2)]
+            super().log_batch(run_uuid, metrics=kept, params=params, tags=tags)
+        raise TransientError("the answer was lost", maybe_committed=True)
+
+
+def test_replay_sends_exactly_the_points_a_lost_answer_left_out(journal_dir: Path) -> None:
+    """Batches half committed, their answers lost, until the sink gave up: replay offers the
+    store exactly the points it lacks (those past each metric's latest stored point without
+    reading them back), reads back only the metrics that may hold some, and ends the run."""
+    memory = _HalfCommitting()
+    sink = MLflowSink(
+        enabled=True,
+        experiment="unit",
+        transport=memory,
+        flush_interval=0.05,
+        retry_deadline=0.3,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+    sink.on_run_start("r", task="t", environment="e", params={})
+    for i in range(40):
+        sink.on_step("r", event={"step": i, "reward": 0.5}, cumulative_reward=0.5 * (i + 1))
+    sink.on_run_end("r", result={"completed": True, "steps": 40}, run_path=None)
+    sink.close(5.0)
+    assert sink.status()["deferred"] > 0, sink.status()
+    (run,) = memory.by_name("r")
+    stored = set(run.metrics)
+    assert 0 < len([m for m in stored if m.key == "step_reward"]) < 40
+
+    memory.lose = False
+    memory.offered.clear()
+    memory.calls.clear()
+    report = replay(journal_dir, transport=memory)
+    assert report.ok, report
+    assert not stored & set(memory.offered)  # nothing it holds is offered again
+    for key in ("step_reward", "cumulative_reward"):
+        assert sorted(m.step for m in run.metrics if m.key == key) == list(range(40)), key
+    assert memory.calls.count("metric_history") <= 2  # the two step metrics at most
+    assert run.status == "FINISHED"

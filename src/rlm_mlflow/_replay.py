@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,9 @@ BATCH = 200
 #: Run trees of one journal sent at the same time, each through exporters of its own (the
 #: transport bounds the requests in flight): a trace's requests never hold up other runs.
 LANES = 4
+#: Journal folders (one per sink) replayed at the same time: many small journals, a few
+#: requests each, go at the server's pace rather than one after another.
+FOLDERS_AT_ONCE = 4
 
 
 @dataclass
@@ -120,28 +125,70 @@ def replay(
     folders = journal_folders(root)
     report.journals = len(folders)
     shared = _shared_prefixes(folders)
-    for folder in folders:
+    lock = threading.Lock()
+    totals: dict[Path, tuple[int, int]] = {}
+
+    def progress_of(folder: Path) -> Progress | None:
+        if progress is None:
+            return None
+        if len(folders) == 1:
+            return progress
+
+        def tell(done: int, total: int) -> None:
+            with lock:  # one bar for every folder
+                totals[folder] = (done, total)
+                progress(sum(d for d, _ in totals.values()), sum(t for _, t in totals.values()))
+
+        return tell
+
+    def one(folder: Path) -> ReplayReport:
+        part = ReplayReport()
         fd = try_lock(folder)
         if fd is None:
-            report.in_use.append(str(folder))
-            continue
+            part.in_use.append(str(folder))
+            return part
         try:
             if report.unreachable is not None:  # one budget for the whole replay: not tried
-                _count_waiting(folder, report)
-                continue
+                _count_waiting(folder, part)
+                return part
             _replay_folder(
                 folder,
-                report,
+                part,
                 shared=shared,
                 tracking_uri=tracking_uri,
                 experiment=experiment,
                 transport=transport,
                 retry_deadline=retry_deadline,
-                progress=progress,
+                progress=progress_of(folder),
             )
+            if part.unreachable is not None:
+                report.unreachable = part.unreachable
         finally:
             os.close(fd)
+        return part
+
+    if len(folders) <= 1 or transport is not None:  # a transport given is used by one at once
+        parts = [one(folder) for folder in folders]
+    else:
+        with ThreadPoolExecutor(min(FOLDERS_AT_ONCE, len(folders))) as pool:
+            parts = list(pool.map(one, folders))
+    for part in parts:  # in the folders' order, whichever ended first
+        _merge(report, part)
     return report
+
+
+def _merge(report: ReplayReport, part: ReplayReport) -> None:
+    for name in ("events", "sent", "runs_sent", "spans_sent", "failed", "refused"):
+        setattr(report, name, getattr(report, name) + getattr(part, name))
+    report.replayed += part.replayed
+    report.already_sent += part.already_sent
+    report.torn += part.torn
+    report.runs_killed += part.runs_killed
+    report.kept.extend(part.kept)
+    report.in_use.extend(part.in_use)
+    report.damaged.extend(part.damaged)
+    report.problems.extend(part.problems)
+    report.unreachable = report.unreachable or part.unreachable
 
 
 @dataclass
@@ -150,6 +197,7 @@ class _Loaded:
     works: dict[int, RunWork]  # runs with something to send
     starts: dict[int, RunStart]  # every run's start, sent or not (traces need them)
     open_runs: dict[int, str]  # runs started and never ended: run -> run id
+    in_flight: dict[int, set[int]]  # run -> times (ms) of its records sent without an answer
     events: int
     already_sent: int
     torn: int
@@ -162,6 +210,7 @@ def _load(folder: Path) -> _Loaded:
     works: dict[int, RunWork] = {}
     starts: dict[int, RunStart] = {}
     ended: set[int] = set()
+    in_flight: dict[int, set[int]] = {}
     events = already = 0
     for path in journal_segments(folder):
         segment = open_segment(path)
@@ -198,9 +247,13 @@ def _load(folder: Path) -> _Loaded:
                 events += 1
             if record.state & RUNS_IN_FLIGHT and record.needs_runs:
                 work.maybe_sent = True
+                # Only the points of records that went out in a request may be stored.
+                in_flight.setdefault(event.run_no, set()).add(event.timestamp_ns // 1_000_000)
         segment.damaged = len(stats.damaged) > damaged
     open_runs = {no: s.run_id for no, s in starts.items() if no not in ended}
-    return _Loaded(segments, works, starts, open_runs, events, already, stats.torn, stats.damaged)
+    return _Loaded(
+        segments, works, starts, open_runs, in_flight, events, already, stats.torn, stats.damaged
+    )
 
 
 def _count_waiting(folder: Path, report: ReplayReport) -> None:
@@ -409,6 +462,7 @@ def _send(
             transport=get_transport,
             replaying=True,
         )
+        runs.in_flight = loaded.in_flight
         # The mode the records were written with is in their flags: "full" sends what they hold.
         traces = TracesExporter(
             caller=caller,

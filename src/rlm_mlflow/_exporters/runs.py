@@ -134,6 +134,9 @@ class RunsExporter:
         self.known: dict[str, list[RunRef]] = {}  # key -> runs found by a bulk search
         # A bulk search found every run this sink had created: a key it did not find has no run.
         self.searched = False
+        # Replay: run -> times (ms) of the events that went out in a request whose answer never
+        # came; only their points may be stored (None: not known, any point may be).
+        self.in_flight: dict[int, set[int]] | None = None
         self.killed = 0  # replay: runs left open by a dead process, ended KILLED
         # Runs whose create answer was lost: a server may still commit such a create after the
         # run's end; each is looked up once more, ``late_window`` s after that create was sent.
@@ -590,7 +593,8 @@ class RunsExporter:
             if parent is not None:
                 tags.append((PARENT_TAG, parent))
         if work.maybe_sent and metrics:
-            metrics = await self._not_yet_stored(state, metrics)
+            sent = None if self.in_flight is None else self.in_flight.get(work.no, set())
+            metrics = await self._not_yet_stored(state, metrics, sent)
         params = list(state.params)
         work.maybe_sent = True
         state.stored_latest = None  # what is stored now depends on what this sends
@@ -671,25 +675,26 @@ class RunsExporter:
             )
         return metrics
 
-    async def _not_yet_stored(self, state: RunState, metrics: list[Metric]) -> list[Metric]:
+    async def _not_yet_stored(
+        self, state: RunState, metrics: list[Metric], sent: set[int] | None
+    ) -> list[Metric]:
         """After a lost answer: only the points the store does not hold already.
 
-        When the run's latest stored points are known from the answer that found (or created)
-        it, a point past its metric's latest one, or of a metric the run does not hold, cannot
-        be stored: only the points at or before it are read back, and only their metrics."""
+        Only points that went out (``sent``: their times, when known) may be stored; and when
+        the run's latest stored points are known from the answer that found (or created) it, a
+        point past its metric's latest one, or of a metric the run does not hold, cannot be.
+        Only the metrics of points that may be stored are read back."""
         assert state.ref is not None
         run_uuid = state.ref.run_uuid
         latest = state.stored_latest
-        if latest is not None:
-            maybe = {
-                m.key
-                for m in metrics
-                if m.key in latest and (m.step, m.timestamp_ms) <= latest[m.key]
-            }
-            if not maybe:
-                return metrics
-        else:
-            maybe = {m.key for m in metrics}
+        maybe = {
+            m.key
+            for m in metrics
+            if (sent is None or m.timestamp_ms in sent)
+            and (latest is None or (m.key in latest and (m.step, m.timestamp_ms) <= latest[m.key]))
+        }
+        if not maybe:
+            return metrics
         stored: set[Metric] = set()
         for key in sorted(maybe):
             stored.update(

@@ -87,6 +87,15 @@ class MemoryTransport:
         self._enter("check_experiment")
 
     def _ref(self, run: MemoryRun) -> RunRef:
+        latest: dict[str, Metric] = {}  # as MLflow ranks points: step, then time, then value
+        for m in run.metrics:
+            now = latest.get(m.key)
+            if now is None or (m.step, m.timestamp_ms, m.value) > (
+                now.step,
+                now.timestamp_ms,
+                now.value,
+            ):
+                latest[m.key] = m
         return RunRef(
             run.run_uuid,
             f"memory:/{run.run_uuid}",
@@ -94,6 +103,7 @@ class MemoryTransport:
             status=run.status,
             start_time_ms=run.start_time_ms,
             has_data=bool(run.params or run.metrics),
+            latest=tuple((m.key, m.step, m.timestamp_ms) for m in latest.values()),
         )
 
     def find_runs(self, experiment_id: str, key: str) -> list[RunRef]:
