@@ -3,7 +3,7 @@ process killed with kill -9), then one replay against a healthy local server, th
 counting proxy. Prints points/s against a plain ``MlflowClient.log_batch`` loop on the same
 server, requests per run, and whether everything landed exactly once.
 
-Usage: python scripts/bench_replay.py [--runs 500] [--steps 200] [--profile FILE]
+Usage: python scripts/bench_replay.py [--runs 500] [--steps 200] [--traces off] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ CHILD = textwrap.dedent(
     from rlm_mlflow import MLflowSink
     uri, journal, runs, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     sink = MLflowSink(enabled=True, experiment="bench-replay", tracking_uri=uri,
-                      journal_dir=journal, retry_initial=0.05, retry_max_wait=0.5)
+                      journal_dir=journal, retry_initial=0.05, retry_max_wait=0.5,
+                      traces=sys.argv[5])
     for r in range(runs):
         rid = f"run-{r}"
         sink.on_run_start(rid, task="bench task", environment="bench", params={"r": r})
@@ -41,13 +42,13 @@ CHILD = textwrap.dedent(
 )
 
 
-def journal_killed(journal: Path, runs: int, steps: int) -> None:
+def journal_killed(journal: Path, runs: int, steps: int, traces: str) -> None:
     from rlm_mlflow.testing import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, dead, str(journal), str(runs), str(steps)],
+        [sys.executable, "-c", CHILD, dead, str(journal), str(runs), str(steps), traces],
         stdout=subprocess.PIPE,
         env=env,
     )
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--profile")
+    parser.add_argument("--traces", default="full", help="the sink's traces setting")
     args = parser.parse_args()
     from mlflow.tracking import MlflowClient
 
@@ -93,7 +95,7 @@ def main() -> None:
         root = Path(tmp)
         journal = root / "journal"
         began = time.perf_counter()
-        journal_killed(journal, args.runs, args.steps)
+        journal_killed(journal, args.runs, args.steps, args.traces)
         print(f"journaled {args.runs} x {args.steps} in {time.perf_counter() - began:.1f} s")
         with local_server(root / "server") as server, FaultProxy(server.port) as proxy:
             raw = ceiling(server.uri)

@@ -9,8 +9,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from promises_support import Agent
 from rlm_mlflow import MLflowSink, TransientError, replay
+from rlm_mlflow._cli import print_replay_report
 from rlm_mlflow._transports.base import Metric
 from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
 
@@ -190,3 +193,31 @@ def test_replay_sends_exactly_the_points_a_lost_answer_left_out(journal_dir: Pat
         assert sorted(m.step for m in run.metrics if m.key == key) == list(range(40)), key
     assert memory.calls.count("metric_history") <= 2  # the two step metrics at most
     assert run.status == "FINISHED"
+
+
+def test_a_replay_whose_traces_fail_says_its_runs_landed(
+    agents: Callable[..., Agent],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every span request is answered 503: no event counts as sent (its trace part is kept for
+    the next replay), but the report says that every event landed in its MLflow run."""
+    journal_of_a_killed_agent(agents, mlflow_server, experiment_name)
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="http", status=503, path="/v1/traces")
+        report = replay(journal_dir, tracking_uri=proxy.uri, retry_deadline=1.0)
+    assert report.sent == 0, report
+    assert report.failed == report.events > 0, report
+    assert report.runs_sent == report.events, report
+    assert report.spans_sent == 0, report
+    assert print_replay_report(report, journal_dir) == 1
+    out = capsys.readouterr().out
+    assert f"landed now        {report.events} events in their MLflow runs" in out, out
+    assert_exactly_once(mlflow_client, experiment_name)  # the runs are all there already
+    again = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert again.ok, again
+    assert again.sent == again.events > 0, again
+    assert again.runs_sent == 0  # their runs part had landed: only spans went now

@@ -198,6 +198,7 @@ class _Loaded:
     starts: dict[int, RunStart]  # every run's start, sent or not (traces need them)
     open_runs: dict[int, str]  # runs started and never ended: run -> run id
     in_flight: dict[int, set[int]]  # run -> times (ms) of its records sent without an answer
+    for_runs: dict[int, int]  # run -> its events (from hook calls) the runs part lacks
     events: int
     already_sent: int
     torn: int
@@ -211,6 +212,7 @@ def _load(folder: Path) -> _Loaded:
     starts: dict[int, RunStart] = {}
     ended: set[int] = set()
     in_flight: dict[int, set[int]] = {}
+    for_runs: dict[int, int] = {}
     events = already = 0
     for path in journal_segments(folder):
         segment = open_segment(path)
@@ -245,6 +247,8 @@ def _load(folder: Path) -> _Loaded:
             if not event.internal:
                 work.counted += 1
                 events += 1
+                if record.needs_runs:
+                    for_runs[event.run_no] = for_runs.get(event.run_no, 0) + 1
             if record.state & RUNS_IN_FLIGHT and record.needs_runs:
                 work.maybe_sent = True
                 # Only the points of records that went out in a request may be stored.
@@ -252,7 +256,16 @@ def _load(folder: Path) -> _Loaded:
         segment.damaged = len(stats.damaged) > damaged
     open_runs = {no: s.run_id for no, s in starts.items() if no not in ended}
     return _Loaded(
-        segments, works, starts, open_runs, in_flight, events, already, stats.torn, stats.damaged
+        segments,
+        works,
+        starts,
+        open_runs,
+        in_flight,
+        for_runs,
+        events,
+        already,
+        stats.torn,
+        stats.damaged,
     )
 
 
@@ -478,7 +491,6 @@ def _send(
     lanes = [lane()]
     runs = lanes[0].runs
     works = loaded.works
-    had_all: set[int] = set()  # runs whose runs part had landed before this replay
 
     async def end_open_runs() -> None:
         """End KILLED the runs the process left open, unless MLflow holds the run as ended
@@ -500,7 +512,6 @@ def _send(
             work.span_steps.sort(key=lambda s: s.timestamp_ns)
             if not (work.steps or work.end or any(not s.implicit for s in work.starts)):
                 work.runs_outcome = SENT  # nothing the runs exporter has not had already
-                had_all.add(work.no)
             if not (work.span_steps or work.span_end):
                 work.needs_traces = False
 
@@ -569,9 +580,7 @@ def _send(
         logger.error("rlm-mlflow replay: %s", exc)
         counts.deferred += loaded.events - counts.sent
     sent = _Sent(
-        runs=sum(
-            w.counted for w in works.values() if w.runs_outcome == SENT and w.no not in had_all
-        ),
+        runs=sum(loaded.for_runs.get(no, 0) for no, w in works.items() if w.runs_outcome == SENT),
         spans=sum(each.traces.spans_sent for each in lanes),
         killed=sum(each.runs.killed for each in lanes),
     )
