@@ -131,6 +131,7 @@ class RunsExporter:
         self.experiment_id: str | None = None
         self.runs: dict[int, RunState] = {}
         self.ended: OrderedDict[int, RunRef] = OrderedDict()
+        self.ended_memory = ENDED_MEMORY  # replay: every run it sends (their spans go after)
         self.known: dict[str, list[RunRef]] = {}  # key -> runs found by a bulk search
         # A bulk search found every run this sink had created: a key it did not find has no run.
         self.searched = False
@@ -850,7 +851,7 @@ class RunsExporter:
         self.runs.pop(state.no, None)
         if state.ref is not None:
             self.ended[state.no] = state.ref
-            while len(self.ended) > ENDED_MEMORY:
+            while len(self.ended) > self.ended_memory:
                 self.ended.popitem(last=False)
 
     # -- errors --------------------------------------------------------------------------------
