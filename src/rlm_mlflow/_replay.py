@@ -585,6 +585,16 @@ def _send(
             async with anyio.create_task_group() as tg:
                 for each in lanes:
                     tg.start_soon(send_lane, each, tg.cancel_scope)
+            created = {k: v for each in lanes for k, v in each.runs.created_uncertain.items()}
+            try:
+                await runs.recheck_all(created)
+            except (TransientError, PermanentError) as exc:  # the runs are sent: say it only
+                logger.warning(
+                    "rlm-mlflow replay: could not look for duplicates of %d runs a dead process "
+                    "may have created too: %s",
+                    len(created),
+                    caller.clean(str(exc)),
+                )
         except (TransientError, StoreRefused, PermanentError) as exc:
             problem = caller.clean(str(exc))
             logger.error("rlm-mlflow replay stopped: %s", problem)

@@ -83,7 +83,7 @@ class RunState:
     refused: str | None = None
     benchmark: bool = False  # an evaluation run (tagged as MLflow's evaluations are)
     # Replay: an earlier process may have sent this run's create or data (its records were in
-    # flight), so a create of ours is checked for a duplicate at the run's end.
+    # flight), so a create of ours is checked for a duplicate afterwards (see recheck_all).
     uncertain: bool = False
     created_here: bool = False  # this exporter created the MLflow run (it was not found)
     # Each metric's latest stored point (key -> (step, timestamp_ms)) as known when the run was
@@ -138,6 +138,9 @@ class RunsExporter:
         # Replay: run -> times (ms) of the events that went out in a request whose answer never
         # came; only their points may be stored (None: not known, any point may be).
         self.in_flight: dict[int, set[int]] | None = None
+        # Replay: runs created where an earlier process may have sent a create too: key -> (run
+        # id, our MLflow run), all looked for duplicates in one search by recheck_all().
+        self.created_uncertain: dict[str, tuple[str, str]] = {}
         self.killed = 0  # replay: runs left open by a dead process, ended KILLED
         # Runs whose create answer was lost: a server may still commit such a create after the
         # run's end; each is looked up once more, ``late_window`` s after that create was sent.
@@ -437,8 +440,8 @@ class RunsExporter:
                 return ref
         state.created_here = True
         state.stored_latest = {}  # a run just created holds no points
-        if state.uncertain:  # see RunState.uncertain: looked for again at its end
-            state.create_lost_at = time.monotonic()
+        if state.uncertain:  # see RunState.uncertain
+            self.created_uncertain[state.key] = (state.run_id, ref.run_uuid)
         return ref
 
     def _keep_one(self, state: RunState, found: list[RunRef], prefer: str | None) -> RunRef:
@@ -500,6 +503,22 @@ class RunsExporter:
             run_id,
             len(extra),
         )
+
+    async def recheck_all(self, created: dict[str, tuple[str, str]]) -> None:
+        """Replay: delete the duplicates of runs it created (``created``: key -> run id and
+        our MLflow run) that an earlier process's create, committed late, made; one search."""
+        if not created:
+            return
+        experiment_id = await self.ensure_experiment()
+        found = await self.caller.call(
+            "find runs", self.transport.find_runs_by_prefix, experiment_id, self.prefix
+        )
+        by_key: dict[str, list[RunRef]] = {}
+        for ref in found:
+            by_key.setdefault(ref.key, []).append(ref)
+        for key, (run_id, keep) in sorted(created.items()):
+            if len(by_key.get(key, ())) > 1:
+                await self._delete_extra(run_id, keep, by_key[key])
 
     async def recheck(self, *, closing: bool = False) -> None:
         """Look again for duplicates of runs whose create answer was lost, when due; closing,
