@@ -170,8 +170,11 @@ def replay(
     if len(folders) <= 1 or transport is not None:  # a transport given is used by one at once
         parts = [one(folder) for folder in folders]
     else:
-        with ThreadPoolExecutor(min(FOLDERS_AT_ONCE, len(folders))) as pool:
-            parts = list(pool.map(one, folders))
+        # The first alone: it finds the experiment for the others, or finds the store gone
+        # (then the others are not tried, rather than each waiting out its own deadline).
+        parts = [one(folders[0])]
+        with ThreadPoolExecutor(min(FOLDERS_AT_ONCE, len(folders) - 1)) as pool:
+            parts.extend(pool.map(one, folders[1:]))
     for part in parts:  # in the folders' order, whichever ended first
         _merge(report, part)
     return report
