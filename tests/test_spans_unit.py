@@ -14,7 +14,7 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from rlm_mlflow import MLflowSink
-from rlm_mlflow._events import RunStart, Step, StepDetail, Text, Usage
+from rlm_mlflow._events import RunEnd, RunStart, Step, StepDetail, Text, Usage
 from rlm_mlflow._exporters import otlp
 from rlm_mlflow._exporters.convert import run_name
 from rlm_mlflow._exporters.spans import Ids, RunInfo, SpanBuilder
@@ -430,3 +430,229 @@ def test_runs_are_named_by_their_task_keep_their_id_as_a_tag_and_stay_unique_by_
         ("sum the primes · 000002", ids[1]),
     ]
     assert memory.one(ids[0]).tags["run_id"] == ids[0]  # found by its run id, as before
+
+
+# -- the span budget ------------------------------------------------------------------------------
+
+
+def budget_step(number: int, *, ok: bool = True) -> dict[str, Any]:
+    """A step with its own tokens and reward (number, 1) and (number / 10)."""
+    return {
+        "type": "step",
+        "step": number,
+        "reward": number / 10,
+        "action": {"action": "run_python", "code": f"x = {number}", "rationale": "r"},
+        "observation": {"success": ok, "stdout": "", "stderr": "", "execution_time": 0.001},
+        "usage": {"total_calls": 1, "prompt_tokens": number, "completion_tokens": 1},
+    }
+
+
+def decoded_spans(memory: MemoryTransport) -> list[dict[str, Any]]:
+    """Every span the store holds: its ids, name and decoded attributes."""
+    return [
+        {
+            "id": bytes(span.span_id),
+            "parent": bytes(span.parent_span_id) or None,
+            "name": span.name,
+            "attributes": {kv.key: decoded(kv.value) for kv in span.attributes},
+        }
+        for span in memory.spans.values()
+    ]
+
+
+def assert_tree_whole(spans: list[dict[str, Any]]) -> None:
+    """One root; every other span's parent is in the trace."""
+    ids = {span["id"] for span in spans}
+    assert [span for span in spans if span["parent"] is None] == [
+        next(span for span in spans if span["parent"] is None)
+    ]
+    assert all(span["parent"] in ids for span in spans if span["parent"] is not None)
+
+
+def test_past_the_span_budget_a_long_run_keeps_its_head_its_tail_and_one_exact_summary() -> None:
+    """A run of three budgets of steps: at most the budget of spans, its first steps in full,
+    one summary span for the range between (count, reward range and sum, failures, tokens),
+    its last steps in full; every step's metric still logged; the steps' tokens add up to the
+    run's, counting the summary's."""
+    budget, count = 40, 120
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
+    ) as sink:
+        sink.on_run_start("long", task="t", environment="e", params={})
+        for number in range(1, count + 1):
+            event = budget_step(number, ok=number % 7 != 0)
+            sink.on_step("long", event=event, cumulative_reward=float(number))
+        sink.on_run_end("long", result={"completed": True}, run_path=None)
+    spans = decoded_spans(memory)
+    assert len(spans) <= budget
+    assert_tree_whole(spans)
+    (root,) = [s for s in spans if s["parent"] is None]
+    steps = sorted(
+        int(s["name"].split(":")[0].removeprefix("step "))
+        for s in spans
+        if s["name"].startswith("step ") and "(summary)" not in s["name"]
+    )
+    (summary,) = [s for s in spans if s["attributes"].get("rlm.summary")]
+    tail = 4  # a tenth of the budget
+    head = steps[: len(steps) - tail]
+    assert head == list(range(1, len(head) + 1))
+    assert steps[-tail:] == list(range(count - tail + 1, count + 1))
+    elided = range(len(head) + 1, count - tail + 1)
+    assert summary["name"] == f"steps {elided[0]:,}-{elided[-1]:,} (summary)"
+    assert summary["parent"] == root["id"]
+    figures = summary["attributes"]["mlflow.spanOutputs"]
+    assert figures["steps"] == len(elided)
+    assert figures["failures"] == sum(1 for n in elided if n % 7 == 0)
+    assert figures["reward_min"] == elided[0] / 10
+    assert figures["reward_max"] == elided[-1] / 10
+    assert figures["reward_sum"] == pytest.approx(sum(n / 10 for n in elided))
+    assert figures["tokens"]["input_tokens"] == sum(elided)
+    under_root = [s for s in spans if s["parent"] == root["id"]]
+    counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
+    assert counted == sum(range(1, count + 1))
+    assert root["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] == counted
+    (run,) = memory.runs.values()
+    assert [step for step, _ in run.history("step_reward")] == list(range(1, count + 1))
+
+
+def test_child_runs_count_against_the_trace_budget_and_every_span_keeps_its_parent() -> None:
+    """A child run started while the budget has room is in the trace, and the step of its
+    parent that spawned it is sent in full however late it comes; a child started past the
+    budget is folded into its parent's summary (counted, its steps counted), and its own
+    child with it: no span of theirs, no span whose parent is missing."""
+    budget = 40
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
+    ) as sink:
+        sink.on_run_start("root", task="t", environment="e", params={})
+        sink.on_run_start("early", task="e", environment="e", params={"parent_run_id": "root"})
+        sink.on_step("early", event=budget_step(1), cumulative_reward=0.1)
+        sink.on_run_end("early", result={"completed": True}, run_path=None)
+        for number in range(1, 60):
+            sink.on_step("root", event=budget_step(number), cumulative_reward=float(number))
+        sink.on_run_start("late", task="l", environment="e", params={"parent_run_id": "root"})
+        sink.on_run_start("deep", task="d", environment="e", params={"parent_run_id": "late"})
+        sink.on_step("deep", event=budget_step(1), cumulative_reward=0.1)
+        sink.on_run_end("deep", result={"completed": False}, run_path=None)
+        for number in range(1, 4):
+            sink.on_step("late", event=budget_step(number), cumulative_reward=0.1)
+        sink.on_run_end("late", result={"completed": True}, run_path=None)
+        for number in range(60, 70):
+            sink.on_step("root", event=budget_step(number), cumulative_reward=float(number))
+        sink.on_run_end("root", result={"completed": True}, run_path=None)
+    spans = decoded_spans(memory)
+    assert len(spans) <= budget
+    assert_tree_whole(spans)
+    agents = {
+        s["attributes"]["rlm.run_id"]: s
+        for s in spans
+        if s["name"] != "model" and s["attributes"].get("mlflow.spanType") == "AGENT"
+    }
+    assert set(agents) == {"root", "early"}
+    by_id = {s["id"]: s for s in spans}
+    assert by_id[agents["early"]["parent"]]["name"] == "step 1: run_python"
+    (summary,) = [s for s in spans if s["attributes"].get("rlm.summary")]
+    figures = summary["attributes"]["mlflow.spanOutputs"]
+    assert (figures["child_runs"], figures["child_steps"]) == (2, 4)
+    assert len(memory.runs) == 4  # every run is still an MLflow run of its own
+
+
+class _Refs:
+    """What the traces exporter asks of the runs exporter, for building requests alone."""
+
+    replaying = False
+
+    def key_of(self, no: int) -> str:
+        return f"p-{no}"
+
+    def ref_of(self, no: int) -> None:
+        return None
+
+
+def budget_exporter() -> TracesExporter:
+    traces = TracesExporter(
+        caller=None,  # type: ignore[arg-type]
+        warnings=None,  # type: ignore[arg-type]
+        prefix="p",
+        runs=_Refs(),  # type: ignore[arg-type]
+        transport=lambda: None,  # type: ignore[arg-type,return-value]
+        mode="full",
+        span_budget=30,
+    )
+    traces._builder = SpanBuilder(traces.ids)
+    return traces
+
+
+def budget_works(cycles: int) -> list[list[RunWork]]:
+    """A root run of 100 steps and its end, cut into ``cycles`` drain cycles."""
+    start = RunStart(1, 1_000, "root", root_no=1)
+    steps = [
+        Step(
+            1,
+            2_000 + n,
+            n + 1,
+            0.5,
+            float(n),
+            detail=StepDetail(usage=Usage(n, 1, n + 1, 1), success=n % 3 != 0),
+            ordinal=n,
+            since_ns=1_999 + n,
+        )
+        for n in range(100)
+    ]
+    end = RunEnd(1, 9_000, "root", "FINISHED", usage=Usage(4950, 100, 5050, 100))
+    size = -(-len(steps) // cycles)
+    works = [RunWork(1, span_steps=steps[i : i + size]) for i in range(0, len(steps), size)]
+    works[0].starts.append(start)
+    works[-1].span_end = end
+    return [[work] for work in works]
+
+
+def stored(traces: TracesExporter, cycles: list[list[RunWork]]) -> dict[bytes, bytes]:
+    """What a store upserting spans by id holds after these cycles: span id -> span."""
+    held: dict[bytes, bytes] = {}
+    for works in cycles:
+        traces.learn(works)
+        for _, spans, _ in traces._requests_of(works):
+            for span in spans:
+                held[bytes(trace_pb2.Span.FromString(span).span_id)] = span
+        traces._settle_summaries({work.no: "sent" for work in works})
+        traces._forget_ended(works)
+    return held
+
+
+def test_span_ids_and_the_final_summary_do_not_depend_on_cycles_or_retries() -> None:
+    """Exporters of the same key prefix, taking a run in one cycle, in one cycle twice (a
+    replay of what was sent), in seven cycles (its summary re-sent as it grows), in seven with
+    some taken twice (a worker retrying what it had taken): the store ends up with the same
+    spans, one summary with the same figures."""
+    once = stored(budget_exporter(), budget_works(1))
+    assert stored(budget_exporter(), budget_works(1) * 2) == once
+    assert stored(budget_exporter(), budget_works(7)) == once
+    c = budget_works(7)
+    assert stored(budget_exporter(), [c[0], c[1], c[1], c[2], c[3], c[2], c[4], c[5], c[6]]) == once
+    summaries = [
+        s for s in map(trace_pb2.Span.FromString, once.values()) if s.name.endswith("(summary)")
+    ]
+    assert len(summaries) == 1
+    assert len(once) <= 30
+
+
+def test_a_cycle_kept_for_replay_leaves_the_summary_as_it_was() -> None:
+    """The steps of a cycle whose spans were not sent are replayed from the journal (and
+    summarised there); the live summary goes back to what it was without them, so no step is
+    counted in two summaries."""
+    traces = budget_exporter()
+    first, second, _ = budget_works(3)
+    stored(traces, [first])
+    before = traces.shapes[1].elided
+    assert before is not None
+    assert before.count > 0
+    figures = (before.count, before.usage)
+    traces.learn(second)
+    traces._requests_of(second)
+    traces._settle_summaries({1: "deferred"})
+    after = traces.shapes[1].elided
+    assert after is not None
+    assert (after.count, after.usage) == figures

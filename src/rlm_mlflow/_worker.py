@@ -195,6 +195,7 @@ class Worker:
             runs=self.runs,
             transport=self._get_transport,
             mode=config.traces,
+            span_budget=config.span_budget,
         )
         self.dispatcher = Dispatcher(self.runs, self.traces, self.counts, on_settled=self._settled)
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
