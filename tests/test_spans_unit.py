@@ -656,3 +656,19 @@ def test_a_cycle_kept_for_replay_leaves_the_summary_as_it_was() -> None:
     after = traces.shapes[1].elided
     assert after is not None
     assert (after.count, after.usage) == figures
+
+
+def test_no_request_carries_more_than_a_thousand_spans_or_two_mebibytes() -> None:
+    """Many running traces' steps in one cycle: each request stays small enough for a busy
+    store to take well within the request timeout (a 5,000-span request took more than
+    30 s), and together they carry every span once, in order."""
+    from rlm_mlflow._exporters.traces import _chunks
+
+    small = [bytes([n % 256]) * 300 for n in range(4_500)]
+    large = [bytes([n % 256]) * 100_000 for n in range(50)]
+    for spans in (small, large, small[:10] + large[:3] + small[10:2_000]):
+        chunks = _chunks(spans)
+        assert [span for chunk in chunks for span in chunk] == spans
+        for chunk in chunks:
+            assert len(chunk) <= 1_000
+            assert sum(map(len, chunk)) <= 2 << 20

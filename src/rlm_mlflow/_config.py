@@ -31,6 +31,8 @@ ENV_JOURNAL_DIR = "RLM_MLFLOW_JOURNAL_DIR"
 ENV_JOURNAL_FSYNC = "RLM_MLFLOW_JOURNAL_FSYNC"
 ENV_TRACES = "RLM_MLFLOW_TRACES"
 ENV_SPAN_BUDGET = "RLM_MLFLOW_SPAN_BUDGET"
+#: Spans in one trace at most (see docs/traces.md, "Span budget", for how it was chosen).
+DEFAULT_SPAN_BUDGET = 2_000
 TRACE_MODES = ("full", "metadata", "off")
 ENV_HANDLE_SIGNALS = "RLM_MLFLOW_HANDLE_SIGNALS"
 ENV_SESSION = "RLM_MLFLOW_SESSION"
@@ -73,7 +75,7 @@ class SinkConfig:
     journal_fsync: bool = False
     handle_signals: bool = True
     traces: str = "full"
-    span_budget: int = 2_000  # spans per trace; past it, steps go into summary spans
+    span_budget: int = DEFAULT_SPAN_BUDGET  # past it, a trace's steps go into summary spans
     session: str | None = None  # root runs with no session of their own belong to this one
     user: str | None = None
 
