@@ -672,3 +672,31 @@ def test_no_request_carries_more_than_a_thousand_spans_or_two_mebibytes() -> Non
         for chunk in chunks:
             assert len(chunk) <= 1_000
             assert sum(map(len, chunk)) <= 2 << 20
+
+
+def test_a_replay_of_what_the_live_sink_kept_completes_the_trace_exactly() -> None:
+    """The live exporter sends two cycles (past the budget: a summary), the third is kept for
+    replay (its summary put back); a replay's exporter sends the third and the run's end.
+    Together: two summaries of disjoint steps under different ids, and the tokens under the
+    root, steps and summaries, are every step's exactly once."""
+    first, second, third = budget_works(3)
+    held = stored(budget_exporter(), [first, second])
+    live = budget_exporter()
+    stored(live, [first, second])
+    live.learn(third)
+    live._requests_of(third)  # not sent: kept in the journal
+    live._settle_summaries({1: "deferred"})
+    replay = budget_exporter()
+    replay.learn(first[:1])  # a replay knows every run's start
+    held.update(
+        stored(replay, [[RunWork(1, span_steps=third[0].span_steps, span_end=third[0].span_end)]])
+    )
+    spans = list(map(trace_pb2.Span.FromString, held.values()))
+    root = next(s for s in spans if not s.parent_span_id)
+    under = [s for s in spans if s.parent_span_id == root.span_id]
+    tokens = 0
+    for span in under:
+        attributes = {kv.key: decoded(kv.value) for kv in span.attributes}
+        tokens += attributes["mlflow.chat.tokenUsage"]["input_tokens"]
+    assert tokens == sum(range(100))
+    assert len([s for s in under if s.name.endswith("(summary)")]) == 2
