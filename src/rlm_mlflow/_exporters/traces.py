@@ -370,6 +370,8 @@ class TracesExporter:
             target, nos = traces.get(info.root_no, (shared, shared_nos))
             target.extend(spans)
             nos.add(work.no)
+            if work.no in ended:  # the runs its final summary sums up
+                nos.update(summaries.get(work.no, ()))
         for no, carried in summaries.items():
             summarised = self.shapes.get(no)
             of = self.info.get(no) or self.ended.get(no)
