@@ -700,3 +700,22 @@ def test_a_replay_of_what_the_live_sink_kept_completes_the_trace_exactly() -> No
         tokens += attributes["mlflow.chat.tokenUsage"]["input_tokens"]
     assert tokens == sum(range(100))
     assert len([s for s in under if s.name.endswith("(summary)")]) == 2
+
+
+def test_a_run_just_past_its_budget_keeps_its_few_elided_steps_in_its_summary() -> None:
+    """Fewer steps past the budget than the root's tail: they are in the summary sent while
+    the run went on (so a process that dies keeps them in the trace) and stay there, never
+    also in full: the tokens under the root are each step's once."""
+    memory = MemoryTransport()
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.01, span_budget=40) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(1, 37):
+            sink.on_step("r", event=budget_step(number), cumulative_reward=float(number))
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    spans = decoded_spans(memory)
+    (root,) = [s for s in spans if s["parent"] is None]
+    (summary,) = [s for s in spans if s["attributes"].get("rlm.summary")]
+    assert summary["name"] == "steps 35-36 (summary)"
+    under_root = [s for s in spans if s["parent"] == root["id"]]
+    counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
+    assert counted == sum(range(1, 37))

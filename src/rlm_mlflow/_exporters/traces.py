@@ -66,9 +66,10 @@ class _Shape:
     elided: Elided | None = None  # what its summary says (the root: steps past the ring)
     ring: deque[Step] | None = None  # the root's last elided steps, sent in full at its end
     last: int = -1  # the last step ordinal weighed (a step taken again is not counted again)
+    first: str | None = None  # what its summary began with (its span id comes from it)
 
 
-_Snapshot = tuple[list[Step] | None, Elided | None, bool, int]
+_Snapshot = tuple[list[Step] | None, Elided | None, bool, int, str | None]
 
 
 class TracesExporter:
@@ -470,6 +471,8 @@ class TracesExporter:
             if len(ring) == ring.maxlen:
                 oldest = ring[0]
                 self._elided(shape, f"s{oldest.ordinal}").add(oldest)
+            elif shape.first is None:
+                shape.first = f"s{step.ordinal}"
             ring.append(step)
         else:
             self._elided(shape, f"s{step.ordinal}").add(step)
@@ -477,15 +480,19 @@ class TracesExporter:
         return []
 
     def _tail_spans(self, info: RunInfo, shape: _Shape) -> list[bytes]:
-        """At a shown run's end: its last steps in full, then its summary's final figures."""
+        """At a shown run's end: its last steps in full, then its summary's final figures. The
+        root's last steps stay in its summary when nothing else is (the summary sent while it
+        ran holds them already, and a span once stored cannot be taken back)."""
         builder = self._builder
         assert builder is not None
+        if not shape.elided:
+            figures = self._figures(shape)
+            return [] if figures is None else [builder.summary_span(info, figures)]
         spans: list[bytes] = []
         for step in shape.ring or ():
             spans.extend(builder.step_spans(info, step))
         self._budget(info.root_no).used += len(spans)
-        if shape.elided:
-            spans.append(builder.summary_span(info, shape.elided))
+        spans.append(builder.summary_span(info, shape.elided))
         return spans
 
     def _fold(self, work: RunWork, shape: _Shape, summaries: dict[int, set[int]]) -> None:
@@ -507,40 +514,41 @@ class TracesExporter:
 
     @staticmethod
     def _elided(shape: _Shape, first: str) -> Elided:
+        """The run's summary figures past its ring; it begins with ``first`` unless it began
+        before (its ring's first step)."""
+        if shape.first is None:
+            shape.first = first
         if shape.elided is None:
-            shape.elided = Elided(first=first)
+            shape.elided = Elided(first=shape.first)
         return shape.elided
 
     def _figures(self, shape: _Shape) -> Elided | None:
-        """A running run's summary so far (its ring included), once it holds anything past
-        the ring: the ring's steps alone are sent in full at the end, never summarised."""
-        if not shape.elided:
+        """A running run's summary so far, the steps in its ring included (sent as it goes,
+        a process that dies loses none of them from the trace)."""
+        if shape.first is None:
             return None
-        assert shape.elided is not None
-        if not shape.ring:
-            return shape.elided
-        ring = Elided(first=shape.elided.first)
-        for step in shape.ring:
-            ring.add(step)
-        return shape.elided.merge(ring)
+        figures = Elided(first=shape.first)
+        for step in shape.ring or ():
+            figures.add(step)
+        return shape.elided.merge(figures) if shape.elided else figures
 
     def _snapshot(self, no: int, shape: _Shape) -> None:
         """Keep the run's summary as it was before this cycle (once per cycle)."""
         if no not in self._snapshots:
             ring = list(shape.ring) if shape.ring is not None else None
             elided = shape.elided.copy() if shape.elided is not None else None
-            self._snapshots[no] = (ring, elided, shape.eliding, shape.last)
+            self._snapshots[no] = (ring, elided, shape.eliding, shape.last, shape.first)
 
     def _settle_summaries(self, outcomes: dict[int, Outcome]) -> None:
         """A run whose events of this cycle are kept for replay gets its summary back as it
         was: the replay summarises them itself (under another span id), never twice."""
-        for no, (ring, elided, eliding, last) in self._snapshots.items():
+        for no, (ring, elided, eliding, last, first) in self._snapshots.items():
             shape = self.shapes.get(no)
             if shape is None or outcomes.get(no, SENT) == SENT:
                 continue
             if ring is not None and shape.ring is not None:
                 shape.ring = deque(ring, maxlen=shape.ring.maxlen)
-            shape.elided, shape.eliding, shape.last = elided, eliding, last
+            shape.elided, shape.eliding, shape.last, shape.first = elided, eliding, last, first
         self._snapshots = {}
 
     def ends_root(self, work: RunWork) -> bool:
