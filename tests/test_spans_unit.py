@@ -719,3 +719,27 @@ def test_a_run_just_past_its_budget_keeps_its_few_elided_steps_in_its_summary() 
     under_root = [s for s in spans if s["parent"] == root["id"]]
     counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
     assert counted == sum(range(1, 37))
+
+
+def test_steps_with_model_calls_stay_within_the_budget_their_tail_cut_to_fit() -> None:
+    """Steps of three spans each (two model calls): the trace still holds at most the budget,
+    the last steps that fit in full, the rest of the tail in the summary; tokens exact."""
+    budget = 40
+    call = {"model": "lm", "input": "q", "output": "a", "usage": {"prompt_tokens": 1}}
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
+    ) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(1, 101):
+            event = {**budget_step(number), "llm_calls": [call, call]}
+            sink.on_step("r", event=event, cumulative_reward=float(number))
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    spans = decoded_spans(memory)
+    assert len(spans) <= budget
+    assert_tree_whole(spans)
+    (root,) = [s for s in spans if s["parent"] is None]
+    under_root = [s for s in spans if s["parent"] == root["id"]]
+    assert any(s["name"] == "step 100: run_python" for s in under_root)
+    counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
+    assert counted == sum(range(1, 101))

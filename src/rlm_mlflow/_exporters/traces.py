@@ -488,12 +488,30 @@ class TracesExporter:
         if not shape.elided:
             figures = self._figures(shape)
             return [] if figures is None else [builder.summary_span(info, figures)]
-        spans: list[bytes] = []
-        for step in shape.ring or ():
-            spans.extend(builder.step_spans(info, step))
-        self._budget(info.root_no).used += len(spans)
-        spans.append(builder.summary_span(info, shape.elided))
-        return spans
+        # The last steps in full, newest first, as far as the budget has room for them (a
+        # step can have model-call spans); those before stay in the summary.
+        budget = self._budget(info.root_no)
+        room = self.span_budget - budget.used - 2  # the summary and the run's span
+        ring = list(shape.ring or ())
+        cut = len(ring)
+        full: list[list[bytes]] = []
+        while cut > 0:
+            spans = builder.step_spans(info, ring[cut - 1])
+            if len(spans) > room:
+                break
+            room -= len(spans)
+            full.append(spans)
+            cut -= 1
+        summary = shape.elided
+        if cut:
+            before = Elided(first=summary.first)
+            for step in ring[:cut]:
+                before.add(step)
+            summary = summary.merge(before)
+        out = [span for spans in reversed(full) for span in spans]
+        budget.used += len(out)
+        out.append(builder.summary_span(info, summary))
+        return out
 
     def _fold(self, work: RunWork, shape: _Shape, summaries: dict[int, set[int]]) -> None:
         """A folded run's steps and end, counted in its shown ancestor's summary (their tokens
