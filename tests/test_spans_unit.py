@@ -743,3 +743,19 @@ def test_steps_with_model_calls_stay_within_the_budget_their_tail_cut_to_fit() -
     assert any(s["name"] == "step 100: run_python" for s in under_root)
     counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
     assert counted == sum(range(1, 101))
+
+
+def test_the_span_budget_is_a_setting_and_an_environment_variable() -> None:
+    """``span_budget`` (default 100) from the constructor or ``RLM_MLFLOW_SPAN_BUDGET``; a
+    budget that is not a whole number of at least one is refused where it enters."""
+    from rlm_mlflow._config import SinkConfig, config_from_env
+
+    assert SinkConfig().span_budget == 100
+    assert config_from_env({"RLM_MLFLOW_SPAN_BUDGET": " 500 "}).span_budget == 500
+    assert config_from_env({"RLM_MLFLOW_SPAN_BUDGET": "500"}, span_budget=7).span_budget == 7
+    assert MLflowSink(span_budget=250).config.span_budget == 250
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="span_budget"):
+            SinkConfig(span_budget=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="RLM_MLFLOW_SPAN_BUDGET"):
+        config_from_env({"RLM_MLFLOW_SPAN_BUDGET": "many"})
