@@ -9,7 +9,14 @@ MLflow 3.6, a store without trace ingest answering 501) turns traces off with on
 spans of that cycle are counted as rejected (``traces_unsupported``), never as sent; runs go
 on. A proxy's page on ``/v1/traces`` is a transient failure like any other. A request too large
 for the server or a proxy (HTTP 413) is split in halves, down to one span; a single span still
-too large is refused and counted (``span_too_large``).
+too large is refused and counted (``span_too_large``). A request holds at most
+:data:`MAX_SPANS` spans and :data:`MAX_BYTES` bytes.
+
+A trace holds at most ``span_budget`` spans. Past it, each run's steps go into one summary span
+(their count, rewards, failures, tokens and time range, re-sent as it grows), the root's last
+steps are sent in full at its end, and a child run that starts past it is folded into its
+nearest ancestor's summary; a child in the trace gets the step that spawned it in full, so
+every span has its parent. The budget is weighed in the order runs and steps happened.
 """
 
 from __future__ import annotations
