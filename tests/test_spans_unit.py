@@ -473,7 +473,7 @@ def test_past_the_span_budget_a_long_run_keeps_its_head_its_tail_and_one_exact_s
     """A run of three budgets of steps: at most the budget of spans, its first steps in full,
     one summary span for the range between (count, reward range and sum, failures, tokens),
     its last steps in full; every step's metric still logged; the steps' tokens add up to the
-    run's, counting the summary's."""
+    run's, counting the summary's; ``spans_sent`` counts the spans the store holds."""
     budget, count = 40, 120
     memory = MemoryTransport()
     with MLflowSink(
@@ -483,9 +483,14 @@ def test_past_the_span_budget_a_long_run_keeps_its_head_its_tail_and_one_exact_s
         for number in range(1, count + 1):
             event = budget_step(number, ok=number % 7 != 0)
             sink.on_step("long", event=event, cumulative_reward=float(number))
+            if number % 20 == 0:  # drains while it runs: the summary is sent as it grows
+                assert sink.flush(30)
         sink.on_run_end("long", result={"completed": True}, run_path=None)
+        assert sink.flush(30)
+        status = sink.status()
     spans = decoded_spans(memory)
     assert len(spans) <= budget
+    assert status["spans_sent"] == len(spans)  # a summary sent again is counted once
     assert_tree_whole(spans)
     (root,) = [s for s in spans if s["parent"] is None]
     steps = sorted(

@@ -74,6 +74,7 @@ class _Shape:
     ring: deque[Step] | None = None  # the root's last elided steps, sent in full at its end
     last: int = -1  # the last step ordinal weighed (a step taken again is not counted again)
     first: str | None = None  # what its summary began with (its span id comes from it)
+    stored: bool = False  # its summary span is in the store: sending it again replaces it
 
 
 _Snapshot = tuple[list[Step] | None, Elided | None, bool, int, str | None]
@@ -105,6 +106,8 @@ class TracesExporter:
         self.shapes: dict[int, _Shape] = {}  # open run no -> how it appears in its trace
         # A cycle's summaries as they were before it: put back for the runs not sent.
         self._snapshots: dict[int, _Snapshot] = {}
+        self._summarised: set[int] = set()  # runs whose summary this cycle sends
+        self._again: set[int] = set()  # the summary spans it sends again (by id()): not new
         self.unsupported: str | None = None  # why traces are off for this store
         self.info: dict[int, RunInfo] = {}
         self.ended: OrderedDict[int, RunInfo] = OrderedDict()
@@ -183,6 +186,8 @@ class TracesExporter:
         experiment_id = await self.runs.ensure_experiment()
         for index, (run_uuid, spans, nos) in enumerate(requests):
             outcome = await self._send(experiment_id, run_uuid, spans)
+            if outcome == SENT and self._again:  # a summary sent again is no new span
+                self.spans_sent -= sum(1 for span in spans if id(span) in self._again)
             if self.unsupported is not None:  # the store cannot take traces: none are sent
                 unsent = sum(len(spans) for _, spans, _ in requests[index:])
                 for _ in range(unsent):
@@ -339,7 +344,7 @@ class TracesExporter:
         shared: list[bytes] = []
         shared_nos: set[int] = set()
         traces: dict[int, tuple[list[bytes], set[int]]] = {root: ([], set()) for root in ending}
-        self._snapshots = {}
+        self._snapshots, self._summarised, self._again = {}, set(), set()
         # shown run -> the runs whose events its summary carries this cycle
         summaries: dict[int, set[int]] = {}
         ended: set[int] = set()
@@ -389,7 +394,7 @@ class TracesExporter:
             if figures is None:
                 continue
             target, nos = traces.get(of.root_no, (shared, shared_nos))
-            target.append(builder.summary_span(of, figures))
+            target.append(self._summary_span(of, summarised, figures))
             nos.update(carried)
             nos.add(no)
         requests: list[tuple[str | None, list[bytes], set[int]]] = [
@@ -494,7 +499,7 @@ class TracesExporter:
         assert builder is not None
         if not shape.elided:
             figures = self._figures(shape)
-            return [] if figures is None else [builder.summary_span(info, figures)]
+            return [] if figures is None else [self._summary_span(info, shape, figures)]
         # The last steps in full, newest first, as far as the budget has room for them (a
         # step can have model-call spans); those before stay in the summary.
         budget = self._budget(info.root_no)
@@ -517,8 +522,17 @@ class TracesExporter:
             summary = summary.merge(before)
         out = [span for spans in reversed(full) for span in spans]
         budget.used += len(out)
-        out.append(builder.summary_span(info, summary))
+        out.append(self._summary_span(info, shape, summary))
         return out
+
+    def _summary_span(self, info: RunInfo, shape: _Shape, figures: Elided) -> bytes:
+        builder = self._builder
+        assert builder is not None
+        span = builder.summary_span(info, figures)
+        self._summarised.add(info.no)
+        if shape.stored:
+            self._again.add(id(span))
+        return span
 
     def _fold(self, work: RunWork, shape: _Shape, summaries: dict[int, set[int]]) -> None:
         """A folded run's steps and end, counted in its shown ancestor's summary (their tokens
@@ -567,6 +581,10 @@ class TracesExporter:
     def _settle_summaries(self, outcomes: dict[int, Outcome]) -> None:
         """A run whose events of this cycle are kept for replay gets its summary back as it
         was: the replay summarises them itself (under another span id), never twice."""
+        for no in self._summarised:
+            shape = self.shapes.get(no)
+            if shape is not None and outcomes.get(no, SENT) == SENT:
+                shape.stored = True
         for no, (ring, elided, eliding, last, first) in self._snapshots.items():
             shape = self.shapes.get(no)
             if shape is None or outcomes.get(no, SENT) == SENT:
@@ -574,7 +592,8 @@ class TracesExporter:
             if ring is not None and shape.ring is not None:
                 shape.ring = deque(ring, maxlen=shape.ring.maxlen)
             shape.elided, shape.eliding, shape.last, shape.first = elided, eliding, last, first
-        self._snapshots = {}
+            shape.stored = shape.stored and first is not None
+        self._snapshots, self._summarised, self._again = {}, set(), set()
 
     def ends_root(self, work: RunWork) -> bool:
         """The run is a trace's root and ends in this cycle."""
