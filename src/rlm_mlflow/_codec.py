@@ -291,13 +291,19 @@ def _as_text(value: object) -> str:
     return text if type(text) is str else f"<{type(value).__name__}>"
 
 
+_ABSENT_SLOT = _TEXT.pack(0, _ABSENT, 0)
+
+
 def _text_slot(value: object, name: str, record: bool, out: list[bytes]) -> None:
     """Append a text's slot to ``out``: its header, then its UTF-8 bytes (two pieces, so that
     the text is not copied to join them)."""
     if value is None:
-        out.append(_TEXT.pack(0, _ABSENT, 0))
+        out.append(_ABSENT_SLOT)
         return
-    text, length, was_cut = cut(value, name)
+    if type(value) is str and len(value) <= CAPS[name]:  # the usual text: as it is
+        text, length, was_cut = value, len(value), False
+    else:
+        text, length, was_cut = cut(value, name)
     if not record:
         out.append(_TEXT.pack(length, _NOT_RECORDED, 0))
         return
