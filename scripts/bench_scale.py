@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -358,9 +359,30 @@ def run_sinks(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def cold_cpu() -> dict[str, float]:
+    """p50 of one fixed piece of Python (50 dict stores, no I/O) run in a tight loop and after
+    pauses like an agent's: what this machine adds to any short call after a pause, hooks
+    included (a vCPU's caches and clocks go cold while it waits)."""
+
+    def work() -> dict[int, int]:
+        return {i: i * 2 for i in range(50)}
+
+    out: dict[str, float] = {}
+    for pause in (0.0, 0.002, 0.02):
+        times = []
+        for _ in range(200):
+            if pause:
+                time.sleep(pause)
+            start = time.perf_counter_ns()
+            work()
+            times.append(time.perf_counter_ns() - start)
+        out[f"{pause:g}"] = statistics.median(times) / 1000
+    return out
+
+
 def run_rich(ctx: Context) -> dict[str, Any]:
     h, plan = ctx.harness, ctx.plan
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"cold_cpu": cold_cpu()}
     for threads in plan.rich_threads:
         workload = TraceWorkload(runs=plan.rich_runs, threads=threads, steps=plan.rich_steps)
         log(f"rich events on {threads} thread(s): {workload.describe()}; kill -9, replay")
@@ -748,6 +770,15 @@ def details(results: dict[str, Any]) -> list[str]:
             "",
         ]
     rich = results.get("rich", {})
+    cold = rich.get("cold_cpu")
+    if cold:
+        lines += [
+            "**What a pause costs any call on this machine**: one fixed piece of Python (50 dict "
+            f"stores) takes p50 {us(cold['0'])} in a tight loop, {us(cold['0.002'])} after a 2 ms "
+            f"pause and {us(cold['0.02'])} after a 20 ms pause (an agent waiting for its model): "
+            "hooks called between an agent's waits pay the same factor.",
+            "",
+        ]
     for threads, r in rich.items():
         if not isinstance(r, dict) or "hooked" not in r:
             continue
