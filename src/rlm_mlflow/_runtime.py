@@ -49,7 +49,7 @@ import anyio
 
 from . import _fork
 from ._pipeline import State
-from ._worker import CloseReports, Worker
+from ._worker import CloseReports, ClosingGate, Worker
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -63,6 +63,10 @@ SIGNAL_SILENT_LOOKS = 10  # (looked every 20 ms)
 #: ... or until this share of the shutdown timeout is left (bounds below) to end runs and send.
 SIGNAL_RESERVE = 0.25
 SIGNAL_RESERVE_BOUNDS = (0.5, 5.0)
+#: Threads the background loop may use for blocking calls, for every sink of the process: the
+#: requests in flight while sinks close (``http.CLOSING_IN_FLIGHT``, 48) and the journals' upkeep
+#: beside them. Not per sink: a thread, its HTTP session and its socket serve every sink.
+THREADS = 64
 
 
 class Waker:
@@ -96,6 +100,7 @@ class Loop:
         self.waker = Waker()
         self.workers: list[Worker] = []
         self.pending: list[Worker] = []
+        self.gate = ClosingGate()  # the closing sinks of this loop: every run ends first
 
     def wake(self, worker: Worker) -> None:
         worker.wake_flag = True
@@ -165,6 +170,7 @@ class Runtime:
             self.done.set()
 
     async def _serve(self, loop: Loop) -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         async with anyio.create_task_group() as tg:
             idle_since: float | None = None
             while True:

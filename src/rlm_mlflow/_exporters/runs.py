@@ -131,6 +131,7 @@ class RunsExporter:
         self.late_window = late_window
         self.suspects: dict[str, _Suspect] = {}
         self._creating: dict[int, anyio.Event] = {}  # runs being created (see _ensure_run)
+        self.concurrency = CONCURRENT_RUNS  # raised while closing against a deadline
 
     @property
     def transport(self) -> Transport:
@@ -228,7 +229,7 @@ class RunsExporter:
         # One task per run; a child waits until its parent's MLflow run exists (its tag names
         # it), then goes. The limiter is held only while requests are made, never while waiting.
         created = {no: anyio.Event() for no in states}
-        limiter = anyio.CapacityLimiter(CONCURRENT_RUNS)
+        limiter = anyio.CapacityLimiter(self.concurrency)
         async with anyio.create_task_group() as tg:
             for no in sorted(states):
                 if no not in outcomes:
