@@ -73,13 +73,37 @@ MAINTENANCE_EVERY = 0.25
 #: RESTART_MAX) while it keeps failing, back to this once a cycle went through.
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
-#: Runs one sink sends at the same time while it closes against a deadline (the transport's
-#: in-flight bound, shared by every sink of the process, still holds).
+#: Runs the closing sinks of one loop send at the same time, all together: each is created,
+#: sent and ended before more are begun, so that a deadline too short for every run leaves runs
+#: never created (replay creates them, ended) rather than many created and left RUNNING. Within
+#: the transport's bound on requests in flight (``http.CLOSING_IN_FLIGHT``), and the threads of
+#: the loop (``_runtime.THREADS``).
 CLOSING_RUNS = 32
 
 
+class ClosingRuns:
+    """The runs closing sinks send at a time, and how long sending one takes (the longest of
+    late, fading): a run is created only if there is time left to end it too."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        self._began: dict[int, float] = {}
+        self.took = 0.0
+
+    async def __aenter__(self) -> None:
+        await self._limiter.acquire()
+        self._began[anyio.get_current_task().id] = time.monotonic()
+
+    async def __aexit__(self, *exc: object) -> None:
+        began = self._began.pop(anyio.get_current_task().id, None)
+        if began is not None:
+            self.took = max(time.monotonic() - began, self.took * 0.9)
+        self._limiter.release()
+
+
 class ClosingGate:
-    """The sinks of one event loop that are closing and have not yet sent their runs' ends.
+    """The sinks of one event loop that are closing and have not yet sent their runs' ends, and
+    how many runs they send at a time, all together (:data:`CLOSING_RUNS`).
 
     Closing, a sink sends its runs first (create, last batch with the summary, end); then,
     when it closes against a deadline, it waits here until every other closing sink of its loop
@@ -90,6 +114,13 @@ class ClosingGate:
     def __init__(self) -> None:
         self.pending: set[int] = set()  # id() of the workers whose ends are not sent yet
         self._clear: anyio.Event | None = None
+        self._runs: ClosingRuns | None = None
+
+    def runs(self) -> ClosingRuns:
+        """The runs the closing sinks of the loop send at a time (made in the loop)."""
+        if self._runs is None:
+            self._runs = ClosingRuns(anyio.CapacityLimiter(CLOSING_RUNS))
+        return self._runs
 
     def enter(self, worker: object) -> None:
         self.pending.add(id(worker))
@@ -567,16 +598,23 @@ class Worker:
         pipeline.end_open_runs(pipeline.end_status)
 
     def _hurry(self) -> None:
-        """Closing against a deadline: more runs at a time, and the transport's in-flight bound
-        raised for the process until this sink has closed (see ``http.CLOSING_IN_FLIGHT``)."""
+        """Closing against a deadline: the transport's in-flight bound raised for the process
+        until this sink has closed (see ``http.CLOSING_IN_FLIGHT``)."""
         transport = self.transport
         if self.close_deadline is None or transport is None or self._hurrying is not None:
             return
-        self.runs.concurrency = CLOSING_RUNS
         hurry = getattr(transport, "hurry", None)
         if callable(hurry):
             self._hurrying = transport
             hurry(True)
+
+    def _time_to_create(self) -> bool:
+        """Closing against a deadline: whether a run created now can still be ended in time
+        (else it is kept for replay, which creates it ended, rather than left RUNNING)."""
+        deadline, gate = self.close_deadline, self._gate
+        if deadline is None or gate is None:
+            return True
+        return time.monotonic() + gate.runs().took < deadline
 
     def _calm(self) -> None:
         transport, self._hurrying = self._hurrying, None
@@ -602,6 +640,8 @@ class Worker:
         if isinstance(gate, ClosingGate):
             self._gate = gate
             gate.enter(self)
+            self.runs.limiter = gate.runs()
+            self.runs.time_to_create = self._time_to_create
         await self._end_open_runs()
         # Ends first: the run starts and ends that wait in the journal, behind steps spilled
         # before them, go now; the steps follow while the deadline allows (then replay).
