@@ -65,7 +65,7 @@ SIGNAL_RESERVE = 0.25
 SIGNAL_RESERVE_BOUNDS = (0.5, 5.0)
 #: What closing one sink takes the loop once its sending is over, and the most of a deadline
 #: kept for that (see close_all), and how long past the deadline the exit waits at most.
-FINISH_EACH = 0.005
+FINISH_EACH = 0.008
 FINISH_SHARE = 0.2
 CLOSE_GRACE = 0.5
 #: Threads the background loop may use for blocking calls, for every sink of the process: the
