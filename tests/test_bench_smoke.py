@@ -228,3 +228,114 @@ def test_spans_whose_parent_is_missing_are_not_taken_for_repeats() -> None:
     summary = summarize_traces([fake_trace(half)], 5, "warm-up")
     assert summary["duplicates"] == 0
     assert summary["incomplete_traces"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/bench_scale.py: the sink at the sizes services reach
+# ---------------------------------------------------------------------------------------------
+
+import bench_scale  # noqa: E402
+
+SCALE = ROOT / "scripts" / "bench_scale.py"
+
+
+def scale(*args: str) -> subprocess.CompletedProcess[str]:
+    """``scripts/bench_scale.py`` in its own session, stopped by SIGTERM (which stops the
+    server it started) if it runs over."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(
+        [sys.executable, str(SCALE), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=BENCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+        pytest.fail(f"bench_scale ran over {BENCH_TIMEOUT} s and was stopped\n{out}\n{err}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def scale_rows(text: str) -> dict[str, list[str]]:
+    """The targets table of the scale section: target -> [measured, met?]."""
+    section = text.split(bench_scale.MARK_BEGIN, 1)[1].split(bench_scale.MARK_END, 1)[0]
+    rows = table_after(section, bench_scale.HEADING)
+    cells = [row.strip("| ").split(" | ") for row in rows]
+    return {cell[0]: cell[1:] for cell in cells}
+
+
+@pytest.mark.slow
+def test_scale_smoke_plan_measures_every_row_and_replaces_its_section(tmp_path: Path) -> None:
+    output, results = tmp_path / "perf.md", tmp_path / "scale.json"
+    stale = f"{bench_scale.MARK_BEGIN}\n{bench_scale.HEADING}\n\nstale figures\n"
+    output.write_text(f"# Performance\n\nkept\n\n{stale}{bench_scale.MARK_END}\n\n## After\n")
+    completed = scale("--plan", "smoke", "--output", str(output), "--json", str(results))
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    text = output.read_text(encoding="utf-8")
+    assert "stale figures" not in text
+    assert text.startswith("# Performance\n\nkept\n\n")
+    assert text.count(bench_scale.MARK_BEGIN) == 1
+    assert text.rstrip().endswith("## After")
+
+    rows = scale_rows(text)
+    assert all(met in ("yes", "**no**") for _, met in rows.values()), rows  # each one measured
+    for start in (
+        "300-step run, traces on",
+        "its trace opens",
+        "hook p99 no worse",
+        "replay of 3 runs x 10 steps",
+        "replay: >=",
+        "replay: <=",
+        "16 runs x 5 steps from 8 threads",
+        "3 sinks dropped without",
+        "`on_step` p99 <= 30 us",
+        "time to visibility at 2 concurrent run(s)",
+    ):
+        assert any(target.startswith(start) for target in rows), start
+    # Correctness, not speed: what was journaled and killed is in MLflow once, after replay.
+    once = {t: v for t, v in rows.items() if "exactly once" in t}
+    assert len(once) == 3
+    assert all(met == "yes" for _, met in once.values()), once
+    assert json.loads(results.read_text(encoding="utf-8"))["meta"]["plan"] == "smoke"
+
+    # The section renders from the saved results alone.
+    again = tmp_path / "again.md"
+    rendered = scale("--report-from", str(results), "--output", str(again))
+    assert rendered.returncode == 0, rendered.stderr[-4000:]
+    assert scale_rows(again.read_text(encoding="utf-8")) == rows
+
+
+def test_the_scale_section_replaces_its_markers_or_goes_at_the_end() -> None:
+    section = f"{bench_scale.MARK_BEGIN}\nnew\n{bench_scale.MARK_END}\n"
+    old = f"intro\n\n{bench_scale.MARK_BEGIN}\nold\n{bench_scale.MARK_END}\n\n## Later\n"
+    assert bench_scale.write_section(old, section) == f"intro\n\n{section}\n## Later\n"
+    assert bench_scale.write_section("intro\n", section) == f"intro\n\n{section}"
+    assert bench_scale.write_section("", section).strip() == section.strip()
+
+
+def test_a_scale_section_that_failed_says_not_measured_instead_of_a_verdict() -> None:
+    results = {
+        "meta": {
+            "command": "scripts/bench_scale.py --plan smoke",
+            "when": "now",
+            "plan": "smoke",
+            "python": "3.11",
+            "mlflow": "3",
+        },
+        "long": {"error": "RuntimeError: child long failed"},
+    }
+    text = bench_scale.render(results)
+    rows = scale_rows(text)
+    failed = next(v for t, v in rows.items() if t.startswith("300-step run"))
+    assert failed == ["not measured (RuntimeError: child long failed)", "-"]
+    assert all(met == "-" for _, met in rows.values())

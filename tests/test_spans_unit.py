@@ -14,7 +14,7 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from rlm_mlflow import MLflowSink
-from rlm_mlflow._events import RunStart, Step, StepDetail, Text, Usage
+from rlm_mlflow._events import RunEnd, RunStart, Step, StepDetail, Text, Usage
 from rlm_mlflow._exporters import otlp
 from rlm_mlflow._exporters.convert import run_name
 from rlm_mlflow._exporters.spans import Ids, RunInfo, SpanBuilder
@@ -430,3 +430,337 @@ def test_runs_are_named_by_their_task_keep_their_id_as_a_tag_and_stay_unique_by_
         ("sum the primes · 000002", ids[1]),
     ]
     assert memory.one(ids[0]).tags["run_id"] == ids[0]  # found by its run id, as before
+
+
+# -- the span budget ------------------------------------------------------------------------------
+
+
+def budget_step(number: int, *, ok: bool = True) -> dict[str, Any]:
+    """A step with its own tokens and reward (number, 1) and (number / 10)."""
+    return {
+        "type": "step",
+        "step": number,
+        "reward": number / 10,
+        "action": {"action": "run_python", "code": f"x = {number}", "rationale": "r"},
+        "observation": {"success": ok, "stdout": "", "stderr": "", "execution_time": 0.001},
+        "usage": {"total_calls": 1, "prompt_tokens": number, "completion_tokens": 1},
+    }
+
+
+def decoded_spans(memory: MemoryTransport) -> list[dict[str, Any]]:
+    """Every span the store holds: its ids, name and decoded attributes."""
+    return [
+        {
+            "id": bytes(span.span_id),
+            "parent": bytes(span.parent_span_id) or None,
+            "name": span.name,
+            "attributes": {kv.key: decoded(kv.value) for kv in span.attributes},
+        }
+        for span in memory.spans.values()
+    ]
+
+
+def assert_tree_whole(spans: list[dict[str, Any]]) -> None:
+    """One root; every other span's parent is in the trace."""
+    ids = {span["id"] for span in spans}
+    assert [span for span in spans if span["parent"] is None] == [
+        next(span for span in spans if span["parent"] is None)
+    ]
+    assert all(span["parent"] in ids for span in spans if span["parent"] is not None)
+
+
+def test_past_the_span_budget_a_long_run_keeps_its_head_its_tail_and_one_exact_summary() -> None:
+    """A run of three budgets of steps: at most the budget of spans, its first steps in full,
+    one summary span for the range between (count, reward range and sum, failures, tokens),
+    its last steps in full; every step's metric still logged; the steps' tokens add up to the
+    run's, counting the summary's; ``spans_sent`` counts the spans the store holds."""
+    budget, count = 40, 120
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
+    ) as sink:
+        sink.on_run_start("long", task="t", environment="e", params={})
+        for number in range(1, count + 1):
+            event = budget_step(number, ok=number % 7 != 0)
+            sink.on_step("long", event=event, cumulative_reward=float(number))
+            if number % 20 == 0:  # drains while it runs: the summary is sent as it grows
+                assert sink.flush(30)
+        sink.on_run_end("long", result={"completed": True}, run_path=None)
+        assert sink.flush(30)
+        status = sink.status()
+    spans = decoded_spans(memory)
+    assert len(spans) <= budget
+    assert status["spans_sent"] == len(spans)  # a summary sent again is counted once
+    assert_tree_whole(spans)
+    (root,) = [s for s in spans if s["parent"] is None]
+    steps = sorted(
+        int(s["name"].split(":")[0].removeprefix("step "))
+        for s in spans
+        if s["name"].startswith("step ") and "(summary)" not in s["name"]
+    )
+    (summary,) = [s for s in spans if s["attributes"].get("rlm.summary")]
+    tail = 4  # a tenth of the budget
+    head = steps[: len(steps) - tail]
+    assert head == list(range(1, len(head) + 1))
+    assert steps[-tail:] == list(range(count - tail + 1, count + 1))
+    elided = range(len(head) + 1, count - tail + 1)
+    assert summary["name"] == f"steps {elided[0]:,}-{elided[-1]:,} (summary)"
+    assert summary["parent"] == root["id"]
+    figures = summary["attributes"]["mlflow.spanOutputs"]
+    assert figures["steps"] == len(elided)
+    assert figures["failures"] == sum(1 for n in elided if n % 7 == 0)
+    assert figures["reward_min"] == elided[0] / 10
+    assert figures["reward_max"] == elided[-1] / 10
+    assert figures["reward_sum"] == pytest.approx(sum(n / 10 for n in elided))
+    assert figures["tokens"]["input_tokens"] == sum(elided)
+    under_root = [s for s in spans if s["parent"] == root["id"]]
+    counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
+    assert counted == sum(range(1, count + 1))
+    assert root["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] == counted
+    (run,) = memory.runs.values()
+    assert [step for step, _ in run.history("step_reward")] == list(range(1, count + 1))
+
+
+def test_child_runs_count_against_the_trace_budget_and_every_span_keeps_its_parent() -> None:
+    """A child run started while the budget has room is in the trace, and the step of its
+    parent that spawned it is sent in full however late it comes; a child started past the
+    budget is folded into its parent's summary (counted, its steps counted), and its own
+    child with it: no span of theirs, no span whose parent is missing."""
+    budget = 40
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
+    ) as sink:
+        sink.on_run_start("root", task="t", environment="e", params={})
+        sink.on_run_start("early", task="e", environment="e", params={"parent_run_id": "root"})
+        sink.on_step("early", event=budget_step(1), cumulative_reward=0.1)
+        sink.on_run_end("early", result={"completed": True}, run_path=None)
+        for number in range(1, 60):
+            sink.on_step("root", event=budget_step(number), cumulative_reward=float(number))
+        sink.on_run_start("late", task="l", environment="e", params={"parent_run_id": "root"})
+        sink.on_run_start("deep", task="d", environment="e", params={"parent_run_id": "late"})
+        sink.on_step("deep", event=budget_step(1), cumulative_reward=0.1)
+        sink.on_run_end("deep", result={"completed": False}, run_path=None)
+        for number in range(1, 4):
+            sink.on_step("late", event=budget_step(number), cumulative_reward=0.1)
+        sink.on_run_end("late", result={"completed": True}, run_path=None)
+        for number in range(60, 70):
+            sink.on_step("root", event=budget_step(number), cumulative_reward=float(number))
+        sink.on_run_end("root", result={"completed": True}, run_path=None)
+    spans = decoded_spans(memory)
+    assert len(spans) <= budget
+    assert_tree_whole(spans)
+    agents = {
+        s["attributes"]["rlm.run_id"]: s
+        for s in spans
+        if s["name"] != "model" and s["attributes"].get("mlflow.spanType") == "AGENT"
+    }
+    assert set(agents) == {"root", "early"}
+    by_id = {s["id"]: s for s in spans}
+    assert by_id[agents["early"]["parent"]]["name"] == "step 1: run_python"
+    (summary,) = [s for s in spans if s["attributes"].get("rlm.summary")]
+    figures = summary["attributes"]["mlflow.spanOutputs"]
+    assert (figures["child_runs"], figures["child_steps"]) == (2, 4)
+    assert len(memory.runs) == 4  # every run is still an MLflow run of its own
+
+
+class _Refs:
+    """What the traces exporter asks of the runs exporter, for building requests alone."""
+
+    replaying = False
+
+    def key_of(self, no: int) -> str:
+        return f"p-{no}"
+
+    def ref_of(self, no: int) -> None:
+        return None
+
+
+def budget_exporter() -> TracesExporter:
+    traces = TracesExporter(
+        caller=None,  # type: ignore[arg-type]
+        warnings=None,  # type: ignore[arg-type]
+        prefix="p",
+        runs=_Refs(),  # type: ignore[arg-type]
+        transport=lambda: None,  # type: ignore[arg-type,return-value]
+        mode="full",
+        span_budget=30,
+    )
+    traces._builder = SpanBuilder(traces.ids)
+    return traces
+
+
+def budget_works(cycles: int) -> list[list[RunWork]]:
+    """A root run of 100 steps and its end, cut into ``cycles`` drain cycles."""
+    start = RunStart(1, 1_000, "root", root_no=1)
+    steps = [
+        Step(
+            1,
+            2_000 + n,
+            n + 1,
+            0.5,
+            float(n),
+            detail=StepDetail(usage=Usage(n, 1, n + 1, 1), success=n % 3 != 0),
+            ordinal=n,
+            since_ns=1_999 + n,
+        )
+        for n in range(100)
+    ]
+    end = RunEnd(1, 9_000, "root", "FINISHED", usage=Usage(4950, 100, 5050, 100))
+    size = -(-len(steps) // cycles)
+    works = [RunWork(1, span_steps=steps[i : i + size]) for i in range(0, len(steps), size)]
+    works[0].starts.append(start)
+    works[-1].span_end = end
+    return [[work] for work in works]
+
+
+def stored(traces: TracesExporter, cycles: list[list[RunWork]]) -> dict[bytes, bytes]:
+    """What a store upserting spans by id holds after these cycles: span id -> span."""
+    held: dict[bytes, bytes] = {}
+    for works in cycles:
+        traces.learn(works)
+        for _, spans, _ in traces._requests_of(works):
+            for span in spans:
+                held[bytes(trace_pb2.Span.FromString(span).span_id)] = span
+        traces._settle_summaries({work.no: "sent" for work in works})
+        traces._forget_ended(works)
+    return held
+
+
+def test_span_ids_and_the_final_summary_do_not_depend_on_cycles_or_retries() -> None:
+    """Exporters of the same key prefix, taking a run in one cycle, in one cycle twice (a
+    replay of what was sent), in seven cycles (its summary re-sent as it grows), in seven with
+    some taken twice (a worker retrying what it had taken): the store ends up with the same
+    spans, one summary with the same figures."""
+    once = stored(budget_exporter(), budget_works(1))
+    assert stored(budget_exporter(), budget_works(1) * 2) == once
+    assert stored(budget_exporter(), budget_works(7)) == once
+    c = budget_works(7)
+    assert stored(budget_exporter(), [c[0], c[1], c[1], c[2], c[3], c[2], c[4], c[5], c[6]]) == once
+    summaries = [
+        s for s in map(trace_pb2.Span.FromString, once.values()) if s.name.endswith("(summary)")
+    ]
+    assert len(summaries) == 1
+    assert len(once) <= 30
+
+
+def test_a_cycle_kept_for_replay_leaves_the_summary_as_it_was() -> None:
+    """The steps of a cycle whose spans were not sent are replayed from the journal (and
+    summarised there); the live summary goes back to what it was without them, so no step is
+    counted in two summaries."""
+    traces = budget_exporter()
+    first, second, _ = budget_works(3)
+    stored(traces, [first])
+    before = traces.shapes[1].elided
+    assert before is not None
+    assert before.count > 0
+    figures = (before.count, before.usage)
+    traces.learn(second)
+    traces._requests_of(second)
+    traces._settle_summaries({1: "deferred"})
+    after = traces.shapes[1].elided
+    assert after is not None
+    assert (after.count, after.usage) == figures
+
+
+def test_no_request_carries_more_than_a_thousand_spans_or_two_mebibytes() -> None:
+    """Many running traces' steps in one cycle: each request stays small enough for a busy
+    store to take well within the request timeout (a 5,000-span request took more than
+    30 s), and together they carry every span once, in order."""
+    from rlm_mlflow._exporters.traces import _chunks
+
+    small = [bytes([n % 256]) * 300 for n in range(4_500)]
+    large = [bytes([n % 256]) * 100_000 for n in range(50)]
+    for spans in (small, large, small[:10] + large[:3] + small[10:2_000]):
+        chunks = _chunks(spans)
+        assert [span for chunk in chunks for span in chunk] == spans
+        for chunk in chunks:
+            assert len(chunk) <= 1_000
+            assert sum(map(len, chunk)) <= 2 << 20
+
+
+def test_a_replay_of_what_the_live_sink_kept_completes_the_trace_exactly() -> None:
+    """The live exporter sends two cycles (past the budget: a summary), the third is kept for
+    replay (its summary put back); a replay's exporter sends the third and the run's end.
+    Together: two summaries of disjoint steps under different ids, and the tokens under the
+    root, steps and summaries, are every step's exactly once."""
+    first, second, third = budget_works(3)
+    held = stored(budget_exporter(), [first, second])
+    live = budget_exporter()
+    stored(live, [first, second])
+    live.learn(third)
+    live._requests_of(third)  # not sent: kept in the journal
+    live._settle_summaries({1: "deferred"})
+    replay = budget_exporter()
+    replay.learn(first[:1])  # a replay knows every run's start
+    held.update(
+        stored(replay, [[RunWork(1, span_steps=third[0].span_steps, span_end=third[0].span_end)]])
+    )
+    spans = list(map(trace_pb2.Span.FromString, held.values()))
+    root = next(s for s in spans if not s.parent_span_id)
+    under = [s for s in spans if s.parent_span_id == root.span_id]
+    tokens = 0
+    for span in under:
+        attributes = {kv.key: decoded(kv.value) for kv in span.attributes}
+        tokens += attributes["mlflow.chat.tokenUsage"]["input_tokens"]
+    assert tokens == sum(range(100))
+    assert len([s for s in under if s.name.endswith("(summary)")]) == 2
+
+
+def test_a_run_just_past_its_budget_keeps_its_few_elided_steps_in_its_summary() -> None:
+    """Fewer steps past the budget than the root's tail: they are in the summary sent while
+    the run went on (so a process that dies keeps them in the trace) and stay there, never
+    also in full: the tokens under the root are each step's once."""
+    memory = MemoryTransport()
+    with MLflowSink(enabled=True, transport=memory, flush_interval=0.01, span_budget=40) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(1, 37):
+            sink.on_step("r", event=budget_step(number), cumulative_reward=float(number))
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    spans = decoded_spans(memory)
+    (root,) = [s for s in spans if s["parent"] is None]
+    (summary,) = [s for s in spans if s["attributes"].get("rlm.summary")]
+    assert summary["name"] == "steps 35-36 (summary)"
+    under_root = [s for s in spans if s["parent"] == root["id"]]
+    counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
+    assert counted == sum(range(1, 37))
+
+
+def test_steps_with_model_calls_stay_within_the_budget_their_tail_cut_to_fit() -> None:
+    """Steps of three spans each (two model calls): the trace still holds at most the budget,
+    the last steps that fit in full, the rest of the tail in the summary; tokens exact."""
+    budget = 40
+    call = {"model": "lm", "input": "q", "output": "a", "usage": {"prompt_tokens": 1}}
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
+    ) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(1, 101):
+            event = {**budget_step(number), "llm_calls": [call, call]}
+            sink.on_step("r", event=event, cumulative_reward=float(number))
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    spans = decoded_spans(memory)
+    assert len(spans) <= budget
+    assert_tree_whole(spans)
+    (root,) = [s for s in spans if s["parent"] is None]
+    under_root = [s for s in spans if s["parent"] == root["id"]]
+    assert any(s["name"] == "step 100: run_python" for s in under_root)
+    counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
+    assert counted == sum(range(1, 101))
+
+
+def test_the_span_budget_is_a_setting_and_an_environment_variable() -> None:
+    """``span_budget`` (default 100) from the constructor or ``RLM_MLFLOW_SPAN_BUDGET``; a
+    budget that is not a whole number of at least one is refused where it enters."""
+    from rlm_mlflow._config import SinkConfig, config_from_env
+
+    assert SinkConfig().span_budget == 100
+    assert config_from_env({"RLM_MLFLOW_SPAN_BUDGET": " 500 "}).span_budget == 500
+    assert config_from_env({"RLM_MLFLOW_SPAN_BUDGET": "500"}, span_budget=7).span_budget == 7
+    assert MLflowSink(span_budget=250).config.span_budget == 250
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="span_budget"):
+            SinkConfig(span_budget=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="RLM_MLFLOW_SPAN_BUDGET"):
+        config_from_env({"RLM_MLFLOW_SPAN_BUDGET": "many"})

@@ -345,3 +345,59 @@ def test_kill_9_then_two_replays_give_every_span_once(
     by_id = {span.span_id: span for span in spans}
     assert children
     assert all(by_id[c.parent_id].name.endswith("delegate") for c in children)
+
+
+def test_a_run_past_the_span_budget_opens_as_a_small_trace_with_exact_figures(
+    mlflow_server: MlflowServer, store: Store, experiment_name: str
+) -> None:
+    """A run of three budgets of steps with a child run early (in the trace, under the step
+    that spawned it) and one late (past the budget, folded into the summary): the trace read
+    back holds at most the budget of spans, every parent there; its token total, and the
+    tokens of the spans under the root (steps and summary), are what every step used; every
+    step's metric is in the run's history; each child run is an MLflow run."""
+    budget = 60
+    count = 3 * budget
+    with MLflowSink(
+        enabled=True,
+        experiment=experiment_name,
+        tracking_uri=mlflow_server.uri,
+        span_budget=budget,
+        **FAST,
+    ) as sink:
+        sink.on_run_start("root", task="a long run", environment="e", params={})
+        for child in ("early", "late"):
+            if child == "late":
+                for number in range(2, count):
+                    sink.on_step("root", event=rich(number, (number, 1)), cumulative_reward=0.5)
+            sink.on_run_start(child, task=child, environment="e", params={"parent_run_id": "root"})
+            sink.on_step(child, event=rich(1, (10, 5)), cumulative_reward=0.5)
+            sink.on_run_end(child, result={"completed": True}, run_path=None)
+            if child == "early":  # the step that delegated reports its child's tokens too
+                sink.on_step("root", event=delegating(1, (11, 6)), cumulative_reward=0.5)
+        sink.on_step("root", event=delegating(count, (count + 10, 6)), cumulative_reward=0.5)
+        sink.on_run_end("root", result={"completed": True}, run_path=None)
+        assert sink.flush(patient(120))
+    (trace,) = traces_of(store, experiment_name)
+    spans = trace.data.spans
+    assert len(spans) <= budget
+    ids = {span.span_id for span in spans}
+    assert all(span.parent_id in ids for span in spans if span.parent_id is not None)
+    labels = {span_label(span): span for span in spans}
+    assert "late" not in labels
+    by_id = {span.span_id: span for span in spans}
+    assert by_id[labels["early"].parent_id].name == "step 1: delegate"
+    (summary,) = [s for s in spans if s.name.endswith("(summary)")]
+    assert summary.outputs["child_runs"] == 1
+    expected = 11 + sum(range(2, count)) + count + 10
+    assert trace.info.token_usage["input_tokens"] == expected
+    root = labels["root"]
+    under_root = [s for s in spans if s.parent_id == root.span_id]
+    counted = sum(s.attributes["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
+    assert counted == expected
+    run = store.run(experiment_name, "root")
+    assert store.steps(run) == list(range(1, count + 1))
+    assert {r.data.tags["run_id"] for r in store.runs(experiment_name)} == {
+        "root",
+        "early",
+        "late",
+    }

@@ -175,6 +175,8 @@ class Harness:
                     if line.startswith(RESULT_PREFIX):
                         if spec["ending"] == "sigterm":
                             process.send_signal(signal.SIGTERM)
+                        elif spec["ending"] == "kill":
+                            process.kill()
                         ended_at = time.monotonic()
                         result = dict(json.loads(line[len(RESULT_PREFIX) :]))
                         break
@@ -197,8 +199,10 @@ class Harness:
         )
         return result
 
-    def replay(self, journal_dir: str) -> dict[str, Any]:
-        """``rlm-mlflow replay`` of one child's journal folder, to the server (not the proxy)."""
+    def replay(
+        self, journal_dir: str, uri: str | None = None, timeout: float = 300.0
+    ) -> dict[str, Any]:
+        """``rlm-mlflow replay`` of one child's journal folder, to the server (or ``uri``)."""
         env = self._environment("replay")
         command = [
             sys.executable,
@@ -207,7 +211,7 @@ class Harness:
             "replay",
             journal_dir,
             "--tracking-uri",
-            self.server_uri,
+            uri or self.server_uri,
         ]
         started = time.monotonic()
         done = subprocess.run(
@@ -216,7 +220,7 @@ class Harness:
             text=True,
             env=env,
             cwd=self.workdir,
-            timeout=300,
+            timeout=timeout,
             check=False,
         )
         report = {}

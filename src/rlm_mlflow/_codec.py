@@ -42,7 +42,7 @@ import numbers
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._events import (
@@ -94,6 +94,8 @@ _KEEP_TAIL = frozenset({"stdout", "stderr"})
 _USAGE, _EXEC_TIME, _SUCCESS, _DEPTH, _CHILDREN, _CALLS = 1, 2, 4, 8, 16, 32
 
 Counts = tuple[int, int, int, int]  # input, output and total tokens, model calls
+#: A record in pieces, written one after the other (a hook never joins them).
+Parts = Sequence[bytes]
 # text flags
 _CUT, _NOT_RECORDED, _ABSENT = 1, 2, 4
 
@@ -216,7 +218,7 @@ def _json(document: object) -> bytes:
 # -- hook side ------------------------------------------------------------------------------
 
 
-def encode_step(  # noqa: PLR0917 - positional on purpose: a hook calls it on every step
+def encode_step(  # noqa: PLR0917 - positional, as step_parts
     run_no: int,
     timestamp_ns: int,
     step: object,
@@ -224,10 +226,29 @@ def encode_step(  # noqa: PLR0917 - positional on purpose: a hook calls it on ev
     cumulative: object,
     ordinal: int = 0,
     since_ns: int = 0,
-    detail: bytes = b"",
+    detail: Parts = (),
     flags: int = 0,
 ) -> bytes:
-    """A step record; the fixed layout when the values fit it, else with a JSON tail."""
+    """A step record as one ``bytes`` (see :func:`step_parts`)."""
+    return b"".join(
+        step_parts(run_no, timestamp_ns, step, reward, cumulative, ordinal, since_ns, detail, flags)
+    )
+
+
+def step_parts(  # noqa: PLR0917 - positional on purpose: a hook calls it on every step
+    run_no: int,
+    timestamp_ns: int,
+    step: object,
+    reward: object,
+    cumulative: object,
+    ordinal: int = 0,
+    since_ns: int = 0,
+    detail: Parts = (),
+    flags: int = 0,
+) -> list[bytes]:
+    """A step record in pieces, to be written one after the other: the fixed layout when the
+    values fit it, else with a JSON tail. The pieces are never joined on the hook: the journal
+    copies each where it belongs, so a step's texts are copied once, not once per layer."""
     if detail:
         flags |= FLAG_DETAIL
     if type(step) is int and type(reward) is float and type(cumulative) is float:
@@ -238,12 +259,12 @@ def encode_step(  # noqa: PLR0917 - positional on purpose: a hook calls it on ev
         except struct.error:  # a step beyond int64: described in the tail
             pass
         else:
-            return head + detail if detail else head
+            return [head, *detail] if detail else [head]
     tail = _json([plain(step), plain(reward), plain(cumulative)])
     head = _STEP.pack(
         KIND_STEP, flags | FLAG_ODD, run_no, timestamp_ns, 0, 0.0, 0.0, ordinal, since_ns
     )
-    return head + detail + tail
+    return [head, *detail, tail]
 
 
 def cut(value: object, name: str) -> tuple[str, int, bool]:
@@ -270,14 +291,26 @@ def _as_text(value: object) -> str:
     return text if type(text) is str else f"<{type(value).__name__}>"
 
 
-def _text_slot(value: object, name: str, record: bool) -> bytes:
+_ABSENT_SLOT = _TEXT.pack(0, _ABSENT, 0)
+
+
+def _text_slot(value: object, name: str, record: bool, out: list[bytes]) -> None:
+    """Append a text's slot to ``out``: its header, then its UTF-8 bytes (two pieces, so that
+    the text is not copied to join them)."""
     if value is None:
-        return _TEXT.pack(0, _ABSENT, 0)
-    text, length, was_cut = cut(value, name)
+        out.append(_ABSENT_SLOT)
+        return
+    if type(value) is str and len(value) <= CAPS[name]:  # the usual text: as it is
+        text, length, was_cut = value, len(value), False
+    else:
+        text, length, was_cut = cut(value, name)
     if not record:
-        return _TEXT.pack(length, _NOT_RECORDED, 0)
+        out.append(_TEXT.pack(length, _NOT_RECORDED, 0))
+        return
     data = text.encode("utf-8", "surrogatepass")
-    return _TEXT.pack(length, _CUT if was_cut else 0, len(data)) + data
+    out.append(_TEXT.pack(length, _CUT if was_cut else 0, len(data)))
+    if data:
+        out.append(data)
 
 
 class BadField(ValueError):
@@ -314,8 +347,8 @@ def usage_counts(usage: object) -> Counts | None:
 
 def step_detail(
     event: Mapping[str, Any], texts: bool, children: Counts | None = None
-) -> tuple[bytes, Counts | None]:
-    """The detail block of a step event (empty when it has none) and its token counts:
+) -> tuple[Parts, Counts | None]:
+    """The detail block of a step event, in pieces (none when it has none), and its token counts:
     RLM Code's ``action`` (code, rationale), ``observation`` (stdout, stderr, success, execution
     time), ``usage`` and ``depth``; ``children``: what child runs that ended during the step
     used (RLM Code counts it in the step's own usage too). ``texts`` False records the texts'
@@ -327,7 +360,7 @@ def step_detail(
     model_calls = event.get("llm_calls")
     if action is None and observation is None and usage is None and depth is None:  # noqa: SIM102
         if model_calls is None:  # the common plain step: no detail at all
-            return b"", None
+            return [], None
     if not isinstance(action, Mapping):
         action = {"action": action} if action is not None else {}
     if not isinstance(observation, Mapping):
@@ -368,22 +401,21 @@ def step_detail(
         bits, succeeded, level, tokens_in, tokens_out, total, calls, seconds, *children
     )
     counts = (tokens_in, tokens_out, total, calls) if bits & _USAGE else None
-    tail = b""
+    parts = [head]
+    tail = None
     if model_calls is not None:
         made = _model_calls(model_calls, texts)
         if made:
             tail = _U32.pack(len(made)) + made
-            head = bytes([head[0] | _CALLS]) + head[1:]
-    return head + b"".join(
-        (
-            _text_slot(action.get("action"), "action", True),
-            _text_slot(action.get("code"), "code", texts),
-            _text_slot(action.get("rationale"), "rationale", texts),
-            _text_slot(observation.get("stdout"), "stdout", texts),
-            _text_slot(observation.get("stderr"), "stderr", texts),
-            tail,
-        )
-    ), counts
+            parts[0] = bytes([head[0] | _CALLS]) + head[1:]
+    _text_slot(action.get("action"), "action", True, parts)
+    _text_slot(action.get("code"), "code", texts, parts)
+    _text_slot(action.get("rationale"), "rationale", texts, parts)
+    _text_slot(observation.get("stdout"), "stdout", texts, parts)
+    _text_slot(observation.get("stderr"), "stderr", texts, parts)
+    if tail is not None:
+        parts.append(tail)
+    return parts, counts
 
 
 #: The fields of a step event that the detail block reads, by the mapping they sit in.
@@ -406,7 +438,7 @@ _ABSENT_FIELD = object()
 
 def careful_step_detail(
     event: Mapping[str, Any], texts: bool, children: Counts | None = None
-) -> tuple[bytes, Counts | None, list[str]]:
+) -> tuple[Parts, Counts | None, list[str]]:
     """:func:`step_detail` for an event on which it raised: each field is read on its own into
     plain dicts, a field that cannot be read or kept is left out, and what was left out is said
     (``problems``). The rest of the step (its rewards first) is kept. Never raises."""
@@ -460,7 +492,7 @@ def careful_step_detail(
         detail, used = step_detail(clean, texts, children)
     except Exception as exc:  # defensive: every field above is plain
         problems.append(f"the step's detail could not be read ({type(exc).__name__})")
-        detail, used = b"", None
+        detail, used = [], None
     return detail, used, problems
 
 

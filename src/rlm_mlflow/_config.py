@@ -30,6 +30,9 @@ ENV_JOURNAL = "RLM_MLFLOW_JOURNAL"
 ENV_JOURNAL_DIR = "RLM_MLFLOW_JOURNAL_DIR"
 ENV_JOURNAL_FSYNC = "RLM_MLFLOW_JOURNAL_FSYNC"
 ENV_TRACES = "RLM_MLFLOW_TRACES"
+ENV_SPAN_BUDGET = "RLM_MLFLOW_SPAN_BUDGET"
+#: Spans in one trace at most (see docs/traces.md, "Span budget", for how it was chosen).
+DEFAULT_SPAN_BUDGET = 100
 TRACE_MODES = ("full", "metadata", "off")
 ENV_HANDLE_SIGNALS = "RLM_MLFLOW_HANDLE_SIGNALS"
 ENV_SESSION = "RLM_MLFLOW_SESSION"
@@ -72,6 +75,7 @@ class SinkConfig:
     journal_fsync: bool = False
     handle_signals: bool = True
     traces: str = "full"
+    span_budget: int = DEFAULT_SPAN_BUDGET  # past it, a trace's steps go into summary spans
     session: str | None = None  # root runs with no session of their own belong to this one
     user: str | None = None
 
@@ -107,7 +111,7 @@ _DURATIONS = (
     ("retry_initial", 0.0, True),
     ("retry_max_wait", 0.0, True),
 )
-_COUNTS = ("queue_size", "batch_trigger")
+_COUNTS = ("queue_size", "batch_trigger", "span_budget")
 
 
 def _seconds(name: str, value: object, low: float, allow_low: bool) -> float:
@@ -204,6 +208,7 @@ def config_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> S
         "shutdown_timeout": (ENV_SHUTDOWN_TIMEOUT, float),
         "request_timeout": (ENV_REQUEST_TIMEOUT, float),
         "retry_deadline": (ENV_RETRY_DEADLINE, float),
+        "span_budget": (ENV_SPAN_BUDGET, int),
     }
     for key, (name, kind) in numbers.items():
         number = _env_number(env, name, kind)

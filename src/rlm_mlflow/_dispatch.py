@@ -18,7 +18,7 @@ not done again when it is retried.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ._exceptions import StoreRefused
 from ._exporters.runs import RunsExporter
@@ -43,11 +43,15 @@ class Dispatcher:
         counts: WorkerCounts,
         *,
         on_settled: Callable[[RunWork, bool], None] | None = None,
+        before_traces: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.runs = runs
         self.traces = traces
         self.counts = counts
         self.on_settled = on_settled
+        # Awaited between the runs and the spans of a cycle (closing: every sink's run ends
+        # go before anyone's spans).
+        self.before_traces = before_traces
         self.exporting: dict[int, RunWork] = {}  # handed to the exporters, not settled yet
         self.held: list[RunWork] = []  # waiting for the store to take writes again
 
@@ -71,6 +75,8 @@ class Dispatcher:
                 if work.runs_outcome is not None:
                     self._maybe_settle(work)
             await self.runs.export([w for w in works if w.runs_outcome is None], self._runs_done)
+            if self.before_traces is not None:
+                await self.before_traces()
             spans = [
                 w
                 for w in self.exporting.values()

@@ -40,7 +40,6 @@ import secrets
 import threading
 import time
 import weakref
-import zlib
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +60,7 @@ from ._journal_format import (
     STATE_OFFSET,
     TRACES_DONE,
     TRACES_IN_FLIGHT,
+    checksum,
     finished,
     map_segment,
     segment_header,
@@ -263,10 +263,11 @@ class Lane:
         self.spill_from: tuple[Segment, int] | None = None
         self.read_at: tuple[Segment, int] | None = None
 
-    def write(self, payload: bytes, flags: int) -> tuple[Segment, int] | None:
-        """Append one record; ``(segment, offset)``, or None when no segment can be had."""
+    def write(self, payload: bytes | list[bytes], flags: int) -> tuple[Segment, int] | None:
+        """Append one record (its bytes, or its pieces in order); ``(segment, offset)``, or None
+        when no segment can be had."""
         segment = self.segment
-        size = len(payload)
+        size = len(payload) if isinstance(payload, bytes) else sum([len(p) for p in payload])
         offset = segment.pos
         end = offset + RECORD_HEADER_SIZE + size
         if end > segment.size:
@@ -277,10 +278,16 @@ class Lane:
             offset = segment.pos
             end = offset + RECORD_HEADER_SIZE + size
         mm = segment.mm
-        mm[offset + RECORD_HEADER_SIZE : end] = payload
-        mm[offset : offset + RECORD_HEADER_SIZE] = RECORD.pack(
-            size, zlib.crc32(payload), NEW, flags, 0
-        )
+        if isinstance(payload, bytes):
+            mm[offset + RECORD_HEADER_SIZE : end] = payload
+            crc = checksum(payload)
+        else:
+            at, crc = offset + RECORD_HEADER_SIZE, 0
+            for piece in payload:
+                mm[at : at + len(piece)] = piece
+                at += len(piece)
+                crc = checksum(piece, crc)
+        mm[offset : offset + RECORD_HEADER_SIZE] = RECORD.pack(size, crc, NEW, flags, 0)
         segment.pos = end
         segment.written += 1
         return segment, offset

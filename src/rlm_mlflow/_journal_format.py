@@ -38,6 +38,24 @@ MAGIC = b"RLMJ"
 SEGMENT_HEADER = struct.Struct("<4sHHII")  # magic, format, lane, segment, reserved
 SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size
 RECORD = struct.Struct("<IIBBH")
+
+#: zlib gives up the interpreter lock while it sums more than 5 KiB, and a thread that gives
+#: it up waits for it again behind any busy thread (up to the 5 ms switch interval): a hook
+#: sums a large record in pieces no larger than that, so it keeps the lock.
+_CRC_PIECE = 5 * 1024
+
+
+def checksum(payload: bytes, crc: int = 0) -> int:
+    """CRC-32 of a record's payload (``crc``: of what came before it), computed without
+    releasing the interpreter lock."""
+    if len(payload) <= _CRC_PIECE:
+        return zlib.crc32(payload, crc)
+    view = memoryview(payload)
+    for start in range(0, len(view), _CRC_PIECE):
+        crc = zlib.crc32(view[start : start + _CRC_PIECE], crc)
+    return crc
+
+
 RECORD_HEADER_SIZE = RECORD.size
 STATE_OFFSET = 8
 

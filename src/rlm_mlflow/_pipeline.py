@@ -282,7 +282,7 @@ class Pipeline:
             ordinal, since = run.steps, run.last_ns
             run.steps, run.last_ns = ordinal + 1, now
             self.admit(
-                _codec.encode_step(run.no, now, step, reward, cumulative, ordinal, since, detail),
+                _codec.step_parts(run.no, now, step, reward, cumulative, ordinal, since, detail),
                 ctl=False,
             )
         except Exception:
@@ -446,10 +446,10 @@ class Pipeline:
 
     def _read_event(
         self, event: object, run_id: str, children: _codec.Counts | None
-    ) -> tuple[Any, Any, bytes, _codec.Counts | None]:
+    ) -> tuple[Any, Any, _codec.Parts, _codec.Counts | None]:
         if not isinstance(event, Mapping):
             self.bad_input("event_not_mapping", run_id, f"event is a {type(event).__name__}")
-            return None, None, b"", None
+            return None, None, (), None
         step, ok = read_field(event, "step")
         reward, ok2 = read_field(event, "reward")
         try:
@@ -462,7 +462,7 @@ class Pipeline:
 
     def _careful_detail(
         self, event: Mapping[str, Any], run_id: str, children: _codec.Counts | None
-    ) -> tuple[bytes, _codec.Counts | None]:
+    ) -> tuple[_codec.Parts, _codec.Counts | None]:
         detail, used, problems = _codec.careful_step_detail(event, self.texts, children)
         for problem in problems:
             self.bad_input("bad_step_field", run_id, f"{problem}; left out of the step")
@@ -471,9 +471,16 @@ class Pipeline:
     # -- admission -------------------------------------------------------------------------------
 
     def admit(
-        self, payload: bytes, *, ctl: bool, start: bool = False, internal: bool = False
+        self,
+        payload: bytes | list[bytes],
+        *,
+        ctl: bool,
+        start: bool = False,
+        internal: bool = False,
     ) -> None:
-        """Put one record in the journal and the queue (or spill it, or drop it: counted)."""
+        """Put one record in the journal and the queue (or spill it, or drop it: counted).
+        ``payload``: the record, or its pieces (a step's texts), which only the journal copies
+        into one place; the queue then holds the record by reference unless it is small."""
         if not internal:
             self.accepted.incr()
         if self.state is State.IDLE:
@@ -502,13 +509,18 @@ class Pipeline:
                             time.sleep(0)
                         self.wake()
                         return
-                    (self.ctl if ctl else self.steps).append(
-                        (where[0], where[1], payload if len(payload) <= BY_REFERENCE else None)
-                    )
+                    if isinstance(payload, list):
+                        small = sum([len(p) for p in payload]) <= BY_REFERENCE
+                        kept = b"".join(payload) if small else None
+                    else:
+                        kept = payload if len(payload) <= BY_REFERENCE else None
+                    (self.ctl if ctl else self.steps).append((where[0], where[1], kept))
                     if len(self.steps) >= self.trigger:
                         self.wake()
                     return
         # In memory only: no journal, or the disk refused it.
+        if isinstance(payload, list):
+            payload = b"".join(payload)
         if ctl:
             self.ctl.append((None, 0, payload))
             return

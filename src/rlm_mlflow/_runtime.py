@@ -49,7 +49,7 @@ import anyio
 
 from . import _fork
 from ._pipeline import State
-from ._worker import CloseReports, Worker
+from ._worker import CloseReports, ClosingGate, Worker
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -63,6 +63,15 @@ SIGNAL_SILENT_LOOKS = 10  # (looked every 20 ms)
 #: ... or until this share of the shutdown timeout is left (bounds below) to end runs and send.
 SIGNAL_RESERVE = 0.25
 SIGNAL_RESERVE_BOUNDS = (0.5, 5.0)
+#: What closing one sink takes the loop once its sending is over, and the most of a deadline
+#: kept for that (see close_all), and how long past the deadline the exit waits at most.
+FINISH_EACH = 0.008
+FINISH_SHARE = 0.2
+CLOSE_GRACE = 0.5
+#: Threads the background loop may use for blocking calls, for every sink of the process: the
+#: requests in flight while sinks close (``http.CLOSING_IN_FLIGHT``, 48) and the journals' upkeep
+#: beside them. Not per sink: a thread, its HTTP session and its socket serve every sink.
+THREADS = 64
 
 
 class Waker:
@@ -96,6 +105,7 @@ class Loop:
         self.waker = Waker()
         self.workers: list[Worker] = []
         self.pending: list[Worker] = []
+        self.gate = ClosingGate()  # the closing sinks of this loop: every run ends first
 
     def wake(self, worker: Worker) -> None:
         worker.wake_flag = True
@@ -165,6 +175,7 @@ class Runtime:
             self.done.set()
 
     async def _serve(self, loop: Loop) -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         async with anyio.create_task_group() as tg:
             idle_since: float | None = None
             while True:
@@ -222,15 +233,20 @@ def close_all(status: str | None = None, timeout: float | None = None) -> None:
     if timeout is None:
         timeout = max(w.config.shutdown_timeout for w in workers)
     deadline = time.monotonic() + timeout
+    # Each sink's last steps after its deadline (counting, closing its journal) take the loop
+    # a few milliseconds: with hundreds of sinks they stop sending that much earlier, so that
+    # all of them are done by the deadline.
+    sending = deadline - min(timeout * FINISH_SHARE, FINISH_EACH * len(workers))
     reports = CloseReports() if len(workers) > 1 else None
     for worker in workers:
         if status is not None:
             worker.pipeline.end_status = status
         if worker.close_reports is None:
             worker.close_reports = reports
-        request_close(worker, deadline)
+        request_close(worker, sending)
+    last = deadline + CLOSE_GRACE  # one bound for all: never a grace per sink
     for worker in workers:
-        worker.stopped.wait(max(0.0, deadline - time.monotonic()) + 0.5)
+        worker.stopped.wait(max(0.0, last - time.monotonic()))
     if reports is not None:
         reports.say()  # one line for every sink closed here; a later closer speaks for itself
 

@@ -113,6 +113,7 @@ class MLflowSink:
         journal_fsync: bool | None = None,
         handle_signals: bool | None = None,
         traces: str | None = None,
+        span_budget: int | None = None,
         session: str | None = None,
         user: str | None = None,
         transport: Transport | Callable[[], Transport] | None = None,
@@ -138,6 +139,7 @@ class MLflowSink:
                 "journal_fsync": journal_fsync,
                 "handle_signals": handle_signals,
                 "traces": traces,
+                "span_budget": span_budget,
                 "session": session,
                 "user": user,
             }.items()

@@ -73,6 +73,69 @@ MAINTENANCE_EVERY = 0.25
 #: RESTART_MAX) while it keeps failing, back to this once a cycle went through.
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
+#: Runs the closing sinks of one loop send at the same time, all together: each is created,
+#: sent and ended before more are begun, so that a deadline too short for every run leaves runs
+#: never created (replay creates them, ended) rather than many created and left RUNNING. Within
+#: the transport's bound on requests in flight (``http.CLOSING_IN_FLIGHT``), and the threads of
+#: the loop (``_runtime.THREADS``).
+CLOSING_RUNS = 32
+
+
+class ClosingRuns:
+    """The runs closing sinks send at a time, and how long sending one takes (the longest of
+    late, fading): a run is created only if there is time left to end it too."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        self._began: dict[int, float] = {}
+        self.took = 0.0
+
+    async def __aenter__(self) -> None:
+        await self._limiter.acquire()
+        self._began[anyio.get_current_task().id] = time.monotonic()
+
+    async def __aexit__(self, *exc: object) -> None:
+        began = self._began.pop(anyio.get_current_task().id, None)
+        if began is not None:
+            self.took = max(time.monotonic() - began, self.took * 0.9)
+        self._limiter.release()
+
+
+class ClosingGate:
+    """The sinks of one event loop that are closing and have not yet sent their runs' ends, and
+    how many runs they send at a time, all together (:data:`CLOSING_RUNS`).
+
+    Closing, a sink sends its runs first (create, last batch with the summary, end); then,
+    when it closes against a deadline, it waits here until every other closing sink of its loop
+    has done the same before it sends steps that did not fit and spans. With hundreds of sinks
+    closing at exit, every run is ended before the deadline's time goes to anyone's steps.
+    Used on its loop's thread only: no lock."""
+
+    def __init__(self) -> None:
+        self.pending: set[int] = set()  # id() of the workers whose ends are not sent yet
+        self._clear: anyio.Event | None = None
+        self._runs: ClosingRuns | None = None
+
+    def runs(self) -> ClosingRuns:
+        """The runs the closing sinks of the loop send at a time (made in the loop)."""
+        if self._runs is None:
+            self._runs = ClosingRuns(anyio.CapacityLimiter(CLOSING_RUNS))
+        return self._runs
+
+    def enter(self, worker: object) -> None:
+        self.pending.add(id(worker))
+
+    def leave(self, worker: object) -> None:
+        self.pending.discard(id(worker))
+        if not self.pending and self._clear is not None:
+            self._clear.set()
+            self._clear = None
+
+    async def wait(self) -> None:
+        while self.pending:
+            if self._clear is None:
+                self._clear = anyio.Event()
+            await self._clear.wait()
 
 
 class CloseReports:
@@ -195,8 +258,15 @@ class Worker:
             runs=self.runs,
             transport=self._get_transport,
             mode=config.traces,
+            span_budget=config.span_budget,
         )
-        self.dispatcher = Dispatcher(self.runs, self.traces, self.counts, on_settled=self._settled)
+        self.dispatcher = Dispatcher(
+            self.runs,
+            self.traces,
+            self.counts,
+            on_settled=self._settled,
+            before_traces=self._ends_sent,
+        )
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
         self.later: list[RunWork] = []  # closing: steps waiting while their runs' ends go
         self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
@@ -208,6 +278,8 @@ class Worker:
         self._logged_failure = False
         self._restart_pause = RESTART_FIRST
         self._closing = False
+        self._hurrying: Transport | None = None  # told to hurry (closing against a deadline)
+        self._gate: ClosingGate | None = None  # entered at the close, left once ends are sent
         self._interruptible: anyio.CancelScope | None = None  # a cycle a close may interrupt
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self._maintaining = False
@@ -309,6 +381,7 @@ class Worker:
             deadline = self._deadline_set = self.close_deadline
             if deadline is not None:
                 scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
+                self._hurry()
 
     async def _supervise(self) -> None:
         """The drain loop, started again after any exception it did not expect."""
@@ -370,6 +443,7 @@ class Worker:
                     return
                 await self._sleep(self.config.flush_interval)
                 continue
+            self._hurry()
             if self.close_requested and not self._closing:
                 self._closing = True
                 await self._begin_close()
@@ -451,6 +525,7 @@ class Worker:
             # Counted at the end if the deadline comes while the ends are out.
             self.later = [rest for _, rest in parts if rest.steps or rest.span_steps] + whole
             await self._export([c for c, _ in parts if c.starts or c.end or c.span_end])
+            await self._ends_sent()
             works, self.later = self.later, []
         await self._export(works)
 
@@ -523,8 +598,51 @@ class Worker:
         self._open_runs_ended = True
         pipeline.end_open_runs(pipeline.end_status)
 
+    def _hurry(self) -> None:
+        """Closing against a deadline: the transport's in-flight bound raised for the process
+        until this sink has closed (see ``http.CLOSING_IN_FLIGHT``)."""
+        transport = self.transport
+        if self.close_deadline is None or transport is None or self._hurrying is not None:
+            return
+        hurry = getattr(transport, "hurry", None)
+        if callable(hurry):
+            self._hurrying = transport
+            hurry(True)
+
+    def _time_to_create(self) -> bool:
+        """Closing against a deadline: whether a run created now can still be ended in time
+        (else it is kept for replay, which creates it ended, rather than left RUNNING)."""
+        deadline, gate = self.close_deadline, self._gate
+        if deadline is None or gate is None:
+            return True
+        return time.monotonic() + gate.runs().took < deadline
+
+    def _calm(self) -> None:
+        transport, self._hurrying = self._hurrying, None
+        if transport is not None:
+            try:
+                transport.hurry(False)  # type: ignore[attr-defined]
+            except Exception:
+                logger.debug("rlm-mlflow: the transport refused to slow down", exc_info=True)
+
+    async def _ends_sent(self) -> None:
+        """Closing: this sink's runs went (ended, or kept); with a deadline, its steps and spans
+        wait until every closing sink of the loop has sent its runs too (:class:`ClosingGate`)."""
+        gate = self._gate
+        if gate is None or not self._closing:
+            return
+        gate.leave(self)
+        if self.close_deadline is not None:
+            await gate.wait()
+
     async def _begin_close(self) -> None:
         pipeline = self.pipeline
+        gate = getattr(self.loop, "gate", None)
+        if isinstance(gate, ClosingGate):
+            self._gate = gate
+            gate.enter(self)
+            self.runs.limiter = gate.runs()
+            self.runs.time_to_create = self._time_to_create
         await self._end_open_runs()
         # Ends first: the run starts and ends that wait in the journal, behind steps spilled
         # before them, go now; the steps follow while the deadline allows (then replay).
@@ -682,6 +800,9 @@ class Worker:
         """After the loop, whatever ended it: count what is left, release everything."""
         pipeline = self.pipeline
         pipeline.active = False  # whatever ended the loop, nothing feeds it any more
+        if self._gate is not None:
+            self._gate.leave(self)
+        self._calm()
         left = self.dispatcher.take_unsettled()
         left.extend(self.carry.values())
         left.extend(self.later)

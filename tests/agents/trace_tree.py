@@ -38,7 +38,7 @@ def event(number: int, tokens: int, *, delegate: bool = False) -> dict[str, Any]
 
 def main() -> None:
     uri, experiment = sys.argv[1:3]
-    sink = make_sink(uri, experiment)
+    sink = make_sink(uri, experiment, span_budget=1_000_000)  # every step as a span
     sink.on_run_start("tree", task="grow a tree", environment="pure_rlm", params={"depth": 0})
     number = 0
     while True:

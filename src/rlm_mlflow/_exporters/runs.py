@@ -24,6 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +148,11 @@ class RunsExporter:
         self.late_window = late_window
         self.suspects: dict[str, _Suspect] = {}
         self._creating: dict[int, anyio.Event] = {}  # runs being created (see _ensure_run)
+        # Closing: one limiter for the runs of every closing sink of the loop (each run is
+        # created, sent and ended before more are begun), and whether there is still time to
+        # create a run and end it (if not, it is kept for replay, never left RUNNING).
+        self.limiter: AbstractAsyncContextManager[Any] | None = None
+        self.time_to_create: Callable[[], bool] = lambda: True
 
     @property
     def transport(self) -> Transport:
@@ -245,7 +251,7 @@ class RunsExporter:
         # One task per run; a child waits until its parent's MLflow run exists (its tag names
         # it), then goes. The limiter is held only while requests are made, never while waiting.
         created = {no: anyio.Event() for no in states}
-        limiter = anyio.CapacityLimiter(CONCURRENT_RUNS)
+        limiter = self.limiter or anyio.CapacityLimiter(CONCURRENT_RUNS)
         async with anyio.create_task_group() as tg:
             for no in sorted(states):
                 if no not in outcomes:
@@ -257,7 +263,7 @@ class RunsExporter:
         work: RunWork,
         created: dict[int, anyio.Event],
         finished: Callable[[int, Outcome], None],
-        limiter: anyio.CapacityLimiter,
+        limiter: AbstractAsyncContextManager[Any],
     ) -> None:
         parent = created.get(state.parent_no) if state.parent_no is not None else None
         if parent is not None:
@@ -271,7 +277,11 @@ class RunsExporter:
                 return
         try:
             async with limiter:
-                outcome = await self._contain(state, self._send(state, work, created[state.no]))
+                if state.ref is None and not self.time_to_create():
+                    outcome: Outcome | None = DEFERRED  # too late to end it: kept for replay
+                else:
+                    job = self._send(state, work, created[state.no])
+                    outcome = await self._contain(state, job)
         finally:
             created[state.no].set()
         finished(state.no, SENT if outcome is None else outcome)

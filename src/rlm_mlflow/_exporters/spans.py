@@ -131,9 +131,124 @@ class Ids:
     def call(self, no: int, ordinal: int, index: int) -> bytes:
         return self._digest(f"call/{no}/{ordinal}/{index}", 8)
 
+    def summary(self, no: int, first: str) -> bytes:
+        """The summary span of run ``no`` whose elided range begins with ``first`` (``s`` and a
+        step's ordinal, or ``r`` and a folded child run's number)."""
+        return self._digest(f"summary/{no}/{first}", 8)
+
     def trace_hex(self, root_no: int) -> str:
         """MLflow's trace id for the trace of ``root_no`` (``tr-`` and the OTLP id in hex)."""
         return "tr-" + self.trace(root_no).hex()
+
+
+@dataclass(slots=True)
+class Elided:
+    """The figures of the steps (and folded child runs) of one run that its trace leaves out
+    past the span budget: what its summary span says and carries."""
+
+    first: str  # what the range begins with: "s<step ordinal>" or "r<folded child run's no>"
+    count: int = 0
+    first_step: int | None = None  # step numbers of the range, as the hooks gave them
+    last_step: int | None = None
+    rewarded: int = 0
+    reward_min: float = math.inf
+    reward_max: float = -math.inf
+    reward_sum: float = 0.0
+    usage: Usage = field(default_factory=Usage)
+    failures: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
+    child_runs: int = 0  # child runs folded into this run's summary, and their steps
+    child_steps: int = 0
+    child_failures: int = 0
+
+    def add(self, step: Step) -> None:
+        """One elided step of the run."""
+        number = step_number(step.step)
+        number = number if number is not None else step.ordinal + 1
+        if self.first_step is None:
+            self.first_step = number
+        self.last_step = number
+        self.count += 1
+        reward = _number(step.reward)
+        if reward is not None:
+            self.rewarded += 1
+            self.reward_min = min(self.reward_min, reward)
+            self.reward_max = max(self.reward_max, reward)
+            self.reward_sum += reward
+        detail = step.detail
+        if detail is not None:
+            if detail.usage is not None:
+                self.usage = self.usage + detail.usage
+            if detail.success is False:
+                self.failures += 1
+        self._span_time(step.since_ns or step.timestamp_ns, step.timestamp_ns)
+
+    def _span_time(self, start_ns: int, end_ns: int) -> None:
+        if start_ns > 0 and (self.start_ns == 0 or start_ns < self.start_ns):
+            self.start_ns = start_ns
+        self.end_ns = max(self.end_ns, end_ns)
+
+    def add_child_step(self, step: Step) -> None:
+        """A step of a child run folded into this run: counted, its tokens already in the
+        usage of the step of this run that delegated (RLM Code measures it that way)."""
+        self.child_steps += 1
+        self._span_time(step.since_ns or step.timestamp_ns, step.timestamp_ns)
+
+    def merge(self, other: Elided) -> Elided:
+        """These figures and ``other``'s (a later range), as new figures."""
+        out = Elided(
+            first=self.first,
+            count=self.count + other.count,
+            first_step=self.first_step if self.first_step is not None else other.first_step,
+            last_step=other.last_step if other.last_step is not None else self.last_step,
+            rewarded=self.rewarded + other.rewarded,
+            reward_min=min(self.reward_min, other.reward_min),
+            reward_max=max(self.reward_max, other.reward_max),
+            reward_sum=self.reward_sum + other.reward_sum,
+            usage=self.usage + other.usage,
+            failures=self.failures + other.failures,
+            child_runs=self.child_runs + other.child_runs,
+            child_steps=self.child_steps + other.child_steps,
+            child_failures=self.child_failures + other.child_failures,
+        )
+        out._span_time(self.start_ns, self.end_ns)
+        out._span_time(other.start_ns, other.end_ns)
+        return out
+
+    def copy(self) -> Elided:
+        return self.merge(Elided(first=self.first))
+
+    def __bool__(self) -> bool:
+        return bool(self.count or self.child_runs or self.child_steps)
+
+    @property
+    def name(self) -> str:
+        if self.count and self.first_step is not None and self.last_step is not None:
+            return f"steps {self.first_step:,}-{self.last_step:,} (summary)"
+        return f"{self.child_runs:,} child runs (summary)"
+
+    def figures(self) -> dict[str, Any]:
+        """The span's outputs: the range's figures."""
+        out: dict[str, Any] = {
+            "steps": self.count,
+            "first_step": self.first_step,
+            "last_step": self.last_step,
+            "failures": self.failures,
+        }
+        if self.rewarded:
+            out.update(
+                reward_min=self.reward_min, reward_max=self.reward_max, reward_sum=self.reward_sum
+            )
+        if self.usage:
+            out["tokens"] = _usage(self.usage)
+        if self.child_runs or self.child_steps:
+            out.update(
+                child_runs=self.child_runs,
+                child_steps=self.child_steps,
+                child_runs_failed=self.child_failures,
+            )
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def shown(text: Text, name: str) -> str:
@@ -374,6 +489,33 @@ class SpanBuilder:
                 "mlflow.llm.model": call.model,
                 "rlm.truncated": cut or None,
             },
+        )
+
+    def summary_span(self, run: RunInfo, elided: Elided) -> bytes:
+        """The span standing for a run's steps left out past the span budget: their count,
+        reward range, failures and time range, and their token usage (MLflow adds it to the
+        trace's total as it would have the steps')."""
+        attributes: dict[str, Any] = {
+            "mlflow.spanType": "CHAIN",
+            "mlflow.spanOutputs": elided.figures(),
+            "rlm.run_id": run.run_id,
+            "rlm.summary": True,
+            "rlm.depth": run.depth,
+        }
+        if elided.usage:
+            attributes["rlm.usage"] = _usage(elided.usage)
+            attributes["mlflow.chat.tokenUsage"] = _usage(elided.usage)
+        failed = elided.failures + elided.child_failures
+        return self._span(
+            trace_id=self.ids.trace(run.root_no),
+            span_id=self.ids.summary(run.no, elided.first),
+            parent_id=self.ids.run(run.no),
+            name=elided.name,
+            start_ns=elided.start_ns,
+            end_ns=elided.end_ns,
+            attributes=attributes,
+            error=f"{failed:,} of the summarised steps or child runs failed" if failed else None,
+            ok=not failed,
         )
 
     def run_span(self, run: RunInfo, end: RunEnd) -> bytes:

@@ -9,36 +9,75 @@ MLflow 3.6, a store without trace ingest answering 501) turns traces off with on
 spans of that cycle are counted as rejected (``traces_unsupported``), never as sent; runs go
 on. A proxy's page on ``/v1/traces`` is a transient failure like any other. A request too large
 for the server or a proxy (HTTP 413) is split in halves, down to one span; a single span still
-too large is refused and counted (``span_too_large``).
+too large is refused and counted (``span_too_large``). A request holds at most
+:data:`MAX_SPANS` spans and :data:`MAX_BYTES` bytes.
+
+A trace holds at most ``span_budget`` spans. Past it, each run's steps go into one summary span
+(their count, rewards, failures, tokens and time range, re-sent as it grows), the root's last
+steps are sent in full at its end, and a child run that starts past it is folded into its
+nearest ancestor's summary; a child in the trace gets the step that spawned it in full, so
+every span has its parent. The budget is weighed in the order runs and steps happened.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import anyio
 
 from .._calls import Caller
-from .._events import CaseResult, RunEnd
+from .._config import DEFAULT_SPAN_BUDGET
+from .._events import CaseResult, RunEnd, Step
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import Assessment, AssessmentStore, Dataset, Metric, Transport
 from .assessments import AssessmentsExporter, assessment_key, number, outcome_of, value_of
-from .spans import Ids, RunInfo, SpanBuilder
+from .spans import Elided, Ids, RunInfo, SpanBuilder
 from .work import DEFERRED, HOLD, SENT, Outcome, RunRefs, RunWork
 
 logger = logging.getLogger("rlm_mlflow")
 
-#: Spans in one request at most, and serialized bytes (before gzip) at most.
-MAX_SPANS = 5_000
-MAX_BYTES = 4 << 20
+#: Spans in one request at most, and serialized bytes (before gzip) at most: a request of
+#: 1,000 spans is stored in about 2 s on a busy 2-core machine (docs/traces.md), far within
+#: the request timeout even on a slower store.
+MAX_SPANS = 1_000
+MAX_BYTES = 2 << 20
 #: Steps in a cycle beyond which spans are built on a worker thread, off the event loop.
 _BUILD_ON_THREAD = 200
 #: Ended runs remembered, for a step that comes after its run's end.
 ENDED_MEMORY = 1024
+#: The root run's last steps kept in full past the span budget (at most a tenth of it).
+TAIL_STEPS = 50
+
+
+@dataclass(slots=True)
+class _Budget:
+    """The spans one trace may still take in full before its steps go into summaries."""
+
+    limit: int  # the budget less what the root's tail, summary and span keep aside
+    used: int = 0
+
+
+@dataclass(slots=True)
+class _Shape:
+    """How one run appears in its trace under the span budget."""
+
+    shown: bool  # its run span and steps are in the trace; else it is folded into ``into``
+    into: int  # the shown run whose summary span stands for it (itself when shown)
+    forced: set[int] = field(default_factory=set)  # step ordinals that have shown child runs
+    eliding: bool = False  # its steps go into its summary from now on
+    elided: Elided | None = None  # what its summary says (the root: steps past the ring)
+    ring: deque[Step] | None = None  # the root's last elided steps, sent in full at its end
+    last: int = -1  # the last step ordinal weighed (a step taken again is not counted again)
+    first: str | None = None  # what its summary began with (its span id comes from it)
+    stored: bool = False  # its summary span is in the store: sending it again replaces it
+
+
+_Snapshot = tuple[list[Step] | None, Elided | None, bool, int, str | None]
 
 
 class TracesExporter:
@@ -53,6 +92,7 @@ class TracesExporter:
         runs: RunRefs,
         transport: Callable[[], Transport],
         mode: str,
+        span_budget: int = DEFAULT_SPAN_BUDGET,
     ) -> None:
         self.caller = caller
         self.warnings = warnings
@@ -60,6 +100,14 @@ class TracesExporter:
         self.runs = runs
         self._transport = transport
         self.mode = mode
+        self.span_budget = span_budget
+        self.tail = min(TAIL_STEPS, span_budget // 10)
+        self.budgets: dict[int, _Budget] = {}  # trace (root run no) -> its budget
+        self.shapes: dict[int, _Shape] = {}  # open run no -> how it appears in its trace
+        # A cycle's summaries as they were before it: put back for the runs not sent.
+        self._snapshots: dict[int, _Snapshot] = {}
+        self._summarised: set[int] = set()  # runs whose summary this cycle sends
+        self._again: set[int] = set()  # the summary spans it sends again (by id()): not new
         self.unsupported: str | None = None  # why traces are off for this store
         self.info: dict[int, RunInfo] = {}
         self.ended: OrderedDict[int, RunInfo] = OrderedDict()
@@ -138,6 +186,8 @@ class TracesExporter:
         experiment_id = await self.runs.ensure_experiment()
         for index, (run_uuid, spans, nos) in enumerate(requests):
             outcome = await self._send(experiment_id, run_uuid, spans)
+            if outcome == SENT and self._again:  # a summary sent again is no new span
+                self.spans_sent -= sum(1 for span in spans if id(span) in self._again)
             if self.unsupported is not None:  # the store cannot take traces: none are sent
                 unsent = sum(len(spans) for _, spans, _ in requests[index:])
                 for _ in range(unsent):
@@ -146,6 +196,7 @@ class TracesExporter:
                 break
             for no in nos:
                 outcomes[no] = worse(outcomes[no], outcome)
+        self._settle_summaries(outcomes)
         if self.active:
             await self._assess(todo, outcomes)
         self._forget_ended(works)
@@ -281,7 +332,9 @@ class TracesExporter:
         self, works: Sequence[RunWork]
     ) -> list[tuple[str | None, list[bytes], set[int]]]:
         """The spans of a cycle as requests: each trace whose root run ends now in one request
-        of its own, linked to the root's MLflow run; the spans of running traces together."""
+        of its own, linked to the root's MLflow run; the spans of running traces together.
+        Past a trace's span budget, steps go into their run's summary span (see
+        :meth:`_step_spans`), re-sent with the figures so far in each cycle that changes it."""
         builder = self._builder
         assert builder is not None
         benchmarks = self.benchmarks
@@ -291,20 +344,59 @@ class TracesExporter:
         shared: list[bytes] = []
         shared_nos: set[int] = set()
         traces: dict[int, tuple[list[bytes], set[int]]] = {root: ([], set()) for root in ending}
-        for work in works:
-            if work.no in benchmarks:
-                continue
-            info = self._info(work)
-            spans: list[bytes] = []
+        self._snapshots, self._summarised, self._again = {}, set(), set()
+        # shown run -> the runs whose events its summary carries this cycle
+        summaries: dict[int, set[int]] = {}
+        ended: set[int] = set()
+        # The budget goes to runs and steps in the order they happened: a child run started
+        # before its parent's tenth step is weighed before that step.
+        kept = [work for work in works if work.no not in benchmarks]
+        moments: list[tuple[int, int, int, Step | None]] = []
+        for index, work in enumerate(kept):
+            if work.starts and work.no not in self.shapes:
+                moments.append((work.starts[0].timestamp_ns, 0, index, None))
             for step in work.span_steps:
-                spans.extend(builder.step_spans(info, step))
-            if work.span_end is not None:
+                moments.append((step.timestamp_ns, 1, index, step))
+        moments.sort(key=lambda moment: moment[:3])
+        spans_of: dict[int, list[bytes]] = {}
+        for _, _, index, moment in moments:
+            work = kept[index]
+            info = self._info(work)
+            shape = self._shape_of(info, summaries)
+            if moment is not None and shape.shown:
+                spans = self._step_spans(info, shape, moment, summaries)
+                spans_of.setdefault(index, []).extend(spans)
+        for work in kept:  # folded runs first: an ancestor ending now sums them up
+            shape = self._shape_of(self._info(work), summaries)
+            if not shape.shown:
+                self._fold(work, shape, summaries)
+        for index, work in enumerate(kept):
+            info = self._info(work)
+            shape = self._shape_of(info, summaries)
+            spans = spans_of.get(index, [])
+            if shape.shown and work.span_end is not None:
+                spans.extend(self._tail_spans(info, shape))
                 spans.append(builder.run_span(info, work.span_end))
+                ended.add(work.no)
             if not spans:
                 continue
             target, nos = traces.get(info.root_no, (shared, shared_nos))
             target.extend(spans)
             nos.add(work.no)
+            if work.no in ended:  # the runs its final summary sums up
+                nos.update(summaries.get(work.no, ()))
+        for no, carried in summaries.items():
+            summarised = self.shapes.get(no)
+            of = self.info.get(no) or self.ended.get(no)
+            if no in ended or summarised is None or of is None:
+                continue  # an ending run's summary went with its tail
+            figures = self._figures(summarised)
+            if figures is None:
+                continue
+            target, nos = traces.get(of.root_no, (shared, shared_nos))
+            target.append(self._summary_span(of, summarised, figures))
+            nos.update(carried)
+            nos.add(no)
         requests: list[tuple[str | None, list[bytes], set[int]]] = [
             (None, chunk, shared_nos) for chunk in _chunks(shared)
         ]
@@ -317,6 +409,192 @@ class TracesExporter:
             requests.append((run_uuid, chunks[-1], nos))
         return requests
 
+    # -- the span budget ---------------------------------------------------------------------
+
+    def _budget(self, root_no: int) -> _Budget:
+        budget = self.budgets.get(root_no)
+        if budget is None:
+            # Kept aside: the root's tail, its summary and its own span.
+            limit = max(0, self.span_budget - self.tail - 2)
+            budget = self.budgets[root_no] = _Budget(limit)
+        return budget
+
+    def _shape_of(self, info: RunInfo, summaries: dict[int, set[int]]) -> _Shape:
+        """How the run appears in its trace, decided when it is first seen: a root is shown;
+        a child is shown while its parent is and the budget has room for its span, its
+        summary and its parent's step (which is then sent in full, so that the child's span
+        has its parent); otherwise it is folded into its nearest shown ancestor's summary."""
+        shape = self.shapes.get(info.no)
+        if shape is not None:
+            return shape
+        if info.is_root:
+            shape = _Shape(True, info.no, ring=deque(maxlen=self.tail))
+            self.shapes[info.no] = shape
+            return shape
+        parent_no = info.parent_no
+        parent_info = None
+        if parent_no is not None:
+            parent_info = self.info.get(parent_no) or self.ended.get(parent_no)
+        if parent_info is None or parent_no not in self.shapes:  # its parent is gone: as before
+            shape = self.shapes[info.no] = _Shape(True, info.no)
+            return shape
+        parent = self._shape_of(parent_info, summaries)
+        budget = self._budget(info.root_no)
+        if parent.shown and budget.used + 3 <= budget.limit:
+            budget.used += 2
+            if info.parent_step is not None:
+                parent.forced.add(info.parent_step)
+            shape = self.shapes[info.no] = _Shape(True, info.no)
+            return shape
+        shape = self.shapes[info.no] = _Shape(False, parent.into)
+        target = self.shapes[parent.into]
+        self._snapshot(parent.into, target)
+        self._elided(target, f"r{info.no}").child_runs += 1
+        summaries.setdefault(parent.into, set()).add(info.no)
+        return shape
+
+    def _step_spans(
+        self, info: RunInfo, shape: _Shape, step: Step, summaries: dict[int, set[int]]
+    ) -> list[bytes]:
+        """A shown run's step: in full while the trace's budget has room for all its spans
+        (or when a child run shown in the trace hangs under it); else into the run's summary
+        (the root's through its ring of last steps, sent in full at its end)."""
+        builder = self._builder
+        assert builder is not None
+        budget = self._budget(info.root_no)
+        again = step.ordinal <= shape.last
+        if step.ordinal in shape.forced or (again and not shape.eliding):
+            spans = builder.step_spans(info, step)
+            budget.used += 0 if again else len(spans)
+            shape.last = max(shape.last, step.ordinal)
+            return spans
+        if again:  # in the summary or the ring already
+            return []
+        self._snapshot(info.no, shape)
+        shape.last = step.ordinal
+        if not shape.eliding and budget.used < budget.limit:
+            spans = builder.step_spans(info, step)
+            if budget.used + len(spans) <= budget.limit:
+                budget.used += len(spans)
+                return spans
+        shape.eliding = True
+        ring = shape.ring
+        if ring is not None and ring.maxlen:
+            if len(ring) == ring.maxlen:
+                oldest = ring[0]
+                self._elided(shape, f"s{oldest.ordinal}").add(oldest)
+            elif shape.first is None:
+                shape.first = f"s{step.ordinal}"
+            ring.append(step)
+        else:
+            self._elided(shape, f"s{step.ordinal}").add(step)
+        summaries.setdefault(info.no, set()).add(info.no)
+        return []
+
+    def _tail_spans(self, info: RunInfo, shape: _Shape) -> list[bytes]:
+        """At a shown run's end: its last steps in full, then its summary's final figures. The
+        root's last steps stay in its summary when nothing else is (the summary sent while it
+        ran holds them already, and a span once stored cannot be taken back)."""
+        builder = self._builder
+        assert builder is not None
+        if not shape.elided:
+            figures = self._figures(shape)
+            return [] if figures is None else [self._summary_span(info, shape, figures)]
+        # The last steps in full, newest first, as far as the budget has room for them (a
+        # step can have model-call spans); those before stay in the summary.
+        budget = self._budget(info.root_no)
+        room = self.span_budget - budget.used - 2  # the summary and the run's span
+        ring = list(shape.ring or ())
+        cut = len(ring)
+        full: list[list[bytes]] = []
+        while cut > 0:
+            spans = builder.step_spans(info, ring[cut - 1])
+            if len(spans) > room:
+                break
+            room -= len(spans)
+            full.append(spans)
+            cut -= 1
+        summary = shape.elided
+        if cut:
+            before = Elided(first=summary.first)
+            for step in ring[:cut]:
+                before.add(step)
+            summary = summary.merge(before)
+        out = [span for spans in reversed(full) for span in spans]
+        budget.used += len(out)
+        out.append(self._summary_span(info, shape, summary))
+        return out
+
+    def _summary_span(self, info: RunInfo, shape: _Shape, figures: Elided) -> bytes:
+        builder = self._builder
+        assert builder is not None
+        span = builder.summary_span(info, figures)
+        self._summarised.add(info.no)
+        if shape.stored:
+            self._again.add(id(span))
+        return span
+
+    def _fold(self, work: RunWork, shape: _Shape, summaries: dict[int, set[int]]) -> None:
+        """A folded run's steps and end, counted in its shown ancestor's summary (their tokens
+        are in the usage of the ancestor's step that delegated)."""
+        target = self.shapes.get(shape.into)
+        if target is None:
+            return
+        failed = work.span_end is not None and work.span_end.status != "FINISHED"
+        if not work.span_steps and not failed:
+            return
+        self._snapshot(shape.into, target)
+        elided = self._elided(target, f"r{work.no}")
+        for step in work.span_steps:
+            elided.add_child_step(step)
+        if failed:
+            elided.child_failures += 1
+        summaries.setdefault(shape.into, set()).add(work.no)
+
+    @staticmethod
+    def _elided(shape: _Shape, first: str) -> Elided:
+        """The run's summary figures past its ring; it begins with ``first`` unless it began
+        before (its ring's first step)."""
+        if shape.first is None:
+            shape.first = first
+        if shape.elided is None:
+            shape.elided = Elided(first=shape.first)
+        return shape.elided
+
+    def _figures(self, shape: _Shape) -> Elided | None:
+        """A running run's summary so far, the steps in its ring included (sent as it goes,
+        a process that dies loses none of them from the trace)."""
+        if shape.first is None:
+            return None
+        figures = Elided(first=shape.first)
+        for step in shape.ring or ():
+            figures.add(step)
+        return shape.elided.merge(figures) if shape.elided else figures
+
+    def _snapshot(self, no: int, shape: _Shape) -> None:
+        """Keep the run's summary as it was before this cycle (once per cycle)."""
+        if no not in self._snapshots:
+            ring = list(shape.ring) if shape.ring is not None else None
+            elided = shape.elided.copy() if shape.elided is not None else None
+            self._snapshots[no] = (ring, elided, shape.eliding, shape.last, shape.first)
+
+    def _settle_summaries(self, outcomes: dict[int, Outcome]) -> None:
+        """A run whose events of this cycle are kept for replay gets its summary back as it
+        was: the replay summarises them itself (under another span id), never twice."""
+        for no in self._summarised:
+            shape = self.shapes.get(no)
+            if shape is not None and outcomes.get(no, SENT) == SENT:
+                shape.stored = True
+        for no, (ring, elided, eliding, last, first) in self._snapshots.items():
+            shape = self.shapes.get(no)
+            if shape is None or outcomes.get(no, SENT) == SENT:
+                continue
+            if ring is not None and shape.ring is not None:
+                shape.ring = deque(ring, maxlen=shape.ring.maxlen)
+            shape.elided, shape.eliding, shape.last, shape.first = elided, eliding, last, first
+            shape.stored = shape.stored and first is not None
+        self._snapshots, self._summarised, self._again = {}, set(), set()
+
     def ends_root(self, work: RunWork) -> bool:
         """The run is a trace's root and ends in this cycle."""
         return work.span_end is not None and self._info(work).is_root
@@ -325,6 +603,9 @@ class TracesExporter:
         for work in works:
             if work.span_end is not None or work.end is not None:
                 info = self.info.pop(work.no, None)
+                self.shapes.pop(work.no, None)
+                if info is not None and info.is_root:
+                    self.budgets.pop(work.no, None)
                 if info is not None:
                     self.ended[work.no] = info
                     while len(self.ended) > ENDED_MEMORY:

@@ -11,13 +11,15 @@ answer means.
   ``requests`` would have turned the POST into a GET;
 - 413: the request is too large for something on the way (``REQUEST_TOO_LARGE``): the caller
   splits it; it says nothing about any one item;
-- 408, 425, 429, 5xx but 501: transient, with the server's ``Retry-After``;
+- 408, 425, 429, 5xx but 501: transient, with the server's ``Retry-After``; so is MLflow's 400
+  saying its database pool had no connection in time ("QueuePool limit"): the server was busy;
 - any other answer refuses the request only when it is MLflow's JSON error (an ``error_code``):
   a proxy's page (an HTML 404 during a redeploy, a JSON 404 without MLflow's fields) is transient.
 
 :class:`HttpClient` makes one request per call, at most :data:`MAX_IN_FLIGHT` at a time per
-server, follows 307/308 to the same host with the same method and body, and is reset in a forked
-child (a parent's requests in flight must not hold the child's slots, locks or connections).
+server (:data:`CLOSING_IN_FLIGHT` while sinks close against a deadline), follows 307/308 to the
+same host with the same method and body, and is reset in a forked child (a parent's requests in
+flight must not hold the child's slots, locks or connections).
 """
 
 from __future__ import annotations
@@ -45,11 +47,32 @@ from .._exceptions import (
     TransientError,
 )
 
-__all__ = ["MAX_IN_FLIGHT", "REDIRECTED", "TOO_LARGE", "HttpClient", "classify"]
+__all__ = [
+    "CLOSING_IN_FLIGHT",
+    "MAX_IN_FLIGHT",
+    "REDIRECTED",
+    "TOO_LARGE",
+    "HttpClient",
+    "InFlight",
+    "classify",
+]
 
 #: Requests one process has in flight to one server at most, whatever the number of sinks: a
 #: tracking server has a small database pool (5 + 10 by default) and a handful of workers.
 MAX_IN_FLIGHT = 4
+#: The most requests in flight while sinks close against a deadline. Closing ends every open
+#: run: each needs its create, its last batch and its end (three requests); a process with
+#: hundreds of sinks ends them all within one ``shutdown_timeout``: 300 runs in 5 s against a
+#: server 200 ms away is 900 requests in 25 rounds, 36 at a time. How many the server itself
+#: takes is another matter: a tracking server on sqlite (2 cores) serves about 30 writes a second,
+#: and past its database pool (15 connections) its requests wait 30 s and fail. So the bound
+#: closing uses is found as it goes (:class:`InFlight`), between MAX_IN_FLIGHT and this.
+CLOSING_IN_FLIGHT = 48
+#: Where the closing bound starts.
+CLOSING_START = 8
+#: An answer slower than this many times the quickest answer seen means the server queues our
+#: requests (it is the bottleneck, not the way to it): the closing bound shrinks.
+QUEUEING = 2.0
 #: Same-host 307/308 redirects followed for one request at most.
 MAX_REDIRECTS = 5
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -149,7 +172,12 @@ def classify(
             code=TOO_LARGE,
             status=status,
         )
-    if status in TRANSIENT_STATUS or (status >= 500 and status != 501) or status < 200:
+    if (
+        status in TRANSIENT_STATUS
+        or (status >= 500 and status != 501)
+        or status < 200
+        or (status == 400 and _pool_exhausted(response.content))
+    ):
         code, message = error or ("", _not_mlflow(response))
         raise TransientError(
             scrub(f"{what}: HTTP {status} {code}: {message}".replace("  ", " ")),
@@ -165,6 +193,18 @@ def classify(
     raise PermanentError(
         scrub(f"{what}: HTTP {status} {code}: {message}"), code=code, status=status
     )
+
+
+def overloaded(response: requests.Response) -> bool:
+    """The answer says the server has more requests than it can take now."""
+    status = response.status_code
+    return status in (429, 503) or (status == 400 and _pool_exhausted(response.content))
+
+
+def _pool_exhausted(body: bytes) -> bool:
+    """MLflow's answer when its database pool had no connection for a request in time (it says
+    BAD_REQUEST, but the request is fine: the server was too busy)."""
+    return b"QueuePool limit" in body[:2000]
 
 
 def _not_mlflow(response: requests.Response) -> str:
@@ -196,9 +236,59 @@ def _same_origin(a: str, b: str) -> bool:
     )
 
 
+class InFlight:
+    """The requests in flight to one server (taken by transport threads only, never by a hook).
+
+    At most :data:`MAX_IN_FLIGHT`; while at least one sink closes against a deadline, a bound
+    found as answers come: it grows by one with each answer about as quick as the quickest seen
+    (the time goes to the way to the server: more in flight means more done), and shrinks by a
+    quarter with each answer that took more than :data:`QUEUEING` times that, or said the server
+    is overloaded (the server queues: more in flight would only wait there, and a server past
+    its database pool fails requests). Always between MAX_IN_FLIGHT and CLOSING_IN_FLIGHT."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self.busy = 0
+        self.closing = 0  # sinks closing against a deadline
+        self.bound = float(CLOSING_START)  # the closing bound found so far
+        self.quickest = math.inf  # the quickest answer seen (seconds)
+
+    @property
+    def limit(self) -> int:
+        return int(self.bound) if self.closing else MAX_IN_FLIGHT
+
+    def __enter__(self) -> None:
+        with self._changed:
+            while self.busy >= self.limit:
+                self._changed.wait()
+            self.busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._changed:
+            self.busy -= 1
+            self._changed.notify()
+
+    def answered(self, seconds: float, overloaded: bool = False) -> None:
+        """A request took ``seconds`` to be answered (``overloaded``: the server said so)."""
+        with self._changed:
+            if not overloaded:
+                self.quickest = min(self.quickest, seconds)
+            if overloaded or seconds > QUEUEING * self.quickest:
+                self.bound = max(float(MAX_IN_FLIGHT), self.bound * 0.75)
+            elif self.closing:
+                self.bound = min(float(CLOSING_IN_FLIGHT), self.bound + 1.0)
+                self._changed.notify_all()
+
+    def hurry(self, closing: bool) -> None:
+        """One sink begins (True) or ends (False) closing against a deadline."""
+        with self._changed:
+            self.closing = max(0, self.closing + (1 if closing else -1))
+            self._changed.notify_all()
+
+
 class HttpClient:
-    """Sessions (one per thread), at most :data:`MAX_IN_FLIGHT` requests at a time, same-host
-    307/308 redirects, and a reset in a forked child."""
+    """Sessions (one per thread), a bound on the requests in flight (:class:`InFlight`),
+    same-host 307/308 redirects, and a reset in a forked child."""
 
     def __init__(
         self,
@@ -223,7 +313,7 @@ class HttpClient:
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self.slots = InFlight()
 
     def after_fork(self) -> None:
         """In a forked child: the parent's requests in flight hold slots, maybe locks, and its
@@ -264,8 +354,9 @@ class HttpClient:
         answer came."""
         url = self.base_uri + path
         try:
-            with self._slots:
+            with self.slots:
                 for _ in range(MAX_REDIRECTS + 1):
+                    began = time.monotonic()
                     response = self.session().request(
                         method,
                         url,
@@ -275,6 +366,7 @@ class HttpClient:
                         timeout=self._timeout,
                         allow_redirects=False,
                     )
+                    self.slots.answered(time.monotonic() - began, overloaded(response))
                     location = response.headers.get("Location")
                     if response.status_code not in FOLLOWED_STATUS or not location:
                         return response

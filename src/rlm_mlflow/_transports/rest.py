@@ -433,6 +433,11 @@ class RestTransport:
             return False
         return (int(found[1]), int(found[2])) < since
 
+    def hurry(self, closing: bool) -> None:
+        """A sink of this process begins (True) or ends (False) closing against a deadline:
+        meanwhile more requests may be in flight (:data:`.http.CLOSING_IN_FLIGHT`)."""
+        self.http.slots.hurry(closing)
+
     def close(self) -> None:
         if self._shared_key is not None:
             with _shared_lock:

@@ -1,0 +1,92 @@
+"""What a hook does with a large step: one copy of its texts into the journal, and never a call
+that gives up the interpreter lock (a thread that gives it up waits behind any busy thread, up to
+the 5 ms switch interval, in the middle of the agent's step)."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlm_mlflow import MLflowSink, TransientError, _journal_format
+from rlm_mlflow._codec import decode
+from rlm_mlflow._events import Step
+from rlm_mlflow._journal_format import ScanStats, scan_segment
+from rlm_mlflow.testing import MemoryTransport
+from test_spans_unit import code_event, spans_of
+
+#: zlib gives up the lock while it sums more than this many bytes at once.
+ZLIB_RELEASES_ABOVE = 5 * 1024
+
+
+class _CountingZlib:
+    """The zlib module as the journal sees it, noting each checksum's size and thread."""
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int]] = []
+
+    def crc32(self, data: Any, value: int = 0) -> int:
+        self.sizes.append((threading.get_ident(), len(memoryview(data))))
+        return zlib.crc32(data, value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(zlib, name)
+
+
+def test_a_large_step_is_summed_in_pieces_the_lock_is_kept_through(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    counting = _CountingZlib()
+    monkeypatch.setattr(_journal_format, "zlib", counting)
+    code = "x = 1\n" * 340  # 2 KB
+    stdout = "".join(f"window {i:5d}: 3 primes\n" for i in range(400))  # 8 KB
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=0.05
+    ) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(3):
+            sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    hook_thread = threading.get_ident()
+    on_hook = [size for thread, size in counting.sizes if thread == hook_thread]
+    assert sum(on_hook) > 3 * len(stdout)  # the steps were summed on the hook, in full
+    assert max(on_hook) <= ZLIB_RELEASES_ABOVE
+    # Written in pieces, read back whole: the worker sent each step's texts as given.
+    spans = spans_of(memory)
+    for number in range(3):
+        outputs = spans[f"step {number}: run_python"][0]["mlflow.spanOutputs"]
+        assert outputs["stdout"] == "```\n" + stdout + "```"
+    assert memory.one("r").history("step_reward") == [(0, 0.5), (1, 0.5), (2, 0.5)]
+
+
+def test_a_record_written_in_pieces_passes_the_readers_checks(tmp_path: Path) -> None:
+    """The checksum of the pieces is the checksum of the record: replay reads every step back,
+    texts whole (a sink whose store is down keeps them all in its journal)."""
+    memory = MemoryTransport()
+    memory.fail = lambda call: TransientError("down")
+    stdout = "y" * 6_000 + "\u00e9" * 3_000  # two bytes a character past the first 6,000
+    sink = MLflowSink(
+        enabled=True, transport=memory, journal_dir=tmp_path, retry_initial=5, retry_max_wait=5
+    )
+    sink.on_run_start("r", task="t", environment="e", params={})
+    for number in range(4):
+        sink.on_step("r", event=code_event(number, "print(1)", stdout), cumulative_reward=0.5)
+    sink.close(0.5)
+    stats = ScanStats()
+    steps = []
+    for path in sorted(tmp_path.rglob("*.seg")):
+        for record in scan_segment(path, stats):
+            event = decode(record.payload)
+            if isinstance(event, Step):
+                steps.append(event)
+    assert not stats.damaged
+    assert not stats.torn
+    assert [step.step for step in steps] == [0, 1, 2, 3]
+    for step in steps:
+        assert step.detail is not None
+        assert step.detail.stdout is not None
+        assert step.detail.stdout.text == stdout

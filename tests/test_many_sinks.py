@@ -1,0 +1,259 @@
+"""Many sinks in one process closing together: one deadline, every run ended first, a bounded
+number of requests in flight to the server whatever the number of sinks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from promises_support import Agent, Store, assert_each_once, replay_cli
+from rlm_mlflow import MLflowSink, TransientError
+from rlm_mlflow._runtime import close_all
+from rlm_mlflow._transports.base import Metric
+from rlm_mlflow._transports.http import (
+    CLOSING_IN_FLIGHT,
+    CLOSING_START,
+    MAX_IN_FLIGHT,
+    InFlight,
+    classify,
+)
+from rlm_mlflow.testing import FaultProxy, MemoryTransport, local_server, wait_for
+
+WAIT = 60.0
+Spawn = Callable[..., Agent]
+
+
+# -- what the server's overload looks like --------------------------------------------------------
+
+
+def pool_exhausted() -> requests.Response:
+    """MLflow's answer (sqlalchemy store) when no database connection freed up in 30 s."""
+    response = requests.Response()
+    response.status_code = 400
+    response._content = json.dumps(
+        {
+            "error_code": "BAD_REQUEST",
+            "message": "QueuePool limit of size 5 overflow 10 reached, connection timed out, "
+            "timeout 30.00 (Background on this error at: https://sqlalche.me/e/21/3o7r)",
+        }
+    ).encode()
+    return response
+
+
+def test_a_server_out_of_database_connections_is_busy_not_refusing() -> None:
+    """A server past its database pool says BAD_REQUEST: the request is retried, never dropped,
+    and the in-flight bound takes it as overload."""
+    with pytest.raises(TransientError):
+        classify(pool_exhausted(), "POST /runs/create")
+    slots = InFlight()
+    slots.hurry(True)
+    slots.answered(0.2)
+    before = slots.limit
+    from rlm_mlflow._transports.http import overloaded
+
+    assert overloaded(pool_exhausted())
+    slots.answered(0.2, overloaded=True)
+    assert slots.limit < before
+
+
+def test_the_closing_bound_grows_while_answers_stay_quick_and_shrinks_when_they_queue() -> None:
+    """Nobody closing: MAX_IN_FLIGHT. Closing: quick answers (the time is the way to the server)
+    raise the bound up to CLOSING_IN_FLIGHT; answers that queue at the server lower it, never
+    below MAX_IN_FLIGHT; once the last closing sink is done, MAX_IN_FLIGHT again."""
+    slots = InFlight()
+    assert slots.limit == MAX_IN_FLIGHT
+    slots.hurry(True)
+    assert slots.limit == CLOSING_START
+    for _ in range(200):
+        slots.answered(0.2)
+    assert slots.limit == CLOSING_IN_FLIGHT
+    for _ in range(200):
+        slots.answered(2.0)  # ten times the quickest: the server queues
+    assert slots.limit == MAX_IN_FLIGHT
+    slots.answered(0.21)
+    assert slots.limit == MAX_IN_FLIGHT + 1
+    slots.hurry(False)
+    assert slots.limit == MAX_IN_FLIGHT
+
+
+def test_requests_wait_for_a_slot_and_get_one_when_the_bound_grows() -> None:
+    """With the bound taken, a request waits; a sink beginning to close lets it through."""
+    slots = InFlight()
+    for _ in range(MAX_IN_FLIGHT):
+        slots.__enter__()
+    through = threading.Event()
+
+    def request() -> None:
+        with slots:
+            through.set()
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    try:
+        assert not through.wait(0.2)  # (cannot fail the other way: it only shows the wait)
+        slots.hurry(True)
+        assert through.wait(WAIT)
+    finally:
+        slots.hurry(True)
+        thread.join(WAIT)
+        for _ in range(MAX_IN_FLIGHT):
+            slots.__exit__()
+    assert slots.busy == 0
+
+
+# -- ends first, across sinks ----------------------------------------------------------------------
+
+
+class Ordered(MemoryTransport):
+    """Records, in one order for every sink sharing it, each run's end, each batch of step
+    points and each spans request; the end of run ``first`` waits until another sink sends
+    steps or spans (which must not happen before every run is ended) or ``patience`` passes."""
+
+    def __init__(self, held: str, patience: float) -> None:
+        super().__init__()
+        self.held = held
+        self.patience = patience
+        self.order: list[tuple[str, str]] = []
+        self.too_early = threading.Event()
+
+    def _note(self, kind: str, what: str) -> None:
+        with self.lock:
+            self.order.append((kind, what))
+        if kind != "end":
+            self.too_early.set()
+
+    def _name(self, run_uuid: str) -> str:
+        return self.runs[run_uuid].tags.get("run_id", run_uuid)
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if any(m.key == "step_reward" for m in metrics) and not any(
+            m.key == "total_reward" for m in metrics
+        ):
+            self._note("steps", self._name(run_uuid))
+        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+
+    def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
+        if self._name(run_uuid) == self.held:
+            self.too_early.wait(self.patience)
+        super().set_terminated(run_uuid, status=status, end_time_ms=end_time_ms)
+        self._note("end", self._name(run_uuid))
+
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: bytes) -> None:
+        self._note("spans", "")
+        super().export_spans(experiment_id, run_uuid, request)
+
+
+def test_sinks_closing_together_end_every_run_before_anyone_sends_steps_or_spans(
+    tmp_path: Path,
+) -> None:
+    """Four sinks, each with a run of 600 steps (more than one round of requests), close
+    together against one deadline while one run's end is slow: no sink sends steps or spans
+    before every run is ended; then everything lands."""
+    memory = Ordered(held="run-0", patience=2.0)
+    experiment = f"many-{uuid.uuid4().hex[:8]}"
+    sinks: list[MLflowSink] = []
+    settings: dict[str, Any] = {
+        "flush_interval": 60.0,
+        "batch_trigger": 10**9,
+        "retry_initial": 0.01,
+        "retry_max_wait": 0.05,
+    }
+    try:
+        for n in range(4):
+            sink = MLflowSink(
+                enabled=True,
+                experiment=experiment,
+                transport=memory,
+                journal_dir=tmp_path / f"j{n}",
+                **settings,
+            )
+            sink.on_run_start("warm", task="t", environment="e", params={})
+            assert sink.flush(WAIT)
+            # The worker is up, and asleep until the close wakes it.
+            assert wait_for(functools.partial(getattr, sink._pipeline, "worker_asleep"), WAIT)
+            run = f"run-{n}"
+            sink.on_run_start(run, task="t", environment="e", params={})
+            for number in range(600):
+                sink.on_step(run, event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+            sink.on_run_end(run, result={"completed": True, "steps": 600}, run_path=None)
+            sinks.append(sink)
+        del memory.order[:]
+        memory.too_early.clear()
+        close_all(None, WAIT)
+    finally:
+        memory.too_early.set()
+        for sink in sinks:
+            sink.close(1.0)
+    order = memory.order
+    ends = [i for i, (kind, what) in enumerate(order) if kind == "end" and what.startswith("run")]
+    others = [i for i, (kind, _) in enumerate(order) if kind != "end"]
+    assert len(ends) == 4, order
+    assert others, order
+    assert max(ends) < min(others), order
+    for n in range(4):
+        stored = memory.one(f"run-{n}")
+        assert stored.status == "FINISHED"
+        assert len(stored.history("step_reward")) == 600
+
+
+# -- a process of many sinks, dropped without close(), against a slow server -----------------------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_sinks_dropped_without_close_end_every_run_within_one_shutdown_timeout(
+    agents: Spawn, tmp_path: Path, experiment_name: str, journal_dir: Path
+) -> None:
+    """Twenty sinks, each logging one run, dropped without close(), the process then exiting at
+    once, against a server half a second away: the process exits, and every run is ended in
+    MLflow with its truthful status (FINISHED when the agent ended it, FAILED when the exit
+    did); replay then sends what the deadline left, once, and ends no run again. (A server of
+    its own: the burst must not slow the other tests.)"""
+    # The deadline's expiry is what is checked: not stretched by the machine's load. Against
+    # this server 4 requests at a time (0.5 s each) send 40 in 5 s; 20 runs need 60 to be ended.
+    count, timeout = 20, 5.0
+    with local_server(tmp_path / "server") as server:
+        with FaultProxy(server.port) as proxy:
+            proxy.set(latency=0.5)
+            agent = agents(
+                "dropped_then_exit.py", proxy.uri, experiment_name, str(count), str(timeout), "3"
+            )
+            agent.expect("HOOKED", 120)
+            code = agent.wait(timeout + 30.0)  # a failure if it is still running by then
+        store = Store(server.uri)
+        runs = store.by_name(experiment_name)
+        ended = {name: (run.info.status, run.info.end_time) for name, run in runs.items()}
+        # What the deadline left goes with replay: once, and no run is ended again.
+        replayed = replay_cli(journal_dir, tracking_uri=server.uri)
+        after = store.by_name(experiment_name)
+        every = store.client.search_runs([store.experiment_id(experiment_name)])
+        landed = {name: store.steps(run) for name, run in after.items()}
+    statuses = {name: status for name, (status, _) in ended.items()}
+    expected = {f"dropped-{n}": "FINISHED" if n % 2 == 0 else "FAILED" for n in range(count)}
+    problems = []
+    if code != 0:
+        problems.append(f"exit code {code}")
+    if statuses != expected:
+        wrong = {k: statuses.get(k, "never created") for k, v in expected.items()}
+        problems.append(f"runs not ended as they should: {wrong}")
+    assert not problems, f"{problems}; stderr:\n{agent.stderr()[-2000:]}"
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    assert len(every) == count  # no run created twice
+    for name, run in after.items():
+        assert (run.info.status, run.info.end_time) == ended[name]
+        assert_each_once(landed[name], range(3))
