@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -764,3 +765,35 @@ def test_the_span_budget_is_a_setting_and_an_environment_variable() -> None:
             SinkConfig(span_budget=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="RLM_MLFLOW_SPAN_BUDGET"):
         config_from_env({"RLM_MLFLOW_SPAN_BUDGET": "many"})
+
+
+def test_a_replay_shapes_the_trace_with_the_span_budget_its_sink_had(tmp_path: Path) -> None:
+    """The journal records the sink's span budget: a replay of a run its sink never sent keeps
+    the trace within that budget, not replay's default, with every step's tokens once."""
+    from rlm_mlflow import TransientError, replay
+
+    down = MemoryTransport()
+    down.fail = lambda call: TransientError("down")
+    sink = MLflowSink(
+        enabled=True,
+        transport=down,
+        journal_dir=tmp_path,
+        span_budget=30,
+        retry_initial=5,
+        retry_max_wait=5,
+    )
+    sink.on_run_start("r", task="t", environment="e", params={})
+    for number in range(1, 61):
+        sink.on_step("r", event=budget_step(number), cumulative_reward=float(number))
+    sink.on_run_end("r", result={"completed": True}, run_path=None)
+    sink.close(0.5)
+    memory = MemoryTransport()
+    report = replay(tmp_path, transport=memory)
+    assert report.ok
+    spans = decoded_spans(memory)
+    assert len(spans) <= 30
+    (root,) = [s for s in spans if s["parent"] is None]
+    under_root = [s for s in spans if s["parent"] == root["id"]]
+    counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
+    assert counted == sum(range(1, 61))
+    assert memory.one("r").history("cumulative_reward")[-1] == (60, 60.0)

@@ -398,6 +398,7 @@ class Journal:
         experiment: str,
         tracking_uri: str | None,
         fsync: bool = False,
+        span_budget: int | None = None,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{prefix[:8]}"
@@ -421,6 +422,7 @@ class Journal:
             "pid": os.getpid(),
             "cwd": os.getcwd(),
             "created": time.time(),
+            "span_budget": span_budget,  # replay shapes the traces as the sink did
         }
         write_private(folder / "meta.json", json.dumps(meta).encode())
         self.lanes: list[Lane] = []

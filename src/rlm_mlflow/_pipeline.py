@@ -591,6 +591,7 @@ class Pipeline:
             experiment=config.experiment,
             tracking_uri=config.tracking_uri,
             fsync=config.journal_fsync,
+            span_budget=config.span_budget,
         )
 
     def _journal_root(self) -> Path:

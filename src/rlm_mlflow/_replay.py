@@ -34,7 +34,7 @@ import anyio
 
 from . import _codec
 from ._calls import Caller
-from ._config import DEFAULT_EXPERIMENT, duration, redact_uri
+from ._config import DEFAULT_EXPERIMENT, DEFAULT_SPAN_BUDGET, duration, redact_uri
 from ._dispatch import Dispatcher
 from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
@@ -488,6 +488,7 @@ def _send(
             runs=runs,
             transport=get_transport,
             mode="full",
+            span_budget=_span_budget(meta),
         )
         traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
         return _Lane(runs, traces, Dispatcher(runs, traces, counts))
@@ -633,6 +634,13 @@ async def _ended_in_store(
         if status and status != "RUNNING":
             return True
     return False
+
+
+def _span_budget(meta: dict[str, Any]) -> int:
+    """The span budget the journal's sink had (journals from before it was recorded: the
+    default)."""
+    budget = meta.get("span_budget")
+    return budget if type(budget) is int and budget > 0 else DEFAULT_SPAN_BUDGET
 
 
 def _uri_for(meta: dict[str, Any], override: str | None) -> str | None:
