@@ -61,11 +61,9 @@ class Dispatcher:
         traces = self.traces
         for work in works:
             work.needs_traces = work.needs_traces and traces.active
-            bits = RUNS_IN_FLIGHT if work.runs_outcome is None else 0
-            if work.needs_traces and work.traces_outcome is None:
-                bits |= TRACES_IN_FLIGHT
-            for segment, offset in work.locations:
-                segment.mark(offset, bits)
+            if work.runs_outcome is None:
+                for segment, offset in work.locations:
+                    segment.mark(offset, RUNS_IN_FLIGHT)
         # A deadline may cancel this: take_unsettled() then returns what is left in here.
         self.exporting = {work.no: work for work in works}
         try:
@@ -82,6 +80,11 @@ class Dispatcher:
                 for w in self.exporting.values()
                 if w.traces_outcome is None and w.runs_outcome not in (None, HOLD)
             ]
+            # Marked only now, as the spans go out: a replay then knows that what never had the
+            # mark reached no trace (nor its assessments), whatever the runs part went through.
+            for work in spans:
+                for segment, offset in work.locations:
+                    segment.mark(offset, TRACES_IN_FLIGHT)
             traces.learn(works)
             for no, outcome in (await traces.export(spans)).items():
                 waiting = self.exporting.get(no)

@@ -45,6 +45,7 @@ from ._fork import KEY_PREFIX
 from ._journal import Segment, default_journal_dir, open_segment, remove_journal
 from ._journal_format import (
     RUNS_IN_FLIGHT,
+    TRACES_IN_FLIGHT,
     Damage,
     ScanStats,
     journal_segments,
@@ -202,6 +203,10 @@ class _Loaded:
     open_runs: dict[int, str]  # runs started and never ended: run -> run id
     in_flight: dict[int, set[int]]  # run -> times (ms) of its records sent without an answer
     for_runs: dict[int, int]  # run -> its events (from hook calls) the runs part lacks
+    # Runs whose end record never went out with spans: no process wrote their trace's
+    # assessments yet (they are written only once the end's spans are stored), so creating
+    # them needs no read of what the trace holds.
+    fresh_ends: set[int]
     events: int
     already_sent: int
     torn: int
@@ -216,6 +221,7 @@ def _load(folder: Path) -> _Loaded:
     ended: set[int] = set()
     in_flight: dict[int, set[int]] = {}
     for_runs: dict[int, int] = {}
+    fresh_ends: set[int] = set()
     events = already = 0
     for path in journal_segments(folder):
         segment = open_segment(path)
@@ -252,6 +258,8 @@ def _load(folder: Path) -> _Loaded:
                 events += 1
                 if record.needs_runs:
                     for_runs[event.run_no] = for_runs.get(event.run_no, 0) + 1
+            if isinstance(event, RunEnd) and not record.state & TRACES_IN_FLIGHT:
+                fresh_ends.add(event.run_no)
             if record.state & RUNS_IN_FLIGHT and record.needs_runs:
                 work.maybe_sent = True
                 # Only the points of records that went out in a request may be stored.
@@ -265,6 +273,7 @@ def _load(folder: Path) -> _Loaded:
         open_runs,
         in_flight,
         for_runs,
+        fresh_ends,
         events,
         already,
         stats.torn,
@@ -490,6 +499,7 @@ def _send(
             mode="full",
             span_budget=_span_budget(meta),
         )
+        traces.assessments.fresh = {traces.ids.trace_hex(no) for no in loaded.fresh_ends}
         traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
         return _Lane(runs, traces, Dispatcher(runs, traces, counts))
 

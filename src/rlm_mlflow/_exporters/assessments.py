@@ -97,6 +97,9 @@ class AssessmentsExporter:
         self.unsupported: str | None = None  # why assessments are off for this store
         self.written = 0
         self.tried: set[str] = set()  # traces whose write was tried and not confirmed
+        # Replay: traces no process can have written assessments to (their root's end never
+        # went out with spans): their first write needs no read either.
+        self.fresh: set[str] = set()
 
     def _off(self, why: str) -> None:
         self.unsupported = why
@@ -122,8 +125,9 @@ class AssessmentsExporter:
             self._not_written(len(assessments), "assessments_unsupported")
             return SENT
         assert isinstance(store, AssessmentStore)
-        # Nothing can be there yet on a trace's first try in a live process: no read then.
-        look = self.runs.replaying or trace_id in self.tried
+        # Nothing can be there yet on a trace's first try in a live process, nor in a replay of
+        # a root whose end never went out: no read then.
+        look = (self.runs.replaying and trace_id not in self.fresh) or trace_id in self.tried
         self.tried.add(trace_id)
         writer = _Writer(store, trace_id, list(assessments), look=look)
         try:
