@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchkit import cli as bench_cli  # noqa: E402
 from benchkit.measure import summarize_traces  # noqa: E402
 from benchkit.targets import regime_entered  # noqa: E402
 from benchkit.workloads import TraceWorkload  # noqa: E402
@@ -339,3 +340,22 @@ def test_a_scale_section_that_failed_says_not_measured_instead_of_a_verdict() ->
     failed = next(v for t, v in rows.items() if t.startswith("300-step run"))
     assert failed == ["not measured (RuntimeError: child long failed)", "-"]
     assert all(met == "-" for _, met in rows.values())
+
+
+def test_the_report_keeps_what_other_scripts_wrote_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/bench rewrites its own report and keeps what follows its end marker (the
+    sections scripts/visibility.py and scripts/bench_scale.py write, with their prose)."""
+    output = tmp_path / "perf.md"
+    tail = "## Time to visibility\n\n<!-- visibility:begin -->\nrows\n<!-- visibility:end -->\n"
+    output.write_text(f"# old report\n\n{bench_cli.REPORT_END}\n\n{tail}", encoding="utf-8")
+    monkeypatch.setattr(bench_cli, "render", lambda results, plot_path=None: "# new report\n")
+    monkeypatch.setattr(bench_cli, "plot", lambda results, path: False)
+    bench_cli.write_report({}, output)
+    text = output.read_text(encoding="utf-8")
+    assert text.startswith("# new report\n")
+    assert "# old report" not in text
+    assert text.endswith(f"{bench_cli.REPORT_END}\n\n{tail}")
+    bench_cli.write_report({}, output)  # again: the same file
+    assert output.read_text(encoding="utf-8") == text

@@ -107,6 +107,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+#: Where this report ends in the file it writes: what follows (sections other scripts write,
+#: such as scripts/visibility.py and scripts/bench_scale.py, and their prose) is kept.
+REPORT_END = "<!-- bench:end -->"
+
+
+def _kept_after(output: Path) -> str:
+    """What follows this report in ``output`` now (from its end marker on, marker included)."""
+    try:
+        old = output.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return REPORT_END + "\n"
+    at = old.find(REPORT_END)
+    return old[at:] if at >= 0 else REPORT_END + "\n"
+
+
 def write_report(results: dict[str, Any], output: Path | None) -> None:
     """Print the report; write it (and the latency plot beside it) to ``output`` if given."""
     plot_path = output.with_name(output.stem + "-latency.png") if output else None
@@ -116,7 +131,7 @@ def write_report(results: dict[str, Any], output: Path | None) -> None:
     print(text)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
+        output.write_text(text + "\n" + _kept_after(output), encoding="utf-8")
         log(f"wrote {output}" + (f" and {plot_path}" if plot_path else ""))
 
 
