@@ -276,13 +276,15 @@ def test_many_steps_go_out_in_few_requests(
     with sink_for(mlflow_server, experiment_name, flush_interval=60, batch_trigger=10**6) as sink:
         agent(sink, "long", steps=5000)
         assert sink.flush(patient(60))
-        requests = sink.status()["requests"]
+        status = sink.status()
+        requests = status["requests"] - status["retries"]  # a busy server's retries aside
     run = read_runs(experiment_name)["long"]
     points = history(mlflow_client, run, "cumulative_reward")
     assert len(points) == 5000
     assert points[-1] == (4999, 2500.0)
-    # plus the run's spans: one request a drain, the trace's root last; and its assessments
-    assert requests <= 17
+    # plus the run's spans: one request a drain (a drain may begin before the agent's last
+    # step, so one or two), the trace's root last; and its assessments
+    assert requests <= 18
 
 
 @pytest.mark.parametrize("journal", [True, False])

@@ -257,3 +257,36 @@ def test_sinks_dropped_without_close_end_every_run_within_one_shutdown_timeout(
     for name, run in after.items():
         assert (run.info.status, run.info.end_time) == ended[name]
         assert_each_once(landed[name], range(3))
+
+
+def test_a_request_that_times_out_lowers_the_closing_bound() -> None:
+    """A server that takes requests and never answers (its pool taken, its workers stuck): a
+    closing sink's timed-out request counts as the server queueing, so fewer go at once."""
+    import socket
+
+    from rlm_mlflow import TransientError
+    from rlm_mlflow._transports.http import HttpClient
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        client = HttpClient(
+            f"http://127.0.0.1:{port}",
+            timeout=(5.0, 0.3),
+            headers={},
+            auth=None,
+            verify=True,
+            cert=None,
+        )
+        try:
+            client.slots.hurry(True)
+            for _ in range(20):
+                client.slots.answered(0.01)  # quick answers so far: the bound grew
+            grown = client.slots.limit
+            assert grown == CLOSING_IN_FLIGHT
+            with pytest.raises(TransientError):
+                client.send("POST", "/api/2.0/mlflow/runs/update", data=b"{}")
+            assert client.slots.limit < grown
+        finally:
+            client.close()

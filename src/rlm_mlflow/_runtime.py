@@ -69,7 +69,7 @@ FINISH_EACH = 0.008
 FINISH_SHARE = 0.2
 CLOSE_GRACE = 0.5
 #: Threads the background loop may use for blocking calls, for every sink of the process: the
-#: requests in flight while sinks close (``http.CLOSING_IN_FLIGHT``, 48) and the journals' upkeep
+#: requests in flight while sinks close (``http.CLOSING_IN_FLIGHT``, 12) and the journals' upkeep
 #: beside them. Not per sink: a thread, its HTTP session and its socket serve every sink.
 THREADS = 64
 

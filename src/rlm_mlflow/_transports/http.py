@@ -61,13 +61,13 @@ __all__ = [
 #: tracking server has a small database pool (5 + 10 by default) and a handful of workers.
 MAX_IN_FLIGHT = 4
 #: The most requests in flight while sinks close against a deadline. Closing ends every open
-#: run: each needs its create, its last batch and its end (three requests); a process with
-#: hundreds of sinks ends them all within one ``shutdown_timeout``: 300 runs in 5 s against a
-#: server 200 ms away is 900 requests in 25 rounds, 36 at a time. How many the server itself
-#: takes is another matter: a tracking server on sqlite (2 cores) serves about 30 writes a second,
-#: and past its database pool (15 connections) its requests wait 30 s and fail. So the bound
-#: closing uses is found as it goes (:class:`InFlight`), between MAX_IN_FLIGHT and this.
-CLOSING_IN_FLIGHT = 48
+#: run: each needs its create, its last batch and its end (three requests), so more at once
+#: helps a process with many sinks and a server far away (300 runs in 5 s against a server
+#: 200 ms away would need 36 at a time). But a tracking server's database pool holds 15
+#: connections by default (5 + 10 overflow): past it, its requests wait 30 s and fail, and a
+#: close whose requests hang ends no run at all. So the bound closing uses is found as it goes
+#: (:class:`InFlight`), between MAX_IN_FLIGHT and this, which stays within that pool.
+CLOSING_IN_FLIGHT = 12
 #: Where the closing bound starts.
 CLOSING_START = 8
 #: An answer slower than this many times the quickest answer seen means the server queues our
@@ -357,15 +357,20 @@ class HttpClient:
             with self.slots:
                 for _ in range(MAX_REDIRECTS + 1):
                     began = time.monotonic()
-                    response = self.session().request(
-                        method,
-                        url,
-                        data=data,
-                        params=params,
-                        headers=dict(headers) if headers else None,
-                        timeout=self._timeout,
-                        allow_redirects=False,
-                    )
+                    try:
+                        response = self.session().request(
+                            method,
+                            url,
+                            data=data,
+                            params=params,
+                            headers=dict(headers) if headers else None,
+                            timeout=self._timeout,
+                            allow_redirects=False,
+                        )
+                    except requests.Timeout:
+                        # No answer in time: the server queues (or is gone); fewer at once.
+                        self.slots.answered(time.monotonic() - began, overloaded=True)
+                        raise
                     self.slots.answered(time.monotonic() - began, overloaded(response))
                     location = response.headers.get("Location")
                     if response.status_code not in FOLLOWED_STATUS or not location:
