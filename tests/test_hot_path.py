@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from promises_support import patient
 from rlm_mlflow import MLflowSink, TransientError, _journal_format
 from rlm_mlflow._codec import decode
 from rlm_mlflow._events import Step
@@ -90,3 +91,60 @@ def test_a_record_written_in_pieces_passes_the_readers_checks(tmp_path: Path) ->
         assert step.detail is not None
         assert step.detail.stdout is not None
         assert step.detail.stdout.text == stdout
+
+
+def _lanes(journal_dir: Path) -> set[str]:
+    """The lanes a sink's journal holds files for (``L0003-S000001.seg``: lane 3)."""
+    return {path.name.split("-")[0] for path in journal_dir.rglob("L*-S*.seg")}
+
+
+def test_a_sink_used_from_one_thread_keeps_few_files_open(tmp_path: Path) -> None:
+    """Every lane is a mapped file (a file descriptor): a sink per runtime, each used from one
+    thread, keeps its own lane and two kept ready for a new thread, not eight."""
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=0.05
+    ) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(20):
+            sink.on_step("r", event={"step": number, "reward": 0.1}, cumulative_reward=0.1)
+        assert sink.flush(patient(30))
+        assert len(_lanes(tmp_path)) <= 3
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+
+
+def test_threads_starting_together_each_get_a_lane_and_more_are_kept_ready(
+    tmp_path: Path,
+) -> None:
+    """Six threads starting at once, more than the lanes ready: each gets a lane of its own
+    (its events land, in order), and the journal keeps more lanes ready from then on."""
+    from rlm_mlflow._journal import SPARE_LANES
+
+    memory = MemoryTransport()
+    barrier, holding = threading.Barrier(6), threading.Barrier(6)
+    with MLflowSink(
+        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=0.05
+    ) as sink:
+        sink.on_run_start("warm", task="t", environment="e", params={})  # the journal exists
+        sink.on_run_end("warm", result={}, run_path=None)
+
+        def agent(n: int) -> None:
+            barrier.wait()
+            sink.on_run_start(f"r{n}", task="t", environment="e", params={})
+            holding.wait()  # all six hold a lane at once
+            for number in range(50):
+                sink.on_step(f"r{n}", event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+            sink.on_run_end(f"r{n}", result={"completed": True}, run_path=None)
+
+        threads = [threading.Thread(target=agent, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sink.flush(patient(30))
+        journal = sink._pipeline.journal
+        assert journal is not None
+        assert journal.spares > SPARE_LANES
+    for n in range(6):
+        history = memory.one(f"r{n}").history("step_reward")
+        assert [step for step, _ in history] == list(range(50))

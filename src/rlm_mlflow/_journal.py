@@ -92,8 +92,12 @@ _CONTROL_KINDS = frozenset({1, 3})  # _codec.KIND_START, KIND_END: a payload's f
 FIRST_SEGMENT = 256 << 10
 MAX_SEGMENT = 16 << 20
 #: Lanes kept ready for threads that have none yet (made by the worker, not by a hook: a system
-#: call in a hook costs it a turn of the GIL, 5 ms or more while other threads are busy).
-SPARE_LANES = 8
+#: call in a hook costs it a turn of the GIL, 5 ms or more while other threads are busy). Each
+#: holds a mapped file, and so a file descriptor: a sink starts with this many, and doubles them
+#: (up to SPARE_LANES_MAX) each time a thread found none ready. A process with a sink per
+#: runtime, each used from one thread, keeps three descriptors a sink, not ten.
+SPARE_LANES = 2
+SPARE_LANES_MAX = 8
 
 
 def default_journal_dir() -> Path:
@@ -431,6 +435,7 @@ class Journal:
         self._lane_numbers = itertools.count()
         self._segment_numbers = itertools.count()
         self._grow = threading.Lock()  # only taken to make a lane or a segment: rare
+        self.spares = SPARE_LANES  # lanes kept ready (see SPARE_LANES)
         self.failed: str | None = None  # why the disk refused a segment: no more journal writes
         self.closed = False
         self.kept = False  # closed with events not sent in it (for replay)
@@ -450,7 +455,8 @@ class Journal:
             return None
         try:
             lane: Lane | None = self._free.pop()
-        except IndexError:
+        except IndexError:  # more threads than lanes ready: keep more ready from now on
+            self.spares = min(SPARE_LANES_MAX, self.spares * 2)
             lane = self._new_lane()
         if lane is None:
             return None
@@ -498,7 +504,7 @@ class Journal:
         if self.failed is not None or self.closed or self.retiring:
             return False
         made = False
-        while len(self._free) < SPARE_LANES:
+        while len(self._free) < self.spares:
             lane = self._new_lane(listed=False)
             if lane is None:
                 break
@@ -540,7 +546,7 @@ class Journal:
     def needs_maintenance(self) -> bool:
         if self.failed is not None or self.closed or self.retiring:
             return False
-        if len(self._free) < SPARE_LANES:
+        if len(self._free) < self.spares:
             return True
         return any(
             lane.next is None and lane.segment.pos * 4 > lane.segment.size
