@@ -32,6 +32,34 @@ from benchkit.workloads import TraceWorkload  # noqa: E402
 BENCH_TIMEOUT = 1200
 
 
+def run_stopped_if_over(
+    command: Sequence[str], env: dict[str, str], what: str
+) -> subprocess.CompletedProcess[str]:
+    """``command`` in its own session; past BENCH_TIMEOUT, SIGTERM, not SIGKILL: the script then
+    stops the MLflow server it started (a server of its own session, which a kill of the script
+    alone would leave running)."""
+    process = subprocess.Popen(
+        list(command),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=BENCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+        pytest.fail(f"{what} ran over {BENCH_TIMEOUT} s and was stopped\n{out}\n{err}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -43,28 +71,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT / "scripts"), env.get("PYTHONPATH")) if p
         )
-    process = subprocess.Popen(
-        [*command, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=BENCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        # SIGTERM, not SIGKILL: the bench then stops the MLflow server it started (a server of
-        # its own session, which a kill of the bench alone would leave running).
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            out, err = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            out, err = process.communicate()
-        pytest.fail(f"the bench ran over {BENCH_TIMEOUT} s and was stopped\n{out}\n{err}")
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return run_stopped_if_over([*command, *args], env, "the bench")
 
 
 def table_after(text: str, heading: str, index: int = 0) -> list[str]:
@@ -245,26 +252,7 @@ def scale(*args: str) -> subprocess.CompletedProcess[str]:
     server it started) if it runs over."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen(
-        [sys.executable, str(SCALE), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=BENCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            out, err = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            out, err = process.communicate()
-        pytest.fail(f"bench_scale ran over {BENCH_TIMEOUT} s and was stopped\n{out}\n{err}")
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return run_stopped_if_over([sys.executable, str(SCALE), *args], env, "bench_scale")
 
 
 def scale_rows(text: str) -> dict[str, list[str]]:

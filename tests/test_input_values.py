@@ -320,7 +320,7 @@ def test_every_text_a_record_gives_the_worker_is_valid_utf8() -> None:
         "llm_calls": [{"model": "m\ud800", "input": "i\udfff"}],
     }
     detail, _ = _codec.step_detail(event, True)
-    step = _codec.decode(_codec.encode_step(1, 3, "s\ud800", 1.0, 1.0, detail=detail))
+    step = _codec.decode(b"".join(_codec.step_parts(1, 3, "s\ud800", 1.0, 1.0, detail=detail)))
     assert isinstance(step, Step)
     assert step.step == "s\ufffd"
     assert step.detail is not None

@@ -38,6 +38,15 @@ def journal_of_a_killed_agent(
         agent.kill9()
 
 
+def assert_once_and_nothing_left(
+    mlflow_client: Any, experiment: str, journal_dir: Path, uri: str
+) -> None:
+    """Each run and point once in MLflow, and a second replay finds nothing left to send."""
+    assert_exactly_once(mlflow_client, experiment)
+    again = replay(journal_dir, tracking_uri=uri)
+    assert (again.journals, again.events, again.sent) == (0, 0, 0), again
+
+
 def per_run_requests(paths: Counter[str]) -> Counter[str]:
     return Counter({p: n for p, n in paths.items() if not any(t in p for t in TRACE_PATHS)})
 
@@ -86,9 +95,7 @@ def test_one_replay_sends_many_killed_runs_once_at_a_few_requests_per_run(
     # may have been ended by an earlier replay.
     reads = [p for p in paths if p.startswith(TRACE_READ) and not p.endswith("/assessments")]
     assert sum(paths[p] for p in reads) <= OPEN, reads
-    assert_exactly_once(mlflow_client, experiment_name)
-    again = replay(journal_dir, tracking_uri=mlflow_server.uri)
-    assert (again.journals, again.events, again.sent) == (0, 0, 0), again
+    assert_once_and_nothing_left(mlflow_client, experiment_name, journal_dir, mlflow_server.uri)
 
 
 def test_answers_lost_during_the_replay_still_send_each_run_and_point_once(
@@ -106,9 +113,7 @@ def test_answers_lost_during_the_replay_still_send_each_run_and_point_once(
         assert proxy.paths["/api/2.0/mlflow/runs/log-batch"] > RUNS - OPEN  # some were resent
     assert report.ok, report
     assert report.sent == report.events > 0
-    assert_exactly_once(mlflow_client, experiment_name)
-    again = replay(journal_dir, tracking_uri=mlflow_server.uri)
-    assert (again.journals, again.events, again.sent) == (0, 0, 0), again
+    assert_once_and_nothing_left(mlflow_client, experiment_name, journal_dir, mlflow_server.uri)
 
 
 def test_points_a_killed_process_sent_without_an_answer_are_not_sent_again(
@@ -130,9 +135,7 @@ def test_points_a_killed_process_sent_without_an_answer_are_not_sent_again(
     report = replay(journal_dir, tracking_uri=mlflow_server.uri)
     assert report.ok, report
     assert report.sent == report.events > 0
-    assert_exactly_once(mlflow_client, experiment_name)
-    again = replay(journal_dir, tracking_uri=mlflow_server.uri)
-    assert (again.journals, again.events, again.sent) == (0, 0, 0), again
+    assert_once_and_nothing_left(mlflow_client, experiment_name, journal_dir, mlflow_server.uri)
 
 
 class _HalfCommitting(MemoryTransport):

@@ -596,10 +596,10 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_step_records_round_trip(step: Any, reward: Any, total: Any) -> None:
     """The fixed layout and the JSON fallback decode to the same values (huge ints described)."""
-    from rlm_mlflow._codec import decode, encode_step, plain
+    from rlm_mlflow._codec import decode, plain, step_parts
     from rlm_mlflow._events import Step
 
-    got = decode(encode_step(7, 1234, step, reward, total))
+    got = decode(b"".join(step_parts(7, 1234, step, reward, total)))
     assert isinstance(got, Step)
     assert (got.run_no, got.timestamp_ns) == (7, 1234)
     assert got.step == plain(step)

@@ -218,23 +218,6 @@ def _json(document: object) -> bytes:
 # -- hook side ------------------------------------------------------------------------------
 
 
-def encode_step(  # noqa: PLR0917 - positional, as step_parts
-    run_no: int,
-    timestamp_ns: int,
-    step: object,
-    reward: object,
-    cumulative: object,
-    ordinal: int = 0,
-    since_ns: int = 0,
-    detail: Parts = (),
-    flags: int = 0,
-) -> bytes:
-    """A step record as one ``bytes`` (see :func:`step_parts`)."""
-    return b"".join(
-        step_parts(run_no, timestamp_ns, step, reward, cumulative, ordinal, since_ns, detail, flags)
-    )
-
-
 def step_parts(  # noqa: PLR0917 - positional on purpose: a hook calls it on every step
     run_no: int,
     timestamp_ns: int,
