@@ -211,7 +211,23 @@ def test_a_sigterm_sent_before_a_forked_child_first_runs_still_ends_it(
     """The sink's SIGTERM handler is a Python one, and Python forgets in a new child every signal
     that came before its own after-fork work: a pool terminated on a busy machine left children
     that never died. Signals stay blocked through the fork, so each child still dies of it."""
-    agent = agents("fork_sigterm.py", "http://127.0.0.1:1", experiment_name, "5")
+    agent = agents("fork_sigterm.py", "http://127.0.0.1:1", experiment_name, "5", "early")
     line = agent.expect("ENDED", WAIT + 5 * 60)
     assert json.loads(line.split(" ", 1)[1]) == ["signal 15"] * 5
+    assert agent.wait(WAIT) == 0
+
+
+def test_a_forked_child_blocked_in_c_dies_of_sigterm_and_a_child_using_its_sink_watches_it(
+    agents: Spawn, experiment_name: str
+) -> None:
+    """A Python handler runs only when the main thread runs Python. A pool's worker blocked in C
+    on the lock its terminating pool holds never does: with the parent's handler inherited, the
+    SIGTERM was kept forever and ``Pool.terminate()`` hung. A child whose sink is not in use has
+    the program's own handlers; one whose sink is in use on its main thread watches SIGTERM."""
+    agent = agents("fork_sigterm.py", "http://127.0.0.1:1", experiment_name, "3", "blocked")
+    assert json.loads(agent.expect("ENDED", WAIT + 3 * 60).split(" ", 1)[1]) == ["signal 15"] * 3
+    assert agent.wait(WAIT) == 0
+    agent = agents("fork_sigterm.py", "http://127.0.0.1:1", experiment_name, "2", "used")
+    assert json.loads(agent.expect("ENDED", WAIT + 2 * 60).split(" ", 1)[1]) == ["signal 15"] * 2
+    assert json.loads(agent.expect("HANDLER").split(" ", 1)[1]) == ["_on_signal"] * 2
     assert agent.wait(WAIT) == 0

@@ -88,7 +88,9 @@ def test_one_run_lands_as_the_seed_documents(
     mlflow_client: Any,
     trajectory: Callable[[str], Path],
 ) -> None:
-    with sink_for(mlflow_server, experiment_name) as sink:
+    # The default flush interval (5 s): the run's events go out together at flush(), however slow
+    # the machine, so the number of requests is the batching's alone.
+    with sink_for(mlflow_server, experiment_name, flush_interval=5.0) as sink:
         agent(sink, "run_20261126_120000_000001", steps=4, trajectory=trajectory)
         assert sink.flush(patient(30))
         status = sink.status()

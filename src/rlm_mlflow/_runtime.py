@@ -314,6 +314,13 @@ def install_signal_handlers() -> None:
     _fork.hold_through_fork(frozenset(_previous_signal))
 
 
+def rearm_signal_handlers() -> None:
+    """A sink's first event: watch SIGTERM and SIGINT if it is on the main thread and nobody
+    does yet (a sink built before a fork, used in the child; see :func:`_after_fork_in_child`)."""
+    if not _previous_signal:
+        install_signal_handlers()
+
+
 def protect(*functions: Callable[..., Any]) -> None:
     """Signals arriving while one of ``functions`` runs on the main thread wait for its end."""
     global _hook_codes
@@ -507,11 +514,21 @@ def _on_thread_uncaught(args: threading.ExceptHookArgs) -> None:
 
 def _after_fork_in_child() -> None:
     """The child has no background thread: forget the parent's (each sink's pipeline and worker
-    renew themselves, see :func:`follow_fork`)."""
-    global _runtime, _runtime_lock, _process_hooks_lock
+    renew themselves, see :func:`follow_fork`).
+
+    Nor does it keep the parent's signal handlers until one of its sinks is in use (see
+    :func:`rearm_signal_handlers`). A Python handler only runs when the main thread runs Python:
+    a pool's worker blocked in C on the lock a terminating pool holds never would, and a SIGTERM
+    that the default action would end is kept forever (``Pool.terminate()`` hangs). The signals
+    held through the fork are handled once this returns, by the program's own handlers."""
+    global _runtime, _runtime_lock, _process_hooks_lock, deferred_signal
+    global _reraise_after_exit, _signal_again
     _runtime = None
     _runtime_lock = threading.Lock()
     _process_hooks_lock = threading.Lock()
+    deferred_signal, _reraise_after_exit, _signal_again = None, None, False
+    _reraising.clear()
+    restore_signal_handlers()
 
 
 def _renew_worker(worker: Worker) -> None:

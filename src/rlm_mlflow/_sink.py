@@ -466,6 +466,8 @@ def _activate(worker: Worker) -> None:
         pipeline.waker = lambda: worker.loop.wake(worker)
         current.register(worker)
         current.attach(worker)
+    if worker.config.handle_signals:
+        _runtime.rearm_signal_handlers()
 
 
 async def _dispatch(loop: _runtime.Loop) -> None:
