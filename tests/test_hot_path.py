@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from promises_support import patient
-from rlm_mlflow import MLflowSink, TransientError, _journal_format
+from promises_support import patient, wait_until
+from rlm_mlflow import MLflowSink, TransientError, _journal_format, _worker
 from rlm_mlflow._codec import decode
 from rlm_mlflow._events import Step
 from rlm_mlflow._journal_format import ScanStats, scan_segment
@@ -148,3 +148,38 @@ def test_threads_starting_together_each_get_a_lane_and_more_are_kept_ready(
     for n in range(6):
         history = memory.one(f"r{n}").history("step_reward")
         assert [step for step, _ in history] == list(range(50))
+
+
+def test_a_hook_past_a_quarter_of_its_segment_has_the_worker_make_the_next_one_now(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A burst of large steps fills a segment in a millisecond: the hook that passes a quarter of
+    it asks the worker, which makes and faults in the next one at once, rather than at its next
+    look (here never: the worker looks only when asked), so the hook that fills the segment
+    neither makes a file nor takes page faults."""
+    monkeypatch.setattr(_worker, "MAINTENANCE_BUSY", 3600.0)
+    monkeypatch.setattr(_worker, "MAINTENANCE_EVERY", 3600.0)
+    code, stdout = "x = 1\n" * 340, "y" * 8_000
+    with MLflowSink(
+        enabled=True, transport=MemoryTransport(), journal_dir=tmp_path, flush_interval=3600
+    ) as sink:  # nor does a drain cycle come in the meantime
+        sink.on_run_start("r", task="t", environment="e", params={})
+        assert sink.flush(patient(30))
+        wait_until(lambda: sink._pipeline.worker_asleep, patient(30), "the worker idle")
+        journal = sink._pipeline.journal
+        assert journal is not None
+        lane = journal.lane_for_thread()
+        assert lane is not None
+        first = lane.segment
+        number = 0
+        while first.pos * 4 <= first.size:
+            sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
+            number += 1
+        assert lane.segment is first  # a quarter of it, not all of it: the hook made no file
+        wait_until(lambda: lane.next is not None, patient(30), "the next segment made")
+        ready = lane.next
+        while lane.segment is first:
+            sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
+            number += 1
+        assert lane.segment is ready  # the hook took the segment made ahead
+        sink.on_run_end("r", result={"completed": True}, run_path=None)

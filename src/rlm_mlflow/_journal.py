@@ -41,7 +41,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,7 @@ class Segment:
         "damaged",
         "done",
         "lane",
+        "low_mark",
         "mm",
         "number",
         "path",
@@ -140,6 +141,7 @@ class Segment:
         self.mm = mm
         self.size = len(mm)
         self.pos = SEGMENT_HEADER_SIZE
+        self.low_mark = self.size // 4  # written past it, the lane asks for its next segment
         self.written = 0
         self.starts = 0
         self.sealed = False
@@ -269,9 +271,12 @@ class Lane:
 
     def write(self, payload: bytes | list[bytes], flags: int) -> tuple[Segment, int] | None:
         """Append one record (its bytes, or its pieces in order); ``(segment, offset)``, or None
-        when no segment can be had."""
+        when no segment can be had. Past a quarter of the segment, with no next one ready, the
+        worker is asked (once) to make it, so that the hook that fills this one need not."""
+        if not isinstance(payload, bytes):
+            payload = b"".join(payload)  # one copy costs less than a write and a sum per piece
         segment = self.segment
-        size = len(payload) if isinstance(payload, bytes) else sum([len(p) for p in payload])
+        size = len(payload)
         offset = segment.pos
         end = offset + RECORD_HEADER_SIZE + size
         if end > segment.size:
@@ -282,18 +287,15 @@ class Lane:
             offset = segment.pos
             end = offset + RECORD_HEADER_SIZE + size
         mm = segment.mm
-        if isinstance(payload, bytes):
-            mm[offset + RECORD_HEADER_SIZE : end] = payload
-            crc = checksum(payload)
-        else:
-            at, crc = offset + RECORD_HEADER_SIZE, 0
-            for piece in payload:
-                mm[at : at + len(piece)] = piece
-                at += len(piece)
-                crc = checksum(piece, crc)
-        mm[offset : offset + RECORD_HEADER_SIZE] = RECORD.pack(size, crc, NEW, flags, 0)
+        mm[offset + RECORD_HEADER_SIZE : end] = payload
+        mm[offset : offset + RECORD_HEADER_SIZE] = RECORD.pack(
+            size, checksum(payload), NEW, flags, 0
+        )
         segment.pos = end
         segment.written += 1
+        if end > segment.low_mark and self.next is None:
+            segment.low_mark = segment.size
+            self.journal.ask_upkeep()
         return segment, offset
 
     # -- worker side -------------------------------------------------------------------------
@@ -440,6 +442,10 @@ class Journal:
         self.closed = False
         self.kept = False  # closed with events not sent in it (for replay)
         self.retiring = False  # idle: the next hook opens a new journal, this one goes
+        # Upkeep asked by a hook (a lane past a quarter of its segment, the last spare lane
+        # taken): the flag, and how the hook wakes the worker's loop (set by the worker).
+        self.upkeep_asked = False
+        self.on_upkeep: Callable[[], None] | None = None
         # Ready before anyone needs them: threads started together then find a lane each.
         self.maintain(populate=False)
 
@@ -460,10 +466,20 @@ class Journal:
             lane = self._new_lane()
         if lane is None:
             return None
+        if not self._free:
+            self.ask_upkeep()
         holder = _LaneHolder(lane)
         weakref.finalize(holder, self._free.append, lane)
         local.lane = holder
         return lane
+
+    def ask_upkeep(self) -> None:
+        """Hook side: have the worker make lanes and segments ahead now, not at its next look
+        (a burst of large records fills a segment in a millisecond)."""
+        self.upkeep_asked = True
+        wake = self.on_upkeep
+        if wake is not None:
+            wake()
 
     def _new_lane(self, listed: bool = True) -> Lane | None:
         with self._grow:

@@ -177,6 +177,8 @@ class Pipeline:
         self.worker_asleep = False
         self.wake_sent = False
         self.waker: Callable[[], None] | None = None
+        # Wakes the worker's loop for journal upkeep only (no drain): see Journal.ask_upkeep.
+        self.upkeep_waker: Callable[[], None] | None = None
 
     # -- the hooks -------------------------------------------------------------------------------
 
@@ -585,7 +587,7 @@ class Pipeline:
 
     def _new_journal(self) -> Journal:
         config = self.config
-        return Journal(
+        journal = Journal(
             self._journal_root(),
             prefix=self.prefix,
             experiment=config.experiment,
@@ -593,6 +595,8 @@ class Pipeline:
             fsync=config.journal_fsync,
             span_budget=config.span_budget,
         )
+        journal.on_upkeep = self.upkeep_waker
+        return journal
 
     def _journal_root(self) -> Path:
         config = self.config

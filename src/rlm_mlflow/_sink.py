@@ -9,6 +9,7 @@ process's background thread or in the caller's event loop (``async with``).
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import logging
 import os
@@ -174,6 +175,8 @@ class MLflowSink:
             logger.warning("rlm-mlflow: %s; the sink does nothing", self._detail)
         if self.config.enabled and self.config.handle_signals:
             _runtime.install_signal_handlers()
+        if self.config.enabled and self._available:
+            _import_ahead(self.config, transport)
         # A sink dropped without close() still ends its runs and releases what it holds.
         weakref.finalize(self, _abandon, self._worker)
 
@@ -445,6 +448,21 @@ class MLflowSink:
         )
 
 
+def _import_ahead(config: SinkConfig, transport: object) -> None:
+    """Import now, on the thread building the sink, the modules the worker imports when it starts
+    at the first event (the event loop, the HTTP transport: about 0.2 s). Imported by the worker
+    instead, they hold the interpreter lock against the agent's first hooks, each of which may
+    then wait out a switch interval. MLflow itself (a store other than a server) is not: it takes
+    seconds to import, and a sink is built on the agent's own start-up path."""
+    try:
+        importlib.import_module("anyio._backends._asyncio")
+        uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+        if transport is None and uri.startswith(("http://", "https://")):
+            importlib.import_module("rlm_mlflow._transports.rest")
+    except Exception:  # the worker meets the same failure and says so
+        logger.debug("rlm-mlflow: importing ahead failed", exc_info=True)
+
+
 def _make_transport(
     config: SinkConfig, arg: Transport | Callable[[], Transport] | None
 ) -> Transport:
@@ -466,6 +484,10 @@ def _activate(worker: Worker) -> None:
         pipeline.waker = lambda: worker.loop.wake(worker)
         current.register(worker)
         current.attach(worker)
+        pipeline.upkeep_waker = worker.loop.waker.wake  # holds neither worker nor journal
+        journal = pipeline.journal
+        if journal is not None:
+            journal.on_upkeep = pipeline.upkeep_waker
     if worker.config.handle_signals:
         _runtime.rearm_signal_handlers()
 

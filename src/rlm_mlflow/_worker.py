@@ -67,7 +67,9 @@ BLOCKED_PROBE = 30.0
 JOURNAL_IDLE = 30.0
 #: How long a failing span request is retried before its spans are kept for replay.
 TRACES_RETRY = 15.0
-#: How often the worker makes sure spare journal lanes and next segments are ready.
+#: How often the worker makes sure spare journal lanes and next segments are ready: while records
+#: come in, and when none do (a hook that needs them sooner asks: ``Journal.ask_upkeep``).
+MAINTENANCE_BUSY = 0.01
 MAINTENANCE_EVERY = 0.25
 #: After an unexpected failure the worker starts again after this pause, doubled (up to
 #: RESTART_MAX) while it keeps failing, back to this once a cycle went through.
@@ -300,6 +302,7 @@ class Worker:
         self.progress = threading.Condition()
         self._wake: anyio.Event | None = None
         self._close_seen: anyio.Event | None = None
+        self._upkeep: anyio.Event | None = None  # set when a hook asks for journal upkeep
         self._cycle_done: anyio.Event | None = None
 
     # -- transport ---------------------------------------------------------------------------
@@ -345,6 +348,13 @@ class Worker:
         if self.close_requested and scope is not None:
             scope.cancel()  # the close takes over what this cycle was sending (see _send)
 
+    def upkeep_if_asked(self) -> None:
+        """Called in the worker's loop by the loop's dispatcher: a hook asked for journal
+        upkeep (see ``Journal.ask_upkeep``), so the upkeep task looks now."""
+        journal = self.pipeline.journal
+        if journal is not None and journal.upkeep_asked and self._upkeep is not None:
+            self._upkeep.set()
+
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -352,6 +362,7 @@ class Worker:
         self.started = True
         self._wake = anyio.Event()
         self._close_seen = anyio.Event()
+        self._upkeep = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as scope:
@@ -540,10 +551,13 @@ class Worker:
                 await anyio.sleep(MAINTENANCE_EVERY)
                 continue
             # While records come in, look after the lanes often (a busy lane fills a segment in
-            # milliseconds with large records); when nothing comes, now and then.
+            # milliseconds with large records); when nothing comes, now and then; and at once
+            # when a hook asks (a burst after a quiet spell).
             journal = self.pipeline.journal
             now = journal.written() if journal is not None else 0
-            await anyio.sleep(0.01 if now != written else MAINTENANCE_EVERY)
+            asked = self._upkeep = anyio.Event()
+            with anyio.move_on_after(MAINTENANCE_BUSY if now != written else MAINTENANCE_EVERY):
+                await asked.wait()
             written = now
 
     async def _maintain_journal(self) -> bool:
@@ -552,6 +566,7 @@ class Worker:
         journal = self.pipeline.journal
         if journal is None:
             return False
+        journal.upkeep_asked = False
         journal.release_sealed()
         busy = False
         if journal.needs_maintenance() and not self._maintaining:
