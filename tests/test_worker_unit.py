@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import ast
 import threading
+import time
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import rlm_mlflow._worker
 from rlm_mlflow import MLflowSink
@@ -267,3 +271,41 @@ def test_sinks_closed_together_say_what_they_left_in_one_line(
     assert f"kept in 3 journals under {journal_dir}" in said[0]
     assert "rlm-mlflow replay" in said[0]
     assert all(sink.status()["deferred"] == 5 for sink in sinks)
+
+
+def test_the_time_a_drain_spends_sending_counts_toward_the_next_interval(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Drains keep a pace: the interval runs from a drain's start. A drain that spent a whole
+    interval sending (the worker's clock is moved on by one while the store holds it) is
+    followed at once by the next, so a step waits at most an interval and one drain's sending,
+    not the sending and another whole interval."""
+    offset = [0.0]
+    clock = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if n[0] != "_"})
+    clock.monotonic = lambda: time.monotonic() + offset[0]
+    monkeypatch.setattr(rlm_mlflow._worker, "time", clock)
+    memory = MemoryTransport()
+    held, release = threading.Event(), threading.Event()
+
+    def hold(call: str) -> None:
+        if call == "log_batch" and not release.is_set():
+            held.set()
+            release.wait(60)
+
+    memory.fail = hold
+    with MLflowSink(
+        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=3600
+    ) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        sink.on_step("r", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        flushing = threading.Thread(target=sink.flush, args=(60,))
+        flushing.start()  # a drain now, with step 0; its log_batch is held
+        assert wait_for(held.is_set, 30), "no drain reached the store"
+        offset[0] = 3600.0  # the drain has been sending for a whole interval
+        sink.on_step("r", event={"step": 1, "reward": 1.0}, cumulative_reward=2.0)
+        release.set()
+        flushing.join(60)
+        assert wait_for(lambda: len(memory.one("r").history("step_reward")) == 2, 30), (
+            "the next drain waited another interval"
+        )
+        sink.on_run_end("r", result={"completed": True}, run_path=None)

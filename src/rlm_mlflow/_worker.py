@@ -304,6 +304,7 @@ class Worker:
         self._close_seen: anyio.Event | None = None
         self._upkeep: anyio.Event | None = None  # set when a hook asks for journal upkeep
         self._cycle_done: anyio.Event | None = None
+        self._taken_at = 0.0  # time.monotonic() of the last drain's take: drains keep a pace
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -472,6 +473,7 @@ class Worker:
                 works, self.dispatcher.held = self.dispatcher.held, []
                 await self._send(works)
                 continue
+            self._taken_at = time.monotonic()
             items = pipeline.take(TAKE_LIMIT)
             if items:
                 await self._send(self._group(items, final=False))
@@ -672,7 +674,12 @@ class Worker:
             await self._export(works)
 
     async def _idle(self) -> None:
-        """Sleep until a batch is ready, a flush or close asks, or the interval is up."""
+        """Sleep until a batch is ready, a flush or close asks, or the interval is up.
+
+        The interval runs from the last drain's start, not its end: the time a drain spends
+        sending is not added to the next wait, so a step is sent within ``flush_interval`` and
+        one drain's sending of its hook, however long the server takes to answer (with a drain
+        longer than the interval, the next one starts at once, with all that came meanwhile)."""
         pipeline = self.pipeline
         assert self._wake is not None
         if self.close_requested or self.flush_requested:
@@ -681,8 +688,9 @@ class Worker:
         pipeline.worker_asleep = True
         pipeline.wake_sent = False
         try:
-            if pipeline.waiting() < pipeline.trigger and not self.close_requested:
-                with anyio.move_on_after(self.config.flush_interval):
+            wait = self._taken_at + self.config.flush_interval - time.monotonic()
+            if pipeline.waiting() < pipeline.trigger and not self.close_requested and wait > 0:
+                with anyio.move_on_after(wait):
                     await self._wake.wait()
         finally:
             pipeline.worker_asleep = False
