@@ -1,12 +1,11 @@
 """The runs exporter: RLM runs as MLflow runs (params, tags, step metrics, summary, artifacts).
 
 It gets each drain cycle's events grouped by run (:class:`RunWork`) and answers, run by run,
-whether they were sent, must be kept for replay, or were refused for good. Every write is
-idempotent, so a retry or a replay never duplicates anything:
+whether they were sent, must be kept for replay, or were refused for good. Which MLflow run each
+RLM run is (created once, found again after a lost answer, its parent first) is
+:class:`~.identity.RunIdentity`'s. Every write is idempotent, so a retry or a replay never
+duplicates anything:
 
-- a run carries a client-side key tag (``rlm_mlflow.key``); after a create whose answer was lost,
-  the key is looked up before creating again, and duplicates that a slow server committed late
-  are deleted (the run with data is kept) before any data is sent and again at the run's end;
 - params are immutable in MLflow (the same value again is a no-op);
 - metric points keep the time of their hook call; after an answer was lost, the run's stored
   points are read back and only the missing ones are sent (a file store does not deduplicate);
@@ -20,213 +19,42 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
-from .._calls import Caller
 from .._codec import describe
-from .._config import COMPONENT_TAG
 from .._events import RunEnd, RunStart, Step, Usage
 from .._exceptions import PermanentError, StoreRefused, TransientError
-from .._stats import RateLimitedWarnings, WorkerCounts
-from .._transports.base import KEY_TAG, PARENT_TAG, Metric, RunRef, Transport
+from .._transports.base import PARENT_TAG, Metric
 from . import convert as _convert
+from .identity import RunIdentity, RunState
 from .work import DEFERRED, HOLD, SENT, Done, Outcome, RunWork
 
 logger = logging.getLogger("rlm_mlflow")
 
 #: Runs whose data is sent at the same time (each run's own writes stay in order).
 CONCURRENT_RUNS = 4
-#: How long, at least, runs whose create answer was lost are looked for duplicates.
-LATE_HORIZON = 300.0
-#: Ended runs remembered, so that a late event finds its MLflow run without a search.
-ENDED_MEMORY = 1024
 #: Codes for which splitting a refused batch cannot help: the whole run is concerned.
 _WHOLE_RUN_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "RUN_NOT_ACTIVE", "ENDPOINT_NOT_FOUND"})
 
-#: How MLflow marks an evaluation run (``mlflow.genai.evaluate``'s): the Evaluation runs page.
-RUN_TYPE_TAG = "mlflow.runType"
-RUN_TYPE_EVALUATION = "genai_evaluate"
 
-#: Experiment ids found in this process, by (store, experiment name): sinks share them.
-_EXPERIMENTS: dict[tuple[str, str], str] = {}
-_ASKING: dict[tuple[str, str], threading.Event] = {}
-
-
-@dataclass(slots=True)
-class RunState:
-    """What the exporter knows of one run."""
-
-    no: int
-    key: str
-    run_id: str
-    start_ms: int
-    parent_no: int | None = None
-    ref: RunRef | None = None
-    name: str = ""  # the MLflow run's name (its task's first words); its run id until known
-    params: list[tuple[str, str]] = field(default_factory=list)  # not sent yet
-    sent_params: list[tuple[str, str]] = field(default_factory=list)
-    started: bool = False  # a real (not implicit) start was seen
-    # time.monotonic() of the last create whose answer was lost (None: none was): such a
-    # create may have landed without us knowing its run.
-    create_lost_at: float | None = None
-    look_first: bool = False  # the run may exist already (replay, a late event): look it up
-    parent_pending: bool = False  # the parent link is still to be set
-    last_step: int = -1
-    ended: bool = False
-    refused: str | None = None
-    benchmark: bool = False  # an evaluation run (tagged as MLflow's evaluations are)
-    # Replay: an earlier process may have sent this run's create or data (its records were in
-    # flight), so a create of ours is checked for a duplicate afterwards (see recheck_all).
-    uncertain: bool = False
-    created_here: bool = False  # this exporter created the MLflow run (it was not found)
-    # Each metric's latest stored point (key -> (step, timestamp_ms)) as known when the run was
-    # found or created, before any data of ours went: None once data went, or when unknown.
-    stored_latest: dict[str, tuple[int, int]] | None = None
-
-
-@dataclass
-class _Suspect:
-    """A run whose create answer was lost: looked up again when ``due`` has come, at growing
-    intervals until ``until`` (a request can wait in a busy server far longer than its client
-    waited for it), and once more at close."""
-
-    run_id: str
-    keep: str  # the MLflow run we chose
-    due: float  # time.monotonic()
-    interval: float
-    until: float
-
-
-class RunsExporter:
+class RunsExporter(RunIdentity):
     """See the module docstring."""
 
-    def __init__(
-        self,
-        *,
-        caller: Caller,
-        counts: WorkerCounts,
-        rejected: Callable[[str], None],
-        warnings: RateLimitedWarnings,
-        prefix: str,
-        experiment: str,
-        transport: Callable[[], Transport],
-        replaying: bool = False,
-        late_window: float = 60.0,
-    ) -> None:
-        self.caller = caller
-        self.counts = counts
-        self._rejected = rejected
-        self.warnings = warnings
-        self.prefix = prefix
-        self.experiment = experiment
-        self._transport = transport
-        self.replaying = replaying
-        self.experiment_id: str | None = None
-        self.runs: dict[int, RunState] = {}
-        self.ended: OrderedDict[int, RunRef] = OrderedDict()
-        self.ended_memory = ENDED_MEMORY  # replay: every run it sends (their spans go after)
-        self.known: dict[str, list[RunRef]] = {}  # key -> runs found by a bulk search
-        # A bulk search found every run this sink had created: a key it did not find has no run.
-        self.searched = False
+    def __init__(self, **identity: Any) -> None:
+        super().__init__(**identity)
         # Replay: run -> times (ms) of the events that went out in a request whose answer never
         # came; only their points may be stored (None: not known, any point may be).
         self.in_flight: dict[int, set[int]] | None = None
-        # Replay: runs created where an earlier process may have sent a create too: key -> (run
-        # id, our MLflow run), all looked for duplicates in one search by recheck_all().
-        self.created_uncertain: dict[str, tuple[str, str]] = {}
         self.killed = 0  # replay: runs left open by a dead process, ended KILLED
-        # Runs whose create answer was lost: a server may still commit such a create after the
-        # run's end; each is looked up once more, ``late_window`` s after that create was sent.
-        self.late_window = late_window
-        self.suspects: dict[str, _Suspect] = {}
-        self._creating: dict[int, anyio.Event] = {}  # runs being created (see _ensure_run)
         # Closing: one limiter for the runs of every closing sink of the loop (each run is
         # created, sent and ended before more are begun), and whether there is still time to
         # create a run and end it (if not, it is kept for replay, never left RUNNING).
         self.limiter: AbstractAsyncContextManager[Any] | None = None
         self.time_to_create: Callable[[], bool] = lambda: True
-
-    @property
-    def transport(self) -> Transport:
-        return self._transport()
-
-    def key_of(self, no: int) -> str:
-        return f"{self.prefix}-{no}"
-
-    def ref_of(self, no: int) -> RunRef | None:
-        """The MLflow run of run ``no``, when it is known."""
-        state = self.runs.get(no)
-        if state is not None and state.ref is not None:
-            return state.ref
-        return self.ended.get(no)
-
-    # -- the experiment ----------------------------------------------------------------------
-
-    async def ensure_experiment(self) -> str:
-        if self.experiment_id is None:
-            where = (self.transport.describe(), self.experiment)
-            # One sink asks, the others of the process wait for its answer.
-            mine = threading.Event()
-            asking = _ASKING.setdefault(where, mine)
-            while asking is not mine and not asking.is_set():
-                await anyio.sleep(0.02)
-                asking = _ASKING.setdefault(where, mine)
-            known = _EXPERIMENTS.get(where)
-            try:
-                if known is None:
-                    known = await self.caller.call(
-                        "get or create experiment",
-                        self.transport.get_or_create_experiment,
-                        self.experiment,
-                    )
-                    _EXPERIMENTS[where] = known
-            finally:
-                if _ASKING.get(where) is mine:
-                    del _ASKING[where]
-                mine.set()
-            self.experiment_id = known
-        return self.experiment_id
-
-    def forget_experiment(self) -> None:
-        """The experiment vanished (the store was replaced): look it up again, everywhere."""
-        if self.experiment_id is not None:
-            _EXPERIMENTS.pop((self.transport.describe(), self.experiment), None)
-        self.experiment_id = None
-
-    async def probe(self) -> None:
-        """A cheap request that succeeds when the store takes our writes (StoreRefused if not).
-
-        It reads: when reads pass while writes were refused, the writes are due again only
-        now and then (:meth:`Caller.write_try_due`); until then the block stands."""
-        caller = self.caller
-        if self.experiment_id is None:
-            self.experiment_id = await caller.once(
-                "get or create experiment", self.transport.get_or_create_experiment, self.experiment
-            )
-        else:
-            await caller.once(
-                "check experiment", self.transport.check_experiment, self.experiment_id
-            )
-        if caller.refused is not None and not caller.write_try_due():
-            raise StoreRefused(caller.refused)
-
-    async def load_known(self) -> None:
-        """Replay: find every run this sink created, in one search."""
-        experiment_id = await self.ensure_experiment()
-        found = await self.caller.call(
-            "find runs", self.transport.find_runs_by_prefix, experiment_id, self.prefix
-        )
-        for ref in found:
-            self.known.setdefault(ref.key, []).append(ref)
-        self.searched = True
 
     # -- one cycle ---------------------------------------------------------------------------
 
@@ -362,243 +190,6 @@ class RunsExporter:
             )
             self._rejected("internal_error")
             return DEFERRED
-        return None
-
-    # -- creating a run ----------------------------------------------------------------------
-
-    async def _ensure_run(self, state: RunState) -> None:
-        """The run's MLflow run, created once: a child creating its parent first and the
-        parent's own job never create it twice (the second waits for the first)."""
-        while state.ref is None and (creating := self._creating.get(state.no)) is not None:
-            await creating.wait()
-        if state.ref is not None:
-            return
-        if state.refused is not None:
-            raise PermanentError(state.refused)
-        creating = self._creating[state.no] = anyio.Event()
-        try:
-            await self._create_run(state)
-        finally:
-            creating.set()
-            self._creating.pop(state.no, None)
-
-    async def _create_run(self, state: RunState) -> None:
-        experiment_id = await self.ensure_experiment()
-        tags = [
-            ("run_id", _convert.tag_value(state.run_id, "run_id", self._reject(state.run_id))),
-            ("component", COMPONENT_TAG),
-            (KEY_TAG, state.key),
-        ]
-        if state.benchmark:
-            tags.append((RUN_TYPE_TAG, RUN_TYPE_EVALUATION))
-        await self._ensure_parent(state)
-        parent = await self._parent_uuid(state)
-        if parent is not None:
-            tags.append((PARENT_TAG, parent))
-        try:
-            state.ref = await self.caller.call(
-                "create run", self._create_or_find, state, experiment_id, tags
-            )
-        except PermanentError as exc:
-            if isinstance(exc, StoreRefused):
-                raise
-            if exc.code == "RUN_NOT_ACTIVE":  # "the experiment must be in the 'active' state"
-                await self._check_experiment()
-            if exc.code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            # "No Experiment with id=...": the store was replaced under us; find it again.
-            self._vanished("experiment", self.experiment)
-            self.forget_experiment()
-            experiment_id = await self.ensure_experiment()
-            state.ref = await self.caller.call(
-                "create run", self._create_or_find, state, experiment_id, tags
-            )
-        self.counts.runs_created += 1
-
-    def _create_or_find(
-        self, state: RunState, experiment_id: str, tags: list[tuple[str, str]]
-    ) -> RunRef:
-        """On a thread: the run of ``state``, found (after a lost answer) or created."""
-        transport = self.transport
-        if state.look_first or state.create_lost_at is not None:
-            found = self.known.get(state.key)
-            # A bulk search after the process that created it ended saw every run it had: a
-            # key it did not find needs no search of its own (a create of that process still
-            # being committed is caught by the look for duplicates at the run's end).
-            if not found and not (self.searched and state.create_lost_at is None):
-                found = transport.find_runs(experiment_id, state.key)
-            if found:
-                ref = self._keep_one(state, found, None)
-                state.stored_latest = _latest_of(ref)
-                return ref
-        try:
-            ref = transport.create_run(
-                experiment_id,
-                run_name=state.name or _convert.name_of(state.run_id),
-                start_time_ms=state.start_ms,
-                tags=tags,
-            )
-        except TransientError as exc:
-            if exc.maybe_committed:
-                state.create_lost_at = time.monotonic()
-            raise
-        if state.create_lost_at is not None:  # an earlier attempt may have been committed
-            found = transport.find_runs(experiment_id, state.key)
-            if len(found) > 1:
-                ref = self._keep_one(state, found, ref.run_uuid)
-                state.stored_latest = _latest_of(ref)
-                return ref
-        state.created_here = True
-        state.stored_latest = {}  # a run just created holds no points
-        if state.uncertain:  # see RunState.uncertain
-            self.created_uncertain[state.key] = (state.run_id, ref.run_uuid)
-        return ref
-
-    def _keep_one(self, state: RunState, found: list[RunRef], prefer: str | None) -> RunRef:
-        """On a thread: keep one of the runs that carry this key, delete the others."""
-        if len(found) == 1:
-            return found[0]
-        with_data = [r for r in found if r.has_data]
-        if with_data:
-            keep = min(with_data, key=lambda r: r.run_uuid)
-        else:
-            keep = next((r for r in found if r.run_uuid == prefer), None) or min(
-                found, key=lambda r: r.run_uuid
-            )
-        for ref in found:
-            if ref.run_uuid != keep.run_uuid:
-                self.transport.delete_run(ref.run_uuid)
-        self.warnings.warn(
-            "duplicate_runs",
-            "rlm-mlflow run %s: %d duplicate MLflow runs (a create whose answer was lost, "
-            "committed late) were deleted; the run is %s",
-            state.run_id,
-            len(found) - 1,
-            keep.run_uuid,
-        )
-        self.known.pop(state.key, None)
-        return keep
-
-    async def _repair(self, state: RunState) -> None:
-        """At a run's end: delete duplicates a slow server committed after we chose our run."""
-        lost_at = state.create_lost_at
-        if lost_at is None or state.ref is None or self.experiment_id is None:
-            return
-        found = await self.caller.call(
-            "find runs", self.transport.find_runs, self.experiment_id, state.key
-        )
-        await self._delete_extra(state.run_id, state.ref.run_uuid, found)
-        due = lost_at + self.late_window
-        self.suspects[state.key] = _Suspect(
-            state.run_id,
-            state.ref.run_uuid,
-            due=due,
-            interval=self.late_window,
-            until=due + max(LATE_HORIZON, 10 * self.late_window),
-        )
-
-    async def _delete_extra(self, run_id: str, keep: str, found: list[RunRef]) -> None:
-        extra = [r for r in found if r.run_uuid != keep]
-        if not extra:
-            return
-
-        def delete() -> None:
-            for ref in extra:
-                self.transport.delete_run(ref.run_uuid)
-
-        await self.caller.call("delete duplicate runs", delete)
-        self.warnings.warn(
-            "duplicate_runs",
-            "rlm-mlflow run %s: %d duplicate MLflow runs committed late were deleted",
-            run_id,
-            len(extra),
-        )
-
-    async def recheck_all(self, created: dict[str, tuple[str, str]]) -> None:
-        """Replay: delete the duplicates of runs it created (``created``: key -> run id and
-        our MLflow run) that an earlier process's create, committed late, made; one search."""
-        if not created:
-            return
-        experiment_id = await self.ensure_experiment()
-        found = await self.caller.call(
-            "find runs", self.transport.find_runs_by_prefix, experiment_id, self.prefix
-        )
-        by_key: dict[str, list[RunRef]] = {}
-        for ref in found:
-            by_key.setdefault(ref.key, []).append(ref)
-        for key, (run_id, keep) in sorted(created.items()):
-            if len(by_key.get(key, ())) > 1:
-                await self._delete_extra(run_id, keep, by_key[key])
-
-    async def recheck(self, *, closing: bool = False) -> None:
-        """Look again for duplicates of runs whose create answer was lost, when due; closing,
-        look for all of them at once (a close does not wait for late windows)."""
-        if not self.suspects or self.experiment_id is None:
-            return
-        for key, suspect in sorted(self.suspects.items(), key=lambda item: item[1].due):
-            if suspect.due > time.monotonic() and not closing:
-                continue
-            try:
-                found = await self.caller.call(
-                    "find runs", self.transport.find_runs, self.experiment_id, key
-                )
-                await self._delete_extra(suspect.run_id, suspect.keep, found)
-            except Exception as exc:  # a look-up that fails never stops the worker
-                logger.warning(
-                    "rlm-mlflow run %s: could not look for duplicate MLflow runs: %s",
-                    suspect.run_id,
-                    self.caller.clean(str(exc)),
-                )
-                if not closing:
-                    continue  # looked for again at the next cycle
-            suspect.interval *= 2
-            suspect.due = time.monotonic() + suspect.interval
-            if closing or suspect.due > suspect.until:
-                self.suspects.pop(key, None)
-
-    def _parent_not_created(self, state: RunState) -> bool:
-        """The parent's events came here, and its MLflow run could not be created yet."""
-        parent = self.runs.get(state.parent_no) if state.parent_no is not None else None
-        return parent is not None and parent.ref is None and parent.refused is None
-
-    async def _ensure_parent(self, state: RunState) -> None:
-        """A parent first: a child created before its parent's MLflow run exists would end
-        without ``mlflow.parentRunId`` (a crash before the link is set leaves it so for good).
-        Creating the parent may fail: the child is then not created either, and kept."""
-        if not self._parent_not_created(state):
-            return
-        assert state.parent_no is not None
-        parent = self.runs[state.parent_no]
-        try:
-            await self._ensure_run(parent)
-        except StoreRefused:
-            raise
-        except PermanentError as exc:  # refused for good: the child goes on without it
-            parent.refused = parent.refused or str(exc)
-        if parent.ref is None and parent.refused is None:
-            raise TransientError(f"its parent run {parent.run_id} is not created yet")
-
-    async def _parent_uuid(self, state: RunState) -> str | None:
-        """The MLflow run of the parent, by state or by key; None (and retried later) if unknown."""
-        if state.parent_no is None:
-            return None
-        parent = self.runs.get(state.parent_no)
-        if parent is not None and parent.ref is not None:
-            state.parent_pending = False
-            return parent.ref.run_uuid
-        ended = self.ended.get(state.parent_no)
-        if ended is not None:
-            state.parent_pending = False
-            return ended.run_uuid
-        experiment_id = await self.ensure_experiment()
-        key = self.key_of(state.parent_no)
-        found = self.known.get(key) or await self.caller.call(
-            "find parent run", self.transport.find_runs, experiment_id, key
-        )
-        if found:
-            state.parent_pending = False
-            return min(found, key=lambda r: r.run_uuid).run_uuid
-        state.parent_pending = True
         return None
 
     # -- sending a run's data ------------------------------------------------------------------
@@ -822,20 +413,6 @@ class RunsExporter:
         await self._ensure_run(state)
         return list(state.sent_params)
 
-    async def _check_experiment(self) -> None:
-        """Raises StoreRefused when the experiment was deleted (everything is then held)."""
-        experiment_id = await self.ensure_experiment()
-        await self.caller.call("check experiment", self.transport.check_experiment, experiment_id)
-
-    def _vanished(self, what: str, name: str) -> None:
-        self.warnings.warn(
-            "vanished",
-            "rlm-mlflow: the %s %s no longer exists on the server (was its database replaced?); "
-            "it is created again; what was sent to it before is not there anymore",
-            what,
-            name,
-        )
-
     async def _finish(self, state: RunState, end: RunEnd) -> None:
         assert state.ref is not None
         ref = state.ref
@@ -875,24 +452,7 @@ class RunsExporter:
             self.killed += 1  # not a FAILED end a closing sink wrote to its journal
         self._forget(state)
 
-    def _forget(self, state: RunState) -> None:
-        """A run that ended: keep only its MLflow run, for a late event."""
-        self.runs.pop(state.no, None)
-        if state.ref is not None:
-            self.ended[state.no] = state.ref
-            while len(self.ended) > self.ended_memory:
-                self.ended.popitem(last=False)
-
     # -- errors --------------------------------------------------------------------------------
-
-    def _reject(self, run_id: str) -> Callable[[str, str], None]:
-        shown = run_id if len(run_id) <= 100 else run_id[:97] + "..."
-
-        def reject(reason: str, message: str) -> None:
-            self._rejected(reason)
-            self.warnings.warn(reason, "rlm-mlflow run %s: %s", shown, message)
-
-        return reject
 
     def _skip_param(self, run_id: str, key: str, value: object) -> None:
         # Documented behaviour (RLM Code sends lists and dicts as params on every run), not
@@ -906,21 +466,6 @@ class RunsExporter:
             describe(value),
             level=logging.INFO,
         )
-
-    def count_rejected(self, reason: str) -> None:
-        """Count one value that cannot be sent (status()'s ``rejected``)."""
-        self._rejected(reason)
-
-    def _failed(self, message: str) -> None:
-        self.caller.note_error(message)
-        self.warnings.warn("failed", "rlm-mlflow %s", self.caller.clean(message))
-
-
-def _latest_of(ref: RunRef) -> dict[str, tuple[int, int]] | None:
-    """Each metric's latest stored point of a run found by a search (None: not known)."""
-    if ref.latest is None:
-        return None
-    return {key: (step, timestamp) for key, step, timestamp in ref.latest}
 
 
 def _token_counts(usage: Usage) -> list[tuple[str, int]]:
