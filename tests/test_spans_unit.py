@@ -797,3 +797,65 @@ def test_a_replay_shapes_the_trace_with_the_span_budget_its_sink_had(tmp_path: P
     counted = sum(s["attributes"]["mlflow.chat.tokenUsage"]["input_tokens"] for s in under_root)
     assert counted == sum(range(1, 61))
     assert memory.one("r").history("cumulative_reward")[-1] == (60, 60.0)
+
+
+class _Hostile:
+    """A value whose every conversion raises."""
+
+    def __float__(self) -> float:
+        raise RuntimeError("no float")
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    __repr__ = __str__
+
+
+def test_hostile_values_folded_into_the_summary_leave_its_figures_and_the_good_steps_exact() -> (
+    None
+):
+    """Past the budget, steps whose reward is NaN, infinite, a string or an object whose every
+    conversion raises, whose step number is not one, whose usage is negative or not a number:
+    no hook raises, each bad value is counted, the summary's figures are those of the good
+    values, every good step's metric lands, and the trace stays whole and within its budget."""
+    budget, count = 40, 120
+    hostile: dict[int, dict[str, Any]] = {
+        60: {"reward": float("nan")},
+        61: {"reward": float("inf")},
+        62: {"reward": "high"},
+        63: {"reward": _Hostile()},
+        64: {"usage": {"total_calls": 1, "prompt_tokens": -5, "completion_tokens": "many"}},
+        65: {"usage": _Hostile()},
+        66: {"action": _Hostile(), "observation": {"stdout": _Hostile(), "success": _Hostile()}},
+    }
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
+    ) as sink:
+        sink.on_run_start("long", task="t", environment="e", params={})
+        for number in range(1, count + 1):
+            event = {**budget_step(number), **hostile.get(number, {})}
+            sink.on_step("long", event=event, cumulative_reward=float(number))
+        sink.on_run_end("long", result={"completed": True}, run_path=None)
+        assert sink.flush(30)
+        status = sink.status()
+    assert status["worker_failures"] == 0
+    assert status["rejected"]["bad_metric"] == 4  # the rewards of steps 60 to 63
+    assert status["rejected"]["bad_step_field"] >= 2  # the usage of 65, the action of 66
+    spans = decoded_spans(memory)
+    assert len(spans) <= budget
+    assert_tree_whole(spans)
+    (summary,) = [s for s in spans if s["attributes"].get("rlm.summary")]
+    figures = summary["attributes"]["mlflow.spanOutputs"]
+    first, last = (int(n.replace(",", "")) for n in summary["name"].split()[1].split("-"))
+    assert first < 60  # the hostile steps are among the folded ones
+    assert last > 66
+    good = [n for n in range(first, last + 1) if n not in (60, 61, 62, 63)]
+    assert figures["steps"] == last - first + 1
+    assert figures["reward_min"] == good[0] / 10
+    assert figures["reward_max"] == good[-1] / 10
+    assert figures["reward_sum"] == pytest.approx(sum(n / 10 for n in good))
+    assert all(isinstance(v, int) and v >= 0 for v in figures["tokens"].values()), figures["tokens"]
+    (run,) = memory.runs.values()
+    landed = [step for step, _ in run.history("step_reward")]
+    assert landed == [n for n in range(1, count + 1) if n not in (60, 61, 62, 63)]
