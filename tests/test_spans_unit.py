@@ -448,6 +448,11 @@ def budget_step(number: int, *, ok: bool = True) -> dict[str, Any]:
     }
 
 
+def budget_sink(memory: MemoryTransport, budget: int) -> MLflowSink:
+    """A sink into ``memory`` with a span budget, draining often."""
+    return MLflowSink(enabled=True, transport=memory, flush_interval=0.01, span_budget=budget)
+
+
 def decoded_spans(memory: MemoryTransport) -> list[dict[str, Any]]:
     """Every span the store holds: its ids, name and decoded attributes."""
     return [
@@ -477,9 +482,7 @@ def test_past_the_span_budget_a_long_run_keeps_its_head_its_tail_and_one_exact_s
     run's, counting the summary's; ``spans_sent`` counts the spans the store holds."""
     budget, count = 40, 120
     memory = MemoryTransport()
-    with MLflowSink(
-        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
-    ) as sink:
+    with budget_sink(memory, budget) as sink:
         sink.on_run_start("long", task="t", environment="e", params={})
         for number in range(1, count + 1):
             event = budget_step(number, ok=number % 7 != 0)
@@ -529,9 +532,7 @@ def test_child_runs_count_against_the_trace_budget_and_every_span_keeps_its_pare
     child with it: no span of theirs, no span whose parent is missing."""
     budget = 40
     memory = MemoryTransport()
-    with MLflowSink(
-        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
-    ) as sink:
+    with budget_sink(memory, budget) as sink:
         sink.on_run_start("root", task="t", environment="e", params={})
         sink.on_run_start("early", task="e", environment="e", params={"parent_run_id": "root"})
         sink.on_step("early", event=budget_step(1), cumulative_reward=0.1)
@@ -733,9 +734,7 @@ def test_steps_with_model_calls_stay_within_the_budget_their_tail_cut_to_fit() -
     budget = 40
     call = {"model": "lm", "input": "q", "output": "a", "usage": {"prompt_tokens": 1}}
     memory = MemoryTransport()
-    with MLflowSink(
-        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
-    ) as sink:
+    with budget_sink(memory, budget) as sink:
         sink.on_run_start("r", task="t", environment="e", params={})
         for number in range(1, 101):
             event = {**budget_step(number), "llm_calls": [call, call]}
@@ -829,9 +828,7 @@ def test_hostile_values_folded_into_the_summary_leave_its_figures_and_the_good_s
         66: {"action": _Hostile(), "observation": {"stdout": _Hostile(), "success": _Hostile()}},
     }
     memory = MemoryTransport()
-    with MLflowSink(
-        enabled=True, transport=memory, flush_interval=0.01, span_budget=budget
-    ) as sink:
+    with budget_sink(memory, budget) as sink:
         sink.on_run_start("long", task="t", environment="e", params={})
         for number in range(1, count + 1):
             event = {**budget_step(number), **hostile.get(number, {})}
