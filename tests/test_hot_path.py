@@ -183,3 +183,56 @@ def test_a_hook_past_a_quarter_of_its_segment_has_the_worker_make_the_next_one_n
             number += 1
         assert lane.segment is ready  # the hook took the segment made ahead
         sink.on_run_end("r", result={"completed": True}, run_path=None)
+
+
+def test_threads_that_start_once_the_disk_is_full_log_in_memory_and_lose_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The disk fills up (every new segment refused: ENOSPC) after the journal was made, and
+    then more threads start than lanes were kept ready: each thread's hooks still return at
+    once, none raises, and every event of every thread lands once (kept in memory)."""
+    import errno
+    import os
+
+    memory = MemoryTransport()
+    with MLflowSink(
+        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=0.05
+    ) as sink:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        sink.on_run_end("warm", result={}, run_path=None)
+        assert sink.flush(patient(30))
+
+        def full(fd: int, offset: int, size: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "posix_fallocate", full)  # as the journal calls it
+        failures: list[BaseException] = []
+        holding = threading.Barrier(8)
+
+        def agent(n: int) -> None:
+            try:
+                sink.on_run_start(f"r{n}", task="t", environment="e", params={})
+                holding.wait(patient(60))  # all eight hold a lane at once: more than were ready
+                for number in range(30):
+                    sink.on_step(
+                        f"r{n}", event={"step": number, "reward": 1.0}, cumulative_reward=1.0
+                    )
+                sink.on_run_end(f"r{n}", result={"completed": True}, run_path=None)
+            except BaseException as exc:  # a hook that raises fails the test
+                failures.append(exc)
+
+        threads = [threading.Thread(target=agent, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(patient(60))
+        assert sink.flush(patient(60))
+        status = sink.status()
+    assert failures == []
+    assert status["dropped"] == {}
+    assert "took no more segments" in status["journal_problem"]  # status says so
+    assert "No space left" in status["journal_problem"]
+    for n in range(8):
+        run = memory.one(f"r{n}")
+        assert run.status == "FINISHED"
+        assert [step for step, _ in run.history("step_reward")] == list(range(30))

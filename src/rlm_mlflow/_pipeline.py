@@ -602,6 +602,16 @@ class Pipeline:
         config = self.config
         return Path(config.journal_dir) if config.journal_dir else default_journal_dir()
 
+    def journal_trouble(self) -> str | None:
+        """Why events are not all written to a journal now: none could be opened, or the disk
+        refused a segment of the current one (full): new events are then in memory only."""
+        if self.journal_problem:
+            return self.journal_problem
+        journal = self.journal
+        if journal is not None and journal.failed is not None:
+            return f"the journal in {journal.folder} took no more segments: {journal.failed}"
+        return None
+
     def _no_journal(self, exc: OSError) -> None:
         self.journal_wanted = False
         self.journal_problem = f"cannot open a journal in {self._journal_root()}: {exc}"

@@ -436,8 +436,9 @@ class MLflowSink:
             status.update(self.statistics().as_dict())
             status["traces"] = worker.traces.state()
             status["spans_sent"] = worker.traces.spans_sent
-            if self._pipeline.journal_problem:
-                status["journal_problem"] = self._pipeline.journal_problem
+            trouble = self._pipeline.journal_trouble()
+            if trouble:
+                status["journal_problem"] = trouble
         return status
 
     def __repr__(self) -> str:
