@@ -202,17 +202,18 @@ def test_sigterm_under_async_with_kills_the_run_and_the_process(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ending", ["sigterm", "exit"])
+@pytest.mark.parametrize("ending", ["sigterm", "sigterm-in-hook", "exit"])
 def test_every_sink_of_a_process_ends_its_runs_within_one_shutdown_timeout(
     agents: Spawn, store: Store, mlflow_server: MlflowServer, experiment_name: str, ending: str
 ) -> None:
-    """Five sinks, each with an open run, 1 s per request: on SIGTERM (KILLED) and on a normal
-    exit (FAILED) every run ends, with all its steps, within ONE shutdown_timeout, not five."""
+    """Five sinks, each with an open run, 1 s per request: on SIGTERM (KILLED; sent from outside,
+    or arriving inside a hook of one of them) and on a normal exit (FAILED) every run ends, with
+    all its steps, within ONE shutdown_timeout, not five."""
     second = patient(1.0)  # a busy machine stretches the requests and the deadline alike
     sinks, timeout = 5, 5.0 * second
     with FaultProxy(mlflow_server.port) as proxy:
         proxy.set(latency=second)
-        mode = "wait" if ending == "sigterm" else "exit"
+        mode = {"sigterm": "wait", "sigterm-in-hook": "hook", "exit": "exit"}[ending]
         agent = agents("many_sinks.py", mode, proxy.uri, experiment_name, str(sinks), str(timeout))
         agent.expect("READY", 120)
         began = time.monotonic()
@@ -220,7 +221,7 @@ def test_every_sink_of_a_process_ends_its_runs_within_one_shutdown_timeout(
             agent.signal(signal.SIGTERM)
         code = agent.wait(sinks * timeout + 30)
         elapsed = time.monotonic() - began
-    expected_status = "KILLED" if ending == "sigterm" else "FAILED"
+    expected_status = "FAILED" if ending == "exit" else "KILLED"
     runs = store.by_name(experiment_name)
     statuses = {name: run.info.status for name, run in runs.items()}
     problems = []
@@ -228,11 +229,13 @@ def test_every_sink_of_a_process_ends_its_runs_within_one_shutdown_timeout(
         problems.append(f"run statuses {statuses}, expected all {expected_status}")
     if elapsed > timeout + 3.0 * second:
         problems.append(f"the process took {elapsed:.1f} s to end (shutdown_timeout {timeout})")
-    if code != (-signal.SIGTERM if ending == "sigterm" else 0):
+    if code != (0 if ending == "exit" else -signal.SIGTERM):
         problems.append(f"exit code {code}")
     assert not problems, f"{problems}; stderr:\n{agent.stderr()[-2000:]}"
-    for run in runs.values():
-        assert_each_once(store.steps(run), range(10))
+    for name, run in runs.items():
+        steps = store.steps(run)
+        last = 11 if name == "sink-0" and ending == "sigterm-in-hook" else 10  # the step it was in
+        assert_each_once(steps, range(last))
 
 
 @pytest.mark.slow
