@@ -151,12 +151,23 @@ class Segment:
         self.damaged = False  # replay: bytes in it could not be read; the file stays
 
     def mark(self, offset: int, bits: int) -> bool:
-        """Add ``bits`` to a record's state; whether the record is now finished."""
+        """Add ``bits`` to a record's state; whether that finished it (True once per record:
+        a record settled again, or marked by a second path, is not counted twice in ``done``,
+        which would let the segment go while one of its records is still to be read)."""
         if self.removed:
             return False
         mm = self.mm
-        mm[offset + STATE_OFFSET] = state = mm[offset + STATE_OFFSET] | bits
-        return finished(state, mm[offset + STATE_OFFSET + 1])
+        before = mm[offset + STATE_OFFSET]
+        mm[offset + STATE_OFFSET] = state = before | bits
+        flags = mm[offset + STATE_OFFSET + 1]
+        return finished(state, flags) and not finished(before, flags)
+
+    def is_finished(self, offset: int) -> bool:
+        """Whether every exporter the record needs is done with it (a removed segment's are)."""
+        if self.removed:
+            return True
+        mm = self.mm
+        return finished(mm[offset + STATE_OFFSET], mm[offset + STATE_OFFSET + 1])
 
     def payload(self, offset: int) -> bytes:
         """The payload of the record at ``offset`` (a large record is queued by reference)."""
@@ -314,12 +325,16 @@ class Lane:
         segments = self.segments
         index = segments.index(segment) if segment in segments else 0
         while True:
-            end, mm = segment.pos, segment.mm
-            while offset < end:
+            mm = segment.mm
+            while offset < segment.pos:  # looked at again: the agent's thread writes on
                 size, _, _, flags, _ = RECORD.unpack_from(mm, offset)
                 yield segment, offset, size, flags
                 offset += RECORD_HEADER_SIZE + size
-            if not segment.sealed or index + 1 >= len(segments):
+            if not segment.sealed:
+                return
+            if offset < segment.pos:
+                continue  # written after the look above and before the seal: read them too
+            if index + 1 >= len(segments):
                 return
             index += 1
             segment, offset = segments[index], SEGMENT_HEADER_SIZE

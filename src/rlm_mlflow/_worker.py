@@ -890,7 +890,7 @@ class Worker:
         """Records read ahead at the close, not finished, made by hook calls."""
         count = 0
         for segment, offset in self.early:
-            if segment.removed or segment.mark(offset, 0):  # (no bits: only reads the state)
+            if segment.is_finished(offset):
                 continue
             try:
                 if not _codec.decode(segment.payload(offset)).internal:

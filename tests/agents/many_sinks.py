@@ -65,7 +65,8 @@ def main() -> None:
             step(sink, f"sink-{n}", number)
     say("READY")
     if mode == "hook":
-        sinks[0].on_step("sink-0", event=BombEvent(), cumulative_reward=11.0)
+        event: Any = BombEvent()  # a Mapping, as RLM runtimes may hand over
+        sinks[0].on_step("sink-0", event=event, cumulative_reward=11.0)
     if mode in ("wait", "hook"):
         threading.Event().wait(120)
         say("NOT STOPPED")
