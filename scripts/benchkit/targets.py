@@ -413,10 +413,10 @@ def bounds_notes(results: Results) -> list[str]:
             f"with new data; a cycle runs every `flush_interval` ({interval:g} s by default) or "
             f"when `batch_trigger` ({trigger:,}) events are queued (the documented defaults). "
             f"A drain exactly every {interval:g} s would make, for the scenarios above: "
-            f"{floors}. The measured figures differ because a cycle lasts the interval plus the "
-            "drain itself (fewer cycles), and a run just past 1000 metrics in a cycle costs a "
-            "second, nearly empty request. Many runs each stepping slowly is what needs a "
-            "longer interval."
+            f"{floors}. The measured figures differ because the window does not hold a whole "
+            "number of cycles (the interval runs from one drain's start to the next), and a run "
+            "just past 1000 metrics in a cycle costs a second, nearly empty request. Many runs "
+            "each stepping slowly is what needs a longer interval."
         )
     cl, drain = results.get("close"), results.get("drain")
     if cl is not None and drain is not None:
