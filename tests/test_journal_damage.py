@@ -141,3 +141,22 @@ def test_garbage_mid_segment_is_skipped_to_the_next_whole_record(tmp_path: Path)
     records = list(scan_segment(tmp_path / "x.seg", stats, bytes(data)))
     assert [r.payload for r in records] == [payloads[0], *payloads[3:]]
     assert [(d.start, d.end) for d in stats.damaged] == [(start, end)]
+
+
+@pytest.mark.integration
+def test_a_segment_made_and_never_written_is_empty_not_damage(
+    mlflow_server: MlflowServer, store: Store, experiment_name: str, journal_dir: Path
+) -> None:
+    """A process killed between making a segment file (allocated: zeros) and writing its header
+    (the worker makes lanes and segments ahead, at any moment) leaves a file of zeros. It never
+    held a record: replay sends the rest, says nothing is damaged, and removes the journal."""
+    folder = kept_journal(journal_dir, experiment_name, "whole")
+    (folder / "L0009-S000099.seg").write_bytes(bytes(256 << 10))
+    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert report.damaged == []
+    assert report.ok, report
+    assert_each_once(store.steps(store.run(experiment_name, "whole")), range(STEPS))
+    assert journal_folders(journal_dir) == []
+    stats = ScanStats()
+    assert list(scan_segment(folder / "x.seg", stats, bytes(4096))) == []
+    assert stats.damaged == []

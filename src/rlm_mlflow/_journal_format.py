@@ -89,6 +89,12 @@ def segment_header(lane: int, number: int) -> bytes:
     return SEGMENT_HEADER.pack(MAGIC, FORMAT, lane, number, 0)
 
 
+def never_written(data: bytes | mmap.mmap) -> bool:
+    """A segment file made (allocated: zeros) and never given its header: its process was
+    stopped in between. Only a segment with its header is handed out, so it holds no record."""
+    return not any(data[: SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE])
+
+
 def read_segment_header(data: bytes | mmap.mmap) -> tuple[int, int] | None:
     """``(lane, segment number)`` of a segment file's contents; None if it is not one."""
     if len(data) < SEGMENT_HEADER_SIZE:
@@ -205,6 +211,9 @@ def scan_segment(
             return
     size = len(data)
     if read_segment_header(data) is None:
+        if never_written(data):
+            logger.info("rlm-mlflow journal %s: a segment never written; skipped", path)
+            return
         stats.damaged.append(Damage(path, 0, size))
         logger.warning("rlm-mlflow journal %s: not a segment file; skipped", path)
         return

@@ -44,11 +44,14 @@ from ._exporters.work import SENT, Outcome, RunWork
 from ._fork import KEY_PREFIX
 from ._journal import Segment, default_journal_dir, open_segment, remove_journal
 from ._journal_format import (
+    RECORD_HEADER_SIZE,
     RUNS_IN_FLIGHT,
+    SEGMENT_HEADER_SIZE,
     TRACES_IN_FLIGHT,
     Damage,
     ScanStats,
     journal_segments,
+    never_written,
     read_meta,
     scan_segment,
     try_lock,
@@ -213,6 +216,15 @@ class _Loaded:
     damaged: list[Damage]
 
 
+def _never_written(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            head = file.read(SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE)
+    except OSError:
+        return False
+    return len(head) == SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE and never_written(head)
+
+
 def _load(folder: Path) -> _Loaded:
     stats = ScanStats()
     segments: list[Segment] = []
@@ -226,6 +238,9 @@ def _load(folder: Path) -> _Loaded:
     for path in journal_segments(folder):
         segment = open_segment(path)
         if segment is None:
+            if _never_written(path):
+                logger.info("rlm-mlflow replay: %s was made and never written; skipped", path)
+                continue
             size = path.stat().st_size if path.exists() else 0
             stats.damaged.append(Damage(path, 0, size))
             logger.warning("rlm-mlflow replay: %s is not a segment file; skipped", path)
