@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import threading
 import zlib
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from promises_support import patient, wait_until
@@ -150,6 +152,45 @@ def test_threads_starting_together_each_get_a_lane_and_more_are_kept_ready(
         assert [step for step, _ in history] == list(range(50))
 
 
+#: What the burst scenario waits for next: a condition, and what it is.
+Wait = tuple[Callable[[], bool], str]
+
+
+def burst_after_a_quiet_spell(sink: MLflowSink) -> Generator[Wait, None, None]:
+    """The hooks of a burst of large steps after the worker went idle; yields each condition to
+    wait for (the caller waits for it, in its own way) and checks what the hooks did."""
+    code, stdout = "x = 1\n" * 340, "y" * 8_000
+    sink.on_run_start("r", task="t", environment="e", params={})
+    yield (lambda: sink._pipeline.worker_asleep and sink.status()["pending"] == 0), "idle"
+    journal = sink._pipeline.journal
+    assert journal is not None
+    lane = journal.lane_for_thread()
+    assert lane is not None
+    first = lane.segment
+    number = 0
+    while first.pos * 4 <= first.size:
+        sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
+        number += 1
+    assert lane.segment is first  # a quarter of it, not all of it: the hook made no file
+    yield (lambda: lane.next is not None), "the next segment made"
+    ready = lane.next
+    while lane.segment is first:
+        sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
+        number += 1
+    assert lane.segment is ready  # the hook took the segment made ahead
+    sink.on_run_end("r", result={"completed": True}, run_path=None)
+
+
+def only_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MLflowSink:
+    """A sink whose worker looks after its journal only when a hook asks, and drains only when
+    told to (a burst's hooks then meet no drain cycle either)."""
+    monkeypatch.setattr(_worker, "MAINTENANCE_BUSY", 3600.0)
+    monkeypatch.setattr(_worker, "MAINTENANCE_EVERY", 3600.0)
+    return MLflowSink(
+        enabled=True, transport=MemoryTransport(), journal_dir=tmp_path, flush_interval=3600
+    )
+
+
 def test_a_hook_past_a_quarter_of_its_segment_has_the_worker_make_the_next_one_now(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -157,32 +198,26 @@ def test_a_hook_past_a_quarter_of_its_segment_has_the_worker_make_the_next_one_n
     it asks the worker, which makes and faults in the next one at once, rather than at its next
     look (here never: the worker looks only when asked), so the hook that fills the segment
     neither makes a file nor takes page faults."""
-    monkeypatch.setattr(_worker, "MAINTENANCE_BUSY", 3600.0)
-    monkeypatch.setattr(_worker, "MAINTENANCE_EVERY", 3600.0)
-    code, stdout = "x = 1\n" * 340, "y" * 8_000
-    with MLflowSink(
-        enabled=True, transport=MemoryTransport(), journal_dir=tmp_path, flush_interval=3600
-    ) as sink:  # nor does a drain cycle come in the meantime
-        sink.on_run_start("r", task="t", environment="e", params={})
-        assert sink.flush(patient(30))
-        wait_until(lambda: sink._pipeline.worker_asleep, patient(30), "the worker idle")
-        journal = sink._pipeline.journal
-        assert journal is not None
-        lane = journal.lane_for_thread()
-        assert lane is not None
-        first = lane.segment
-        number = 0
-        while first.pos * 4 <= first.size:
-            sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
-            number += 1
-        assert lane.segment is first  # a quarter of it, not all of it: the hook made no file
-        wait_until(lambda: lane.next is not None, patient(30), "the next segment made")
-        ready = lane.next
-        while lane.segment is first:
-            sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
-            number += 1
-        assert lane.segment is ready  # the hook took the segment made ahead
-        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    with only_when_asked(monkeypatch, tmp_path) as sink:
+        for condition, what in burst_after_a_quiet_spell(sink):
+            if what == "idle":
+                assert sink.flush(patient(30))
+            wait_until(condition, patient(30), what)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_a_sink_in_the_agents_own_loop_makes_the_next_segment_when_a_hook_asks(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The same burst with the worker in the agent's own event loop (``async with``)."""
+    async with only_when_asked(monkeypatch, tmp_path) as sink:
+        for condition, what in burst_after_a_quiet_spell(sink):
+            if what == "idle":
+                assert await sink.aflush(patient(30))
+            with anyio.fail_after(patient(30)):
+                while not condition():  # the worker runs in this loop: let it
+                    await anyio.sleep(0.01)
 
 
 def test_threads_that_start_once_the_disk_is_full_log_in_memory_and_lose_nothing(

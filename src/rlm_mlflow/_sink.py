@@ -360,6 +360,7 @@ class MLflowSink:
             worker = self._worker
             worker.loop = loop
             pipeline.waker = lambda: loop.wake(worker)
+            pipeline.upkeep_waker = loop.waker.wake  # journal upkeep asked by a hook
             _runtime.runtime().register(worker)
         self._finished = anyio.Event()
         self._task_group = anyio.create_task_group()
