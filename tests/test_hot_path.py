@@ -39,6 +39,11 @@ class _CountingZlib:
         return getattr(zlib, name)
 
 
+def journaled(memory: MemoryTransport, journal_dir: Path) -> MLflowSink:
+    """A sink into ``memory`` with its journal in ``journal_dir``, draining often."""
+    return MLflowSink(enabled=True, transport=memory, journal_dir=journal_dir, flush_interval=0.05)
+
+
 def test_a_large_step_is_summed_in_pieces_the_lock_is_kept_through(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -47,9 +52,7 @@ def test_a_large_step_is_summed_in_pieces_the_lock_is_kept_through(
     code = "x = 1\n" * 340  # 2 KB
     stdout = "".join(f"window {i:5d}: 3 primes\n" for i in range(400))  # 8 KB
     memory = MemoryTransport()
-    with MLflowSink(
-        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=0.05
-    ) as sink:
+    with journaled(memory, tmp_path) as sink:
         sink.on_run_start("r", task="t", environment="e", params={})
         for number in range(3):
             sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
@@ -104,9 +107,7 @@ def test_a_sink_used_from_one_thread_keeps_few_files_open(tmp_path: Path) -> Non
     """Every lane is a mapped file (a file descriptor): a sink per runtime, each used from one
     thread, keeps its own lane and two kept ready for a new thread, not eight."""
     memory = MemoryTransport()
-    with MLflowSink(
-        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=0.05
-    ) as sink:
+    with journaled(memory, tmp_path) as sink:
         sink.on_run_start("r", task="t", environment="e", params={})
         for number in range(20):
             sink.on_step("r", event={"step": number, "reward": 0.1}, cumulative_reward=0.1)
@@ -124,9 +125,7 @@ def test_threads_starting_together_each_get_a_lane_and_more_are_kept_ready(
 
     memory = MemoryTransport()
     barrier, holding = threading.Barrier(6), threading.Barrier(6)
-    with MLflowSink(
-        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=0.05
-    ) as sink:
+    with journaled(memory, tmp_path) as sink:
         sink.on_run_start("warm", task="t", environment="e", params={})  # the journal exists
         sink.on_run_end("warm", result={}, run_path=None)
 
@@ -230,9 +229,7 @@ def test_threads_that_start_once_the_disk_is_full_log_in_memory_and_lose_nothing
     import os
 
     memory = MemoryTransport()
-    with MLflowSink(
-        enabled=True, transport=memory, journal_dir=tmp_path, flush_interval=0.05
-    ) as sink:
+    with journaled(memory, tmp_path) as sink:
         sink.on_run_start("warm", task="t", environment="e", params={})
         sink.on_run_end("warm", result={}, run_path=None)
         assert sink.flush(patient(30))

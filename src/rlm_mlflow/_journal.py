@@ -280,12 +280,10 @@ class Lane:
         self.spill_from: tuple[Segment, int] | None = None
         self.read_at: tuple[Segment, int] | None = None
 
-    def write(self, payload: bytes | list[bytes], flags: int) -> tuple[Segment, int] | None:
-        """Append one record (its bytes, or its pieces in order); ``(segment, offset)``, or None
-        when no segment can be had. Past a quarter of the segment, with no next one ready, the
-        worker is asked (once) to make it, so that the hook that fills this one need not."""
-        if not isinstance(payload, bytes):
-            payload = b"".join(payload)  # one copy costs less than a write and a sum per piece
+    def write(self, payload: bytes, flags: int) -> tuple[Segment, int] | None:
+        """Append one record; ``(segment, offset)``, or None when no segment can be had. Past a
+        quarter of the segment, with no next one ready, the worker is asked (once) to make it,
+        so that the hook that fills this one need not."""
         segment = self.segment
         size = len(payload)
         offset = segment.pos

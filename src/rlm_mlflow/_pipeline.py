@@ -284,7 +284,9 @@ class Pipeline:
             ordinal, since = run.steps, run.last_ns
             run.steps, run.last_ns = ordinal + 1, now
             self.admit(
-                _codec.step_parts(run.no, now, step, reward, cumulative, ordinal, since, detail),
+                b"".join(
+                    _codec.step_parts(run.no, now, step, reward, cumulative, ordinal, since, detail)
+                ),
                 ctl=False,
             )
         except Exception:
@@ -474,15 +476,14 @@ class Pipeline:
 
     def admit(
         self,
-        payload: bytes | list[bytes],
+        payload: bytes,
         *,
         ctl: bool,
         start: bool = False,
         internal: bool = False,
     ) -> None:
-        """Put one record in the journal and the queue (or spill it, or drop it: counted).
-        ``payload``: the record, or its pieces (a step's texts), which only the journal copies
-        into one place; the queue then holds the record by reference unless it is small."""
+        """Put one record in the journal and the queue (or spill it, or drop it: counted); the
+        queue holds a journaled record by reference unless it is small."""
         if not internal:
             self.accepted.incr()
         if self.state is State.IDLE:
@@ -511,18 +512,12 @@ class Pipeline:
                             time.sleep(0)
                         self.wake()
                         return
-                    if isinstance(payload, list):
-                        small = sum([len(p) for p in payload]) <= BY_REFERENCE
-                        kept = b"".join(payload) if small else None
-                    else:
-                        kept = payload if len(payload) <= BY_REFERENCE else None
+                    kept = payload if len(payload) <= BY_REFERENCE else None
                     (self.ctl if ctl else self.steps).append((where[0], where[1], kept))
                     if len(self.steps) >= self.trigger:
                         self.wake()
                     return
         # In memory only: no journal, or the disk refused it.
-        if isinstance(payload, list):
-            payload = b"".join(payload)
         if ctl:
             self.ctl.append((None, 0, payload))
             return
