@@ -3,8 +3,10 @@ number of requests in flight to the server whatever the number of sinks."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -15,7 +17,7 @@ import pytest
 import requests
 
 from promises_support import Agent, Store, assert_each_once, replay_cli
-from rlm_mlflow import MLflowSink, TransientError
+from rlm_mlflow import MLflowSink, PermanentError, TransientError
 from rlm_mlflow._runtime import close_all
 from rlm_mlflow._transports.base import Metric
 from rlm_mlflow._transports.http import (
@@ -24,8 +26,10 @@ from rlm_mlflow._transports.http import (
     MAX_IN_FLIGHT,
     InFlight,
     classify,
+    rank,
 )
 from rlm_mlflow.testing import FaultProxy, MemoryTransport, local_server, wait_for
+from rlm_mlflow.testing.server import free_port
 
 WAIT = 60.0
 Spawn = Callable[..., Agent]
@@ -87,12 +91,13 @@ def test_the_closing_bound_grows_while_answers_stay_quick_and_shrinks_when_they_
 def test_requests_wait_for_a_slot_and_get_one_when_the_bound_grows() -> None:
     """With the bound taken, a request waits; a sink beginning to close lets it through."""
     slots = InFlight()
+    taken = contextlib.ExitStack()
     for _ in range(MAX_IN_FLIGHT):
-        slots.__enter__()
+        taken.enter_context(slots.turn())
     through = threading.Event()
 
     def request() -> None:
-        with slots:
+        with slots.turn():
             through.set()
 
     thread = threading.Thread(target=request)
@@ -104,9 +109,87 @@ def test_requests_wait_for_a_slot_and_get_one_when_the_bound_grows() -> None:
     finally:
         slots.hurry(True)
         thread.join(WAIT)
-        for _ in range(MAX_IN_FLIGHT):
-            slots.__exit__()
+        taken.close()
     assert slots.busy == 0
+
+
+@pytest.mark.parametrize("closing", [False, True])
+def test_waiting_requests_go_in_arrival_order_and_ends_first_while_sinks_close(
+    closing: bool,
+) -> None:
+    """A run's create, a batch, a span request and a run's end wait, in that order, for the one
+    place in flight: they go in that order; while a sink closes against a deadline, the end
+    first and the create last (every run created is ended before new runs take the time)."""
+    slots = InFlight()
+    if closing:
+        slots.hurry(True)
+    paths = [
+        "/api/2.0/mlflow/runs/create",
+        "/api/2.0/mlflow/runs/log-batch",
+        "/v1/traces",
+        "/api/2.0/mlflow/runs/update",
+    ]
+    others, last = contextlib.ExitStack(), contextlib.ExitStack()
+    while slots.busy < slots.limit - 1:
+        others.enter_context(slots.turn())
+    last.enter_context(slots.turn())  # every place taken: the requests below wait
+    went: list[str] = []
+    threads = []
+
+    def waiting(count: int) -> Callable[[], bool]:
+        return lambda: len(slots._waiting) == count
+
+    for path in paths:
+        queued = len(slots._waiting) + 1
+
+        def request(path: str = path) -> None:
+            with slots.turn(rank(path)):
+                went.append(path.rsplit("/", 1)[-1])
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        threads.append(thread)
+        assert wait_for(waiting(queued), WAIT)
+    last.close()  # one place: they go one after another
+    for thread in threads:
+        thread.join(WAIT)
+    others.close()
+    expected = (
+        ["update", "log-batch", "traces", "create"]
+        if closing
+        else ["create", "log-batch", "traces", "update"]
+    )
+    assert went == expected
+    assert slots.busy == 0
+
+
+def test_a_request_begun_only_if_there_is_time_is_not_sent_when_there_is_none() -> None:
+    """Closing against a deadline, a run's create goes out only if its end can still follow:
+    asked right before the request would be sent (after its wait for a turn). When the answer
+    is no, nothing reaches the server and Postponed (never retried, never a failure) says so."""
+    from rlm_mlflow._exceptions import Postponed, TransportError
+    from rlm_mlflow._transports.base import begin_only_if
+    from rlm_mlflow._transports.http import HttpClient
+
+    with FaultProxy(free_port()) as proxy:
+        client = HttpClient(
+            proxy.uri, timeout=(5.0, 5.0), headers={}, auth=None, verify=True, cert=None
+        )
+        asked: list[bool] = []
+
+        def too_late() -> bool:
+            asked.append(True)
+            return False
+
+        try:
+            with begin_only_if(too_late), pytest.raises(Postponed):
+                client.send("POST", "/api/2.0/mlflow/runs/create", data=b"{}")
+        finally:
+            client.close()
+        assert asked == [True]
+        assert proxy.requests == 0
+        assert not issubclass(Postponed, TransientError | PermanentError)
+        assert issubclass(Postponed, TransportError)
 
 
 # -- ends first, across sinks ----------------------------------------------------------------------
@@ -249,9 +332,9 @@ def test_sinks_dropped_without_close_end_every_run_within_one_shutdown_timeout(
     problems = []
     if code != 0:
         problems.append(f"exit code {code}")
-    # Ended within the deadline, each with its true status; a run whose create the server took
-    # so late that its end did not fit (a loaded machine) is still RUNNING, never wrongly ended.
-    wrong = {k: statuses[k] for k in expected if statuses.get(k) not in (expected[k], "RUNNING")}
+    # Ended within the deadline, each with its true status, or not created at all (no time was
+    # left to end it: replay creates it ended); never left RUNNING, never wrongly ended.
+    wrong = {k: statuses[k] for k in expected if statuses.get(k, expected[k]) != expected[k]}
     if wrong:
         problems.append(f"runs ended with a wrong status: {wrong}")
     on_time = [k for k in expected if statuses.get(k) == expected[k]]
@@ -266,6 +349,40 @@ def test_sinks_dropped_without_close_end_every_run_within_one_shutdown_timeout(
         if name in on_time:
             assert (run.info.status, run.info.end_time) == ended[name]
         assert_each_once(landed[name], range(3))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_three_hundred_sinks_dropped_against_a_slow_server_leave_no_run_running(
+    agents: Spawn, tmp_path: Path, experiment_name: str, journal_dir: Path
+) -> None:
+    """Three hundred sinks dropped without close() at once against a server 200 ms away: far
+    more runs than the deadline can send (three requests each), their requests far more than
+    the threads and places in flight. Every run the exit created is ended, with its true
+    status, by the deadline: a run's end and batches never wait behind new runs' creates or
+    traces. The rest are never created (kept in the journals for replay)."""
+    count, timeout = 300, 5.0
+    with local_server(tmp_path / "server") as server:
+        with FaultProxy(server.port) as proxy:
+            proxy.set(latency=0.2)
+            agent = agents(
+                "dropped_then_exit.py", proxy.uri, experiment_name, str(count), str(timeout), "3"
+            )
+            agent.expect("HOOKED", 120)
+            code = agent.wait(timeout + 30.0)
+        runs = Store(server.uri).by_name(experiment_name)
+        statuses = {name: run.info.status for name, run in runs.items()}
+    expected = {f"dropped-{n}": "FINISHED" if n % 2 == 0 else "FAILED" for n in range(count)}
+    assert code == 0, agent.stderr()[-2000:]
+    assert statuses, "no run was created at all"
+    wrong = {k: v for k, v in statuses.items() if v != expected[k]}
+    assert not wrong, f"{len(wrong)} of {len(statuses)} runs not ended truthfully: {wrong}"
+    kept = [p for p in journal_dir.rglob("*") if p.is_file()]
+    assert len(statuses) == count or kept, "runs neither created nor kept for replay"
+    # The one line the exit prints says what did land, beside what is kept.
+    said = re.search(r"; (\d+) runs? (?:were|was) ended in MLflow all the same", agent.stderr())
+    assert said is not None, agent.stderr()[-2000:]
+    assert 0 < int(said.group(1)) <= len(statuses)
 
 
 def test_a_request_that_times_out_lowers_the_closing_bound() -> None:

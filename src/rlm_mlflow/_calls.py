@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 from tenacity import RetryCallState
 
 from ._config import redact_text
@@ -56,6 +57,24 @@ READS = frozenset(
     }
 )
 
+#: The worker threads of one event loop that calls which may wait long for their turn take at
+#: most (a new run's create and traces go last while sinks close: ``http.rank``): the rest of
+#: ``_runtime.THREADS`` is left to the calls that end runs, which then always find a thread.
+BACKGROUND_THREADS = 24
+#: The calls of a runs caller that go with those (the traces caller's all do).
+BACKGROUND_CALLS = frozenset({"create run"})
+_background_threads: RunVar[anyio.CapacityLimiter] = RunVar("rlm_mlflow_background_threads")
+
+
+def background_threads() -> anyio.CapacityLimiter:
+    """This event loop's limiter for :data:`BACKGROUND_CALLS`."""
+    try:
+        return _background_threads.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(BACKGROUND_THREADS)
+        _background_threads.set(limiter)
+        return limiter
+
 
 def as_refusal(exc: PermanentError) -> StoreRefused | None:
     """The block a permanent error means, when it refuses our credentials (None otherwise)."""
@@ -80,6 +99,7 @@ class Caller:
         tracking_uri: str | None,
         probe: Callable[[], Awaitable[None]] | None = None,
         give_up: bool = False,
+        background: bool = False,
     ) -> None:
         self.policy = policy
         self.counts = counts
@@ -96,6 +116,7 @@ class Caller:
         # every later one too: the store stopped answering, what is left waits for next time.
         self.give_up = give_up
         self.gave_up: str | None = None
+        self.background = background  # every call is one of BACKGROUND_CALLS (traces)
 
     def clean(self, text: str) -> str:
         return redact_text(text, self._uri)
@@ -134,8 +155,11 @@ class Caller:
         token = next(self._tokens)
         self.inflight[token] = (what, time.monotonic())
         try:
+            limiter = None
+            if self.background or what in BACKGROUND_CALLS:
+                limiter = background_threads()
             result = await anyio.to_thread.run_sync(
-                functools.partial(fn, *args), abandon_on_cancel=True
+                functools.partial(fn, *args), abandon_on_cancel=True, limiter=limiter
             )
         except PermanentError as exc:
             refused = as_refusal(exc)

@@ -6,6 +6,8 @@ TransportError
 └── PermanentError   retrying this request cannot help: 400-class answers
     └── StoreRefused the store refuses everything for now: credentials refused (401/403),
                      the experiment deleted. Nothing is sent until it changes; nothing is lost.
+Postponed            not sent at all: a sink closing against a deadline has no time left for
+                     what must follow this request (a run created and never ended). Kept.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ class PermanentError(TransportError):
         super().__init__(message)
         self.code = code
         self.status = status
+
+
+class Postponed(TransportError):
+    """Raised, before anything is sent, for a request that must not begin now: what has to
+    follow it no longer fits in a closing sink's deadline (a run's create, when its end would
+    not land in time: the run is kept for replay, which creates it ended, rather than left
+    RUNNING). Never retried."""
 
 
 class StoreRefused(PermanentError):

@@ -81,26 +81,10 @@ RESTART_MAX = 30.0
 #: the transport's bound on requests in flight (``http.CLOSING_IN_FLIGHT``), and the threads of
 #: the loop (``_runtime.THREADS``).
 CLOSING_RUNS = 32
-
-
-class ClosingRuns:
-    """The runs closing sinks send at a time, and how long sending one takes (the longest of
-    late, fading): a run is created only if there is time left to end it too."""
-
-    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
-        self._limiter = limiter
-        self._began: dict[int, float] = {}
-        self.took = 0.0
-
-    async def __aenter__(self) -> None:
-        await self._limiter.acquire()
-        self._began[anyio.get_current_task().id] = time.monotonic()
-
-    async def __aexit__(self, *exc: object) -> None:
-        began = self._began.pop(anyio.get_current_task().id, None)
-        if began is not None:
-            self.took = max(time.monotonic() - began, self.took * 0.9)
-        self._limiter.release()
+#: Closing against a deadline, a run is created only if the time its runs have taken from
+#: create to end (:class:`ClosingRuns`), times this, is left: answers slow down as the
+#: requests of hundreds of closing sinks queue, and a run created and not ended is RUNNING.
+CLOSING_MARGIN = 1.5
 
 
 class ClosingGate:
@@ -116,13 +100,21 @@ class ClosingGate:
     def __init__(self) -> None:
         self.pending: set[int] = set()  # id() of the workers whose ends are not sent yet
         self._clear: anyio.Event | None = None
-        self._runs: ClosingRuns | None = None
+        self._runs: anyio.CapacityLimiter | None = None
+        # How long a run takes from its create going out to its end's answer while sinks close
+        # (the longest of late, fading; read on transport threads): a run is created only if
+        # that much time, and a margin, is left (:data:`CLOSING_MARGIN`).
+        self.took = 0.0
 
-    def runs(self) -> ClosingRuns:
+    def runs(self) -> anyio.CapacityLimiter:
         """The runs the closing sinks of the loop send at a time (made in the loop)."""
         if self._runs is None:
-            self._runs = ClosingRuns(anyio.CapacityLimiter(CLOSING_RUNS))
+            self._runs = anyio.CapacityLimiter(CLOSING_RUNS)
         return self._runs
+
+    def ended_in(self, seconds: float) -> None:
+        """A run was ended, while sinks close, ``seconds`` after its create went out."""
+        self.took = max(seconds, self.took * 0.9)
 
     def enter(self, worker: object) -> None:
         self.pending.add(id(worker))
@@ -140,6 +132,13 @@ class ClosingGate:
             await self._clear.wait()
 
 
+def _ended_text(ended: int) -> str:
+    """The runs ended in MLflow by sinks that left events unsent (their traces, other runs)."""
+    if not ended:
+        return ""
+    return f"; {ended} run{'s were' if ended > 1 else ' was'} ended in MLflow all the same"
+
+
 class CloseReports:
     """What the sinks closed together (at exit, on a signal) left unsent, said in one line.
 
@@ -154,16 +153,18 @@ class CloseReports:
         self._unsent = 0
         self._lost = 0
         self._sinks = 0
+        self._ended = 0  # runs the sinks that left events ended in MLflow all the same
         self._kept: list[str] = []
         self._why: Counter[str] = Counter()
 
-    def add(self, deferred: int, dropped: int, kept: list[str], why: str) -> bool:
+    def add(self, deferred: int, dropped: int, kept: list[str], why: str, ended: int) -> bool:
         """Take one worker's figures; False once the group has spoken (log them yourself)."""
         with self._lock:
             if not self._open:
                 return False
             if deferred or dropped or kept:
                 self._sinks += 1
+                self._ended += ended
                 self._unsent += deferred + dropped
                 self._lost += dropped
                 self._kept.extend(kept)
@@ -183,10 +184,11 @@ class CloseReports:
                 for why, count in self._why.most_common(3)
             )
             logger.warning(
-                "rlm-mlflow: %d sinks stopped with %d events not sent (%s)%s%s",
+                "rlm-mlflow: %d sinks stopped with %d events not sent (%s)%s%s%s",
                 self._sinks,
                 self._unsent,
                 reasons or "none left unsent",
+                _ended_text(self._ended),
                 f"; kept in {len(self._kept)} journals under {', '.join(folders)}: send them "
                 "with 'rlm-mlflow replay'"
                 if self._kept
@@ -242,6 +244,8 @@ class Worker:
             # timeouts, its queue): two request timeouts cover what servers keep waiting.
             late_window=2 * config.request_timeout + 1.0,
         )
+        # A run's create waiting for its turn when a close request comes is checked then.
+        self.runs.time_to_create = self._time_to_create
         # Traces never hold runs up: their requests are retried briefly, then kept for replay.
         traces_caller = Caller(
             RetryPolicy(
@@ -252,6 +256,7 @@ class Worker:
             self.counts,
             self.warnings,
             tracking_uri=config.tracking_uri,
+            background=True,
         )
         self.traces = TracesExporter(
             caller=traces_caller,
@@ -629,10 +634,12 @@ class Worker:
     def _time_to_create(self) -> bool:
         """Closing against a deadline: whether a run created now can still be ended in time
         (else it is kept for replay, which creates it ended, rather than left RUNNING)."""
-        deadline, gate = self.close_deadline, self._gate
-        if deadline is None or gate is None:
+        deadline = self.close_deadline  # set from any thread by a close request
+        if deadline is None:
             return True
-        return time.monotonic() + gate.runs().took < deadline
+        gate = getattr(self.loop, "gate", None)
+        took = gate.took if isinstance(gate, ClosingGate) else 0.0
+        return time.monotonic() + took * CLOSING_MARGIN < deadline
 
     def _calm(self) -> None:
         transport, self._hurrying = self._hurrying, None
@@ -659,7 +666,7 @@ class Worker:
             self._gate = gate
             gate.enter(self)
             self.runs.limiter = gate.runs()
-            self.runs.time_to_create = self._time_to_create
+            self.runs.ended_in = gate.ended_in
         await self._end_open_runs()
         # Ends first: the run starts and ends that wait in the journal, behind steps spilled
         # before them, go now; the steps follow while the deadline allows (then replay).
@@ -858,13 +865,17 @@ class Worker:
             if keep:
                 kept.append(str(journal.folder))
         reports = self.close_reports
-        if reports is not None and reports.add(deferred, dropped, kept, self._why_not_sent()):
+        ended = self.counts.runs_ended
+        if reports is not None and reports.add(
+            deferred, dropped, kept, self._why_not_sent(), ended
+        ):
             pass  # said once for every sink that closed with this one
         elif deferred or dropped:
             logger.warning(
-                "rlm-mlflow stopped with %d events not sent (%s)%s%s",
+                "rlm-mlflow stopped with %d events not sent (%s)%s%s%s",
                 deferred + dropped,
                 self._why_not_sent(),
+                _ended_text(ended),
                 f"; {deferred} kept in {', '.join(kept)}: send them with 'rlm-mlflow replay'"
                 if kept and deferred
                 else "",

@@ -19,6 +19,7 @@ run's data.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from .._calls import Caller
 from .._config import COMPONENT_TAG
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings, WorkerCounts
-from .._transports.base import KEY_TAG, PARENT_TAG, RunRef, Transport
+from .._transports.base import KEY_TAG, PARENT_TAG, RunRef, Transport, begin_only_if
 from . import convert as _convert
 
 logger = logging.getLogger("rlm_mlflow")
@@ -78,6 +79,9 @@ class RunState:
     # flight), so a create of ours is checked for a duplicate afterwards (see recheck_all).
     uncertain: bool = False
     created_here: bool = False  # this exporter created the MLflow run (it was not found)
+    # time.monotonic() when its create went out while closing against a deadline (the time
+    # from there to its end's answer is what a create then must still have: time_to_create).
+    create_began: float | None = None
     # Each metric's latest stored point (key -> (step, timestamp_ms)) as known when the run was
     # found or created, before any data of ours went: None once data went, or when unknown.
     stored_latest: dict[str, tuple[int, int]] | None = None
@@ -136,6 +140,10 @@ class RunIdentity:
         self.late_window = late_window
         self.suspects: dict[str, _Suspect] = {}
         self._creating: dict[int, anyio.Event] = {}  # runs being created (see _ensure_run)
+        # Closing against a deadline: whether a run created now can still be ended in time
+        # (asked on the transport's thread right before the create goes out; if not, the run
+        # is kept for replay, which creates it ended, rather than left RUNNING).
+        self.time_to_create: Callable[[], bool] | None = None
 
     @property
     def transport(self) -> Transport:
@@ -279,12 +287,13 @@ class RunIdentity:
                 state.stored_latest = _latest_of(ref)
                 return ref
         try:
-            ref = transport.create_run(
-                experiment_id,
-                run_name=state.name or _convert.name_of(state.run_id),
-                start_time_ms=state.start_ms,
-                tags=tags,
-            )
+            with begin_only_if(functools.partial(self._may_create, state)):
+                ref = transport.create_run(
+                    experiment_id,
+                    run_name=state.name or _convert.name_of(state.run_id),
+                    start_time_ms=state.start_ms,
+                    tags=tags,
+                )
         except TransientError as exc:
             if exc.maybe_committed:
                 state.create_lost_at = time.monotonic()
@@ -300,6 +309,16 @@ class RunIdentity:
         if state.uncertain:  # see RunState.uncertain
             self.created_uncertain[state.key] = (state.run_id, ref.run_uuid)
         return ref
+
+    def _may_create(self, state: RunState) -> bool:
+        """On a thread, right before the create of ``state`` goes out: see time_to_create."""
+        check = self.time_to_create
+        if check is None:
+            return True
+        if not check():
+            return False
+        state.create_began = time.monotonic()
+        return True
 
     def _keep_one(self, state: RunState, found: list[RunRef], prefer: str | None) -> RunRef:
         """On a thread: keep one of the runs that carry this key, delete the others."""

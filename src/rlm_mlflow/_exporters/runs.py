@@ -17,8 +17,10 @@ run's conversion is logged and that run's events kept, and the other runs of the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -27,7 +29,7 @@ import anyio
 
 from .._codec import describe
 from .._events import RunEnd, RunStart, Step, Usage
-from .._exceptions import PermanentError, StoreRefused, TransientError
+from .._exceptions import PermanentError, Postponed, StoreRefused, TransientError
 from .._transports.base import PARENT_TAG, Metric
 from . import convert as _convert
 from .identity import RunIdentity, RunState
@@ -51,10 +53,10 @@ class RunsExporter(RunIdentity):
         self.in_flight: dict[int, set[int]] | None = None
         self.killed = 0  # replay: runs left open by a dead process, ended KILLED
         # Closing: one limiter for the runs of every closing sink of the loop (each run is
-        # created, sent and ended before more are begun), and whether there is still time to
-        # create a run and end it (if not, it is kept for replay, never left RUNNING).
+        # created, sent and ended before more are begun), and what learns how long a run takes
+        # from its create to its end's answer (see RunIdentity.time_to_create).
         self.limiter: AbstractAsyncContextManager[Any] | None = None
-        self.time_to_create: Callable[[], bool] = lambda: True
+        self.ended_in: Callable[[float], None] | None = None
 
     # -- one cycle ---------------------------------------------------------------------------
 
@@ -103,9 +105,14 @@ class RunsExporter(RunIdentity):
                 self._failed(f"run {state.run_id}: its parent run is not created yet; kept")
                 finished(state.no, DEFERRED)
                 return
+        if state.ref is not None and self.limiter is not None:
+            # Closing: the shared limiter bounds the runs begun at a time; a run created
+            # already only waits for its requests' turn (ends go first), never for new runs.
+            limiter = contextlib.nullcontext()
         try:
             async with limiter:
-                if state.ref is None and not self.time_to_create():
+                late = self.time_to_create
+                if state.ref is None and late is not None and not late():
                     outcome: Outcome | None = DEFERRED  # too late to end it: kept for replay
                 else:
                     job = self._send(state, work, created[state.no])
@@ -173,6 +180,9 @@ class RunsExporter(RunIdentity):
         """Run one run's job; turn what it raises into that run's outcome, never further."""
         try:
             await job
+        except Postponed:
+            logger.debug("rlm-mlflow run %s: not created, too late to end it; kept", state.run_id)
+            return DEFERRED
         except StoreRefused:
             return HOLD
         except TransientError as exc:
@@ -224,6 +234,9 @@ class RunsExporter(RunIdentity):
         del state.params[: len(params)]
         if end is not None and not state.ended:
             await self._finish(state, end)
+            began, state.create_began = state.create_began, None
+            if began is not None and self.ended_in is not None:
+                self.ended_in(time.monotonic() - began)
 
     def _metrics_of(self, state: RunState, steps: Iterable[Step]) -> list[Metric]:
         reject = self._reject(state.run_id)

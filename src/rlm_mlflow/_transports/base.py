@@ -7,9 +7,13 @@ anything ``MlflowClient`` reaches, such as the default sqlite store).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from .._exceptions import Postponed
 
 #: The tag that holds a run's client-side id, so a retried or replayed create finds the first one.
 KEY_TAG = "rlm_mlflow.key"
@@ -18,6 +22,31 @@ PARENT_TAG = "mlflow.parentRunId"
 ASSESSMENT_KEY = "rlm_mlflow.key"
 #: The code of a store without the assessments endpoint (written nowhere, counted).
 ASSESSMENTS_UNSUPPORTED = "ASSESSMENTS_UNSUPPORTED"
+
+
+#: Set (on the thread that makes a request) around a request worth sending only if what must
+#: follow it still fits: see :func:`begin_only_if`.
+_begin_if: ContextVar[Callable[[], bool] | None] = ContextVar("rlm_mlflow_begin_if", default=None)
+
+
+@contextmanager
+def begin_only_if(check: Callable[[], bool]) -> Iterator[None]:
+    """Around one blocking transport call: right before its request goes out (after any wait
+    for a turn among the requests in flight), the transport asks ``check``; if it says no,
+    nothing is sent and :class:`~rlm_mlflow._exceptions.Postponed` is raised."""
+    token = _begin_if.set(check)
+    try:
+        yield
+    finally:
+        _begin_if.reset(token)
+
+
+def may_begin(what: str) -> None:
+    """Called by a transport right before it sends ``what``: raises Postponed if the caller's
+    :func:`begin_only_if` check says it is too late to begin it."""
+    check = _begin_if.get()
+    if check is not None and not check():
+        raise Postponed(f"{what}: not begun, too late to finish what must follow it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +160,9 @@ class Transport(Protocol):
         start_time_ms: int,
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
-        """Create a run (not idempotent: the exporter looks before it creates again)."""
+        """Create a run (not idempotent: the exporter looks before it creates again).
+
+        Calls :func:`may_begin` right before the request goes out."""
         ...
 
     def delete_run(self, run_uuid: str) -> None:

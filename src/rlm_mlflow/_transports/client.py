@@ -26,6 +26,7 @@ from .base import (
     Metric,
     RunRef,
     key_filter,
+    may_begin,
     parse_spans_request,
     prefix_filter,
 )
@@ -192,6 +193,7 @@ class ClientTransport:
         start_time_ms: int,
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
+        may_begin("create run")
         run = self._call(
             "create run",
             lambda: self._client.create_run(

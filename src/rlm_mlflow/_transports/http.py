@@ -25,11 +25,13 @@ flight must not hold the child's slots, locks or connections).
 from __future__ import annotations
 
 import email.utils
+import itertools
 import json
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -46,6 +48,7 @@ from .._exceptions import (
     StoreRefused,
     TransientError,
 )
+from .base import may_begin
 
 __all__ = [
     "CLOSING_IN_FLIGHT",
@@ -236,6 +239,20 @@ def _same_origin(a: str, b: str) -> bool:
     )
 
 
+def rank(path: str) -> int:
+    """Which requests go first while sinks close against a deadline (lowest first): a run's
+    end, then the rest of a run already created (its batches, its artifact, reads), then
+    traces, and a new run's create last: every run created is ended before the deadline's
+    time goes to runs that may not fit (those are kept for replay, never left RUNNING)."""
+    if path.endswith("/runs/update"):
+        return 0
+    if path.endswith("/runs/create"):
+        return 3
+    if "traces" in path:
+        return 2
+    return 1  # a run's batches, its artifact (before its end), reads
+
+
 class InFlight:
     """The requests in flight to one server (taken by transport threads only, never by a hook).
 
@@ -244,10 +261,15 @@ class InFlight:
     (the time goes to the way to the server: more in flight means more done), and shrinks by a
     quarter with each answer that took more than :data:`QUEUEING` times that, or said the server
     is overloaded (the server queues: more in flight would only wait there, and a server past
-    its database pool fails requests). Always between MAX_IN_FLIGHT and CLOSING_IN_FLIGHT."""
+    its database pool fails requests). Always between MAX_IN_FLIGHT and CLOSING_IN_FLIGHT.
+
+    Requests waiting for a turn go in the order they came; while sinks close, by
+    :func:`rank` first."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition(threading.Lock())
+        self._arrivals = itertools.count()
+        self._waiting: dict[int, int] = {}  # arrival -> rank of each request waiting
         self.busy = 0
         self.closing = 0  # sinks closing against a deadline
         self.bound = float(CLOSING_START)  # the closing bound found so far
@@ -257,16 +279,32 @@ class InFlight:
     def limit(self) -> int:
         return int(self.bound) if self.closing else MAX_IN_FLIGHT
 
-    def __enter__(self) -> None:
-        with self._changed:
-            while self.busy >= self.limit:
-                self._changed.wait()
-            self.busy += 1
+    def _next(self) -> int:
+        """The waiting request whose turn comes first."""
+        if self.closing:
+            return min(self._waiting, key=lambda arrival: (self._waiting[arrival], arrival))
+        return min(self._waiting)
 
-    def __exit__(self, *exc: object) -> None:
+    @contextmanager
+    def turn(self, rank: int = 1) -> Iterator[None]:
+        """Hold one place in flight for one request of ``rank`` (see :func:`rank`)."""
         with self._changed:
-            self.busy -= 1
-            self._changed.notify()
+            arrival = next(self._arrivals)
+            self._waiting[arrival] = rank
+            try:
+                while self.busy >= self.limit or self._next() != arrival:
+                    self._changed.wait()
+            finally:
+                del self._waiting[arrival]
+            self.busy += 1
+            if self._waiting and self.busy < self.limit:
+                self._changed.notify_all()  # the next in line may go too
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.busy -= 1
+                self._changed.notify_all()
 
     def answered(self, seconds: float, overloaded: bool = False) -> None:
         """A request took ``seconds`` to be answered (``overloaded``: the server said so)."""
@@ -354,7 +392,8 @@ class HttpClient:
         answer came."""
         url = self.base_uri + path
         try:
-            with self.slots:
+            with self.slots.turn(rank(path)):
+                may_begin(f"{method} {path}")
                 for _ in range(MAX_REDIRECTS + 1):
                     began = time.monotonic()
                     try:

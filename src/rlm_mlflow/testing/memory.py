@@ -22,6 +22,7 @@ from .._transports.base import (
     Dataset,
     Metric,
     RunRef,
+    may_begin,
     parse_spans_request,
 )
 
@@ -153,6 +154,7 @@ class MemoryTransport:
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
         self._enter("create_run")
+        may_begin("create run")
         with self.lock:
             uuid = f"run{next(self._ids)}"
             run = self.runs[uuid] = MemoryRun(
