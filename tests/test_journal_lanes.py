@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlm_mlflow._journal import Journal, Lane
+from rlm_mlflow._journal import Journal, Lane, Segment
 from rlm_mlflow._journal_format import HFLAG_SPILLED, RUNS_DONE, RUNS_IN_FLIGHT
 
 RECORD = b"x" * 1000
@@ -81,3 +81,36 @@ def test_a_record_finished_twice_counts_once_and_its_segment_stays_until_all_are
     first.done += 1
     first.release_if_finished()
     assert first.removed
+
+
+def test_a_finished_segment_between_spilled_records_is_passed_over_not_read(
+    journal: Journal,
+) -> None:
+    """Spilling stops and starts again: a whole segment of records sent from memory lies between
+    two spilled ones. Once all its records are finished the worker removes it (its file gone, its
+    mapping closed) while the lane still lists it, the spilled record after it not read yet. The
+    reader passes over it and reads both spilled records; it never reads a closed mapping."""
+    lane = journal.lane_for_thread()
+    assert lane is not None
+    spill(lane)  # read later: the reader starts here
+    first = lane.segment
+    written: list[tuple[Segment, int]] = []
+    while len({segment for segment, _ in written} - {first}) < 2:  # from memory: not spilled
+        where = lane.write(RECORD, 0)
+        assert where is not None
+        written.append(where)
+    middle = next(segment for segment, _ in written if segment is not first)
+    offsets = [offset for segment, offset in written if segment is middle]
+    assert middle.sealed
+    assert len(offsets) == middle.written
+    for offset in offsets:  # sent: every record of the middle segment finished
+        assert middle.mark(offset, RUNS_DONE) is True
+        middle.done += 1
+    spill(lane)  # spilling again, in the segment after it
+    journal.release_sealed()
+    assert middle.removed
+    assert middle in lane.segments
+    read = lane.read_spilled(10)
+    assert len(read) == 2
+    assert lane.spill_read == lane.spill_written == 2
+    assert lane.count_spilled_unsent() == 0

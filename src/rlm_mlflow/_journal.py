@@ -323,15 +323,18 @@ class Lane:
         segments = self.segments
         index = segments.index(segment) if segment in segments else 0
         while True:
-            mm = segment.mm
-            while offset < segment.pos:  # looked at again: the agent's thread writes on
-                size, _, _, flags, _ = RECORD.unpack_from(mm, offset)
-                yield segment, offset, size, flags
-                offset += RECORD_HEADER_SIZE + size
-            if not segment.sealed:
-                return
-            if offset < segment.pos:
-                continue  # written after the look above and before the seal: read them too
+            # A removed segment (every record finished: sent from memory between two spells
+            # of spilling) stays listed while spilled records wait: passed over, never read.
+            if not segment.removed:
+                mm = segment.mm
+                while offset < segment.pos:  # looked at again: the agent's thread writes on
+                    size, _, _, flags, _ = RECORD.unpack_from(mm, offset)
+                    yield segment, offset, size, flags
+                    offset += RECORD_HEADER_SIZE + size
+                if not segment.sealed:
+                    return
+                if offset < segment.pos:
+                    continue  # written after the look above and before the seal: read them too
             if index + 1 >= len(segments):
                 return
             index += 1
