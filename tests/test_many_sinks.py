@@ -8,15 +8,17 @@ import functools
 import json
 import re
 import threading
+import time
+import types
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from promises_support import Agent, Store, assert_each_once, replay_cli
+from promises_support import Agent, Store, assert_each_once, patient, replay_cli
 from rlm_mlflow import MLflowSink, PermanentError, TransientError
 from rlm_mlflow._runtime import close_all
 from rlm_mlflow._transports.base import Metric
@@ -29,7 +31,7 @@ from rlm_mlflow._transports.http import (
     rank,
 )
 from rlm_mlflow.testing import FaultProxy, MemoryTransport, local_server, wait_for
-from rlm_mlflow.testing.server import free_port
+from rlm_mlflow.testing.server import MlflowServer, free_port
 
 WAIT = 60.0
 Spawn = Callable[..., Agent]
@@ -192,6 +194,42 @@ def test_a_request_begun_only_if_there_is_time_is_not_sent_when_there_is_none() 
         assert issubclass(Postponed, TransportError)
 
 
+def test_a_run_created_long_before_a_close_leaves_later_runs_time_to_be_created(
+    monkeypatch: pytest.MonkeyPatch, journal_dir: Path
+) -> None:
+    """A close learns how long a run takes from its create to its end from the runs created
+    while closing, never from a run created an hour before (its end only comes at the close):
+    that hour is not taken for the time a create needs, and a later close still creates and
+    ends its runs."""
+    import rlm_mlflow._exporters.identity
+    import rlm_mlflow._exporters.runs
+
+    offset = [0.0]
+    clock = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if n[0] != "_"})
+    clock.monotonic = lambda: time.monotonic() + offset[0]
+    monkeypatch.setattr(rlm_mlflow._exporters.identity, "time", clock)
+    monkeypatch.setattr(rlm_mlflow._exporters.runs, "time", clock)
+    memory = MemoryTransport()
+    first = MLflowSink(enabled=True, transport=memory, flush_interval=0.05)
+    second = MLflowSink(enabled=True, transport=memory, flush_interval=0.05)
+    try:
+        first.on_run_start("old", task="t", environment="e", params={})
+        first.on_step("old", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        assert first.flush(patient(10))
+        assert memory.one("old").status == "RUNNING"
+        offset[0] = 3600.0  # an hour on
+        first.on_run_end("old", result={"completed": True, "steps": 1}, run_path=None)
+        first.close(patient(10))
+        second.on_run_start("new", task="t", environment="e", params={})
+        second.on_run_end("new", result={"completed": True, "steps": 0}, run_path=None)
+        second.close(patient(10))
+    finally:
+        first.close(1.0)
+        second.close(1.0)
+    assert memory.one("old").status == "FINISHED"
+    assert memory.one("new").status == "FINISHED"
+
+
 # -- ends first, across sinks ----------------------------------------------------------------------
 
 
@@ -297,6 +335,25 @@ def test_sinks_closing_together_end_every_run_before_anyone_sends_steps_or_spans
 # -- a process of many sinks, dropped without close(), against a slow server -----------------------
 
 
+@contextlib.contextmanager
+def dropped_sinks(
+    agents: Spawn, tmp_path: Path, experiment: str, count: int, timeout: float, latency: float
+) -> Iterator[tuple[MlflowServer, Agent, int]]:
+    """``count`` sinks in one process, each logging one run of 3 steps (odd runs left open),
+    dropped without close(); the process then exits at once, against a server of its own
+    ``latency`` away (the burst must not slow the other tests). Yields the server, still up
+    (without the proxy), the agent and its exit code."""
+    with local_server(tmp_path / "server") as server:
+        with FaultProxy(server.port) as proxy:
+            proxy.set(latency=latency)
+            agent = agents(
+                "dropped_then_exit.py", proxy.uri, experiment, str(count), str(timeout), "3"
+            )
+            agent.expect("HOOKED", 120)
+            code = agent.wait(timeout + 30.0)  # a failure if it is still running by then
+        yield server, agent, code
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_sinks_dropped_without_close_end_every_run_within_one_shutdown_timeout(
@@ -311,14 +368,11 @@ def test_sinks_dropped_without_close_end_every_run_within_one_shutdown_timeout(
     # The deadline's expiry is what is checked: not stretched by the machine's load. Against
     # this server 4 requests at a time (0.5 s each) send 40 in 5 s; 20 runs need 60 to be ended.
     count, timeout = 20, 5.0
-    with local_server(tmp_path / "server") as server:
-        with FaultProxy(server.port) as proxy:
-            proxy.set(latency=0.5)
-            agent = agents(
-                "dropped_then_exit.py", proxy.uri, experiment_name, str(count), str(timeout), "3"
-            )
-            agent.expect("HOOKED", 120)
-            code = agent.wait(timeout + 30.0)  # a failure if it is still running by then
+    with dropped_sinks(agents, tmp_path, experiment_name, count, timeout, 0.5) as (
+        server,
+        agent,
+        code,
+    ):
         store = Store(server.uri)
         runs = store.by_name(experiment_name)
         ended = {name: (run.info.status, run.info.end_time) for name, run in runs.items()}
@@ -362,14 +416,11 @@ def test_three_hundred_sinks_dropped_against_a_slow_server_leave_no_run_running(
     status, by the deadline: a run's end and batches never wait behind new runs' creates or
     traces. The rest are never created (kept in the journals for replay)."""
     count, timeout = 300, 5.0
-    with local_server(tmp_path / "server") as server:
-        with FaultProxy(server.port) as proxy:
-            proxy.set(latency=0.2)
-            agent = agents(
-                "dropped_then_exit.py", proxy.uri, experiment_name, str(count), str(timeout), "3"
-            )
-            agent.expect("HOOKED", 120)
-            code = agent.wait(timeout + 30.0)
+    with dropped_sinks(agents, tmp_path, experiment_name, count, timeout, 0.2) as (
+        server,
+        agent,
+        code,
+    ):
         runs = Store(server.uri).by_name(experiment_name)
         statuses = {name: run.info.status for name, run in runs.items()}
     expected = {f"dropped-{n}": "FINISHED" if n % 2 == 0 else "FAILED" for n in range(count)}

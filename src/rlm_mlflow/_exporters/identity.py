@@ -79,8 +79,8 @@ class RunState:
     # flight), so a create of ours is checked for a duplicate afterwards (see recheck_all).
     uncertain: bool = False
     created_here: bool = False  # this exporter created the MLflow run (it was not found)
-    # time.monotonic() when its create went out while closing against a deadline (the time
-    # from there to its end's answer is what a create then must still have: time_to_create).
+    # time.monotonic() when its create went out while sinks close (the time from there to its
+    # end's answer is what a create then must still have: time_to_create, ended_in).
     create_began: float | None = None
     # Each metric's latest stored point (key -> (step, timestamp_ms)) as known when the run was
     # found or created, before any data of ours went: None once data went, or when unknown.
@@ -144,6 +144,9 @@ class RunIdentity:
         # (asked on the transport's thread right before the create goes out; if not, the run
         # is kept for replay, which creates it ended, rather than left RUNNING).
         self.time_to_create: Callable[[], bool] | None = None
+        # Closing: what learns how long a run takes from its create going out to its end's
+        # answer (only runs created while it is set are timed).
+        self.ended_in: Callable[[float], None] | None = None
 
     @property
     def transport(self) -> Transport:
@@ -317,7 +320,8 @@ class RunIdentity:
             return True
         if not check():
             return False
-        state.create_began = time.monotonic()
+        if self.ended_in is not None:
+            state.create_began = time.monotonic()
         return True
 
     def _keep_one(self, state: RunState, found: list[RunRef], prefer: str | None) -> RunRef:

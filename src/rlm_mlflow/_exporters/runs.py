@@ -53,10 +53,8 @@ class RunsExporter(RunIdentity):
         self.in_flight: dict[int, set[int]] | None = None
         self.killed = 0  # replay: runs left open by a dead process, ended KILLED
         # Closing: one limiter for the runs of every closing sink of the loop (each run is
-        # created, sent and ended before more are begun), and what learns how long a run takes
-        # from its create to its end's answer (see RunIdentity.time_to_create).
+        # created, sent and ended before more are begun).
         self.limiter: AbstractAsyncContextManager[Any] | None = None
-        self.ended_in: Callable[[float], None] | None = None
 
     # -- one cycle ---------------------------------------------------------------------------
 
