@@ -86,6 +86,10 @@ def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
         yield proxy
 
 
+#: Where a sink reads part of a metric's history (the steps of a batch whose answer was lost).
+RANGE_READ = "/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval"
+
+
 def make_sink(proxy: FaultProxy, experiment: str, **kwargs: Any) -> MLflowSink:
     return MLflowSink(
         enabled=True, experiment=experiment, tracking_uri=proxy.uri, **{**FAST, **kwargs}
@@ -456,6 +460,35 @@ def test_persistent_500_past_the_retry_deadline_is_counted_not_raised(
     assert run.data.params == {"environment": "pure_rlm", "task_chars": "6", "max_steps": "50"}
 
 
+@pytest.mark.integration
+def test_a_lost_batch_of_a_long_run_is_checked_by_reading_only_the_steps_it_covers(
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """A run of 5,000 steps already stored; the answer to its next batch is lost after the
+    server committed it. The retry checks what the server holds by reading the steps that
+    batch covers (bounded requests), never the run's whole history, and stores no point
+    twice."""
+    sink = make_sink(proxy, experiment_name)
+    start(sink, "long")
+    steps(sink, "long", range(5_000))
+    assert sink.flush(WAIT)
+    proxy.set(mode="commit_then_reset", count=1, path="/runs/log-batch")
+    steps(sink, "long", range(5_000, 5_300))
+    assert sink.flush(WAIT)
+    assert proxy.paths[RANGE_READ] >= 1
+    assert proxy.paths["/api/2.0/mlflow/metrics/get-history"] == 0  # never the whole history
+    end(sink, "long", 5_300)
+    assert sink.flush(WAIT)
+    close_in_thread(sink, 10.0)
+
+    assert_one_run_sent_once(
+        sink, read_runs, mlflow_client, experiment_name, "long", 5_300, retries=1
+    )
+
+
 # -- close with the server unreachable ------------------------------------------------------------
 
 
@@ -504,7 +537,7 @@ def test_a_retried_log_batch_that_was_committed_adds_no_duplicate_point(
     # The batch reached the server and its answer was lost; the retry first read back what
     # the server held, so nothing in it was stored again (whatever the store does).
     assert proxy.paths["/api/2.0/mlflow/runs/log-batch"] - batches >= 1
-    assert proxy.paths["/api/2.0/mlflow/metrics/get-history"] >= 1
+    assert proxy.paths[RANGE_READ] >= 1
     end(sink, "twice", 10)
     assert sink.flush(WAIT)
     close_in_thread(sink, 10.0)

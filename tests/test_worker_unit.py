@@ -309,3 +309,39 @@ def test_the_time_a_drain_spends_sending_counts_toward_the_next_interval(
             "the next drain waited another interval"
         )
         sink.on_run_end("r", result={"completed": True}, run_path=None)
+
+
+def test_points_in_doubt_are_checked_over_the_steps_they_cover_in_bounded_windows() -> None:
+    """What the store holds of a lost batch is read per metric over the steps the batch
+    covers, in windows of at most RANGE_STEPS steps; points scattered over more windows than
+    RANGE_WINDOWS, or a store that cannot read a range, read the whole history instead."""
+    from rlm_mlflow._exporters.runs import RANGE_STEPS, RANGE_WINDOWS, stored_points
+    from rlm_mlflow._transports.base import Metric
+
+    memory = MemoryTransport()
+    run = memory.create_run("1", run_name="r", start_time_ms=0, tags=[]).run_uuid
+    held = [Metric("a", float(step), 1, step) for step in range(0, 10 * RANGE_STEPS, 2)]
+    for first in range(0, len(held), 1000):
+        memory.log_batch(run, metrics=held[first : first + 1000])
+    memory.calls.clear()
+
+    batch = [Metric("a", float(step), 1, step) for step in range(RANGE_STEPS, 3 * RANGE_STEPS)]
+    assert stored_points(memory, run, batch) == {m for m in batch if m.step % 2 == 0}
+    assert memory.calls == ["metric_history_range"] * 2  # two windows, no whole history
+
+    memory.calls.clear()
+    scattered = [Metric("a", 0.0, 1, RANGE_STEPS * n) for n in range(RANGE_WINDOWS + 1)]
+    assert stored_points(memory, run, scattered) == {m for m in scattered if m in set(held)}
+    assert memory.calls == ["metric_history"]
+
+    class NoRanges(MemoryTransport):
+        def metric_history_range(
+            self, run_uuid: str, key: str, start_step: int, end_step: int
+        ) -> list[Metric] | None:
+            self.calls.append("metric_history_range")
+            return None  # an older server: no range reads
+
+    older = NoRanges()
+    older.runs, older.calls = memory.runs, []
+    assert stored_points(older, run, batch) == {m for m in batch if m.step % 2 == 0}
+    assert older.calls == ["metric_history_range", "metric_history"]

@@ -30,7 +30,7 @@ import anyio
 from .._codec import describe
 from .._events import RunEnd, RunStart, Step, Usage
 from .._exceptions import PermanentError, Postponed, StoreRefused, TransientError
-from .._transports.base import PARENT_TAG, Metric
+from .._transports.base import PARENT_TAG, Metric, RangeReads, Transport
 from . import convert as _convert
 from .identity import RunIdentity, RunState
 from .work import DEFERRED, HOLD, SENT, Done, Outcome, RunWork
@@ -39,6 +39,10 @@ logger = logging.getLogger("rlm_mlflow")
 
 #: Runs whose data is sent at the same time (each run's own writes stay in order).
 CONCURRENT_RUNS = 4
+#: Steps one bounded read of a metric's history spans at most, and the windows read so before
+#: the whole history is read instead (see :func:`stored_points`).
+RANGE_STEPS = 1000
+RANGE_WINDOWS = 8
 #: Codes for which splitting a refused batch cannot help: the whole run is concerned.
 _WHOLE_RUN_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "RUN_NOT_ACTIVE", "ENDPOINT_NOT_FOUND"})
 
@@ -327,13 +331,10 @@ class RunsExporter(RunIdentity):
         }
         if not maybe:
             return metrics
-        stored: set[Metric] = set()
-        for key in sorted(maybe):
-            stored.update(
-                await self.caller.call(
-                    "read metric history", self.transport.metric_history, run_uuid, key
-                )
-            )
+        candidates = [m for m in metrics if m.key in maybe]
+        stored = await self.caller.call(
+            "read metric history", stored_points, self.transport, run_uuid, candidates
+        )
         return [m for m in metrics if m not in stored]
 
     async def _log_batches(
@@ -367,9 +368,7 @@ class RunsExporter(RunIdentity):
             # file store does not): after a lost answer, send only what it does not hold.
             nonlocal pending, written
             if written and pending:
-                stored: set[Metric] = set()
-                for key in sorted({m.key for m in pending}):
-                    stored.update(transport.metric_history(run_uuid, key))
+                stored = stored_points(transport, run_uuid, pending)
                 pending = [m for m in pending if m not in stored]
             try:
                 transport.log_batch(run_uuid, metrics=pending, params=params, tags=tags)
@@ -477,6 +476,42 @@ class RunsExporter(RunIdentity):
             describe(value),
             level=logging.INFO,
         )
+
+
+def stored_points(transport: Transport, run_uuid: str, points: Sequence[Metric]) -> set[Metric]:
+    """On a thread: those of ``points`` the store holds. Each metric is read over the steps
+    the points cover, in windows of at most :data:`RANGE_STEPS` steps (one bounded request
+    each: a lost batch of a 100,000-step run never reads its whole history); the whole
+    history only where the store cannot read a range, or the points are scattered over more
+    than :data:`RANGE_WINDOWS` windows."""
+    stored: set[Metric] = set()
+    ranged = transport if isinstance(transport, RangeReads) else None
+    for key in sorted({m.key for m in points}):
+        windows = _windows(sorted({m.step for m in points if m.key == key}))
+        found: list[Metric] | None = None
+        if ranged is not None and len(windows) <= RANGE_WINDOWS:
+            found = []
+            for low, high in windows:
+                part = ranged.metric_history_range(run_uuid, key, low, high)
+                if part is None:
+                    found = None
+                    break
+                found.extend(part)
+        if found is None:
+            found = transport.metric_history(run_uuid, key)
+        stored.update(found)
+    return {m for m in points if m in stored}
+
+
+def _windows(steps: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted steps as ``(first, last)`` windows, each spanning fewer than RANGE_STEPS."""
+    windows: list[tuple[int, int]] = []
+    for step in steps:
+        if windows and step - windows[-1][0] < RANGE_STEPS:
+            windows[-1] = (windows[-1][0], step)
+        else:
+            windows.append((step, step))
+    return windows
 
 
 def _token_counts(usage: Usage) -> list[tuple[str, int]]:

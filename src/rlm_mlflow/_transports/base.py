@@ -208,6 +208,21 @@ class Transport(Protocol):
 
 
 @runtime_checkable
+class RangeReads(Protocol):
+    """What a transport adds to read part of a metric's history in one bounded request (a run
+    of 100,000 steps is never read whole to check one lost batch). Without it, the whole
+    history is read."""
+
+    def metric_history_range(
+        self, run_uuid: str, key: str, start_step: int, end_step: int
+    ) -> list[Metric] | None:
+        """Every stored point of ``key`` with a step in ``[start_step, end_step]``; None when
+        the store cannot answer that exactly (no such call, or more points than one answer
+        holds): the caller then reads the whole history."""
+        ...
+
+
+@runtime_checkable
 class AssessmentStore(Protocol):
     """What a transport adds for assessments and evaluation runs. A transport without these
     calls (one written before them) works as before: assessments are counted as unsupported."""

@@ -52,6 +52,11 @@ _TRACES_V3 = "/api/3.0/mlflow/traces"
 _NO_ENDPOINT_CODES = frozenset({"ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED"})
 
 _API = "/api/2.0/mlflow"
+#: Where MLflow's own UI reads a metric over a range of steps (every server since 2.x).
+_AJAX_API = "/ajax-api/2.0/mlflow"
+#: The most points one range read asks for; an answer that holds this many may be sampled.
+RANGE_READ_LIMIT = 2500
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1  # the range's steps are int32 in MLflow's API
 _ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
 _PAGE = 1000
 _ENV_KEYS = (
@@ -128,6 +133,7 @@ class RestTransport:
             cert=env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
         )
         self._shared_key: tuple[object, ...] | None = None
+        self._no_range_reads = False  # the server has no range read of a metric (older)
         self._users = 0
 
     @property
@@ -277,6 +283,40 @@ class RestTransport:
                 "tags": [{"key": k, "value": v} for k, v in tags],
             },
         )
+
+    def metric_history_range(
+        self, run_uuid: str, key: str, start_step: int, end_step: int
+    ) -> list[Metric] | None:
+        if self._no_range_reads or not (_INT32_MIN <= start_step <= end_step <= _INT32_MAX):
+            return None
+        path = f"{_AJAX_API}/metrics/get-history-bulk-interval"
+        params = {
+            "run_ids": run_uuid,
+            "metric_key": key,
+            "start_step": str(start_step),
+            "end_step": str(end_step),
+            "max_results": str(RANGE_READ_LIMIT),
+        }
+        response = self.http.send("GET", path, params=params)
+        if response.status_code in (404, 405, 501):
+            if mlflow_error(response.content) is None:  # no such route: an older server
+                self._no_range_reads = True
+            return None
+        try:
+            found = classify(response, f"GET {path}", want_json=True, clean=self._clean)
+        except PermanentError as exc:
+            if isinstance(exc, StoreRefused):
+                raise
+            return None  # the whole history is read instead
+        points = found.get("metrics") or []
+        if len(points) >= RANGE_READ_LIMIT:
+            return None  # the server may have sampled the range: not exact
+        return [
+            Metric(
+                key, float(m.get("value", 0.0)), int(m.get("timestamp", 0)), int(m.get("step", 0))
+            )
+            for m in points
+        ]
 
     def metric_history(self, run_uuid: str, key: str) -> list[Metric]:
         points: list[Metric] = []

@@ -145,6 +145,17 @@ class MemoryTransport:
         with self.lock:
             return [m for m in self.runs[run_uuid].metrics if m.key == key]
 
+    def metric_history_range(
+        self, run_uuid: str, key: str, start_step: int, end_step: int
+    ) -> list[Metric] | None:
+        self._enter("metric_history_range")
+        with self.lock:
+            return [
+                m
+                for m in self.runs[run_uuid].metrics
+                if m.key == key and start_step <= m.step <= end_step
+            ]
+
     def create_run(
         self,
         experiment_id: str,
