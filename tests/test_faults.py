@@ -489,6 +489,38 @@ def test_a_lost_batch_of_a_long_run_is_checked_by_reading_only_the_steps_it_cove
     )
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("status", [403, 404, 502])
+def test_a_proxy_that_refuses_range_reads_costs_a_whole_history_read_never_a_block(
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+    status: int,
+) -> None:
+    """A proxy that lets only ``/api/`` through answers the UI's range read with its own page
+    (403, 404 or 502). A lost batch is then checked by reading the metric's whole history: the
+    sink is not blocked, nothing waits for replay, and no point is stored twice."""
+    with FaultProxy(mlflow_server.port) as inner, FaultProxy(inner.port) as outer:
+        outer.set(mode="http", status=status, path="/ajax-api/", body=b"<html>no</html>")
+        sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=outer.uri, **FAST)
+        start(sink, "guarded")
+        steps(sink, "guarded", range(10))
+        assert sink.flush(WAIT)
+        inner.set(mode="commit_then_reset", count=1, path="/runs/log-batch")
+        steps(sink, "guarded", range(10, 20))
+        assert sink.flush(WAIT)
+        assert outer.paths[RANGE_READ] >= 1
+        assert inner.paths["/api/2.0/mlflow/metrics/get-history"] >= 1
+        assert sink.status()["health"] == "ok"
+        end(sink, "guarded", 20)
+        assert sink.flush(WAIT)
+        close_in_thread(sink, 10.0)
+    assert_one_run_sent_once(
+        sink, read_runs, mlflow_client, experiment_name, "guarded", 20, retries=1
+    )
+
+
 # -- close with the server unreachable ------------------------------------------------------------
 
 

@@ -297,26 +297,36 @@ class RestTransport:
             "end_step": str(end_step),
             "max_results": str(RANGE_READ_LIMIT),
         }
-        response = self.http.send("GET", path, params=params)
-        if response.status_code in (404, 405, 501):
-            if mlflow_error(response.content) is None:  # no such route: an older server
-                self._no_range_reads = True
-            return None
+        # Any failure here costs a read of the whole history instead, whose own answer says
+        # what is wrong (a proxy may let only /api/ through: its 403 is not ours to act on).
         try:
+            response = self.http.send("GET", path, params=params)
+            if response.status_code in (404, 405, 501) and mlflow_error(response.content) is None:
+                raise PermanentError("no range reads here", code="ENDPOINT_NOT_FOUND")
             found = classify(response, f"GET {path}", want_json=True, clean=self._clean)
         except PermanentError as exc:
-            if isinstance(exc, StoreRefused):
-                raise
-            return None  # the whole history is read instead
+            # Off for this server when it has no such route or refuses it (a proxy's page);
+            # MLflow refusing this one read (a deleted run) says nothing of the next.
+            if isinstance(exc, StoreRefused) or exc.code == "ENDPOINT_NOT_FOUND":
+                self._no_range_reads = True
+            return None
+        except TransientError:
+            return None
         points = found.get("metrics") or []
         if len(points) >= RANGE_READ_LIMIT:
             return None  # the server may have sampled the range: not exact
-        return [
-            Metric(
-                key, float(m.get("value", 0.0)), int(m.get("timestamp", 0)), int(m.get("step", 0))
-            )
-            for m in points
-        ]
+        try:
+            return [
+                Metric(
+                    key,
+                    float(m.get("value", 0.0)),
+                    int(m.get("timestamp", 0)),
+                    int(m.get("step", 0)),
+                )
+                for m in points
+            ]
+        except (AttributeError, TypeError, ValueError):  # not MLflow's answer
+            return None
 
     def metric_history(self, run_uuid: str, key: str) -> list[Metric]:
         points: list[Metric] = []
