@@ -297,25 +297,24 @@ class RestTransport:
             "end_step": str(end_step),
             "max_results": str(RANGE_READ_LIMIT),
         }
-        # Any failure here costs a read of the whole history instead, whose own answer says
-        # what is wrong (a proxy may let only /api/ through: its 403 is not ours to act on).
-        try:
-            response = self.http.send("GET", path, params=params)
-            if response.status_code in (404, 405, 501) and mlflow_error(response.content) is None:
-                raise PermanentError("no range reads here", code="ENDPOINT_NOT_FOUND")
-            found = classify(response, f"GET {path}", want_json=True, clean=self._clean)
-        except PermanentError as exc:
-            # Off for this server when it has no such route or refuses it (a proxy's page);
-            # MLflow refusing this one read (a deleted run) says nothing of the next.
-            if isinstance(exc, StoreRefused) or exc.code == "ENDPOINT_NOT_FOUND":
+        # No answer (a reset, a timeout) is retried like any request. An answer that is not
+        # MLflow's (a proxy that lets only /api/ through: its 403, 404, 502 or login page) turns
+        # range reads off for this server, and MLflow refusing this one read costs a read of the
+        # whole history instead, whose own answer says what is wrong.
+        response = self.http.send("GET", path, params=params)
+        if response.status_code != 200:
+            if mlflow_error(response.content) is None:
                 self._no_range_reads = True
-            return None
-        except TransientError:
-            return None
-        points = found.get("metrics") or []
-        if len(points) >= RANGE_READ_LIMIT:
-            return None  # the server may have sampled the range: not exact
+                return None
+            try:
+                classify(response, f"GET {path}", want_json=True, clean=self._clean)
+            except PermanentError:  # StoreRefused too: the whole history's read says so
+                return None
         try:
+            found = json.loads(response.content)
+            points = found.get("metrics") or []
+            if len(points) >= RANGE_READ_LIMIT:
+                return None  # the server may have sampled the range: not exact
             return [
                 Metric(
                     key,
@@ -325,7 +324,8 @@ class RestTransport:
                 )
                 for m in points
             ]
-        except (AttributeError, TypeError, ValueError):  # not MLflow's answer
+        except (AttributeError, TypeError, ValueError):  # a 200 that is not MLflow's answer
+            self._no_range_reads = True
             return None
 
     def metric_history(self, run_uuid: str, key: str) -> list[Metric]:
