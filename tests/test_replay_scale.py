@@ -138,6 +138,38 @@ def test_points_a_killed_process_sent_without_an_answer_are_not_sent_again(
     assert_once_and_nothing_left(mlflow_client, experiment_name, journal_dir, mlflow_server.uri)
 
 
+@pytest.mark.integration
+def test_a_killed_long_run_is_replayed_once_reading_only_the_steps_in_doubt(
+    agents: Callable[..., Agent],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """One run of 40,000 steps whose batches the server committed while every answer was lost,
+    then the process killed: replay checks what the store holds by reading the steps in doubt
+    (bounded range reads), never the metric's whole history, and every step lands once."""
+    steps, lost = 40_000, "/runs/log-batch"
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="commit_then_reset", path=lost)
+        agent = agents("many_runs.py", proxy.uri, experiment_name, "1", str(steps), "1")
+        agent.expect("JOURNALED", 120)
+        assert proxy.wait_until(lambda p: p.paths["/api/2.0/mlflow" + lost] >= 4, 120)
+        agent.kill9()
+    with FaultProxy(mlflow_server.port) as proxy:
+        report = replay(journal_dir, tracking_uri=proxy.uri)
+        paths = Counter(proxy.paths)
+    assert report.ok, report
+    assert paths["/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval"] >= 1, paths
+    assert paths["/api/2.0/mlflow/metrics/get-history"] == 0, paths
+    found = mlflow_client.get_experiment_by_name(experiment_name)
+    (run,) = mlflow_client.search_runs([found.experiment_id])
+    assert run.info.status == "KILLED"
+    for key in ("step_reward", "cumulative_reward"):
+        history = mlflow_client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(steps)), key
+
+
 class _HalfCommitting(MemoryTransport):
     """While ``lose`` is set, a store that commits the first half of the first batch it gets
     (params and all), then nothing, and loses every answer; it records every point offered."""

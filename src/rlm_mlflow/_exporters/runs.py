@@ -41,8 +41,8 @@ logger = logging.getLogger("rlm_mlflow")
 CONCURRENT_RUNS = 4
 #: Steps one bounded read of a metric's history spans at most, and the windows read so before
 #: the whole history is read instead (see :func:`stored_points`).
-RANGE_STEPS = 1000
-RANGE_WINDOWS = 8
+RANGE_STEPS = 2000
+RANGE_WINDOWS = 16
 #: Codes for which splitting a refused batch cannot help: the whole run is concerned.
 _WHOLE_RUN_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "RUN_NOT_ACTIVE", "ENDPOINT_NOT_FOUND"})
 
@@ -230,8 +230,16 @@ class RunsExporter(RunIdentity):
             metrics = await self._not_yet_stored(state, metrics, sent)
         params = list(state.params)
         work.maybe_sent = True
-        state.stored_latest = None  # what is stored now depends on what this sends
+        known, state.stored_latest = state.stored_latest, None  # unknown while this goes
         await self._log_batches(state, metrics, params, tags)
+        if known is not None:
+            # Stored now: each metric's latest point is the later of the two (never earlier
+            # than the truth, so a later check reads what it must).
+            for m in metrics:
+                latest = known.get(m.key)
+                if latest is None or (m.step, m.timestamp_ms) > latest:
+                    known[m.key] = (m.step, m.timestamp_ms)
+            state.stored_latest = known
         state.sent_params.extend(params)
         del state.params[: len(params)]
         if end is not None and not state.ended:
@@ -319,21 +327,20 @@ class RunsExporter(RunIdentity):
         Only points that went out (``sent``: their times, when known) may be stored; and when
         the run's latest stored points are known from the answer that found (or created) it, a
         point past its metric's latest one, or of a metric the run does not hold, cannot be.
-        Only the metrics of points that may be stored are read back."""
+        Only the steps of points that may be stored are read back (see stored_points)."""
         assert state.ref is not None
         run_uuid = state.ref.run_uuid
         latest = state.stored_latest
-        maybe = {
-            m.key
+        maybe = [
+            m
             for m in metrics
             if (sent is None or m.timestamp_ms in sent)
             and (latest is None or (m.key in latest and (m.step, m.timestamp_ms) <= latest[m.key]))
-        }
+        ]
         if not maybe:
             return metrics
-        candidates = [m for m in metrics if m.key in maybe]
         stored = await self.caller.call(
-            "read metric history", stored_points, self.transport, run_uuid, candidates
+            "read metric history", stored_points, self.transport, run_uuid, maybe
         )
         return [m for m in metrics if m not in stored]
 
