@@ -162,6 +162,34 @@ def close_in_thread(sink: MLflowSink, timeout: float) -> None:
     assert sink._worker.stopped.is_set()
 
 
+def lose_one_batch(
+    sink: MLflowSink, proxy: FaultProxy, run_id: str, stored: int, more: int
+) -> None:
+    """Run ``run_id`` with ``stored`` steps in the store, then ``more`` steps whose batch the
+    server commits while its answer is lost (the connection reset)."""
+    start(sink, run_id)
+    steps(sink, run_id, range(stored))
+    assert sink.flush(WAIT)
+    proxy.set(mode="commit_then_reset", count=1, path="/runs/log-batch")
+    steps(sink, run_id, range(stored, stored + more))
+    assert sink.flush(WAIT)
+
+
+def end_and_check_sent_once(
+    sink: MLflowSink,
+    read_runs: Callable[[str], dict[str, Any]],
+    client: Any,
+    experiment: str,
+    run_id: str,
+    count: int,
+) -> None:
+    """End the run, close, and check that it landed once after the one lost answer."""
+    end(sink, run_id, count)
+    assert sink.flush(WAIT)
+    close_in_thread(sink, 10.0)
+    assert_one_run_sent_once(sink, read_runs, client, experiment, run_id, count, retries=1)
+
+
 # -- the proxy itself ----------------------------------------------------------------------------
 
 
@@ -472,21 +500,10 @@ def test_a_lost_batch_of_a_long_run_is_checked_by_reading_only_the_steps_it_cove
     batch covers (bounded requests), never the run's whole history, and stores no point
     twice."""
     sink = make_sink(proxy, experiment_name)
-    start(sink, "long")
-    steps(sink, "long", range(5_000))
-    assert sink.flush(WAIT)
-    proxy.set(mode="commit_then_reset", count=1, path="/runs/log-batch")
-    steps(sink, "long", range(5_000, 5_300))
-    assert sink.flush(WAIT)
+    lose_one_batch(sink, proxy, "long", 5_000, 300)
     assert proxy.paths[RANGE_READ] >= 1
     assert proxy.paths["/api/2.0/mlflow/metrics/get-history"] == 0  # never the whole history
-    end(sink, "long", 5_300)
-    assert sink.flush(WAIT)
-    close_in_thread(sink, 10.0)
-
-    assert_one_run_sent_once(
-        sink, read_runs, mlflow_client, experiment_name, "long", 5_300, retries=1
-    )
+    end_and_check_sent_once(sink, read_runs, mlflow_client, experiment_name, "long", 5_300)
 
 
 @pytest.mark.integration
@@ -504,21 +521,11 @@ def test_a_proxy_that_refuses_range_reads_costs_a_whole_history_read_never_a_blo
     with FaultProxy(mlflow_server.port) as inner, FaultProxy(inner.port) as outer:
         outer.set(mode="http", status=status, path="/ajax-api/", body=b"<html>no</html>")
         sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=outer.uri, **FAST)
-        start(sink, "guarded")
-        steps(sink, "guarded", range(10))
-        assert sink.flush(WAIT)
-        inner.set(mode="commit_then_reset", count=1, path="/runs/log-batch")
-        steps(sink, "guarded", range(10, 20))
-        assert sink.flush(WAIT)
+        lose_one_batch(sink, inner, "guarded", 10, 10)
         assert outer.paths[RANGE_READ] >= 1
         assert inner.paths["/api/2.0/mlflow/metrics/get-history"] >= 1
         assert sink.status()["health"] == "ok"
-        end(sink, "guarded", 20)
-        assert sink.flush(WAIT)
-        close_in_thread(sink, 10.0)
-    assert_one_run_sent_once(
-        sink, read_runs, mlflow_client, experiment_name, "guarded", 20, retries=1
-    )
+        end_and_check_sent_once(sink, read_runs, mlflow_client, experiment_name, "guarded", 20)
 
 
 # -- close with the server unreachable ------------------------------------------------------------
