@@ -315,15 +315,7 @@ class RestTransport:
             points = found.get("metrics") or []
             if len(points) >= RANGE_READ_LIMIT:
                 return None  # the server may have sampled the range: not exact
-            return [
-                Metric(
-                    key,
-                    float(m.get("value", 0.0)),
-                    int(m.get("timestamp", 0)),
-                    int(m.get("step", 0)),
-                )
-                for m in points
-            ]
+            return [_metric(key, m) for m in points]
         except (AttributeError, TypeError, ValueError):  # a 200 that is not MLflow's answer
             self._no_range_reads = True
             return None
@@ -336,15 +328,7 @@ class RestTransport:
             if token:
                 params["page_token"] = token
             found = self.request("GET", f"{_API}/metrics/get-history", params=params)
-            for m in found.get("metrics") or []:
-                points.append(
-                    Metric(
-                        key,
-                        float(m.get("value", 0.0)),
-                        int(m.get("timestamp", 0)),
-                        int(m.get("step", 0)),
-                    )
-                )
+            points.extend(_metric(key, m) for m in found.get("metrics") or [])
             token = found.get("next_page_token")
             if not token:
                 return points
@@ -521,6 +505,16 @@ def _experiment_id(answer: dict[str, Any], name: str) -> str:
     if experiment.get("lifecycle_stage") == "deleted":
         raise _deleted(name)
     return _field(experiment, "experiment_id", "get experiment")
+
+
+def _metric(key: str, point: dict[str, Any]) -> Metric:
+    """One point of a metric's history as MLflow's JSON answer gives it."""
+    return Metric(
+        key,
+        float(point.get("value", 0.0)),
+        int(point.get("timestamp", 0)),
+        int(point.get("step", 0)),
+    )
 
 
 def _run_ref(run: dict[str, Any]) -> RunRef:
