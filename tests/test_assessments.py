@@ -14,12 +14,16 @@ import pytest
 
 from promises_support import Agent, replay_cli
 from rlm_mlflow import MLflowSink
+from rlm_mlflow._exceptions import PermanentError, TransientError
+from rlm_mlflow._transports.base import TraceEnd
 from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer, wait_for
 
 pytestmark = pytest.mark.integration
 
 FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.05, "retry_max_wait": 0.5}
 WAIT = 60.0
+#: Where a trace's info is written (``StartTraceV3``), with the assessments on MLflow 3.13+.
+TRACE_INFO = "/api/3.0/mlflow/traces"
 
 
 @pytest.fixture
@@ -90,17 +94,33 @@ def test_a_root_runs_reward_and_completion_are_feedback_on_its_trace_and_filtera
     assert sorted(done) == ["scored-0", "scored-2"]
 
 
-def test_a_create_whose_answer_was_lost_is_not_written_twice(
-    proxy: FaultProxy, mlflow_client: Any, experiment_name: str
+@pytest.mark.parametrize("way", ["with the trace info", "one by one"])
+def test_a_write_whose_answer_was_lost_is_not_written_twice(
+    way: str, mlflow_server: MlflowServer, mlflow_client: Any, experiment_name: str
 ) -> None:
-    """The server stores the assessment, the answer is lost: the retry reads the trace's
-    assessments first and writes only what is missing."""
-    proxy.set(mode="commit_then_reset", count=2, path="/assessments", method="POST")
-    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
-    run_scored(sink, 2)
-    sink.close(WAIT)
-    assert sink.status()["deferred"] == 0, sink.status()
-    assert sink.status()["retries"] >= 2, sink.status()  # the two lost answers were retried
+    """The server stores the assessments, the answer is lost, twice. With the trace's info
+    (MLflow 3.13+), the retry writes the same ids again; one by one (the server's version
+    hidden by a proxy), the retry reads the trace's assessments first and writes only what is
+    missing."""
+    with FaultProxy(mlflow_server.port) as inner, FaultProxy(inner.port) as outer:
+        if way == "one by one":
+            outer.set(mode="http", status=404, body=b"<html>Not Found</html>", path="/version")
+            inner.set(mode="commit_then_reset", count=2, path="/assessments", method="POST")
+        else:
+            inner.set(mode="commit_then_reset", count=2, path=TRACE_INFO, method="POST")
+        sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=outer.uri, **FAST)
+        run_scored(sink, 2)
+        sink.close(WAIT)
+        status = sink.status()
+        assert status["deferred"] == 0, status
+        assert status["retries"] >= 2, status  # the two lost answers were retried
+        one_by_one = sum(n for path, n in inner.paths.items() if path.endswith("/assessments"))
+        if way == "one by one":
+            assert inner.paths[TRACE_INFO] == 0, inner.paths
+            assert one_by_one >= 4, inner.paths  # each trace: a create per name
+        else:
+            assert not one_by_one, inner.paths
+            assert inner.paths[TRACE_INFO] == 2 + 2, inner.paths  # a request per trace, twice
     assert_each_once(mlflow_client, experiment_name, 2)
 
 
@@ -133,16 +153,16 @@ def test_assessments_lost_at_kill_9_are_written_once_by_replay(
 ) -> None:
     """The server answers 503 to every assessment request until the agent is killed: runs and
     spans are sent, the assessments kept. The first replay goes through a proxy that loses the
-    answer of every create the server stored (it must read what the server holds before each
-    retry); a second replay adds nothing. Each assessment is there once."""
+    answer of each trace's first write the server stored; a second replay adds nothing. Each
+    assessment is there once."""
     with FaultProxy(mlflow_server.port) as proxy:
-        proxy.set(mode="http", status=503, path="/api/3.0/mlflow/traces/")
+        proxy.set(mode="http", status=503, path=TRACE_INFO)
         agent = agents("assessed_runs.py", proxy.uri, experiment_name, "3")
         status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
         assert status["deferred"] > 0, status  # the assessments were not confirmed: kept
         agent.kill9()
         assert not traces_of(mlflow_client, experiment_name)["scored-0"].info.assessments
-        proxy.set(mode="commit_then_reset", path="/assessments", method="POST")
+        proxy.set(mode="commit_then_reset", count=3, path=TRACE_INFO, method="POST")
         done = replay_cli(journal_dir, tracking_uri=proxy.uri)
         assert done.returncode == 0, f"replay through the proxy: {done.stdout}{done.stderr}"
         assert proxy.paths  # the replay went through it
@@ -163,7 +183,7 @@ def test_a_server_without_assessments_says_so_once_and_everything_else_goes_on(
         status=404,
         body=body.encode(),
         content_type="application/json",
-        path="/api/3.0/mlflow/traces/",
+        path=TRACE_INFO,
     )
     sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
     with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
@@ -213,3 +233,67 @@ def test_memory_transport_holds_each_assessment_once() -> None:
     assert len(transport.assessments) == 3
     for held in transport.assessments.values():
         assert sorted(a.name for _, a in held) == ["completed", "total_reward"]
+
+
+class LosesFirstAnswers(MemoryTransport):
+    """Stores each trace's info, then loses the answer of the first ``lose`` such writes."""
+
+    def __init__(self, lose: int) -> None:
+        super().__init__(trace_upserts=True)
+        self.lose = lose
+
+    def finish_trace(self, experiment_id: str, end: TraceEnd) -> None:
+        super().finish_trace(experiment_id, end)
+        if self.lose > 0:
+            self.lose -= 1
+            raise TransientError("the answer was lost", maybe_committed=True)
+
+
+def test_with_the_trace_info_each_trace_takes_one_request_and_a_lost_answer_no_copy() -> None:
+    transport = LosesFirstAnswers(lose=2)
+    sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+    for index in range(3):
+        sink.on_run_start(f"run-{index}", task="t", environment="e", params={})
+    for index in range(3):  # three traces end in one cycle
+        result = {"completed": index == 0, "steps": 0, "total_reward": float(index)}
+        sink.on_run_end(f"run-{index}", result=result, run_path=None)
+    sink.close(WAIT)
+    status = sink.status()
+    assert status["deferred"] == 0, status
+    assert "create_assessment" not in transport.calls
+    assert transport.calls.count("finish_trace") == 3 + 2  # two answers lost, written again
+    assert transport.calls.count("export_spans") == 1  # the three traces' spans together
+    runs = {run.tags["run_id"]: run.run_uuid for run in transport.runs.values()}
+    assert len(transport.assessments) == 3
+    for end in transport.trace_ends.values():
+        index = int(next(k for k, v in runs.items() if v == end.run_uuid).split("-")[1])
+        held = {a.name: a.value for _, a in transport.assessments[end.trace_id]}
+        assert held == {"completed": index == 0, "total_reward": float(index)}
+        assert end.state == ("OK" if index == 0 else "ERROR")  # not completed: an error
+        trace = bytes.fromhex(end.trace_id.removeprefix("tr-"))
+        assert transport.trace_links[trace] == end.run_uuid
+
+
+def test_a_store_that_refuses_the_trace_info_gets_links_and_assessments_one_by_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = MemoryTransport(trace_upserts=True)
+    refused = PermanentError("no such thing", code="INVALID_STATE", status=400)
+    transport.fail = lambda call: refused if call == "finish_trace" else None
+    sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        run_scored(sink, 3)
+        sink.close(WAIT)
+    status = sink.status()
+    assert status["deferred"] == 0, status
+    assert not status["rejected"], status
+    assert transport.calls.count("finish_trace") == 1  # refused once, never asked again
+    assert transport.calls.count("create_assessment") == 6
+    for held in transport.assessments.values():
+        assert sorted(a.name for _, a in held) == ["completed", "total_reward"]
+    runs = {run.tags["run_id"]: run.run_uuid for run in transport.runs.values()}
+    linked = {run for links in transport.run_links.values() for run in links}
+    linked |= set(transport.trace_links.values())
+    assert {runs[f"scored-{i}"] for i in range(3)} <= linked
+    refusals = [r for r in caplog.records if "refused a trace's info" in r.getMessage()]
+    assert len(refusals) == 1

@@ -190,7 +190,7 @@ def test_a_benchmark_killed_before_its_assessments_is_completed_once_by_replay(
     from promises_support import replay_cli
 
     with FaultProxy(mlflow_server.port) as proxy:
-        proxy.set(mode="http", status=503, path="/api/3.0/mlflow/traces/")
+        proxy.set(mode="http", status=503, path="/api/3.0/mlflow/traces")
         agent = agents("benchmark_cases.py", proxy.uri, experiment_name)
         status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
         assert status["deferred"] > 0, status

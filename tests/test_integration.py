@@ -116,9 +116,11 @@ def test_one_run_lands_as_the_seed_documents(
     assert run.info.end_time is not None
     assert status["sent"] == 6
     assert status["dropped"] == {}
-    # One create, one batch for params + metrics + summary, one artifact, one end, and the
-    # trace in one request: few requests.
-    assert status["requests"] <= 7
+    # One create, a batch for params + metrics + summary, one artifact, one end, the trace's
+    # spans in one request and its info with its Feedback in one, and once per process the
+    # server's version: 8. A cycle that begins while the agent still runs adds a batch and a
+    # span request.
+    assert status["requests"] <= 8 + 2
 
 
 def test_concurrent_runs_from_threads_with_recursive_children(

@@ -22,7 +22,7 @@ STEPS = 50
 OPEN = 2  # runs the process never ended: replay ends them KILLED
 TRACE_READ = "/api/3.0/mlflow/traces/"
 #: What only traces (spans, their assessments) ask of the server: shared, not per run.
-TRACE_PATHS = ("/traces", "/v1/traces", "/assessments")
+TRACE_PATHS = ("/traces", "/v1/traces", "/assessments", "/version")
 
 
 def journal_of_a_killed_agent(
@@ -95,6 +95,10 @@ def test_one_replay_sends_many_killed_runs_once_at_a_few_requests_per_run(
     # may have been ended by an earlier replay.
     reads = [p for p in paths if p.startswith(TRACE_READ) and not p.endswith("/assessments")]
     assert sum(paths[p] for p in reads) <= OPEN, reads
+    # Each trace's info goes with its Feedback in one request; spans of many traces share one.
+    assert paths["/api/3.0/mlflow/traces"] == RUNS, paths
+    assert not [p for p in paths if p.endswith("/assessments")], paths
+    assert paths["/v1/traces"] < RUNS / 2, paths
     assert_once_and_nothing_left(mlflow_client, experiment_name, journal_dir, mlflow_server.uri)
 
 

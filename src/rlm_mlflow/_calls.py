@@ -54,6 +54,7 @@ READS = frozenset(
         "find parent run",
         "read metric history",
         "read run status",
+        "read server version",
     }
 )
 

@@ -13,6 +13,13 @@ reads the keys again and creates nothing twice. (A trace's first write in a live
 the read: nothing can be there yet.) The trace's journal records keep their traces
 "done" bit until their assessments are written, so what is not written is replayed.
 
+On a store that merges a trace's info into the trace its spans made (MLflow 3.13 and newer,
+read once from the server's ``/version``), a root run's Feedback goes instead with its trace's
+info in one request (``StartTraceV3``): its state, times and run link (``mlflow.sourceRun``),
+and each assessment under an id made from its key, so writing it again replaces it. One request
+per trace instead of one per assessment, and no read before it. Should the store refuse that
+request, this exporter goes back to creating them one by one, with the trace linked to its run.
+
 A store without assessments (MLflow older than 3, a transport without the calls) turns them off
 with one warning; each assessment not written is counted in ``status()["rejected"]`` under
 ``assessments_unsupported``; runs and spans go on.
@@ -29,7 +36,14 @@ from .._calls import Caller
 from .._events import RunEnd
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
-from .._transports.base import ASSESSMENTS_UNSUPPORTED, Assessment, AssessmentStore, Transport
+from .._transports.base import (
+    ASSESSMENTS_UNSUPPORTED,
+    Assessment,
+    AssessmentStore,
+    TraceEnd,
+    TraceUpserts,
+    Transport,
+)
 from .work import DEFERRED, HOLD, SENT, Outcome, RunRefs
 
 logger = logging.getLogger("rlm_mlflow")
@@ -100,6 +114,8 @@ class AssessmentsExporter:
         # Replay: traces no process can have written assessments to (their root's end never
         # went out with spans): their first write needs no read either.
         self.fresh: set[str] = set()
+        self._upserts: bool | None = None  # the store writes a trace's info with them
+        self.finished = 0  # traces whose info and assessments went in one request
 
     def _off(self, why: str) -> None:
         self.unsupported = why
@@ -161,6 +177,61 @@ class AssessmentsExporter:
         self.written += written
         self.tried.discard(trace_id)
         return SENT
+
+    async def upserts(self) -> bool:
+        """Whether a root's trace info and Feedback go in one request (see the module
+        docstring); asked of the store until it says."""
+        if self._upserts is not None:
+            return self._upserts
+        store = self._transport()
+        if self.unsupported is not None or not isinstance(store, TraceUpserts):
+            return False
+        try:
+            found = await self.caller.once("read server version", store.upserts_traces)
+        except Exception:  # a custom store's failure: it cannot say
+            found = False
+        if found is not None:
+            self._upserts = found
+        return bool(found)
+
+    async def finish(self, experiment_id: str, end: TraceEnd) -> Outcome:
+        """A trace's info with its assessments, in one request; on a refusal, its run link
+        and its assessments the other way."""
+        store = self._transport()
+        if not self._upserts or not isinstance(store, TraceUpserts):
+            return await self._one_by_one(end)  # refused earlier in the same cycle
+        try:
+            await self.caller.call("finish trace", store.finish_trace, experiment_id, end)
+        except StoreRefused:
+            return HOLD
+        except PermanentError as exc:
+            self._upserts = False
+            logger.warning(
+                "rlm-mlflow: the store refused a trace's info with its assessments (%s); "
+                "assessments are created one by one from now on",
+                self.caller.clean(str(exc)),
+            )
+            return await self._one_by_one(end)
+        except TransientError as exc:
+            self.warnings.warn(
+                "assessments_deferred",
+                "rlm-mlflow: assessments of trace %s not written, kept: %s",
+                end.trace_id,
+                exc,
+            )
+            return DEFERRED
+        self.finished += 1
+        self.written += len(end.assessments)
+        return SENT
+
+    async def _one_by_one(self, end: TraceEnd) -> Outcome:
+        """The trace's run link and its assessments, each its own request."""
+        outcome = SENT
+        if end.run_uuid:
+            outcome = await self.link(end.run_uuid, [end.trace_id])
+        if outcome != SENT:
+            return outcome
+        return await self.write(end.trace_id, end.assessments)
 
     async def link(self, run_uuid: str, trace_ids: Sequence[str]) -> Outcome:
         """Link traces to one more run (a benchmark's evaluation run)."""

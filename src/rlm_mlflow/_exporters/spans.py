@@ -321,6 +321,23 @@ def _session_attributes(run: RunInfo) -> dict[str, str | None]:
     }
 
 
+def run_error(end: RunEnd) -> str | None:
+    """Why a run's span (and, for a root, its trace) is an error: it did not finish, or it
+    says it did not complete; None when it is not."""
+    if end.status != "FINISHED":
+        return f"the run ended {end.status}"
+    if end.completed is False:
+        return "the run did not complete"
+    return None
+
+
+def run_times_ms(run: RunInfo, end: RunEnd) -> tuple[int, int]:
+    """A run span's start and duration in milliseconds, as MLflow reads them from it."""
+    start_ns = max(0, run.start_ns or end.timestamp_ns)
+    end_ns = max(start_ns, end.timestamp_ns)
+    return start_ns // 1_000_000, end_ns // 1_000_000 - start_ns // 1_000_000
+
+
 class SpanBuilder:
     """Builds serialized OTLP spans (:mod:`.otlp`)."""
 
@@ -566,11 +583,7 @@ class SpanBuilder:
                     **_session_attributes(run),
                 }
             )
-        error = None
-        if end.status != "FINISHED":
-            error = f"the run ended {end.status}"
-        elif completed is False:
-            error = "the run did not complete"
+        error = run_error(end)
         parent = None
         if run.parent_no is not None and run.parent_step is not None and not run.is_root:
             parent = ids.step(run.parent_no, run.parent_step)

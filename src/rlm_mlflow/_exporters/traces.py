@@ -3,7 +3,9 @@
 Each drain cycle's spans go out together: one OTLP request (protobuf, gzip) with every span of
 the traces still running, and one per trace whose root run ended in the cycle, sent last with
 the root's MLflow run in its header, which links the trace to that run (the run page's Traces
-tab, ``search_traces(run_id=...)``). Spans are upserted by their ids, so a retry or a replay
+tab, ``search_traces(run_id=...)``). On a store that writes a trace's info with its assessments
+(:mod:`.assessments`), that info links it instead, and the spans of ending traces share the
+requests of the others. Spans are upserted by their ids, so a retry or a replay
 never duplicates one. A store that says itself that it cannot take traces (a server older than
 MLflow 3.6, a store without trace ingest answering 501) turns traces off with one warning: the
 spans of that cycle are counted as rejected (``traces_unsupported``), never as sent; runs go
@@ -34,9 +36,16 @@ from .._config import DEFAULT_SPAN_BUDGET
 from .._events import CaseResult, RunEnd, Step
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
-from .._transports.base import Assessment, AssessmentStore, Dataset, Metric, Transport
+from .._transports.base import (
+    Assessment,
+    AssessmentStore,
+    Dataset,
+    Metric,
+    TraceEnd,
+    Transport,
+)
 from .assessments import AssessmentsExporter, assessment_key, number, outcome_of, value_of
-from .spans import Elided, Ids, RunInfo, SpanBuilder
+from .spans import Elided, Ids, RunInfo, SpanBuilder, run_error, run_times_ms
 from .work import DEFERRED, HOLD, SENT, Outcome, RunRefs, RunWork
 
 logger = logging.getLogger("rlm_mlflow")
@@ -179,10 +188,15 @@ class TracesExporter:
             return outcomes
         if self._builder is None:
             self._builder = SpanBuilder(self.ids)
+        # A store that writes a trace's info with its Feedback links each trace to its run
+        # there: the spans of ending traces then share requests with the others.
+        upserts = False
+        if any(self.ends_root(w) and w.no not in self.benchmarks for w in todo):
+            upserts = await self.assessments.upserts()
         if sum(len(w.span_steps) for w in todo) > _BUILD_ON_THREAD:
-            requests = await anyio.to_thread.run_sync(self._requests_of, todo)
+            requests = await anyio.to_thread.run_sync(self._requests_of, todo, upserts)
         else:
-            requests = self._requests_of(todo)
+            requests = self._requests_of(todo, upserts)
         experiment_id = await self.runs.ensure_experiment()
         for index, (run_uuid, spans, nos) in enumerate(requests):
             outcome = await self._send(experiment_id, run_uuid, spans)
@@ -198,14 +212,17 @@ class TracesExporter:
                 outcomes[no] = worse(outcomes[no], outcome)
         self._settle_summaries(outcomes)
         if self.active:
-            await self._assess(todo, outcomes)
+            await self._assess(todo, outcomes, experiment_id if upserts else None)
         self._forget_ended(works)
         return outcomes
 
-    async def _assess(self, works: Sequence[RunWork], outcomes: dict[int, Outcome]) -> None:
+    async def _assess(
+        self, works: Sequence[RunWork], outcomes: dict[int, Outcome], upsert_in: str | None
+    ) -> None:
         """The assessments of each trace whose root span is stored now (see
-        :mod:`.assessments`), then what benchmarks say of their cases, then the aggregates of
-        each benchmark that ended. A run's outcome is kept for replay until they are written."""
+        :mod:`.assessments`; with ``upsert_in``, the experiment, they go with the trace's info
+        and run link), then what benchmarks say of their cases, then the aggregates of each
+        benchmark that ended. A run's outcome is kept for replay until they are written."""
         for work in works:
             end = work.span_end
             if work.no in self.benchmarks or end is None or outcomes[work.no] != SENT:
@@ -214,7 +231,10 @@ class TracesExporter:
                 continue
             info = self._info(work)
             trace_id = self.ids.trace_hex(info.root_no)
-            outcome = await self.assessments.write(trace_id, outcome_of(trace_id, end))
+            if upsert_in is not None:
+                outcome = await self.assessments.finish(upsert_in, self._trace_end(info, end))
+            else:
+                outcome = await self.assessments.write(trace_id, outcome_of(trace_id, end))
             bench = self.case_of.get(work.no)
             if bench is not None and outcome == SENT:
                 ref = self.runs.ref_of(bench)
@@ -237,6 +257,21 @@ class TracesExporter:
                 outcomes[work.no] = worse(outcomes[work.no], outcome)
             if work.span_end is not None and outcomes[work.no] == SENT:
                 outcomes[work.no] = await self._aggregate(work.no, work.span_end)
+
+    def _trace_end(self, info: RunInfo, end: RunEnd) -> TraceEnd:
+        """What the trace of a root run that ended says, as its root span says it."""
+        trace_id = self.ids.trace_hex(info.root_no)
+        start_ms, duration_ms = run_times_ms(info, end)
+        ref = self.runs.ref_of(info.root_no)
+        return TraceEnd(
+            trace_id=trace_id,
+            request_time_ms=start_ms,
+            duration_ms=duration_ms,
+            state="OK" if run_error(end) is None else "ERROR",
+            run_uuid=ref.run_uuid if ref is not None else None,
+            assessments=tuple(outcome_of(trace_id, end)),
+            at_ms=end.timestamp_ns // 1_000_000,
+        )
 
     def _case_figures(self, bench: int, case: int, start_ns: int, end: RunEnd) -> None:
         figures = self.figures.setdefault(bench, {}).setdefault(case, {})
@@ -329,18 +364,21 @@ class TracesExporter:
         return None
 
     def _requests_of(
-        self, works: Sequence[RunWork]
+        self, works: Sequence[RunWork], shared_ends: bool = False
     ) -> list[tuple[str | None, list[bytes], set[int]]]:
         """The spans of a cycle as requests: each trace whose root run ends now in one request
-        of its own, linked to the root's MLflow run; the spans of running traces together.
+        of its own, linked to the root's MLflow run (unless ``shared_ends``: its info links it
+        then), and the spans of running traces together.
         Past a trace's span budget, steps go into their run's summary span (see
         :meth:`_step_spans`), re-sent with the figures so far in each cycle that changes it."""
         builder = self._builder
         assert builder is not None
         benchmarks = self.benchmarks
-        ending = {
-            self._info(w).root_no for w in works if self.ends_root(w) and w.no not in benchmarks
-        }
+        ending = set()
+        if not shared_ends:
+            ending = {
+                self._info(w).root_no for w in works if self.ends_root(w) and w.no not in benchmarks
+            }
         shared: list[bytes] = []
         shared_nos: set[int] = set()
         traces: dict[int, tuple[list[bytes], set[int]]] = {root: ([], set()) for root in ending}

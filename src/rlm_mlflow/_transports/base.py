@@ -7,6 +7,7 @@ anything ``MlflowClient`` reaches, such as the default sqlite store).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -86,6 +87,12 @@ class Assessment:
     source_type: str = "CODE"
     source_id: str = "rlm-mlflow"
     rationale: str | None = None
+
+    @property
+    def assessment_id(self) -> str:
+        """An id stable for the key (MLflow's form, ``a-`` and 32 hex digits): written with a
+        trace's info, the same assessment written again replaces itself."""
+        return "a-" + hashlib.sha256(self.key.encode()).hexdigest()[:32]
 
     def body(self, trace_id: str) -> dict[str, Any]:
         """The ``assessment`` object of MLflow's REST API (``CreateAssessment``)."""
@@ -243,6 +250,37 @@ class AssessmentStore(Protocol):
 
     def log_dataset(self, run_uuid: str, dataset: Dataset) -> None:
         """Log a dataset as the run's input; logging it again changes nothing."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEnd:
+    """What a trace's info says once its root run has ended, with its assessments: written in
+    one request that creates or completes the info and replaces what it held under the same
+    keys (see :class:`TraceUpserts`)."""
+
+    trace_id: str
+    request_time_ms: int  # its root span's start
+    duration_ms: int
+    state: str  # "OK" or "ERROR", as its root span's status says
+    run_uuid: str | None  # the MLflow run it belongs to (metadata ``mlflow.sourceRun``)
+    assessments: tuple[Assessment, ...] = ()
+    at_ms: int = 0  # when its assessments were made (its root run's end)
+
+
+@runtime_checkable
+class TraceUpserts(Protocol):
+    """A store that writes a trace's info and its assessments in one idempotent request, which
+    keeps what the trace's spans put there (MLflow 3.13 and newer merge ``StartTraceV3`` into
+    an existing trace; older servers replace its tags, metadata and assessments)."""
+
+    def upserts_traces(self) -> bool | None:
+        """Whether :meth:`finish_trace` may be used: None while the store cannot say (no
+        answer); never raises."""
+        ...
+
+    def finish_trace(self, experiment_id: str, end: TraceEnd) -> None:
+        """Write the trace's info and assessments; writing it again changes nothing."""
         ...
 
 

@@ -20,6 +20,7 @@ import mimetypes
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from .base import (
     Dataset,
     Metric,
     RunRef,
+    TraceEnd,
     key_filter,
     prefix_filter,
 )
@@ -47,6 +49,9 @@ __all__ = ["MAX_IN_FLIGHT", "RestTransport", "retry_after_seconds", "shared_tran
 _TRACES_SINCE = (3, 6)
 #: The first MLflow release with assessments on traces.
 _ASSESSMENTS_SINCE = (3, 0)
+#: The first MLflow release whose ``StartTraceV3`` merges into a trace its spans created
+#: (before it, the trace's tags, metadata and assessments were replaced by the request's).
+_UPSERTS_SINCE = (3, 13)
 _TRACES_V3 = "/api/3.0/mlflow/traces"
 #: Error codes a server gives for an endpoint it does not have.
 _NO_ENDPOINT_CODES = frozenset({"ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED"})
@@ -134,6 +139,8 @@ class RestTransport:
         )
         self._shared_key: tuple[object, ...] | None = None
         self._no_range_reads = False  # the server has no range read of a metric (older)
+        # The server's version from ``/version``: a tuple once read, () when it did not say.
+        self._version: tuple[int, int] | tuple[()] | None = None
         self._users = 0
 
     @property
@@ -456,16 +463,58 @@ class RestTransport:
         return self._older_than(_TRACES_SINCE)
 
     def _older_than(self, since: tuple[int, int]) -> bool:
+        version = self._server_version()
+        return version is not None and version != () and version < since
+
+    def _server_version(self) -> tuple[int, int] | tuple[()] | None:
+        """The server's (major, minor) from ``/version``, read once; () when what answers
+        does not say it (a proxy's page, no such path); None when nothing answered."""
+        if self._version is not None:
+            return self._version
         try:
             answer = self.http.send("GET", "/version")
         except TransientError:
-            return False
-        if answer.status_code != 200:
-            return False
+            return None
+        if answer.status_code >= 500 or answer.status_code == 429:
+            return None  # a server or proxy in trouble now: asked again later
         found = re.fullmatch(r"\s*(\d+)\.(\d+)[^\s]*\s*", answer.text[:64])
-        if found is None:
-            return False
-        return (int(found[1]), int(found[2])) < since
+        if answer.status_code != 200 or found is None:
+            self._version = ()
+        else:
+            self._version = (int(found[1]), int(found[2]))
+        return self._version
+
+    def upserts_traces(self) -> bool | None:
+        version = self._server_version()
+        if version is None:
+            return None
+        return bool(version) and version >= _UPSERTS_SINCE
+
+    def finish_trace(self, experiment_id: str, end: TraceEnd) -> None:
+        info: dict[str, Any] = {
+            "trace_id": end.trace_id,
+            "trace_location": {
+                "type": "MLFLOW_EXPERIMENT",
+                "mlflow_experiment": {"experiment_id": experiment_id},
+            },
+            "request_time": _timestamp(end.request_time_ms),
+            "execution_duration": f"{max(0, end.duration_ms) / 1000:.3f}s",
+            "state": end.state,
+        }
+        if end.run_uuid:
+            info["trace_metadata"] = {"mlflow.sourceRun": end.run_uuid}
+        if end.assessments:
+            at = _timestamp(end.at_ms)
+            info["assessments"] = [
+                {
+                    **assessment.body(end.trace_id),
+                    "assessment_id": assessment.assessment_id,
+                    "create_time": at,
+                    "last_update_time": at,
+                }
+                for assessment in end.assessments
+            ]
+        self._assessments_call("POST", _TRACES_V3, {"trace": {"trace_info": info}})
 
     def hurry(self, closing: bool) -> None:
         """A sink of this process begins (True) or ends (False) closing against a deadline:
@@ -563,3 +612,9 @@ def _log_artifact_with_mlflow(run: RunRef, local_path: str, tracking_uri: str) -
     from .client import upload_with_repository
 
     upload_with_repository(run.artifact_uri, local_path, tracking_uri)
+
+
+def _timestamp(ms: int) -> str:
+    """Milliseconds since the epoch as protobuf's JSON form of a Timestamp (RFC 3339, UTC)."""
+    seconds, millis = divmod(max(0, ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"

@@ -22,6 +22,7 @@ from .._transports.base import (
     Dataset,
     Metric,
     RunRef,
+    TraceEnd,
     may_begin,
     parse_spans_request,
 )
@@ -54,8 +55,11 @@ class MemoryTransport:
     """An in-memory MLflow with MLflow's rules that matter here: params are immutable, identical
     metric points are stored once. ``fail`` lets a test make any call fail before it runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, trace_upserts: bool = False) -> None:
         self.lock = threading.Lock()
+        # Whether it writes a trace's info with its assessments in one call (as MLflow 3.13+).
+        self.trace_upserts = trace_upserts
+        self.trace_ends: dict[str, TraceEnd] = {}  # MLflow trace id -> its info as written
         self.experiments: dict[str, str] = {}
         self.runs: dict[str, MemoryRun] = {}
         self.calls: list[str] = []
@@ -239,6 +243,20 @@ class MemoryTransport:
         self._enter("create_assessment")
         with self.lock:  # like MLflow: every create is a new assessment
             self.assessments.setdefault(trace_id, []).append((assessment.key, assessment))
+
+    def upserts_traces(self) -> bool | None:
+        return self.trace_upserts
+
+    def finish_trace(self, experiment_id: str, end: TraceEnd) -> None:
+        self._enter("finish_trace")
+        with self.lock:  # like MLflow: the same ids again replace what they wrote
+            self.trace_ends[end.trace_id] = end
+            if end.run_uuid:
+                self.trace_links[bytes.fromhex(end.trace_id.removeprefix("tr-"))] = end.run_uuid
+            held = self.assessments.setdefault(end.trace_id, [])
+            keys = {assessment.key for assessment in end.assessments}
+            held[:] = [(key, found) for key, found in held if key not in keys]
+            held.extend((assessment.key, assessment) for assessment in end.assessments)
 
     def link_traces(self, run_uuid: str, trace_ids: Sequence[str]) -> None:
         self._enter("link_traces")
