@@ -13,6 +13,7 @@ import pytest
 
 import rlm_mlflow
 from rlm_mlflow import MLflowSink
+from rlm_mlflow._events import RunEnd
 from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
 
 FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.05, "retry_max_wait": 0.5}
@@ -178,19 +179,29 @@ def test_lost_answers_write_no_assessment_or_link_twice(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    "failing",
+    [
+        pytest.param("/api/3.0/mlflow/traces", id="every-assessment"),
+        pytest.param("/assessments", id="the-cases-records-only"),
+    ],
+)
 def test_a_benchmark_killed_before_its_assessments_is_completed_once_by_replay(
+    failing: str,
     agents: Callable[..., Any],
     mlflow_server: MlflowServer,
     mlflow_client: Any,
     experiment_name: str,
     journal_dir: Path,
 ) -> None:
-    """Every assessment request fails until the agent is killed: replay writes each once
-    (a second replay adds nothing), links the cases and logs the aggregates."""
+    """Every assessment request fails until the agent is killed (or only those of the cases'
+    expected answers and verdicts: the cases' own traces are done then, and their rewards
+    known only to the killed process): replay writes each once (a second replay adds
+    nothing), links the cases and logs the aggregates, every figure in them."""
     from promises_support import replay_cli
 
     with FaultProxy(mlflow_server.port) as proxy:
-        proxy.set(mode="http", status=503, path="/api/3.0/mlflow/traces")
+        proxy.set(mode="http", status=503, path=failing)
         agent = agents("benchmark_cases.py", proxy.uri, experiment_name)
         status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
         assert status["deferred"] > 0, status
@@ -200,7 +211,13 @@ def test_a_benchmark_killed_before_its_assessments_is_completed_once_by_replay(
         assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
     (run,) = evaluation_runs(mlflow_client, experiment_name).values()
     assert_benchmark(mlflow_client, run, "bench", [1.0, 0.0, 1.0])
-    assert run.data.metrics["reward/mean"] == pytest.approx(2 / 3)
+    metrics = run.data.metrics
+    assert metrics["cases"] == 3
+    assert metrics["reward/mean"] == pytest.approx(2 / 3)
+    assert metrics["completed/mean"] == pytest.approx(2 / 3)
+    assert metrics["judge/mean"] == pytest.approx(2 / 3)
+    assert metrics["tokens/total"] == 60
+    assert "duration/mean" in metrics
 
 
 def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> None:
@@ -367,3 +384,18 @@ def test_rlm_code_run_benchmark_under_rlm_mlflow_run_is_an_evaluation_run(
         ], named
         found[named["expected_response"][0].value] = named["answer_match"][0].value
     assert found == {"done": True, "42": False}
+
+
+def test_a_benchmarks_end_record_keeps_its_cases_figures_and_only_well_formed_ones() -> None:
+    from rlm_mlflow import _codec
+
+    cases: dict[Any, Any] = {3: {"reward": 1.0, "completed": 1.0, "verdict:judge": 0.0}, 4: {}}
+    payload = _codec.encode_end(1, 2, run_id="bench", status="FINISHED", cases=cases)
+    end = _codec.decode(payload)
+    assert isinstance(end, RunEnd)
+    assert end.cases == {3: {"reward": 1.0, "completed": 1.0, "verdict:judge": 0.0}, 4: {}}
+    odd: dict[Any, Any] = {"x": {"reward": 1.0}, 4: {"reward": "a", "tokens": 5, "ok": True}}
+    damaged = _codec.encode_end(1, 2, run_id="bench", status="FINISHED", cases=odd)
+    assert _codec.decode(damaged).cases == {4: {"tokens": 5.0}}  # type: ignore[union-attr]
+    plain = _codec.decode(_codec.encode_end(1, 2, run_id="run", status="FINISHED"))
+    assert plain.cases is None  # type: ignore[union-attr]

@@ -113,7 +113,8 @@ class Benchmark:
             if bench_no == run.no:
                 pipeline.cases.pop(run_id, None)
         report = os.fspath(self.report) if self.report is not None else None
-        pipeline.end(self.name, {"completed": exc_type is None}, report)
+        cases = pipeline.case_figures.pop(run.no, None)
+        pipeline.end(self.name, {"completed": exc_type is None}, report, cases=cases)
 
 
 def _dataset(name: str, dataset: str | Sequence[Any] | None) -> dict[str, Any] | None:

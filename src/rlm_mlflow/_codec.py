@@ -38,6 +38,7 @@ printed output keeps its head and its tail (an error is usually at the end).
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import re
@@ -626,8 +627,9 @@ def encode_end(
     final: list[Any] | None = None,
     usage: Counts | None = None,
     flags: int = 0,
+    cases: dict[int, dict[str, float]] | None = None,
 ) -> bytes:
-    document = {
+    document: dict[str, Any] = {
         "run_id": run_id,
         "status": status,
         "completed": plain(completed),
@@ -637,6 +639,8 @@ def encode_end(
         "final": final,
         "usage": usage,
     }
+    if cases:
+        document["cases"] = {str(no): figures for no, figures in cases.items()}
     return _PREFIX.pack(KIND_END, flags, run_no, timestamp_ns) + _json(document)
 
 
@@ -730,6 +734,7 @@ def decode(payload: bytes | memoryview) -> Event:
                 _text_of(document.get("final")),
                 _usage_of(document.get("usage")),
                 replaced,
+                _cases_of(document.get("cases")),
             )
         if kind == KIND_CASE:
             rationale = document.get("rationale")
@@ -746,6 +751,22 @@ def decode(payload: bytes | memoryview) -> Event:
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"not a record: {type(exc).__name__}: {exc}") from None
     raise ValueError(f"unknown record kind {kind}")
+
+
+def _cases_of(value: object) -> dict[int, dict[str, float]] | None:
+    """A benchmark end's case figures, what of them is well formed."""
+    if not isinstance(value, dict):
+        return None
+    cases: dict[int, dict[str, float]] = {}
+    for no, figures in value.items():
+        if not (isinstance(no, str) and no.isdigit() and isinstance(figures, dict)):
+            continue
+        cases[int(no)] = {
+            str(name): float(figure)
+            for name, figure in figures.items()
+            if type(figure) in (int, float) and math.isfinite(figure)
+        }
+    return cases or None
 
 
 def _id_of(value: object) -> str | None:

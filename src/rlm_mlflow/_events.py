@@ -142,6 +142,14 @@ class RunEnd:
     final: Text | None = None
     usage: Usage | None = None  # what the run used in all (its steps' usage added up)
     replaced: bool = False  # a lone surrogate in its texts (not UTF-8) was replaced by U+FFFD
+    # A benchmark's end: what its hooks saw of each case (case's run no -> figure -> value:
+    # reward, completed, tokens, duration, VERDICT + judge), kept with the end so that a
+    # replay after a crash aggregates what an earlier process had already sent.
+    cases: dict[int, dict[str, float]] | None = None
+
+
+#: A judge's verdict among a case's figures (the judge's name follows).
+VERDICT = "verdict:"
 
 
 @dataclass(frozen=True, slots=True)

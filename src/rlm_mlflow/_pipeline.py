@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import math
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from typing import Any
 
 from . import _codec, _fork, _session
 from ._config import Overflow, SinkConfig
+from ._events import VERDICT
 from ._journal import HFLAG_SPILLED, HFLAG_TRACES, Journal, Segment, default_journal_dir
 from ._stats import AtomicCounter, RateLimitedWarnings, Tally
 
@@ -69,6 +71,7 @@ class OpenRun:
         "previous",
         "root",
         "run_id",
+        "started_ns",
         "steps",
         "thread",
         "tokens",
@@ -82,6 +85,7 @@ class OpenRun:
         self.implicit = implicit
         self.steps = 0
         self.last_ns = time.time_ns()  # its previous step, or its start: where a step began
+        self.started_ns = self.last_ns
         # The run with the same id this one hides (started again on this thread while open).
         self.previous: OpenRun | None = None
         self.parent: OpenRun | None = None
@@ -172,6 +176,9 @@ class Pipeline:
         # benchmark's run, the case's run)
         self.bench: OpenRun | None = None
         self.cases: dict[str, tuple[int, int]] = {}
+        # What the hooks saw of each case: benchmark's run no -> case's run no -> its figures
+        # (written with the benchmark's end: see RunEnd.cases).
+        self.case_figures: dict[int, dict[int, dict[str, float]]] = {}
         self.end_status = "FAILED"  # for runs still open at close; KILLED after a signal
         # Waking the worker costs a system call: only when it sleeps and a batch is ready.
         self.worker_asleep = False
@@ -224,7 +231,7 @@ class Pipeline:
             elif self.bench is not None and not benchmark:  # a case of the open benchmark
                 bench_no = self.bench.no
                 self.cases[rid] = (bench_no, run.no)
-            run.last_ns = now = now_ns()
+            run.last_ns = run.started_ns = now = now_ns()
             depth = params.get("depth") if type(params) is dict else None
             session = user = None
             if parent is None:  # a child is in its root's trace, and so in its session
@@ -294,7 +301,14 @@ class Pipeline:
         finally:
             self.exited.incr()
 
-    def end(self, run_id: object, result: object, run_path: object) -> None:
+    def end(
+        self,
+        run_id: object,
+        result: object,
+        run_path: object,
+        *,
+        cases: dict[int, dict[str, float]] | None = None,
+    ) -> None:
         if self.off:
             return
         self.entered.incr()  # before looking at ``active``: close() waits for us (see quiet)
@@ -323,9 +337,14 @@ class Pipeline:
                 reported = _codec.usage_counts(summary)
                 if reported is not None and reported[2] >= usage[2]:
                     usage = reported
+            now = now_ns()
+            case = self.cases.get(run.run_id)
+            if case is not None and case[1] == run.no:
+                figures = self.case_figures.setdefault(case[0], {}).setdefault(run.no, {})
+                _add_figures(figures, values[0], values[2], usage[2], now - run.started_ns)
             payload = _codec.encode_end(
                 run.no,
-                now_ns(),
+                now,
                 run_id=run.run_id,
                 status="FINISHED",
                 completed=values[0],
@@ -336,6 +355,7 @@ class Pipeline:
                     _codec.text_document(final, "final", self.texts) if final is not None else None
                 ),
                 usage=usage,
+                cases=cases,
             )
             self.admit(payload, ctl=True)
             self._forget(run)
@@ -370,6 +390,10 @@ class Pipeline:
             if found is None or found[0] != bench_no:
                 self.bad_input("case_unknown", rid, "is not a run of this benchmark; not recorded")
                 return
+            score = float(verdict) if type(verdict) is bool else _finite(verdict)
+            if score is not None:
+                figures = self.case_figures.setdefault(bench_no, {}).setdefault(found[1], {})
+                figures[VERDICT + judge] = score
             payload = _codec.encode_case(
                 bench_no,
                 now_ns(),
@@ -761,3 +785,25 @@ class Pipeline:
         self.reset()
         if unavailable:
             self.off, self.active = True, False
+
+
+def _finite(value: object) -> float | None:
+    """A finite int or float (not a bool) as a float, else None."""
+    if type(value) in (int, float) and math.isfinite(value):  # type: ignore[arg-type]
+        return float(value)  # type: ignore[arg-type]
+    return None
+
+
+def _add_figures(
+    figures: dict[str, float], completed: object, reward: object, tokens: int, took_ns: int
+) -> None:
+    """A case's figures from its end, as the benchmark's aggregates take them."""
+    found = _finite(reward)
+    if found is not None:
+        figures["reward"] = found
+    if type(completed) is bool:
+        figures["completed"] = float(completed)
+    if tokens:
+        figures["tokens"] = float(tokens)
+    if took_ns >= 0:
+        figures["duration"] = took_ns / 1e9

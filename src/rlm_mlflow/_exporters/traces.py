@@ -33,7 +33,7 @@ import anyio
 
 from .._calls import Caller
 from .._config import DEFAULT_SPAN_BUDGET
-from .._events import CaseResult, RunEnd, Step
+from .._events import VERDICT, CaseResult, RunEnd, Step
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import (
@@ -300,12 +300,16 @@ class TracesExporter:
             score = float(verdict) if type(verdict) is bool else number(verdict)
             if score is not None:
                 figures = self.figures.setdefault(case.run_no, {}).setdefault(case.case_no, {})
-                figures[_VERDICT + case.judge] = score
+                figures[VERDICT + case.judge] = score
         return await self.assessments.write(trace_id, found)
 
     async def _aggregate(self, bench: int, end: RunEnd) -> Outcome:
         """A benchmark's aggregate metrics, on its evaluation run, once."""
-        cases = self.figures.pop(bench, {})
+        # What the hooks saw (kept with the end through a crash), and what the cases' ends and
+        # records said here (cases the sink or a replay ended).
+        cases = {no: dict(figures) for no, figures in (end.cases or {}).items()}
+        for no, figures in self.figures.pop(bench, {}).items():
+            cases.setdefault(no, {}).update(figures)
         ref = self.runs.ref_of(bench)
         if ref is None:
             return SENT
@@ -325,7 +329,7 @@ class TracesExporter:
         names = sorted({name for figures in cases.values() for name in figures})
         for name in names:
             values = [figures[name] for figures in cases.values() if name in figures]
-            key = _METRIC_UNSAFE.sub("_", name.removeprefix(_VERDICT))[:200]
+            key = _METRIC_UNSAFE.sub("_", name.removeprefix(VERDICT))[:200]
             metrics.append(Metric(f"{key}/mean", mean(values), at, 0))
         tokens = [figures["tokens"] for figures in cases.values() if "tokens" in figures]
         if tokens:
@@ -705,8 +709,6 @@ class TracesExporter:
         return worse(first, await self._send(experiment_id, run_uuid, spans[half:]))
 
 
-#: A verdict among a case's figures (its judge's name follows).
-_VERDICT = "verdict:"
 #: What MLflow refuses in a metric name.
 _METRIC_UNSAFE = re.compile(r"[^\w\-. /]")
 
