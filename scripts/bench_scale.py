@@ -473,11 +473,18 @@ def by_endpoint(paths: dict[str, int]) -> Counter[str]:
     return out
 
 
+#: Requests shared by many runs: OTLP batches of many traces' spans, searches for a page of
+#: runs, the experiment's lookup, the server's version.
+_SHARED_PATHS = frozenset({"/v1/traces", "/version", "/api/2.0/mlflow/runs/search"})
+
+
 def _trace_paths(paths: dict[str, int]) -> int:
-    """Trace requests that carry many runs' spans (OTLP batches): not one trace's own requests
-    (its assessments, say), which count as their run's."""
+    """Requests shared by many runs (see :data:`_SHARED_PATHS`): not one trace's own requests
+    (its info, its assessments), which count as their run's."""
     return sum(
-        n for path, n in by_endpoint(paths).items() if "trace" in path and "{trace_id}" not in path
+        n
+        for path, n in by_endpoint(paths).items()
+        if path in _SHARED_PATHS or path.startswith("/api/2.0/mlflow/experiments/")
     )
 
 
@@ -572,7 +579,8 @@ def targets(results: dict[str, Any], plan: ScalePlan) -> list[list[str]]:
                 "requests",
                 f"{per_run:.1f} per run ({replay['requests'] - trace_requests:,} for "
                 f"{runs:,} runs, a trace's own requests included) "
-                f"+ {trace_requests:,} shared trace requests",
+                f"+ {trace_requests:,} shared requests (span batches, run searches, the "
+                "experiment, the server's version)",
                 _ok(per_run <= REPLAY_REQUESTS_PER_RUN),
             ]
         )
