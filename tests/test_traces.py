@@ -307,6 +307,10 @@ def test_the_embedded_store_gets_traces_too(tmp_path: Path, experiment_name: str
     assert trace.info.token_usage["total_tokens"] == 204
     run = store.run(experiment_name, "root")
     assert len(traces_of(store, experiment_name, run_id=run.info.run_id)) == 1
+    # The trace's info went with its Feedback in one write (MLflow 3.13+ database store).
+    assert trace.info.trace_metadata["mlflow.sourceRun"] == run.info.run_id
+    assert [(a.name, a.value) for a in trace.info.assessments] == [("completed", True)]
+    assert trace.info.state.value == "OK"
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ the runtime dependency) can only talk to a server.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from .base import (
     Dataset,
     Metric,
     RunRef,
+    TraceEnd,
     key_filter,
     may_begin,
     parse_spans_request,
@@ -32,6 +34,10 @@ from .base import (
 )
 
 T = TypeVar("T")
+
+#: The first MLflow release whose database store merges a trace's info into the trace its
+#: spans made (see ``TraceUpserts``).
+_UPSERTS_SINCE = (3, 13)
 
 # MLflow error codes that mean "this request will never succeed".
 _PERMANENT_CODES = frozenset(
@@ -302,31 +308,45 @@ class ClientTransport:
         return self._call("get trace", run)
 
     def create_assessment(self, trace_id: str, assessment: Assessment) -> None:
+        self._call(
+            "create assessment",
+            lambda: self._client._tracking_client.store.create_assessment(
+                _entity(assessment, trace_id)
+            ),
+        )
+
+    def upserts_traces(self) -> bool | None:
+        """A database store of MLflow 3.13 or newer, in this process (see ``TraceUpserts``)."""
+        try:
+            import mlflow
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        except Exception:  # the slim client: no database store here
+            return False
+        found = re.match(r"(\d+)\.(\d+)", mlflow.__version__)
+        if found is None or (int(found[1]), int(found[2])) < _UPSERTS_SINCE:
+            return False
+        return isinstance(self._client._tracking_client.store, SqlAlchemyStore)
+
+    def finish_trace(self, experiment_id: str, end: TraceEnd) -> None:
         def run() -> None:
-            from mlflow.entities.assessment import Expectation, Feedback
-            from mlflow.entities.assessment_source import AssessmentSource
+            from mlflow.entities import TraceInfo, TraceLocation, TraceState
 
-            source = AssessmentSource(
-                source_type=assessment.source_type, source_id=assessment.source_id
+            info = TraceInfo(
+                trace_id=end.trace_id,
+                trace_location=TraceLocation.from_experiment_id(experiment_id),
+                request_time=end.request_time_ms,
+                execution_duration=max(0, end.duration_ms),
+                state=TraceState(end.state),
+                trace_metadata={"mlflow.sourceRun": end.run_uuid} if end.run_uuid else {},
+                tags={},
+                assessments=[
+                    _entity(assessment, end.trace_id, at_ms=end.at_ms, with_id=True)
+                    for assessment in end.assessments
+                ],
             )
-            metadata = {ASSESSMENT_KEY: assessment.key}
-            made: Any
-            if assessment.kind == "expectation":
-                made = Expectation(
-                    assessment.name, assessment.value, source, trace_id, metadata=metadata
-                )
-            else:
-                made = Feedback(
-                    assessment.name,
-                    assessment.value,
-                    source=source,
-                    trace_id=trace_id,
-                    metadata=metadata,
-                    rationale=assessment.rationale,
-                )
-            self._client._tracking_client.store.create_assessment(made)
+            self._client._tracking_client.store.start_trace(info)
 
-        self._call("create assessment", run)
+        self._call("finish trace", run)
 
     def link_traces(self, run_uuid: str, trace_ids: Sequence[str]) -> None:
         self._call(
@@ -394,3 +414,39 @@ def upload_with_repository(artifact_uri: str, local_path: str, tracking_uri: str
         repository.log_artifacts(os.fspath(path))
     else:
         repository.log_artifact(os.fspath(path))
+
+
+def _entity(
+    assessment: Assessment, trace_id: str, *, at_ms: int | None = None, with_id: bool = False
+) -> Any:
+    """The assessment as MLflow's entity (a Feedback or an Expectation)."""
+    from mlflow.entities.assessment import Expectation, Feedback
+    from mlflow.entities.assessment_source import AssessmentSource
+
+    source = AssessmentSource(source_type=assessment.source_type, source_id=assessment.source_id)
+    metadata = {ASSESSMENT_KEY: assessment.key}
+    made: Any
+    if assessment.kind == "expectation":
+        made = Expectation(
+            assessment.name,
+            assessment.value,
+            source,
+            trace_id,
+            metadata=metadata,
+            create_time_ms=at_ms,
+            last_update_time_ms=at_ms,
+        )
+    else:
+        made = Feedback(
+            assessment.name,
+            assessment.value,
+            source=source,
+            trace_id=trace_id,
+            metadata=metadata,
+            rationale=assessment.rationale,
+            create_time_ms=at_ms,
+            last_update_time_ms=at_ms,
+        )
+    if with_id:
+        made.assessment_id = assessment.assessment_id
+    return made
