@@ -297,3 +297,28 @@ def test_a_store_that_refuses_the_trace_info_gets_links_and_assessments_one_by_o
     assert {runs[f"scored-{i}"] for i in range(3)} <= linked
     refusals = [r for r in caplog.records if "refused a trace's info" in r.getMessage()]
     assert len(refusals) == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param({"status": 200, "body": b"<html><form>Sign in</form></html>"}, id="login-200"),
+        pytest.param({"status": 404, "body": b"<html>Not Found</html>"}, id="page-404"),
+    ],
+)
+def test_a_proxy_page_for_the_server_version_keeps_assessments_one_by_one(
+    answer: dict[str, Any], mlflow_server: MlflowServer, mlflow_client: Any, experiment_name: str
+) -> None:
+    """A proxy that answers ``/version`` with its own page hides the server's version: the
+    trace info is never written with the assessments (an older server would replace the
+    trace's tags and assessments), and each assessment is created once."""
+    with FaultProxy(mlflow_server.port) as inner, FaultProxy(inner.port) as outer:
+        outer.set(mode="http", content_type="text/html", path="/version", **answer)
+        sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=outer.uri, **FAST)
+        run_scored(sink, 2)
+        sink.close(WAIT)
+        status = sink.status()
+        assert status["deferred"] == 0, status
+        assert outer.paths["/version"] == 1, outer.paths  # asked once, the answer kept
+        assert inner.paths[TRACE_INFO] == 0, inner.paths
+    assert_each_once(mlflow_client, experiment_name, 2)

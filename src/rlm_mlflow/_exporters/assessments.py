@@ -188,8 +188,8 @@ class AssessmentsExporter:
             return False
         try:
             found = await self.caller.once("read server version", store.upserts_traces)
-        except Exception:  # a custom store's failure: it cannot say
-            found = False
+        except Exception:  # a custom store's failure: it cannot say now, asked again later
+            return False
         if found is not None:
             self._upserts = found
         return bool(found)
