@@ -279,13 +279,11 @@ class Ordered(MemoryTransport):
         super().export_spans(experiment_id, run_uuid, request)
 
 
-def test_sinks_closing_together_end_every_run_before_anyone_sends_steps_or_spans(
-    tmp_path: Path,
-) -> None:
-    """Four sinks, each with a run of 600 steps (more than one round of requests), close
-    together against one deadline while one run's end is slow: no sink sends steps or spans
-    before every run is ended; then everything lands."""
-    memory = Ordered(held="run-0", patience=2.0)
+@contextlib.contextmanager
+def four_closing_sinks(memory: Ordered, tmp_path: Path) -> Iterator[list[MLflowSink]]:
+    """Four sinks sharing ``memory``, each with a run of 600 steps (more than one round of
+    requests) ended and a run ``warm`` left open, their workers asleep: the block closes them
+    (``memory.order`` records only what the close sends); afterwards each is closed anyway."""
     experiment = f"many-{uuid.uuid4().hex[:8]}"
     sinks: list[MLflowSink] = []
     settings: dict[str, Any] = {
@@ -315,11 +313,14 @@ def test_sinks_closing_together_end_every_run_before_anyone_sends_steps_or_spans
             sinks.append(sink)
         del memory.order[:]
         memory.too_early.clear()
-        close_all(None, WAIT)
+        yield sinks
     finally:
         memory.too_early.set()
         for sink in sinks:
             sink.close(1.0)
+
+
+def assert_every_run_ended_first_then_everything_landed(memory: Ordered) -> None:
     order = memory.order
     ends = [i for i, (kind, what) in enumerate(order) if kind == "end" and what.startswith("run")]
     others = [i for i, (kind, _) in enumerate(order) if kind != "end"]
@@ -330,6 +331,49 @@ def test_sinks_closing_together_end_every_run_before_anyone_sends_steps_or_spans
         stored = memory.one(f"run-{n}")
         assert stored.status == "FINISHED"
         assert len(stored.history("step_reward")) == 600
+
+
+def test_sinks_closing_together_end_every_run_before_anyone_sends_steps_or_spans(
+    tmp_path: Path,
+) -> None:
+    """Four sinks close together against one deadline while one run's end is slow: no sink
+    sends steps or spans before every run is ended; then everything lands."""
+    memory = Ordered(held="run-0", patience=2.0)
+    with four_closing_sinks(memory, tmp_path):
+        close_all(None, WAIT)
+    assert_every_run_ended_first_then_everything_landed(memory)
+
+
+def test_the_sink_woken_first_to_close_waits_for_the_others_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first sink woken by a close of all sinks runs ahead of the others (here: the others
+    are woken only once it has sent its ends and either waits for them or sent more): it still
+    sends no steps or spans before every other sink has ended its runs."""
+    import rlm_mlflow._runtime as runtime
+
+    memory = Ordered(held="none", patience=0.0)
+    woken: list[Any] = []
+    request_close = runtime.request_close
+
+    def one_then_the_rest(worker: Any, deadline: float | None) -> None:
+        request_close(worker, deadline)
+        if woken:
+            return
+        woken.append(worker)
+        gate = worker.loop.gate
+
+        def first_went_ahead() -> bool:
+            waits = gate._clear is not None  # it waits at the gate for the others
+            return waits or any(kind != "end" for kind, _ in memory.order)
+
+        assert wait_for(first_went_ahead, WAIT)
+
+    monkeypatch.setattr(runtime, "request_close", one_then_the_rest)
+    with four_closing_sinks(memory, tmp_path):
+        close_all(None, WAIT)
+    assert woken
+    assert_every_run_ended_first_then_everything_landed(memory)
 
 
 # -- a process of many sinks, dropped without close(), against a slow server -----------------------

@@ -239,6 +239,11 @@ def close_all(status: str | None = None, timeout: float | None = None) -> None:
     # all of them are done by the deadline.
     sending = deadline - min(timeout * FINISH_SHARE, FINISH_EACH * len(workers))
     reports = CloseReports() if len(workers) > 1 else None
+    # Every closing sink in its loop's gate before any is woken: the first one woken could
+    # otherwise send its ends and pass the gate before the others have entered it.
+    for worker in workers:
+        if worker.pipeline.state not in (State.IDLE, State.CLOSED):
+            worker.enter_gate()
     for worker in workers:
         if status is not None:
             worker.pipeline.end_status = status

@@ -95,7 +95,8 @@ class ClosingGate:
     when it closes against a deadline, it waits here until every other closing sink of its loop
     has done the same before it sends steps that did not fit and spans. With hundreds of sinks
     closing at exit, every run is ended before the deadline's time goes to anyone's steps.
-    Used on its loop's thread only: no lock."""
+    A close of all sinks enters each in the gate before it wakes any (:meth:`Worker.enter_gate`,
+    from its own thread: one set insertion); the rest happens on the loop's thread: no lock."""
 
     def __init__(self) -> None:
         self.pending: set[int] = set()  # id() of the workers whose ends are not sent yet
@@ -658,6 +659,16 @@ class Worker:
         gate.leave(self)
         if self.close_deadline is not None:
             await gate.wait()
+
+    def enter_gate(self) -> None:
+        """Before the sinks of a loop are woken to close together (any thread): this one is
+        in the loop's closing gate before any of them can pass it, so none sends steps or
+        spans while another has not begun to send its runs' ends. A sink that has begun its
+        close already is left as it is."""
+        gate = getattr(self.loop, "gate", None)
+        if isinstance(gate, ClosingGate) and not self._closing and self._gate is None:
+            self._gate = gate
+            gate.enter(self)
 
     async def _begin_close(self) -> None:
         pipeline = self.pipeline
