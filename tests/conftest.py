@@ -29,6 +29,16 @@ def journal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def no_sink_outlives_its_test() -> Iterator[None]:
+    """A test that fails before closing its sinks does not leave their workers sending (or
+    retrying against a proxy that is gone) into the tests that follow it."""
+    yield
+    from rlm_mlflow._runtime import close_all
+
+    close_all(None, 2.0)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A real ``mlflow server`` (sqlite backend, proxied artifacts) on a free loopback port."""
