@@ -11,6 +11,7 @@ nanoseconds since the epoch, taken when the hook was called.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,36 @@ class RunEnd:
 
 #: A judge's verdict among a case's figures (the judge's name follows).
 VERDICT = "verdict:"
+
+
+def finite(value: object) -> float | None:
+    """A finite int or float (not a bool) as a float, else None."""
+    if type(value) in (int, float):
+        number = float(value)  # type: ignore[arg-type]
+        return number if math.isfinite(number) else None
+    return None
+
+
+def verdict_score(verdict: object) -> float | None:
+    """A judge's verdict as a figure: a bool as 0 or 1, a finite number as it is."""
+    return float(verdict) if type(verdict) is bool else finite(verdict)
+
+
+def case_figures(
+    completed: object, reward: object, tokens: int, start_ns: int, end_ns: int
+) -> dict[str, float]:
+    """A benchmark case's figures from its end, as the benchmark's aggregates take them."""
+    figures: dict[str, float] = {}
+    found = finite(reward)
+    if found is not None:
+        figures["reward"] = found
+    if type(completed) is bool:
+        figures["completed"] = float(completed)
+    if tokens:
+        figures["tokens"] = float(tokens)
+    if start_ns and end_ns >= start_ns:
+        figures["duration"] = (end_ns - start_ns) / 1e9
+    return figures
 
 
 @dataclass(frozen=True, slots=True)

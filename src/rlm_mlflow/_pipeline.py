@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import math
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 from . import _codec, _fork, _session
 from ._config import Overflow, SinkConfig
-from ._events import VERDICT
+from ._events import VERDICT, case_figures, verdict_score
 from ._journal import HFLAG_SPILLED, HFLAG_TRACES, Journal, Segment, default_journal_dir
 from ._stats import AtomicCounter, RateLimitedWarnings, Tally
 
@@ -341,7 +340,7 @@ class Pipeline:
             case = self.cases.get(run.run_id)
             if case is not None and case[1] == run.no:
                 figures = self.case_figures.setdefault(case[0], {}).setdefault(run.no, {})
-                _add_figures(figures, values[0], values[2], usage[2], now - run.started_ns)
+                figures.update(case_figures(values[0], values[2], usage[2], run.started_ns, now))
             payload = _codec.encode_end(
                 run.no,
                 now,
@@ -390,7 +389,7 @@ class Pipeline:
             if found is None or found[0] != bench_no:
                 self.bad_input("case_unknown", rid, "is not a run of this benchmark; not recorded")
                 return
-            score = float(verdict) if type(verdict) is bool else _finite(verdict)
+            score = verdict_score(verdict)
             if score is not None:
                 figures = self.case_figures.setdefault(bench_no, {}).setdefault(found[1], {})
                 figures[VERDICT + judge] = score
@@ -785,25 +784,3 @@ class Pipeline:
         self.reset()
         if unavailable:
             self.off, self.active = True, False
-
-
-def _finite(value: object) -> float | None:
-    """A finite int or float (not a bool) as a float, else None."""
-    if type(value) in (int, float) and math.isfinite(value):  # type: ignore[arg-type]
-        return float(value)  # type: ignore[arg-type]
-    return None
-
-
-def _add_figures(
-    figures: dict[str, float], completed: object, reward: object, tokens: int, took_ns: int
-) -> None:
-    """A case's figures from its end, as the benchmark's aggregates take them."""
-    found = _finite(reward)
-    if found is not None:
-        figures["reward"] = found
-    if type(completed) is bool:
-        figures["completed"] = float(completed)
-    if tokens:
-        figures["tokens"] = float(tokens)
-    if took_ns >= 0:
-        figures["duration"] = took_ns / 1e9

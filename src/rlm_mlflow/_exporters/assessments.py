@@ -28,12 +28,12 @@ with one warning; each assessment not written is counted in ``status()["rejected
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._calls import Caller
 from .._events import RunEnd
+from .._events import finite as number
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import (
@@ -55,14 +55,6 @@ MAX_VALUE_TEXT = 4_000
 def assessment_key(trace_id: str, name: str) -> str:
     """The key of the assessment ``name`` on trace ``trace_id`` (one per trace and name)."""
     return f"{trace_id}/{name}"
-
-
-def number(value: object) -> float | None:
-    """A finite number (not a bool) as a float, else None."""
-    if type(value) in (int, float):
-        number = float(value)  # type: ignore[arg-type]
-        return number if math.isfinite(number) else None
-    return None
 
 
 def value_of(value: object) -> Any:
@@ -115,7 +107,6 @@ class AssessmentsExporter:
         # went out with spans): their first write needs no read either.
         self.fresh: set[str] = set()
         self._upserts: bool | None = None  # the store writes a trace's info with them
-        self.finished = 0  # traces whose info and assessments went in one request
 
     def _off(self, why: str) -> None:
         self.unsupported = why
@@ -220,7 +211,6 @@ class AssessmentsExporter:
                 exc,
             )
             return DEFERRED
-        self.finished += 1
         self.written += len(end.assessments)
         return SENT
 

@@ -33,7 +33,7 @@ import anyio
 
 from .._calls import Caller
 from .._config import DEFAULT_SPAN_BUDGET
-from .._events import VERDICT, CaseResult, RunEnd, Step
+from .._events import VERDICT, CaseResult, RunEnd, Step, case_figures, verdict_score
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import (
@@ -44,7 +44,7 @@ from .._transports.base import (
     TraceEnd,
     Transport,
 )
-from .assessments import AssessmentsExporter, assessment_key, number, outcome_of, value_of
+from .assessments import AssessmentsExporter, assessment_key, outcome_of, value_of
 from .spans import Elided, Ids, RunInfo, SpanBuilder, run_error, run_times_ms
 from .work import DEFERRED, HOLD, SENT, Outcome, RunRefs, RunWork
 
@@ -274,16 +274,9 @@ class TracesExporter:
         )
 
     def _case_figures(self, bench: int, case: int, start_ns: int, end: RunEnd) -> None:
-        figures = self.figures.setdefault(bench, {}).setdefault(case, {})
-        reward = number(end.total_reward)
-        if reward is not None:
-            figures["reward"] = reward
-        if type(end.completed) is bool:
-            figures["completed"] = float(end.completed)
-        if end.usage is not None and end.usage.total_tokens:
-            figures["tokens"] = float(end.usage.total_tokens)
-        if start_ns and end.timestamp_ns >= start_ns:
-            figures["duration"] = (end.timestamp_ns - start_ns) / 1e9
+        tokens = end.usage.total_tokens if end.usage is not None else 0
+        figures = case_figures(end.completed, end.total_reward, tokens, start_ns, end.timestamp_ns)
+        self.figures.setdefault(bench, {}).setdefault(case, {}).update(figures)
 
     async def _case(self, case: CaseResult) -> Outcome:
         """The expected answer and the verdict of one case, on its trace."""
@@ -297,7 +290,7 @@ class TracesExporter:
         if verdict is not None:
             key = assessment_key(trace_id, case.judge)
             found.append(Assessment(case.judge, verdict, key, rationale=case.rationale))
-            score = float(verdict) if type(verdict) is bool else number(verdict)
+            score = verdict_score(verdict)
             if score is not None:
                 figures = self.figures.setdefault(case.run_no, {}).setdefault(case.case_no, {})
                 figures[VERDICT + case.judge] = score
