@@ -627,9 +627,13 @@ def test_an_idle_sink_lets_go_of_its_journal(
     monkeypatch.setattr(rlm_mlflow._worker, "JOURNAL_IDLE", 0.0)
     memory = MemoryTransport()
     sink = make_sink(memory)
-    run_one(sink, "first")
-    assert sink.flush(patient(10))
+    sink.on_run_start("first", task="solve it", environment="pure", params={})
+    # Read while the run is open (an open run keeps its journal): once it has ended and been
+    # sent, the worker may swap the journal before the test reads the sink's status.
     first = Path(str(sink.status()["journal"]))
+    sink.on_step("first", event={"step": 0, "reward": 0.5}, cumulative_reward=0.5)
+    sink.on_run_end("first", result={"completed": True, "steps": 1}, run_path=None)
+    assert sink.flush(patient(10))
     assert wait_for(lambda: not first.exists())
     fresh = sink.status()["journal"]
     assert fresh is not None
