@@ -22,6 +22,20 @@ def steps(sink: MLflowSink, run_id: str, count: int, start: int = 0) -> None:
         sink.on_step(run_id, event={"step": i, "reward": 1.0}, cumulative_reward=float(i + 1))
 
 
+def large_output(number: int) -> str:
+    """A step's 8 KB of stdout, different for each step."""
+    return "".join(f"step {number} window {i:5d}: 3 primes\n" for i in range(300))
+
+
+def large_step(number: int) -> dict[str, object]:
+    return {
+        "step": number,
+        "reward": 1.0,
+        "action": {"action": "run_python", "code": "x = 1\n" * 340, "rationale": "look"},
+        "observation": {"success": True, "stdout": large_output(number), "stderr": ""},
+    }
+
+
 def ready() -> None:
     sys.stdout.write("READY\n")
     sys.stdout.flush()
@@ -90,6 +104,12 @@ def main() -> None:
         sink.close()
         ready()
         raise SystemExit(os.waitstatus_to_exitcode(status))
+    if mode == "large-steps":  # RLM Code-sized steps, then the agent thinks until killed
+        for i in range(5, 8):
+            sink.on_step("main", event=large_step(i), cumulative_reward=float(i + 1))
+        ready()
+        time.sleep(60)
+        return
     if mode == "forever":  # an agent that runs until a signal stops it
         ready()
         step = 5

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from promises_support import patient, wait_until
-from rlm_mlflow import MLflowSink, TransientError, _journal_format, _worker
+from rlm_mlflow import MLflowSink, TransientError, _journal, _journal_format, _worker
 from rlm_mlflow._codec import decode
 from rlm_mlflow._events import Step
 from rlm_mlflow._journal_format import ScanStats, scan_segment
@@ -44,29 +44,66 @@ def journaled(memory: MemoryTransport, journal_dir: Path) -> MLflowSink:
     return MLflowSink(enabled=True, transport=memory, journal_dir=journal_dir, flush_interval=0.05)
 
 
-def test_a_large_step_is_summed_in_pieces_the_lock_is_kept_through(
+def test_a_large_step_is_summed_by_the_worker_not_the_hook(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """The hook sums small records only; the worker sums a large one when it reads it back (in
+    one call: zlib gives up the lock, the hooks run meanwhile), and the journal then holds every
+    record summed, as a reader checks it."""
     counting = _CountingZlib()
     monkeypatch.setattr(_journal_format, "zlib", counting)
+    monkeypatch.setattr(_journal, "zlib", counting)
     code = "x = 1\n" * 340  # 2 KB
     stdout = "".join(f"window {i:5d}: 3 primes\n" for i in range(400))  # 8 KB
     memory = MemoryTransport()
+    hook_thread = threading.get_ident()
     with journaled(memory, tmp_path) as sink:
         sink.on_run_start("r", task="t", environment="e", params={})
         for number in range(3):
             sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
+        assert sink.flush(patient(10))
+        on_hook = [size for thread, size in counting.sizes if thread == hook_thread]
+        assert max(on_hook) <= _journal.SMALL_RECORD  # the run's start only
+        on_worker = [size for thread, size in counting.sizes if thread != hook_thread]
+        assert len([size for size in on_worker if size > len(stdout)]) == 3  # whole, once each
+        stats = ScanStats()
+        records = [
+            record
+            for path in sorted(tmp_path.rglob("*.seg"))
+            for record in scan_segment(path, stats)
+        ]
+        assert len(records) == 4
+        assert not stats.damaged
+        assert not [r for r in records if r.flags & _journal_format.HFLAG_UNSUMMED]
         sink.on_run_end("r", result={"completed": True}, run_path=None)
-    hook_thread = threading.get_ident()
-    on_hook = [size for thread, size in counting.sizes if thread == hook_thread]
-    assert sum(on_hook) > 3 * len(stdout)  # the steps were summed on the hook, in full
-    assert max(on_hook) <= ZLIB_RELEASES_ABOVE
-    # Written in pieces, read back whole: the worker sent each step's texts as given.
+    # Read back whole: the worker sent each step's texts as given.
     spans = spans_of(memory)
     for number in range(3):
         outputs = spans[f"step {number}: run_python"][0]["mlflow.spanOutputs"]
         assert outputs["stdout"] == "```\n" + stdout + "```"
     assert memory.one("r").history("step_reward") == [(0, 0.5), (1, 0.5), (2, 0.5)]
+
+
+def test_with_fsync_on_the_hook_sums_every_record_in_pieces_the_lock_is_kept_through(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``journal_fsync`` promises records that survive a machine crash checked: the hook sums
+    a large one too, in pieces small enough that zlib keeps the lock."""
+    counting = _CountingZlib()
+    monkeypatch.setattr(_journal_format, "zlib", counting)
+    stdout = "".join(f"window {i:5d}: 3 primes\n" for i in range(400))  # 8 KB
+    memory = MemoryTransport()
+    hook_thread = threading.get_ident()
+    with MLflowSink(
+        enabled=True, transport=memory, journal_dir=tmp_path, journal_fsync=True
+    ) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        sink.on_step("r", event=code_event(0, "print(1)", stdout), cumulative_reward=0.5)
+        on_hook = [size for thread, size in counting.sizes if thread == hook_thread]
+        assert sum(on_hook) > len(stdout)
+        assert max(on_hook) <= ZLIB_RELEASES_ABOVE
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+    assert memory.one("r").history("step_reward") == [(0, 0.5)]
 
 
 def test_a_record_written_in_pieces_passes_the_readers_checks(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from rlm_mlflow import MLflowSink, replay
 from rlm_mlflow._codec import decode
 from rlm_mlflow._events import Step
 from rlm_mlflow._journal_format import (
+    HFLAG_UNSUMMED,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     ScanStats,
@@ -105,14 +106,45 @@ def test_a_damaged_record_mid_segment_hides_nothing_after_it(
     assert_each_once(store.steps(store.run(experiment_name, "damaged")), intact)
 
 
-def segment_of(*payloads: bytes) -> bytearray:
-    """A segment file's contents holding these records, with room after them."""
+def segment_of(*payloads: bytes, unsummed: frozenset[int] = frozenset()) -> bytearray:
+    """A segment file's contents holding these records, with room after them; the records at
+    the indexes in ``unsummed`` written as a hook writes a large one (no checksum)."""
     import zlib
 
     data = bytearray(segment_header(0, 0))
-    for payload in payloads:
-        data += struct.pack("<IIBBH", len(payload), zlib.crc32(payload), 0, 0, 0) + payload
+    for index, payload in enumerate(payloads):
+        if index in unsummed:
+            header = struct.pack("<IIBBH", len(payload), 0, 0, HFLAG_UNSUMMED, 0)
+        else:
+            header = struct.pack("<IIBBH", len(payload), zlib.crc32(payload), 0, 0, 0)
+        data += header + payload
     return data + bytes(4096)
+
+
+def test_an_unsummed_record_is_read_whole_but_never_found_after_damage(tmp_path: Path) -> None:
+    """A record its hook left unsummed is read when the scan comes to it; looking byte by byte
+    for the first whole record after damage, only a checksum counts, so the scan goes on to the
+    next summed record and reports the unsummed one with the damage."""
+    payloads = [bytes([65 + i]) * (20 + i) for i in range(4)]
+    data = segment_of(*payloads, unsummed=frozenset({1, 2}))
+    records = list(scan_segment(tmp_path / "x.seg", ScanStats(), bytes(data)))
+    assert [r.payload for r in records] == payloads
+    # Garbage over the first record: the unsummed ones after it cannot vouch for themselves.
+    start = SEGMENT_HEADER_SIZE
+    data[start : start + RECORD_HEADER_SIZE + 20] = bytes(range(7, 7 + RECORD_HEADER_SIZE + 20))
+    stats = ScanStats()
+    records = list(scan_segment(tmp_path / "x.seg", stats, bytes(data)))
+    assert [r.payload for r in records] == [payloads[3]]
+    end = start + sum(RECORD_HEADER_SIZE + len(p) for p in payloads[:3])
+    assert [(d.start, d.end) for d in stats.damaged] == [(start, end)]
+    # An unsummed record with a checksum in its header is not one a hook wrote.
+    data = segment_of(*payloads, unsummed=frozenset({1}))
+    offset = SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE + 20
+    data[offset + 4 : offset + 8] = struct.pack("<I", 1)
+    stats = ScanStats()
+    records = list(scan_segment(tmp_path / "x.seg", stats, bytes(data)))
+    assert [r.payload for r in records] == [payloads[0], *payloads[2:]]
+    assert len(stats.damaged) == 1
 
 
 def test_a_write_cut_at_the_end_is_torn_not_damage(tmp_path: Path) -> None:

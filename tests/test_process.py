@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
+from agent_process import large_output
 from rlm_mlflow import MLflowSink, replay
+from rlm_mlflow._journal_format import HFLAG_UNSUMMED, ScanStats, scan_segment
 from rlm_mlflow.testing import MlflowServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -199,6 +201,46 @@ def test_replay_of_a_journal_never_sent(
     assert steps[:5] == [0, 1, 2, 3, 4]
     assert steps == list(range(len(steps)))
     assert run.data.params["mode"] == "forever"
+
+
+def test_large_steps_killed_before_the_worker_summed_them_are_replayed_whole_once(
+    lab: Lab,
+) -> None:
+    """A hook writes a large step without its checksum (the worker sums it when it reads it
+    back). Killed before the worker could: the records are whole in the page cache, replay reads
+    them, and each step lands once with its texts as the agent gave them."""
+    dead_end = f"http://127.0.0.1:{free_port()}"  # the worker never gets to read a record
+    process = start_agent("large-steps", dead_end, lab.experiment, lab.journal_dir)
+    process.kill()
+    finish(process)
+    (journal,) = lab.journal_dir.iterdir()
+    stats = ScanStats()
+    unsummed = [
+        record
+        for path in sorted(journal.glob("L*-S*.seg"))
+        for record in scan_segment(path, stats)
+        if record.flags & HFLAG_UNSUMMED
+    ]
+    assert not stats.damaged
+    assert not stats.torn
+    assert len(unsummed) == 3  # the three large steps, and only they
+    report = replay(lab.journal_dir, tracking_uri=lab.uri)
+    assert report.ok, report
+    run = lab.runs()["main"]
+    assert run.info.status == "KILLED"
+    assert lab.steps(run) == list(range(8))
+    experiment_id = run.info.experiment_id
+    (trace,) = lab.client.search_traces(locations=[experiment_id])
+    outputs = {
+        span.name: span.outputs for span in trace.data.spans if span.name.startswith("step ")
+    }
+    for number in range(5, 8):
+        (stdout,) = [
+            o["stdout"] for name, o in outputs.items() if name.startswith(f"step {number}:")
+        ]
+        assert stdout == "```\n" + large_output(number) + "```"
+    assert replay(lab.journal_dir, tracking_uri=lab.uri).journals == 0
+    assert lab.steps(run) == list(range(8))
 
 
 def tear_after_last_record(segment: Path) -> None:

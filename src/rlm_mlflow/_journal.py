@@ -37,9 +37,11 @@ import logging
 import mmap
 import os
 import secrets
+import struct
 import threading
 import time
 import weakref
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,9 +49,12 @@ from typing import Any
 
 from ._config import redact_uri
 from ._journal_format import (
+    CRC_OFFSET,
+    FLAGS_OFFSET,
     FORMAT,
     HFLAG_SPILLED,
     HFLAG_TRACES,
+    HFLAG_UNSUMMED,
     MAX_RECORD,
     NEW,
     RECORD,
@@ -70,6 +75,7 @@ from ._journal_format import (
 __all__ = [
     "HFLAG_SPILLED",
     "HFLAG_TRACES",
+    "HFLAG_UNSUMMED",
     "RUNS_DONE",
     "RUNS_IN_FLIGHT",
     "TRACES_DONE",
@@ -85,9 +91,14 @@ __all__ = [
 
 logger = logging.getLogger("rlm_mlflow")
 
+_CRC = struct.Struct("<I")
 _INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
 _CONTROL_KINDS = frozenset({1, 3})  # _codec.KIND_START, KIND_END: a payload's first byte
 
+#: A record up to this size is summed by its hook (and queued in memory, never read back); a
+#: larger one is written unsummed, queued by reference, and summed by the worker as it reads it
+#: back (see ``_journal_format``), unless ``fsync`` is on.
+SMALL_RECORD = 2048
 #: First segment of a lane, and the most a segment grows to (each new one is 4 times larger).
 FIRST_SEGMENT = 256 << 10
 MAX_SEGMENT = 16 << 20
@@ -168,6 +179,20 @@ class Segment:
             return True
         mm = self.mm
         return finished(mm[offset + STATE_OFFSET], mm[offset + STATE_OFFSET + 1])
+
+    def sum_unsummed(self, offset: int, payload: bytes) -> None:
+        """Worker: give a record its hook wrote unsummed (``HFLAG_UNSUMMED``) its checksum,
+        ``payload`` being its bytes as read back. The checksum goes in before the flag is
+        cleared, so a crash in between leaves a record that is read as unsummed."""
+        if self.removed:
+            return
+        mm = self.mm
+        flags = mm[offset + FLAGS_OFFSET]
+        if not flags & HFLAG_UNSUMMED:
+            return
+        # Summed in one call: zlib gives up the interpreter lock for it, the hooks run meanwhile.
+        _CRC.pack_into(mm, offset + CRC_OFFSET, zlib.crc32(payload))
+        mm[offset + FLAGS_OFFSET] = flags & ~HFLAG_UNSUMMED
 
     def payload(self, offset: int) -> bytes:
         """The payload of the record at ``offset`` (a large record is queued by reference)."""
@@ -297,9 +322,12 @@ class Lane:
             end = offset + RECORD_HEADER_SIZE + size
         mm = segment.mm
         mm[offset + RECORD_HEADER_SIZE : end] = payload
-        mm[offset : offset + RECORD_HEADER_SIZE] = RECORD.pack(
-            size, checksum(payload), NEW, flags, 0
-        )
+        if size > self.journal.sum_up_to:
+            flags |= HFLAG_UNSUMMED
+            crc = 0
+        else:
+            crc = checksum(payload)
+        mm[offset : offset + RECORD_HEADER_SIZE] = RECORD.pack(size, crc, NEW, flags, 0)
         segment.pos = end
         segment.written += 1
         if end > segment.low_mark and self.next is None:
@@ -434,6 +462,7 @@ class Journal:
         self.folder = folder
         self.prefix = prefix
         self.fsync = fsync
+        self.sum_up_to = MAX_RECORD if fsync else SMALL_RECORD  # larger: summed by the worker
         self._lock_fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         meta = {

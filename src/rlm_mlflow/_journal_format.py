@@ -9,6 +9,14 @@ The writer copies the payload in before the header, so a record whose header is 
 and a record cut by a crash has no header (length 0): the end of what was written. The checksum
 covers the payload; ``state`` is updated in place as exporters finish with the record.
 
+A large record may be written *unsummed* (``HFLAG_UNSUMMED``, checksum 0): summing 10 KB costs a
+hook several microseconds, so the worker sums it when it reads the record back (within a drain
+cycle) and clears the flag. A process killed in between leaves the record whole in the page
+cache, and its header says so; only a machine crash before the sum (which, without ``fsync``,
+may lose any recent record anyway) could leave such a record unchecked. With ``fsync`` on,
+hooks sum every record. An unsummed record is read as whole when its header is sound, but is
+never taken as the first whole record after damage (only a matching checksum proves that).
+
 Reading back (:func:`scan_segment`) survives damage in the middle of a file (a torn page, bit
 rot): a record that fails its checks is skipped by its length when a whole record follows it,
 otherwise the scan looks byte by byte for the next whole record (a valid header whose checksum
@@ -57,7 +65,9 @@ def checksum(payload: bytes, crc: int = 0) -> int:
 
 
 RECORD_HEADER_SIZE = RECORD.size
+CRC_OFFSET = 4
 STATE_OFFSET = 8
+FLAGS_OFFSET = 9
 
 NEW = 0
 RUNS_IN_FLIGHT = 1
@@ -68,7 +78,8 @@ _KNOWN_STATE = RUNS_IN_FLIGHT | RUNS_DONE | TRACES_IN_FLIGHT | TRACES_DONE
 
 HFLAG_SPILLED = 1  # the record went to the journal only (the memory queue was full)
 HFLAG_TRACES = 2  # the record is also sent as spans (traces were on when it was written)
-_KNOWN_FLAGS = HFLAG_SPILLED | HFLAG_TRACES
+HFLAG_UNSUMMED = 4  # written without its checksum (0): the worker sums it on reading it back
+_KNOWN_FLAGS = HFLAG_SPILLED | HFLAG_TRACES | HFLAG_UNSUMMED
 
 MAX_RECORD = 64 << 20
 
@@ -149,8 +160,11 @@ class ScanStats:
     damaged: list[Damage] = field(default_factory=list)  # skipped, whole records after them
 
 
-def _record_end(data: bytes | mmap.mmap, offset: int, size: int) -> int | None:
-    """Where the whole record at ``offset`` ends; None if there is none there."""
+def _record_end(
+    data: bytes | mmap.mmap, offset: int, size: int, *, summed: bool = False
+) -> int | None:
+    """Where the whole record at ``offset`` ends; None if there is none there. ``summed``: an
+    unsummed record does not count (looking for the first whole record after damage)."""
     if offset + RECORD_HEADER_SIZE > size:
         return None
     length: int
@@ -165,6 +179,8 @@ def _record_end(data: bytes | mmap.mmap, offset: int, size: int) -> int | None:
         or body + length > size
     ):
         return None
+    if flags & HFLAG_UNSUMMED:
+        return None if summed or crc else body + length
     if zlib.crc32(data[body : body + length]) != crc:
         return None
     return body + length
@@ -193,7 +209,7 @@ def _resync(data: bytes | mmap.mmap, start: int, size: int) -> int | None:
                 return None
             position = max(position + 1, nonzero - 3)
             continue
-        if _record_end(data, position, size) is not None:
+        if _record_end(data, position, size, summed=True) is not None:
             return position
         position += 1
     return None

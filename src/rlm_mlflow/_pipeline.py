@@ -36,15 +36,23 @@ from typing import Any
 from . import _codec, _fork, _session
 from ._config import Overflow, SinkConfig
 from ._events import VERDICT, case_figures, verdict_score
-from ._journal import HFLAG_SPILLED, HFLAG_TRACES, Journal, Segment, default_journal_dir
+from ._journal import (
+    HFLAG_SPILLED,
+    HFLAG_TRACES,
+    SMALL_RECORD,
+    Journal,
+    Segment,
+    default_journal_dir,
+)
 from ._stats import AtomicCounter, RateLimitedWarnings, Tally
 
 logger = logging.getLogger("rlm_mlflow")
 
 Item = tuple[Segment | None, int, bytes | None]  # None: read the record back from the segment
 
-#: A record larger than this waits in memory by reference only (the journal holds its bytes).
-BY_REFERENCE = 2048
+#: A record larger than this waits in memory by reference only (the journal holds its bytes,
+#: and the worker sums them as it reads them back).
+BY_REFERENCE = SMALL_RECORD
 
 #: While spilling, a hook yields the interpreter once per this many records (+1, a power of two).
 YIELD_EVERY = 255  # (journal segment, offset, record) - no journal: None

@@ -47,7 +47,7 @@ from ._exporters.runs import RunsExporter
 from ._exporters.traces import TracesExporter
 from ._exporters.work import DEFERRED, HOLD, RunWork
 from ._journal import Segment
-from ._pipeline import Item, Pipeline, State
+from ._pipeline import BY_REFERENCE, Item, Pipeline, State
 from ._retry import RetryPolicy
 from ._stats import RateLimitedWarnings, SinkStatistics, WorkerCounts
 from ._transports.base import Transport
@@ -766,6 +766,8 @@ class Worker:
             try:
                 # A large record is queued by reference: its bytes are in the journal.
                 payload = queued if queued is not None else _read_back(segment, offset)
+                if segment is not None and len(payload) > BY_REFERENCE:
+                    segment.sum_unsummed(offset, payload)  # the hook left that to us
                 event = _codec.decode(payload)
             except ValueError:
                 self.counts.dropped["unreadable"] += 1
