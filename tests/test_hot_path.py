@@ -305,3 +305,55 @@ def test_threads_that_start_once_the_disk_is_full_log_in_memory_and_lose_nothing
         run = memory.one(f"r{n}")
         assert run.status == "FINISHED"
         assert [step for step, _ in run.history("step_reward")] == list(range(30))
+
+
+def test_segments_a_hook_made_are_faulted_in_ahead_of_it_while_it_writes(
+    tmp_path: Path,
+) -> None:
+    """A journal made by a sink's first hook, and a segment a hook had to make itself (the
+    worker was not running yet), are not faulted in: each first write to a page costs the hook
+    a page fault. The worker's upkeep faults their pages in ahead of the hook while it writes
+    on, and every record written before, during and after reads back as written."""
+    from rlm_mlflow._journal import Journal
+
+    journal = Journal(tmp_path, prefix="0123456789abcdef", experiment="e", tracking_uri=None)
+    try:
+        lane = journal.lane_for_thread()
+        assert lane is not None
+        payloads = [bytes([48 + i % 10]) * (3000 + i) for i in range(400)]
+        written = 0
+        while lane.next is None and written < len(payloads):  # past a quarter: no next yet
+            assert lane.write(payloads[written], 0) is not None
+            written += 1
+            if lane.segment.pos * 2 > lane.segment.size:
+                break
+        assert not lane.segment.populated
+        assert journal.needs_maintenance()
+
+        done = threading.Event()
+
+        def upkeep() -> None:
+            journal.maintain()
+            done.set()
+
+        worker = threading.Thread(target=upkeep)
+        worker.start()
+        while not done.is_set() and written < len(payloads) // 2:  # writing while it runs
+            assert lane.write(payloads[written], 0) is not None
+            written += 1
+        worker.join(patient(30))
+        assert done.is_set()
+        assert all(segment.populated for segment in (lane.segment, lane.next) if segment)
+        for payload in payloads[written:]:
+            assert lane.write(payload, 0) is not None
+        stats = ScanStats()
+        read = [
+            record.payload
+            for path in sorted(journal.folder.glob(f"L{lane.number:04d}-S*.seg"))
+            for record in scan_segment(path, stats)
+        ]
+        assert not stats.damaged
+        assert not stats.torn
+        assert read == payloads
+    finally:
+        journal.close(keep=False)

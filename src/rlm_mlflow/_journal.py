@@ -30,6 +30,7 @@ no run whose start it holds is still open (replay must find every open run to en
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -136,6 +137,7 @@ class Segment:
         "mm",
         "number",
         "path",
+        "populated",
         "pos",
         "removed",
         "sealed",
@@ -160,6 +162,7 @@ class Segment:
         self.starts_ended = 0
         self.removed = False
         self.damaged = False  # replay: bytes in it could not be read; the file stays
+        self.populated = False  # its pages faulted in, writable (worker)
 
     def mark(self, offset: int, bits: int) -> bool:
         """Add ``bits`` to a record's state; whether that finished it (True once per record:
@@ -208,7 +211,8 @@ class Segment:
         ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14) through ctypes, which releases the GIL for
         the call (the ``mmap`` module's own ``madvise`` would hold it, and stall every hook);
         elsewhere, zeros written through the file put the pages in the page cache at least."""
-        if _populate_write(self.mm, self.size):
+        self.populated = True
+        if _populate_write(self.mm, 0, self.size):
             return
         zeros = bytes(1 << 20)
         fd = os.open(self.path, os.O_WRONLY)
@@ -217,6 +221,16 @@ class Segment:
                 os.pwrite(fd, zeros[: min(len(zeros), self.size - start)], start)
         finally:
             os.close(fd)
+
+    def populate_ahead(self) -> None:
+        """Fault in the pages of a segment in use that no one populated (made by a hook, before
+        the worker ran), from just past where its writer is now: ``MADV_POPULATE_WRITE`` leaves
+        the bytes as they are, so the hook may write meanwhile. Nothing where it is not there."""
+        self.populated = True
+        start = min(self.size, (self.pos // mmap.PAGESIZE + 1) * mmap.PAGESIZE)
+        if start < self.size and not self.removed:
+            with contextlib.suppress(ValueError, BufferError):  # closed meanwhile
+                _populate_write(self.mm, start, self.size - start)
 
     @property
     def finished(self) -> bool:
@@ -244,7 +258,8 @@ _MADV_POPULATE_WRITE = 23
 _madvise: Any = None
 
 
-def _populate_write(mm: mmap.mmap, size: int) -> bool:
+def _madvise_function() -> Any:
+    """``(ctypes, madvise)`` where ``MADV_POPULATE_WRITE`` may work here; None where it cannot."""
     global _madvise
     if _madvise is None:
         try:
@@ -257,15 +272,27 @@ def _populate_write(mm: mmap.mmap, size: int) -> bool:
             _madvise = (ctypes, function)
         except (OSError, AttributeError):
             _madvise = False
-    if not _madvise:
+    return _madvise or None
+
+
+def populates_in_place() -> bool:
+    """Whether pages can be faulted in while a hook writes to the segment (else only before)."""
+    return _madvise_function() is not None
+
+
+def _populate_write(mm: mmap.mmap, start: int, length: int) -> bool:
+    global _madvise
+    found = _madvise_function()
+    if found is None:
         return False
-    ctypes, function = _madvise
-    view = (ctypes.c_char * size).from_buffer(mm)
+    ctypes, function = found
+    view = (ctypes.c_char * length).from_buffer(mm, start)
     address = ctypes.addressof(view)
     del view  # the mapping must stay closable
-    if function(address, size, _MADV_POPULATE_WRITE) == 0:
+    if function(address, length, _MADV_POPULATE_WRITE) == 0:
         return True
-    _madvise = False  # not supported here (an older kernel): never ask again
+    if ctypes.get_errno() == errno.EINVAL:
+        _madvise = False  # not supported here (an older kernel): never ask again
     return False
 
 
@@ -553,6 +580,7 @@ class Journal:
                 segment = self._allocate(lane.number, size)
             if segment is None:
                 return None
+            self.ask_upkeep()  # made here, unpopulated: the worker faults its pages in ahead
         lane.segments.append(segment)
         lane.segment = segment
         old.sealed = True
@@ -561,19 +589,15 @@ class Journal:
     def maintain(self, populate: bool = True) -> bool:
         """Worker: keep spare lanes, and a next segment for lanes past a quarter of theirs,
         ready (pages faulted in), so that hooks almost never make a file or take a page fault
-        themselves. Whether anything had to be made."""
+        themselves. Whether anything had to be made. Most urgent first: the pages ahead of a
+        hook in a segment no one faulted in, then next segments, then spare lanes."""
         if self.failed is not None or self.closed or self.retiring:
             return False
         made = False
-        while len(self._free) < self.spares:
-            lane = self._new_lane(listed=False)
-            if lane is None:
-                break
-            if populate:
-                lane.segment.populate()
-            self.lanes.append(lane)  # handed out only now, its pages in place
-            self._free.append(lane)
-            made = True
+        if populate:
+            # Segments a hook made (before the worker ran, or faster than it could make them),
+            # lanes made unpopulated at the journal's start: in place, ahead of the hook.
+            made = self._populate_in_use()
         for lane in list(self.lanes):
             segment = lane.segment
             if lane.next is None and segment.pos * 4 > segment.size:
@@ -581,11 +605,38 @@ class Journal:
                     prepared = self._allocate(lane.number, self._next_size(segment))
                 if prepared is None:
                     break
-                if populate:
-                    prepared.populate()
+                if populate and not populates_in_place():
+                    prepared.populate()  # zeros through the file: before a hook may write there
+                # Handed out at once: a hook that fills its segment while the pages are faulted
+                # in takes this one, not one it would make (and fault in) itself.
                 lane.next = prepared
                 made = True
+        if populate:
+            made = self._populate_in_use() or made
+        while len(self._free) < self.spares:
+            spare = self._new_lane(listed=False)
+            if spare is None:
+                break
+            if populate:
+                spare.segment.populate()
+            self.lanes.append(spare)  # handed out only now, its pages in place
+            self._free.append(spare)
+            made = True
         return made
+
+    def _populate_in_use(self) -> bool:
+        """Fault in, ahead of their writers, the pages of lanes' segments and next segments
+        that are not yet (those being written first); whether there were any."""
+        waiting = [
+            segment
+            for lane in list(self.lanes)
+            for segment in (lane.segment, lane.next)
+            if segment is not None and not segment.populated
+        ]
+        waiting.sort(key=lambda segment: segment.pos == SEGMENT_HEADER_SIZE)
+        for segment in waiting:
+            segment.populate_ahead()
+        return bool(waiting)
 
     def release_sealed(self) -> None:
         """Worker: remove each sealed segment whose records are all finished. A segment is
@@ -610,7 +661,9 @@ class Journal:
         if len(self._free) < self.spares:
             return True
         return any(
-            lane.next is None and lane.segment.pos * 4 > lane.segment.size
+            (lane.next is None and lane.segment.pos * 4 > lane.segment.size)
+            or not lane.segment.populated
+            or (lane.next is not None and not lane.next.populated)
             for lane in list(self.lanes)
         )
 
