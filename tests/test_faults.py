@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from promises_support import patient
+from promises_support import eventually, patient
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer, local_server
 
@@ -305,6 +305,9 @@ def test_outage_during_ten_concurrent_runs_loses_and_repeats_nothing(
         outage_on.set()
         phase_done.wait(WAIT)
         threading.Event().wait(OUTAGE_SECONDS)  # the server stays down this long
+        # ... and on, until the worker has retried (on a loaded machine its first attempt may
+        # come late); a worker that never retries fails here, its status in the message.
+        eventually(lambda: sink.status()["retries"] > 0, 60)
         during = sink.status()
         proxy.set(mode="pass")
     finally:
