@@ -190,12 +190,14 @@ class Segment:
         if self.removed:
             return
         mm = self.mm
-        flags = mm[offset + FLAGS_OFFSET]
-        if not flags & HFLAG_UNSUMMED:
-            return
-        # Summed in one call: zlib gives up the interpreter lock for it, the hooks run meanwhile.
-        _CRC.pack_into(mm, offset + CRC_OFFSET, zlib.crc32(payload))
-        mm[offset + FLAGS_OFFSET] = flags & ~HFLAG_UNSUMMED
+        with contextlib.suppress(ValueError):  # the mapping closed meanwhile: nothing to sum
+            flags = mm[offset + FLAGS_OFFSET]
+            if not flags & HFLAG_UNSUMMED:
+                return
+            # In one call: zlib gives up the interpreter lock for it, the hooks run meanwhile.
+            crc = zlib.crc32(payload)
+            _CRC.pack_into(mm, offset + CRC_OFFSET, crc)
+            mm[offset + FLAGS_OFFSET] = flags & ~HFLAG_UNSUMMED
 
     def payload(self, offset: int) -> bytes:
         """The payload of the record at ``offset`` (a large record is queued by reference)."""

@@ -574,15 +574,20 @@ class Worker:
         journal = self.pipeline.journal
         if journal is None:
             return False
-        journal.upkeep_asked = False
         journal.release_sealed()
         busy = False
-        if journal.needs_maintenance() and not self._maintaining:
+        # One upkeep at a time. A hook that asks while one runs (the upkeep task woken while
+        # the loop's own upkeep works) finds it done again at once, after: not dropped.
+        while journal.needs_maintenance() and not self._maintaining:
             self._maintaining = True
+            journal.upkeep_asked = False
             try:
-                busy = await anyio.to_thread.run_sync(journal.maintain, abandon_on_cancel=True)
+                made = await anyio.to_thread.run_sync(journal.maintain, abandon_on_cancel=True)
             finally:
                 self._maintaining = False
+            busy = busy or made
+            if not journal.upkeep_asked:
+                break
         if self.config.journal_fsync:
             await anyio.to_thread.run_sync(journal.sync)
         return busy
