@@ -439,7 +439,12 @@ def hooks_section(results: Results) -> list[str]:
                 f"{us(end['p50_us'])} / {us(end['p99_us'])} / {us(end['max_us'])}",
             ]
         )
-    slow = " (a tenth of that for the variants with agent work)" if len(rows) > 2 else ""
+    fewer = []
+    if any("10 KB" in variant for variant in hooks["variants"]):
+        fewer.append("a quarter of that for 10 KB steps (RLM Code's: 2 KB of code, 8 KB of output)")
+    if any("agent work" in variant for variant in hooks["variants"]):
+        fewer.append("a tenth of that for the variants with agent work")
+    slow = f" ({'; '.join(fewer)})" if fewer else ""
     return [
         "## Hook cost in isolation",
         "",

@@ -64,6 +64,17 @@ def run_hooks(ctx: Context) -> dict[str, Any]:
         ("journal=False", {"journal": False}),
     ]
     variants = [{"label": label, "options": o, "think_ms": 0.0, "runs": runs} for label, o in base]
+    # RLM Code's steps (2 KB of code, 8 KB of output): what a hook pays for a 10 KB event.
+    variants += [
+        {
+            "label": f"{label}, 10 KB steps",
+            "options": o,
+            "think_ms": 0.0,
+            "runs": max(1, runs // 4),
+            "rich": True,
+        }
+        for label, o in base
+    ]
     if ctx.plan.hook_think_variants:  # an agent that works between steps, as real ones do
         variants += [
             {

@@ -27,6 +27,7 @@ from .workloads import (
     RlmWorkload,
     RunResult,
     Timings,
+    TraceWorkload,
     drive,
     end_call,
     replay,
@@ -147,9 +148,15 @@ def task_hooks(spec: Spec) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for variant in spec["variants"]:
         runs = variant["runs"]
-        workload = RlmWorkload(
-            runs=runs, threads=1, steps=10, think_ms=variant["think_ms"], artifacts=False
-        )
+        workload: RlmWorkload | TraceWorkload
+        if variant.get("rich"):
+            workload = TraceWorkload(
+                runs=runs, threads=1, steps=10, delegations=0, think_ms=variant["think_ms"]
+            )
+        else:
+            workload = RlmWorkload(
+                runs=runs, threads=1, steps=10, think_ms=variant["think_ms"], artifacts=False
+            )
         sink = make_sink(
             "ours",
             spec["uri"],
