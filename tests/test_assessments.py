@@ -124,6 +124,58 @@ def test_a_write_whose_answer_was_lost_is_not_written_twice(
     assert_each_once(mlflow_client, experiment_name, 2)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    ["500 twice", "401 login page twice", "302 to a login host twice", "413 page always"],
+)
+def test_what_stands_before_the_trace_info_request_loses_and_repeats_no_assessment(
+    answer: str,
+    proxy: FaultProxy,
+    mlflow_client: Any,
+    experiment_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one request that carries a trace's info and its assessments meets what a proxy or
+    the server answers: a 500 is retried; a 401 (a login page) or a redirect to another host
+    holds the writes until it passes; a body limit's 413 page, which a retry would meet again,
+    sends the assessments one by one instead, with one warning. Each lands once."""
+    page = b"<html><body><h1>Sign in</h1></body></html>"
+    if answer == "500 twice":
+        proxy.set(mode="http", status=500, count=2, path=TRACE_INFO, exact_path=True)
+    elif answer == "401 login page twice":
+        proxy.set(mode="http", status=401, body=page, count=2, path=TRACE_INFO, exact_path=True)
+    elif answer == "302 to a login host twice":
+        proxy.set(
+            mode="redirect",
+            status=302,
+            location="https://login.example.com/sso",
+            count=2,
+            path=TRACE_INFO,
+            exact_path=True,
+        )
+    else:  # as a proxy's body limit answers the largest request (the others pass)
+        page = b"<html><body><h1>413 Request Entity Too Large</h1></body></html>"
+        proxy.set(mode="http", status=413, body=page, path=TRACE_INFO, exact_path=True)
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+        run_scored(sink, 3)
+        sink.close(WAIT)
+    status = sink.status()
+    assert status["deferred"] == 0, status
+    assert status["dropped"] == {}, status
+    assert status["runs_open"] == 0, status
+    assert_each_once(mlflow_client, experiment_name, 3)
+    one_by_one = sum(n for path, n in proxy.paths.items() if path.endswith("/assessments"))
+    refusals = [r for r in caplog.records if "refused a trace's info" in r.getMessage()]
+    if answer == "413 page always":
+        assert one_by_one >= 6, proxy.paths  # each of the 3 traces: a create per name
+        assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
+    else:
+        assert not one_by_one, proxy.paths
+        assert proxy.paths[TRACE_INFO] >= 3 + 2, proxy.paths  # each trace, and the two answers
+        assert not refusals
+
+
 def test_an_outage_as_the_runs_end_loses_and_repeats_no_assessment(
     proxy: FaultProxy, mlflow_client: Any, experiment_name: str
 ) -> None:

@@ -30,8 +30,9 @@ every request whose body is larger with an HTML 413 page, whatever the mode (ngi
 ``client_max_body_size``), without forwarding it.
 
 ``count`` applies the mode to the next ``count`` requests only, then the proxy goes back to
-``pass``. ``path``, when given, applies the mode only to requests whose path contains it (the
-others are forwarded, and do not count).
+``pass``. ``path``, when given, applies the mode only to requests whose path contains it (with
+``exact_path``, only to those whose path, without the query string, is ``path``); the others
+are forwarded, and do not count.
 
 ``requests`` counts every request read, ``forwarded`` those that reached the server, and
 ``paths`` the requests read per path (without the query string), whatever the mode.
@@ -143,6 +144,7 @@ class _Settings:
     method: str | None = None
     body_limit: int | None = None
     location: str | None = None
+    exact_path: bool = False
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]] | None:
@@ -373,6 +375,7 @@ class FaultProxy:
         method: str | None = None,
         body_limit: int | None = None,
         location: str | None = None,
+        exact_path: bool = False,
     ) -> None:
         """Apply ``mode`` (and ``latency``) to the requests that follow; see the module docstring.
 
@@ -406,6 +409,7 @@ class FaultProxy:
             method.upper() if method else None,
             body_limit,
             location,
+            exact_path,
         )
         if count == 0:
             settings = _Settings(latency=latency, body_limit=body_limit)
@@ -454,9 +458,15 @@ class FaultProxy:
         """The settings for one request, counting it against ``count`` if the mode applies."""
         settings = self._settings
         plain = _Settings(latency=settings.latency, body_limit=settings.body_limit)
+        if settings.path is None:
+            other_path = False
+        elif settings.exact_path:
+            other_path = path.split("?", 1)[0] != settings.path
+        else:
+            other_path = settings.path not in path
         if (
             settings.mode == "pass"
-            or (settings.path is not None and settings.path not in path)
+            or other_path
             or (settings.method is not None and settings.method != method)
         ):
             return plain
