@@ -286,3 +286,19 @@ def test_fork_child_has_its_own_sink(
     assert lab.steps(runs["forked-child"]) == [0, 1, 2]
     assert runs["main"].info.status == "FINISHED"
     assert runs["forked-child"].info.status == "FINISHED"
+    # Each process's trace is written by that process: its info with its link to its own run
+    # and its outcome as Feedback, once (the child's HTTP sessions and version read its own).
+    experiment_id = runs["main"].info.experiment_id
+    traces = {
+        trace.info.tags["run_id"]: trace
+        for trace in lab.client.search_traces(locations=[experiment_id])
+    }
+    assert set(traces) == {"main", "forked-child"}
+    for name, trace in traces.items():
+        assert trace.info.trace_metadata["mlflow.sourceRun"] == runs[name].info.run_id
+        completed = [
+            a.value
+            for a in trace.info.assessments
+            if a.name == "completed" and a.source.source_id == "rlm-mlflow"
+        ]
+        assert completed == [True], trace.info.assessments
