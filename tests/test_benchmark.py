@@ -220,6 +220,38 @@ def test_a_benchmark_killed_before_its_assessments_is_completed_once_by_replay(
     assert "duration/mean" in metrics
 
 
+@pytest.mark.integration
+def test_a_benchmark_killed_before_it_ends_is_ended_by_replay_with_every_cases_figures(
+    agents: Callable[..., Any],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """The cases ran and were sent (their records done: replay does not read them again), and
+    the process was killed inside the benchmark. Replay ends the evaluation run KILLED with the
+    aggregates of all three cases, kept beside the journal by the killed process's worker."""
+    from promises_support import replay_cli
+
+    agent = agents("benchmark_cases.py", mlflow_server.uri, experiment_name, "open")
+    status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
+    assert status["sent"] == status["accepted"], status  # every case's records done
+    agent.kill9()
+    (folder,) = journal_dir.iterdir()
+    assert len(list(folder.glob("bench-*.json"))) == 1
+    done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+    assert done.returncode == 0, f"{done.stdout}{done.stderr}"
+    (run,) = evaluation_runs(mlflow_client, experiment_name).values()
+    assert run.info.status == "KILLED"
+    metrics = run.data.metrics
+    assert metrics["cases"] == 3
+    assert metrics["reward/mean"] == pytest.approx(2 / 3)
+    assert metrics["completed/mean"] == pytest.approx(2 / 3)
+    assert metrics["judge/mean"] == pytest.approx(2 / 3)
+    assert metrics["tokens/total"] == 60
+    assert list(journal_dir.iterdir()) == []
+
+
 def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> None:
     transport = MemoryTransport()
     sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)

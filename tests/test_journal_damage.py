@@ -192,3 +192,28 @@ def test_a_segment_made_and_never_written_is_empty_not_damage(
     stats = ScanStats()
     assert list(scan_segment(folder / "x.seg", stats, bytes(4096))) == []
     assert stats.damaged == []
+
+
+def test_benchmark_figures_beside_a_journal_are_read_back_and_damage_is_passed_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a worker kept of a benchmark's cases reads back as written; a file cut short is
+    said and passed over; a value that is not a finite number is left out."""
+    import logging
+
+    from rlm_mlflow._journal_format import read_figures, write_figures
+
+    write_figures(tmp_path, {7: {8: {"reward": 1.0, "tokens": 20.0}, 9: {"reward": 0.0}}})
+    write_figures(tmp_path, {11: {12: {"reward": 0.5}}})
+    assert read_figures(tmp_path) == {
+        7: {8: {"reward": 1.0, "tokens": 20.0}, 9: {"reward": 0.0}},
+        11: {12: {"reward": 0.5}},
+    }
+    write_figures(tmp_path, {11: None})  # its aggregates written: the file goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-7.json"]
+    (tmp_path / "bench-7.json").write_text('{"8": {"reward": 1.0, "odd": "x", "inf": 1e999}}')
+    assert read_figures(tmp_path) == {7: {8: {"reward": 1.0}}}
+    (tmp_path / "bench-13.json").write_text('{"14": {"rew')
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        assert read_figures(tmp_path) == {7: {8: {"reward": 1.0}}}
+    assert any("bench-13.json" in r.getMessage() for r in caplog.records)

@@ -71,6 +71,7 @@ from ._journal_format import (
     map_segment,
     segment_header,
     segment_name,
+    write_private,
 )
 
 __all__ = [
@@ -798,14 +799,6 @@ def remove_journal(folder: Path) -> None:
                 path.unlink()
     with contextlib.suppress(OSError):
         folder.rmdir()
-
-
-def write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def without_credentials(uri: str | None) -> str | None:

@@ -30,6 +30,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -299,6 +300,62 @@ def map_segment(path: Path) -> tuple[mmap.mmap, int, int] | None:
         mm.close()
         return None
     return mm, header[0], header[1]
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A file only its owner may read (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _figures_path(folder: Path, bench: int) -> Path:
+    return folder / f"bench-{bench}.json"
+
+
+def write_figures(folder: Path, kept: dict[int, dict[int, dict[str, float]] | None]) -> None:
+    """Beside a journal, each benchmark's case figures (``bench-<run>.json``: case -> name ->
+    value), replaced whole; None removes a benchmark's file. A disk that refuses is said and
+    passed over: the figures are still in memory, and in the benchmark's end record."""
+    if not folder.is_dir():  # the journal went meanwhile (everything sent): nothing to keep
+        return
+    for bench, cases in kept.items():
+        path = _figures_path(folder, bench)
+        try:
+            if cases is None:
+                path.unlink(missing_ok=True)
+                continue
+            data = {str(case): figures for case, figures in cases.items()}
+            temporary = path.with_suffix(".tmp")
+            write_private(temporary, json.dumps(data).encode())
+            os.replace(temporary, path)
+        except OSError as exc:
+            logger.warning(
+                "rlm-mlflow journal: cannot keep a benchmark's figures in %s: %s", path, exc
+            )
+
+
+def read_figures(folder: Path) -> dict[int, dict[int, dict[str, float]]]:
+    """What :func:`write_figures` kept beside a journal; a file that cannot be read is said and
+    passed over (its benchmark's aggregates then come from the records alone)."""
+    out: dict[int, dict[int, dict[str, float]]] = {}
+    for path in sorted(folder.glob("bench-*.json")):
+        try:
+            bench = int(path.stem.removeprefix("bench-"))
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            out[bench] = {
+                int(case): {
+                    str(name): float(value)
+                    for name, value in figures.items()
+                    if isinstance(value, int | float) and math.isfinite(value)
+                }
+                for case, figures in raw.items()
+            }
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            logger.warning("rlm-mlflow journal %s: benchmark figures unreadable (%s)", path, exc)
+    return out
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

@@ -200,6 +200,7 @@ def _merge(report: ReplayReport, part: ReplayReport) -> None:
 
 @dataclass
 class _Loaded:
+    folder: Path
     segments: list[Segment]
     works: dict[int, RunWork]  # runs with something to send
     starts: dict[int, RunStart]  # every run's start, sent or not (traces need them)
@@ -282,6 +283,7 @@ def _load(folder: Path) -> _Loaded:
         segment.damaged = len(stats.damaged) > damaged
     open_runs = {no: s.run_id for no, s in starts.items() if no not in ended}
     return _Loaded(
+        folder,
         segments,
         works,
         starts,
@@ -515,6 +517,8 @@ def _send(
             span_budget=_span_budget(meta),
         )
         traces.assessments.fresh = {traces.ids.trace_hex(no) for no in loaded.fresh_ends}
+        traces.figures_dir = lambda: loaded.folder
+        traces.load_figures(loaded.folder)  # cases whose records were done before a kill
         traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
         return _Lane(runs, traces, Dispatcher(runs, traces, counts))
 

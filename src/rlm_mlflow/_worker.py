@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -268,6 +269,7 @@ class Worker:
             mode=config.traces,
             span_budget=config.span_budget,
         )
+        self.traces.figures_dir = self._journal_folder
         self.dispatcher = Dispatcher(
             self.runs,
             self.traces,
@@ -341,6 +343,11 @@ class Worker:
         self.caller.note_error(self.unavailable)
         logger.error("rlm-mlflow: %s; events are kept in the journal, if any", self.unavailable)
         return False
+
+    def _journal_folder(self) -> Path | None:
+        """The folder of the journal hooks write to now (None without one)."""
+        journal = self.pipeline.journal
+        return journal.folder if journal is not None and not journal.closed else None
 
     # -- waking --------------------------------------------------------------------------------
 

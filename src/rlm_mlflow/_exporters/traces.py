@@ -28,6 +28,7 @@ import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 
@@ -35,6 +36,7 @@ from .._calls import Caller
 from .._config import DEFAULT_SPAN_BUDGET
 from .._events import VERDICT, CaseResult, RunEnd, Step, case_figures, verdict_score
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
+from .._journal_format import read_figures, write_figures
 from .._stats import RateLimitedWarnings
 from .._transports.base import (
     Assessment,
@@ -131,6 +133,11 @@ class TracesExporter:
         self.case_of: dict[int, int] = {}  # a benchmark's case (root run) -> the benchmark
         # benchmark -> case -> its figures (reward, completed, tokens, duration, verdict)
         self.figures: dict[int, dict[int, dict[str, float]]] = {}
+        # Where they are kept on disk until the benchmark's aggregates are written (the
+        # journal's folder): a process killed before its benchmark ended leaves the figures of
+        # the cases whose records were done, which replay no longer reads.
+        self.figures_dir: Callable[[], Path | None] | None = None
+        self._figures_changed: set[int] = set()
 
     @property
     def active(self) -> bool:
@@ -213,6 +220,7 @@ class TracesExporter:
         self._settle_summaries(outcomes)
         if self.active:
             await self._assess(todo, outcomes, experiment_id if upserts else None)
+            await self._keep_figures()  # before the cases' records are marked done
         self._forget_ended(works)
         return outcomes
 
@@ -277,6 +285,26 @@ class TracesExporter:
         tokens = end.usage.total_tokens if end.usage is not None else 0
         figures = case_figures(end.completed, end.total_reward, tokens, start_ns, end.timestamp_ns)
         self.figures.setdefault(bench, {}).setdefault(case, {}).update(figures)
+        self._figures_changed.add(bench)
+
+    async def _keep_figures(self) -> None:
+        """Write the figures of the benchmarks whose cases said something this cycle beside
+        the journal; remove those of benchmarks whose aggregates are written."""
+        changed, self._figures_changed = self._figures_changed, set()
+        folder = self.figures_dir() if self.figures_dir is not None and changed else None
+        if folder is None:
+            return
+        kept = {bench: self.figures.get(bench) for bench in changed}
+        await anyio.to_thread.run_sync(write_figures, folder, kept)
+
+    def load_figures(self, folder: Path) -> None:
+        """Replay: the figures a process kept beside its journal (see :meth:`_keep_figures`);
+        what the records replayed say comes on top."""
+        for bench, cases in read_figures(folder).items():
+            known = self.figures.setdefault(bench, {})
+            for case, figures in cases.items():
+                for name, value in figures.items():
+                    known.setdefault(case, {}).setdefault(name, value)
 
     async def _case(self, case: CaseResult) -> Outcome:
         """The expected answer and the verdict of one case, on its trace."""
@@ -294,6 +322,7 @@ class TracesExporter:
             if score is not None:
                 figures = self.figures.setdefault(case.run_no, {}).setdefault(case.case_no, {})
                 figures[VERDICT + case.judge] = score
+                self._figures_changed.add(case.run_no)
         return await self.assessments.write(trace_id, found)
 
     async def _aggregate(self, bench: int, end: RunEnd) -> Outcome:
@@ -303,6 +332,7 @@ class TracesExporter:
         cases = {no: dict(figures) for no, figures in (end.cases or {}).items()}
         for no, figures in self.figures.pop(bench, {}).items():
             cases.setdefault(no, {}).update(figures)
+        self._figures_changed.add(bench)  # written, or kept again below: its file follows
         ref = self.runs.ref_of(bench)
         if ref is None:
             return SENT
