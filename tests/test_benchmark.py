@@ -211,13 +211,7 @@ def test_a_benchmark_killed_before_its_assessments_is_completed_once_by_replay(
         assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
     (run,) = evaluation_runs(mlflow_client, experiment_name).values()
     assert_benchmark(mlflow_client, run, "bench", [1.0, 0.0, 1.0])
-    metrics = run.data.metrics
-    assert metrics["cases"] == 3
-    assert metrics["reward/mean"] == pytest.approx(2 / 3)
-    assert metrics["completed/mean"] == pytest.approx(2 / 3)
-    assert metrics["judge/mean"] == pytest.approx(2 / 3)
-    assert metrics["tokens/total"] == 60
-    assert "duration/mean" in metrics
+    assert_aggregates_of_three_cases(run.data.metrics)
 
 
 @pytest.mark.integration
@@ -243,13 +237,18 @@ def test_a_benchmark_killed_before_it_ends_is_ended_by_replay_with_every_cases_f
     assert done.returncode == 0, f"{done.stdout}{done.stderr}"
     (run,) = evaluation_runs(mlflow_client, experiment_name).values()
     assert run.info.status == "KILLED"
-    metrics = run.data.metrics
+    assert_aggregates_of_three_cases(run.data.metrics)
+    assert list(journal_dir.iterdir()) == []
+
+
+def assert_aggregates_of_three_cases(metrics: dict[str, float]) -> None:
+    """The aggregates of the three cases of ``benchmark_cases.py`` (rewards 1, 0, 1)."""
     assert metrics["cases"] == 3
     assert metrics["reward/mean"] == pytest.approx(2 / 3)
     assert metrics["completed/mean"] == pytest.approx(2 / 3)
     assert metrics["judge/mean"] == pytest.approx(2 / 3)
     assert metrics["tokens/total"] == 60
-    assert list(journal_dir.iterdir()) == []
+    assert "duration/mean" in metrics
 
 
 def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> None:
