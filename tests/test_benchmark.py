@@ -251,6 +251,38 @@ def assert_aggregates_of_three_cases(metrics: dict[str, float]) -> None:
     assert "duration/mean" in metrics
 
 
+def test_a_disk_that_refuses_the_benchmark_figures_file_costs_nothing_but_a_warning(
+    monkeypatch: pytest.MonkeyPatch, journal_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The figures kept beside the journal are for a kill only: a disk that refuses them (full)
+    is said, and the live sink's aggregates and everything else go through."""
+    import errno
+    import logging
+
+    from rlm_mlflow import _journal_format
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_journal_format, "write_private", full)
+    transport = MemoryTransport()
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+        with rlm_mlflow.benchmark(sink, "bench") as bench:
+            for index, reward in enumerate([1.0, 0.0, 1.0]):
+                run_case(sink, f"bench-{index}", reward)
+                bench.record(f"bench-{index}", expected=ANSWERS[index], verdict=reward == 1.0)
+            assert sink.flush(WAIT)  # the cases are sent while the benchmark is open
+        sink.close(WAIT)
+    status = sink.status()
+    assert status["sent"] == status["accepted"], status
+    bench_run = transport.one("bench")
+    assert bench_run.history("cases") == [(0, 3.0)]
+    assert bench_run.history("judge/mean") == [(0, pytest.approx(2 / 3))]
+    assert any("cannot keep a benchmark's figures" in r.getMessage() for r in caplog.records)
+    assert list(journal_dir.iterdir()) == []
+
+
 def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> None:
     transport = MemoryTransport()
     sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)

@@ -26,6 +26,7 @@ A bad record with no whole record after it is the end of what was written (a wri
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -335,6 +336,8 @@ def write_figures(folder: Path, kept: dict[int, dict[int, dict[str, float]] | No
             logger.warning(
                 "rlm-mlflow journal: cannot keep a benchmark's figures in %s: %s", path, exc
             )
+            with contextlib.suppress(OSError):
+                path.with_suffix(".tmp").unlink(missing_ok=True)
 
 
 def read_figures(folder: Path) -> dict[int, dict[int, dict[str, float]]]:
