@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ import pytest
 
 from promises_support import patient
 from rlm_mlflow import MLflowSink
-from rlm_mlflow.testing import MlflowServer
+from rlm_mlflow.testing import FaultProxy, MlflowServer
 
 pytestmark = pytest.mark.integration
 
@@ -249,6 +250,51 @@ async def test_async_context_manager_runs_the_worker_in_the_loop(
         points = await anyio.to_thread.run_sync(history, mlflow_client, run, "cumulative_reward")
         assert points == [(i, float(n * (i + 1))) for i in range(20)]
     assert runs["left-open"].info.status == "FAILED"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_sinks_of_an_async_service_closed_together_end_every_run_and_lose_nothing(
+    anyio_backend: str,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """A service with four sinks in its own event loop, each with an ended run of 200 steps and
+    a run still open, closes them all at once (a shutdown) against a server 50 ms away: every
+    run ends in MLflow, every point lands once, no event is kept or dropped."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(latency=0.05)
+        sinks = [
+            MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+            for _ in range(4)
+        ]
+        async with contextlib.AsyncExitStack() as stack:
+            for sink in sinks:
+                await stack.enter_async_context(sink)
+            for n, sink in enumerate(sinks):
+                sink.on_run_start(f"run-{n}", task="t", environment="e", params={})
+                for i in range(200):
+                    sink.on_step(f"run-{n}", event={"step": i, "reward": 1.0}, cumulative_reward=i)
+                sink.on_run_end(f"run-{n}", result={"completed": True}, run_path=None)
+                sink.on_run_start(f"open-{n}", task="t", environment="e", params={})
+            async with anyio.create_task_group() as tg:
+                for sink in sinks:
+                    tg.start_soon(sink.aclose, patient(60))
+    for sink in sinks:
+        status = sink.status()
+        assert status["state"] == "closed", status
+        assert status["sent"] == status["accepted"] == 1 + 200 + 1 + 1, status  # hook calls
+    runs = await anyio.to_thread.run_sync(read_runs, experiment_name)
+    assert sorted(runs) == sorted([f"run-{n}" for n in range(4)] + [f"open-{n}" for n in range(4)])
+    for n in range(4):
+        assert runs[f"run-{n}"].info.status == "FINISHED"
+        assert runs[f"open-{n}"].info.status != "RUNNING"
+        points = await anyio.to_thread.run_sync(
+            history, mlflow_client, runs[f"run-{n}"], "step_reward"
+        )
+        assert points == [(i, 1.0) for i in range(200)]
 
 
 @pytest.mark.asyncio
