@@ -95,6 +95,9 @@ __all__ = [
 logger = logging.getLogger("rlm_mlflow")
 
 _CRC = struct.Struct("<I")
+#: Every journal folder this process made: a name is never given to two journals of a process
+#: (a journal let go when idle is removed, and a new one may come within the same second).
+_MADE: set[Path] = set()
 _INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
 _CONTROL_KINDS = frozenset({1, 3})  # _codec.KIND_START, KIND_END: a payload's first byte
 
@@ -486,10 +489,13 @@ class Journal:
         folder = root / name
         while True:
             try:
+                if folder in _MADE:  # removed since, in the same second: still never reused
+                    raise FileExistsError(folder)
                 folder.mkdir(mode=0o700)
                 break
             except FileExistsError:
                 folder = root / f"{name}-{secrets.token_hex(2)}"
+        _MADE.add(folder)
         self.folder = folder
         self.prefix = prefix
         self.fsync = fsync
