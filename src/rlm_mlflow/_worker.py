@@ -677,17 +677,21 @@ class Worker:
         in the loop's closing gate before any of them can pass it, so none sends steps or
         spans while another has not begun to send its runs' ends. A sink that has begun its
         close already is left as it is."""
+        if not self._closing:
+            self._join_gate()
+
+    def _join_gate(self) -> ClosingGate | None:
+        """This sink in its loop's closing gate (once), if its loop has one."""
         gate = getattr(self.loop, "gate", None)
-        if isinstance(gate, ClosingGate) and not self._closing and self._gate is None:
+        if isinstance(gate, ClosingGate) and self._gate is None:
             self._gate = gate
             gate.enter(self)
+        return self._gate
 
     async def _begin_close(self) -> None:
         pipeline = self.pipeline
-        gate = getattr(self.loop, "gate", None)
-        if isinstance(gate, ClosingGate):
-            self._gate = gate
-            gate.enter(self)
+        gate = self._join_gate()
+        if gate is not None:
             self.runs.limiter = gate.runs()
             self.runs.ended_in = gate.ended_in
         await self._end_open_runs()

@@ -32,8 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._calls import Caller
-from .._events import RunEnd
-from .._events import finite as number
+from .._events import RunEnd, finite
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import (
@@ -61,7 +60,7 @@ def value_of(value: object) -> Any:
     """A value MLflow keeps as it is (bool, finite number, text), or its text."""
     if value is None or type(value) in (bool, str):
         return value if type(value) is not str else value[:MAX_VALUE_TEXT]
-    found = number(value)
+    found = finite(value)
     if found is not None:
         return found
     if type(value) in (int, float):
@@ -76,7 +75,7 @@ def value_of(value: object) -> Any:
 def outcome_of(trace_id: str, end: RunEnd) -> list[Assessment]:
     """Feedback ``total_reward`` and ``completed`` of a root run's end, those it has."""
     found: list[Assessment] = []
-    reward = number(end.total_reward)
+    reward = finite(end.total_reward)
     if reward is not None:
         key = assessment_key(trace_id, "total_reward")
         found.append(Assessment("total_reward", reward, key))
