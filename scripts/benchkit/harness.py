@@ -331,17 +331,27 @@ class Harness:
         found = client.get_experiment_by_name(experiment)
         if found is None:
             return summarize_traces([], spans_per_trace, WARM_UP)
-        traces: list[Any] = []
-        token = None
+        # A trace whose info is stored before its spans (MLflow's own tracing, exporting in the
+        # background) is looked for in the artifact store, which this reader cannot reach:
+        # read again until its spans are there, within a deadline.
+        deadline = time.monotonic() + 60.0
         while True:
-            page = client.search_traces(
-                locations=[found.experiment_id], max_results=500, page_token=token
-            )
-            traces.extend(page)
-            token = page.token
-            if not token:
-                break
-        return summarize_traces(traces, spans_per_trace, WARM_UP)
+            try:
+                traces: list[Any] = []
+                token = None
+                while True:
+                    page = client.search_traces(
+                        locations=[found.experiment_id], max_results=500, page_token=token
+                    )
+                    traces.extend(page)
+                    token = page.token
+                    if not token:
+                        break
+                return summarize_traces(traces, spans_per_trace, WARM_UP)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
 
 def logged_failures(log_path: Path) -> dict[str, Any]:
