@@ -65,6 +65,8 @@ from benchkit.harness import (
 from benchkit.scale import run_statuses
 from benchkit.workloads import RlmWorkload, TraceWorkload, workload_spec
 
+from rlm_mlflow._transports.http import CLOSING_IN_FLIGHT
+
 MARK_BEGIN = "<!-- scale:begin -->"
 MARK_END = "<!-- scale:end -->"
 HEADING = "## At the sizes services reach"
@@ -92,6 +94,10 @@ class ScalePlan:
     many_threads: int = 8
     sink_steps: int = 5
     sink_latency_s: float = 0.2
+    # The minimal loop the sinks row is compared with: at the sink's closing bound of requests
+    # in flight (CLOSING_IN_FLIGHT), and at what 300 runs x 3 requests within 5 s would need at
+    # 200 ms a request if the server kept up (36).
+    sink_loop_threads: tuple[int, ...] = (CLOSING_IN_FLIGHT, 36)
     shutdown_timeout: float = 5.0
     rich_threads: tuple[int, ...] = (1, 4)
     max_invocations: int = 3
@@ -350,6 +356,22 @@ def run_sinks(ctx: Context) -> dict[str, Any]:
             timeout=600,
         )
         h.settle(300)
+        # The same runs from a minimal MlflowClient loop through the same slow way: how many of
+        # them it ends within the same deadline (the server's pace, not the sink's).
+        result["loops"] = [
+            h.child(
+                {
+                    "task": "client_loop",
+                    "uri": h.uri,
+                    "experiment": h.experiment(f"sinks-loop{threads}"),
+                    "runs": plan.sinks,
+                    "steps": plan.sink_steps,
+                    "threads": threads,
+                    "within_s": plan.shutdown_timeout,
+                }
+            )
+            for threads in plan.sink_loop_threads
+        ]
     result["fds_at_exit"] = int(fd_file.read_text()) if fd_file.is_file() else None
     result["statuses"] = run_statuses(str(h.db_path), experiment)
     journal = Path(result["journal_dir"])
@@ -641,7 +663,15 @@ def targets(results: dict[str, Any], plan: ScalePlan) -> list[list[str]]:
             [
                 "... every run ended in MLflow",
                 f"{created:,} of {plan.sinks:,} runs created, {created - running:,} ended, "
-                f"{running:,} RUNNING",
+                f"{running:,} RUNNING; a minimal `MlflowClient` loop ends "
+                + ", ".join(
+                    f"{loop['ended_within']:,} within {plan.shutdown_timeout:g} s on "
+                    f"{loop['threads']} threads ({loop['runs'] - loop['failed']:,} in "
+                    f"{secs(loop['seconds'])}"
+                    + (f", {loop['failed']:,} refused by the server" if loop["failed"] else "")
+                    + ")"
+                    for loop in sinks.get("loops", [])
+                ),
                 _ok(created == plan.sinks and running == 0),
             ]
         )
@@ -679,13 +709,23 @@ def targets(results: dict[str, Any], plan: ScalePlan) -> list[list[str]]:
     vis = results.get("visibility", {})
     if "results" in vis:
         within = float(vis["within_s"])
+        loops = {v["runs"]: v for v in vis["results"] if v.get("sender") == "loop"}
         for v in vis["results"]:
+            if v.get("sender") == "loop":
+                continue
+            loop = loops.get(v["runs"])
             rows.append(
                 [
                     f"time to visibility at {v['runs']} concurrent run(s): p99 within "
                     f"`flush_interval` + 1 s ({within:g} s)",
                     f"p50 {secs(v['p50'])}, p99 {secs(v['p99'])} "
-                    f"({v['seen']:,} of {v['steps']:,} steps seen)",
+                    f"({v['seen']:,} of {v['steps']:,} steps seen)"
+                    + (
+                        f"; a minimal `MlflowClient` loop sending the same on the same interval: "
+                        f"p50 {secs(loop['p50'])}, p99 {secs(loop['p99'])}"
+                        if loop
+                        else ""
+                    ),
                     _ok(v["seen"] == v["steps"] and v["p99"] <= within),
                 ]
             )

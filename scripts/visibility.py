@@ -13,6 +13,10 @@ asks MLflow for the experiment's runs (one ``search_runs``, latest metrics inclu
 ``--poll`` seconds; a step is visible at the first answer that shows it, and its time to
 visibility is that answer's arrival minus the step's hook. The figure is therefore an upper
 bound, coarse by up to one poll period.
+
+With ``--baseline``, each count of runs is measured a second time with the sink replaced by the
+minimal ``MlflowClient`` program that sends the same (:class:`ClientLoop`): what the server
+itself allows at that many runs.
 """
 
 from __future__ import annotations
@@ -39,13 +43,100 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def measure(uri: str, runs: int, seconds: float, step_every: float, poll: float) -> dict[str, Any]:
+class ClientLoop:
+    """The minimal ``MlflowClient`` program sending what the sink sends here, with the sink's
+    hooks: every ``interval`` seconds (the sink's ``flush_interval``), each run not yet created
+    is created (tag ``run_id``) and gets one ``log_batch`` with its steps since the last, on
+    ``threads`` threads (the sink's own bound on requests in flight); a run that ended is then
+    terminated. No journal, no traces, no retries."""
+
+    def __init__(self, uri: str, experiment: str, interval: float = 5.0, threads: int = 4) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(uri)
+        self.experiment_id = self.client.create_experiment(experiment)
+        self.interval = interval
+        self.pool = ThreadPoolExecutor(threads)
+        self.lock = threading.Lock()
+        self.steps: dict[str, list[tuple[int, float, int]]] = {}
+        self.ended: set[str] = set()
+        self.ids: dict[str, str] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._flusher, name="client-loop")
+        self.thread.start()
+
+    def on_run_start(self, run_id: str, **_: Any) -> None:
+        with self.lock:
+            self.steps.setdefault(run_id, [])
+
+    def on_step(self, run_id: str, event: dict[str, Any], cumulative_reward: float) -> None:
+        with self.lock:
+            self.steps[run_id].append((event["step"], cumulative_reward, int(time.time() * 1000)))
+
+    def on_run_end(self, run_id: str, **_: Any) -> None:
+        with self.lock:
+            self.ended.add(run_id)
+
+    def _send(self, run_id: str, points: list[tuple[int, float, int]], end: bool) -> None:
+        from mlflow.entities import Metric
+
+        if run_id not in self.ids:
+            created = self.client.create_run(
+                self.experiment_id, run_name=run_id, tags={"run_id": run_id}
+            )
+            self.ids[run_id] = created.info.run_id
+        if points:
+            metrics = [
+                Metric(key, value, ms, step)
+                for step, cumulative, ms in points
+                for key, value in (("step_reward", 1.0), ("cumulative_reward", cumulative))
+            ]
+            self.client.log_batch(self.ids[run_id], metrics=metrics)
+        if end:
+            self.client.set_terminated(self.ids[run_id], "FINISHED")
+
+    def _drain(self) -> None:
+        with self.lock:
+            taken = {run: points for run, points in self.steps.items()}
+            self.steps = {run: [] for run in self.steps if run not in self.ended}
+            ended, self.ended = self.ended, set()
+        futures = [
+            self.pool.submit(self._send, run, points, run in ended) for run, points in taken.items()
+        ]
+        for future in futures:
+            future.result()
+
+    def _flusher(self) -> None:
+        next_at = time.monotonic() + self.interval
+        while not self.stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at = time.monotonic() + self.interval  # from a drain's start, as the sink
+            self._drain()
+
+    def status(self) -> dict[str, Any]:
+        return {"dropped": {}}
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._drain()
+        self.pool.shutdown()
+
+
+def measure(
+    uri: str, runs: int, seconds: float, step_every: float, poll: float, *, baseline: bool = False
+) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     from rlm_mlflow import MLflowSink
 
-    experiment = f"visibility-{runs}-{int(time.time())}"
-    sink = MLflowSink(enabled=True, experiment=experiment, tracking_uri=uri)
+    experiment = f"visibility-{runs}-{'loop-' if baseline else ''}{int(time.time())}"
+    sink: Any = (
+        ClientLoop(uri, experiment)
+        if baseline
+        else MLflowSink(enabled=True, experiment=experiment, tracking_uri=uri)
+    )
     client = MlflowClient(uri)
     hooked: dict[str, dict[int, float]] = {f"v{runs}-{n}": {} for n in range(runs)}
     seen: dict[str, int] = dict.fromkeys(hooked, -1)
@@ -108,6 +199,7 @@ def measure(uri: str, runs: int, seconds: float, step_every: float, poll: float)
     sink.close()
     steps = sum(len(t) for t in hooked.values())
     return {
+        "sender": "loop" if baseline else "sink",
         "runs": runs,
         "steps": steps,
         "seen": len(latencies),
@@ -147,6 +239,9 @@ def main() -> None:
     parser.add_argument("--step-every", type=float, default=1.0, help="seconds between steps")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between read-backs")
     parser.add_argument("--output", type=Path, help="a markdown file whose marked table to update")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also measure the minimal MlflowClient loop"
+    )
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -157,9 +252,17 @@ def main() -> None:
         os.environ["RLM_MLFLOW_JOURNAL_DIR"] = str(Path(folder) / "journal")
         with local_server(Path(folder) / "server") as server:
             for runs in (int(n) for n in args.runs.split(",")):
-                result = measure(server.uri, runs, args.seconds, args.step_every, args.poll)
-                results.append(result)
-                sys.stderr.write(f"{result}\n")
+                for baseline in (False, True) if args.baseline else (False,):
+                    result = measure(
+                        server.uri,
+                        runs,
+                        args.seconds,
+                        args.step_every,
+                        args.poll,
+                        baseline=baseline,
+                    )
+                    results.append(result)
+                    sys.stderr.write(f"{result}\n")
     text = table(results, args)
     print(text)
     if args.output:

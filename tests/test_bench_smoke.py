@@ -291,6 +291,11 @@ def test_scale_smoke_plan_measures_every_row_and_replaces_its_section(tmp_path: 
         "time to visibility at 2 concurrent run(s)",
     ):
         assert any(target.startswith(start) for target in rows), start
+    # The rows bound by the server carry the same work done by a minimal MlflowClient loop.
+    ended = next(v for t, v in rows.items() if t.startswith("... every run ended"))
+    assert "a minimal `MlflowClient` loop ends" in ended[0], ended
+    visible = next(v for t, v in rows.items() if t.startswith("time to visibility at 2"))
+    assert "a minimal `MlflowClient` loop sending the same" in visible[0], visible
     # Correctness, not speed: what was journaled and killed is in MLflow once, after replay.
     once = {t: v for t, v in rows.items() if "exactly once" in t}
     assert len(once) == 3
