@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import requests
 
@@ -511,3 +512,65 @@ def test_a_request_that_times_out_lowers_the_closing_bound() -> None:
             assert client.slots.limit < grown
         finally:
             client.close()
+
+
+# -- the sinks of one async service, closed together -----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_sinks_of_one_async_service_closed_together_leave_no_run_running(
+    anyio_backend: str,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+) -> None:
+    """Forty sinks of one asyncio or trio service, each with a run nothing of which was sent
+    yet (half ended by the agent, half still open), closed all at once with 1.5 s left against
+    a server 200 ms away: far more runs than the deadline can create, send and end (four
+    requests each, twelve at a time). They share one deadline as a process's sinks do: every
+    run the close created is ended by then, with its true status; the others are never
+    created, and replay creates them ended. Every step then lands once."""
+    count, timeout = 40, 1.5
+    expected = {f"svc-{n}": "FINISHED" if n % 2 == 0 else "FAILED" for n in range(count)}
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(latency=0.2)
+        sinks = [
+            MLflowSink(
+                enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, flush_interval=60
+            )
+            for _ in range(count)
+        ]
+        async with contextlib.AsyncExitStack() as stack:
+            for sink in sinks:
+                await stack.enter_async_context(sink)
+            for n, sink in enumerate(sinks):
+                run = f"svc-{n}"
+                sink.on_run_start(run, task="t", environment="e", params={})
+                for i in range(3):
+                    sink.on_step(run, event={"step": i, "reward": 1.0}, cumulative_reward=i + 1.0)
+                if n % 2 == 0:
+                    sink.on_run_end(run, result={"completed": True, "steps": 3}, run_path=None)
+            async with anyio.create_task_group() as tg:
+                for sink in sinks:
+                    tg.start_soon(sink.aclose, timeout)
+        ended = {
+            name: run.info.status
+            for name, run in (await anyio.to_thread.run_sync(read_runs, experiment_name)).items()
+        }
+    assert ended, "no run was created at all"
+    wrong = {name: status for name, status in ended.items() if status != expected[name]}
+    assert not wrong, f"{len(wrong)} of {len(ended)} runs not ended truthfully: {wrong}"
+
+    replayed = await anyio.to_thread.run_sync(
+        functools.partial(replay_cli, journal_dir, tracking_uri=mlflow_server.uri)
+    )
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    store = Store(mlflow_server.uri)
+    after = store.by_name(experiment_name)
+    assert {name: run.info.status for name, run in after.items()} == expected
+    for run in after.values():
+        assert_each_once(store.steps(run), range(3))

@@ -345,3 +345,39 @@ def test_points_in_doubt_are_checked_over_the_steps_they_cover_in_bounded_window
     older.runs, older.calls = memory.runs, []
     assert stored_points(older, run, batch) == {m for m in batch if m.step % 2 == 0}
     assert older.calls == ["metric_history_range", "metric_history"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_the_closing_gate_begins_few_runs_until_it_knows_what_a_run_takes(
+    anyio_backend: str,
+) -> None:
+    """Before any create of a close has been answered, as many runs begin as requests go out at
+    once; a create's answer opens the gate to all and makes a run's time three times it, until
+    a run has ended: then what runs took is what counts."""
+    from rlm_mlflow._runtime import task_loop
+    from rlm_mlflow._worker import CLOSING_FIRST, CLOSING_RUNS, CREATE_TO_END
+
+    gate = task_loop().gate
+    assert task_loop().gate is gate  # the sinks of one event loop share it
+    limiter = gate.runs()
+    assert (limiter.total_tokens, gate.took) == (CLOSING_FIRST, 0.0)
+    gate.created_in(0.25)
+    assert (limiter.total_tokens, gate.took) == (CLOSING_RUNS, CREATE_TO_END * 0.25)
+    gate.created_in(0.1)  # a guess only grows
+    assert gate.took == CREATE_TO_END * 0.25
+    gate.ended_in(0.5)
+    assert gate.took == 0.5
+    gate.created_in(1.0)  # measured now: a create no longer counts
+    assert gate.took == 0.5
+
+
+def test_event_loops_do_not_share_a_closing_gate() -> None:
+    import anyio
+
+    from rlm_mlflow._runtime import task_loop
+
+    async def gate() -> object:
+        return task_loop().gate
+
+    assert anyio.run(gate) is not anyio.run(gate)

@@ -46,6 +46,7 @@ from types import CodeType, FrameType, TracebackType
 from typing import Any
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from . import _fork
 from ._pipeline import State
@@ -101,11 +102,12 @@ class Waker:
 class Loop:
     """The workers one event loop runs, and the task that wakes them."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: ClosingGate | None = None) -> None:
         self.waker = Waker()
         self.workers: list[Worker] = []
         self.pending: list[Worker] = []
-        self.gate = ClosingGate()  # the closing sinks of this loop: every run ends first
+        # The closing sinks of this event loop: every run ends first.
+        self.gate = gate if gate is not None else ClosingGate()
 
     def wake(self, worker: Worker) -> None:
         worker.wake_flag = True
@@ -117,6 +119,22 @@ class Loop:
             if worker.wake_flag or worker.close_requested:
                 worker.wake_flag = False
                 worker.notify()
+
+
+_task_gate: RunVar[ClosingGate] = RunVar("rlm_mlflow_closing_gate")
+
+
+def task_loop() -> Loop:
+    """A ``Loop`` for a sink entered with ``async with`` in the running event loop: each such
+    sink has its own, but the sinks of one event loop share one closing gate (closing together,
+    as a service's shutdown closes them, every run is ended first, and a run is created only if
+    the time runs have taken to end, in any of them, is left)."""
+    try:
+        gate = _task_gate.get()
+    except LookupError:
+        gate = ClosingGate()
+        _task_gate.set(gate)
+    return Loop(gate)
 
 
 class Runtime:

@@ -356,7 +356,7 @@ class MLflowSink:
                 )
             pipeline.state = State.TASK
             self._loop_thread = threading.get_ident()
-            loop = self._task_loop = _runtime.Loop()
+            loop = self._task_loop = _runtime.task_loop()
             worker = self._worker
             worker.loop = loop
             pipeline.waker = lambda: loop.wake(worker)

@@ -83,9 +83,16 @@ RESTART_MAX = 30.0
 #: the loop (``_runtime.THREADS``).
 CLOSING_RUNS = 32
 #: Closing against a deadline, a run is created only if the time its runs have taken from
-#: create to end (:class:`ClosingRuns`), times this, is left: answers slow down as the
+#: create to end (:class:`ClosingGate`), times this, is left: answers slow down as the
 #: requests of hundreds of closing sinks queue, and a run created and not ended is RUNNING.
 CLOSING_MARGIN = 1.5
+#: Until a run has ended while sinks close, a run is taken to need this many times what its
+#: create took: its create, its last batch and its end, one after another.
+CREATE_TO_END = 3.0
+#: Runs begun at a time while sinks close before any create has been answered: those go out
+#: knowing nothing of how long a run takes to be ended, so only as many as the transport sends
+#: at once (``http.MAX_IN_FLIGHT``); a server queueing many more makes each of them slower.
+CLOSING_FIRST = 4
 
 
 class ClosingGate:
@@ -107,16 +114,34 @@ class ClosingGate:
         # (the longest of late, fading; read on transport threads): a run is created only if
         # that much time, and a margin, is left (:data:`CLOSING_MARGIN`).
         self.took = 0.0
+        self.ended = False  # a run has ended: ``took`` is measured, no longer guessed
 
     def runs(self) -> anyio.CapacityLimiter:
-        """The runs the closing sinks of the loop send at a time (made in the loop)."""
+        """The runs the closing sinks of the loop send at a time (made in the loop): at first
+        :data:`CLOSING_FIRST`, :data:`CLOSING_RUNS` once a create has been timed."""
         if self._runs is None:
-            self._runs = anyio.CapacityLimiter(CLOSING_RUNS)
+            self._runs = anyio.CapacityLimiter(CLOSING_RUNS if self.took else CLOSING_FIRST)
         return self._runs
 
     def ended_in(self, seconds: float) -> None:
-        """A run was ended, while sinks close, ``seconds`` after its create went out."""
-        self.took = max(seconds, self.took * 0.9)
+        """A run was ended, while sinks close, ``seconds`` after its create went out (in the
+        loop)."""
+        # The first measure replaces the guess made from creates (see created_in).
+        self.took = max(seconds, self.took * 0.9) if self.ended else seconds
+        self.ended = True
+        self._timed()
+
+    def created_in(self, seconds: float) -> None:
+        """A create was answered ``seconds`` after it went out, while sinks close (in the
+        loop). Until a run has ended, what a run takes is guessed from it: its batch and its
+        end take about as long again each."""
+        if not self.ended:
+            self.took = max(self.took, CREATE_TO_END * seconds)
+        self._timed()
+
+    def _timed(self) -> None:
+        if self._runs is not None and self._runs.total_tokens < CLOSING_RUNS:
+            self._runs.total_tokens = CLOSING_RUNS
 
     def enter(self, worker: object) -> None:
         self.pending.add(id(worker))
@@ -694,6 +719,7 @@ class Worker:
         if gate is not None:
             self.runs.limiter = gate.runs()
             self.runs.ended_in = gate.ended_in
+            self.runs.created_in = gate.created_in
         await self._end_open_runs()
         # Ends first: the run starts and ends that wait in the journal, behind steps spilled
         # before them, go now; the steps follow while the deadline allows (then replay).

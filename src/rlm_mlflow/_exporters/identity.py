@@ -147,6 +147,8 @@ class RunIdentity:
         # Closing: what learns how long a run takes from its create going out to its end's
         # answer (only runs created while it is set are timed).
         self.ended_in: Callable[[float], None] | None = None
+        # ... and what learns, before any run has ended, how long a create took to be answered.
+        self.created_in: Callable[[float], None] | None = None
 
     @property
     def transport(self) -> Transport:
@@ -257,6 +259,8 @@ class RunIdentity:
             state.ref = await self.caller.call(
                 "create run", self._create_or_find, state, experiment_id, tags
             )
+            if state.create_began is not None and self.created_in is not None:
+                self.created_in(time.monotonic() - state.create_began)
         except PermanentError as exc:
             if isinstance(exc, StoreRefused):
                 raise
