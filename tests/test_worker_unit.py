@@ -372,6 +372,27 @@ async def test_the_closing_gate_begins_few_runs_until_it_knows_what_a_run_takes(
     assert gate.took == 0.5
 
 
+def test_a_close_begun_while_none_is_learns_afresh() -> None:
+    """What a close learnt of a slow server is not the next close's: a sink that begins to
+    close while no other sink of its loop is closing starts from nothing; one that joins a
+    close in progress shares what it learnt."""
+    from rlm_mlflow._worker import ClosingGate
+
+    gate = ClosingGate()
+    first, second, later = object(), object(), object()
+    gate.enter(first)
+    gate.created_in(2.0)
+    gate.ended_in(7.0)
+    gate.enter(second)  # joins the close in progress
+    assert (gate.took, gate.ended) == (7.0, True)
+    gate.done(first)
+    gate.done(second)
+    assert not gate.pending
+    assert not gate.closing
+    gate.enter(later)  # a close of its own, later
+    assert (gate.took, gate.ended) == (0.0, False)
+
+
 def test_event_loops_do_not_share_a_closing_gate() -> None:
     import anyio
 

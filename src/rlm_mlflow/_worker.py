@@ -115,6 +115,9 @@ class ClosingGate:
         # that much time, and a margin, is left (:data:`CLOSING_MARGIN`).
         self.took = 0.0
         self.ended = False  # a run has ended: ``took`` is measured, no longer guessed
+        # The workers closing now, from their entry to their end: when a close begins while none
+        # is, what an earlier close learnt (a server slow then) is not this one's.
+        self.closing: set[int] = set()
 
     def runs(self) -> anyio.CapacityLimiter:
         """The runs the closing sinks of the loop send at a time (made in the loop): at first
@@ -144,7 +147,15 @@ class ClosingGate:
             self._runs.total_tokens = CLOSING_RUNS
 
     def enter(self, worker: object) -> None:
+        if not self.closing:
+            self.took, self.ended, self._runs = 0.0, False, None
+        self.closing.add(id(worker))
         self.pending.add(id(worker))
+
+    def done(self, worker: object) -> None:
+        """The worker has finished closing."""
+        self.closing.discard(id(worker))
+        self.leave(worker)
 
     def leave(self, worker: object) -> None:
         self.pending.discard(id(worker))
@@ -886,7 +897,7 @@ class Worker:
         pipeline = self.pipeline
         pipeline.active = False  # whatever ended the loop, nothing feeds it any more
         if self._gate is not None:
-            self._gate.leave(self)
+            self._gate.done(self)
         self._calm()
         left = self.dispatcher.take_unsettled()
         left.extend(self.carry.values())
