@@ -231,3 +231,20 @@ def test_a_forked_child_blocked_in_c_dies_of_sigterm_and_a_child_using_its_sink_
     assert json.loads(agent.expect("ENDED", WAIT + 2 * 60).split(" ", 1)[1]) == ["signal 15"] * 2
     assert json.loads(agent.expect("HANDLER").split(" ", 1)[1]) == ["_on_signal"] * 2
     assert agent.wait(WAIT) == 0
+
+
+def test_a_forked_childs_closing_gate_knows_no_closing_sink_of_its_parent() -> None:
+    """A gate forked while its parent's sinks were closing would make the child's first close
+    wait for sinks that are not there, and count on what the parent's close learnt. (What a
+    fork calls in the child is called here directly: forking the test process, threads and
+    all, is what the process tests do.)"""
+    from rlm_mlflow import _fork
+    from rlm_mlflow._worker import ClosingGate
+
+    gate = ClosingGate()
+    gate.enter(object())
+    gate.created_in(5.0)
+    renew = _fork._holders.get(gate)
+    assert renew is not None, "the gate is not renewed in a forked child"
+    renew(gate)
+    assert (gate.pending, gate.closing, gate.took, gate.ended) == (set(), set(), 0.0, False)

@@ -121,23 +121,19 @@ class Loop:
                 worker.notify()
 
 
-_task_gate: RunVar[tuple[int, ClosingGate]] = RunVar("rlm_mlflow_closing_gate")
+_task_gate: RunVar[ClosingGate] = RunVar("rlm_mlflow_closing_gate")
 
 
 def task_loop() -> Loop:
     """A ``Loop`` for a sink entered with ``async with`` in the running event loop: each such
     sink has its own, but the sinks of one event loop share one closing gate (closing together,
     as a service's shutdown closes them, every run is ended first, and a run is created only if
-    the time runs have taken to end, in any of them, is left). A forked child that goes on in
-    its parent's event loop gets a gate of its own."""
-    pid = os.getpid()
+    the time runs have taken to end, in any of them, is left)."""
     try:
-        owner, gate = _task_gate.get()
+        gate = _task_gate.get()
     except LookupError:
-        owner, gate = None, ClosingGate()
-    if owner != pid:
         gate = ClosingGate()
-        _task_gate.set((pid, gate))
+        _task_gate.set(gate)
     return Loop(gate)
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import anyio
 
-from . import _codec
+from . import _codec, _fork
 from ._calls import Caller
 from ._config import SinkConfig
 from ._dispatch import Dispatcher
@@ -107,17 +107,24 @@ class ClosingGate:
     from its own thread: one set insertion); the rest happens on the loop's thread: no lock."""
 
     def __init__(self) -> None:
+        self._renew()
+        _fork.register(self, ClosingGate._renew)  # a forked child's gate knows no closing sink
+
+    def _renew(self) -> None:
         self.pending: set[int] = set()  # id() of the workers whose ends are not sent yet
         self._clear: anyio.Event | None = None
+        # The workers closing now, from their entry to their end: when a close begins while none
+        # is, what an earlier close learnt (a server slow then) is not this one's.
+        self.closing: set[int] = set()
+        self._forget()
+
+    def _forget(self) -> None:
         self._runs: anyio.CapacityLimiter | None = None
         # How long a run takes from its create going out to its end's answer while sinks close
         # (the longest of late, fading; read on transport threads): a run is created only if
         # that much time, and a margin, is left (:data:`CLOSING_MARGIN`).
         self.took = 0.0
         self.ended = False  # a run has ended: ``took`` is measured, no longer guessed
-        # The workers closing now, from their entry to their end: when a close begins while none
-        # is, what an earlier close learnt (a server slow then) is not this one's.
-        self.closing: set[int] = set()
 
     def runs(self) -> anyio.CapacityLimiter:
         """The runs the closing sinks of the loop send at a time (made in the loop): at first
@@ -148,7 +155,7 @@ class ClosingGate:
 
     def enter(self, worker: object) -> None:
         if not self.closing:
-            self.took, self.ended, self._runs = 0.0, False, None
+            self._forget()
         self.closing.add(id(worker))
         self.pending.add(id(worker))
 
