@@ -244,6 +244,21 @@ def test_proxy_modes_counts_and_paths(upstream: int) -> None:
             proxy.set(mode="refuse", count=1)
 
 
+def test_proxy_late_mode_delays_only_its_requests_and_forwards_them_after_a_hang_up(
+    upstream: int,
+) -> None:
+    """``late`` holds the requests it applies to for ``latency`` seconds, and forwards them even
+    when the client has given up meanwhile; the others go at once."""
+    with FaultProxy(upstream) as proxy, requests.Session() as session:
+        proxy.set(mode="late", latency=5.0, count=1, path="/slow")
+        with pytest.raises(requests.Timeout):
+            session.post(f"{proxy.uri}/slow", data=b"1", timeout=0.5)
+        assert session.get(f"{proxy.uri}/quick", timeout=WAIT).content == b"/quick"
+        assert proxy.forwarded == 1  # the quick one; the late one is still held
+        assert proxy.wait_until(lambda p: p.forwarded == 2 and p.in_flight == 0, WAIT)
+        assert session.post(f"{proxy.uri}/slow", data=b"2", timeout=WAIT).content == b"2"
+
+
 def test_proxy_answers_any_body_and_counts_requests_per_path(upstream: int) -> None:
     """``http`` with a body sends it as is (an HTML 401, an empty 200); ``paths`` counts every
     request read per path, query string left out; ``in_flight`` is back to 0 once answered."""

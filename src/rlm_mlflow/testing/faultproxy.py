@@ -20,6 +20,10 @@ client with a ``Content-Length``, keeping the client connection open.
   JSON document.
 - ``commit_then_reset``: forward the request (after ``latency`` seconds) and read the server's
   answer, then reset the client connection: the server committed, the client sees a failure.
+- ``late``: forward the request after ``latency`` seconds, even if the client has hung up
+  meanwhile (a queue in front of the server: it commits what the client gave up on). Unlike
+  ``pass``, the latency applies only to the requests the mode applies to (``path``, ``method``,
+  ``count``); the others are forwarded at once.
 - ``redirect``: answer ``status`` (301, 302, 303, 307 or 308) with a ``Location`` header:
   ``location`` when given, else this proxy's own URL for the same path and query (with
   ``count``, a redirect a client may follow back to the proxy, which then forwards it).
@@ -56,7 +60,9 @@ from typing import Self
 
 __all__ = ["FaultProxy"]
 
-MODES = frozenset({"pass", "refuse", "reset", "stall", "http", "commit_then_reset", "redirect"})
+MODES = frozenset(
+    {"pass", "refuse", "reset", "stall", "http", "commit_then_reset", "redirect", "late"}
+)
 
 _HOP_BY_HOP = frozenset(
     {
@@ -457,7 +463,8 @@ class FaultProxy:
     def _mode_for(self, path: str, method: str) -> _Settings:
         """The settings for one request, counting it against ``count`` if the mode applies."""
         settings = self._settings
-        plain = _Settings(latency=settings.latency, body_limit=settings.body_limit)
+        latency = 0.0 if settings.mode == "late" else settings.latency
+        plain = _Settings(latency=latency, body_limit=settings.body_limit)
         if settings.path is None:
             other_path = False
         elif settings.exact_path:
@@ -535,8 +542,8 @@ class FaultProxy:
                 return
             if settings.latency > 0:
                 await asyncio.sleep(settings.latency)
-                if writer.transport.is_closing():  # reset meanwhile ("refuse"): nothing to answer
-                    return
+                if writer.transport.is_closing() and mode != "late":
+                    return  # reset meanwhile ("refuse"): nothing to answer
             if mode == "http":
                 response = self._error_response(settings)
             elif mode == "too_large":
@@ -557,6 +564,8 @@ class FaultProxy:
                 if mode == "commit_then_reset":
                     _reset(writer)
                     return
+            if writer.transport.is_closing():  # "late": the client hung up meanwhile
+                return
             writer.write(response)
             await writer.drain()
             if request.wants_close():
