@@ -746,3 +746,44 @@ def test_a_producer_faster_than_a_slow_server_loses_nothing_with_the_journal(
     assert sorted(runs) == [f"spill-{n}" for n in range(run_count)]
     for run in runs.values():
         assert_landed(mlflow_client, run, step_count)
+
+
+@pytest.mark.integration
+def test_a_close_while_a_runs_steps_wait_on_a_slow_answer_ends_it_and_replay_adds_each_once(
+    proxy: FaultProxy,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """A cycle carrying a run's 100 steps and its end (one round of requests) waits on a
+    log_batch the server commits only after the sink has stopped. close(3) still ends the run
+    FINISHED in time, and what it sends again (or keeps for replay) adds no point twice once
+    the late batch is committed."""
+    from rlm_mlflow import replay
+
+    sink = make_sink(proxy, experiment_name, flush_interval=60.0, batch_trigger=10**9)
+    start(sink, "late")
+    assert sink.flush(WAIT)
+    batches = proxy.paths["/api/2.0/mlflow/runs/log-batch"]
+    proxy.set(mode="late", latency=8.0, count=1, path="/runs/log-batch")
+    steps(sink, "late", range(100))
+    end(sink, "late", 100)
+    sink.flush(0.0)  # a cycle takes them all and waits for the late answer
+    assert proxy.wait_until(lambda p: p.paths["/api/2.0/mlflow/runs/log-batch"] > batches, WAIT)
+    close_in_thread(sink, 3.0)
+    assert read_runs(experiment_name)["late"].info.status == "FINISHED"
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] + status["deferred"] == 102
+    assert status["runs_ended"] == 1
+
+    # The late batch reaches the server and is committed; replay reads what it holds.
+    run = read_runs(experiment_name)["late"]
+    assert eventually(lambda: len(history(mlflow_client, run, "step_reward")) == 100, WAIT)
+    assert proxy.wait_until(lambda p: p.in_flight == 0, WAIT)
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    runs = read_runs(experiment_name)
+    assert list(runs) == ["late"]
+    assert_landed(mlflow_client, runs["late"], 100)

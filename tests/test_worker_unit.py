@@ -229,6 +229,35 @@ def test_a_close_during_a_long_cycle_takes_it_over_and_ends_the_run_first(
     assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
 
 
+def test_a_close_during_a_short_cycle_held_by_the_server_ends_the_run_in_time(
+    tmp_path: Path,
+) -> None:
+    """close() comes while a cycle of one round of requests (a run's 100 steps and its end,
+    fewer than a close would split) waits for a server that does not answer before the close's
+    deadline: the cycle is taken over in time for the run's end to reach the store; the steps
+    are kept for replay, each event counted once."""
+    memory = SlowSteps()
+    sink = asleep_until_closed(memory, tmp_path)
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        assert sink.flush(WAIT)
+        sink.on_run_start("short", task="t", environment="e", params={})
+        for number in range(100):
+            step(sink, "short", number)
+        sink.on_run_end("short", result={"completed": True, "steps": 100}, run_path=None)
+        sink._request_flush()
+        assert memory.held.wait(WAIT)  # the cycle waits for the server
+        sink.close(3.0)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+    assert memory.one("short").status == "FINISHED"
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+    assert stats.deferred >= 100
+
+
 def test_the_worker_imports_nothing_above_it() -> None:
     """The process side (runtime, sink) owns the worker and passes it what it needs: the worker
     never imports them, not even inside a function."""

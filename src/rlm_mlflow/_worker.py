@@ -58,6 +58,10 @@ logger = logging.getLogger("rlm_mlflow")
 #: Records taken from the queue and the journal in one drain cycle.
 TAKE_LIMIT = 20_000
 CLOSE_SPLIT_STEPS = 500  # steps that fit one log_batch (two metrics each)
+#: A cycle of one round of requests that a close with a deadline finds waiting on the server
+#: gets this share of the time left to finish; then it is taken over, so that its runs' ends
+#: still go in the rest (a server slower than the close would otherwise leave them RUNNING).
+CYCLE_SHARE = 0.5
 #: How long closing waits for hooks that were already running when it began.
 QUIESCE_TIMEOUT = 1.0
 #: How often a blocked store (credentials, deleted experiment) is asked again.
@@ -334,6 +338,7 @@ class Worker:
         self._hurrying: Transport | None = None  # told to hurry (closing against a deadline)
         self._gate: ClosingGate | None = None  # entered at the close, left once ends are sent
         self._interruptible: anyio.CancelScope | None = None  # a cycle a close may interrupt
+        self._long_cycle = False  # ... and it carries more steps than one round of requests
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self._maintaining = False
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
@@ -401,9 +406,21 @@ class Worker:
             seen.set()
         if self._wake is not None:
             self._wake.set()
+        if self.close_requested:
+            self._take_over_cycle()
+
+    def _take_over_cycle(self) -> None:
+        """Closing: the close takes over what the cycle out now was sending (see _send), a
+        long cycle at once, a short one when its share of the close's time is up."""
         scope = self._interruptible
-        if self.close_requested and scope is not None:
-            scope.cancel()  # the close takes over what this cycle was sending (see _send)
+        if scope is None:
+            return
+        deadline = self.close_deadline
+        if self._long_cycle:
+            scope.cancel()
+        elif deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            scope.deadline = min(scope.deadline, anyio.current_time() + CYCLE_SHARE * left)
 
     def upkeep_if_asked(self) -> None:
         """Called in the worker's loop by the loop's dispatcher: a hook asked for journal
@@ -569,15 +586,20 @@ class Worker:
         Before the close, a close request interrupts a cycle of more than one round of
         requests: what was not settled is taken back and sent again by the closing cycles,
         whose run starts and ends go first (the exporters do again only what they had not
-        finished). While closing, with more steps than one
-        round of requests carries and little time left, statuses matter most: the runs' starts
-        and ends go ahead of their steps (many runs of a few hundred steps each take many
-        rounds too). With fewer, a run's steps and its end go together."""
+        finished). A cycle of one round is cheaper finished than taken back: with a deadline,
+        it has :data:`CYCLE_SHARE` of the time left to finish, then it is taken back too (its
+        requests still out are checked, not sent twice, see ``maybe_sent``).
+
+        While closing, with more steps than one round of requests carries and little time
+        left, statuses matter most: the runs' starts and ends go ahead of their steps (many
+        runs of a few hundred steps each take many rounds too), as they do after steps that
+        went out once unanswered. Otherwise a run's steps and its end go together."""
         if not self._closing:
             with anyio.CancelScope() as scope:
-                # (A cycle of one round of requests is cheaper finished than taken back.)
-                if sum(len(work.steps) for work in works) > CLOSE_SPLIT_STEPS:
-                    self._interruptible = scope
+                self._interruptible = scope
+                self._long_cycle = sum(len(work.steps) for work in works) > CLOSE_SPLIT_STEPS
+                if self.close_requested:
+                    self._take_over_cycle()  # the close came while the cycle was being made
                 try:
                     await self._export(works)
                 finally:
@@ -587,7 +609,11 @@ class Worker:
             return
         whole = [w for w in works if w.runs_outcome or w.traces_outcome]  # half done: as is
         fresh = [w for w in works if not (w.runs_outcome or w.traces_outcome)]
-        if sum(len(work.steps) for work in fresh) > CLOSE_SPLIT_STEPS:
+        # Split too when a run's steps went out once and got no answer (a cycle taken over):
+        # the server that did not take them in time would hold its end up again behind them.
+        if sum(len(work.steps) for work in fresh) > CLOSE_SPLIT_STEPS or any(
+            work.maybe_sent and work.steps for work in fresh
+        ):
             parts = [work.split() for work in fresh]
             for work, (control, _) in zip(fresh, parts, strict=True):
                 control.maybe_sent = work.maybe_sent  # its summary may be stored already
