@@ -93,3 +93,25 @@ def test_a_journal_never_written_to_is_not_swapped_again(
         assert [p.name for p in journal_dir.iterdir()] == [fresh.name]
     finally:
         sink.close(10)
+
+
+def test_a_process_making_journals_all_day_remembers_only_the_latest_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sink idle all day lets go of its journal and makes a new one thousands of times: the
+    names remembered (so that none is given twice within a second) stay bounded, and a name
+    made in the same second as a removed one is still never reused."""
+    from rlm_mlflow import _journal
+
+    seconds = iter(["20261205T100000"] * 6 + ["20261205T100001"] * 4)
+    monkeypatch.setattr(_journal, "_second", lambda: next(seconds))
+    monkeypatch.setattr(_journal, "MADE_KEPT", 4)
+    monkeypatch.setattr(_journal, "_MADE", {})
+    folders = []
+    for _ in range(10):
+        journal = Journal(tmp_path, prefix="0123456789abcdef", experiment="e", tracking_uri=None)
+        folders.append(journal.folder)
+        journal.close(keep=False)
+        assert not journal.folder.exists()
+    assert len(set(folders)) == 10  # six of one second, past the bound, and four of the next
+    assert list(_journal._MADE) == folders[-4:]

@@ -95,9 +95,13 @@ __all__ = [
 logger = logging.getLogger("rlm_mlflow")
 
 _CRC = struct.Struct("<I")
-#: Every journal folder this process made: a name is never given to two journals of a process
-#: (a journal let go when idle is removed, and a new one may come within the same second).
-_MADE: set[Path] = set()
+#: The journal folders this process made last, with the second in their name: a name is never
+#: given to two journals of a process (a journal let go when idle is removed, and a new one may
+#: come within the same second). Only a name of this second can come again: past
+#: :data:`MADE_KEPT`, the oldest of earlier seconds are forgotten.
+_MADE: dict[Path, str] = {}
+_MADE_LOCK = threading.Lock()  # journals are made on transport threads
+MADE_KEPT = 1024
 _INTERNAL = 2  # _codec.FLAG_INTERNAL, in a payload's flags byte
 _CONTROL_KINDS = frozenset({1, 3})  # _codec.KIND_START, KIND_END: a payload's first byte
 
@@ -471,6 +475,11 @@ class _LaneHolder:
         self.lane = lane
 
 
+def _second() -> str:
+    """This second, as journal folder names begin."""
+    return time.strftime("%Y%m%dT%H%M%S")
+
+
 class Journal:
     """The write side of one sink's journal (made at the sink's first event)."""
 
@@ -485,17 +494,24 @@ class Journal:
         span_budget: int | None = None,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{prefix[:8]}"
+        second = _second()
+        name = f"{second}-{os.getpid()}-{prefix[:8]}"
         folder = root / name
         while True:
             try:
-                if folder in _MADE:  # removed since, in the same second: still never reused
-                    raise FileExistsError(folder)
-                folder.mkdir(mode=0o700)
+                with _MADE_LOCK:
+                    if folder in _MADE:  # removed since, in the same second: never reused
+                        raise FileExistsError(folder)
+                    folder.mkdir(mode=0o700)
+                    _MADE[folder] = second
+                    while len(_MADE) > MADE_KEPT:
+                        oldest = next(iter(_MADE))
+                        if _MADE[oldest] == second:
+                            break  # every one is of this second
+                        del _MADE[oldest]
                 break
             except FileExistsError:
                 folder = root / f"{name}-{secrets.token_hex(2)}"
-        _MADE.add(folder)
         self.folder = folder
         self.prefix = prefix
         self.fsync = fsync
