@@ -787,3 +787,37 @@ def test_a_close_while_a_runs_steps_wait_on_a_slow_answer_ends_it_and_replay_add
     runs = read_runs(experiment_name)
     assert list(runs) == ["late"]
     assert_landed(mlflow_client, runs["late"], 100)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_an_async_service_stopping_while_a_runs_steps_wait_on_a_slow_answer_ends_it(
+    anyio_backend: str,
+    proxy: FaultProxy,
+    experiment_name: str,
+    read_runs: Callable[[str], dict[str, Any]],
+) -> None:
+    """The same in an asyncio or trio service: its sink (``async with``, shutdown_timeout 3 s)
+    is left while the cycle carrying a run's steps and end waits on a batch the server takes
+    8 s to commit; the run is ended FINISHED before the block returns."""
+    import anyio
+
+    batches = "/api/2.0/mlflow/runs/log-batch"
+    sink = make_sink(
+        proxy, experiment_name, flush_interval=60.0, batch_trigger=10**9, shutdown_timeout=3.0
+    )
+    async with sink:
+        start(sink, "late")
+        assert await sink.aflush(WAIT)
+        before = proxy.paths[batches]
+        proxy.set(mode="late", latency=8.0, count=1, path="/runs/log-batch")
+        steps(sink, "late", range(100))
+        end(sink, "late", 100)
+        await sink.aflush(0.0)  # a cycle takes them all and waits for the late answer
+        await anyio.to_thread.run_sync(proxy.wait_until, lambda p: p.paths[batches] > before, WAIT)
+    runs = await anyio.to_thread.run_sync(read_runs, experiment_name)
+    assert runs["late"].info.status == "FINISHED"
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] + status["deferred"] == 102
