@@ -302,3 +302,42 @@ def test_fork_child_has_its_own_sink(
             if a.name == "completed" and a.source.source_id == "rlm-mlflow"
         ]
         assert completed == [True], trace.info.assessments
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_program_with_sinks_in_its_event_loop_and_on_the_thread_closes_every_socket(
+    tmp_path: Path, backend: str
+) -> None:
+    """A sink run in the program's event loop (``async with``), then one on the background
+    thread: no socket the package opened is left for the collector to close
+    (``ResourceWarning: unclosed``)."""
+    program = f"""
+import anyio
+from rlm_mlflow import MLflowSink
+from rlm_mlflow.testing import MemoryTransport
+
+async def main() -> None:
+    memory = MemoryTransport()
+    sink = MLflowSink(enabled=True, experiment="e", transport=memory, journal_dir={str(tmp_path)!r})
+    async with sink:
+        sink.on_run_start("r", task="t", environment="e", params={{}})
+        sink.on_step("r", event={{"step": 0, "reward": 1.0}}, cumulative_reward=1.0)
+        sink.on_run_end("r", result={{"completed": True, "steps": 1}}, run_path=None)
+    assert memory.one("r").status == "FINISHED"
+
+anyio.run(main, backend={backend!r})
+memory = MemoryTransport()
+sink = MLflowSink(enabled=True, experiment="e", transport=memory, journal_dir={str(tmp_path)!r})
+sink.on_run_start("s", task="t", environment="e", params={{}})
+sink.close(30)
+assert memory.one("s").status == "FAILED"
+"""
+    done = subprocess.run(
+        [sys.executable, "-W", "always::ResourceWarning", "-c", program],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "unclosed" not in done.stderr, done.stderr[-2000:]

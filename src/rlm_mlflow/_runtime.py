@@ -142,7 +142,9 @@ class Runtime:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # never taken by a signal handler
-        self.loop = Loop()  # the loop of the thread running now (a new one for each thread)
+        # The loop of the thread running now: a new one for each thread, none before the first
+        # (a program whose sinks all run in its own event loop never opens its socket pair).
+        self.loop: Loop | None = None
         self.running = False
         self.thread_ident: int | None = None
         self.workers: weakref.WeakSet[Worker] = weakref.WeakSet()  # every active worker
@@ -173,6 +175,7 @@ class Runtime:
                 self.loop = Loop()
                 _thread.start_new_thread(self._main, (self.loop,))
             loop = self.loop
+            assert loop is not None
             worker.loop = loop
             loop.pending.append(worker)
         loop.waker.wake()
