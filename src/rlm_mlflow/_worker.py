@@ -59,9 +59,11 @@ logger = logging.getLogger("rlm_mlflow")
 TAKE_LIMIT = 20_000
 CLOSE_SPLIT_STEPS = 500  # steps that fit one log_batch (two metrics each)
 #: A cycle of one round of requests that a close with a deadline finds waiting on the server
-#: gets this share of the time left to finish; then it is taken over, so that its runs' ends
-#: still go in the rest (a server slower than the close would otherwise leave them RUNNING).
-CYCLE_SHARE = 0.5
+#: may go on until this much time is left (at most half the time left when the close came);
+#: then it is taken over, so that its runs' ends still go in the rest (a server slower than the
+#: close would otherwise leave them RUNNING). Taken over, its requests are done again, reads
+#: first: while a slow server still answers, a cycle is better left to finish.
+CYCLE_RESERVE = 1.0
 #: How long closing waits for hooks that were already running when it began.
 QUIESCE_TIMEOUT = 1.0
 #: How often a blocked store (credentials, deleted experiment) is asked again.
@@ -420,7 +422,8 @@ class Worker:
             scope.cancel()
         elif deadline is not None:
             left = max(0.0, deadline - time.monotonic())
-            scope.deadline = min(scope.deadline, anyio.current_time() + CYCLE_SHARE * left)
+            allowed = max(left - CYCLE_RESERVE, left / 2)
+            scope.deadline = min(scope.deadline, anyio.current_time() + allowed)
 
     def upkeep_if_asked(self) -> None:
         """Called in the worker's loop by the loop's dispatcher: a hook asked for journal
@@ -587,7 +590,7 @@ class Worker:
         requests: what was not settled is taken back and sent again by the closing cycles,
         whose run starts and ends go first (the exporters do again only what they had not
         finished). A cycle of one round is cheaper finished than taken back: with a deadline,
-        it has :data:`CYCLE_SHARE` of the time left to finish, then it is taken back too (its
+        it may go on until :data:`CYCLE_RESERVE` is left, then it is taken back too (its
         requests still out are checked, not sent twice, see ``maybe_sent``).
 
         While closing, with more steps than one round of requests carries and little time
