@@ -22,7 +22,7 @@ import requests
 from promises_support import Agent, Store, assert_each_once, patient, replay_cli
 from rlm_mlflow import MLflowSink, PermanentError, TransientError
 from rlm_mlflow._runtime import close_all
-from rlm_mlflow._transports.base import Metric
+from rlm_mlflow._transports.base import Call, Metric, calling
 from rlm_mlflow._transports.http import (
     CLOSING_IN_FLIGHT,
     CLOSING_START,
@@ -114,6 +114,64 @@ def test_requests_wait_for_a_slot_and_get_one_when_the_bound_grows() -> None:
         thread.join(WAIT)
         taken.close()
     assert slots.busy == 0
+
+
+def test_a_request_given_up_leaves_its_place_and_one_given_up_while_waiting_is_never_sent() -> None:
+    """Every place is held by requests whose answers never come; the caller gives one up (a
+    close took its cycle over): a waiting request gets its place at once, while the thread of
+    the one given up still waits. A request given up while it waits for a place is not sent."""
+    slots = InFlight()
+    calls = [Call() for _ in range(MAX_IN_FLIGHT)]
+    answered = threading.Event()  # the server's answers, which never come before the end
+    inside = threading.Semaphore(0)
+
+    def held(call: Call) -> None:
+        with calling(call), slots.turn():
+            inside.release()
+            answered.wait(WAIT)
+
+    holders = [threading.Thread(target=held, args=(call,)) for call in calls]
+    for thread in holders:
+        thread.start()
+    for _ in calls:
+        assert inside.acquire(timeout=WAIT)
+    waiting_call, outcome = Call(), []
+
+    def waiting() -> None:
+        with calling(waiting_call):
+            try:
+                with slots.turn():
+                    outcome.append("sent")
+            except TransientError as exc:
+                outcome.append(f"not sent, maybe committed: {exc.maybe_committed}")
+
+    through = threading.Event()
+
+    def request() -> None:
+        with slots.turn():
+            through.set()
+
+    try:
+        waiter = threading.Thread(target=waiting)
+        waiter.start()
+        assert wait_for(lambda: len(slots._waiting) == 1, WAIT)
+        waiting_call.give_up()
+        waiter.join(WAIT)
+        assert outcome == ["not sent, maybe committed: False"]
+        assert slots._waiting == {}
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        assert wait_for(lambda: len(slots._waiting) == 1, WAIT)
+        calls[0].give_up()
+        assert through.wait(WAIT)
+        thread.join(WAIT)
+        assert holders[0].is_alive()  # its answer has not come: only its place was given back
+    finally:
+        answered.set()
+        for thread in holders:
+            thread.join(WAIT)
+    assert slots.busy == 0  # the given-up request, answered at last, did not leave twice
 
 
 @pytest.mark.parametrize("closing", [False, True])
@@ -512,6 +570,53 @@ def test_a_request_that_times_out_lowers_the_closing_bound() -> None:
             assert client.slots.limit < grown
         finally:
             client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_sinks_closed_together_while_their_batches_wait_on_a_late_server_end_every_run(
+    mlflow_server: MlflowServer, experiment_name: str, journal_dir: Path
+) -> None:
+    """Twelve sinks of one process, each with a run whose steps and end went out in one cycle:
+    the first batches take every place in flight and are committed only 10 s later, the other
+    cycles wait for a place. Closed together with 4 s, every cycle is taken over in time, the
+    places held by requests given up on are freed, and every run is ended FINISHED by the
+    deadline. The late batches then land, and replay of what was kept adds no step twice."""
+    count, batches = 12, "/api/2.0/mlflow/runs/log-batch"
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="late", latency=10.0, count=MAX_IN_FLIGHT, path="/runs/log-batch")
+        sinks = [
+            MLflowSink(
+                enabled=True,
+                experiment=experiment_name,
+                tracking_uri=proxy.uri,
+                flush_interval=60,
+                batch_trigger=10**9,
+            )
+            for _ in range(count)
+        ]
+        for n, sink in enumerate(sinks):
+            run = f"late-{n}"
+            sink.on_run_start(run, task="t", environment="e", params={})
+            for i in range(20):
+                sink.on_step(run, event={"step": i, "reward": 1.0}, cumulative_reward=i + 1.0)
+            sink.on_run_end(run, result={"completed": True, "steps": 20}, run_path=None)
+            sink.flush(0.0)  # its cycle goes now, and waits on the late batch
+        assert proxy.wait_until(lambda p: p.paths[batches] >= MAX_IN_FLIGHT, WAIT)
+        close_all(None, 4.0)
+        store = Store(mlflow_server.uri)
+        statuses = {name: run.info.status for name, run in store.by_name(experiment_name).items()}
+        assert statuses == {f"late-{n}": "FINISHED" for n in range(count)}
+        for sink in sinks:
+            status = sink.status()
+            assert status["dropped"] == {}
+            assert status["accepted"] == status["sent"] + status["deferred"] == 22
+        # The late batches reach the server; replay sends what the deadline kept.
+        assert proxy.wait_until(lambda p: p.forwarded == p.requests and not p.in_flight, WAIT)
+        replayed = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+        assert replayed.returncode == 0, replayed.stderr[-2000:]
+        for run in store.by_name(experiment_name).values():
+            assert_each_once(store.steps(run), range(20))
 
 
 # -- the sinks of one async service, closed together -----------------------------------------------

@@ -38,6 +38,7 @@ from ._config import redact_text
 from ._exceptions import REFUSED_CODES, REFUSED_STATUS, PermanentError, StoreRefused, TransientError
 from ._retry import RetryPolicy
 from ._stats import RateLimitedWarnings, WorkerCounts
+from ._transports.base import Call, calling
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -118,6 +119,8 @@ class Caller:
         self.give_up = give_up
         self.gave_up: str | None = None
         self.background = background  # every call is one of BACKGROUND_CALLS (traces)
+        # Calls whose waiter was cancelled while their thread went on (see give_up_left).
+        self.left: list[Call] = []
 
     def clean(self, text: str) -> str:
         return redact_text(text, self._uri)
@@ -159,9 +162,15 @@ class Caller:
             limiter = None
             if self.background or what in BACKGROUND_CALLS:
                 limiter = background_threads()
-            result = await anyio.to_thread.run_sync(
-                functools.partial(fn, *args), abandon_on_cancel=True, limiter=limiter
-            )
+            call = Call()
+            try:
+                with calling(call):  # the thread takes this context
+                    result = await anyio.to_thread.run_sync(
+                        functools.partial(fn, *args), abandon_on_cancel=True, limiter=limiter
+                    )
+            except anyio.get_cancelled_exc_class():
+                self.left.append(call)  # its thread goes on: see give_up_left
+                raise
         except PermanentError as exc:
             refused = as_refusal(exc)
             if refused is None:
@@ -182,6 +191,15 @@ class Caller:
             logger.warning("rlm-mlflow: the store takes our writes again; sending what was held")
             self.refused = None
         return result
+
+    def give_up_left(self) -> None:
+        """What the calls left behind were for is done again (a cycle a close took over):
+        their requests leave their places in flight, and those not sent yet are not sent.
+        (At the close's deadline nothing is given up: a run's end still waiting for its turn
+        may yet end the run in MLflow, and replay checks what it did.)"""
+        left, self.left = self.left, []
+        for call in left:
+            call.give_up()
 
     def refused_by(self, exc: StoreRefused) -> None:
         text = self.clean(str(exc))

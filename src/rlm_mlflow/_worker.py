@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from . import _codec, _fork
 from ._calls import Caller
@@ -60,10 +61,13 @@ TAKE_LIMIT = 20_000
 CLOSE_SPLIT_STEPS = 500  # steps that fit one log_batch (two metrics each)
 #: A cycle of one round of requests that a close with a deadline finds waiting on the server
 #: may go on until this much time is left (at most half the time left when the close came);
-#: then it is taken over, so that its runs' ends still go in the rest (a server slower than the
+#: then, if it is stuck (a request of the sink's unanswered for :data:`CYCLE_STUCK`), it is
+#: taken over, so that its runs' ends still go in the rest (a server holding a request past the
 #: close would otherwise leave them RUNNING). Taken over, its requests are done again, reads
-#: first: while a slow server still answers, a cycle is better left to finish.
+#: first, and a create it had out may be committed unseen: while a slow server still answers,
+#: a cycle is better left to finish.
 CYCLE_RESERVE = 1.0
+CYCLE_STUCK = 2.0
 #: How long closing waits for hooks that were already running when it began.
 QUIESCE_TIMEOUT = 1.0
 #: How often a blocked store (credentials, deleted experiment) is asked again.
@@ -341,6 +345,8 @@ class Worker:
         self._gate: ClosingGate | None = None  # entered at the close, left once ends are sent
         self._interruptible: anyio.CancelScope | None = None  # a cycle a close may interrupt
         self._long_cycle = False  # ... and it carries more steps than one round of requests
+        self._watched: anyio.CancelScope | None = None  # the short cycle a close watches
+        self._tasks: TaskGroup | None = None  # the worker's own (while it runs)
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self._maintaining = False
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
@@ -420,10 +426,30 @@ class Worker:
         deadline = self.close_deadline
         if self._long_cycle:
             scope.cancel()
-        elif deadline is not None:
+        elif deadline is not None and self._watched is not scope and self._tasks is not None:
+            self._watched = scope
             left = max(0.0, deadline - time.monotonic())
             allowed = max(left - CYCLE_RESERVE, left / 2)
-            scope.deadline = min(scope.deadline, anyio.current_time() + allowed)
+            self._tasks.start_soon(self._take_over_if_stuck, scope, time.monotonic() + allowed)
+
+    async def _take_over_if_stuck(self, scope: anyio.CancelScope, at: float) -> None:
+        """From ``at`` (time.monotonic()) on, take the short cycle out now over once one of its
+        requests has waited :data:`CYCLE_STUCK` for its answer (see :data:`CYCLE_RESERVE`)."""
+        while self._interruptible is scope:
+            await anyio.sleep(max(0.0, at - time.monotonic()))
+            if self._interruptible is not scope:
+                return
+            now = time.monotonic()
+            waiting = [
+                since
+                for caller in (self.caller, self.traces.caller)
+                for _, since in caller.inflight.values()
+            ]
+            oldest = now - min(waiting, default=now)
+            if oldest >= CYCLE_STUCK:
+                scope.cancel()
+                return
+            at = now + CYCLE_STUCK - oldest
 
     def upkeep_if_asked(self) -> None:
         """Called in the worker's loop by the loop's dispatcher: a hook asked for journal
@@ -442,6 +468,7 @@ class Worker:
         self._upkeep = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
+                self._tasks = tg
                 with anyio.CancelScope() as scope:
                     tg.start_soon(self._watch_close, scope)
                     tg.start_soon(self._keep_journal_ready)
@@ -451,6 +478,7 @@ class Worker:
             self.pipeline.active = False
             logger.exception("rlm-mlflow worker failed; what it had not sent is counted below")
         finally:
+            self._tasks = None
             with anyio.CancelScope(shield=True):
                 if self.close_requested and not self._open_runs_ended:
                     # The deadline came while a request was out, before the close began: the
@@ -608,6 +636,8 @@ class Worker:
                 finally:
                     self._interruptible = None
             if scope.cancelled_caught:
+                for caller in (self.caller, self.traces.caller):
+                    caller.give_up_left()  # done again now: their places go to the close
                 self._take_back()
             return
         whole = [w for w in works if w.runs_outcome or w.traces_outcome]  # half done: as is

@@ -8,6 +8,7 @@ anything ``MlflowClient`` reaches, such as the default sqlite store).
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,6 +41,56 @@ def begin_only_if(check: Callable[[], bool]) -> Iterator[None]:
         yield
     finally:
         _begin_if.reset(token)
+
+
+class Call:
+    """One blocking transport call, as its caller sees it: the caller may give it up (a close
+    took its cycle over, a deadline came) while the thread that makes it still waits. A
+    transport then stops counting its request among those in flight (see :meth:`on_give_up`),
+    and does not send it if it has not gone yet: nobody would read the answer."""
+
+    __slots__ = ("_lock", "_then", "given_up")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._then: Callable[[], None] | None = None
+        self.given_up = False
+
+    def give_up(self) -> None:
+        """The caller no longer waits for the answer (any thread)."""
+        with self._lock:
+            self.given_up = True
+            then, self._then = self._then, None
+        if then is not None:
+            then()  # outside the lock: it takes the transport's own
+
+    def on_give_up(self, then: Callable[[], None] | None) -> bool:
+        """Call ``then`` when the call is given up (None: no longer); False, and nothing is
+        kept, if it has been already."""
+        with self._lock:
+            if self.given_up:
+                return False
+            self._then = then
+            return True
+
+
+#: The call the thread running now makes, when its caller set one (see :func:`calling`).
+_call: ContextVar[Call | None] = ContextVar("rlm_mlflow_call", default=None)
+
+
+@contextmanager
+def calling(call: Call) -> Iterator[None]:
+    """Around the start of a thread that makes ``call`` (the thread takes the context)."""
+    token = _call.set(call)
+    try:
+        yield
+    finally:
+        _call.reset(token)
+
+
+def current_call() -> Call | None:
+    """The call this thread makes, if its caller said (see :class:`Call`)."""
+    return _call.get()
 
 
 def may_begin(what: str) -> None:

@@ -48,7 +48,7 @@ from .._exceptions import (
     StoreRefused,
     TransientError,
 )
-from .base import may_begin
+from .base import current_call, may_begin
 
 __all__ = [
     "CLOSING_IN_FLIGHT",
@@ -253,6 +253,10 @@ def rank(path: str) -> int:
     return 1  # a run's batches, its artifact (before its end), reads
 
 
+def _given_up() -> TransientError:
+    return TransientError("given up by its caller before it was sent", maybe_committed=False)
+
+
 class InFlight:
     """The requests in flight to one server (taken by transport threads only, never by a hook).
 
@@ -287,24 +291,54 @@ class InFlight:
 
     @contextmanager
     def turn(self, rank: int = 1) -> Iterator[None]:
-        """Hold one place in flight for one request of ``rank`` (see :func:`rank`)."""
+        """Hold one place in flight for one request of ``rank`` (see :func:`rank`).
+
+        A request its caller gives up (see :class:`~.base.Call`) leaves its place at once,
+        though its thread still waits for the answer: requests given up on (a cycle a close
+        took over) never keep the ends that follow from going. One given up before its turn
+        is not sent at all."""
+        call = current_call()
         with self._changed:
             arrival = next(self._arrivals)
             self._waiting[arrival] = rank
             try:
+                if call is not None and not call.on_give_up(self._wake_all):
+                    raise _given_up()
                 while self.busy >= self.limit or self._next() != arrival:
                     self._changed.wait()
-            finally:
+                    if call is not None and call.given_up:
+                        raise _given_up()
+            except TransientError:
                 del self._waiting[arrival]
+                self._changed.notify_all()  # the next in line may be another
+                raise
+            del self._waiting[arrival]
             self.busy += 1
             if self._waiting and self.busy < self.limit:
                 self._changed.notify_all()  # the next in line may go too
+        held = True
+
+        def leave() -> None:
+            nonlocal held
+            with self._changed:
+                if held:
+                    held = False
+                    self.busy -= 1
+                    self._changed.notify_all()
+
+        if call is not None and not call.on_give_up(leave):
+            leave()
+            raise _given_up()
         try:
             yield
         finally:
-            with self._changed:
-                self.busy -= 1
-                self._changed.notify_all()
+            if call is not None:
+                call.on_give_up(None)
+            leave()
+
+    def _wake_all(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def answered(self, seconds: float, overloaded: bool = False) -> None:
         """A request took ``seconds`` to be answered (``overloaded``: the server said so)."""
