@@ -66,7 +66,7 @@ CLOSE_SPLIT_STEPS = 500  # steps that fit one log_batch (two metrics each)
 #: close would otherwise leave them RUNNING). Taken over, its requests are done again, reads
 #: first, and a create it had out may be committed unseen: while a slow server still answers,
 #: a cycle is better left to finish.
-CYCLE_RESERVE = 1.0
+CYCLE_RESERVE = 2.0
 CYCLE_STUCK = 2.0
 #: How long closing waits for hooks that were already running when it began.
 QUIESCE_TIMEOUT = 1.0
