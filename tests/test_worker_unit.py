@@ -202,6 +202,45 @@ def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_fi
     assert stats.deferred >= 900
 
 
+def test_a_cycle_taken_over_at_the_close_lets_the_ends_that_came_after_it_go_first(
+    tmp_path: Path,
+) -> None:
+    """A cycle took run "a" whole and the first steps of "b", and waits on a server that holds
+    their steps; "b"'s end and all of "c" come after it. The close takes the cycle over: every
+    run's start and end go ahead of any step, so all three end FINISHED in time, the steps are
+    kept for replay, and nothing is counted twice."""
+    memory = SlowSteps()
+    sink = asleep_until_closed(memory, tmp_path)
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        assert sink.flush(WAIT)
+        sink.on_run_start("a", task="t", environment="e", params={})
+        for number in range(300):
+            step(sink, "a", number)
+        sink.on_run_end("a", result={"completed": True, "steps": 300}, run_path=None)
+        sink.on_run_start("b", task="t", environment="e", params={})
+        for number in range(100):
+            step(sink, "b", number)
+        sink._request_flush()  # a normal cycle takes them and waits for the slow requests
+        assert memory.held.wait(WAIT)
+        for number in range(100, 300):
+            step(sink, "b", number)
+        sink.on_run_end("b", result={"completed": True, "steps": 300}, run_path=None)
+        sink.on_run_start("c", task="t", environment="e", params={})
+        for number in range(300):
+            step(sink, "c", number)
+        sink.on_run_end("c", result={"completed": True, "steps": 300}, run_path=None)
+        sink.close(3.0)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+    for name in ("a", "b", "c"):
+        assert memory.one(name).status == "FINISHED", name
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+
+
 @pytest.mark.parametrize("steps", [600, 100], ids=["long cycle", "short cycle"])
 def test_a_close_during_a_cycle_held_by_the_server_takes_it_over_and_ends_the_run_first(
     tmp_path: Path, steps: int

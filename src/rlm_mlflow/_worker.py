@@ -566,6 +566,8 @@ class Worker:
             closing = self._closing
             if self.retry:
                 works, self.retry = self.retry, []
+                if closing:
+                    works = self._with_waiting(works)
                 await self._send(works)
                 continue
             if self.dispatcher.held:
@@ -873,6 +875,26 @@ class Worker:
             self.progress.notify_all()
 
     # -- one cycle ------------------------------------------------------------------------------
+
+    def _with_waiting(self, works: list[RunWork]) -> list[RunWork]:
+        """Closing, with a cycle taken back: what came in since it was taken (a run's end, other
+        runs) joins it, so that every run's start and end go ahead of all the steps (a taken
+        back run's steps may be held by the server again until the deadline)."""
+        items = self.pipeline.take(TAKE_LIMIT)
+        if not items:
+            return works
+        fresh = {w.no: w for w in works if not (w.runs_outcome or w.traces_outcome)}
+        taken = {w.no for w in works}
+        out = list(works)
+        for work in self._group(items, final=False):
+            same = fresh.get(work.no)
+            if same is not None:
+                same.merge(work)
+            elif work.no in taken:  # half done: it goes as it is, this one right after
+                self.retry.append(work)
+            else:
+                out.append(work)
+        return out
 
     def _group(self, items: Sequence[Item], *, final: bool) -> list[RunWork]:
         """Decode records and group them by run, in order; hold runs whose start is not here."""
