@@ -4,10 +4,11 @@ the races of a close deterministic."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import threading
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,19 @@ def asleep_until_closed(memory: MemoryTransport, journal_dir: Path) -> MLflowSin
     )
 
 
+@contextlib.contextmanager
+def closed_in_3_s(sink: MLflowSink, memory: SlowSteps) -> Iterator[None]:
+    """Around a test's hooks: then ``close(3.0)``, waited for until the worker stops; whatever
+    happens, the held requests are let go and the sink closed."""
+    try:
+        yield
+        sink.close(3.0)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+
+
 def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_first(
     tmp_path: Path,
 ) -> None:
@@ -182,7 +196,7 @@ def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_fi
     answer in time: each run still ends (FINISHED) at the store, its steps kept for replay."""
     memory = SlowSteps()
     sink = asleep_until_closed(memory, tmp_path)
-    try:
+    with closed_in_3_s(sink, memory):
         sink.on_run_start("warm", task="t", environment="e", params={})
         assert sink.flush(WAIT)  # the worker is up, and asleep until close() wakes it
         for name in ("a", "b", "c"):
@@ -190,11 +204,6 @@ def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_fi
             for number in range(300):
                 step(sink, name, number)
             sink.on_run_end(name, result={"completed": True, "steps": 300}, run_path=None)
-        sink.close(3.0)
-        assert wait_for(sink._worker.stopped.is_set, WAIT)
-    finally:
-        memory.gate.set()
-        sink.close(1.0)
     for name in ("a", "b", "c"):
         assert memory.one(name).status == "FINISHED"
     stats = sink.statistics()
@@ -211,7 +220,7 @@ def test_a_cycle_taken_over_at_the_close_lets_the_ends_that_came_after_it_go_fir
     kept for replay, and nothing is counted twice."""
     memory = SlowSteps()
     sink = asleep_until_closed(memory, tmp_path)
-    try:
+    with closed_in_3_s(sink, memory):
         sink.on_run_start("warm", task="t", environment="e", params={})
         assert sink.flush(WAIT)
         sink.on_run_start("a", task="t", environment="e", params={})
@@ -230,11 +239,6 @@ def test_a_cycle_taken_over_at_the_close_lets_the_ends_that_came_after_it_go_fir
         for number in range(300):
             step(sink, "c", number)
         sink.on_run_end("c", result={"completed": True, "steps": 300}, run_path=None)
-        sink.close(3.0)
-        assert wait_for(sink._worker.stopped.is_set, WAIT)
-    finally:
-        memory.gate.set()
-        sink.close(1.0)
     for name in ("a", "b", "c"):
         assert memory.one(name).status == "FINISHED", name
     stats = sink.statistics()
@@ -252,7 +256,7 @@ def test_a_close_during_a_cycle_held_by_the_server_takes_it_over_and_ends_the_ru
     steps are kept for replay, and nothing is counted twice."""
     memory = SlowSteps()
     sink = asleep_until_closed(memory, tmp_path)
-    try:
+    with closed_in_3_s(sink, memory):
         sink.on_run_start("warm", task="t", environment="e", params={})
         assert sink.flush(WAIT)
         sink.on_run_start("held", task="t", environment="e", params={})
@@ -261,11 +265,6 @@ def test_a_close_during_a_cycle_held_by_the_server_takes_it_over_and_ends_the_ru
         sink.on_run_end("held", result={"completed": True, "steps": steps}, run_path=None)
         sink._request_flush()  # a normal cycle takes it all and waits for the slow request
         assert memory.held.wait(WAIT)
-        sink.close(3.0)
-        assert wait_for(sink._worker.stopped.is_set, WAIT)
-    finally:
-        memory.gate.set()
-        sink.close(1.0)
     assert memory.one("held").status == "FINISHED"
     stats = sink.statistics()
     assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())

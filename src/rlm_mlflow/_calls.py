@@ -134,10 +134,10 @@ class Caller:
         """``(health, detail)``: why data is or is not moving."""
         if self.refused is not None:
             return "blocked", self.refused
-        waiting = list(self.inflight.values())
         now = time.monotonic()
-        if waiting:
-            what, since = min(waiting, key=lambda item: item[1])
+        oldest = self.oldest()
+        if oldest is not None:
+            what, since = oldest
             if now - since >= STALLED_AFTER:
                 return "stalled", f"waiting {now - since:.1f} s for the server to answer {what}"
         if self.failing_since is not None:
@@ -150,6 +150,11 @@ class Caller:
                 f"failing for {now - self.failing_since:.1f} s ({error}){wait}",
             )
         return "ok", None
+
+    def oldest(self) -> tuple[str, float] | None:
+        """``(what, since)`` of the call that has waited longest for its answer, if any."""
+        waiting = list(self.inflight.values())
+        return min(waiting, key=lambda item: item[1]) if waiting else None
 
     # -- calls ---------------------------------------------------------------------------------
 

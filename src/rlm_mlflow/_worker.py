@@ -313,6 +313,7 @@ class Worker:
             tracking_uri=config.tracking_uri,
             background=True,
         )
+        self.callers = (self.caller, traces_caller)  # runs first, then traces
         self.traces = TracesExporter(
             caller=traces_caller,
             warnings=self.warnings,
@@ -440,16 +441,12 @@ class Worker:
             if self._interruptible is not scope:
                 return
             now = time.monotonic()
-            waiting = [
-                since
-                for caller in (self.caller, self.traces.caller)
-                for _, since in caller.inflight.values()
-            ]
-            oldest = now - min(waiting, default=now)
-            if oldest >= CYCLE_STUCK:
+            since = [found[1] for found in map(Caller.oldest, self.callers) if found is not None]
+            waited = now - min(since, default=now)
+            if waited >= CYCLE_STUCK:
                 scope.cancel()
                 return
-            at = now + CYCLE_STUCK - oldest
+            at = now + CYCLE_STUCK - waited
 
     def upkeep_if_asked(self) -> None:
         """Called in the worker's loop by the loop's dispatcher: a hook asked for journal
@@ -638,7 +635,7 @@ class Worker:
                 finally:
                     self._interruptible = None
             if scope.cancelled_caught:
-                for caller in (self.caller, self.traces.caller):
+                for caller in self.callers:
                     caller.give_up_left()  # done again now: their places go to the close
                 self._take_back()
             return
