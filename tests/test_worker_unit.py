@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import logging
 import threading
 import time
 import types
@@ -444,3 +445,59 @@ def test_event_loops_do_not_share_a_closing_gate() -> None:
         return task_loop().gate
 
     assert anyio.run(gate) is not anyio.run(gate)
+
+
+class FarAway(MemoryTransport):
+    """Every answer takes ``latency`` seconds: a server far away (a create is committed before
+    its answer's way back, the rest after the way there)."""
+
+    latency = 0.5
+
+    def _enter(self, call: str) -> None:
+        super()._enter(call)
+        if call != "create_run":
+            time.sleep(self.latency)
+
+    def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str,
+        start_time_ms: int,
+        tags: Sequence[tuple[str, str]],
+    ) -> RunRef:
+        ref = super().create_run(
+            experiment_id, run_name=run_name, start_time_ms=start_time_ms, tags=tags
+        )
+        time.sleep(self.latency)
+        return ref
+
+
+def test_a_close_too_short_for_a_new_run_against_a_slow_server_keeps_it_for_replay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sink has seen its server answer in 0.5 s; a run not created yet waits when close()
+    comes with 1.2 s left, less than a create, a batch and an end take one after another. Its
+    create does not go out (it would be left RUNNING): the run is kept for replay, the open run
+    already created is ended in time, and every event is counted once. The warning names the
+    time the close was given, not ``shutdown_timeout``."""
+    memory = FarAway()
+    sink = asleep_until_closed(memory, tmp_path)
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        assert sink.flush(WAIT)  # answered in 0.5 s each: the sink knows its server is slow
+        sink.on_run_start("late", task="t", environment="e", params={})
+        step(sink, "late", 0)
+        sink.on_run_end("late", result={"completed": True, "steps": 1}, run_path=None)
+        with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+            sink.close(1.2)
+        assert memory.by_name("late") == []
+        assert memory.one("warm").status == "FAILED"  # open at the close: ended, in time
+    finally:
+        sink.close(1.0)
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+    assert stats.deferred >= 3  # the run's start, step and end
+    said = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "it was given 1.2 s; shutdown_timeout is 10 s" in said[0]

@@ -121,6 +121,8 @@ class Caller:
         self.background = background  # every call is one of BACKGROUND_CALLS (traces)
         # Calls whose waiter was cancelled while their thread went on (see give_up_left).
         self.left: list[Call] = []
+        # How long the latest call that succeeded took, from its turn asked to its answer.
+        self.answered_in = 0.0
 
     def clean(self, text: str) -> str:
         return redact_text(text, self._uri)
@@ -162,7 +164,8 @@ class Caller:
         """One attempt, on a thread; the store's state follows its outcome."""
         self.counts.requests += 1
         token = next(self._tokens)
-        self.inflight[token] = (what, time.monotonic())
+        began = time.monotonic()
+        self.inflight[token] = (what, began)
         try:
             limiter = None
             if self.background or what in BACKGROUND_CALLS:
@@ -191,6 +194,7 @@ class Caller:
             raise
         finally:
             self.inflight.pop(token, None)
+        self.answered_in = time.monotonic() - began
         self.failing_since = None
         if self.refused is not None and what not in READS:
             logger.warning("rlm-mlflow: the store takes our writes again; sending what was held")

@@ -292,6 +292,7 @@ def request_close(worker: Worker, deadline: float | None) -> None:
     pipeline.state = State.CLOSING
     if deadline is not None and (worker.close_deadline is None or deadline < worker.close_deadline):
         worker.close_deadline = deadline
+        worker.close_allowed = deadline - time.monotonic()
     worker.close_requested = True
     waker = pipeline.waker
     if waker is not None:

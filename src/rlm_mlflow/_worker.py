@@ -97,7 +97,8 @@ CLOSING_RUNS = 32
 #: requests of hundreds of closing sinks queue, and a run created and not ended is RUNNING.
 CLOSING_MARGIN = 1.5
 #: Until a run has ended while sinks close, a run is taken to need this many times what its
-#: create took: its create, its last batch and its end, one after another.
+#: create took: its create, its last batch and its end, one after another (before any create
+#: of the close is answered, this many times the sink's latest answer: never nothing).
 CREATE_TO_END = 3.0
 #: Runs begun at a time while sinks close before any create has been answered: those go out
 #: knowing nothing of how long a run takes to be ended, so only as many as the transport sends
@@ -356,6 +357,7 @@ class Worker:
         self.close_requested = False
         self._open_runs_ended = False
         self.close_deadline: float | None = None  # time.monotonic(); None: no hurry
+        self.close_allowed: float | None = None  # the seconds the close was given, when asked
         self._deadline_set: float | None = None
         self.flush_requested = False
         self.wake_flag = False
@@ -753,6 +755,8 @@ class Worker:
             return True
         gate = getattr(self.loop, "gate", None)
         took = gate.took if isinstance(gate, ClosingGate) else 0.0
+        if not took:  # no create of this close answered yet: guessed from the latest answer
+            took = CREATE_TO_END * self.caller.answered_in
         return time.monotonic() + took * CLOSING_MARGIN < deadline
 
     def _calm(self) -> None:
@@ -971,11 +975,17 @@ class Worker:
         if health == "ok":
             error = self.counts.last_error
             reason = f"; last error: {error}" if error else ""
-            return (
-                "the server did not take them before the close's deadline (shutdown_timeout "
-                f"is {self.pipeline.config.shutdown_timeout:g} s){reason}"
-            )
+            allowed = self._allowed()
+            return f"the server did not take them before the close's deadline ({allowed}){reason}"
         return f"the store is {health}: {detail}"
+
+    def _allowed(self) -> str:
+        """The time the close had, and the setting that gave it."""
+        timeout = self.pipeline.config.shutdown_timeout
+        allowed = self.close_allowed
+        if allowed is None or abs(allowed - timeout) < 0.05:
+            return f"shutdown_timeout is {timeout:g} s"
+        return f"it was given {allowed:.1f} s; shutdown_timeout is {timeout:g} s"
 
     def _finish(self) -> None:
         """After the loop, whatever ended it: count what is left, release everything."""
