@@ -274,11 +274,21 @@ class Agent:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.dump_stacks()
             self.kill9()
             raise AssertionError(
                 f"agent still running after {timeout:g} s; said {self.lines[-5:]}; "
-                f"stderr:\n{self.stderr()[-3000:]}"
+                f"stderr:\n{self.stderr()[-6000:]}"
             ) from None
+
+    def dump_stacks(self) -> None:
+        """A hung agent's threads, where they are, into its stderr (agents that import
+        ``agentkit`` dump them on SIGUSR2)."""
+        if self.process.poll() is not None:
+            return
+        before = len(self.stderr())
+        self.signal(signal.SIGUSR2)
+        eventually(lambda: "most recent call first" in self.stderr()[before:], 5.0)
 
     def close(self) -> None:
         if self.process.poll() is None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from typing import Any
 
 from rlm_mlflow import MLflowSink
+
+#: Every thread's stack on stderr when the test finds the agent hung (see ``Agent.wait``).
+faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
 def say(*words: object) -> None:
