@@ -980,12 +980,9 @@ class Worker:
         return f"the store is {health}: {detail}"
 
     def _allowed(self) -> str:
-        """The time the close had, and the setting that gave it."""
-        timeout = self.pipeline.config.shutdown_timeout
-        allowed = self.close_allowed
-        if allowed is None or abs(allowed - timeout) < 0.05:
-            return f"shutdown_timeout is {timeout:g} s"
-        return f"it was given {allowed:.1f} s; shutdown_timeout is {timeout:g} s"
+        """The time the close had, and the setting that gives it by default."""
+        given = "" if self.close_allowed is None else f"it was given {self.close_allowed:.1f} s; "
+        return f"{given}shutdown_timeout is {self.pipeline.config.shutdown_timeout:g} s"
 
     def _finish(self) -> None:
         """After the loop, whatever ended it: count what is left, release everything."""
