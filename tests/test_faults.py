@@ -790,6 +790,48 @@ def test_a_close_while_a_runs_steps_wait_on_a_slow_answer_ends_it_and_replay_add
 
 
 @pytest.mark.integration
+def test_a_close_too_short_for_a_new_run_against_a_far_server_leaves_none_running(
+    proxy: FaultProxy,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """Every request takes 0.5 s on its way to the server. A run not created yet waits when
+    close(2.0) comes: its create, its batch and its end take 1.5 s one after another, 2.25 s
+    with the closing margin, which the sink knows from its answers before any create of the
+    close. Its create never goes out (without the guess it does, and the run ends only if
+    nothing else is slow); the run left open is ended in time; replay then creates the new
+    run ended, each step once."""
+    from rlm_mlflow import replay
+
+    proxy.set(latency=0.5)
+    sink = make_sink(proxy, experiment_name, flush_interval=60.0, batch_trigger=10**9)
+    start(sink, "open")
+    assert sink.flush(WAIT)  # the sink has seen its server answer in 0.5 s
+    # The worker asleep: the close, not a cycle already out, takes the new run.
+    assert eventually(lambda: sink._pipeline.worker_asleep, WAIT)
+    start(sink, "new")
+    steps(sink, "new", range(3))
+    end(sink, "new", 3)
+    close_in_thread(sink, 2.0)
+    assert {name: run.info.status for name, run in read_runs(experiment_name).items()} == {
+        "open": "FAILED"
+    }
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] + status["deferred"]
+    assert status["deferred"] >= 5  # the new run's start, three steps and end
+
+    proxy.set(latency=0.0)
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    runs = read_runs(experiment_name)
+    assert runs["open"].info.status == "FAILED"
+    assert_landed(mlflow_client, runs["new"], 3)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 @pytest.mark.anyio
 async def test_an_async_service_stopping_while_a_runs_steps_wait_on_a_slow_answer_ends_it(
