@@ -533,3 +533,64 @@ def test_a_close_too_short_for_a_new_run_against_a_slow_server_keeps_it_for_repl
     said = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
     assert len(said) == 1, said
     assert "it was given 1.2 s; shutdown_timeout is 10 s" in said[0]
+
+
+class SlowSpans(MemoryTransport):
+    """The first ``log_batch`` waits until ``batch_gate`` opens; every span request takes
+    ``spans_take`` seconds."""
+
+    spans_take = 3.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_gate = threading.Event()
+        self.batch_held = threading.Event()
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if not self.batch_held.is_set():
+            self.batch_held.set()
+            self.batch_gate.wait(WAIT)
+        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: bytes) -> None:
+        time.sleep(self.spans_take)
+        super().export_spans(experiment_id, run_uuid, request)
+
+
+def test_a_close_during_a_short_cycle_ends_the_open_run_before_the_cycle_s_spans(
+    tmp_path: Path,
+) -> None:
+    """A close with 2 s left comes while a cycle of one round (a run's first steps, its run not
+    ended) waits for its batch's answer; the server then takes 3 s per span request. The rest of
+    that cycle goes in the close's order: the open run is ended (FAILED) before any span of the
+    cycle goes, and the spans the deadline leaves are kept for replay, each event counted once."""
+    memory = SlowSpans()
+    sink = asleep_until_closed(memory, tmp_path)
+    flushing = threading.Thread(target=sink.flush, args=(WAIT,), daemon=True)
+    closing = threading.Thread(target=sink.close, args=(2.0,), daemon=True)
+    try:
+        sink.on_run_start("open", task="t", environment="e", params={})
+        for number in range(3):
+            step(sink, "open", number)
+        flushing.start()
+        assert memory.batch_held.wait(WAIT)  # the cycle is out, in its runs' part
+        closing.start()
+        assert wait_for(lambda: sink._worker.close_deadline is not None, WAIT)
+        memory.batch_gate.set()  # the cycle goes on: its spans are next
+        closing.join(WAIT)
+        assert not closing.is_alive()
+        assert memory.one("open").status == "FAILED"
+        assert memory.one("open").history("step_reward") == [(0, 1.0), (1, 1.0), (2, 1.0)]
+    finally:
+        memory.batch_gate.set()
+        sink.close(1.0)
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+    assert stats.deferred >= 1  # the spans the deadline left

@@ -832,15 +832,23 @@ class Worker:
             except Exception:
                 logger.debug("rlm-mlflow: the transport refused to slow down", exc_info=True)
 
-    async def _ends_sent(self) -> None:
-        """Closing: this sink's runs went (ended, or kept); with a deadline, its steps and spans
-        wait until every closing sink of the loop has sent its runs too (:class:`ClosingGate`)."""
+    async def _ends_sent(self) -> bool:
+        """Between a cycle's runs and its spans: whether the spans go now.
+
+        Closing: this sink's runs went (ended, or kept); with a deadline, its steps and spans
+        wait until every closing sink of the loop has sent its runs too (:class:`ClosingGate`).
+        Before the close, when a close against a deadline came while the cycle was out and runs
+        wait to be ended (still open, or their ends not sent): the cycle's spans are kept for
+        replay, as spans the server did not take are, so that those ends go first."""
+        if not self._closing:
+            pipeline = self.pipeline
+            return self.close_deadline is None or not (pipeline.by_thread or pipeline.ctl)
         gate = self._gate
-        if gate is None or not self._closing:
-            return
-        gate.leave(self)
-        if self.close_deadline is not None:
-            await gate.wait()
+        if gate is not None:
+            gate.leave(self)
+            if self.close_deadline is not None:
+                await gate.wait()
+        return True
 
     def enter_gate(self) -> None:
         """Before the sinks of a loop are woken to close together (any thread): this one is
