@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 import rlm_mlflow._worker
@@ -396,71 +395,24 @@ def test_points_in_doubt_are_checked_over_the_steps_they_cover_in_bounded_window
 async def test_the_closing_gate_begins_few_runs_until_it_knows_what_a_run_takes(
     anyio_backend: str,
 ) -> None:
-    """A close begins as many runs at once as requests go out at once. One more may begin with
-    each create answered, or run ended, about as quickly as the quickest of the close; a quarter
-    fewer with each much slower (the server queues). A run is taken to need three times a
-    create's time until a run has ended, then what runs took. A run that waits for its turn
-    begins when one is done, or at once when too little time is left even for a run alone (it
-    is then kept for replay)."""
+    """Before any create of a close has been answered, as many runs begin as requests go out at
+    once; a create's answer opens the gate to all and makes a run's time three times it, until
+    a run has ended: then what runs took is what counts."""
     from rlm_mlflow._runtime import task_loop
-    from rlm_mlflow._worker import CLOSING_FIRST, CLOSING_MARGIN, CLOSING_RUNS, CREATE_TO_END
+    from rlm_mlflow._worker import CLOSING_FIRST, CLOSING_RUNS, CREATE_TO_END
 
     gate = task_loop().gate
     assert task_loop().gate is gate  # the sinks of one event loop share it
-    far = time.monotonic() + 3600.0
-    for _ in range(CLOSING_FIRST):
-        await gate.begin(lambda: far)
-    assert (gate.active, gate.took) == (CLOSING_FIRST, 0.0)
-    assert not gate.may_begin(far)  # nothing known yet: no more, whatever the time left
-    assert not gate.may_begin(time.monotonic())  # even late: nothing says a run cannot fit
-
+    limiter = gate.runs()
+    assert (limiter.total_tokens, gate.took) == (CLOSING_FIRST, 0.0)
     gate.created_in(0.25)
+    assert (limiter.total_tokens, gate.took) == (CLOSING_RUNS, CREATE_TO_END * 0.25)
+    gate.created_in(0.1)  # a guess only grows
     assert gate.took == CREATE_TO_END * 0.25
-    assert gate.may_begin(far)  # an answer: one more
-    await gate.begin(lambda: far)
-    assert not gate.may_begin(far)
-    gate.created_in(0.4)  # as quick, or nearly: one more; a guess only grows
-    assert gate.took == CREATE_TO_END * 0.4
-    await gate.begin(lambda: far)
-    gate.created_in(0.2)
-    assert gate.took == CREATE_TO_END * 0.4
-    await gate.begin(lambda: far)
-    assert (gate.active, gate.may_begin(far)) == (CLOSING_FIRST + 3, False)
-
-    gate.created_in(1.0)  # five times the quickest: the server queues, a quarter fewer
-    assert gate.window == (CLOSING_FIRST + 3) * 0.75
-    gate.finish()
-    gate.finish()
-    assert not gate.may_begin(far)  # five under way: still more than the window now
-    gate.finish()
-    assert gate.may_begin(far)
-
-    gate.ended_in(0.9)  # measured now: a create no longer counts
-    assert gate.took == 0.9
-    gate.created_in(9.0)
-    assert gate.took == 0.9
-    # Too late even for a run alone: it may go (to be kept for replay at once) without room.
-    while gate.may_begin(far):
-        await gate.begin(lambda: far)
-    assert gate.may_begin(time.monotonic() + CLOSING_MARGIN * 0.9 / 2)
-    assert not gate.may_begin(far)
-
-    began = anyio.Event()
-
-    async def one_more() -> None:
-        await gate.begin(lambda: far)
-        began.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(one_more)
-        await anyio.wait_all_tasks_blocked()
-        assert not began.is_set()
-        gate.finish()  # a run done: the waiting one begins
-        with anyio.fail_after(WAIT):
-            await began.wait()
-    for _ in range(3 * CLOSING_RUNS):  # quick answers: never more than CLOSING_RUNS at once
-        gate.ended_in(0.9)
-    assert gate.window == CLOSING_RUNS
+    gate.ended_in(0.5)
+    assert gate.took == 0.5
+    gate.created_in(1.0)  # measured now: a create no longer counts
+    assert gate.took == 0.5
 
 
 def test_a_close_begun_while_none_is_learns_afresh() -> None:

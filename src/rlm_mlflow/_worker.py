@@ -28,7 +28,6 @@ without one) and removes the journal if nothing is left in it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -87,11 +86,11 @@ MAINTENANCE_EVERY = 0.25
 #: RESTART_MAX) while it keeps failing, back to this once a cycle went through.
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
-#: Runs the closing sinks of one loop send at the same time, all together, at most: each is
-#: created, sent and ended before more are begun, so that a deadline too short for every run
-#: leaves runs never created (replay creates them, ended) rather than many created and left
-#: RUNNING. Within the transport's bound on requests in flight (``http.CLOSING_IN_FLIGHT``), and
-#: the threads of the loop (``_runtime.THREADS``).
+#: Runs the closing sinks of one loop send at the same time, all together: each is created,
+#: sent and ended before more are begun, so that a deadline too short for every run leaves runs
+#: never created (replay creates them, ended) rather than many created and left RUNNING. Within
+#: the transport's bound on requests in flight (``http.CLOSING_IN_FLIGHT``), and the threads of
+#: the loop (``_runtime.THREADS``).
 CLOSING_RUNS = 32
 #: Closing against a deadline, a run is created only if the time its runs have taken from
 #: create to end (:class:`ClosingGate`), times this, is left: answers slow down as the
@@ -101,33 +100,22 @@ CLOSING_MARGIN = 1.5
 #: create took: its create, its last batch and its end, one after another (before any create
 #: of the close is answered, this many times the sink's latest answer: never nothing).
 CREATE_TO_END = 3.0
-#: Runs begun at a time when sinks begin to close: as many as the transport sends at once
-#: (``http.MAX_IN_FLIGHT``). More begin as answers come quick (see :class:`ClosingGate`).
+#: Runs begun at a time while sinks close before any create has been answered: those go out
+#: knowing nothing of how long a run takes to be ended, so only as many as the transport sends
+#: at once (``http.MAX_IN_FLIGHT``); a server queueing many more makes each of them slower.
 CLOSING_FIRST = 4
-#: A create or a run that took more than this many times the quickest seen in the close means
-#: the server queues what the closing sinks send: fewer runs at a time (``http.QUEUEING``).
-CLOSING_QUEUEING = 2.0
 
 
 class ClosingGate:
     """The sinks of one event loop that are closing and have not yet sent their runs' ends, and
-    the runs they begin, all together.
+    how many runs they send at a time, all together (:data:`CLOSING_RUNS`).
 
     Closing, a sink sends its runs first (create, last batch with the summary, end); then,
     when it closes against a deadline, it waits here until every other closing sink of its loop
     has done the same before it sends steps that did not fit and spans. With hundreds of sinks
     closing at exit, every run is ended before the deadline's time goes to anyone's steps.
     A close of all sinks enters each in the gate before it wakes any (:meth:`Worker.enter_gate`,
-    from its own thread: one set insertion); the rest happens on the loop's thread: no lock.
-
-    How many runs are under way at once is found as answers come, as TCP finds its window: at
-    first :data:`CLOSING_FIRST`; one more with each create answered, and each run ended, about
-    as quickly as the quickest of the close (the way to the server is long, the server keeps
-    up: more at once are done sooner); a quarter fewer with each that took more than
-    :data:`CLOSING_QUEUEING` times that (the server queues them: more at once would each take
-    longer, and end too late). Runs begun at once make their answers slower only an answer
-    later: growing by answers, never all at once, keeps the runs a slow moment catches few.
-    """
+    from its own thread: one set insertion); the rest happens on the loop's thread: no lock."""
 
     def __init__(self) -> None:
         self._renew()
@@ -139,63 +127,22 @@ class ClosingGate:
         # The workers closing now, from their entry to their end: when a close begins while none
         # is, what an earlier close learnt (a server slow then) is not this one's.
         self.closing: set[int] = set()
-        self.active = 0  # runs begun and not yet done, of every closing sink of the loop
-        self._changed: anyio.Event | None = None
         self._forget()
 
     def _forget(self) -> None:
+        self._runs: anyio.CapacityLimiter | None = None
         # How long a run takes from its create going out to its end's answer while sinks close
         # (the longest of late, fading; read on transport threads): a run is created only if
         # that much time, and a margin, is left (:data:`CLOSING_MARGIN`).
         self.took = 0.0
         self.ended = False  # a run has ended: ``took`` is measured, no longer guessed
-        self.window = float(CLOSING_FIRST)  # runs under way at once, at most
-        self._quickest_create = math.inf
-        self._quickest_run = math.inf
 
-    def runs(self, deadline: Callable[[], float | None]) -> _Begin:
-        """``async with`` it around each run a closing sink sends: waits for the run's turn
-        (see the class); ``deadline()`` is the worker's, read at each look."""
-        return _Begin(self, deadline)
-
-    def may_begin(self, deadline: float | None) -> bool:
-        """Whether one more run may begin now: there is room, or it is too late even for a run
-        alone (it goes, to be kept for replay at once: see ``Worker._time_to_create``)."""
-        if self.active < int(self.window):
-            return True
-        return bool(
-            self.took and deadline is not None and deadline - time.monotonic() <= self.need()
-        )
-
-    def need(self) -> float:
-        """The time a run created now must have left."""
-        return self.took * CLOSING_MARGIN
-
-    async def begin(self, deadline: Callable[[], float | None]) -> None:
-        while not self.may_begin(end := deadline()):
-            if self._changed is None:
-                self._changed = anyio.Event()
-            # Looked at again when a run is done, an answer comes, or it is too late for any.
-            late = math.inf if end is None or not self.took else end - self.need()
-            with anyio.move_on_after(max(0.0, late - time.monotonic())):
-                await self._changed.wait()
-        self.active += 1
-
-    def finish(self) -> None:
-        self.active -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    def _answered(self, quick: bool) -> None:
-        if quick:
-            self.window = min(float(CLOSING_RUNS), self.window + 1.0)
-        else:
-            self.window = max(1.0, self.window * 0.75)
-        self._wake()
+    def runs(self) -> anyio.CapacityLimiter:
+        """The runs the closing sinks of the loop send at a time (made in the loop): at first
+        :data:`CLOSING_FIRST`, :data:`CLOSING_RUNS` once a create has been timed."""
+        if self._runs is None:
+            self._runs = anyio.CapacityLimiter(CLOSING_RUNS if self.took else CLOSING_FIRST)
+        return self._runs
 
     def ended_in(self, seconds: float) -> None:
         """A run was ended, while sinks close, ``seconds`` after its create went out (in the
@@ -203,8 +150,7 @@ class ClosingGate:
         # The first measure replaces the guess made from creates (see created_in).
         self.took = max(seconds, self.took * 0.9) if self.ended else seconds
         self.ended = True
-        self._quickest_run = min(self._quickest_run, seconds)
-        self._answered(seconds <= CLOSING_QUEUEING * self._quickest_run)
+        self._timed()
 
     def created_in(self, seconds: float) -> None:
         """A create was answered ``seconds`` after it went out, while sinks close (in the
@@ -212,8 +158,11 @@ class ClosingGate:
         end take about as long again each."""
         if not self.ended:
             self.took = max(self.took, CREATE_TO_END * seconds)
-        self._quickest_create = min(self._quickest_create, seconds)
-        self._answered(seconds <= CLOSING_QUEUEING * self._quickest_create)
+        self._timed()
+
+    def _timed(self) -> None:
+        if self._runs is not None and self._runs.total_tokens < CLOSING_RUNS:
+            self._runs.total_tokens = CLOSING_RUNS
 
     def enter(self, worker: object) -> None:
         if not self.closing:
@@ -237,20 +186,6 @@ class ClosingGate:
             if self._clear is None:
                 self._clear = anyio.Event()
             await self._clear.wait()
-
-
-class _Begin:
-    """One closing sink's way through its loop's :class:`ClosingGate`, for each of its runs."""
-
-    def __init__(self, gate: ClosingGate, deadline: Callable[[], float | None]) -> None:
-        self._gate = gate
-        self._deadline = deadline
-
-    async def __aenter__(self) -> None:
-        await self._gate.begin(self._deadline)
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._gate.finish()
 
 
 def _ended_text(ended: int) -> str:
@@ -870,7 +805,7 @@ class Worker:
         pipeline = self.pipeline
         gate = self._join_gate()
         if gate is not None:
-            self.runs.limiter = gate.runs(lambda: self.close_deadline)
+            self.runs.limiter = gate.runs()
             self.runs.ended_in = gate.ended_in
             self.runs.created_in = gate.created_in
         await self._end_open_runs()
