@@ -772,12 +772,18 @@ class Worker:
 
         Closing: this sink's runs went (ended, or kept); with a deadline, its steps and spans
         wait until every closing sink of the loop has sent its runs too (:class:`ClosingGate`).
-        Before the close, when a close against a deadline came while the cycle was out and runs
-        wait to be ended (still open, or their ends not sent): the cycle's spans are kept for
-        replay, as spans the server did not take are, so that those ends go first."""
+        Before the close, when a close against a deadline came while the cycle was out, runs
+        wait to be ended (still open, or their ends not sent), and less time is left than a
+        take-over of the cycle would leave them (twice :data:`CYCLE_RESERVE`, see
+        :meth:`_take_over_cycle`): the cycle's spans are kept for replay, as spans the server did
+        not take are, so that those ends go first."""
         if not self._closing:
-            pipeline = self.pipeline
-            return self.close_deadline is None or not (pipeline.by_thread or pipeline.ctl)
+            deadline, pipeline = self.close_deadline, self.pipeline
+            return (
+                deadline is None
+                or deadline - time.monotonic() >= 2 * CYCLE_RESERVE
+                or not (pipeline.by_thread or pipeline.ctl)
+            )
         gate = self._gate
         if gate is not None:
             gate.leave(self)
