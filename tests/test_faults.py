@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from promises_support import eventually, patient
+from promises_support import eventually, patient, span_label
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer, local_server
 
@@ -829,6 +829,61 @@ def test_a_close_too_short_for_a_new_run_against_a_far_server_leaves_none_runnin
     runs = read_runs(experiment_name)
     assert runs["open"].info.status == "FAILED"
     assert_landed(mlflow_client, runs["new"], 3)
+
+
+@pytest.mark.integration
+def test_a_close_during_a_cycle_whose_spans_are_slow_ends_the_open_run_and_replay_completes_it(
+    proxy: FaultProxy,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+) -> None:
+    """The cycle carrying an open run's first steps is out, its batch held 1.5 s on the way,
+    when close(3.0) comes; the server's span requests then take 5 s on the way. The rest of the
+    cycle goes in the close's order: the open run is ended FAILED by the deadline, the cycle's
+    spans are kept. Replay then writes the run's trace whole (a span per step, each once) and
+    adds no point twice."""
+    from rlm_mlflow import replay
+
+    batches = "/api/2.0/mlflow/runs/log-batch"
+    sink = make_sink(proxy, experiment_name, flush_interval=60.0, batch_trigger=10**9)
+    start(sink, "open")
+    steps(sink, "open", range(3))
+    proxy.set(mode="late", latency=1.5, path=batches, count=1)
+    flushing = threading.Thread(target=sink.flush, args=(WAIT,), daemon=True)
+    flushing.start()
+    assert proxy.wait_until(lambda p: p.paths[batches] >= 1, WAIT)  # the cycle is out
+    closer = threading.Thread(target=sink.close, args=(3.0,), name="closer")
+    closer.start()
+    assert eventually(lambda: sink._worker.close_deadline is not None, WAIT)
+    proxy.set(mode="late", latency=5.0, path="/v1/traces")
+    closer.join(WAIT)
+    assert not closer.is_alive(), "close() did not return"
+    runs = read_runs(experiment_name)
+    assert {name: run.info.status for name, run in runs.items()} == {"open": "FAILED"}
+    assert history(mlflow_client, runs["open"], "step_reward") == [(i, 1.0) for i in range(3)]
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] + status["deferred"]
+    assert status["deferred"] >= 3  # the steps' spans at least
+
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    runs = read_runs(experiment_name)
+    assert runs["open"].info.status == "FAILED"
+    assert history(mlflow_client, runs["open"], "step_reward") == [(i, 1.0) for i in range(3)]
+    experiment_id = runs["open"].info.experiment_id
+    traces = list(mlflow_client.search_traces(locations=[experiment_id]))
+    assert len(traces) == 1, [t.info.trace_id for t in traces]
+    labels = sorted(span_label(span) for span in traces[0].data.spans)
+    assert len(labels) == len(set(labels)), labels
+    assert [label for label in labels if label.startswith("step")] == [
+        "step 0",
+        "step 1",
+        "step 2",
+    ], labels
 
 
 @pytest.mark.integration
