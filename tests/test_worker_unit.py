@@ -487,29 +487,10 @@ def test_a_close_too_short_for_a_new_run_against_a_slow_server_keeps_it_for_repl
     assert "it was given 1.2 s; shutdown_timeout is 10 s" in said[0]
 
 
-class SlowSpans(MemoryTransport):
-    """The first ``log_batch`` waits until ``batch_gate`` opens; every span request takes
-    ``spans_take`` seconds."""
+class SlowSpans(Gated):
+    """:class:`Gated`, and every span request takes ``spans_take`` seconds."""
 
     spans_take = 3.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.batch_gate = threading.Event()
-        self.batch_held = threading.Event()
-
-    def log_batch(
-        self,
-        run_uuid: str,
-        *,
-        metrics: Sequence[Metric] = (),
-        params: Sequence[tuple[str, str]] = (),
-        tags: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        if not self.batch_held.is_set():
-            self.batch_held.set()
-            self.batch_gate.wait(WAIT)
-        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
 
     def export_spans(self, experiment_id: str, run_uuid: str | None, request: bytes) -> None:
         time.sleep(self.spans_take)
@@ -532,7 +513,7 @@ def test_a_close_during_a_short_cycle_ends_the_open_run_before_the_cycle_s_spans
         for number in range(3):
             step(sink, "open", number)
         flushing.start()
-        assert memory.batch_held.wait(WAIT)  # the cycle is out, in its runs' part
+        assert memory.in_batch.wait(WAIT)  # the cycle is out, in its runs' part
         closing.start()
         assert wait_for(lambda: sink._worker.close_deadline is not None, WAIT)
         memory.batch_gate.set()  # the cycle goes on: its spans are next
