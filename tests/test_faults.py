@@ -259,6 +259,23 @@ def test_proxy_late_mode_delays_only_its_requests_and_forwards_them_after_a_hang
         assert session.post(f"{proxy.uri}/slow", data=b"2", timeout=WAIT).content == b"2"
 
 
+def test_proxy_handling_counts_requests_until_their_fate_even_from_a_client_gone(
+    upstream: int,
+) -> None:
+    """``handling`` counts the requests read and not settled yet: one waiting out ``latency``
+    for a client that has hung up meanwhile is still forwarded (as a proxy in front of a server
+    does), and ``handling`` is back to 0 only once it has reached the server."""
+    with FaultProxy(upstream) as proxy, requests.Session() as session:
+        proxy.set(latency=5.0)
+        with pytest.raises(requests.Timeout):
+            session.post(f"{proxy.uri}/gone", data=b"1", timeout=0.5)
+        session.close()  # the client is gone
+        assert proxy.handling == 1
+        assert proxy.forwarded == 0
+        assert proxy.wait_until(lambda p: p.handling == 0, WAIT)
+        assert (proxy.forwarded, proxy.in_flight) == (1, 0)
+
+
 def test_proxy_answers_any_body_and_counts_requests_per_path(upstream: int) -> None:
     """``http`` with a body sends it as is (an HTML 401, an empty 200); ``paths`` counts every
     request read per path, query string left out; ``in_flight`` is back to 0 once answered."""

@@ -445,7 +445,8 @@ def dropped_sinks(
     """``count`` sinks in one process, each logging one run of 3 steps (odd runs left open),
     dropped without close(); the process then exits at once, against a server of its own
     ``latency`` away (the burst must not slow the other tests). Yields the server, still up
-    (without the proxy), the agent and its exit code."""
+    (without the proxy, once every request the process sent has reached the server), the
+    agent and its exit code."""
     with local_server(tmp_path / "server") as server:
         with FaultProxy(server.port) as proxy:
             proxy.set(latency=latency)
@@ -454,6 +455,11 @@ def dropped_sinks(
             )
             agent.expect("HOOKED", 120)
             code = agent.wait(timeout + 30.0)  # a failure if it is still running by then
+            # What the process sent before it died still reaches the server (a proxy forwards a
+            # request whose client hung up): read the runs only once all of it has.
+            assert proxy.wait_until(lambda p: p.handling == 0, 60.0), (
+                "the proxy still forwards requests of a dead process"
+            )
         yield server, agent, code
 
 

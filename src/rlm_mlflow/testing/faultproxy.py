@@ -41,7 +41,10 @@ are forwarded, and do not count.
 ``requests`` counts every request read, ``forwarded`` those that reached the server, and
 ``paths`` the requests read per path (without the query string), whatever the mode.
 ``in_flight`` is the number of forwarded requests the server has not answered yet (a client
-that gave up does not end a request the server is still working on).
+that gave up does not end a request the server is still working on). ``handling`` is the number
+of requests read whose fate is not settled yet (waiting out ``latency``, forwarded, or being
+answered): 0 once everything a client sent, even a client now gone, has reached the server or
+been refused.
 """
 
 from __future__ import annotations
@@ -272,6 +275,7 @@ class FaultProxy:
         self.forwarded = 0
         self.paths: Counter[str] = Counter()
         self.in_flight = 0
+        self.handling = 0  # requests read whose answer (or fate) is not settled yet
         self._settings = _Settings()
         self._left: int | None = None  # requests the mode still applies to, None: no limit
         self._changed = threading.Condition()
@@ -451,8 +455,10 @@ class FaultProxy:
         forwarded: int = 0,
         path: str | None = None,
         in_flight: int = 0,
+        handling: int = 0,
     ) -> None:
         with self._changed:
+            self.handling += handling
             if path is not None:
                 self.paths[path.split("?", 1)[0]] += 1
             self.requests += requests
@@ -529,48 +535,53 @@ class FaultProxy:
             method = parts[0].upper()
             path = parts[1] if len(parts) > 1 else "/"
             settings = self._mode_for(path, method)
-            self._bump(requests=1, path=path)
-            mode = settings.mode
-            if settings.body_limit is not None and len(request.body) > settings.body_limit:
-                mode = "too_large"
-            if mode in ("reset", "refuse"):
-                _reset(writer)
-                return
-            if mode == "stall":
-                await self._stall(reader)
-                _reset(writer)
-                return
-            if settings.latency > 0:
-                await asyncio.sleep(settings.latency)
-                if writer.transport.is_closing() and mode != "late":
-                    return  # reset meanwhile ("refuse"): nothing to answer
-            if mode == "http":
-                response = self._error_response(settings)
-            elif mode == "too_large":
-                response = _page(413, b"<html><body><h1>413 Request Entity Too Large</h1></body>")
-            elif mode == "redirect":
-                location = settings.location or f"{self.uri}{path}"
-                response = _serialise(
-                    f"HTTP/1.1 {settings.status} {_REASONS[settings.status]}",
-                    [("Location", location), ("Content-Length", "0")],
-                    b"",
-                )
-            else:
-                try:
-                    response = await self._forward(request, method)
-                except (OSError, _ProtocolError, asyncio.IncompleteReadError):
-                    _reset(writer)  # the server is down or broke off: the client sees the same
-                    return
-                if mode == "commit_then_reset":
+            self._bump(requests=1, path=path, handling=1)
+            try:
+                mode = settings.mode
+                if settings.body_limit is not None and len(request.body) > settings.body_limit:
+                    mode = "too_large"
+                if mode in ("reset", "refuse"):
                     _reset(writer)
                     return
-            if writer.transport.is_closing():  # "late": the client hung up meanwhile
-                return
-            writer.write(response)
-            await writer.drain()
-            if request.wants_close():
-                writer.close()
-                return
+                if mode == "stall":
+                    await self._stall(reader)
+                    _reset(writer)
+                    return
+                if settings.latency > 0:
+                    await asyncio.sleep(settings.latency)
+                    if writer.transport.is_closing() and mode != "late":
+                        return  # reset meanwhile ("refuse"): nothing to answer
+                if mode == "http":
+                    response = self._error_response(settings)
+                elif mode == "too_large":
+                    response = _page(
+                        413, b"<html><body><h1>413 Request Entity Too Large</h1></body>"
+                    )
+                elif mode == "redirect":
+                    location = settings.location or f"{self.uri}{path}"
+                    response = _serialise(
+                        f"HTTP/1.1 {settings.status} {_REASONS[settings.status]}",
+                        [("Location", location), ("Content-Length", "0")],
+                        b"",
+                    )
+                else:
+                    try:
+                        response = await self._forward(request, method)
+                    except (OSError, _ProtocolError, asyncio.IncompleteReadError):
+                        _reset(writer)  # the server is down or broke off: the client sees the same
+                        return
+                    if mode == "commit_then_reset":
+                        _reset(writer)
+                        return
+                if writer.transport.is_closing():  # "late": the client hung up meanwhile
+                    return
+                writer.write(response)
+                await writer.drain()
+                if request.wants_close():
+                    writer.close()
+                    return
+            finally:
+                self._bump(handling=-1)
 
     async def _stall(self, reader: asyncio.StreamReader) -> None:
         """Wait until the stall is lifted or the client hangs up."""
