@@ -330,7 +330,7 @@ class Worker:
             self.traces,
             self.counts,
             on_settled=self._settled,
-            before_traces=self._ends_sent,
+            before_traces=self._spans_may_go,
         )
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
         self.later: list[RunWork] = []  # closing: steps waiting while their runs' ends go
@@ -767,29 +767,33 @@ class Worker:
             except Exception:
                 logger.debug("rlm-mlflow: the transport refused to slow down", exc_info=True)
 
-    async def _ends_sent(self) -> bool:
+    async def _spans_may_go(self) -> bool:
         """Between a cycle's runs and its spans: whether the spans go now.
 
-        Closing: this sink's runs went (ended, or kept); with a deadline, its steps and spans
-        wait until every closing sink of the loop has sent its runs too (:class:`ClosingGate`).
-        Before the close, when a close against a deadline came while the cycle was out, runs
-        wait to be ended (still open, or their ends not sent), and less time is left than a
-        take-over of the cycle would leave them (twice :data:`CYCLE_RESERVE`, see
-        :meth:`_take_over_cycle`): the cycle's spans are kept for replay, as spans the server did
-        not take are, so that those ends go first."""
-        if not self._closing:
-            deadline, pipeline = self.close_deadline, self.pipeline
-            return (
-                deadline is None
-                or deadline - time.monotonic() >= 2 * CYCLE_RESERVE
-                or not (pipeline.by_thread or pipeline.ctl)
-            )
+        Closing: once this sink's ends are sent (:meth:`_ends_sent`). Before the close, when a
+        close against a deadline came while the cycle was out, runs wait to be ended (still open,
+        or their ends not sent), and less time is left than a take-over of the cycle would leave
+        them (twice :data:`CYCLE_RESERVE`, see :meth:`_take_over_cycle`): no, the cycle's spans
+        are kept for replay, as spans the server did not take are, so that those ends go first."""
+        if self._closing:
+            await self._ends_sent()
+            return True
+        deadline, pipeline = self.close_deadline, self.pipeline
+        return (
+            deadline is None
+            or deadline - time.monotonic() >= 2 * CYCLE_RESERVE
+            or not (pipeline.by_thread or pipeline.ctl)
+        )
+
+    async def _ends_sent(self) -> None:
+        """Closing: this sink's runs went (ended, or kept); with a deadline, its steps and spans
+        wait until every closing sink of the loop has sent its runs too (:class:`ClosingGate`)."""
         gate = self._gate
-        if gate is not None:
-            gate.leave(self)
-            if self.close_deadline is not None:
-                await gate.wait()
-        return True
+        if gate is None or not self._closing:
+            return
+        gate.leave(self)
+        if self.close_deadline is not None:
+            await gate.wait()
 
     def enter_gate(self) -> None:
         """Before the sinks of a loop are woken to close together (any thread): this one is
