@@ -32,14 +32,23 @@ class TransientError(TransportError):
 
     ``retry_after``: seconds the server asked for. ``maybe_committed``: the request reached the
     server and its answer was lost (a read timeout, a reset), so it may have been applied.
+    ``unanswered``: no answer came at all for a request that was sent (a read timeout, a
+    connection lost after sending, a gateway that timed out): the server may still be working
+    on it, and apply it later.
     """
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, maybe_committed: bool = True
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        maybe_committed: bool = True,
+        unanswered: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.maybe_committed = maybe_committed
+        self.unanswered = unanswered
 
 
 class PermanentError(TransportError):

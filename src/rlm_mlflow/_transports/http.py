@@ -81,6 +81,8 @@ MAX_REDIRECTS = 5
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MOVED_STATUS = frozenset({301, 302, 303})
 FOLLOWED_STATUS = frozenset({307, 308})
+#: A gateway that gave up waiting for the server (which may still apply the request).
+GATEWAY_TIMEOUT_STATUS = frozenset({504, 524})
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
@@ -185,6 +187,7 @@ def classify(
         raise TransientError(
             scrub(f"{what}: HTTP {status} {code}: {message}".replace("  ", " ")),
             retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            unanswered=status in GATEWAY_TIMEOUT_STATUS,
         )
     if error is None:  # not MLflow's answer: a proxy's page, a redeploy in progress
         raise TransientError(
@@ -455,9 +458,11 @@ class HttpClient:
                     url, params = target, None
                 return response
         except requests.RequestException as exc:
+            sent = not never_sent(exc)
             raise TransientError(
                 self.clean(f"{method} {path}: {type(exc).__name__}"),
-                maybe_committed=not never_sent(exc),
+                maybe_committed=sent,
+                unanswered=sent,
             ) from None
 
     def close(self) -> None:
