@@ -284,6 +284,34 @@ def test_a_run_is_created_exactly_once_while_the_store_is_slow_to_commit(
         assert not problems, problems
 
 
+@pytest.mark.parametrize("close_at_once", [False, True], ids=["flushed", "closed-at-once"])
+def test_a_create_a_queue_commits_after_the_sink_gave_up_on_it_is_the_run_and_never_sent_twice(
+    proxy: FaultProxy, store: Store, experiment_name: str, close_at_once: bool
+) -> None:
+    """A queue in front of the server holds the run's create past the 1 s request timeout and
+    forwards it 2.5 s after it was sent, when the agent has long ended the run. The sink looks
+    for that create rather than sending another: one create reaches the server, and the one
+    MLflow run carries every step and ends FINISHED, flushed first or closed at once."""
+    sink = make_sink(proxy.uri, experiment_name, request_timeout=1.0)
+    start(sink, "warm")
+    end(sink, "warm", 0)
+    assert sink.flush(WAIT)  # the experiment exists; only the run's create is held
+    creates = "/api/2.0/mlflow/runs/create"
+    before = proxy.paths[creates]
+    proxy.set(mode="late", latency=2.5, count=1, path="/runs/create")
+    start(sink, "held")
+    steps(sink, "held", range(5))
+    end(sink, "held", 5)
+    if not close_at_once:
+        assert sink.flush(patient(60))
+    close_within(sink, 20.0)
+    wait_until(lambda: proxy.handling == 0, WAIT, "the proxy forwarded everything it held")
+    held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
+    assert [r.info.status for r in held] == ["FINISHED"], [r.info.run_id for r in held]
+    assert sorted(store.steps(held[0])) == list(range(5))
+    assert proxy.paths[creates] - before == 1, "a second create went while the first was held"
+
+
 # -- 16, 17. credentials refused -----------------------------------------------------------------
 
 

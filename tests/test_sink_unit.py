@@ -253,6 +253,40 @@ def test_create_retried_after_lost_answer_makes_one_run() -> None:
     assert "find_runs" in memory.calls
 
 
+def test_a_create_whose_answer_was_lost_is_not_sent_again_while_it_may_still_commit() -> None:
+    """The first create waits in a busy server and its answer is lost: the look for it right
+    after finds nothing, and the server commits it just then. No second create goes while the
+    lost one's late window lasts: the run is found by its key, and no duplicate ever exists."""
+    memory = MemoryTransport()
+    held: list[dict[str, Any]] = []  # the create the server holds, committed after a look
+    real_create, real_find = memory.create_run, memory.find_runs
+
+    def held_create(experiment_id: str, **kwargs: Any) -> Any:
+        if not held:
+            held.append({"experiment_id": experiment_id, **kwargs})
+            raise TransientError("read timeout", unanswered=True)  # committed later
+        return real_create(experiment_id, **kwargs)
+
+    def find_then_commit(experiment_id: str, key: str) -> Any:
+        found = real_find(experiment_id, key)
+        if held and held[0] and not found:
+            late = held[0]
+            held[0] = {}
+            real_create(late.pop("experiment_id"), **late)
+        return found
+
+    memory.create_run = held_create  # type: ignore[method-assign]
+    memory.find_runs = find_then_commit  # type: ignore[method-assign]
+    with make_sink(memory, request_timeout=0.5) as sink:
+        run_one(sink, "r", steps=3)
+        assert sink.flush(patient(20))
+    run = memory.one("r")
+    assert run.status == "FINISHED"
+    assert len(run.history("step_reward")) == 3
+    assert len(memory.runs) == 1, "a second create went while the first could still commit"
+    assert "delete_run" not in memory.calls
+
+
 @pytest.mark.parametrize("seen_at", ["later", "close"])
 def test_a_create_committed_after_the_run_ended_is_deleted(seen_at: str) -> None:
     """A create whose answer was lost is still waiting in the server; the run is created again,

@@ -747,9 +747,10 @@ class Worker:
             self._hurrying = transport
             hurry(True)
 
-    def _time_to_create(self) -> bool:
-        """Closing against a deadline: whether a run created now can still be ended in time
-        (else it is kept for replay, which creates it ended, rather than left RUNNING)."""
+    def _time_to_create(self, at: float | None = None) -> bool:
+        """Closing against a deadline: whether a run created now (or at ``at``, a later
+        time.monotonic()) can still be ended in time (else it is kept for replay, which
+        creates it ended, rather than left RUNNING)."""
         deadline = self.close_deadline  # set from any thread by a close request
         if deadline is None:
             return True
@@ -757,7 +758,7 @@ class Worker:
         took = gate.took if isinstance(gate, ClosingGate) else 0.0
         if not took:  # no create of this close answered yet: guessed from the latest answer
             took = CREATE_TO_END * self.caller.answered_in
-        return time.monotonic() + took * CLOSING_MARGIN < deadline
+        return max(time.monotonic(), at or 0.0) + took * CLOSING_MARGIN < deadline
 
     def _calm(self) -> None:
         transport, self._hurrying = self._hurrying, None

@@ -3,7 +3,8 @@
 An RLM run becomes one MLflow run, and only one:
 
 - a run carries a client-side key tag (``rlm_mlflow.key``: the sink's key prefix and the run's
-  number); after a create whose answer was lost, the key is looked up before creating again, and
+  number); after a create whose answer was lost, the key is looked up before creating again (and
+  only looked up while a create that had no answer may still be committed: its late window), and
   duplicates that a slow server committed late are deleted (the run with data is kept) before any
   data is sent, again at the run's end, and once more when its late window has passed;
 - a parent's MLflow run is created before its child's, so that the child's link
@@ -42,6 +43,9 @@ logger = logging.getLogger("rlm_mlflow")
 LATE_HORIZON = 300.0
 #: Ended runs remembered, so that a late event finds its MLflow run without a search.
 ENDED_MEMORY = 1024
+#: While a create that had no answer may still be committed, it is looked for again after
+#: this long, then at doubling intervals.
+FIRST_LOOK = 0.25
 
 #: How MLflow marks an evaluation run (``mlflow.genai.evaluate``'s): the Evaluation runs page.
 RUN_TYPE_TAG = "mlflow.runType"
@@ -69,6 +73,8 @@ class RunState:
     # time.monotonic() of the last create whose answer was lost (None: none was): such a
     # create may have landed without us knowing its run.
     create_lost_at: float | None = None
+    # ... and whether that create had no answer at all (the server may still be working on it).
+    create_unanswered: bool = False
     look_first: bool = False  # the run may exist already (replay, a late event): look it up
     parent_pending: bool = False  # the parent link is still to be set
     last_step: int = -1
@@ -85,6 +91,16 @@ class RunState:
     # Each metric's latest stored point (key -> (step, timestamp_ms)) as known when the run was
     # found or created, before any data of ours went: None once data went, or when unknown.
     stored_latest: dict[str, tuple[int, int]] | None = None
+
+
+class _CreatePending(Exception):
+    """A create that had no answer may still be committed: look for it again in ``left`` s at
+    the most, rather than send another (raised on the transport's thread; not a failure, so
+    not retried by the caller, whose retry deadline it does not use up)."""
+
+    def __init__(self, left: float) -> None:
+        super().__init__(f"a create that had no answer may still be committed ({left:.1f} s)")
+        self.left = left
 
 
 @dataclass
@@ -143,7 +159,8 @@ class RunIdentity:
         # Closing against a deadline: whether a run created now can still be ended in time
         # (asked on the transport's thread right before the create goes out; if not, the run
         # is kept for replay, which creates it ended, rather than left RUNNING).
-        self.time_to_create: Callable[[], bool] | None = None
+        # (With a time: whether a run created then could still be ended in time.)
+        self.time_to_create: Callable[..., bool] | None = None
         # Closing: what learns how long a run takes from its create going out to its end's
         # answer (only runs created while it is set are timed).
         self.ended_in: Callable[[float], None] | None = None
@@ -256,9 +273,7 @@ class RunIdentity:
         if parent is not None:
             tags.append((PARENT_TAG, parent))
         try:
-            state.ref = await self.caller.call(
-                "create run", self._create_or_find, state, experiment_id, tags
-            )
+            state.ref = await self._create_or_find_soon(state, experiment_id, tags)
             if state.create_began is not None and self.created_in is not None:
                 self.created_in(time.monotonic() - state.create_began)
         except PermanentError as exc:
@@ -272,10 +287,30 @@ class RunIdentity:
             self._vanished("experiment", self.experiment)
             self.forget_experiment()
             experiment_id = await self.ensure_experiment()
-            state.ref = await self.caller.call(
-                "create run", self._create_or_find, state, experiment_id, tags
-            )
+            state.ref = await self._create_or_find_soon(state, experiment_id, tags)
         self.counts.runs_created += 1
+
+    async def _create_or_find_soon(
+        self, state: RunState, experiment_id: str, tags: list[tuple[str, str]]
+    ) -> RunRef:
+        """The run, found or created (with retries); while a create of it that had no answer
+        may still be committed, looked for at doubling intervals (see _wait_for_lost_create)."""
+        pause = FIRST_LOOK
+        while True:
+            try:
+                return await self.caller.call(
+                    "create run", self._create_or_find, state, experiment_id, tags
+                )
+            except _CreatePending as pending:
+                if pause == FIRST_LOOK:
+                    logger.debug(
+                        "rlm-mlflow run %s: its create had no answer; looking for it for up to "
+                        "%.1f s before sending another",
+                        state.run_id,
+                        pending.left,
+                    )
+                await anyio.sleep(min(pause, pending.left))
+                pause *= 2
 
     def _create_or_find(
         self, state: RunState, experiment_id: str, tags: list[tuple[str, str]]
@@ -293,6 +328,7 @@ class RunIdentity:
                 ref = self._keep_one(state, found, None)
                 state.stored_latest = _latest_of(ref)
                 return ref
+            self._wait_for_lost_create(state)
         try:
             with begin_only_if(functools.partial(self._may_create, state)):
                 ref = transport.create_run(
@@ -304,6 +340,7 @@ class RunIdentity:
         except TransientError as exc:
             if exc.maybe_committed:
                 state.create_lost_at = time.monotonic()
+                state.create_unanswered = exc.unanswered
             raise
         if state.create_lost_at is not None:  # an earlier attempt may have been committed
             found = transport.find_runs(experiment_id, state.key)
@@ -316,6 +353,25 @@ class RunIdentity:
         if state.uncertain:  # see RunState.uncertain
             self.created_uncertain[state.key] = (state.run_id, ref.run_uuid)
         return ref
+
+    def _wait_for_lost_create(self, state: RunState) -> None:
+        """Before a create goes again after one that had no answer at all: while that one may
+        still be committed by the server (its late window), it is looked for, not sent again
+        (:class:`_CreatePending`).
+
+        A server that holds a request (a write lock, a queue) commits it whenever its turn
+        comes; a second create sent meanwhile commits too, and the duplicate is only repaired
+        when it is seen, which a close may come too early for. Closing against a deadline that
+        the window would leave a run too little time before, it is created at once instead:
+        ended in MLflow now beats kept for replay."""
+        lost_at = state.create_lost_at
+        if lost_at is None or not state.create_unanswered:
+            return
+        window_ends = lost_at + self.late_window
+        left = window_ends - time.monotonic()
+        check = self.time_to_create
+        if left > 0 and (check is None or check(window_ends)):
+            raise _CreatePending(left)
 
     def _may_create(self, state: RunState) -> bool:
         """On a thread, right before the create of ``state`` goes out: see time_to_create."""
