@@ -287,6 +287,46 @@ def test_a_create_whose_answer_was_lost_is_not_sent_again_while_it_may_still_com
     assert "delete_run" not in memory.calls
 
 
+def test_runs_looking_for_their_lost_creates_leave_their_places_to_the_other_runs() -> None:
+    """Four runs' creates have no answer (and are never committed), as many as runs are sent
+    at a time: while they are looked for, a fifth run is created, sent and ended; each of the
+    four is created again only once its late window is over, and exists once."""
+    memory = MemoryTransport()
+    lost = {f"a{n}" for n in range(4)}
+    order: list[tuple[str, str]] = []
+    real_create, real_end = memory.create_run, memory.set_terminated
+
+    def create(experiment_id: str, **kwargs: Any) -> Any:
+        run_id = dict(kwargs["tags"])["run_id"]
+        order.append(("create", run_id))
+        if run_id in lost:
+            lost.discard(run_id)
+            raise TransientError("read timeout", unanswered=True)  # never committed
+        return real_create(experiment_id, **kwargs)
+
+    def end(run_uuid: str, **kwargs: Any) -> None:
+        order.append(("end", memory.runs[run_uuid].tags["run_id"]))
+        real_end(run_uuid, **kwargs)
+
+    memory.create_run = create  # type: ignore[method-assign]
+    memory.set_terminated = end  # type: ignore[method-assign]
+    with make_sink(memory, request_timeout=0.5) as sink:  # late window: 2 s
+        for n in range(4):
+            run_one(sink, f"a{n}")
+        run_one(sink, "b")
+        assert sink.flush(patient(20))
+    assert all(memory.one(name).status == "FINISHED" for name in ("a0", "a1", "a2", "a3", "b"))
+    created: set[str] = set()
+    again = []  # where each of the four was created again
+    for i, (what, name) in enumerate(order):
+        if what == "create":
+            if name in created:
+                again.append(i)
+            created.add(name)
+    assert len(again) == 4, order
+    assert order.index(("end", "b")) < min(again), order
+
+
 @pytest.mark.parametrize("seen_at", ["later", "close"])
 def test_a_create_committed_after_the_run_ended_is_deleted(seen_at: str) -> None:
     """A create whose answer was lost is still waiting in the server; the run is created again,

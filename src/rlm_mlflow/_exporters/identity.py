@@ -73,8 +73,10 @@ class RunState:
     # time.monotonic() of the last create whose answer was lost (None: none was): such a
     # create may have landed without us knowing its run.
     create_lost_at: float | None = None
-    # ... and whether that create had no answer at all (the server may still be working on it).
+    # ... and whether that create had no answer at all (the server may still be working on
+    # it), and how often it was looked for since.
     create_unanswered: bool = False
+    looks: int = 0
     look_first: bool = False  # the run may exist already (replay, a late event): look it up
     parent_pending: bool = False  # the parent link is still to be set
     last_step: int = -1
@@ -93,14 +95,15 @@ class RunState:
     stored_latest: dict[str, tuple[int, int]] | None = None
 
 
-class _CreatePending(Exception):
-    """A create that had no answer may still be committed: look for it again in ``left`` s at
-    the most, rather than send another (raised on the transport's thread; not a failure, so
-    not retried by the caller, whose retry deadline it does not use up)."""
+class CreatePending(Exception):
+    """A create of this run that had no answer may still be committed: look for it again
+    after ``pause`` s rather than send another (raised on the transport's thread; not a
+    failure: not retried by the caller, whose retry budget it does not use up, and waited out
+    by the runs exporter without holding a place among the runs being sent)."""
 
-    def __init__(self, left: float) -> None:
-        super().__init__(f"a create that had no answer may still be committed ({left:.1f} s)")
-        self.left = left
+    def __init__(self, run_id: str, pause: float) -> None:
+        super().__init__(f"run {run_id}: a create that had no answer may still be committed")
+        self.pause = pause
 
 
 @dataclass
@@ -273,7 +276,9 @@ class RunIdentity:
         if parent is not None:
             tags.append((PARENT_TAG, parent))
         try:
-            state.ref = await self._create_or_find_soon(state, experiment_id, tags)
+            state.ref = await self.caller.call(
+                "create run", self._create_or_find, state, experiment_id, tags
+            )
             if state.create_began is not None and self.created_in is not None:
                 self.created_in(time.monotonic() - state.create_began)
         except PermanentError as exc:
@@ -287,30 +292,10 @@ class RunIdentity:
             self._vanished("experiment", self.experiment)
             self.forget_experiment()
             experiment_id = await self.ensure_experiment()
-            state.ref = await self._create_or_find_soon(state, experiment_id, tags)
+            state.ref = await self.caller.call(
+                "create run", self._create_or_find, state, experiment_id, tags
+            )
         self.counts.runs_created += 1
-
-    async def _create_or_find_soon(
-        self, state: RunState, experiment_id: str, tags: list[tuple[str, str]]
-    ) -> RunRef:
-        """The run, found or created (with retries); while a create of it that had no answer
-        may still be committed, looked for at doubling intervals (see _wait_for_lost_create)."""
-        pause = FIRST_LOOK
-        while True:
-            try:
-                return await self.caller.call(
-                    "create run", self._create_or_find, state, experiment_id, tags
-                )
-            except _CreatePending as pending:
-                if pause == FIRST_LOOK:
-                    logger.debug(
-                        "rlm-mlflow run %s: its create had no answer; looking for it for up to "
-                        "%.1f s before sending another",
-                        state.run_id,
-                        pending.left,
-                    )
-                await anyio.sleep(min(pause, pending.left))
-                pause *= 2
 
     def _create_or_find(
         self, state: RunState, experiment_id: str, tags: list[tuple[str, str]]
@@ -340,7 +325,7 @@ class RunIdentity:
         except TransientError as exc:
             if exc.maybe_committed:
                 state.create_lost_at = time.monotonic()
-                state.create_unanswered = exc.unanswered
+                state.create_unanswered, state.looks = exc.unanswered, 0
             raise
         if state.create_lost_at is not None:  # an earlier attempt may have been committed
             found = transport.find_runs(experiment_id, state.key)
@@ -356,8 +341,8 @@ class RunIdentity:
 
     def _wait_for_lost_create(self, state: RunState) -> None:
         """Before a create goes again after one that had no answer at all: while that one may
-        still be committed by the server (its late window), it is looked for, not sent again
-        (:class:`_CreatePending`).
+        still be committed by the server (its late window), it is looked for at doubling
+        intervals, not sent again (:class:`CreatePending`).
 
         A server that holds a request (a write lock, a queue) commits it whenever its turn
         comes; a second create sent meanwhile commits too, and the duplicate is only repaired
@@ -371,7 +356,16 @@ class RunIdentity:
         left = window_ends - time.monotonic()
         check = self.time_to_create
         if left > 0 and (check is None or check(window_ends)):
-            raise _CreatePending(left)
+            if not state.looks:
+                logger.debug(
+                    "rlm-mlflow run %s: its create had no answer; looking for it for up to "
+                    "%.1f s before sending another",
+                    state.run_id,
+                    left,
+                )
+            pause = min(left, FIRST_LOOK * 2**state.looks)
+            state.looks += 1
+            raise CreatePending(state.run_id, pause)
 
     def _may_create(self, state: RunState) -> bool:
         """On a thread, right before the create of ``state`` goes out: see time_to_create."""

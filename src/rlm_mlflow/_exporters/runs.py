@@ -32,7 +32,7 @@ from .._events import RunEnd, RunStart, Step, Usage
 from .._exceptions import PermanentError, Postponed, StoreRefused, TransientError
 from .._transports.base import PARENT_TAG, Metric, RangeReads, Transport
 from . import convert as _convert
-from .identity import RunIdentity, RunState
+from .identity import CreatePending, RunIdentity, RunState
 from .work import DEFERRED, HOLD, SENT, Done, Outcome, RunWork
 
 logger = logging.getLogger("rlm_mlflow")
@@ -112,16 +112,29 @@ class RunsExporter(RunIdentity):
             # already only waits for its requests' turn (ends go first), never for new runs.
             limiter = contextlib.nullcontext()
         try:
-            async with limiter:
-                late = self.time_to_create
-                if state.ref is None and late is not None and not late():
-                    outcome: Outcome | None = DEFERRED  # too late to end it: kept for replay
-                else:
-                    job = self._send(state, work, created[state.no])
-                    outcome = await self._contain(state, job)
+            outcome = await self._send_in_turn(state, work, created[state.no], limiter)
         finally:
             created[state.no].set()
         finished(state.no, SENT if outcome is None else outcome)
+
+    async def _send_in_turn(
+        self,
+        state: RunState,
+        work: RunWork,
+        created: anyio.Event,
+        limiter: AbstractAsyncContextManager[Any],
+    ) -> Outcome | None:
+        """The run's job, holding a place among the runs sent at a time; while a create of it
+        that had no answer is looked for, its place goes to others between the looks."""
+        while True:
+            try:
+                async with limiter:
+                    late = self.time_to_create
+                    if state.ref is None and late is not None and not late():
+                        return DEFERRED  # too late to end it: kept for replay
+                    return await self._contain(state, self._send(state, work, created))
+            except CreatePending as pending:
+                await anyio.sleep(pending.pause)
 
     def _state_for(self, work: RunWork) -> RunState:
         state = self.runs.get(work.no)
@@ -194,7 +207,7 @@ class RunsExporter(RunIdentity):
             state.refused = state.refused or str(exc)
             self._failed(f"run {state.run_id}: MLflow refused it: {exc}")
             return ("dropped", "refused")
-        except anyio.get_cancelled_exc_class():
+        except (anyio.get_cancelled_exc_class(), CreatePending):
             raise
         except Exception:
             logger.exception(
