@@ -124,6 +124,40 @@ def test_a_write_whose_answer_was_lost_is_not_written_twice(
     assert_each_once(mlflow_client, experiment_name, 2)
 
 
+@pytest.mark.parametrize("replayed", ["one by one", "with the trace info"])
+def test_an_assessment_a_queue_stores_after_the_sink_gave_up_on_it_is_never_written_twice(
+    replayed: str,
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """One by one (the server's version hidden by a proxy), a queue before the server holds
+    the first assessment's create past the 1 s request timeout and stores it 2.5 s after it was
+    sent. The sink's retry reads the trace's assessments before that: it does not create the
+    missing one again (it may still be stored), it keeps that trace's assessments for replay,
+    and the replay, reading first, writes only what is missing: through the same proxy, one by
+    one; straight to the server, with the trace's info. Each lands once."""
+    with FaultProxy(mlflow_server.port) as inner, FaultProxy(inner.port) as outer:
+        outer.set(mode="http", status=404, body=b"<html>Not Found</html>", path="/version")
+        inner.set(mode="late", latency=2.5, count=1, path="/assessments", method="POST")
+        sink = MLflowSink(
+            enabled=True,
+            experiment=experiment_name,
+            tracking_uri=outer.uri,
+            request_timeout=1.0,
+            **FAST,
+        )
+        run_scored(sink, 2)
+        sink.close(WAIT)
+        assert wait_for(lambda: inner.handling == 0, WAIT), "the queue forwarded what it held"
+        assert sink.status()["deferred"] > 0, sink.status()
+        uri = outer.uri if replayed == "one by one" else mlflow_server.uri
+        done = replay_cli(journal_dir, tracking_uri=uri)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert_each_once(mlflow_client, experiment_name, 2)
+
+
 @pytest.mark.parametrize(
     "answer",
     ["500 twice", "401 login page twice", "302 to a login host twice", "413 page always"],

@@ -56,6 +56,7 @@ READS = frozenset(
         "read metric history",
         "read run status",
         "read server version",
+        "read assessments",
     }
 )
 

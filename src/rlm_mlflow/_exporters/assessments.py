@@ -10,7 +10,9 @@ Each create makes a new assessment server-side, so exactly once is ours: every a
 carries a key stable for (trace, name) in its metadata, and one write is "read the trace's keys,
 create what is missing", retried whole. A lost answer, a retry or a replay after ``kill -9``
 reads the keys again and creates nothing twice. (A trace's first write in a live process skips
-the read: nothing can be there yet.) The trace's journal records keep their traces
+the read: nothing can be there yet.) A create that had no answer at all, and is not there when
+the keys are read again, may still be stored by the server: it is left to replay rather than
+created again. The trace's journal records keep their traces
 "done" bit until their assessments are written, so what is not written is replayed.
 
 On a store that merges a trace's info into the trace its spans made (MLflow 3.13 and newer,
@@ -27,6 +29,7 @@ with one warning; each assessment not written is counted in ``status()["rejected
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -131,15 +134,21 @@ class AssessmentsExporter:
             self._not_written(len(assessments), "assessments_unsupported")
             return SENT
         assert isinstance(store, AssessmentStore)
-        # Nothing can be there yet on a trace's first try in a live process, nor in a replay of
-        # a root whose end never went out: no read then.
-        look = (self.runs.replaying and trace_id not in self.fresh) or trace_id in self.tried
+        look = self._may_hold_some(trace_id)
         self.tried.add(trace_id)
         writer = _Writer(store, trace_id, list(assessments), look=look)
         try:
             written = await self.caller.call("write assessments", writer)
         except StoreRefused:
             return HOLD
+        except _MayStillBeStored:
+            self.warnings.warn(
+                "assessments_deferred",
+                "rlm-mlflow: assessments of trace %s kept for replay: a create had no answer and "
+                "may still be stored",
+                trace_id,
+            )
+            return DEFERRED
         except PermanentError as exc:
             self.tried.discard(trace_id)  # settled: never tried again
             if exc.code == ASSESSMENTS_UNSUPPORTED:
@@ -168,6 +177,12 @@ class AssessmentsExporter:
         self.tried.discard(trace_id)
         return SENT
 
+    def _may_hold_some(self, trace_id: str) -> bool:
+        """Whether the trace may hold some of our assessments already. Nothing can be there
+        yet on a trace's first try in a live process, nor in a replay of a root whose end never
+        went out: no read then."""
+        return (self.runs.replaying and trace_id not in self.fresh) or trace_id in self.tried
+
     async def upserts(self) -> bool:
         """Whether a root's trace info and Feedback go in one request (see the module
         docstring); asked of the store until it says."""
@@ -191,6 +206,14 @@ class AssessmentsExporter:
         if not self._upserts or not isinstance(store, TraceUpserts):
             return await self._one_by_one(end)  # refused earlier in the same cycle
         try:
+            if self._may_hold_some(end.trace_id) and isinstance(store, AssessmentStore):
+                # Created one by one before (server-made ids): written again under ids made
+                # from their keys, they would be copies. Only what the trace lacks goes.
+                held = await self.caller.call(
+                    "read assessments", store.assessment_keys, end.trace_id
+                )
+                kept = tuple(a for a in end.assessments if a.key not in held)
+                end = dataclasses.replace(end, assessments=kept)
             await self.caller.call("finish trace", store.finish_trace, experiment_id, end)
         except StoreRefused:
             return HOLD
@@ -244,9 +267,18 @@ class AssessmentsExporter:
         return SENT
 
 
+class _MayStillBeStored(Exception):
+    """A create of an assessment had no answer at all and the trace does not hold it yet: the
+    server may still store it, so it is not created again here (raised on the transport's
+    thread; not retried)."""
+
+
 class _Writer:
     """One write: read the trace's keys (unless nothing can be there yet), create what is
-    missing. Every later try of it reads first: an answer lost may have hidden a create."""
+    missing. Every later try of it reads first: an answer lost may have hidden a create. A
+    create that had no answer at all and is not there when read again may still be stored
+    (a queue, a lock): the write stops (:class:`_MayStillBeStored`) rather than create it twice;
+    its records stay in the journal, and replay, much later, reads first too."""
 
     def __init__(
         self, store: AssessmentStore, trace_id: str, assessments: list[Assessment], *, look: bool
@@ -255,14 +287,22 @@ class _Writer:
         self.trace_id = trace_id
         self.assessments = assessments
         self.look = look
+        self.unanswered: set[str] = set()  # keys whose create had no answer
 
     def __call__(self) -> int:
         held = self.store.assessment_keys(self.trace_id) if self.look else set()
         self.look = True
+        if self.unanswered - held:
+            raise _MayStillBeStored(", ".join(sorted(self.unanswered - held)))
         written = 0
         for assessment in self.assessments:
             if assessment.key not in held:
-                self.store.create_assessment(self.trace_id, assessment)
+                try:
+                    self.store.create_assessment(self.trace_id, assessment)
+                except TransientError as exc:
+                    if exc.unanswered:
+                        self.unanswered.add(assessment.key)
+                    raise
                 held.add(assessment.key)
                 written += 1
         return written
