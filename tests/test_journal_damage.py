@@ -217,3 +217,25 @@ def test_benchmark_figures_beside_a_journal_are_read_back_and_damage_is_passed_o
     with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
         assert read_figures(tmp_path) == {7: {8: {"reward": 1.0}}}
     assert any("bench-13.json" in r.getMessage() for r in caplog.records)
+
+
+def test_runs_kept_for_a_late_duplicate_read_back_and_damage_is_passed_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The runs a close kept for replay to look for a late duplicate read back as written; a
+    damaged entry is said and passed over, the others are still read; a file cut short is said
+    and reads as none (replay then only sends what the journal holds)."""
+    import logging
+
+    from rlm_mlflow._journal_format import LATE_RUNS, read_late_runs, write_late_runs
+
+    assert read_late_runs(tmp_path) == {}
+    assert write_late_runs(tmp_path, {"p-3": ("held", "abc"), "p-4": ("other", "def")})
+    assert read_late_runs(tmp_path) == {"p-3": ("held", "abc"), "p-4": ("other", "def")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATE_RUNS]  # no temporary left
+    (tmp_path / LATE_RUNS).write_text('{"p-3": ["held", "abc"], "p-4": ["other", 5], "p-5": 1}')
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        assert read_late_runs(tmp_path) == {"p-3": ("held", "abc")}
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 2
+    (tmp_path / LATE_RUNS).write_text('{"p-3": ["he')
+    assert read_late_runs(tmp_path) == {}

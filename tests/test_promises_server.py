@@ -27,6 +27,7 @@ from promises_support import (
     end,
     eventually,
     patient,
+    replay_cli,
     start,
     steps,
     wait_until,
@@ -286,12 +287,13 @@ def test_a_run_is_created_exactly_once_while_the_store_is_slow_to_commit(
 
 @pytest.mark.parametrize("close_at_once", [False, True], ids=["flushed", "closed-at-once"])
 def test_a_create_a_queue_commits_after_the_sink_gave_up_on_it_is_the_run_and_never_sent_twice(
-    proxy: FaultProxy, store: Store, experiment_name: str, close_at_once: bool
+    proxy: FaultProxy, store: Store, experiment_name: str, close_at_once: bool, journal_dir: Path
 ) -> None:
     """A queue in front of the server holds the run's create past the 1 s request timeout and
     forwards it 2.5 s after it was sent, when the agent has long ended the run. The sink looks
     for that create rather than sending another: one create reaches the server, and the one
-    MLflow run carries every step and ends FINISHED, flushed first or closed at once."""
+    MLflow run carries every step and ends FINISHED, flushed first or closed at once. Nothing
+    is left for replay: no journal is kept."""
     sink = make_sink(proxy.uri, experiment_name, request_timeout=1.0)
     start(sink, "warm")
     end(sink, "warm", 0)
@@ -310,6 +312,38 @@ def test_a_create_a_queue_commits_after_the_sink_gave_up_on_it_is_the_run_and_ne
     assert [r.info.status for r in held] == ["FINISHED"], [r.info.run_id for r in held]
     assert sorted(store.steps(held[0])) == list(range(5))
     assert proxy.paths[creates] - before == 1, "a second create went while the first was held"
+    assert not list(journal_dir.glob("*")), list(journal_dir.rglob("*"))
+
+
+def test_a_duplicate_a_queue_commits_after_a_short_close_is_deleted_by_replay(
+    proxy: FaultProxy, store: Store, experiment_name: str, journal_dir: Path
+) -> None:
+    """The same queue, but the sink is closed with 1.5 s: too little to wait out the held
+    create's late window, so the run is created again at once and ended FINISHED by the close.
+    The held create commits 2.5 s after it was sent, after the close: a duplicate, RUNNING.
+    The close kept the run's key beside its journal; replay finds the duplicate and deletes
+    it: one MLflow run, FINISHED, with every step."""
+    sink = make_sink(proxy.uri, experiment_name, request_timeout=1.0)
+    start(sink, "warm")
+    end(sink, "warm", 0)
+    assert sink.flush(WAIT)
+    proxy.set(mode="late", latency=2.5, count=1, path="/runs/create")
+    start(sink, "held")
+    steps(sink, "held", range(5))
+    end(sink, "held", 5)
+    close_within(sink, 1.5)
+    wait_until(lambda: proxy.handling == 0, WAIT, "the proxy forwarded everything it held")
+    held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
+    assert sorted(r.info.status for r in held) == ["FINISHED", "RUNNING"], held
+    kept = list(journal_dir.glob("*/late-runs.json"))
+    assert len(kept) == 1, list(journal_dir.rglob("*"))
+
+    done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+    assert done.returncode == 0, done.stderr[-2000:]
+    held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
+    assert [r.info.status for r in held] == ["FINISHED"], held
+    assert sorted(store.steps(held[0])) == list(range(5))
+    assert not list(journal_dir.glob("*/late-runs.json"))
 
 
 # -- 16, 17. credentials refused -----------------------------------------------------------------

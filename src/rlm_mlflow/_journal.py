@@ -7,6 +7,8 @@ Layout of one journal (one per sink and process, made at the sink's first event)
         lock                    flock()ed while the sink lives: replay leaves the journal alone
         L0003-S000001.seg       lane 3, segment 1: records of one agent thread
         bench-12.json           while benchmark run 12 is open: the figures of its cases sent
+        late-runs.json          runs that may still get a duplicate MLflow run after the close
+                                (a create that had no answer went out before the one kept)
 
 A hook appends its record to its thread's *lane*: a segment file mapped into memory (``mmap``,
 ``MAP_SHARED``). The write is a memory copy, no system call and no lock, so hooks on eight

@@ -361,6 +361,47 @@ def read_figures(folder: Path) -> dict[int, dict[int, dict[str, float]]]:
     return out
 
 
+#: Beside a journal: runs that may still get a duplicate MLflow run after the close (see
+#: ``RunIdentity.late_risks``), for replay to look for: key -> [run id, our MLflow run].
+LATE_RUNS = "late-runs.json"
+
+
+def write_late_runs(folder: Path, runs: dict[str, tuple[str, str]]) -> bool:
+    """Keep :data:`LATE_RUNS` beside a journal (replaced whole); False when the disk refused
+    (said)."""
+    path = folder / LATE_RUNS
+    temporary = path.with_suffix(".tmp")
+    try:
+        write_private(temporary, json.dumps({k: list(v) for k, v in runs.items()}).encode())
+        os.replace(temporary, path)
+    except OSError as exc:
+        logger.warning("rlm-mlflow journal: cannot keep %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def read_late_runs(folder: Path) -> dict[str, tuple[str, str]]:
+    """What :func:`write_late_runs` kept (nothing when there is no such file; an unreadable
+    file, or entry, is said and passed over)."""
+    path = folder / LATE_RUNS
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("rlm-mlflow journal %s: unreadable (%s); passed over", path, exc)
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    for key, entry in raw.items() if isinstance(raw, dict) else ():
+        if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
+            out[str(key)] = (entry[0], entry[1])
+        else:
+            logger.warning("rlm-mlflow journal %s: entry %r unreadable; passed over", path, key)
+    return out
+
+
 def read_meta(folder: Path) -> dict[str, Any]:
     meta: dict[str, Any] = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     return meta

@@ -52,6 +52,7 @@ from ._journal_format import (
     ScanStats,
     journal_segments,
     never_written,
+    read_late_runs,
     read_meta,
     scan_segment,
     try_lock,
@@ -211,6 +212,9 @@ class _Loaded:
     # assessments yet (they are written only once the end's spans are stored), so creating
     # them needs no read of what the trace holds.
     fresh_ends: set[int]
+    # Runs whose sink closed while a create of theirs that had no answer could still be
+    # committed as a duplicate (key -> run id, the MLflow run kept): looked for once more.
+    late: dict[str, tuple[str, str]]
     events: int
     already_sent: int
     torn: int
@@ -291,6 +295,7 @@ def _load(folder: Path) -> _Loaded:
         in_flight,
         for_runs,
         fresh_ends,
+        read_late_runs(folder),
         events,
         already,
         stats.torn,
@@ -373,7 +378,7 @@ def _replay_folder(
     report.events += loaded.events
     report.already_sent += loaded.already_sent
     try:
-        if loaded.works or loaded.open_runs:
+        if loaded.works or loaded.open_runs or loaded.late:
             counts, sent, problem, gave_up = _send(
                 loaded,
                 meta,
@@ -619,6 +624,7 @@ def _send(
                 for each in lanes:
                     tg.start_soon(send_lane, each, tg.cancel_scope)
             created = {k: v for each in lanes for k, v in each.runs.created_uncertain.items()}
+            created.update(loaded.late)
             try:
                 await runs.recheck_all(created)
             except (TransientError, PermanentError) as exc:  # the runs are sent: say it only
@@ -628,6 +634,8 @@ def _send(
                     len(created),
                     caller.clean(str(exc)),
                 )
+                if loaded.late:  # what this journal was kept for is not done: kept still
+                    problem = caller.clean(str(exc))
         except (TransientError, StoreRefused, PermanentError) as exc:
             problem = caller.clean(str(exc))
             logger.error("rlm-mlflow replay stopped: %s", problem)

@@ -48,7 +48,8 @@ from ._exceptions import PermanentError, StoreRefused
 from ._exporters.runs import RunsExporter
 from ._exporters.traces import TracesExporter
 from ._exporters.work import DEFERRED, HOLD, RunWork
-from ._journal import Segment
+from ._journal import Journal, Segment
+from ._journal_format import write_late_runs
 from ._pipeline import BY_REFERENCE, Item, Pipeline, State
 from ._retry import RetryPolicy
 from ._stats import RateLimitedWarnings, SinkStatistics, WorkerCounts
@@ -1036,8 +1037,9 @@ class Worker:
         self.counts.deferred -= twice
         deferred -= twice
         kept: list[str] = []
+        late = self._keep_late_runs()
         for journal in pipeline.journals():
-            keep = journal.backlog() > 0
+            keep = journal.backlog() > 0 or journal is late
             journal.close(keep=keep)
             if keep:
                 kept.append(str(journal.folder))
@@ -1073,6 +1075,31 @@ class Worker:
         pipeline.state = State.CLOSED
         self.stopped.set()
         self._notify_progress()
+
+    def _keep_late_runs(self) -> Journal | None:
+        """Runs that may still get a duplicate MLflow run after the close's last look for one
+        (see ``RunIdentity.late_risks``) are written beside the current journal, which is then
+        kept: ``rlm-mlflow replay`` looks for them (the journal it returns)."""
+        late = self.runs.late_risks()
+        if not late:
+            return None
+        journal = self.pipeline.journal
+        if journal is not None and not journal.closed and write_late_runs(journal.folder, late):
+            logger.warning(
+                "rlm-mlflow: %d run(s) may still get a duplicate MLflow run (a create that had "
+                "no answer may be committed late); 'rlm-mlflow replay' looks for it and deletes "
+                "it (%s)",
+                len(late),
+                journal.folder,
+            )
+            return journal
+        logger.warning(
+            "rlm-mlflow: %d run(s) may still get a duplicate MLflow run (a create that had no "
+            "answer may be committed late), and no journal keeps them for replay: runs %s",
+            len(late),
+            ", ".join(sorted(run_id for run_id, _ in late.values())),
+        )
+        return None
 
     def _early_unsettled(self) -> int:
         """Records read ahead at the close, not finished, made by hook calls."""

@@ -77,6 +77,9 @@ class RunState:
     # it), and how often it was looked for since.
     create_unanswered: bool = False
     looks: int = 0
+    # A create went out after one that had no answer (its late window was over, or a close
+    # could not wait): that one may still be committed, a duplicate, after any look for it.
+    resent: bool = False
     look_first: bool = False  # the run may exist already (replay, a late event): look it up
     parent_pending: bool = False  # the parent link is still to be set
     last_step: int = -1
@@ -117,6 +120,9 @@ class _Suspect:
     due: float  # time.monotonic()
     interval: float
     until: float
+    # A create of it that had no answer went out before the one we kept: a duplicate may
+    # still come after the close's last look (then the journal keeps it for replay to look).
+    at_risk: bool = False
 
 
 class RunIdentity:
@@ -314,6 +320,7 @@ class RunIdentity:
                 state.stored_latest = _latest_of(ref)
                 return ref
             self._wait_for_lost_create(state)
+        after_unanswered = state.create_unanswered  # this create may make a second run
         try:
             with begin_only_if(functools.partial(self._may_create, state)):
                 ref = transport.create_run(
@@ -325,8 +332,10 @@ class RunIdentity:
         except TransientError as exc:
             if exc.maybe_committed:
                 state.create_lost_at = time.monotonic()
+                state.resent = state.resent or after_unanswered
                 state.create_unanswered, state.looks = exc.unanswered, 0
             raise
+        state.resent = state.resent or after_unanswered
         if state.create_lost_at is not None:  # an earlier attempt may have been committed
             found = transport.find_runs(experiment_id, state.key)
             if len(found) > 1:
@@ -419,6 +428,7 @@ class RunIdentity:
             due=due,
             interval=self.late_window,
             until=due + max(LATE_HORIZON, 10 * self.late_window),
+            at_risk=state.resent,
         )
 
     async def _delete_extra(self, run_id: str, keep: str, found: list[RunRef]) -> None:
@@ -477,8 +487,19 @@ class RunIdentity:
                     continue  # looked for again at the next cycle
             suspect.interval *= 2
             suspect.due = time.monotonic() + suspect.interval
-            if closing or suspect.due > suspect.until:
+            if suspect.due > suspect.until or (closing and not suspect.at_risk):
                 self.suspects.pop(key, None)
+
+    def late_risks(self) -> dict[str, tuple[str, str]]:
+        """At the close, after its last look: the runs that may still get a duplicate (a create
+        of theirs that had no answer went out before the one kept, and their late horizon is
+        not over): key -> run id and our MLflow run."""
+        now = time.monotonic()
+        return {
+            key: (s.run_id, s.keep)
+            for key, s in self.suspects.items()
+            if s.at_risk and s.until > now
+        }
 
     def _parent_not_created(self, state: RunState) -> bool:
         """The parent's events came here, and its MLflow run could not be created yet."""
