@@ -17,7 +17,7 @@ import pytest
 
 import rlm_mlflow._worker
 from rlm_mlflow import MLflowSink
-from rlm_mlflow._transports.base import Metric, RunRef
+from rlm_mlflow._transports.base import Metric, RunRef, begin_only_if, may_begin
 from rlm_mlflow.testing import MemoryTransport, wait_for
 
 FAST: dict[str, Any] = {"flush_interval": 0.05, "retry_initial": 0.01, "retry_max_wait": 0.05}
@@ -527,3 +527,62 @@ def test_a_close_during_a_short_cycle_ends_the_open_run_before_the_cycle_s_spans
     stats = sink.statistics()
     assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
     assert stats.deferred >= 1  # the spans the deadline left
+
+
+class HeldFirstCreate(MemoryTransport):
+    """The first create of run ``held`` waits in the server until ``gate`` opens, then is
+    committed (a create the sink gave up on that a queue still holds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = threading.Event()
+        self.gate = threading.Event()
+
+    def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str,
+        start_time_ms: int,
+        tags: Sequence[tuple[str, str]],
+    ) -> RunRef:
+        if dict(tags).get("run_id") == "held" and not self.out.is_set():
+            may_begin("create run")  # the request goes out; its answer waits for the gate
+            self.out.set()
+            self.gate.wait(WAIT)
+            with begin_only_if(lambda: True):  # committed whatever the sink thinks now
+                return super().create_run(
+                    experiment_id, run_name=run_name, start_time_ms=start_time_ms, tags=tags
+                )
+        return super().create_run(
+            experiment_id, run_name=run_name, start_time_ms=start_time_ms, tags=tags
+        )
+
+
+def test_a_create_out_when_a_close_takes_its_cycle_over_is_left_for_replay_to_find(
+    tmp_path: Path,
+) -> None:
+    """A run's create is out, held by the server, when a close with 3 s left takes the cycle
+    over: the close creates the run again (it cannot wait for the first) and ends it. The
+    first create is committed after the close, a duplicate: the close kept the run's key
+    beside its journal, and replay deletes the duplicate."""
+    from rlm_mlflow import replay
+
+    memory = HeldFirstCreate()
+    sink = asleep_until_closed(memory, tmp_path)
+    flushing = threading.Thread(target=sink.flush, args=(WAIT,), daemon=True)
+    try:
+        sink.on_run_start("held", task="t", environment="e", params={})
+        step(sink, "held", 0)
+        sink.on_run_end("held", result={"completed": True}, run_path=None)
+        flushing.start()
+        assert memory.out.wait(WAIT)  # the cycle's create is out
+        sink.close(3.0)
+        assert [run.status for run in memory.by_name("held")] == ["FINISHED"]
+    finally:
+        memory.gate.set()  # the held create is committed now
+    assert wait_for(lambda: len(memory.by_name("held")) == 2, WAIT)
+    assert list(tmp_path.glob("*/late-runs.json")), list(tmp_path.rglob("*"))
+    report = replay(tmp_path, transport=memory)
+    assert report.ok, report
+    assert [run.status for run in memory.by_name("held")] == ["FINISHED"]

@@ -548,6 +548,8 @@ class Worker:
             # A create the failure interrupted may have been committed: look before creating.
             if state.ref is None and state.create_lost_at is None:
                 state.create_lost_at = now
+            if state.ref is None and state.create_out:  # still out, its answer given up on
+                state.create_lost_at, state.create_unanswered, state.looks = now, True, 0
 
     async def _loop(self) -> None:
         pipeline = self.pipeline

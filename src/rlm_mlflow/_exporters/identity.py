@@ -80,6 +80,7 @@ class RunState:
     # A create went out after one that had no answer (its late window was over, or a close
     # could not wait): that one may still be committed, a duplicate, after any look for it.
     resent: bool = False
+    create_out: bool = False  # a create of it went out, and its answer has not come yet
     look_first: bool = False  # the run may exist already (replay, a late event): look it up
     parent_pending: bool = False  # the parent link is still to be set
     last_step: int = -1
@@ -335,6 +336,8 @@ class RunIdentity:
                 state.resent = state.resent or after_unanswered
                 state.create_unanswered, state.looks = exc.unanswered, 0
             raise
+        finally:
+            state.create_out = False
         state.resent = state.resent or after_unanswered
         if state.create_lost_at is not None:  # an earlier attempt may have been committed
             found = transport.find_runs(experiment_id, state.key)
@@ -379,12 +382,11 @@ class RunIdentity:
     def _may_create(self, state: RunState) -> bool:
         """On a thread, right before the create of ``state`` goes out: see time_to_create."""
         check = self.time_to_create
-        if check is None:
-            return True
-        if not check():
+        if check is not None and not check():
             return False
-        if self.ended_in is not None:
+        if check is not None and self.ended_in is not None:
             state.create_began = time.monotonic()
+        state.create_out = True  # it goes out now
         return True
 
     def _keep_one(self, state: RunState, found: list[RunRef], prefer: str | None) -> RunRef:
