@@ -538,25 +538,14 @@ class HeldFirstCreate(MemoryTransport):
         self.out = threading.Event()
         self.gate = threading.Event()
 
-    def create_run(
-        self,
-        experiment_id: str,
-        *,
-        run_name: str,
-        start_time_ms: int,
-        tags: Sequence[tuple[str, str]],
-    ) -> RunRef:
-        if dict(tags).get("run_id") == "held" and not self.out.is_set():
+    def create_run(self, experiment_id: str, **run: Any) -> RunRef:
+        if dict(run["tags"]).get("run_id") == "held" and not self.out.is_set():
             may_begin("create run")  # the request goes out; its answer waits for the gate
             self.out.set()
             self.gate.wait(WAIT)
             with begin_only_if(lambda: True):  # committed whatever the sink thinks now
-                return super().create_run(
-                    experiment_id, run_name=run_name, start_time_ms=start_time_ms, tags=tags
-                )
-        return super().create_run(
-            experiment_id, run_name=run_name, start_time_ms=start_time_ms, tags=tags
-        )
+                return super().create_run(experiment_id, **run)
+        return super().create_run(experiment_id, **run)
 
 
 def test_a_create_out_when_a_close_takes_its_cycle_over_is_left_for_replay_to_find(
