@@ -93,6 +93,24 @@ def test_status_against_a_live_server_exits_zero(
     assert "problem" not in done.stdout
 
 
+def test_status_counts_the_runs_a_close_left_for_replay_to_look_for(tmp_path: Path) -> None:
+    """A journal a close kept only for runs that may still get a late duplicate holds no event:
+    status says which look replay still has to make, not just "0 events"."""
+    from rlm_mlflow._journal_format import write_late_runs
+
+    folder = tmp_path / "journal" / "20261206T000000-1-abc"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"prefix": "abc"}))
+    assert write_late_runs(folder, {"abc-3": ("held", "r1"), "abc-4": ("other", "r2")})
+    env = child_env(
+        DSPY_RLM_MLFLOW_ENABLED="false", RLM_MLFLOW_JOURNAL_DIR=str(tmp_path / "journal")
+    )
+    done = cli("status", env=env, cwd=tmp_path)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("journal"))
+    assert "1 journal, 0 events not yet confirmed sent" in line, line
+    assert "2 run(s) to look for a duplicate MLflow run committed late" in line, line
+
+
 @pytest.mark.parametrize(
     ("uri", "says"),
     [

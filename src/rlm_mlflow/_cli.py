@@ -328,21 +328,24 @@ def _plugin_schemes() -> set[str]:
 
 def _journal_summary(enabled: bool, folder: str | None) -> str:
     from ._journal import default_journal_dir
-    from ._journal_format import ScanStats, journal_segments, scan_segment
+    from ._journal_format import ScanStats, journal_segments, read_late_runs, scan_segment
     from ._replay import journal_folders
 
     root = Path(folder) if folder else default_journal_dir()
     if not enabled:
         return f"off  (RLM_MLFLOW_JOURNAL); directory {root}"
     journals = journal_folders(root)
-    backlog = damaged = 0
+    backlog = damaged = late = 0
     for journal in journals:
         stats = ScanStats()
         for path in journal_segments(journal):
             backlog += sum(1 for r in scan_segment(path, stats) if not r.finished)
         damaged += len(stats.damaged)
+        late += len(read_late_runs(journal))
     count = f"{len(journals)} journal{'' if len(journals) == 1 else 's'}"
     text = f"{root}  ({count}, {backlog} events not yet confirmed sent)"
+    if late:
+        text += f"; {late} run(s) to look for a duplicate MLflow run committed late"
     if damaged:
         text += f"; {damaged} damaged byte ranges (skipped by replay)"
     if journals:
