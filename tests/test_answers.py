@@ -118,6 +118,8 @@ def test_overload_and_server_errors_are_transient_with_retry_after(status: int) 
     with pytest.raises(TransientError) as raised:
         classify(answer(status, HTML, {"Retry-After": "7"}), "x")
     assert raised.value.retry_after == 7.0
+    # Only a gateway that gave up waiting leaves the request possibly still at work upstream.
+    assert raised.value.unanswered is (status == 504)
 
 
 class _OldServer(BaseHTTPRequestHandler):

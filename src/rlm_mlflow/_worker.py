@@ -545,11 +545,13 @@ class Worker:
         self.later = []
         now = time.monotonic()
         for state in self.runs.runs.values():
-            # A create the failure interrupted may have been committed: look before creating.
-            if state.ref is None and state.create_lost_at is None:
-                state.create_lost_at = now
-            if state.ref is None and state.create_out:  # still out, its answer given up on
+            if state.ref is not None:
+                continue
+            if state.create_out:  # still out, its answer given up on: one that had no answer
                 state.create_lost_at, state.create_unanswered, state.looks = now, True, 0
+            elif state.create_lost_at is None:
+                # A create the failure interrupted may have been committed: look before creating.
+                state.create_lost_at = now
 
     async def _loop(self) -> None:
         pipeline = self.pipeline

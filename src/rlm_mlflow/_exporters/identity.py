@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 
@@ -97,6 +98,13 @@ class RunState:
     # Each metric's latest stored point (key -> (step, timestamp_ms)) as known when the run was
     # found or created, before any data of ours went: None once data went, or when unknown.
     stored_latest: dict[str, tuple[int, int]] | None = None
+
+
+class TimeToCreate(Protocol):
+    """Whether a run created now, or at ``at`` (a later ``time.monotonic()``), can still be
+    ended before the close's deadline."""
+
+    def __call__(self, at: float | None = None) -> bool: ...
 
 
 class CreatePending(Exception):
@@ -170,7 +178,7 @@ class RunIdentity:
         # (asked on the transport's thread right before the create goes out; if not, the run
         # is kept for replay, which creates it ended, rather than left RUNNING).
         # (With a time: whether a run created then could still be ended in time.)
-        self.time_to_create: Callable[..., bool] | None = None
+        self.time_to_create: TimeToCreate | None = None
         # Closing: what learns how long a run takes from its create going out to its end's
         # answer (only runs created while it is set are timed).
         self.ended_in: Callable[[float], None] | None = None
@@ -382,10 +390,11 @@ class RunIdentity:
     def _may_create(self, state: RunState) -> bool:
         """On a thread, right before the create of ``state`` goes out: see time_to_create."""
         check = self.time_to_create
-        if check is not None and not check():
-            return False
-        if check is not None and self.ended_in is not None:
-            state.create_began = time.monotonic()
+        if check is not None:
+            if not check():
+                return False
+            if self.ended_in is not None:
+                state.create_began = time.monotonic()
         state.create_out = True  # it goes out now
         return True
 
