@@ -341,3 +341,34 @@ assert memory.one("s").status == "FAILED"
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "unclosed" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_signal_the_instant_the_sink_watches_it_reaches_the_programs_own_handler() -> None:
+    """SIGTERM arriving right as the sink puts its handler in place (in a signal storm, sooner
+    or later it does): the program's own handler is called, and the program lives on. Each
+    install is followed by the signal itself, so the window is entered every time."""
+    script = """
+import os, signal
+from rlm_mlflow import _runtime
+
+seen = []
+signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+real = signal.signal
+
+def install_then_signal(signum, handler):
+    previous = real(signum, handler)
+    if handler is _runtime._on_signal and signum == signal.SIGTERM:
+        os.kill(os.getpid(), signum)  # delivered before this call returns
+    return previous
+
+signal.signal = install_then_signal
+_runtime.install_signal_handlers()
+signal.signal = real
+_runtime.restore_signal_handlers()
+print("ALIVE", seen)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"exit code {done.returncode}; stderr:\n{done.stderr}"
+    assert done.stdout.split() == ["ALIVE", f"[{int(signal.SIGTERM)}]"]

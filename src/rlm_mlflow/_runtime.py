@@ -335,10 +335,13 @@ def install_signal_handlers() -> None:
             current = signal.getsignal(signum)
             if current is signal.SIG_IGN or current is _on_signal:
                 continue  # the program chose to ignore it: so do we
+            # Known before ours is in place: a signal that comes the instant it is finds the
+            # program's handler to call, not the default action (die).
+            _previous_signal[signum] = current
             signal.signal(signum, _on_signal)
         except (ValueError, OSError):  # not the main interpreter, or not allowed
+            _previous_signal.pop(signum, None)
             continue
-        _previous_signal[signum] = current
     _fork.hold_through_fork(frozenset(_previous_signal))
 
 
