@@ -5,6 +5,7 @@ the 5 ms switch interval, in the middle of the agent's step)."""
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -313,7 +314,11 @@ def test_segments_a_hook_made_are_faulted_in_ahead_of_it_while_it_writes(
     """A journal made by a sink's first hook, and a segment a hook had to make itself (the
     worker was not running yet), are not faulted in: each first write to a page costs the hook
     a page fault. The worker's upkeep faults their pages in ahead of the hook while it writes
-    on, and every record written before, during and after reads back as written."""
+    on, and every record written before, during and after reads back as written.
+
+    The upkeep runs as the worker runs it: again whenever the journal needs it. A hook that
+    fills its segment while an upkeep is making the next one makes its own, which the next
+    upkeep faults in."""
     from rlm_mlflow._journal import Journal
 
     journal = Journal(tmp_path, prefix="0123456789abcdef", experiment="e", tracking_uri=None)
@@ -330,19 +335,32 @@ def test_segments_a_hook_made_are_faulted_in_ahead_of_it_while_it_writes(
         assert not lane.segment.populated
         assert journal.needs_maintenance()
 
-        done = threading.Event()
+        started, writing, done = threading.Event(), threading.Event(), threading.Event()
+        writing.set()
+        upkeeps = 0
 
         def upkeep() -> None:
-            journal.maintain()
+            nonlocal upkeeps
+            while writing.is_set() or journal.needs_maintenance():
+                if journal.needs_maintenance():
+                    started.set()
+                    journal.maintain()
+                    upkeeps += 1
+                else:
+                    time.sleep(0)  # let the writer have the interpreter
             done.set()
 
         worker = threading.Thread(target=upkeep)
         worker.start()
-        while not done.is_set() and written < len(payloads) // 2:  # writing while it runs
+        while written < len(payloads) // 2:  # writing while it runs
             assert lane.write(payloads[written], 0) is not None
             written += 1
+            if written == 80:
+                assert started.wait(patient(30))  # the first upkeep has begun by then
+        writing.clear()
         worker.join(patient(30))
         assert done.is_set()
+        assert upkeeps >= 1
         assert all(segment.populated for segment in (lane.segment, lane.next) if segment)
         for payload in payloads[written:]:
             assert lane.write(payload, 0) is not None
