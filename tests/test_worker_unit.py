@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import rlm_mlflow._worker
-from rlm_mlflow import MLflowSink
+from rlm_mlflow import MLflowSink, replay
 from rlm_mlflow._transports.base import Metric, RunRef, begin_only_if, may_begin
 from rlm_mlflow.testing import MemoryTransport, wait_for
 
@@ -270,6 +270,75 @@ def test_a_close_during_a_cycle_held_by_the_server_takes_it_over_and_ends_the_ru
     stats = sink.statistics()
     assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
     assert stats.deferred >= steps
+
+
+class HeldBatches(MemoryTransport):
+    """Once ``hold`` is set, every ``log_batch`` waits for ``gate`` before it is stored: a
+    server stuck writing points, that stores them after the client gave up on the answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = threading.Event()
+        self.gate = threading.Event()
+        self.stored_late = threading.Event()
+        self.steps_sent: list[int] = []  # the step of every step_reward point sent, stored or not
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.steps_sent.extend(m.step for m in metrics if m.key == "step_reward")
+        held = self.hold.is_set()
+        if held:
+            self.gate.wait(WAIT)
+        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+        if held:
+            self.stored_late.set()
+
+
+def test_a_run_whose_batch_the_server_holds_at_a_close_is_ended_in_time_then_sent_once(
+    tmp_path: Path,
+) -> None:
+    """close() against a deadline, while the server holds the run's one batch (its steps and
+    summary) past it: the run's end does not wait for that batch's answer, so the run is ended
+    FINISHED in time. The held batch is stored after the sink gave up on it; replay then
+    finds its points stored and the run holds each once, still FINISHED."""
+    memory = HeldBatches()
+    sink = asleep_until_closed(memory, tmp_path)
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        sink.on_run_end("warm", result={"completed": True, "steps": 0}, run_path=None)
+        assert sink.flush(WAIT)
+        memory.hold.set()
+        sink.on_run_start("held", task="t", environment="e", params={"depth": 2})
+        for number in range(5):
+            step(sink, "held", number)
+        sink.on_run_end("held", result={"completed": True, "steps": 5}, run_path=None)
+        sink.close(2.0)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+        run = memory.one("held")
+        assert run.status == "FINISHED"
+        assert run.history("step_reward") == []  # still held in the server
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+    stats = sink.statistics()
+    assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+    assert stats.deferred >= 6  # the steps and the end (its summary is in the held batch)
+    assert memory.stored_late.wait(WAIT)
+    memory.hold.clear()
+    report = replay(tmp_path, transport=memory)
+    assert report.ok, report
+    run = memory.one("held")
+    assert run.status == "FINISHED"
+    assert [s for s, _ in run.history("step_reward")] == list(range(5))
+    assert sorted(memory.steps_sent) == list(range(5))  # none sent twice
+    assert [value for _, value in run.history("steps")] == [5.0]  # the summary, once
+    assert run.params["depth"] == "2"
 
 
 def test_the_worker_imports_nothing_above_it() -> None:

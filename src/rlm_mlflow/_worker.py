@@ -824,6 +824,7 @@ class Worker:
             self.runs.limiter = gate.runs()
             self.runs.ended_in = gate.ended_in
             self.runs.created_in = gate.created_in
+        self.runs.end_beside = lambda: self.close_deadline is not None
         await self._end_open_runs()
         # Ends first: the run starts and ends that wait in the journal, behind steps spilled
         # before them, go now; the steps follow while the deadline allows (then replay).

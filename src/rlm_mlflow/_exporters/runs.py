@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -59,6 +59,9 @@ class RunsExporter(RunIdentity):
         # Closing: one limiter for the runs of every closing sink of the loop (each run is
         # created, sent and ended before more are begun).
         self.limiter: AbstractAsyncContextManager[Any] | None = None
+        # Closing against a deadline: whether a run's end goes beside its last batch rather
+        # than after its answer (see _send).
+        self.end_beside: Callable[[], bool] | None = None
 
     # -- one cycle ---------------------------------------------------------------------------
 
@@ -243,23 +246,37 @@ class RunsExporter(RunIdentity):
             metrics = await self._not_yet_stored(state, metrics, sent)
         params = list(state.params)
         work.maybe_sent = True
-        known, state.stored_latest = state.stored_latest, None  # unknown while this goes
-        await self._log_batches(state, metrics, params, tags)
-        if known is not None:
-            # Stored now: each metric's latest point is the later of the two (never earlier
-            # than the truth, so a later check reads what it must).
-            for m in metrics:
-                latest = known.get(m.key)
-                if latest is None or (m.step, m.timestamp_ms) > latest:
-                    known[m.key] = (m.step, m.timestamp_ms)
-            state.stored_latest = known
-        state.sent_params.extend(params)
-        del state.params[: len(params)]
-        if end is not None and not state.ended:
+
+        async def batches() -> None:
+            known, state.stored_latest = state.stored_latest, None  # unknown while this goes
+            await self._log_batches(state, metrics, params, tags)
+            if known is not None:
+                # Stored now: each metric's latest point is the later of the two (never earlier
+                # than the truth, so a later check reads what it must).
+                for m in metrics:
+                    latest = known.get(m.key)
+                    if latest is None or (m.step, m.timestamp_ms) > latest:
+                        known[m.key] = (m.step, m.timestamp_ms)
+                state.stored_latest = known
+            state.sent_params.extend(params)
+            del state.params[: len(params)]
+
+        if end is None or state.ended:
+            await batches()
+            return
+        beside = self.end_beside
+        if beside is not None and beside():
+            # Closing against a deadline: the end does not wait for the batch's answer (nor
+            # for a place behind other runs' batches: ends go first). The run is ended in
+            # MLflow with its true status even when its points miss the deadline (those are
+            # kept for replay, which logs them to the ended run).
+            await _together(batches(), self._finish(state, end))
+        else:
+            await batches()
             await self._finish(state, end)
-            began, state.create_began = state.create_began, None
-            if began is not None and self.ended_in is not None:
-                self.ended_in(time.monotonic() - began)
+        began, state.create_began = state.create_began, None
+        if began is not None and self.ended_in is not None:
+            self.ended_in(time.monotonic() - began)
 
     def _metrics_of(self, state: RunState, steps: Iterable[Step]) -> list[Metric]:
         reject = self._reject(state.run_id)
@@ -496,6 +513,24 @@ class RunsExporter(RunIdentity):
             describe(value),
             level=logging.INFO,
         )
+
+
+async def _together(*jobs: Coroutine[Any, Any, None]) -> None:
+    """Run ``jobs`` at once; each runs to its own end whatever the others do, then the first
+    failure (in the order given) is raised as it was."""
+    failures: list[tuple[int, Exception]] = []
+
+    async def one(at: int, job: Coroutine[Any, Any, None]) -> None:
+        try:
+            await job
+        except Exception as exc:  # cancellation passes: it is the caller's
+            failures.append((at, exc))
+
+    async with anyio.create_task_group() as tg:
+        for at, job in enumerate(jobs):
+            tg.start_soon(one, at, job)
+    if failures:
+        raise min(failures, key=lambda failure: failure[0])[1]
 
 
 def stored_points(transport: Transport, run_uuid: str, points: Sequence[Metric]) -> set[Metric]:
