@@ -16,8 +16,14 @@ from typing import Any
 import pytest
 
 import rlm_mlflow._worker
-from rlm_mlflow import MLflowSink, replay
-from rlm_mlflow._transports.base import Metric, RunRef, begin_only_if, may_begin
+from rlm_mlflow import MLflowSink, TransientError, replay
+from rlm_mlflow._transports.base import (
+    Metric,
+    RunRef,
+    begin_only_if,
+    current_call,
+    may_begin,
+)
 from rlm_mlflow.testing import MemoryTransport, wait_for
 
 FAST: dict[str, Any] = {"flush_interval": 0.05, "retry_initial": 0.01, "retry_max_wait": 0.05}
@@ -341,6 +347,79 @@ def test_a_run_whose_batch_the_server_holds_at_a_close_is_ended_in_time_then_sen
     assert run.params["depth"] == "2"
 
 
+class AnsweredAfterTheGiveUp(MemoryTransport):
+    """The first create of run ``held`` goes out and waits in the server until the sink gives
+    its call up (a close takes the cycle over), then is committed and answered after either
+    a look for the run by key has found nothing or ``late`` s have passed, whichever first: a
+    queue in front of the server that answers a little after the client stopped waiting."""
+
+    late = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = threading.Event()
+        self.looked = threading.Event()
+        self.creates = 0
+        self.looks = 0  # looks for a run by key sent after the create went out
+
+    def find_runs(self, experiment_id: str, key: str) -> list[RunRef]:
+        call = current_call()
+        if call is not None and call.given_up:  # as the HTTP transport: never sent
+            raise TransientError("the caller gave this call up; not sent")
+        found = super().find_runs(experiment_id, key)
+        if self.out.is_set():
+            self.looks += 1
+            self.looked.set()
+        return found
+
+    def create_run(self, experiment_id: str, **run: Any) -> RunRef:
+        if dict(run["tags"]).get("run_id") == "held":
+            self.creates += 1
+            if not self.out.is_set():
+                may_begin("create run")
+                self.out.set()
+                call = current_call()
+                assert call is not None
+                given_up = threading.Event()
+                assert call.on_give_up(given_up.set)
+                given_up.wait(WAIT)
+                self.looked.wait(self.late)
+                with begin_only_if(lambda: True):  # committed whatever the sink thinks now
+                    return super().create_run(experiment_id, **run)
+        return super().create_run(experiment_id, **run)
+
+
+def test_a_create_out_when_a_close_takes_its_cycle_over_is_waited_for_and_its_run_ended(
+    tmp_path: Path,
+) -> None:
+    """A run's create is out, held by the server, when a close with 6 s left takes the cycle
+    over; its answer comes a little later, well before the deadline. The close waits for that
+    answer rather than look for the run (too early: not committed yet) and create it again,
+    and uses it even though the look that follows a create after a lost one is never sent
+    (its call was given up): one create, no look, one run, ended FINISHED by the close with
+    its step, and nothing kept for replay to look for."""
+    memory = AnsweredAfterTheGiveUp()
+    sink = asleep_until_closed(memory, tmp_path)
+    flushing = threading.Thread(target=sink.flush, args=(WAIT,), daemon=True)
+    try:
+        sink.on_run_start("held", task="t", environment="e", params={})
+        step(sink, "held", 0)
+        sink.on_run_end("held", result={"completed": True}, run_path=None)
+        flushing.start()
+        assert memory.out.wait(WAIT)  # the cycle's create is out
+        sink.close(6.0)
+    finally:
+        memory.looked.set()
+    runs = memory.by_name("held")
+    assert [run.status for run in runs] == ["FINISHED"]
+    assert [s for s, _ in runs[0].history("step_reward")] == [0]
+    assert memory.creates == 1
+    assert memory.looks == 0  # its answer was used, not guessed at
+    assert not list(tmp_path.glob("*/late-runs.json"))
+    stats = sink.statistics()
+    assert stats.sent == stats.accepted
+
+
 def test_the_worker_imports_nothing_above_it() -> None:
     """The process side (runtime, sink) owns the worker and passes it what it needs: the worker
     never imports them, not even inside a function."""
@@ -620,11 +699,10 @@ class HeldFirstCreate(MemoryTransport):
 def test_a_create_out_when_a_close_takes_its_cycle_over_is_left_for_replay_to_find(
     tmp_path: Path,
 ) -> None:
-    """A run's create is out, held by the server, when a close with 3 s left takes the cycle
-    over: the close creates the run again (it cannot wait for the first) and ends it. The
-    first create is committed after the close, a duplicate: the close kept the run's key
-    beside its journal, and replay deletes the duplicate."""
-    from rlm_mlflow import replay
+    """A run's create is out, held by the server past the deadline, when a close with 3 s left
+    takes the cycle over: the close waits for its answer and never sends a second create. The
+    create is committed after the close; the run's events were kept, and replay finds that
+    run by its key and ends it: one run, FINISHED, with its step."""
 
     memory = HeldFirstCreate()
     sink = asleep_until_closed(memory, tmp_path)
@@ -636,11 +714,13 @@ def test_a_create_out_when_a_close_takes_its_cycle_over_is_left_for_replay_to_fi
         flushing.start()
         assert memory.out.wait(WAIT)  # the cycle's create is out
         sink.close(3.0)
-        assert [run.status for run in memory.by_name("held")] == ["FINISHED"]
+        assert memory.by_name("held") == []
     finally:
         memory.gate.set()  # the held create is committed now
-    assert wait_for(lambda: len(memory.by_name("held")) == 2, WAIT)
-    assert list(tmp_path.glob("*/late-runs.json")), list(tmp_path.rglob("*"))
+    assert wait_for(lambda: len(memory.by_name("held")) == 1, WAIT)
+    assert sink.statistics().deferred == 3  # the run's start, step and end
     report = replay(tmp_path, transport=memory)
     assert report.ok, report
-    assert [run.status for run in memory.by_name("held")] == ["FINISHED"]
+    runs = memory.by_name("held")
+    assert [run.status for run in runs] == ["FINISHED"]
+    assert [s for s, _ in runs[0].history("step_reward")] == [0]

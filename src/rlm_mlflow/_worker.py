@@ -545,11 +545,11 @@ class Worker:
         self.later = []
         now = time.monotonic()
         for state in self.runs.runs.values():
-            if state.ref is not None:
+            # A create still out, given up on, is waited for: its answer says (the run it made
+            # is the run, its failure marks the create as lost); see RunIdentity._create_or_find.
+            if state.ref is not None or state.create_out or state.answered is not None:
                 continue
-            if state.create_out:  # still out, its answer given up on: one that had no answer
-                state.create_lost_at, state.create_unanswered, state.looks = now, True, 0
-            elif state.create_lost_at is None:
+            if state.create_lost_at is None:
                 # A create the failure interrupted may have been committed: look before creating.
                 state.create_lost_at = now
 

@@ -47,6 +47,9 @@ ENDED_MEMORY = 1024
 #: While a create that had no answer may still be committed, it is looked for again after
 #: this long, then at doubling intervals.
 FIRST_LOOK = 0.25
+#: While a create given up on is still out (its cycle was taken over), its answer is waited for
+#: by looking this often whether it came.
+ANSWER_POLL = 0.05
 
 #: How MLflow marks an evaluation run (``mlflow.genai.evaluate``'s): the Evaluation runs page.
 RUN_TYPE_TAG = "mlflow.runType"
@@ -82,6 +85,9 @@ class RunState:
     # could not wait): that one may still be committed, a duplicate, after any look for it.
     resent: bool = False
     create_out: bool = False  # a create of it went out, and its answer has not come yet
+    # The run a create made, noted by the transport's thread when the answer came: a create
+    # given up on (its cycle taken over) is still answered, and its run is the one to use.
+    answered: RunRef | None = None
     look_first: bool = False  # the run may exist already (replay, a late event): look it up
     parent_pending: bool = False  # the parent link is still to be set
     last_step: int = -1
@@ -294,6 +300,7 @@ class RunIdentity:
             state.ref = await self.caller.call(
                 "create run", self._create_or_find, state, experiment_id, tags
             )
+            state.answered = None  # the answer was taken
             if state.create_began is not None and self.created_in is not None:
                 self.created_in(time.monotonic() - state.create_began)
         except PermanentError as exc:
@@ -310,6 +317,7 @@ class RunIdentity:
             state.ref = await self.caller.call(
                 "create run", self._create_or_find, state, experiment_id, tags
             )
+            state.answered = None
         self.counts.runs_created += 1
 
     def _create_or_find(
@@ -317,6 +325,14 @@ class RunIdentity:
     ) -> RunRef:
         """On a thread: the run of ``state``, found (after a lost answer) or created."""
         transport = self.transport
+        if state.create_out:
+            # A create of it that was given up on (a close took its cycle over) is still out:
+            # its answer is waited for, neither guessed at by a look (too early, it may not be
+            # committed yet) nor doubled by a create, up to the close's deadline.
+            raise CreatePending(state.run_id, ANSWER_POLL)
+        answered, state.answered = state.answered, None
+        if answered is not None:  # ... and it came: that create's run is the run
+            return answered
         if state.look_first or state.create_lost_at is not None:
             found = self.known.get(state.key)
             # A bulk search after the process that created it ended saw every run it had: a
@@ -347,14 +363,18 @@ class RunIdentity:
         finally:
             state.create_out = False
         state.resent = state.resent or after_unanswered
+        # Noted at once: if this call was given up, the look below is never sent (and an
+        # earlier create, if any, is looked for again at the run's end: _repair).
+        state.answered = ref
+        state.created_here = True
+        state.stored_latest = {}  # a run just created holds no points
         if state.create_lost_at is not None:  # an earlier attempt may have been committed
             found = transport.find_runs(experiment_id, state.key)
             if len(found) > 1:
-                ref = self._keep_one(state, found, ref.run_uuid)
+                ref = state.answered = self._keep_one(state, found, ref.run_uuid)
+                state.created_here = False
                 state.stored_latest = _latest_of(ref)
                 return ref
-        state.created_here = True
-        state.stored_latest = {}  # a run just created holds no points
         if state.uncertain:  # see RunState.uncertain
             self.created_uncertain[state.key] = (state.run_id, ref.run_uuid)
         return ref

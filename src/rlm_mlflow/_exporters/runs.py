@@ -32,7 +32,7 @@ from .._events import RunEnd, RunStart, Step, Usage
 from .._exceptions import PermanentError, Postponed, StoreRefused, TransientError
 from .._transports.base import PARENT_TAG, Metric, RangeReads, Transport
 from . import convert as _convert
-from .identity import CreatePending, RunIdentity, RunState
+from .identity import ANSWER_POLL, CreatePending, RunIdentity, RunState
 from .work import DEFERRED, HOLD, SENT, Done, Outcome, RunWork
 
 logger = logging.getLogger("rlm_mlflow")
@@ -130,10 +130,16 @@ class RunsExporter(RunIdentity):
         """The run's job, holding a place among the runs sent at a time; while a create of it
         that had no answer is looked for, its place goes to others between the looks."""
         while True:
+            if state.ref is None and state.create_out:
+                # A create of it given up on is still out: its answer is waited for here,
+                # holding no place (see _create_or_find).
+                await anyio.sleep(ANSWER_POLL)
+                continue
             try:
                 async with limiter:
                     late = self.time_to_create
-                    if state.ref is None and late is not None and not late():
+                    # (A run whose create was answered after it was given up is created.)
+                    if state.ref is None and state.answered is None and late and not late():
                         return DEFERRED  # too late to end it: kept for replay
                     return await self._contain(state, self._send(state, work, created))
             except CreatePending as pending:
@@ -454,7 +460,7 @@ class RunsExporter(RunIdentity):
         if state.ref is None or exc.code != "RESOURCE_DOES_NOT_EXIST":
             raise exc
         self._vanished("run", state.run_id)
-        state.ref = None
+        state.ref, state.answered = None, None
         state.look_first = True
         self.forget_experiment()
         await self._ensure_run(state)
