@@ -25,6 +25,7 @@ from promises_support import (
     journal_folders,
     patient,
     replay_cli,
+    wait_until,
 )
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer, free_port, local_server
@@ -298,6 +299,42 @@ def test_a_child_of_a_parent_sent_in_an_earlier_session_is_linked_by_replay(
     assert_each_once(store.steps(child), range(3))
     assert child.info.status == "KILLED"
     assert_each_once(store.steps(runs["parent"]), range(5000))
+
+
+@pytest.mark.slow
+def test_kill_9_while_the_sink_waits_for_a_create_the_server_holds_leaves_one_run_for_replay(
+    agents: Spawn,
+    store: Store,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """A queue in front of the server holds run ``held``'s create 2.5 s (the request timeout is
+    1 s) and forwards it after the client hung up. The agent is killed -9 while its sink looks
+    for that create by key (it sends no other while the server may still commit it). The held
+    create commits: a RUNNING run. Replay finds it by its key and completes it rather than
+    creating another: one create in all, one run, FINISHED, each step once."""
+    creates, searches = "/api/2.0/mlflow/runs/create", "/api/2.0/mlflow/runs/search"
+    with FaultProxy(mlflow_server.port) as proxy:
+        agent = agents("lost_create.py", proxy.uri, experiment_name, stdin=True)
+        agent.expect("READY", 120)
+        before = proxy.paths[creates]
+        proxy.set(mode="late", latency=2.5, count=1, path="/runs/create")
+        agent.send("go")
+        agent.expect("LOGGED")
+        looked = proxy.paths[searches]
+        wait_until(lambda: proxy.paths[searches] > looked, WAIT, "the sink looking for it")
+        agent.kill9()
+        wait_until(lambda: proxy.handling == 0, WAIT, "the proxy forwarded the held create")
+        held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
+        assert [r.info.status for r in held] == ["RUNNING"]
+        done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert proxy.paths[creates] - before == 1, "a second create was sent"
+    held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
+    assert [r.info.status for r in held] == ["FINISHED"]
+    assert_each_once(store.steps(held[0]), range(5))
+    assert journal_folders(journal_dir) == []
 
 
 @pytest.mark.slow
