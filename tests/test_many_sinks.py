@@ -625,6 +625,55 @@ def test_sinks_closed_together_while_their_batches_wait_on_a_late_server_end_eve
             assert_each_once(store.steps(run), range(20))
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_sinks_closed_together_while_a_queue_holds_every_create_make_each_run_once(
+    mlflow_server: MlflowServer, experiment_name: str, journal_dir: Path
+) -> None:
+    """Twelve sinks of one process, each with a run whose create a queue in front of the server
+    holds 2.5 s (the request timeout is 1 s) and then commits, after every sink gave up on its
+    answer; they are closed together meanwhile. Each sink looks for its run rather than send a
+    second create while the first may still commit, finds it, and ends it: one create per run,
+    every run FINISHED with each step once, and nothing kept for replay."""
+    count, creates = 12, "/api/2.0/mlflow/runs/create"
+    Store(mlflow_server.uri).client.create_experiment(experiment_name)
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="late", latency=2.5, count=count, path="/runs/create")
+        sinks = [
+            MLflowSink(
+                enabled=True,
+                experiment=experiment_name,
+                tracking_uri=proxy.uri,
+                flush_interval=60,
+                request_timeout=1.0,
+            )
+            for _ in range(count)
+        ]
+        for n, sink in enumerate(sinks):
+            run = f"held-{n}"
+            sink.on_run_start(run, task="t", environment="e", params={})
+            for i in range(5):
+                sink.on_step(run, event={"step": i, "reward": 1.0}, cumulative_reward=i + 1.0)
+            sink.on_run_end(run, result={"completed": True, "steps": 5}, run_path=None)
+            sink.flush(0.0)  # its cycle goes now; its create is held
+        assert proxy.wait_until(lambda p: p.paths[creates] >= 1, WAIT)
+        close_all(None, patient(20.0))
+        assert proxy.wait_until(lambda p: p.forwarded == p.requests and not p.in_flight, WAIT)
+        assert proxy.paths[creates] == count, "a second create was sent for some run"
+    store = Store(mlflow_server.uri)
+    runs = store.by_name(experiment_name)
+    assert {name: run.info.status for name, run in runs.items()} == {
+        f"held-{n}": "FINISHED" for n in range(count)
+    }
+    assert len(store.runs(experiment_name)) == count  # no duplicate under any name
+    for run in runs.values():
+        assert_each_once(store.steps(run), range(5))
+    for sink in sinks:
+        status = sink.status()
+        assert status["accepted"] == status["sent"] == 7, status
+    assert not list(journal_dir.glob("*")), list(journal_dir.rglob("*"))
+
+
 # -- the sinks of one async service, closed together -----------------------------------------------
 
 
