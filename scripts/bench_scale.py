@@ -216,9 +216,11 @@ def run_long(ctx: Context) -> dict[str, Any]:
     return out
 
 
-def _invoke_replay(h: Harness, journal_dir: str, timeout: float) -> dict[str, Any]:
+def _invoke_replay(
+    h: Harness, journal_dir: str, timeout: float, watch: tuple[str, int] | None = None
+) -> dict[str, Any]:
     try:
-        return h.replay(journal_dir, uri=h.uri, timeout=timeout)
+        return h.replay(journal_dir, uri=h.uri, timeout=timeout, watch=watch)
     except subprocess.TimeoutExpired:
         return {"returncode": None, "seconds": timeout, "report": {}, "timed_out": True}
 
@@ -241,8 +243,9 @@ def _replay_until_done(
     before, paths = h.proxy_requests, h.proxy_paths
     invocations = []
     readback: dict[str, Any] = {}
+    points = int(expected["step_points"]) + int(expected["summary_points"])
     for _ in range(ctx.plan.max_invocations):
-        done = _invoke_replay(h, journal_dir, ctx.plan.replay_timeout)
+        done = _invoke_replay(h, journal_dir, ctx.plan.replay_timeout, (experiment, points))
         h.settle(120)
         readback = h.read_back(experiment)
         invocations.append({**done, "readback": readback})
@@ -586,15 +589,34 @@ def targets(results: dict[str, Any], plan: ScalePlan) -> list[list[str]]:
                 _ok(once),
             ]
         )
-        rows.append(
-            [
-                f"replay: >= {REPLAY_SHARE:.0%} of the raw `log_batch` ceiling in points/s",
-                f"{rate:,.0f} points/s in the first invocation, net of its {secs(startup)} "
-                f"start-up ({gross:,.0f}/s gross), vs {replay['ceiling']['client_best']:,.0f}/s: "
-                f"{share:.0%}",
-                _ok(share >= REPLAY_SHARE),
-            ]
-        )
+        landed = first.get("points_landed_s")
+        if landed is not None:
+            # Spans follow every run's points (traces never hold metrics up): the points' rate
+            # is theirs until the last one was stored; the invocation's, spans included, beside.
+            landed_rate = points / max(landed - startup, 1e-3)
+            landed_share = landed_rate / replay["ceiling"]["client_best"]
+            rows.append(
+                [
+                    f"replay: >= {REPLAY_SHARE:.0%} of the raw `log_batch` ceiling in points/s "
+                    "(until every point is stored)",
+                    f"{landed_rate:,.0f} points/s: every point stored {secs(landed)} into the "
+                    f"first invocation, net of its {secs(startup)} start-up, vs "
+                    f"{replay['ceiling']['client_best']:,.0f}/s: {landed_share:.0%}; the whole "
+                    f"invocation, spans included: {rate:,.0f}/s ({gross:,.0f}/s gross), "
+                    f"{share:.0%}",
+                    _ok(landed_share >= REPLAY_SHARE),
+                ]
+            )
+        else:
+            rows.append(
+                [
+                    f"replay: >= {REPLAY_SHARE:.0%} of the raw `log_batch` ceiling in points/s",
+                    f"{rate:,.0f} points/s in the first invocation, net of its {secs(startup)} "
+                    f"start-up ({gross:,.0f}/s gross), vs "
+                    f"{replay['ceiling']['client_best']:,.0f}/s: {share:.0%}",
+                    _ok(share >= REPLAY_SHARE),
+                ]
+            )
         rows.append(
             [
                 f"replay: <= {REPLAY_REQUESTS_PER_RUN:g} requests per run plus shared trace "

@@ -200,9 +200,18 @@ class Harness:
         return result
 
     def replay(
-        self, journal_dir: str, uri: str | None = None, timeout: float = 300.0
+        self,
+        journal_dir: str,
+        uri: str | None = None,
+        timeout: float = 300.0,
+        *,
+        watch: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
-        """``rlm-mlflow replay`` of one child's journal folder, to the server (or ``uri``)."""
+        """``rlm-mlflow replay`` of one child's journal folder, to the server (or ``uri``).
+
+        ``watch=(experiment, points)``: the server's store is read every half second while the
+        replay runs, and ``points_landed_s`` says when it first held that many metric points
+        of the experiment (None if it never did while the replay ran)."""
         env = self._environment("replay")
         command = [
             sys.executable,
@@ -214,25 +223,60 @@ class Harness:
             uri or self.server_uri,
         ]
         started = time.monotonic()
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=self.workdir,
-            timeout=timeout,
-            check=False,
-        )
+        landed: float | None = None
+        out_path = self.workdir / f"replay-{uuid.uuid4().hex[:6]}.out"
+        # Into files, not pipes: nobody reads a pipe while the store is watched.
+        with (
+            out_path.open("w+", encoding="utf-8") as out,
+            subprocess.Popen(
+                command, stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=self.workdir
+            ) as process,
+        ):
+            try:
+                while watch is not None and landed is None and process.poll() is None:
+                    if time.monotonic() - started > timeout:
+                        raise subprocess.TimeoutExpired(command, timeout)
+                    if self._points(watch[0]) >= watch[1]:
+                        landed = time.monotonic() - started
+                    else:
+                        time.sleep(0.5)
+                process.wait(max(0.0, timeout - (time.monotonic() - started)))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+            out.seek(0)
+            stdout = out.read()
+        seconds = time.monotonic() - started
+        if watch is not None and landed is None and self._points(watch[0]) >= watch[1]:
+            landed = seconds  # all there when it ended, not seen before
         report = {}
-        for line in done.stdout.splitlines():
+        for line in stdout.splitlines():
             key, _, value = line.partition("  ")
             if key and value.strip():
                 report[key.strip()] = value.strip()
         return {
-            "returncode": done.returncode,
-            "seconds": time.monotonic() - started,
+            "returncode": process.returncode,
+            "seconds": seconds,
             "report": report,
+            "points_landed_s": landed,
         }
+
+    def _points(self, experiment: str) -> int:
+        """The step and summary points of ``experiment`` the server's store holds now."""
+        keys = (*STEP_KEYS, *SUMMARY_KEYS)
+        db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=60)
+        try:
+            row = db.execute(
+                "SELECT COUNT(*) FROM metrics WHERE run_uuid IN (SELECT run_uuid FROM runs "
+                "WHERE experiment_id = (SELECT experiment_id FROM experiments WHERE name = ?)) "
+                f"AND key IN ({', '.join('?' * len(keys))})",
+                (experiment, *keys),
+            ).fetchone()
+            return int(row[0])
+        except sqlite3.OperationalError:  # not created yet, or busy: not there yet
+            return 0
+        finally:
+            db.close()
 
     def run_workload(
         self,
