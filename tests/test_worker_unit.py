@@ -347,6 +347,17 @@ def test_a_run_whose_batch_the_server_holds_at_a_close_is_ended_in_time_then_sen
     assert run.params["depth"] == "2"
 
 
+def close_while_its_create_is_out(sink: MLflowSink, out: threading.Event, seconds: float) -> None:
+    """Run ``held`` (one step, ended) taken by a cycle whose create the server holds (``out``
+    is set once it is), then ``close(seconds)``."""
+    sink.on_run_start("held", task="t", environment="e", params={})
+    step(sink, "held", 0)
+    sink.on_run_end("held", result={"completed": True}, run_path=None)
+    threading.Thread(target=sink.flush, args=(WAIT,), daemon=True).start()
+    assert out.wait(WAIT)  # the cycle's create is out
+    sink.close(seconds)
+
+
 class AnsweredAfterTheGiveUp(MemoryTransport):
     """The first create of run ``held`` goes out and waits in the server until the sink gives
     its call up (a close takes the cycle over), then is committed and answered after either
@@ -400,14 +411,8 @@ def test_a_create_out_when_a_close_takes_its_cycle_over_is_waited_for_and_its_ru
     its step, and nothing kept for replay to look for."""
     memory = AnsweredAfterTheGiveUp()
     sink = asleep_until_closed(memory, tmp_path)
-    flushing = threading.Thread(target=sink.flush, args=(WAIT,), daemon=True)
     try:
-        sink.on_run_start("held", task="t", environment="e", params={})
-        step(sink, "held", 0)
-        sink.on_run_end("held", result={"completed": True}, run_path=None)
-        flushing.start()
-        assert memory.out.wait(WAIT)  # the cycle's create is out
-        sink.close(6.0)
+        close_while_its_create_is_out(sink, memory.out, 6.0)
     finally:
         memory.looked.set()
     runs = memory.by_name("held")
@@ -706,14 +711,8 @@ def test_a_create_out_when_a_close_takes_its_cycle_over_is_left_for_replay_to_fi
 
     memory = HeldFirstCreate()
     sink = asleep_until_closed(memory, tmp_path)
-    flushing = threading.Thread(target=sink.flush, args=(WAIT,), daemon=True)
     try:
-        sink.on_run_start("held", task="t", environment="e", params={})
-        step(sink, "held", 0)
-        sink.on_run_end("held", result={"completed": True}, run_path=None)
-        flushing.start()
-        assert memory.out.wait(WAIT)  # the cycle's create is out
-        sink.close(3.0)
+        close_while_its_create_is_out(sink, memory.out, 3.0)
         assert memory.by_name("held") == []
     finally:
         memory.gate.set()  # the held create is committed now
