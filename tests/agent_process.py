@@ -46,11 +46,15 @@ def main() -> None:
     # SIGINT raises KeyboardInterrupt, as in a terminal, whatever this process inherited (a
     # program started in the background by a shell has SIGINT ignored, and so its children).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # "large-steps" is killed before its worker may read a record back: that worker sends
+    # nothing until told (a worker draining every 0.1 s can get there first on a busy machine).
+    asleep = mode == "large-steps"
     sink = MLflowSink(
         enabled=True,
         experiment=experiment,
         tracking_uri=uri,
-        flush_interval=0.1,
+        flush_interval=60.0 if asleep else 0.1,
+        batch_trigger=10**9 if asleep else None,
         retry_initial=0.05,
         retry_max_wait=0.5,
         shutdown_timeout=5.0,
@@ -104,8 +108,8 @@ def main() -> None:
         sink.close()
         ready()
         raise SystemExit(os.waitstatus_to_exitcode(status))
-    if mode == "large-steps":  # RLM Code-sized steps, then killed at once: the worker is
-        for i in range(5, 8):  # still starting (importing mlflow), it has read no record yet
+    if mode == "large-steps":  # RLM Code-sized steps, then killed at once: the worker, asleep
+        for i in range(5, 8):  # until told to send, has read no record back
             sink.on_step("main", event=large_step(i), cumulative_reward=float(i + 1))
         ready()
         os.kill(os.getpid(), signal.SIGKILL)
