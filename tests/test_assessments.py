@@ -47,13 +47,25 @@ def run_scored(sink: MLflowSink, count: int) -> None:
         sink.on_run_end(run_id, result=result, run_path=None)
 
 
-def traces_of(client: Any, experiment: str, filter_string: str | None = None) -> dict[str, Any]:
-    """The experiment's traces by their run id tag."""
+def search_traces(
+    client: Any, experiment: str, filter_string: str | None = None, *, spans: bool = True
+) -> list[Any]:
+    """The experiment's traces (``spans`` False: their info only)."""
     found = client.get_experiment_by_name(experiment)
     assert found is not None
-    traces = client.search_traces(
-        locations=[found.experiment_id], filter_string=filter_string, max_results=500
+    return list(
+        client.search_traces(
+            locations=[found.experiment_id],
+            filter_string=filter_string,
+            max_results=500,
+            include_spans=spans,
+        )
     )
+
+
+def traces_of(client: Any, experiment: str, filter_string: str | None = None) -> dict[str, Any]:
+    """The experiment's traces by their run id tag."""
+    traces = search_traces(client, experiment, filter_string)
     return {trace.info.tags["run_id"]: trace for trace in traces}
 
 
@@ -92,6 +104,37 @@ def test_a_root_runs_reward_and_completion_are_feedback_on_its_trace_and_filtera
     assert sorted(high) == ["scored-2", "scored-3"]
     done = traces_of(mlflow_client, experiment_name, "feedback.completed = 'true'")
     assert sorted(done) == ["scored-0", "scored-2"]
+
+
+def test_a_trace_that_begins_and_ends_in_one_drain_has_its_info_stored_before_its_spans(
+    mlflow_server: MlflowServer, mlflow_client: Any, experiment_name: str
+) -> None:
+    """A short root run's trace info with its assessments goes before its spans: the store
+    creates the trace in one insert instead of merging into what the spans made. While every
+    span request is refused, the trace is already there with its Feedback; once spans pass,
+    they land under it and nothing is written twice."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="http", status=503, path="/v1/traces")
+        sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+        run_scored(sink, 2)
+        assert wait_for(lambda: proxy.paths[TRACE_INFO] >= 2, WAIT), proxy.paths
+        # No span yet, so none of the tags its root span carries: the info and its Feedback.
+        before = search_traces(mlflow_client, experiment_name, spans=False)
+        rewards = sorted(a.value for t in before for a in ours(t)["total_reward"])
+        assert rewards == [0.0, 1.0], [t.info for t in before]
+        proxy.set(mode="pass")
+        sink.close(WAIT)
+        status = sink.status()
+        assert status["deferred"] == 0, status
+        assert proxy.paths[TRACE_INFO] == 2, proxy.paths  # not again after the spans
+    assert_each_once(mlflow_client, experiment_name, 2)
+    after = traces_of(mlflow_client, experiment_name)
+    # The state the info gave (a run not completed is an ERROR) is kept when the spans land.
+    assert {k: t.info.state for k, t in after.items()} == {"scored-0": "OK", "scored-1": "ERROR"}
+    assert {t.info.trace_id: t.info.state for t in before} == {
+        t.info.trace_id: t.info.state for t in after.values()
+    }
+    assert len(after["scored-1"].data.spans) == 1 + 2  # the run and its two steps
 
 
 @pytest.mark.parametrize("way", ["with the trace info", "one by one"])

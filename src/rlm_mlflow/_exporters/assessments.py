@@ -218,12 +218,7 @@ class AssessmentsExporter:
         except StoreRefused:
             return HOLD
         except PermanentError as exc:
-            self._upserts = False
-            logger.warning(
-                "rlm-mlflow: the store refused a trace's info with its assessments (%s); "
-                "assessments are created one by one from now on",
-                self.caller.clean(str(exc)),
-            )
+            self._no_upserts(exc)
             return await self._one_by_one(end)
         except TransientError as exc:
             self.warnings.warn(
@@ -235,6 +230,38 @@ class AssessmentsExporter:
             return DEFERRED
         self.written += len(end.assessments)
         return SENT
+
+    async def finish_first(self, experiment_id: str, end: TraceEnd) -> bool:
+        """The info and assessments of a trace none of whose spans went out yet, before its
+        spans: the store then creates the trace in one insert, where after its spans it has to
+        merge into the trace they made (a rollback and a read and a write per row on MLflow's
+        SQL store). True if written; else it goes after the spans as usual (:meth:`finish`),
+        which also covers an answer lost after the store wrote it (the write is idempotent)."""
+        store = self._transport()
+        if (
+            not self._upserts
+            or not isinstance(store, TraceUpserts)
+            or self._may_hold_some(end.trace_id)
+        ):
+            return False
+        try:
+            await self.caller.call("finish trace", store.finish_trace, experiment_id, end)
+        except PermanentError as exc:  # StoreRefused and TransientError: tried again after
+            if not isinstance(exc, StoreRefused):
+                self._no_upserts(exc)
+            return False
+        except TransientError:
+            return False
+        self.written += len(end.assessments)
+        return True
+
+    def _no_upserts(self, exc: Exception) -> None:
+        self._upserts = False
+        logger.warning(
+            "rlm-mlflow: the store refused a trace's info with its assessments (%s); "
+            "assessments are created one by one from now on",
+            self.caller.clean(str(exc)),
+        )
 
     async def _one_by_one(self, end: TraceEnd) -> Outcome:
         """The trace's run link and its assessments, each its own request."""

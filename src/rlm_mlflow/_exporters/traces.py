@@ -200,11 +200,19 @@ class TracesExporter:
         upserts = False
         if any(self.ends_root(w) and w.no not in self.benchmarks for w in todo):
             upserts = await self.assessments.upserts()
+        experiment_id = await self.runs.ensure_experiment()
+        # The info of a trace that begins and ends in this cycle goes before its spans.
+        early: set[int] = set()
+        for work in todo if upserts else ():
+            ending = work.span_end
+            if ending is not None and self._begins_and_ends(work):
+                trace_end = self._trace_end(self._info(work), ending)
+                if await self.assessments.finish_first(experiment_id, trace_end):
+                    early.add(work.no)
         if sum(len(w.span_steps) for w in todo) > _BUILD_ON_THREAD:
             requests = await anyio.to_thread.run_sync(self._requests_of, todo, upserts)
         else:
             requests = self._requests_of(todo, upserts)
-        experiment_id = await self.runs.ensure_experiment()
         for index, (run_uuid, spans, nos) in enumerate(requests):
             outcome = await self._send(experiment_id, run_uuid, spans)
             if outcome == SENT and self._again:  # a summary sent again is no new span
@@ -219,21 +227,28 @@ class TracesExporter:
                 outcomes[no] = worse(outcomes[no], outcome)
         self._settle_summaries(outcomes)
         if self.active:
-            await self._assess(todo, outcomes, experiment_id if upserts else None)
+            await self._assess(todo, outcomes, experiment_id if upserts else None, early)
             await self._keep_figures()  # before the cases' records are marked done
         self._forget_ended(works)
         return outcomes
 
     async def _assess(
-        self, works: Sequence[RunWork], outcomes: dict[int, Outcome], upsert_in: str | None
+        self,
+        works: Sequence[RunWork],
+        outcomes: dict[int, Outcome],
+        upsert_in: str | None,
+        written: set[int],
     ) -> None:
         """The assessments of each trace whose root span is stored now (see
         :mod:`.assessments`; with ``upsert_in``, the experiment, they go with the trace's info
-        and run link), then what benchmarks say of their cases, then the aggregates of each
-        benchmark that ended. A run's outcome is kept for replay until they are written."""
+        and run link; ``written``: roots whose trace's info went before its spans), then what
+        benchmarks say of their cases, then the aggregates of each benchmark that ended. A
+        run's outcome is kept for replay until they are written."""
         for work in works:
             end = work.span_end
             if work.no in self.benchmarks or end is None or outcomes[work.no] != SENT:
+                continue
+            if work.no in written:
                 continue
             if not self.ends_root(work):
                 continue
@@ -659,6 +674,16 @@ class TracesExporter:
             shape.elided, shape.eliding, shape.last, shape.first = elided, eliding, last, first
             shape.stored = shape.stored and first is not None
         self._snapshots, self._summarised, self._again = {}, set(), set()
+
+    def _begins_and_ends(self, work: RunWork) -> bool:
+        """A plain root run (no benchmark's) whose start is in this cycle and that ends in it:
+        none of its trace's spans can have gone out before."""
+        return (
+            bool(work.starts)
+            and self.ends_root(work)
+            and work.no not in self.benchmarks
+            and work.no not in self.case_of
+        )
 
     def ends_root(self, work: RunWork) -> bool:
         """The run is a trace's root and ends in this cycle."""
