@@ -137,9 +137,14 @@ class RunsExporter(RunIdentity):
                 continue
             try:
                 async with limiter:
-                    late = self.time_to_create
+                    enough_time = self.time_to_create  # False once a close could not end it
                     # (A run whose create was answered after it was given up is created.)
-                    if state.ref is None and state.answered is None and late and not late():
+                    if (
+                        state.ref is None
+                        and state.answered is None
+                        and enough_time is not None
+                        and not enough_time()
+                    ):
                         return DEFERRED  # too late to end it: kept for replay
                     return await self._contain(state, self._send(state, work, created))
             except CreatePending as pending:
