@@ -346,6 +346,47 @@ def test_a_duplicate_a_queue_commits_after_a_short_close_is_deleted_by_replay(
     assert not list(journal_dir.glob("*/late-runs.json"))
 
 
+def test_a_lost_create_looked_for_behind_a_login_page_is_completed_by_replay_once(
+    mlflow_server: MlflowServer, store: Store, experiment_name: str, journal_dir: Path
+) -> None:
+    """Two faults on one run: a queue holds its create past the 1 s request timeout and commits
+    it 2.5 s later, and the look for it by key meets a proxy's HTML 401 login page. The sink
+    sends no second create, is blocked, and keeps the run for replay; the committed run stays
+    RUNNING meanwhile. Replay, once the login page is gone, finds that run by its key and
+    completes it: one create in all, one run, FINISHED, every step once, no journal left."""
+    with FaultProxy(mlflow_server.port) as inner, FaultProxy(inner.port) as outer:
+        sink = make_sink(outer.uri, experiment_name, request_timeout=1.0, retry_deadline=2.0)
+        start(sink, "warm")
+        end(sink, "warm", 0)
+        assert sink.flush(WAIT)
+        creates = "/api/2.0/mlflow/runs/create"
+        before = inner.paths[creates]
+        inner.set(mode="late", latency=2.5, count=1, path="/runs/create")
+        outer.set(mode="http", status=401, body=HTML_401, path="/runs/search")
+        start(sink, "held")
+        steps(sink, "held", range(5))
+        end(sink, "held", 5)
+        assert sink.flush(5.0) is False
+        close_within(sink, 10.0)
+        status = sink.status()
+        assert_accounted(status)
+        assert status["dropped"] == {}, status
+        assert status["deferred"] > 0, status
+        wait_until(lambda: inner.handling == 0, WAIT, "the queue forwarded the create it held")
+        held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
+        assert [r.info.status for r in held] == ["RUNNING"], held
+        assert outer.paths["/api/2.0/mlflow/runs/search"] >= 1, outer.paths
+
+        outer.set(mode="pass")
+        report = replay(journal_dir, tracking_uri=outer.uri)
+        assert report.ok, report
+        held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
+        assert [r.info.status for r in held] == ["FINISHED"], held
+        assert_each_once(store.steps(held[0]), range(5))
+        assert inner.paths[creates] - before == 1, inner.paths
+    assert not [p for p in journal_dir.rglob("*") if p.is_file()], list(journal_dir.rglob("*"))
+
+
 # -- 16, 17. credentials refused -----------------------------------------------------------------
 
 
