@@ -19,7 +19,10 @@ On a store that merges a trace's info into the trace its spans made (MLflow 3.13
 read once from the server's ``/version``), a root run's Feedback goes instead with its trace's
 info in one request (``StartTraceV3``): its state, times and run link (``mlflow.sourceRun``),
 and each assessment under an id made from its key, so writing it again replaces it. One request
-per trace instead of one per assessment, and no read before it. Should the store refuse that
+per trace instead of one per assessment, and no read before it. For a trace none of whose spans
+went out yet (one that begins and ends within a drain), that request goes before its spans
+(:meth:`AssessmentsExporter.finish_first`): the store creates the trace in one insert instead of
+merging into the one its spans made. Should the store refuse that
 request, this exporter goes back to creating them one by one, with the trace linked to its run.
 
 A store without assessments (MLflow older than 3, a transport without the calls) turns them off
