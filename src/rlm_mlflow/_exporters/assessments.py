@@ -206,10 +206,33 @@ class AssessmentsExporter:
         """A trace's info with its assessments, in one request; on a refusal, its run link
         and its assessments the other way."""
         store = self._transport()
+        if self._upserts and isinstance(store, TraceUpserts):
+            read = self._may_hold_some(end.trace_id)
+            outcome = await self._write_info(store, experiment_id, end, read=read)
+            if outcome is not None:
+                return outcome
+        return await self._one_by_one(end)  # refused, now or earlier in the same cycle
+
+    async def finish_first(self, experiment_id: str, end: TraceEnd) -> Outcome | None:
+        """The same, for a trace whose spans have not gone out yet, before them: the store then
+        creates the trace in one insert, where after its spans it has to merge into the trace
+        they made (a rollback, then a read and a write per row on MLflow's SQL store). None
+        when it is not written this way (no upserts, a trace that may hold assessments
+        already, or a store that refuses it for good): :meth:`finish` after the spans then."""
+        store = self._transport()
         if not self._upserts or not isinstance(store, TraceUpserts):
-            return await self._one_by_one(end)  # refused earlier in the same cycle
+            return None
+        if self._may_hold_some(end.trace_id):
+            return None
+        return await self._write_info(store, experiment_id, end, read=False)
+
+    async def _write_info(
+        self, store: TraceUpserts, experiment_id: str, end: TraceEnd, *, read: bool
+    ) -> Outcome | None:
+        """``StartTraceV3`` with the assessments; None when the store refuses it for good
+        (upserts are off from now on). ``read``: the trace may hold some already."""
         try:
-            if self._may_hold_some(end.trace_id) and isinstance(store, AssessmentStore):
+            if read and isinstance(store, AssessmentStore):
                 # Created one by one before (server-made ids): written again under ids made
                 # from their keys, they would be copies. Only what the trace lacks goes.
                 held = await self.caller.call(
@@ -222,7 +245,7 @@ class AssessmentsExporter:
             return HOLD
         except PermanentError as exc:
             self._no_upserts(exc)
-            return await self._one_by_one(end)
+            return None
         except TransientError as exc:
             self.warnings.warn(
                 "assessments_deferred",
@@ -233,30 +256,6 @@ class AssessmentsExporter:
             return DEFERRED
         self.written += len(end.assessments)
         return SENT
-
-    async def finish_first(self, experiment_id: str, end: TraceEnd) -> bool:
-        """The info and assessments of a trace none of whose spans went out yet, before its
-        spans: the store then creates the trace in one insert, where after its spans it has to
-        merge into the trace they made (a rollback and a read and a write per row on MLflow's
-        SQL store). True if written; else it goes after the spans as usual (:meth:`finish`),
-        which also covers an answer lost after the store wrote it (the write is idempotent)."""
-        store = self._transport()
-        if (
-            not self._upserts
-            or not isinstance(store, TraceUpserts)
-            or self._may_hold_some(end.trace_id)
-        ):
-            return False
-        try:
-            await self.caller.call("finish trace", store.finish_trace, experiment_id, end)
-        except PermanentError as exc:  # StoreRefused and TransientError: tried again after
-            if not isinstance(exc, StoreRefused):
-                self._no_upserts(exc)
-            return False
-        except TransientError:
-            return False
-        self.written += len(end.assessments)
-        return True
 
     def _no_upserts(self, exc: Exception) -> None:
         self._upserts = False

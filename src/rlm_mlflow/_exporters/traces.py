@@ -202,13 +202,14 @@ class TracesExporter:
             upserts = await self.assessments.upserts()
         experiment_id = await self.runs.ensure_experiment()
         # The info of a trace that begins and ends in this cycle goes before its spans.
-        early: set[int] = set()
+        early: dict[int, Outcome] = {}
         for work in todo if upserts else ():
             ending = work.span_end
             if ending is not None and self._begins_and_ends(work):
                 trace_end = self._trace_end(self._info(work), ending)
-                if await self.assessments.finish_first(experiment_id, trace_end):
-                    early.add(work.no)
+                outcome = await self.assessments.finish_first(experiment_id, trace_end)
+                if outcome is not None:
+                    early[work.no] = outcome
         if sum(len(w.span_steps) for w in todo) > _BUILD_ON_THREAD:
             requests = await anyio.to_thread.run_sync(self._requests_of, todo, upserts)
         else:
@@ -227,7 +228,9 @@ class TracesExporter:
                 outcomes[no] = worse(outcomes[no], outcome)
         self._settle_summaries(outcomes)
         if self.active:
-            await self._assess(todo, outcomes, experiment_id if upserts else None, early)
+            for no, outcome in early.items():
+                outcomes[no] = worse(outcomes[no], outcome)
+            await self._assess(todo, outcomes, experiment_id if upserts else None, set(early))
             await self._keep_figures()  # before the cases' records are marked done
         self._forget_ended(works)
         return outcomes
@@ -241,16 +244,14 @@ class TracesExporter:
     ) -> None:
         """The assessments of each trace whose root span is stored now (see
         :mod:`.assessments`; with ``upsert_in``, the experiment, they go with the trace's info
-        and run link; ``written``: roots whose trace's info went before its spans), then what
-        benchmarks say of their cases, then the aggregates of each benchmark that ended. A
-        run's outcome is kept for replay until they are written."""
+        and run link; ``written``: roots whose trace's info went before its spans, whatever
+        its outcome), then what benchmarks say of their cases, then the aggregates of each
+        benchmark that ended. A run's outcome is kept for replay until they are written."""
         for work in works:
             end = work.span_end
-            if work.no in self.benchmarks or end is None or outcomes[work.no] != SENT:
+            if work.no in self.benchmarks or work.no in written or end is None:
                 continue
-            if work.no in written:
-                continue
-            if not self.ends_root(work):
+            if outcomes[work.no] != SENT or not self.ends_root(work):
                 continue
             info = self._info(work)
             trace_id = self.ids.trace_hex(info.root_no)
@@ -677,7 +678,8 @@ class TracesExporter:
 
     def _begins_and_ends(self, work: RunWork) -> bool:
         """A plain root run (no benchmark's) whose start is in this cycle and that ends in it:
-        none of its trace's spans can have gone out before."""
+        its trace's spans have not gone out before (unless this is a retry, or its start came
+        after its first hooks: the store then merges the info into that trace, as ever)."""
         return (
             bool(work.starts)
             and self.ends_root(work)
