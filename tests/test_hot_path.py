@@ -4,6 +4,7 @@ the 5 ms switch interval, in the middle of the agent's step)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zlib
@@ -11,7 +12,6 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from promises_support import patient, wait_until
@@ -219,8 +219,8 @@ def burst_after_a_quiet_spell(sink: MLflowSink) -> Generator[Wait, None, None]:
 
 
 def only_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MLflowSink:
-    """A sink whose worker looks after its journal only when a hook asks, and drains only when
-    told to (a burst's hooks then meet no drain cycle either)."""
+    """A sink whose worker never looks after its journal (the journal's keeper does, when a hook
+    asks), and drains only when told to (a burst's hooks then meet no drain cycle either)."""
     monkeypatch.setattr(_worker, "MAINTENANCE_BUSY", 3600.0)
     monkeypatch.setattr(_worker, "MAINTENANCE_EVERY", 3600.0)
     return MLflowSink(
@@ -228,13 +228,13 @@ def only_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MLflowSi
     )
 
 
-def test_a_hook_past_a_quarter_of_its_segment_has_the_worker_make_the_next_one_now(
+def test_a_hook_past_a_quarter_of_its_segment_has_the_keeper_make_the_next_one_now(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A burst of large steps fills a segment in a millisecond: the hook that passes a quarter of
-    it asks the worker, which makes and faults in the next one at once, rather than at its next
-    look (here never: the worker looks only when asked), so the hook that fills the segment
-    neither makes a file nor takes page faults."""
+    it asks the journal's keeper, which makes and faults in the next one at once (the worker
+    never looks here), so the hook that fills the segment neither makes a file nor takes page
+    faults."""
     with only_when_asked(monkeypatch, tmp_path) as sink:
         for condition, what in burst_after_a_quiet_spell(sink):
             if what == "idle":
@@ -244,17 +244,93 @@ def test_a_hook_past_a_quarter_of_its_segment_has_the_worker_make_the_next_one_n
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 @pytest.mark.anyio
-async def test_a_sink_in_the_agents_own_loop_makes_the_next_segment_when_a_hook_asks(
+async def test_a_sink_in_a_blocked_event_loop_has_the_next_segment_made_when_a_hook_asks(
     anyio_backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The same burst with the worker in the agent's own event loop (``async with``)."""
+    """The same burst with the worker in the agent's own event loop (``async with``), and that
+    loop blocked by the agent meanwhile (a burst of hooks with no ``await`` between them): the
+    keeper is a thread of its own, it needs no turn of the loop."""
     async with only_when_asked(monkeypatch, tmp_path) as sink:
         for condition, what in burst_after_a_quiet_spell(sink):
             if what == "idle":
                 assert await sink.aflush(patient(30))
-            with anyio.fail_after(patient(30)):
-                while not condition():  # the worker runs in this loop: let it
-                    await anyio.sleep(0.01)
+            wait_until(condition, patient(30), what)  # blocking: the loop gets no turn
+
+
+def _past_a_quarter(lane: _journal.Lane, payload: bytes) -> None:
+    first = lane.segment
+    while first.pos * 4 <= first.size:
+        assert lane.write(payload, 0) is not None
+
+
+def test_the_keeper_makes_and_faults_in_the_next_segment_with_no_worker_at_all(
+    tmp_path: Path,
+) -> None:
+    """A journal on its own, no sink and no worker: its keeper faults the lane's first segment
+    in, and makes and faults in the next one once a hook passes a quarter of it."""
+    journal = _journal.Journal(
+        tmp_path, prefix="0123456789abcdef", experiment="e", tracking_uri=None
+    )
+    try:
+        lane = journal.lane_for_thread()
+        assert lane is not None
+        _past_a_quarter(lane, b"x" * 10_000)
+        wait_until(
+            lambda: lane.next is not None and lane.next.populated and lane.segment.populated,
+            patient(30),
+            "the next segment made and faulted in by the keeper",
+        )
+    finally:
+        journal.close(keep=False)
+
+
+def test_a_forked_child_has_a_keeper_of_its_own(tmp_path: Path) -> None:
+    """The keeper's thread does not survive a fork: a journal made in the child starts one."""
+    journal = _journal.Journal(
+        tmp_path / "parent", prefix="0123456789abcdef", experiment="e", tracking_uri=None
+    )
+    journal.close(keep=False)  # the parent's keeper is running now
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 if its keeper made the next segment
+        code = 1
+        try:
+            child = _journal.Journal(
+                tmp_path / "child", prefix="fedcba9876543210", experiment="e", tracking_uri=None
+            )
+            lane = child.lane_for_thread()
+            if lane is not None:
+                _past_a_quarter(lane, b"y" * 10_000)
+                deadline = time.monotonic() + patient(30)
+                while lane.next is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                code = 0 if lane.next is not None else 2
+            child.close(keep=False)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_lane_in_a_burst_takes_the_largest_segment_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A lane that filled its segment soon after it was made gets the largest segment next (one
+    new file in a burst, not three); one that filled it slowly, four times its size."""
+    monkeypatch.setattr(_journal, "_KEEPER", _NoKeeper())  # the hook makes its own
+    for burst, expected in ((60.0, _journal.MAX_SEGMENT), (0.0, 4 * _journal.FIRST_SEGMENT)):
+        monkeypatch.setattr(_journal, "BURST", burst)
+        journal = _journal.Journal(
+            tmp_path / str(burst), prefix="0123456789abcdef", experiment="e", tracking_uri=None
+        )
+        try:
+            lane = journal.lane_for_thread()
+            assert lane is not None
+            first = lane.segment
+            while lane.segment is first:
+                assert lane.write(b"z" * 10_000, 0) is not None
+            assert lane.segment.size == expected
+        finally:
+            journal.close(keep=False)
 
 
 def test_threads_that_start_once_the_disk_is_full_log_in_memory_and_lose_nothing(
@@ -308,19 +384,30 @@ def test_threads_that_start_once_the_disk_is_full_log_in_memory_and_lose_nothing
         assert [step for step, _ in run.history("step_reward")] == list(range(30))
 
 
+class _NoKeeper:
+    """The journals' keeper, asked and never looking (upkeep only as a test runs it)."""
+
+    def start(self) -> None:
+        pass
+
+    def ask(self, journal: object) -> None:
+        pass
+
+
 def test_segments_a_hook_made_are_faulted_in_ahead_of_it_while_it_writes(
-    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A journal made by a sink's first hook, and a segment a hook had to make itself (the
-    worker was not running yet), are not faulted in: each first write to a page costs the hook
-    a page fault. The worker's upkeep faults their pages in ahead of the hook while it writes
-    on, and every record written before, during and after reads back as written.
+    keeper had not come yet), are not faulted in: each first write to a page costs the hook
+    a page fault. Upkeep faults their pages in ahead of the hook while it writes on, and every
+    record written before, during and after reads back as written.
 
-    The upkeep runs as the worker runs it: again whenever the journal needs it. A hook that
+    The upkeep runs as the keeper runs it: again whenever the journal needs it. A hook that
     fills its segment while an upkeep is making the next one makes its own, which the next
     upkeep faults in."""
     from rlm_mlflow._journal import Journal
 
+    monkeypatch.setattr(_journal, "_KEEPER", _NoKeeper())  # this test's thread is the keeper
     journal = Journal(tmp_path, prefix="0123456789abcdef", experiment="e", tracking_uri=None)
     try:
         lane = journal.lane_for_thread()

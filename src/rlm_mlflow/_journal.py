@@ -47,10 +47,11 @@ import time
 import weakref
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import _fork
 from ._config import redact_uri
 from ._journal_format import (
     CRC_OFFSET,
@@ -114,13 +115,19 @@ SMALL_RECORD = 2048
 #: First segment of a lane, and the most a segment grows to (each new one is 4 times larger).
 FIRST_SEGMENT = 256 << 10
 MAX_SEGMENT = 16 << 20
-#: Lanes kept ready for threads that have none yet (made by the worker, not by a hook: a system
+#: A lane that filled a quarter of its segment (the keeper asked) or all of it (its hook
+#: making the next) within this many seconds of the segment's making is in a burst: its next
+#: segment is the largest at once, so that its hooks meet one new segment, not three.
+BURST = 0.25
+#: Lanes kept ready for threads that have none yet (made by the keeper, not by a hook: a system
 #: call in a hook costs it a turn of the GIL, 5 ms or more while other threads are busy). Each
 #: holds a mapped file, and so a file descriptor: a sink starts with this many, and doubles them
 #: (up to SPARE_LANES_MAX) each time a thread found none ready. A process with a sink per
 #: runtime, each used from one thread, keeps three descriptors a sink, not ten.
 SPARE_LANES = 2
 SPARE_LANES_MAX = 8
+#: The most a closing journal waits for an upkeep under way to finish.
+UPKEEP_WAIT = 1.0
 
 
 def default_journal_dir() -> Path:
@@ -145,6 +152,7 @@ class Segment:
         "done",
         "lane",
         "low_mark",
+        "made",
         "mm",
         "number",
         "path",
@@ -163,6 +171,7 @@ class Segment:
         self.number = number
         self.path = path
         self.mm = mm
+        self.made = time.monotonic()
         self.size = len(mm)
         self.pos = SEGMENT_HEADER_SIZE
         self.low_mark = self.size // 4  # written past it, the lane asks for its next segment
@@ -173,7 +182,7 @@ class Segment:
         self.starts_ended = 0
         self.removed = False
         self.damaged = False  # replay: bytes in it could not be read; the file stays
-        self.populated = False  # its pages faulted in, writable (worker)
+        self.populated = False  # its pages faulted in, writable (keeper)
 
     def mark(self, offset: int, bits: int) -> bool:
         """Add ``bits`` to a record's state; whether that finished it (True once per record:
@@ -218,7 +227,7 @@ class Segment:
 
     def populate(self) -> None:
         """Fault every page of a fresh segment in, writable, before any hook writes there
-        (worker, on a thread, before the segment is handed out): a first write to a page costs
+        (keeper, before the segment is handed out): a first write to a page costs
         a page fault of several microseconds, a few of them for a large record.
 
         ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14) through ctypes, which releases the GIL for
@@ -237,7 +246,7 @@ class Segment:
 
     def populate_ahead(self) -> None:
         """Fault in the pages of a segment in use that no one populated (made by a hook, before
-        the worker ran), from just past where its writer is now: ``MADV_POPULATE_WRITE`` leaves
+        the keeper came), from just past where its writer is now: ``MADV_POPULATE_WRITE`` leaves
         the bytes as they are, so the hook may write meanwhile. Nothing where it is not there."""
         self.populated = True
         start = min(self.size, (self.pos // mmap.PAGESIZE + 1) * mmap.PAGESIZE)
@@ -333,7 +342,7 @@ class Lane:
         self.number = number
         self.segment = segment
         self.segments: list[Segment] = [segment]
-        self.next: Segment | None = None  # made ahead by the worker, for when this one is full
+        self.next: Segment | None = None  # made ahead by the keeper, for when this one is full
         self.gone_written = 0  # records of the removed segments dropped from ``segments``
         # Spilled records: written by the hook (spill_written, spill_from), read by the worker
         # (spill_read, read_at). The lane keeps spilling while the worker has not read them all,
@@ -347,7 +356,7 @@ class Lane:
 
     def write(self, payload: bytes, flags: int) -> tuple[Segment, int] | None:
         """Append one record; ``(segment, offset)``, or None when no segment can be had. Past a
-        quarter of the segment, with no next one ready, the worker is asked (once) to make it,
+        quarter of the segment, with no next one ready, the keeper is asked (once) to make it,
         so that the hook that fills this one need not."""
         segment = self.segment
         size = len(payload)
@@ -482,6 +491,66 @@ def _second() -> str:
     return time.strftime("%Y%m%dT%H%M%S")
 
 
+class _Keeper:
+    """The thread that makes lanes and segments ahead of the hooks, and faults their pages in,
+    for every journal of the process (see :meth:`Journal.ask_upkeep`).
+
+    A hook asks it directly: setting an event is no system call and gives up no turn of the
+    GIL. The worker's event loop would answer later, and later still in a burst: it waits for
+    its turn of the GIL, then hands the work to a thread that waits for one too, while the
+    agent's threads keep writing into pages no one faulted in (a 10 KB record costs its hook
+    three page faults, several microseconds each) and make their next segments themselves. The
+    keeper needs the GIL only to start each system call: the allocation and the faulting in
+    run beside the hooks."""
+
+    def __init__(self) -> None:
+        self._asked: deque[weakref.ref[Journal]] = deque()
+        self._event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
+
+    def start(self) -> None:
+        """Start the thread if it is not running (at a journal's making, not in a plain hook:
+        starting a thread waits for it)."""
+        if self._thread is not None:
+            return
+        with self._starting:
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="rlm-mlflow-journal", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def ask(self, journal: Journal) -> None:
+        self._asked.append(weakref.ref(journal))
+        self._event.set()
+
+    def _run(self) -> None:
+        asked, event = self._asked, self._event
+        while True:
+            event.wait()
+            event.clear()
+            while asked:
+                journal = asked.popleft()()
+                if journal is None:
+                    continue
+                try:
+                    journal.keep_ready()
+                except Exception:  # a hook that finds nothing ready makes its own segment
+                    logger.debug("rlm-mlflow journal: upkeep failed", exc_info=True)
+                del journal  # not held while waiting
+
+    def forget(self) -> None:
+        """In a forked child: the thread did not come along."""
+        self._asked = deque()
+        self._event = threading.Event()
+        self._thread = None
+        self._starting = threading.Lock()
+
+
+_KEEPER = _Keeper()
+_fork.at_fork_in_child(_KEEPER.forget)
+
+
 class Journal:
     """The write side of one sink's journal (made at the sink's first event)."""
 
@@ -536,18 +605,20 @@ class Journal:
         self._free: deque[Lane] = deque()
         self._lane_numbers = itertools.count()
         self._segment_numbers = itertools.count()
-        self._grow = threading.Lock()  # only taken to make a lane or a segment: rare
         self.spares = SPARE_LANES  # lanes kept ready (see SPARE_LANES)
         self.failed: str | None = None  # why the disk refused a segment: no more journal writes
         self.closed = False
         self.kept = False  # closed with events not sent in it (for replay)
         self.retiring = False  # idle: the next hook opens a new journal, this one goes
         # Upkeep asked by a hook (a lane past a quarter of its segment, the last spare lane
-        # taken): the flag, and how the hook wakes the worker's loop (set by the worker).
+        # taken), not yet begun by the keeper.
         self.upkeep_asked = False
-        self.on_upkeep: Callable[[], None] | None = None
-        # Ready before anyone needs them: threads started together then find a lane each.
+        self._upkeep = threading.Lock()  # one upkeep at a time; close() waits for it
+        # Ready before anyone needs them: threads started together then find a lane each; the
+        # keeper faults their pages in.
         self.maintain(populate=False)
+        _KEEPER.start()
+        self.ask_upkeep()
 
     # -- lanes -----------------------------------------------------------------------------
 
@@ -574,26 +645,34 @@ class Journal:
         return lane
 
     def ask_upkeep(self) -> None:
-        """Hook side: have the worker make lanes and segments ahead now, not at its next look
-        (a burst of large records fills a segment in a millisecond)."""
-        self.upkeep_asked = True
-        wake = self.on_upkeep
-        if wake is not None:
-            wake()
+        """Hook side: have the keeper make lanes and segments ahead, and fault their pages in,
+        now (a burst of large records fills a segment in a millisecond)."""
+        if not self.upkeep_asked:  # asked already: the keeper has not looked yet
+            self.upkeep_asked = True
+            _KEEPER.ask(self)
+
+    def keep_ready(self) -> None:
+        """The keeper: what :meth:`maintain` does, while the journal needs it."""
+        while self.upkeep_asked or self.needs_maintenance():
+            self.upkeep_asked = False  # a hook that asks from now on is heard again
+            if not self.maintain():
+                return
 
     def _new_lane(self, listed: bool = True) -> Lane | None:
-        with self._grow:
-            number = next(self._lane_numbers)
-            segment = self._allocate(number, FIRST_SEGMENT)
-            if segment is None:
-                return None
-            lane = Lane(self, number, segment)
-            if listed:
-                self.lanes.append(lane)
-            return lane
+        # No lock: numbers are drawn and lanes listed in one step each.
+        number = next(self._lane_numbers)
+        segment = self._allocate(number, FIRST_SEGMENT)
+        if segment is None:
+            return None
+        lane = Lane(self, number, segment)
+        if listed:
+            self.lanes.append(lane)
+        return lane
 
     @staticmethod
     def _next_size(old: Segment) -> int:
+        if time.monotonic() - old.made < BURST:  # a burst: as few new files as can be
+            return MAX_SEGMENT
         return min(max(old.size * 4, FIRST_SEGMENT), MAX_SEGMENT)
 
     def next_segment(self, lane: Lane, needed: int) -> Segment | None:
@@ -604,33 +683,38 @@ class Journal:
             lane.next = None
         else:
             size = max(self._next_size(old), SEGMENT_HEADER_SIZE + needed)
-            with self._grow:
-                segment = self._allocate(lane.number, size)
+            # No lock: hooks of other lanes making theirs at the same time would queue behind
+            # this one's system calls, each waiting for its turn of the GIL.
+            segment = self._allocate(lane.number, size)
             if segment is None:
                 return None
-            self.ask_upkeep()  # made here, unpopulated: the worker faults its pages in ahead
+            self.ask_upkeep()  # made here, unpopulated: the keeper faults its pages in ahead
         lane.segments.append(segment)
         lane.segment = segment
         old.sealed = True
         return segment
 
     def maintain(self, populate: bool = True) -> bool:
-        """Worker: keep spare lanes, and a next segment for lanes past a quarter of theirs,
-        ready (pages faulted in), so that hooks almost never make a file or take a page fault
-        themselves. Whether anything had to be made. Most urgent first: the pages ahead of a
-        hook in a segment no one faulted in, then next segments, then spare lanes."""
+        """The keeper (and a new journal, unpopulated, on its maker's thread): keep spare lanes,
+        and a next segment for lanes past a quarter of theirs, ready (pages faulted in), so that
+        hooks almost never make a file or take a page fault themselves. Whether anything had to
+        be made. Most urgent first: the pages ahead of a hook in a segment no one faulted in,
+        then next segments, then spare lanes."""
+        with self._upkeep:
+            return self._maintain(populate)
+
+    def _maintain(self, populate: bool) -> bool:
         if self.failed is not None or self.closed or self.retiring:
             return False
         made = False
         if populate:
-            # Segments a hook made (before the worker ran, or faster than it could make them),
+            # Segments a hook made (faster than the keeper could make them),
             # lanes made unpopulated at the journal's start: in place, ahead of the hook.
             made = self._populate_in_use()
         for lane in list(self.lanes):
             segment = lane.segment
             if lane.next is None and segment.pos * 4 > segment.size:
-                with self._grow:
-                    prepared = self._allocate(lane.number, self._next_size(segment))
+                prepared = self._allocate(lane.number, self._next_size(segment))
                 if prepared is None:
                     break
                 if populate and not populates_in_place():
@@ -767,6 +851,10 @@ class Journal:
     def close(self, *, keep: bool) -> None:
         """Unmap everything; remove the journal unless ``keep`` (events not sent are in it)."""
         self.closed = True
+        # An upkeep under way ends soon (closed: it makes nothing more); what it made is then
+        # seen here. One stuck on the disk is not waited for.
+        if self._upkeep.acquire(timeout=UPKEEP_WAIT):
+            self._upkeep.release()
         self.kept = keep
         for lane in list(self.lanes):
             lane.segment.sealed = True

@@ -191,8 +191,6 @@ class Pipeline:
         self.worker_asleep = False
         self.wake_sent = False
         self.waker: Callable[[], None] | None = None
-        # Wakes the worker's loop for journal upkeep only (no drain): see Journal.ask_upkeep.
-        self.upkeep_waker: Callable[[], None] | None = None
 
     # -- the hooks -------------------------------------------------------------------------------
 
@@ -621,7 +619,6 @@ class Pipeline:
             fsync=config.journal_fsync,
             span_budget=config.span_budget,
         )
-        journal.on_upkeep = self.upkeep_waker
         return journal
 
     def _journal_root(self) -> Path:

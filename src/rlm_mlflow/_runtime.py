@@ -115,7 +115,6 @@ class Loop:
 
     def dispatch(self) -> None:
         for worker in list(self.workers):
-            worker.upkeep_if_asked()
             if worker.wake_flag or worker.close_requested:
                 worker.wake_flag = False
                 worker.notify()

@@ -360,7 +360,6 @@ class MLflowSink:
             worker = self._worker
             worker.loop = loop
             pipeline.waker = lambda: loop.wake(worker)
-            pipeline.upkeep_waker = loop.waker.wake  # journal upkeep asked by a hook
             _runtime.runtime().register(worker)
         self._finished = anyio.Event()
         self._task_group = anyio.create_task_group()
@@ -486,10 +485,6 @@ def _activate(worker: Worker) -> None:
         pipeline.waker = lambda: worker.loop.wake(worker)
         current.register(worker)
         current.attach(worker)
-        pipeline.upkeep_waker = worker.loop.waker.wake  # holds neither worker nor journal
-        journal = pipeline.journal
-        if journal is not None:
-            journal.on_upkeep = pipeline.upkeep_waker
     if worker.config.handle_signals:
         _runtime.rearm_signal_handlers()
 

@@ -79,8 +79,9 @@ BLOCKED_PROBE = 30.0
 JOURNAL_IDLE = 30.0
 #: How long a failing span request is retried before its spans are kept for replay.
 TRACES_RETRY = 15.0
-#: How often the worker makes sure spare journal lanes and next segments are ready: while records
-#: come in, and when none do (a hook that needs them sooner asks: ``Journal.ask_upkeep``).
+#: How often the worker makes sure spare journal lanes and next segments are ready (asking the
+#: journal's keeper): while records come in, and when none do (a hook that needs them sooner
+#: asks the keeper itself: ``Journal.ask_upkeep``).
 MAINTENANCE_BUSY = 0.01
 MAINTENANCE_EVERY = 0.25
 #: After an unexpected failure the worker starts again after this pause, doubled (up to
@@ -351,7 +352,6 @@ class Worker:
         self._watched: anyio.CancelScope | None = None  # the short cycle a close watches
         self._tasks: TaskGroup | None = None  # the worker's own (while it runs)
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
-        self._maintaining = False
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
         self.describe: str | None = None
         # Signalled across threads: close and flush requests, progress for flush() waiters.
@@ -370,7 +370,6 @@ class Worker:
         self.progress = threading.Condition()
         self._wake: anyio.Event | None = None
         self._close_seen: anyio.Event | None = None
-        self._upkeep: anyio.Event | None = None  # set when a hook asks for journal upkeep
         self._cycle_done: anyio.Event | None = None
         self._taken_at = 0.0  # time.monotonic() of the last drain's take: drains keep a pace
 
@@ -451,13 +450,6 @@ class Worker:
                 return
             at = now + CYCLE_STUCK - waited
 
-    def upkeep_if_asked(self) -> None:
-        """Called in the worker's loop by the loop's dispatcher: a hook asked for journal
-        upkeep (see ``Journal.ask_upkeep``), so the upkeep task looks now."""
-        journal = self.pipeline.journal
-        if journal is not None and journal.upkeep_asked and self._upkeep is not None:
-            self._upkeep.set()
-
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -465,7 +457,6 @@ class Worker:
         self.started = True
         self._wake = anyio.Event()
         self._close_seen = anyio.Event()
-        self._upkeep = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
                 self._tasks = tg
@@ -674,35 +665,24 @@ class Worker:
                 await anyio.sleep(MAINTENANCE_EVERY)
                 continue
             # While records come in, look after the lanes often (a busy lane fills a segment in
-            # milliseconds with large records); when nothing comes, now and then; and at once
-            # when a hook asks (a burst after a quiet spell).
+            # milliseconds with large records); when nothing comes, now and then. A hook that
+            # needs it sooner asks the journal's keeper itself.
             journal = self.pipeline.journal
             now = journal.written() if journal is not None else 0
-            asked = self._upkeep = anyio.Event()
-            with anyio.move_on_after(MAINTENANCE_BUSY if now != written else MAINTENANCE_EVERY):
-                await asked.wait()
+            await anyio.sleep(MAINTENANCE_BUSY if now != written else MAINTENANCE_EVERY)
             written = now
 
     async def _maintain_journal(self) -> bool:
-        """Lanes and segments made ahead (so hooks do not make files), finished segments
-        removed, and the fsync setting."""
+        """Lanes and segments made ahead (so hooks do not make files: the journal's keeper
+        makes them, on its own thread), finished segments removed, and the fsync setting.
+        Whether the keeper was asked."""
         journal = self.pipeline.journal
         if journal is None:
             return False
         journal.release_sealed()
-        busy = False
-        # One upkeep at a time. A hook that asks while one runs (the upkeep task woken while
-        # the loop's own upkeep works) finds it done again at once, after: not dropped.
-        while journal.needs_maintenance() and not self._maintaining:
-            self._maintaining = True
-            journal.upkeep_asked = False
-            try:
-                made = await anyio.to_thread.run_sync(journal.maintain, abandon_on_cancel=True)
-            finally:
-                self._maintaining = False
-            busy = busy or made
-            if not journal.upkeep_asked:
-                break
+        busy = journal.needs_maintenance()
+        if busy:
+            journal.ask_upkeep()
         if self.config.journal_fsync:
             await anyio.to_thread.run_sync(journal.sync)
         return busy
