@@ -227,6 +227,45 @@ def test_a_close_too_short_for_the_steps_still_ends_the_run_and_keeps_the_rest(
     assert_each_once(store.steps(store.by_name(experiment_name)["long"]), range(3000))
 
 
+def test_a_close_that_takes_over_a_cycle_ends_its_run_before_reading_what_it_stored(
+    proxy: FaultProxy,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """A cycle of 3,000 steps and the run's end is sending its first batch (1 s per request)
+    when close(2.5) comes: the close takes the cycle over, and what its unanswered batch stored
+    must be read back before those points go again (a read per metric). The run's end does not
+    wait for those reads, nor for the batches: the run is FINISHED at the server, and replay
+    lands every step once."""
+    sink = make_sink(proxy.uri, experiment_name, flush_interval=60.0, batch_trigger=10**9)
+    start(sink, "taken")
+    assert sink.flush(WAIT)  # the run exists, as after a while of running
+    second = patient(1.0)
+    proxy.set(latency=second)
+    steps(sink, "taken", range(3000))
+    end(sink, "taken", 3000)
+    batches = proxy.paths["/api/2.0/mlflow/runs/log-batch"]
+    assert not sink.flush(0.001)  # the cycle begins now
+    wait_until(
+        lambda: proxy.paths["/api/2.0/mlflow/runs/log-batch"] > batches,
+        patient(30),
+        "the cycle's first batch sent",
+    )
+    close_within(sink, 2.5 * second)
+    store = Store(mlflow_server.uri)
+    wait_until(  # the end was sent within the deadline; its answer may come just after it
+        lambda: store.by_name(experiment_name)["taken"].info.status == "FINISHED",
+        patient(10),
+        "the run FINISHED at the server",
+    )
+    assert sink.status()["deferred"] > 0  # the deadline did cut the steps short
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert report.failed == 0
+    assert_each_once(store.steps(store.by_name(experiment_name)["taken"]), range(3000))
+
+
 # -- 13. run creation is exactly once ----------------------------------------------------------
 
 

@@ -252,13 +252,14 @@ class RunsExporter(RunIdentity):
             parent = await self._parent_uuid(state)
             if parent is not None:
                 tags.append((PARENT_TAG, parent))
-        if work.maybe_sent and metrics:
-            sent = None if self.in_flight is None else self.in_flight.get(work.no, set())
-            metrics = await self._not_yet_stored(state, metrics, sent)
         params = list(state.params)
-        work.maybe_sent = True
+        uncertain, work.maybe_sent = work.maybe_sent, True
 
         async def batches() -> None:
+            nonlocal metrics
+            if uncertain and metrics:  # a request with some of them went out unanswered
+                sent = None if self.in_flight is None else self.in_flight.get(work.no, set())
+                metrics = await self._not_yet_stored(state, metrics, sent)
             known, state.stored_latest = state.stored_latest, None  # unknown while this goes
             await self._log_batches(state, metrics, params, tags)
             if known is not None:
@@ -277,8 +278,9 @@ class RunsExporter(RunIdentity):
             return
         beside = self.end_beside
         if beside is not None and beside():
-            # Closing against a deadline: the end does not wait for the batch's answer (nor
-            # for a place behind other runs' batches: ends go first). The run is ended in
+            # Closing against a deadline: the end does not wait for the batch's answer, nor
+            # for the reads that check what an unanswered request stored (a read a metric),
+            # nor for a place behind other runs' batches: ends go first. The run is ended in
             # MLflow with its true status even when its points miss the deadline (those are
             # kept for replay, which logs them to the ended run).
             await _together(batches(), self._finish(state, end))
@@ -380,9 +382,18 @@ class RunsExporter(RunIdentity):
         ]
         if not maybe:
             return metrics
-        stored = await self.caller.call(
-            "read metric history", stored_points, self.transport, run_uuid, maybe
-        )
+        stored: set[Metric] = set()
+
+        async def read(key: str) -> None:
+            points = [m for m in maybe if m.key == key]
+            stored.update(
+                await self.caller.call(
+                    "read metric history", stored_points, self.transport, run_uuid, points
+                )
+            )
+
+        # One metric's history per request: all of them at once, a round trip in all.
+        await _together(*(read(key) for key in sorted({m.key for m in maybe})))
         return [m for m in metrics if m not in stored]
 
     async def _log_batches(
