@@ -300,6 +300,45 @@ def test_assessments_lost_at_kill_9_are_written_once_by_replay(
     assert_each_once(mlflow_client, experiment_name, 3)
 
 
+def test_a_trace_whose_info_went_before_its_spans_is_completed_by_replay_after_kill_9(
+    agents: Callable[..., Agent],
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """Short root runs have their trace info and Feedback stored before their spans; every span
+    request is refused (503) until the agent is killed. The first replay goes through a proxy
+    that loses the answer of each span request the server stored; a second replay adds
+    nothing. Each trace then holds its spans once, under the info stored before the kill, and
+    each assessment once: the info's state is kept."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        proxy.set(mode="http", status=503, path="/v1/traces")
+        agent = agents("assessed_runs.py", proxy.uri, experiment_name, "3")
+        status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
+        assert status["deferred"] > 0, status  # the spans were not sent: kept
+        assert proxy.paths[TRACE_INFO] == 3, proxy.paths  # each trace's info, before its spans
+        agent.kill9()
+        before = search_traces(mlflow_client, experiment_name, spans=False)
+        assert sorted(t.info.state for t in before) == ["ERROR", "OK", "OK"]
+        assert all(ours(t) for t in before)  # their Feedback is there already
+        proxy.set(mode="commit_then_reset", count=3, path="/v1/traces", method="POST")
+        done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+        assert done.returncode == 0, f"replay through the proxy: {done.stdout}{done.stderr}"
+        assert proxy.paths["/v1/traces"] > 0  # the replay went through it
+    done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+    assert done.returncode == 0, f"second replay: {done.stdout}{done.stderr}"
+    assert_each_once(mlflow_client, experiment_name, 3)
+    after = traces_of(mlflow_client, experiment_name)
+    assert {t.info.trace_id: t.info.state for t in before} == {
+        t.info.trace_id: t.info.state for t in after.values()
+    }
+    for trace in after.values():
+        names = sorted(span.name for span in trace.data.spans)
+        assert len(names) == 1 + 2, names  # the run and its two steps, each once
+        assert len({span.span_id for span in trace.data.spans}) == 3
+
+
 def test_a_server_without_assessments_says_so_once_and_everything_else_goes_on(
     proxy: FaultProxy,
     mlflow_client: Any,
