@@ -385,14 +385,29 @@ def test_a_duplicate_a_queue_commits_after_a_short_close_is_deleted_by_replay(
     assert not list(journal_dir.glob("*/late-runs.json"))
 
 
+HTML_504 = (
+    b"<html><head><title>504 Gateway Time-out</title></head>"
+    b"<body><h1>504 Gateway Time-out</h1><hr><center>nginx</center></body></html>"
+)
+#: What stands between the sink and the look for its run by key: a login page, a gateway that
+#: times out, a redirect to a login host.
+SEARCH_BLOCKED: dict[str, dict[str, Any]] = {
+    "401 login page": {"status": 401, "body": HTML_401},
+    "504 gateway page": {"status": 504, "body": HTML_504},
+    "302 to a login host": {"status": 302, "location": "https://login.example.com/sso"},
+}
+
+
+@pytest.mark.parametrize("blocked", list(SEARCH_BLOCKED))
 def test_a_lost_create_looked_for_behind_a_login_page_is_completed_by_replay_once(
-    mlflow_server: MlflowServer, store: Store, experiment_name: str, journal_dir: Path
+    mlflow_server: MlflowServer, store: Store, experiment_name: str, journal_dir: Path, blocked: str
 ) -> None:
     """Two faults on one run: a queue holds its create past the 1 s request timeout and commits
-    it 2.5 s later, and the look for it by key meets a proxy's HTML 401 login page. The sink
-    sends no second create, is blocked, and keeps the run for replay; the committed run stays
-    RUNNING meanwhile. Replay, once the login page is gone, finds that run by its key and
-    completes it: one create in all, one run, FINISHED, every step once, no journal left."""
+    it 2.5 s later, and the look for it by key meets a proxy's HTML 401 login page (or a 504
+    gateway page, or a redirect to a login host). The sink sends no second create and keeps
+    the run for replay; the committed run stays RUNNING meanwhile. Replay, once the page is
+    gone, finds that run by its key and completes it: one create in all, one run, FINISHED,
+    every step once, no journal left."""
     with FaultProxy(mlflow_server.port) as inner, FaultProxy(inner.port) as outer:
         sink = make_sink(outer.uri, experiment_name, request_timeout=1.0, retry_deadline=2.0)
         start(sink, "warm")
@@ -401,7 +416,7 @@ def test_a_lost_create_looked_for_behind_a_login_page_is_completed_by_replay_onc
         creates = "/api/2.0/mlflow/runs/create"
         before = inner.paths[creates]
         inner.set(mode="late", latency=2.5, count=1, path="/runs/create")
-        outer.set(mode="http", status=401, body=HTML_401, path="/runs/search")
+        outer.set(mode="http", path="/runs/search", **SEARCH_BLOCKED[blocked])
         start(sink, "held")
         steps(sink, "held", range(5))
         end(sink, "held", 5)
