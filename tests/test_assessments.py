@@ -273,6 +273,34 @@ def test_an_outage_as_the_runs_end_loses_and_repeats_no_assessment(
     assert_each_once(mlflow_client, experiment_name, 3)
 
 
+def refused_until_kill_9_then_replayed(
+    agents: Callable[..., Agent],
+    server: MlflowServer,
+    experiment: str,
+    journal_dir: Path,
+    refused: str,
+    before_replay: Callable[[FaultProxy], None],
+) -> None:
+    """Three scored runs whose requests to ``refused`` get a 503 until the agent is killed
+    (``before_replay`` looks at what the server holds then). The first replay goes through a
+    proxy that loses the answer of each such request the server stored; a second replay, to
+    the server itself, must add nothing."""
+    with FaultProxy(server.port) as proxy:
+        proxy.set(mode="http", status=503, path=refused)
+        agent = agents("assessed_runs.py", proxy.uri, experiment, "3")
+        status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
+        assert status["deferred"] > 0, status  # not confirmed: kept
+        agent.kill9()
+        before_replay(proxy)
+        proxy.set(mode="commit_then_reset", count=3, path=refused, method="POST")
+        sent = proxy.paths[refused]
+        done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+        assert done.returncode == 0, f"replay through the proxy: {done.stdout}{done.stderr}"
+        assert proxy.paths[refused] > sent  # the replay went through it
+    done = replay_cli(journal_dir, tracking_uri=server.uri)
+    assert done.returncode == 0, f"second replay: {done.stdout}{done.stderr}"
+
+
 def test_assessments_lost_at_kill_9_are_written_once_by_replay(
     agents: Callable[..., Agent],
     mlflow_server: MlflowServer,
@@ -281,22 +309,15 @@ def test_assessments_lost_at_kill_9_are_written_once_by_replay(
     journal_dir: Path,
 ) -> None:
     """The server answers 503 to every assessment request until the agent is killed: runs and
-    spans are sent, the assessments kept. The first replay goes through a proxy that loses the
-    answer of each trace's first write the server stored; a second replay adds nothing. Each
+    spans are sent, the assessments kept. Replayed (the first replay losing answers), each
     assessment is there once."""
-    with FaultProxy(mlflow_server.port) as proxy:
-        proxy.set(mode="http", status=503, path=TRACE_INFO)
-        agent = agents("assessed_runs.py", proxy.uri, experiment_name, "3")
-        status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
-        assert status["deferred"] > 0, status  # the assessments were not confirmed: kept
-        agent.kill9()
+
+    def none_yet(proxy: FaultProxy) -> None:
         assert not traces_of(mlflow_client, experiment_name)["scored-0"].info.assessments
-        proxy.set(mode="commit_then_reset", count=3, path=TRACE_INFO, method="POST")
-        done = replay_cli(journal_dir, tracking_uri=proxy.uri)
-        assert done.returncode == 0, f"replay through the proxy: {done.stdout}{done.stderr}"
-        assert proxy.paths  # the replay went through it
-    done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
-    assert done.returncode == 0, f"second replay: {done.stdout}{done.stderr}"
+
+    refused_until_kill_9_then_replayed(
+        agents, mlflow_server, experiment_name, journal_dir, TRACE_INFO, none_yet
+    )
     assert_each_once(mlflow_client, experiment_name, 3)
 
 
@@ -308,26 +329,20 @@ def test_a_trace_whose_info_went_before_its_spans_is_completed_by_replay_after_k
     journal_dir: Path,
 ) -> None:
     """Short root runs have their trace info and Feedback stored before their spans; every span
-    request is refused (503) until the agent is killed. The first replay goes through a proxy
-    that loses the answer of each span request the server stored; a second replay adds
-    nothing. Each trace then holds its spans once, under the info stored before the kill, and
-    each assessment once: the info's state is kept."""
-    with FaultProxy(mlflow_server.port) as proxy:
-        proxy.set(mode="http", status=503, path="/v1/traces")
-        agent = agents("assessed_runs.py", proxy.uri, experiment_name, "3")
-        status = json.loads(agent.expect("FLUSHED", 120).split(" ", 1)[1])
-        assert status["deferred"] > 0, status  # the spans were not sent: kept
+    request is refused (503) until the agent is killed. Replayed (the first replay losing the
+    answer of each span request the server stored), each trace holds its spans once, under the
+    info stored before the kill, its state kept, and each assessment once."""
+    before: list[Any] = []
+
+    def info_only(proxy: FaultProxy) -> None:
         assert proxy.paths[TRACE_INFO] == 3, proxy.paths  # each trace's info, before its spans
-        agent.kill9()
-        before = search_traces(mlflow_client, experiment_name, spans=False)
+        before.extend(search_traces(mlflow_client, experiment_name, spans=False))
         assert sorted(t.info.state for t in before) == ["ERROR", "OK", "OK"]
         assert all(ours(t) for t in before)  # their Feedback is there already
-        proxy.set(mode="commit_then_reset", count=3, path="/v1/traces", method="POST")
-        done = replay_cli(journal_dir, tracking_uri=proxy.uri)
-        assert done.returncode == 0, f"replay through the proxy: {done.stdout}{done.stderr}"
-        assert proxy.paths["/v1/traces"] > 0  # the replay went through it
-    done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
-    assert done.returncode == 0, f"second replay: {done.stdout}{done.stderr}"
+
+    refused_until_kill_9_then_replayed(
+        agents, mlflow_server, experiment_name, journal_dir, "/v1/traces", info_only
+    )
     assert_each_once(mlflow_client, experiment_name, 3)
     after = traces_of(mlflow_client, experiment_name)
     assert {t.info.trace_id: t.info.state for t in before} == {
