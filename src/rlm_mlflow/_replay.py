@@ -222,12 +222,14 @@ class _Loaded:
 
 
 def _never_written(path: Path) -> bool:
+    """Zeros where the header and the first record would be, or a file shorter than that and
+    all zeros (empty: its process was killed between making the file and allocating it)."""
     try:
         with path.open("rb") as file:
             head = file.read(SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE)
     except OSError:
         return False
-    return len(head) == SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE and never_written(head)
+    return never_written(head)
 
 
 def _load(folder: Path) -> _Loaded:
