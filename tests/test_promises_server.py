@@ -395,6 +395,10 @@ SEARCH_BLOCKED: dict[str, dict[str, Any]] = {
     "401 login page": {"status": 401, "body": HTML_401},
     "504 gateway page": {"status": 504, "body": HTML_504},
     "302 to a login host": {"status": 302, "location": "https://login.example.com/sso"},
+    "413 page": {
+        "status": 413,
+        "body": b"<html><body><h1>413 Request Entity Too Large</h1></body></html>",
+    },
 }
 
 
@@ -439,6 +443,39 @@ def test_a_lost_create_looked_for_behind_a_login_page_is_completed_by_replay_onc
         assert_each_once(store.steps(held[0]), range(5))
         assert inner.paths[creates] - before == 1, inner.paths
     assert not [p for p in journal_dir.rglob("*") if p.is_file()], list(journal_dir.rglob("*"))
+
+
+def test_a_413_page_on_a_runs_create_keeps_its_events_for_replay(
+    proxy: FaultProxy, store: Store, experiment_name: str, journal_dir: Path
+) -> None:
+    """A body limit on the way answers the run's create (a small request that cannot be split)
+    with a 413 page. That says nothing about the run's data: nothing is dropped, the run is
+    kept for replay, and replay, once the limit is gone, sends it once."""
+    sink = make_sink(proxy.uri, experiment_name)
+    start(sink, "warm")
+    end(sink, "warm", 0)
+    assert sink.flush(WAIT)
+    proxy.set(
+        mode="http",
+        status=413,
+        body=SEARCH_BLOCKED["413 page"]["body"],
+        path="/runs/create",
+    )
+    start(sink, "limited")
+    steps(sink, "limited", range(5))
+    end(sink, "limited", 5)
+    close_within(sink, 10.0)
+    status = sink.status()
+    assert_accounted(status)
+    assert status["dropped"] == {}, status
+    assert status["deferred"] > 0, status
+    assert "limited" not in store.by_name(experiment_name)
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    limited = store.by_name(experiment_name)["limited"]
+    assert limited.info.status == "FINISHED"
+    assert_each_once(store.steps(limited), range(5))
 
 
 # -- 16, 17. credentials refused -----------------------------------------------------------------

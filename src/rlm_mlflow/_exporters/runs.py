@@ -29,7 +29,7 @@ import anyio
 
 from .._codec import describe
 from .._events import RunEnd, RunStart, Step, Usage
-from .._exceptions import PermanentError, Postponed, StoreRefused, TransientError
+from .._exceptions import TOO_LARGE, PermanentError, Postponed, StoreRefused, TransientError
 from .._transports.base import PARENT_TAG, Metric, RangeReads, Transport
 from . import convert as _convert
 from .identity import ANSWER_POLL, CreatePending, RunIdentity, RunState
@@ -218,6 +218,12 @@ class RunsExporter(RunIdentity):
             self._failed(f"run {state.run_id}: not sent, kept for replay: {exc}")
             return DEFERRED
         except PermanentError as exc:
+            if exc.code == TOO_LARGE:
+                # A request of the run's own (its create, the look for it by key, its end, a
+                # read) refused for its size by something on the way: that says nothing about
+                # the run's data, and such a request cannot be split. Kept for replay.
+                self._failed(f"run {state.run_id}: not sent, kept for replay: {exc}")
+                return DEFERRED
             state.refused = state.refused or str(exc)
             self._failed(f"run {state.run_id}: MLflow refused it: {exc}")
             return ("dropped", "refused")
