@@ -311,6 +311,43 @@ def test_a_forked_child_has_a_keeper_of_its_own(tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_a_process_that_cannot_start_the_keeper_loses_no_event(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The journal's keeper thread cannot be started (a process at its thread limit, or
+    exiting): the journal is made all the same, every hook returns, and every event lands,
+    the hooks making their own segments (1 MB of steps: past the first one)."""
+
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    class Threading:  # the threading module as the journal sees it
+        Thread = NoThread
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(threading, name)
+
+    keeper = _journal._Keeper()
+    monkeypatch.setattr(_journal, "_KEEPER", keeper)
+    monkeypatch.setattr(_journal, "threading", Threading())
+    memory = MemoryTransport()
+    code, stdout = "x = 1\n" * 340, "y" * 8_000
+    with journaled(memory, tmp_path) as sink:
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(100):
+            sink.on_step("r", event=code_event(number, code, stdout), cumulative_reward=0.5)
+        sink.on_run_end("r", result={"completed": True}, run_path=None)
+        assert sink.flush(patient(30))
+        status = sink.status()
+        assert sink._pipeline.journal is not None
+    assert keeper._thread is None
+    assert status["dropped"] == {}, status
+    assert status["rejected"] == {}, status
+    history = memory.one("r").history("step_reward")
+    assert [step for step, _ in history] == list(range(100))
+
+
 def test_a_lane_in_a_burst_takes_the_largest_segment_next(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

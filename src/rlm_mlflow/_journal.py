@@ -511,13 +511,18 @@ class _Keeper:
 
     def start(self) -> None:
         """Start the thread if it is not running (at a journal's making, not in a plain hook:
-        starting a thread waits for it)."""
+        starting a thread waits for it). A process that cannot start one (at its exit, or at
+        its thread limit) goes without: its hooks make their own segments."""
         if self._thread is not None:
             return
         with self._starting:
             if self._thread is None:
                 thread = threading.Thread(target=self._run, name="rlm-mlflow-journal", daemon=True)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError as exc:
+                    logger.debug("rlm-mlflow journal: no keeper thread (%s)", exc)
+                    return
                 self._thread = thread
 
     def ask(self, journal: Journal) -> None:
