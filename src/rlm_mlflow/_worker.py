@@ -672,20 +672,17 @@ class Worker:
             await anyio.sleep(MAINTENANCE_BUSY if now != written else MAINTENANCE_EVERY)
             written = now
 
-    async def _maintain_journal(self) -> bool:
+    async def _maintain_journal(self) -> None:
         """Lanes and segments made ahead (so hooks do not make files: the journal's keeper
-        makes them, on its own thread), finished segments removed, and the fsync setting.
-        Whether the keeper was asked."""
+        makes them, on its own thread), finished segments removed, and the fsync setting."""
         journal = self.pipeline.journal
         if journal is None:
-            return False
+            return
         journal.release_sealed()
-        busy = journal.needs_maintenance()
-        if busy:
+        if journal.needs_maintenance():
             journal.ask_upkeep()
         if self.config.journal_fsync:
             await anyio.to_thread.run_sync(journal.sync)
-        return busy
 
     async def _release_idle_journal(self) -> None:
         """Swap a journal that is idle, and was written to, for a fresh one made here (so the

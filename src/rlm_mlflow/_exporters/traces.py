@@ -197,11 +197,11 @@ class TracesExporter:
             self._builder = SpanBuilder(self.ids)
         # A store that writes a trace's info with its Feedback links each trace to its run
         # there: the spans of ending traces then share requests with the others.
-        # Read from the store at its first spans (once), not at the first root's end: that may
-        # come in a close against a deadline, where the read would hold the info up.
-        upserts = await self.assessments.upserts()
-        if not any(self.ends_root(w) and w.no not in self.benchmarks for w in todo):
-            upserts = False
+        # Asked of the store at its first spans (read once), not at the first root's end: that
+        # may come in a close against a deadline, where the read would hold the info up.
+        takes_upserts = await self.assessments.upserts()
+        roots_end = any(self.ends_root(w) and w.no not in self.benchmarks for w in todo)
+        upserts = takes_upserts and roots_end
         experiment_id = await self.runs.ensure_experiment()
         # The info of a trace that begins and ends in this cycle goes before its spans.
         early: dict[int, Outcome] = {}
