@@ -390,7 +390,7 @@ HTML_504 = (
     b"<body><h1>504 Gateway Time-out</h1><hr><center>nginx</center></body></html>"
 )
 #: What stands between the sink and the look for its run by key: a login page, a gateway that
-#: times out, a redirect to a login host.
+#: times out, a redirect to a login host, a body limit.
 SEARCH_BLOCKED: dict[str, dict[str, Any]] = {
     "401 login page": {"status": 401, "body": HTML_401},
     "504 gateway page": {"status": 504, "body": HTML_504},
