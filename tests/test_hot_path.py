@@ -155,12 +155,15 @@ def test_a_sink_used_from_one_thread_keeps_few_files_open(tmp_path: Path) -> Non
 
 
 def test_threads_starting_together_each_get_a_lane_and_more_are_kept_ready(
-    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Six threads starting at once, more than the lanes ready: each gets a lane of its own
-    (its events land, in order), and the journal keeps more lanes ready from then on."""
+    """Six threads starting at once, more than the lanes ready (the keeper makes no more
+    meanwhile: a busy one would make them in time, and no thread would find none): each gets
+    a lane of its own (its events land, in order), and the journal keeps more lanes ready from
+    then on."""
     from rlm_mlflow._journal import SPARE_LANES
 
+    monkeypatch.setattr(_journal, "_KEEPER", _NoKeeper())
     memory = MemoryTransport()
     barrier, holding = threading.Barrier(6), threading.Barrier(6)
     with journaled(memory, tmp_path) as sink:
