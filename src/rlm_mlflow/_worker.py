@@ -826,6 +826,10 @@ class Worker:
         assert self._wake is not None
         if self.close_requested or self.flush_requested:
             self.flush_requested = False
+            # The wake that came with this flush is served by the cycle it asks for: kept, it
+            # would end the next sleep at once (hooks wake only a worker asleep).
+            if not self.close_requested:
+                self._wake = anyio.Event()
             return
         pipeline.worker_asleep = True
         pipeline.wake_sent = False
