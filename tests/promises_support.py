@@ -62,6 +62,14 @@ def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
         time.sleep(POLL)
 
 
+def asleep_until_woken(sink: Any) -> bool:
+    """Whether ``sink``'s worker sleeps and nothing will wake it but new events: no flush is
+    left to serve (a flush asked after the worker had sent everything still wakes it once).
+    The worker clears the request after it wakes, before it sleeps again: read in this
+    order, both hold only once it sleeps for good."""
+    return not sink._worker.flush_requested and bool(sink._pipeline.worker_asleep)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Like :func:`eventually`, but a missed deadline fails the test, saying what was awaited."""
     if not eventually(predicate, timeout):

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from promises_support import eventually, patient, span_label
+from promises_support import asleep_until_woken, eventually, patient, span_label
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer, local_server
 
@@ -827,7 +827,7 @@ def test_a_close_too_short_for_a_new_run_against_a_far_server_leaves_none_runnin
     start(sink, "open")
     assert sink.flush(WAIT)  # the sink has seen its server answer in 0.5 s
     # The worker asleep: the close, not a cycle already out, takes the new run.
-    assert eventually(lambda: sink._pipeline.worker_asleep, WAIT)
+    assert eventually(lambda: asleep_until_woken(sink), WAIT)
     start(sink, "new")
     steps(sink, "new", range(3))
     end(sink, "new", 3)

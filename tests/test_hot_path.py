@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from promises_support import patient, wait_until
+from promises_support import asleep_until_woken, patient, wait_until
 from rlm_mlflow import MLflowSink, TransientError, _journal, _journal_format, _worker
 from rlm_mlflow._codec import decode
 from rlm_mlflow._events import Step
@@ -201,7 +201,7 @@ def burst_after_a_quiet_spell(sink: MLflowSink) -> Generator[Wait, None, None]:
     wait for (the caller waits for it, in its own way) and checks what the hooks did."""
     code, stdout = "x = 1\n" * 340, "y" * 8_000
     sink.on_run_start("r", task="t", environment="e", params={})
-    yield (lambda: sink._pipeline.worker_asleep and sink.status()["pending"] == 0), "idle"
+    yield (lambda: asleep_until_woken(sink) and sink.status()["pending"] == 0), "idle"
     journal = sink._pipeline.journal
     assert journal is not None
     lane = journal.lane_for_thread()

@@ -19,7 +19,14 @@ import anyio
 import pytest
 import requests
 
-from promises_support import Agent, Store, assert_each_once, patient, replay_cli
+from promises_support import (
+    Agent,
+    Store,
+    asleep_until_woken,
+    assert_each_once,
+    patient,
+    replay_cli,
+)
 from rlm_mlflow import MLflowSink, PermanentError, TransientError
 from rlm_mlflow._runtime import close_all
 from rlm_mlflow._transports.base import Call, Metric, calling
@@ -363,7 +370,7 @@ def four_closing_sinks(memory: Ordered, tmp_path: Path) -> Iterator[list[MLflowS
             sink.on_run_start("warm", task="t", environment="e", params={})
             assert sink.flush(WAIT)
             # The worker is up, and asleep until the close wakes it.
-            assert wait_for(functools.partial(getattr, sink._pipeline, "worker_asleep"), WAIT)
+            assert wait_for(functools.partial(asleep_until_woken, sink), WAIT)
             run = f"run-{n}"
             sink.on_run_start(run, task="t", environment="e", params={})
             for number in range(600):
