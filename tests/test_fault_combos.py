@@ -1,0 +1,160 @@
+"""Fault combinations: a create whose answer is lost, together with SIGTERM, a fork or a full disk.
+
+A queue in front of the server (``FaultProxy`` mode ``late``) holds one ``runs/create`` past the
+request timeout and forwards it after the client hung up: the server commits a run the sink does
+not know of, and the sink looks for it by key instead of creating another. While it looks, the
+process gets SIGTERM, forks a child that uses the sink too, or its journal's disk is full. Real
+processes, real signals, real ``rlm-mlflow replay`` in a process of its own; every wait has a
+deadline.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from promises_support import (
+    WAIT,
+    Agent,
+    Store,
+    assert_each_once,
+    journal_folders,
+    replay_cli,
+    wait_until,
+)
+from rlm_mlflow.testing import FaultProxy, MlflowServer
+
+pytestmark = pytest.mark.integration
+
+Spawn = Callable[..., Agent]
+
+CREATES = "/api/2.0/mlflow/runs/create"
+SEARCHES = "/api/2.0/mlflow/runs/search"
+
+
+def named(store: Store, experiment: str, name: str, *, deleted: bool = False) -> list[Any]:
+    """The MLflow runs whose ``run_id`` tag is ``name`` (deleted ones too, if asked)."""
+    runs = store.runs(experiment, include_deleted=deleted)
+    return [run for run in runs if run.data.tags.get("run_id") == name]
+
+
+def statuses(runs: list[Any]) -> list[str]:
+    return sorted(f"{run.info.status}/{run.info.lifecycle_stage}" for run in runs)
+
+
+def hold_next_create(proxy: FaultProxy) -> None:
+    """The next ``runs/create`` waits 2.5 s in the proxy (the sinks' request timeout is 1 s),
+    then goes to the server even though its client gave up: committed, its answer lost."""
+    proxy.set(mode="late", latency=2.5, count=1, path="/runs/create")
+
+
+# -- 1. SIGTERM while the sink looks for a run whose create was lost ------------------------------
+
+
+def sigterm_while_looking(
+    agents: Spawn, proxy: FaultProxy, store: Store, experiment: str, shutdown_timeout: float
+) -> Agent:
+    """Run ``held`` logged and ended in an agent whose create of it the proxy holds; SIGTERM
+    once the sink looks for it by key (a ``runs/search`` after the create); the agent's end
+    awaited (it must die of the signal)."""
+    agent = agents(
+        "lost_create_sigterm.py", proxy.uri, experiment, str(shutdown_timeout), stdin=True
+    )
+    agent.expect("READY", 120)
+    looked = proxy.paths[SEARCHES]
+    hold_next_create(proxy)
+    agent.send("go")
+    agent.expect("LOGGED")
+    wait_until(lambda: proxy.paths[SEARCHES] > looked, WAIT, "the sink looking for held by key")
+    # The combination is entered: the held create is not committed yet.
+    assert named(store, experiment, "held") == [], "the held create was committed already"
+    agent.signal(signal.SIGTERM)
+    code = agent.wait(shutdown_timeout + 30)
+    assert code == -signal.SIGTERM, f"exit code {code}; stderr:\n{agent.stderr()[-2000:]}"
+    wait_until(lambda: proxy.handling == 0, WAIT, "the proxy forwarded the held create")
+    return agent
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_sink_looks_for_a_lost_create_ends_the_one_run_finished(
+    agents: Spawn,
+    store: Store,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """Run ``held`` ends FINISHED in the agent; the proxy holds its create past the 1 s request
+    timeout and commits it late. While the sink looks for it by key, the agent gets SIGTERM.
+    Its 10 s shutdown timeout covers the look-up (the create's late window ends about 4 s after
+    it went), so at exit: one MLflow run ``held``, FINISHED, each step once, one create, nothing
+    kept for replay. Replay, run twice, sends no create and changes nothing."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        before = proxy.paths[CREATES]
+        agent = sigterm_while_looking(agents, proxy, store, experiment_name, 10.0)
+        creates = proxy.paths[CREATES] - before - 1  # the warm run's create
+        kept = [p.name for p in journal_folders(journal_dir)]
+        at_exit = statuses(named(store, experiment_name, "held", deleted=True))
+        for attempt in range(2):
+            done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+            assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
+        creates_after_replay = proxy.paths[CREATES] - before - 1
+        requests = dict(proxy.paths)
+    seen = f"requests {requests}; agent stderr:\n{agent.stderr()[-2000:]}"
+    assert at_exit == ["FINISHED/active"], f"at exit: {at_exit}; {seen}"
+    assert creates == 1, f"{creates} creates of held; {seen}"
+    assert kept == [], f"kept for replay: {kept}; {seen}"
+    assert creates_after_replay == 1, f"replay sent {creates_after_replay - 1} creates; {seen}"
+    held = named(store, experiment_name, "held", deleted=True)
+    assert statuses(held) == ["FINISHED/active"], f"after replay: {statuses(held)}; {seen}"
+    assert_each_once(store.steps(held[0]), range(5))
+    assert_each_once(store.steps(held[0], "cumulative_reward"), range(5))
+
+
+@pytest.mark.slow
+def test_sigterm_with_too_short_a_deadline_for_the_look_up_leaves_one_finished_run_after_replay(
+    agents: Spawn,
+    store: Store,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """As above with a 2 s shutdown timeout: the close cannot wait out the lost create's late
+    window. The sink may either keep the run for replay or create it again at once (and keep
+    for replay the duplicate the held create may still make). Either way, at exit a run left
+    RUNNING has a journal kept for replay, and after replay (run twice) exactly one active run
+    ``held`` is left, FINISHED, each step once; any other was deleted and holds no step; at
+    most one create besides the lost one, and none from the second replay."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        before = proxy.paths[CREATES]
+        agent = sigterm_while_looking(agents, proxy, store, experiment_name, 2.0)
+        creates = proxy.paths[CREATES] - before - 1  # the warm run's create
+        kept = [p.name for p in journal_folders(journal_dir)]
+        at_exit = statuses(named(store, experiment_name, "held"))
+        after: list[int] = []
+        for attempt in range(2):
+            done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+            assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
+            after.append(proxy.paths[CREATES] - before - 1)
+        requests = dict(proxy.paths)
+    seen = (
+        f"at exit {at_exit} ({creates} creates, kept {kept}); creates after each replay {after};"
+        f" requests {requests}; agent stderr:\n{agent.stderr()[-2000:]}"
+    )
+    if "RUNNING/active" in at_exit:
+        assert kept, f"a run left RUNNING and nothing kept for replay; {seen}"
+    assert creates <= 2, seen
+    assert after[0] <= 2, seen
+    assert after[1] == after[0], seen
+    held = named(store, experiment_name, "held", deleted=True)
+    active = [run for run in held if run.info.lifecycle_stage == "active"]
+    assert statuses(active) == ["FINISHED/active"], f"after replay {statuses(held)}; {seen}"
+    assert_each_once(store.steps(active[0]), range(5))
+    assert_each_once(store.steps(active[0], "cumulative_reward"), range(5))
+    for run in held:
+        if run.info.lifecycle_stage != "active":
+            assert store.steps(run) == [], f"a deleted duplicate holds steps; {seen}"
+    assert journal_folders(journal_dir) == []
