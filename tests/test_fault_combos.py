@@ -10,6 +10,8 @@ deadline.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +36,7 @@ Spawn = Callable[..., Agent]
 
 CREATES = "/api/2.0/mlflow/runs/create"
 SEARCHES = "/api/2.0/mlflow/runs/search"
+KEY = "rlm_mlflow.key"
 
 
 def named(store: Store, experiment: str, name: str, *, deleted: bool = False) -> list[Any]:
@@ -158,3 +161,87 @@ def test_sigterm_with_too_short_a_deadline_for_the_look_up_leaves_one_finished_r
         if run.info.lifecycle_stage != "active":
             assert store.steps(run) == [], f"a deleted duplicate holds steps; {seen}"
     assert journal_folders(journal_dir) == []
+
+
+# -- 2. a forked child of a process whose sink lost a create ------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("child_ending", ["exit", "sigterm", "sigterm-looking"])
+@pytest.mark.parametrize("parent_run", ["open", "ended"])
+def test_a_child_forked_while_its_parent_looks_for_a_lost_create_duplicates_nothing(
+    agents: Spawn,
+    store: Store,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    parent_run: str,
+    child_ending: str,
+) -> None:
+    """The proxy holds the create of run ``parent`` past the 1 s request timeout and commits
+    it late; while the parent's sink looks for it by key (before it is committed), the process
+    forks, the run still open or ended already. The child logs run ``child`` with the sink it
+    inherited, then exits normally (run FINISHED) or is SIGTERMed (run KILLED, the child dies
+    of the signal), at once or (``sigterm-looking``) while its own create, held too, is looked
+    for by key. The parent then ends its run if open and closes its sink. Expected: one MLflow
+    run of each, with keys of their own, ``parent`` FINISHED with its five steps once,
+    ``child`` ended as said with its three steps once, two creates in all (the child never
+    sends the parent's create, nor a second of its own), nothing kept for replay; replay, run
+    twice, sends no create and changes nothing."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        agent = agents(
+            "fork_lost_create.py",
+            proxy.uri,
+            experiment_name,
+            parent_run,
+            child_ending,
+            stdin=True,
+        )
+        agent.expect("READY", 120)
+        before, looked = proxy.paths[CREATES], proxy.paths[SEARCHES]
+        held = 2 if child_ending == "sigterm-looking" else 1  # the child's create too
+        proxy.set(mode="late", latency=2.5, count=held, path="/runs/create")
+        agent.send("go")
+        agent.expect("LOGGED")
+        wait_until(lambda: proxy.paths[SEARCHES] > looked, WAIT, "the parent looking by key")
+        agent.send("fork")
+        child = int(agent.expect("CHILD_LOGGED").split()[1])
+        if child_ending == "sigterm-looking":
+            agent.expect("CHILD_LOOKING")
+        # The combination was entered: the parent's held create was not committed yet.
+        lost_at_fork = named(store, experiment_name, "parent") == []
+        if child_ending.startswith("sigterm"):
+            os.kill(child, signal.SIGTERM)
+        ended = agent.expect("CHILD_ENDED", WAIT).split(" ", 1)[1]
+        status = json.loads(agent.expect("STATUS", WAIT).split(" ", 1)[1])
+        code = agent.wait(WAIT)
+        wait_until(lambda: proxy.handling == 0, WAIT, "the proxy forwarded the held creates")
+        creates = proxy.paths[CREATES] - before
+        kept = [p.name for p in journal_folders(journal_dir)]
+        runs = named(store, experiment_name, "parent", deleted=True)
+        runs += named(store, experiment_name, "child", deleted=True)
+        at_exit = {run.data.tags["run_id"]: statuses([run]) for run in runs}
+        for attempt in range(2):
+            done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+            assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
+        creates_after_replay = proxy.paths[CREATES] - before
+        requests = dict(proxy.paths)
+    seen = (
+        f"child ended {ended}; parent exit {code}; at exit {at_exit}; {creates} creates "
+        f"({creates_after_replay} after replay); kept {kept}; parent status {status}; "
+        f"requests {requests}; stderr:\n{agent.stderr()[-3000:]}"
+    )
+    assert lost_at_fork, f"the parent's run existed in MLflow before the fork; {seen}"
+    child_status = "FINISHED" if child_ending == "exit" else "KILLED"
+    assert ended == ("exit 0" if child_ending == "exit" else f"signal {int(signal.SIGTERM)}"), seen
+    assert code == 0, seen
+    parent = named(store, experiment_name, "parent", deleted=True)
+    forked = named(store, experiment_name, "child", deleted=True)
+    assert statuses(parent) == ["FINISHED/active"], seen
+    assert statuses(forked) == [f"{child_status}/active"], seen
+    assert parent[0].data.tags[KEY] != forked[0].data.tags[KEY], seen
+    assert creates == 2, seen
+    assert kept == [], seen
+    assert creates_after_replay == 2, seen
+    assert_each_once(store.steps(parent[0]), range(5))
+    assert_each_once(store.steps(forked[0]), range(3))
