@@ -23,6 +23,7 @@ from promises_support import (
     WAIT,
     Agent,
     Store,
+    assert_accounted,
     assert_each_once,
     journal_folders,
     replay_cli,
@@ -245,3 +246,82 @@ def test_a_child_forked_while_its_parent_looks_for_a_lost_create_duplicates_noth
     assert creates_after_replay == 2, seen
     assert_each_once(store.steps(parent[0]), range(5))
     assert_each_once(store.steps(forked[0]), range(3))
+
+
+# -- 3. the journal's disk full while a create is lost -------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("queue_size", [10_000, 50], ids=["in-memory", "spilling"])
+@pytest.mark.parametrize("limit_kib", [16, 512], ids=["no-journal", "full-mid-run"])
+def test_a_full_journal_disk_while_a_create_is_lost_ends_the_one_run_finished(
+    agents: Spawn,
+    store: Store,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    queue_size: int,
+    limit_kib: int,
+) -> None:
+    """Every file write fails (ulimit -f) past 16 KiB (the journal gets no segment at all) or
+    512 KiB (its first segment is made, not the next: the disk fills up mid-run). The proxy
+    holds the create of run ``full`` past the 1 s request timeout and commits it late; while the
+    sink looks for it by key, the agent takes 3,000 more steps (the sink reports a journal
+    problem by then), ends the run and closes. Expected: one MLflow run ``full``, FINISHED,
+    one create, no step stored twice; with a queue that holds every step, every step landed;
+    replay adds no create, no step, and does not turn the run KILLED."""
+    steps = 3000
+    with FaultProxy(mlflow_server.port) as proxy:
+        agent = agents(
+            "disk_full_lost_create.py",
+            proxy.uri,
+            experiment_name,
+            str(queue_size),
+            str(steps),
+            str(limit_kib),
+            stdin=True,
+        )
+        agent.expect("READY", 120)
+        before, looked = proxy.paths[CREATES], proxy.paths[SEARCHES]
+        hold_next_create(proxy)
+        agent.send("go")
+        started = json.loads(agent.expect("STARTED").split(" ", 1)[1])
+        wait_until(lambda: proxy.paths[SEARCHES] > looked, WAIT, "the sink looking by key")
+        agent.send("fill")
+        problem = json.loads(agent.expect("FILLED", WAIT).split(" ", 1)[1])
+        # The combination was entered: the held create was not committed yet.
+        still_lost = named(store, experiment_name, "full") == []
+        status = json.loads(agent.expect("STATUS", 120).split(" ", 1)[1])
+        code = agent.wait(WAIT)
+        wait_until(lambda: proxy.handling == 0, WAIT, "the proxy forwarded the held create")
+        creates = proxy.paths[CREATES] - before
+        kept = [p.name for p in journal_folders(journal_dir)]
+        at_exit = statuses(named(store, experiment_name, "full", deleted=True))
+        for attempt in range(2):
+            done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+            assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
+        creates_after_replay = proxy.paths[CREATES] - before
+        requests = dict(proxy.paths)
+    seen = (
+        f"journal problem {started!r} at the start, {problem!r} after the steps; at exit "
+        f"{at_exit}; {creates} creates ({creates_after_replay} after replay); kept {kept}; "
+        f"status {status}; requests {requests}; stderr:\n{agent.stderr()[-3000:]}"
+    )
+    assert code == 0, seen
+    assert problem, f"the disk never filled up; {seen}"  # the combination was entered
+    if limit_kib > 256:
+        assert started is None, f"the disk was full before the run started; {seen}"
+    assert still_lost, f"the held create was committed before the disk filled; {seen}"
+    assert_accounted(status)
+    assert status["pending"] == 0, seen
+    if status["deferred"] == 0:  # nothing kept: none may claim so
+        assert "replay" not in agent.stderr(), f"says events were kept for replay; {seen}"
+    assert at_exit == ["FINISHED/active"], seen
+    assert creates == 1, seen
+    assert creates_after_replay == 1, seen
+    full = named(store, experiment_name, "full", deleted=True)
+    assert statuses(full) == ["FINISHED/active"], seen
+    landed = store.steps(full[0])
+    assert len(landed) == len(set(landed)), f"a step stored twice; {seen}"
+    if queue_size >= steps:  # nothing had to wait on disk: everything is sent
+        assert_each_once(landed, range(steps))
