@@ -56,6 +56,17 @@ def hold_next_create(proxy: FaultProxy) -> None:
     proxy.set(mode="late", latency=2.5, count=1, path="/runs/create")
 
 
+def creates_over_two_replays(journal_dir: Path, proxy: FaultProxy) -> list[int]:
+    """``rlm-mlflow replay`` run twice through ``proxy``, each to success: the count of
+    ``runs/create`` requests the proxy has seen after each."""
+    after = []
+    for attempt in range(2):
+        done = replay_cli(journal_dir, tracking_uri=proxy.uri)
+        assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
+        after.append(proxy.paths[CREATES])
+    return after
+
+
 # -- 1. SIGTERM while the sink looks for a run whose create was lost ------------------------------
 
 
@@ -65,9 +76,7 @@ def sigterm_while_looking(
     """Run ``held`` logged and ended in an agent whose create of it the proxy holds; SIGTERM
     once the sink looks for it by key (a ``runs/search`` after the create); the agent's end
     awaited (it must die of the signal)."""
-    agent = agents(
-        "lost_create_sigterm.py", proxy.uri, experiment, str(shutdown_timeout), stdin=True
-    )
+    agent = agents("lost_create.py", proxy.uri, experiment, str(shutdown_timeout), stdin=True)
     agent.expect("READY", 120)
     looked = proxy.paths[SEARCHES]
     hold_next_create(proxy)
@@ -102,10 +111,7 @@ def test_sigterm_while_the_sink_looks_for_a_lost_create_ends_the_one_run_finishe
         creates = proxy.paths[CREATES] - before - 1  # the warm run's create
         kept = [p.name for p in journal_folders(journal_dir)]
         at_exit = statuses(named(store, experiment_name, "held", deleted=True))
-        for attempt in range(2):
-            done = replay_cli(journal_dir, tracking_uri=proxy.uri)
-            assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
-        creates_after_replay = proxy.paths[CREATES] - before - 1
+        creates_after_replay = creates_over_two_replays(journal_dir, proxy)[-1] - before - 1
         requests = dict(proxy.paths)
     seen = f"requests {requests}; agent stderr:\n{agent.stderr()[-2000:]}"
     assert at_exit == ["FINISHED/active"], f"at exit: {at_exit}; {seen}"
@@ -138,11 +144,7 @@ def test_sigterm_with_too_short_a_deadline_for_the_look_up_leaves_one_finished_r
         creates = proxy.paths[CREATES] - before - 1  # the warm run's create
         kept = [p.name for p in journal_folders(journal_dir)]
         at_exit = statuses(named(store, experiment_name, "held"))
-        after: list[int] = []
-        for attempt in range(2):
-            done = replay_cli(journal_dir, tracking_uri=proxy.uri)
-            assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
-            after.append(proxy.paths[CREATES] - before - 1)
+        after = [n - before - 1 for n in creates_over_two_replays(journal_dir, proxy)]
         requests = dict(proxy.paths)
     seen = (
         f"at exit {at_exit} ({creates} creates, kept {kept}); creates after each replay {after};"
@@ -222,10 +224,7 @@ def test_a_child_forked_while_its_parent_looks_for_a_lost_create_duplicates_noth
         runs = named(store, experiment_name, "parent", deleted=True)
         runs += named(store, experiment_name, "child", deleted=True)
         at_exit = {run.data.tags["run_id"]: statuses([run]) for run in runs}
-        for attempt in range(2):
-            done = replay_cli(journal_dir, tracking_uri=proxy.uri)
-            assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
-        creates_after_replay = proxy.paths[CREATES] - before
+        creates_after_replay = creates_over_two_replays(journal_dir, proxy)[-1] - before
         requests = dict(proxy.paths)
     seen = (
         f"child ended {ended}; parent exit {code}; at exit {at_exit}; {creates} creates "
@@ -297,10 +296,7 @@ def test_a_full_journal_disk_while_a_create_is_lost_ends_the_one_run_finished(
         creates = proxy.paths[CREATES] - before
         kept = [p.name for p in journal_folders(journal_dir)]
         at_exit = statuses(named(store, experiment_name, "full", deleted=True))
-        for attempt in range(2):
-            done = replay_cli(journal_dir, tracking_uri=proxy.uri)
-            assert done.returncode == 0, f"replay {attempt + 1}: {done.stdout}{done.stderr}"
-        creates_after_replay = proxy.paths[CREATES] - before
+        creates_after_replay = creates_over_two_replays(journal_dir, proxy)[-1] - before
         requests = dict(proxy.paths)
     seen = (
         f"journal problem {started!r} at the start, {problem!r} after the steps; at exit "

@@ -30,6 +30,19 @@ def make_sink(uri: str, experiment: str, **kwargs: Any) -> MLflowSink:
     return MLflowSink(enabled=True, experiment=experiment, tracking_uri=uri, **settings)
 
 
+def sink_with_a_first_run(uri: str, experiment: str, **kwargs: Any) -> MLflowSink:
+    """:func:`make_sink`, once a first run was sent (the experiment exists, the worker runs):
+    then ``READY``, and on a line from stdin (the test has set its faults) the sink is returned."""
+    sink = make_sink(uri, experiment, **kwargs)
+    sink.on_run_start("warm", task="t", environment="e", params={})
+    sink.on_run_end("warm", result={"completed": True, "steps": 0}, run_path=None)
+    if not sink.flush(120):
+        raise SystemExit("the first run was not sent")
+    say("READY")
+    sys.stdin.readline()
+    return sink
+
+
 def step(sink: MLflowSink, run_id: str, number: int) -> None:
     """A step whose reward is 1.0 and whose cumulative reward is ``number + 1``."""
     sink.on_step(run_id, event={"step": number, "reward": 1.0}, cumulative_reward=number + 1.0)

@@ -22,22 +22,16 @@ import sys
 import threading
 import time
 
-from agentkit import make_sink, say, step
+from agentkit import say, sink_with_a_first_run, step
 
 
 def main() -> None:
     uri, experiment, queue_size, steps, limit_kib = sys.argv[1:6]
     _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit_kib) * 1024, hard))
-    sink = make_sink(
+    sink = sink_with_a_first_run(
         uri, experiment, queue_size=int(queue_size), request_timeout=1.0, shutdown_timeout=30.0
     )
-    sink.on_run_start("warm", task="t", environment="e", params={})
-    sink.on_run_end("warm", result={"completed": True, "steps": 0}, run_path=None)
-    if not sink.flush(60):
-        raise SystemExit("the first run was not sent")
-    say("READY")
-    sys.stdin.readline()
     sink.on_run_start("full", task="t", environment="e", params={})
     for number in range(10):
         step(sink, "full", number)

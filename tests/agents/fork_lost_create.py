@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 
-from agentkit import make_sink, say, step
+from agentkit import say, sink_with_a_first_run, step
 
 from rlm_mlflow import MLflowSink
 
@@ -53,13 +53,7 @@ def child(sink: MLflowSink, ending: str) -> None:
 
 def main() -> None:
     uri, experiment, parent_run, ending = sys.argv[1:5]
-    sink = make_sink(uri, experiment, request_timeout=1.0, shutdown_timeout=10.0)
-    sink.on_run_start("warm", task="t", environment="e", params={})
-    sink.on_run_end("warm", result={"completed": True, "steps": 0}, run_path=None)
-    if not sink.flush(120):
-        raise SystemExit("the first run was not sent")
-    say("READY")
-    sys.stdin.readline()
+    sink = sink_with_a_first_run(uri, experiment, request_timeout=1.0, shutdown_timeout=10.0)
     sink.on_run_start("parent", task="t", environment="e", params={"depth": 0})
     for number in range(5):
         step(sink, "parent", number)
