@@ -227,6 +227,41 @@ def test_a_close_too_short_for_the_steps_still_ends_the_run_and_keeps_the_rest(
     assert_each_once(store.steps(store.by_name(experiment_name)["long"]), range(3000))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("status", "retry_after"), [(429, "3600"), (503, None)], ids=["429-retry-after", "503"]
+)
+def test_a_close_while_the_steps_wait_out_a_refusal_ends_the_run_and_keeps_them(
+    proxy: FaultProxy,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+    status: int,
+    retry_after: str | None,
+) -> None:
+    """Every ``log-batch`` is answered at once with a 429 (``Retry-After: 3600``) or a 503,
+    while the run's other requests pass: the cycle with the run's steps and its end waits in
+    its retries, no request of it out. close(3) takes that cycle over as it would one stuck on
+    an unanswered request: the run is FINISHED at the server (its end goes alone), its steps
+    are kept, and replay lands each once. Before, the end waited behind the steps' retries
+    until the deadline and the run stayed RUNNING."""
+    sink = make_sink(proxy.uri, experiment_name, flush_interval=0.2)
+    start(sink, "refused")
+    assert sink.flush(WAIT)  # the run exists, as after a while of running
+    proxy.set(mode="http", status=status, retry_after=retry_after, path="log-batch")
+    steps(sink, "refused", range(20))
+    end(sink, "refused", 20)
+    wait_until(lambda: sink.status()["retries"] >= 1, WAIT, "the steps' batch retried")
+    close_within(sink, 3.0)
+    store = Store(mlflow_server.uri)
+    assert store.by_name(experiment_name)["refused"].info.status == "FINISHED"
+    assert sink.status()["deferred"] > 0
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert report.failed == 0
+    assert_each_once(store.steps(store.by_name(experiment_name)["refused"]), range(20))
+
+
 def test_a_close_that_takes_over_a_cycle_ends_its_run_before_reading_what_it_stored(
     proxy: FaultProxy,
     mlflow_server: MlflowServer,

@@ -110,6 +110,8 @@ class Caller:
         self._uri = tracking_uri
         self.probe = probe
         self.inflight: dict[int, tuple[str, float]] = {}  # requests waiting for an answer
+        # Calls between their tries: since their first failure.
+        self.retrying: dict[int, tuple[str, float]] = {}
         self._tokens = itertools.count()
         self.failing_since: float | None = None  # first failure of the current trouble
         self.refused: str | None = None  # why the store refuses everything, while it does
@@ -157,6 +159,12 @@ class Caller:
     def oldest(self) -> tuple[str, float] | None:
         """``(what, since)`` of the call that has waited longest for its answer, if any."""
         waiting = list(self.inflight.values())
+        return min(waiting, key=lambda item: item[1]) if waiting else None
+
+    def oldest_unsettled(self) -> tuple[str, float] | None:
+        """``(what, since)`` of the call that has waited longest for its answer, or for its
+        next try since it first failed (a refusal the server asks to wait out, an outage)."""
+        waiting = [*self.inflight.values(), *self.retrying.values()]
         return min(waiting, key=lambda item: item[1]) if waiting else None
 
     # -- calls ---------------------------------------------------------------------------------
@@ -226,8 +234,13 @@ class Caller:
 
     async def call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """Call with retries: see the module docstring. Raises what the last attempt raised."""
+        token = next(self._tokens)
+
+        def failed() -> None:
+            self.retrying.setdefault(token, (what, time.monotonic()))
 
         def before_sleep(state: RetryCallState) -> None:
+            failed()
             self.counts.retries += 1
             wait = state.upcoming_sleep
             self.sleep_until = time.monotonic() + wait
@@ -243,26 +256,30 @@ class Caller:
 
         if self.gave_up is not None:
             raise TransientError(f"{what}: not tried, the store stopped answering ({self.gave_up})")
-        while True:
-            try:
-                async for attempt in self.policy.retrying(
-                    sleep=anyio.sleep, before_sleep=before_sleep
-                ):
-                    with attempt:
-                        return await self.once(what, fn, *args)
-            except TransientError as exc:
-                if self.probe is None:  # nothing waits out an outage here
-                    if self.give_up:
-                        self.gave_up = self.clean(str(exc))
-                    raise
-                if self.policy.deadline <= 0 or await self.store_answers():
-                    raise  # the store answers: this request is the problem
-            finally:
-                self.sleep_until = None
-            # An outage: keep waiting for the store, probing now and then.
-            wait = self.policy.outage_wait()
-            self.sleep_until = time.monotonic() + wait
-            await anyio.sleep(wait)
+        try:
+            while True:
+                try:
+                    async for attempt in self.policy.retrying(
+                        sleep=anyio.sleep, before_sleep=before_sleep
+                    ):
+                        with attempt:
+                            return await self.once(what, fn, *args)
+                except TransientError as exc:
+                    if self.probe is None:  # nothing waits out an outage here
+                        if self.give_up:
+                            self.gave_up = self.clean(str(exc))
+                        raise
+                    failed()
+                    if self.policy.deadline <= 0 or await self.store_answers():
+                        raise  # the store answers: this request is the problem
+                finally:
+                    self.sleep_until = None
+                # An outage: keep waiting for the store, probing now and then.
+                wait = self.policy.outage_wait()
+                self.sleep_until = time.monotonic() + wait
+                await anyio.sleep(wait)
+        finally:
+            self.retrying.pop(token, None)
 
     async def store_answers(self) -> bool:
         """One probe: does the store answer at all? (StoreRefused propagates.)"""

@@ -437,13 +437,16 @@ class Worker:
 
     async def _take_over_if_stuck(self, scope: anyio.CancelScope, at: float) -> None:
         """From ``at`` (time.monotonic()) on, take the short cycle out now over once one of its
-        requests has waited :data:`CYCLE_STUCK` for its answer (see :data:`CYCLE_RESERVE`)."""
+        requests has waited :data:`CYCLE_STUCK` for its answer, or for its next try (a 429 or
+        503 answered at once, retried until the deadline, holds the run's end up as long as a
+        server holding the request; see :data:`CYCLE_RESERVE`)."""
         while self._interruptible is scope:
             await anyio.sleep(max(0.0, at - time.monotonic()))
             if self._interruptible is not scope:
                 return
             now = time.monotonic()
-            since = [found[1] for found in map(Caller.oldest, self.callers) if found is not None]
+            callers = map(Caller.oldest_unsettled, self.callers)
+            since = [found[1] for found in callers if found is not None]
             waited = now - min(since, default=now)
             if waited >= CYCLE_STUCK:
                 scope.cancel()
