@@ -524,6 +524,41 @@ def test_hooks_without_start_and_after_close() -> None:
     assert status["dropped"]["after_close"] == 2
 
 
+def test_hooks_after_a_runs_end_are_dropped_not_taken_for_a_new_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A straggler step after ``on_run_end``, and a second ``on_run_end`` (from a ``finally:``)
+    beside a good run: each is dropped and counted (``after_end``), with a warning naming the
+    run (the first of them); no second MLflow run is made for either id, the ended runs keep
+    what they had, and the run between them lands whole. Starting the id again is a new run,
+    as before."""
+    memory = MemoryTransport()
+    sink = make_sink(memory)
+    for run_id in ("straggler", "twice", "good"):
+        sink.on_run_start(run_id, task="t", environment="e", params={})
+        sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_end("straggler", result={"completed": True, "steps": 1}, run_path=None)
+    sink.on_run_end("twice", result={"completed": True, "steps": 1}, run_path=None)
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        sink.on_step("straggler", event={"step": 1, "reward": 1.0}, cumulative_reward=2.0)
+        sink.on_run_end("twice", result={"completed": False}, run_path=None)
+    sink.on_step("good", event={"step": 1, "reward": 1.0}, cumulative_reward=2.0)
+    sink.on_run_end("good", result={"completed": True, "steps": 2}, run_path=None)
+    sink.on_run_start("twice", task="t", environment="e", params={})  # again: a new run
+    sink.on_run_end("twice", result={"completed": True, "steps": 0}, run_path=None)
+    sink.close()
+    assert [run.status for run in memory.by_name("straggler")] == ["FINISHED"]
+    assert memory.one("straggler").history("step_reward") == [(0, 1.0)]
+    assert [run.status for run in memory.by_name("twice")] == ["FINISHED", "FINISHED"]
+    assert memory.by_name("twice")[0].history("completed") == [(0, 1.0)]
+    assert memory.one("good").history("step_reward") == [(0, 1.0), (1, 1.0)]
+    status = sink.status()
+    assert status["dropped"]["after_end"] == 2
+    assert "not_started" not in status["rejected"]
+    # The first of a kind is logged (the rest are counted: warnings are rate-limited).
+    assert "rlm-mlflow run straggler: hook called after its on_run_end" in caplog.text
+
+
 def test_close_is_idempotent_and_bounded_when_mlflow_hangs() -> None:
     memory = MemoryTransport()
     release = threading.Event()

@@ -28,7 +28,7 @@ import logging
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,10 @@ Item = tuple[Segment | None, int, bytes | None]  # None: read the record back fr
 #: A record larger than this waits in memory by reference only (the journal holds its bytes,
 #: and the worker sums them as it reads them back).
 BY_REFERENCE = SMALL_RECORD
+
+#: Ended run ids remembered, so that a hook for one of them after its ``on_run_end`` (a
+#: straggler step, a second end from a ``finally:``) is dropped, not taken for a new run.
+ENDED_KEPT = 10_000
 
 #: While spilling, a hook yields the interpreter once per this many records (+1, a power of two).
 YIELD_EVERY = 255  # (journal segment, offset, record) - no journal: None
@@ -179,6 +183,7 @@ class Pipeline:
         self.rejected = Tally()
         self.by_id: dict[str, OpenRun] = {}  # the latest open run of each run id
         self.by_thread: dict[tuple[str, int], OpenRun] = {}
+        self.ended: OrderedDict[str, None] = OrderedDict()  # the latest ENDED_KEPT, oldest first
         # The benchmark open (its root runs are its cases), and its cases: run id -> (the
         # benchmark's run, the case's run)
         self.bench: OpenRun | None = None
@@ -217,6 +222,7 @@ class Pipeline:
             except Exception:
                 task_chars = None
             parent = self._parent_of(rid, params)
+            self.ended.pop(rid, None)  # started again: a new run
             me = threading.get_ident()
             run = self.by_thread.get((rid, me))
             if run is not None and run.implicit:  # its steps came first: this completes it
@@ -277,6 +283,8 @@ class Pipeline:
             run = self.by_id.get(run_id) if type(run_id) is str else None
             if run is None or run.thread != threading.get_ident():
                 run = self.route(run_id)
+                if run is None:
+                    return
             children = run.drain_children() if run.children else None
             if type(event) is dict:
                 step, reward = event.get("step"), event.get("reward")
@@ -322,6 +330,8 @@ class Pipeline:
             return
         try:
             run = self.route(run_id)
+            if run is None:
+                return
             values = []
             for name in ("completed", "steps", "total_reward", "final_response"):
                 value, ok = read_field(result, name)
@@ -364,6 +374,8 @@ class Pipeline:
             )
             self.admit(payload, ctl=True)
             self._forget(run)
+            if run.run_id not in self.by_id:
+                self._ended(run.run_id)
             if run.parent is not None and any(usage):
                 run.parent.children.append(usage)  # counted once: in the parent's next step
         except Exception:
@@ -441,12 +453,22 @@ class Pipeline:
         run = self.by_thread.get((run_id, threading.get_ident()))
         return run if run is not None else self.by_id.get(run_id)
 
-    def route(self, run_id: object) -> OpenRun:
-        """The run a step or an end belongs to; a run never started is opened for it."""
+    def route(self, run_id: object) -> OpenRun | None:
+        """The run a step or an end belongs to; a run never started is opened for it. None for
+        a run that ended (the event is dropped, counted as ``after_end``)."""
         rid = run_id if type(run_id) is str else text_of(run_id)
         run = self.find(rid)
         if run is not None:
             return run
+        if rid in self.ended:
+            self.accepted.incr()
+            self.door.add("after_end")
+            self.warnings.warn(
+                "after_end",
+                "rlm-mlflow run %s: hook called after its on_run_end; event dropped",
+                rid,
+            )
+            return None
         me = threading.get_ident()
         run = OpenRun(next(self.run_numbers), rid, me, implicit=True)
         self.by_thread[(rid, me)] = run
@@ -465,6 +487,16 @@ class Pipeline:
         )
         self.admit(payload, ctl=True, start=True, internal=True)
         return run
+
+    def _ended(self, run_id: str) -> None:
+        ended = self.ended
+        ended[run_id] = None
+        ended.move_to_end(run_id)
+        while len(ended) > ENDED_KEPT:
+            try:
+                ended.popitem(last=False)
+            except KeyError:  # another thread's end took the last one over the bound
+                break
 
     def _forget(self, run: OpenRun) -> None:
         key = (run.run_id, run.thread)
