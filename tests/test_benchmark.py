@@ -5,6 +5,7 @@ report; every assessment once after lost answers and after ``kill -9`` + replay.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,88 @@ def test_a_record_for_a_run_outside_the_benchmark_is_refused_and_counted() -> No
     assert bench_run.history("judge/mean") == [(0, 0.5)]
     (dataset,) = transport.datasets[bench_run.run_uuid]
     assert dataset.name == "arith-v1"
+
+
+def test_a_case_that_never_ended_counts_as_not_completed_and_a_raising_benchmark_fails() -> None:
+    """Three cases: one completed, one not, one whose agent raised before its end, out of the
+    benchmark's ``with`` block. The case the close ends (FAILED) did not complete: its trace
+    says ``completed`` False, and the aggregates count it (``completed/mean`` 1/3 over 3
+    cases, not 1/2); the benchmark, left by an exception, ends FAILED, not FINISHED."""
+    transport = MemoryTransport()
+    sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+
+    def evaluate() -> None:
+        with rlm_mlflow.benchmark(sink, "bench") as bench:
+            for case in range(3):
+                run_id = f"case-{case}"
+                sink.on_run_start(run_id, task=run_id, environment="e", params={})
+                sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+                if case == 2:
+                    raise RuntimeError("the agent crashed")
+                result = {"completed": case == 0, "total_reward": 1.0}
+                sink.on_run_end(run_id, result=result, run_path=None)
+                bench.record(run_id, expected="x", verdict=True)
+
+    with pytest.raises(RuntimeError, match="the agent crashed"):
+        evaluate()
+    sink.close(WAIT)
+    bench_run = transport.one("bench")
+    assert bench_run.status == "FAILED"
+    assert bench_run.history("cases") == [(0, 3.0)]
+    ((_, completed_mean),) = bench_run.history("completed/mean")
+    assert completed_mean == pytest.approx(1 / 3)
+    assert transport.one("case-2").status == "FAILED"
+    completed = {}
+    for trace, held in transport.assessments.items():
+        run_uuid = transport.trace_links[bytes.fromhex(trace.removeprefix("tr-"))]
+        name = transport.runs[run_uuid].tags["run_id"]
+        completed[name] = [a.value for _, a in held if a.name == "completed"]
+    assert completed == {"case-0": [True], "case-1": [False], "case-2": [False]}
+
+
+def test_two_benchmarks_on_two_threads_each_keep_their_own_cases_and_verdicts() -> None:
+    """Two models evaluated at once, each benchmark opened on a thread of its own, their cases
+    interleaved: each case is one of its own thread's benchmark, each verdict is kept (none
+    refused as ``case_unknown``), and each evaluation run's aggregates are its own cases'."""
+    transport = MemoryTransport()
+    sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+    both_open = threading.Barrier(2, timeout=WAIT)
+    cases_started = threading.Barrier(2, timeout=WAIT)
+
+    def evaluate(model: str, reward: float) -> None:
+        with rlm_mlflow.benchmark(sink, f"eval-{model}") as bench:
+            both_open.wait()
+            for case in range(3):
+                run_id = f"{model}-{case}"
+                sink.on_run_start(run_id, task=run_id, environment="e", params={})
+                cases_started.wait()  # the other model's case is open too
+                sink.on_step(run_id, event={"step": 0, "reward": reward}, cumulative_reward=0)
+                result = {"completed": True, "total_reward": reward}
+                sink.on_run_end(run_id, result=result, run_path=None)
+                bench.record(run_id, expected="x", verdict=reward == 1.0)
+            both_open.wait()  # neither closes before the other's last case
+
+    threads = [
+        threading.Thread(target=evaluate, args=(model, reward))
+        for model, reward in (("a", 1.0), ("b", 0.0))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    sink.close(WAIT)
+    assert "case_unknown" not in sink.status()["rejected"]
+    for model, reward in (("a", 1.0), ("b", 0.0)):
+        bench_run = transport.one(f"eval-{model}")
+        assert bench_run.history("cases") == [(0, 3.0)]
+        assert bench_run.history("reward/mean") == [(0, reward)]
+        assert bench_run.history("judge/mean") == [(0, reward)]
+        linked = [t for t, runs in transport.run_links.items() if bench_run.run_uuid in runs]
+        names = set()
+        for trace in linked:
+            run_uuid = transport.trace_links[bytes.fromhex(trace.removeprefix("tr-"))]
+            names.add(transport.runs[run_uuid].tags["run_id"])
+        assert names == {f"{model}-{case}" for case in range(3)}
 
 
 def test_a_benchmark_on_a_sink_that_is_not_mlflows_logs_nothing_and_never_raises() -> None:

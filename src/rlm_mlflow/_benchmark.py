@@ -52,7 +52,6 @@ class Benchmark:
         self.report = report
         self.cases = 0
         self._pipeline = getattr(sink, "_pipeline", None)
-        self._outer: Any = None
         self._run: Any = None
         if self._pipeline is None:
             logger.warning(
@@ -68,7 +67,7 @@ class Benchmark:
         pipeline.start(self.name, None, None, self.params, benchmark=True, dataset=self.dataset)
         self._run = pipeline.find(self.name)
         if self._run is not None:
-            self._outer, pipeline.bench = pipeline.bench, self._run
+            pipeline.open_bench(self._run)
         return self
 
     def record(
@@ -107,14 +106,17 @@ class Benchmark:
         pipeline, run = self._pipeline, self._run
         if pipeline is None or run is None:
             return
-        if pipeline.bench is run:
-            pipeline.bench = self._outer
+        pipeline.close_bench(run)
         for run_id, (bench_no, _) in list(pipeline.cases.items()):
             if bench_no == run.no:
                 pipeline.cases.pop(run_id, None)
         report = os.fspath(self.report) if self.report is not None else None
         cases = pipeline.case_figures.pop(run.no, None)
-        pipeline.end(self.name, {"completed": exc_type is None}, report, cases=cases)
+        # Left by an exception, the benchmark did not finish: FAILED (KILLED by Ctrl-C).
+        status = "FINISHED"
+        if exc_type is not None:
+            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        pipeline.end(self.name, {"completed": exc_type is None}, report, cases=cases, status=status)
 
 
 def _dataset(name: str, dataset: str | Sequence[Any] | None) -> dict[str, Any] | None:

@@ -149,6 +149,12 @@ class RunEnd:
     cases: dict[int, dict[str, float]] | None = None
 
 
+def completed_of(end: RunEnd) -> object:
+    """Whether the run completed, as its end says: what ``on_run_end`` said, and False for a
+    run that never reached it (ended FAILED or KILLED by the sink or a replay)."""
+    return end.completed if end.status == "FINISHED" else False
+
+
 #: A judge's verdict among a case's figures (the judge's name follows).
 VERDICT = "verdict:"
 

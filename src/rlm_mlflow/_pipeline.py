@@ -187,6 +187,9 @@ class Pipeline:
         # The benchmark open (its root runs are its cases), and its cases: run id -> (the
         # benchmark's run, the case's run)
         self.bench: OpenRun | None = None
+        # Every benchmark open, with the thread that opened it, in the order they were opened
+        # (replaced whole, never changed in place: hooks read it unlocked).
+        self.benches: list[tuple[int, OpenRun]] = []
         self.cases: dict[str, tuple[int, int]] = {}
         # What the hooks saw of each case: benchmark's run no -> case's run no -> its figures
         # (written with the benchmark's end: see RunEnd.cases).
@@ -239,9 +242,11 @@ class Pipeline:
             if parent is not None:
                 run.root = parent.root
                 run.parent = parent
-            elif self.bench is not None and not benchmark:  # a case of the open benchmark
-                bench_no = self.bench.no
-                self.cases[rid] = (bench_no, run.no)
+            elif self.bench is not None and not benchmark:  # a case of an open benchmark
+                bench = self._bench_of(me)
+                if bench is not None:
+                    bench_no = bench.no
+                    self.cases[rid] = (bench_no, run.no)
             run.last_ns = run.started_ns = now = now_ns()
             depth = params.get("depth") if type(params) is dict else None
             session = user = None
@@ -321,6 +326,7 @@ class Pipeline:
         run_path: object,
         *,
         cases: dict[int, dict[str, float]] | None = None,
+        status: str = "FINISHED",
     ) -> None:
         if self.off:
             return
@@ -361,7 +367,7 @@ class Pipeline:
                 run.no,
                 now,
                 run_id=run.run_id,
-                status="FINISHED",
+                status=status,
                 completed=values[0],
                 steps=values[1],
                 total_reward=values[2],
@@ -487,6 +493,32 @@ class Pipeline:
         )
         self.admit(payload, ctl=True, start=True, internal=True)
         return run
+
+    def _bench_of(self, thread: int) -> OpenRun | None:
+        """The benchmark a root run started on ``thread`` is a case of: the latest opened on
+        that thread, else the latest opened (cases may run on a pool's threads)."""
+        benches = self.benches
+        for opener, bench in reversed(benches):
+            if opener == thread:
+                return bench
+        return benches[-1][1] if benches else None  # the last one closed meanwhile
+
+    def open_bench(self, run: OpenRun) -> None:
+        me = threading.get_ident()
+        if any(opener != me for opener, _ in self.benches):
+            self.warnings.warn(
+                "benchmarks_at_once",
+                "rlm-mlflow: benchmark %s opened while another thread's is open: a root run "
+                "is a case of the latest benchmark opened on its own thread, else of the "
+                "latest opened",
+                run.run_id,
+            )
+        self.benches = [*self.benches, (me, run)]
+        self.bench = run
+
+    def close_bench(self, run: OpenRun) -> None:
+        self.benches = [entry for entry in self.benches if entry[1] is not run]
+        self.bench = self.benches[-1][1] if self.benches else None
 
     def _ended(self, run_id: str) -> None:
         ended = self.ended

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._calls import Caller
-from .._events import RunEnd, finite
+from .._events import RunEnd, completed_of, finite
 from .._exceptions import PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import (
@@ -79,14 +79,16 @@ def value_of(value: object) -> Any:
 
 
 def outcome_of(trace_id: str, end: RunEnd) -> list[Assessment]:
-    """Feedback ``total_reward`` and ``completed`` of a root run's end, those it has."""
+    """Feedback ``total_reward`` and ``completed`` of a root run's end, those it has (a run
+    ended FAILED or KILLED did not complete)."""
     found: list[Assessment] = []
     reward = finite(end.total_reward)
     if reward is not None:
         key = assessment_key(trace_id, "total_reward")
         found.append(Assessment("total_reward", reward, key))
-    if type(end.completed) is bool:
-        found.append(Assessment("completed", end.completed, assessment_key(trace_id, "completed")))
+    completed = completed_of(end)
+    if type(completed) is bool:
+        found.append(Assessment("completed", completed, assessment_key(trace_id, "completed")))
     return found
 
 

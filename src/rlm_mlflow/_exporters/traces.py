@@ -34,7 +34,15 @@ import anyio
 
 from .._calls import Caller
 from .._config import DEFAULT_SPAN_BUDGET
-from .._events import VERDICT, CaseResult, RunEnd, Step, case_figures, verdict_score
+from .._events import (
+    VERDICT,
+    CaseResult,
+    RunEnd,
+    Step,
+    case_figures,
+    completed_of,
+    verdict_score,
+)
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._journal_format import read_figures, write_figures
 from .._stats import RateLimitedWarnings
@@ -301,7 +309,9 @@ class TracesExporter:
 
     def _case_figures(self, bench: int, case: int, start_ns: int, end: RunEnd) -> None:
         tokens = end.usage.total_tokens if end.usage is not None else 0
-        figures = case_figures(end.completed, end.total_reward, tokens, start_ns, end.timestamp_ns)
+        figures = case_figures(
+            completed_of(end), end.total_reward, tokens, start_ns, end.timestamp_ns
+        )
         self.figures.setdefault(bench, {}).setdefault(case, {}).update(figures)
         self._figures_changed.add(bench)
 
