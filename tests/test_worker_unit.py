@@ -469,6 +469,45 @@ def test_sinks_closed_together_say_what_they_left_in_one_line(
     assert all(sink.status()["deferred"] == 5 for sink in sinks)
 
 
+def test_the_one_line_counts_the_events_kept_before_the_close_too(
+    journal_dir: Path, caplog: Any
+) -> None:
+    """Sinks whose steps were kept for replay while they ran (every ``log_batch`` refused past
+    its retry deadline, the rest taken) and are then closed together: the one warning says
+    every event they left, as their ``status()`` counts them, not only those the close itself
+    found waiting (it said "0 events not sent (none left unsent)")."""
+    import logging
+
+    from rlm_mlflow import TransientError
+    from rlm_mlflow._runtime import close_all
+
+    sinks = []
+    for n in range(3):
+        memory = MemoryTransport()
+        memory.fail = lambda call: TransientError("refused") if call == "log_batch" else None
+        sink = MLflowSink(
+            enabled=True,
+            transport=memory,
+            flush_interval=0.05,
+            retry_initial=0.01,
+            retry_max_wait=0.02,
+            retry_deadline=0.1,
+        )
+        sink.on_run_start(f"r{n}", task="t", environment="e", params={})
+        for i in range(4):
+            sink.on_step(f"r{n}", event={"step": i, "reward": 1.0}, cumulative_reward=1.0 + i)
+        sinks.append(sink)
+    assert wait_for(lambda: all(sink.status()["deferred"] >= 4 for sink in sinks), 30.0)
+    with caplog.at_level(logging.WARNING, logger="rlm_mlflow"):
+        close_all("KILLED", 1.0)
+    left = sum(sink.status()["deferred"] for sink in sinks)
+    said = [r.getMessage() for r in caplog.records if "stopped with" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"rlm-mlflow: 3 sinks stopped with {left} events not sent ("), said
+    assert "none left unsent" not in said[0]
+    assert f"kept in 3 journals under {journal_dir}" in said[0]
+
+
 def test_the_time_a_drain_spends_sending_counts_toward_the_next_interval(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -1014,17 +1014,12 @@ class Worker:
         left.extend(self._group(items, final=True))
         for work in left:
             self.dispatcher.settle_left(work)
-        deferred = sum(w.counted - w.in_memory_only for w in left)
-        dropped = sum(w.in_memory_only for w in left)
         for journal in pipeline.journals():
-            spilled = journal.count_spilled_unsent()  # still in the journal: kept for replay
-            self.counts.deferred += spilled
-            deferred += spilled
+            # Still in the journal: kept for replay.
+            self.counts.deferred += journal.count_spilled_unsent()
         # Run starts and ends read ahead at the close are counted with their works already,
         # and the journal counts them again while the read position has not passed them.
-        twice = self._early_unsettled()
-        self.counts.deferred -= twice
-        deferred -= twice
+        self.counts.deferred -= self._early_unsettled()
         kept: list[str] = []
         late = self._keep_late_runs()
         for journal in pipeline.journals():
@@ -1032,6 +1027,10 @@ class Worker:
             journal.close(keep=keep)
             if keep:
                 kept.append(str(journal.folder))
+        # Said at the close: every event the sink leaves, as status() counts it, also those
+        # kept for replay (or lost) earlier, while it ran or as the close went.
+        deferred = self.counts.deferred + pipeline.deferred_door.value
+        dropped = self.counts.dropped.get("send_failed", 0)
         reports = self.close_reports
         ended = self.counts.runs_ended
         if reports is not None and reports.add(
