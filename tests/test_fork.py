@@ -248,3 +248,29 @@ def test_a_forked_childs_closing_gate_knows_no_closing_sink_of_its_parent() -> N
     assert renew is not None, "the gate is not renewed in a forked child"
     renew(gate)
     assert (gate.pending, gate.closing, gate.took, gate.ended) == (set(), set(), 0.0, False)
+
+
+@pytest.mark.slow
+def test_multiprocessing_fork_children_send_their_runs_though_they_never_run_atexit(
+    agents: Callable[..., Agent],
+    store: Store,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """multiprocessing ends a forked child with ``os._exit()`` after its own exit finalizers,
+    never ``atexit``'s. A child that logs a run with the sink it inherited, and one with a sink
+    it made, each return without ``close()``: both runs are in MLflow at once, FINISHED, every
+    step once, nothing kept for replay (before, neither was sent, their journals kept)."""
+    agent = agents("multiprocessing_children.py", mlflow_server.uri, experiment_name)
+    assert json.loads(agent.expect("JOINED", 120).split(" ", 1)[1]) == [0, 0]
+    assert agent.wait(WAIT) == 0, agent.stderr()[-2000:]
+    runs = store.by_name(experiment_name)
+    assert {name: run.info.status for name, run in runs.items()} == {
+        "parent": "FINISHED",
+        "inherited": "FINISHED",
+        "own": "FINISHED",
+    }, agent.stderr()[-3000:]
+    for name in ("inherited", "own"):
+        assert sorted(store.steps(runs[name])) == list(range(300)), name
+    assert journal_folders(journal_dir) == []

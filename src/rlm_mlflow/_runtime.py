@@ -509,6 +509,27 @@ def _install_process_hooks() -> None:
         sys.excepthook = _on_uncaught
         threading.excepthook = _on_thread_uncaught
         atexit.register(_close_all_at_exit)
+        _close_at_multiprocessing_exit(None)
+
+
+class _Forked:
+    """What multiprocessing holds (weakly) for our after-fork hook in its children."""
+
+
+_FORKED = _Forked()
+
+
+def _close_at_multiprocessing_exit(_: object) -> None:
+    """In a process multiprocessing started by forking (or from its fork server), which ends
+    with ``os._exit()`` after multiprocessing's own exit finalizers and never runs ``atexit``'s:
+    close the sinks among those finalizers (a program that imports no multiprocessing has
+    none)."""
+    util = sys.modules.get("multiprocessing.util")
+    process = sys.modules.get("multiprocessing.process")
+    if util is None or process is None or process.parent_process() is None:
+        return
+    with contextlib.suppress(Exception):
+        util.Finalize(None, _close_all_at_exit, exitpriority=100)
 
 
 def after_mlflow_import() -> None:
@@ -559,6 +580,12 @@ def _after_fork_in_child() -> None:
     deferred_signal, _reraise_after_exit, _signal_again = None, None, False
     _reraising.clear()
     restore_signal_handlers()
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None and _process_hooks:
+        # A multiprocessing child: its finalizers are cleared once this returns, then its
+        # after-fork hooks run; ours registers the close among the new finalizers.
+        with contextlib.suppress(Exception):
+            util.register_after_fork(_FORKED, _close_at_multiprocessing_exit)
 
 
 def _renew_worker(worker: Worker) -> None:
