@@ -90,6 +90,10 @@ def as_refusal(exc: PermanentError) -> StoreRefused | None:
     return None
 
 
+def _earliest(waiting: list[tuple[str, float]]) -> tuple[str, float] | None:
+    return min(waiting, key=lambda item: item[1]) if waiting else None
+
+
 class Caller:
     """Runs transport calls for the exporters of one sink."""
 
@@ -158,14 +162,12 @@ class Caller:
 
     def oldest(self) -> tuple[str, float] | None:
         """``(what, since)`` of the call that has waited longest for its answer, if any."""
-        waiting = list(self.inflight.values())
-        return min(waiting, key=lambda item: item[1]) if waiting else None
+        return _earliest(list(self.inflight.values()))
 
     def oldest_unsettled(self) -> tuple[str, float] | None:
         """``(what, since)`` of the call that has waited longest for its answer, or for its
         next try since it first failed (a refusal the server asks to wait out, an outage)."""
-        waiting = [*self.inflight.values(), *self.retrying.values()]
-        return min(waiting, key=lambda item: item[1]) if waiting else None
+        return _earliest([*self.inflight.values(), *self.retrying.values()])
 
     # -- calls ---------------------------------------------------------------------------------
 

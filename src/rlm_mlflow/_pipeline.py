@@ -184,11 +184,9 @@ class Pipeline:
         self.by_id: dict[str, OpenRun] = {}  # the latest open run of each run id
         self.by_thread: dict[tuple[str, int], OpenRun] = {}
         self.ended: OrderedDict[str, None] = OrderedDict()  # the latest ENDED_KEPT, oldest first
-        # The benchmark open (its root runs are its cases), and its cases: run id -> (the
-        # benchmark's run, the case's run)
-        self.bench: OpenRun | None = None
-        # Every benchmark open, with the thread that opened it, in the order they were opened
-        # (replaced whole, never changed in place: hooks read it unlocked).
+        # Every benchmark open (their root runs are their cases), with the thread that opened
+        # it, in the order they were opened (replaced whole, never changed in place: hooks read
+        # it unlocked); and the cases: run id -> (the benchmark's run, the case's run)
         self.benches: list[tuple[int, OpenRun]] = []
         self.cases: dict[str, tuple[int, int]] = {}
         # What the hooks saw of each case: benchmark's run no -> case's run no -> its figures
@@ -242,7 +240,7 @@ class Pipeline:
             if parent is not None:
                 run.root = parent.root
                 run.parent = parent
-            elif self.bench is not None and not benchmark:  # a case of an open benchmark
+            elif self.benches and not benchmark:  # a case of an open benchmark
                 bench = self._bench_of(me)
                 if bench is not None:
                     bench_no = bench.no
@@ -514,11 +512,9 @@ class Pipeline:
                 run.run_id,
             )
         self.benches = [*self.benches, (me, run)]
-        self.bench = run
 
     def close_bench(self, run: OpenRun) -> None:
         self.benches = [entry for entry in self.benches if entry[1] is not run]
-        self.bench = self.benches[-1][1] if self.benches else None
 
     def _ended(self, run_id: str) -> None:
         ended = self.ended
