@@ -301,6 +301,41 @@ def test_a_close_that_takes_over_a_cycle_ends_its_run_before_reading_what_it_sto
     assert_each_once(store.steps(store.by_name(experiment_name)["taken"]), range(3000))
 
 
+def test_a_close_while_a_cycle_sends_its_spans_ends_the_open_run_before_them(
+    proxy: FaultProxy,
+    mlflow_server: MlflowServer,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """A run is open, its steps sent; the cycle that sent them is sending their spans, which
+    the server holds (every trace request stalls). close(6) takes that cycle over at once and
+    ends the run first (FAILED: it never reached on_run_end); its spans are kept, and replay
+    sends them. Before, the cycle went on for 4 s, then its spans went again ahead of the
+    run's end, and the run stayed RUNNING."""
+    sink = make_sink(proxy.uri, experiment_name, flush_interval=0.2)
+    start(sink, "open")
+    assert sink.flush(WAIT)  # the run exists, as after a while of running
+    proxy.set(mode="stall", path="traces")
+
+    def trace_requests() -> int:
+        return sum(n for path, n in proxy.paths.items() if "traces" in path)
+
+    held = trace_requests()
+    steps(sink, "open", range(20))
+    wait_until(lambda: trace_requests() > held, WAIT, "the cycle's spans sent")
+    store = Store(mlflow_server.uri)
+    assert len(store.steps(store.by_name(experiment_name)["open"])) == 20
+    close_within(sink, 6.0)
+    assert store.by_name(experiment_name)["open"].info.status == "FAILED"
+    assert sink.status()["deferred"] > 0  # the spans
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=mlflow_server.uri)
+    assert report.failed == 0
+    run = store.by_name(experiment_name)["open"]
+    assert run.info.status == "FAILED"
+    assert_each_once(store.steps(run), range(20))
+
+
 # -- 13. run creation is exactly once ----------------------------------------------------------
 
 

@@ -43,15 +43,14 @@ class Dispatcher:
         counts: WorkerCounts,
         *,
         on_settled: Callable[[RunWork, bool], None] | None = None,
-        before_traces: Callable[[], Awaitable[bool]] | None = None,
+        before_traces: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.runs = runs
         self.traces = traces
         self.counts = counts
         self.on_settled = on_settled
         # Awaited between the runs and the spans of a cycle (closing: every sink's run ends
-        # go before anyone's spans); False: the cycle's spans are kept for replay instead (a
-        # close came while they were out, and runs wait to be ended).
+        # go before anyone's spans; a close may take the cycle over there).
         self.before_traces = before_traces
         self.exporting: dict[int, RunWork] = {}  # handed to the exporters, not settled yet
         self.held: list[RunWork] = []  # waiting for the store to take writes again
@@ -74,17 +73,13 @@ class Dispatcher:
                 if work.runs_outcome is not None:
                     self._maybe_settle(work)
             await self.runs.export([w for w in works if w.runs_outcome is None], self._runs_done)
-            go = self.before_traces is None or await self.before_traces()
+            if self.before_traces is not None:
+                await self.before_traces()
             spans = [
                 w
                 for w in self.exporting.values()
                 if w.traces_outcome is None and w.runs_outcome not in (None, HOLD)
             ]
-            if not go:
-                for work in spans:
-                    work.traces_outcome = DEFERRED
-                    self._maybe_settle(work)
-                spans = []
             # Marked only now, as the spans go out: a replay then knows that what never had the
             # mark reached no trace (nor its assessments), whatever the runs part went through.
             for work in spans:

@@ -332,7 +332,7 @@ class Worker:
             self.traces,
             self.counts,
             on_settled=self._settled,
-            before_traces=self._spans_may_go,
+            before_traces=self._before_spans,
         )
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
         self.later: list[RunWork] = []  # closing: steps waiting while their runs' ends go
@@ -349,6 +349,7 @@ class Worker:
         self._gate: ClosingGate | None = None  # entered at the close, left once ends are sent
         self._interruptible: anyio.CancelScope | None = None  # a cycle a close may interrupt
         self._long_cycle = False  # ... and it carries more steps than one round of requests
+        self._spans_out = False  # ... and its runs are sent: its spans go now
         self._watched: anyio.CancelScope | None = None  # the short cycle a close watches
         self._tasks: TaskGroup | None = None  # the worker's own (while it runs)
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
@@ -427,7 +428,7 @@ class Worker:
         if scope is None:
             return
         deadline = self.close_deadline
-        if self._long_cycle:
+        if self._long_cycle or (deadline is not None and self._spans_out and self._ends_wait()):
             scope.cancel()
         elif deadline is not None and self._watched is not scope and self._tasks is not None:
             self._watched = scope
@@ -629,6 +630,7 @@ class Worker:
             with anyio.CancelScope() as scope:
                 self._interruptible = scope
                 self._long_cycle = sum(len(work.steps) for work in works) > CLOSE_SPLIT_STEPS
+                self._spans_out = False
                 if self.close_requested:
                     self._take_over_cycle()  # the close came while the cycle was being made
                 try:
@@ -753,23 +755,27 @@ class Worker:
             except Exception:
                 logger.debug("rlm-mlflow: the transport refused to slow down", exc_info=True)
 
-    async def _spans_may_go(self) -> bool:
-        """Between a cycle's runs and its spans: whether the spans go now.
+    async def _before_spans(self) -> None:
+        """Between a cycle's runs and its spans (a cycle taken over here does not return).
 
-        Closing: once this sink's ends are sent (:meth:`_ends_sent`). Before the close, when a
-        close against a deadline came while the cycle was out, runs wait to be ended (still open,
-        or their ends not sent), and less time is left than a take-over of the cycle would leave
-        them (twice :data:`CYCLE_RESERVE`, see :meth:`_take_over_cycle`): no, the cycle's spans
-        are kept for replay, as spans the server did not take are, so that those ends go first."""
+        Closing: once this sink's ends are sent (:meth:`_ends_sent`). Before the close: when a
+        close against a deadline has come and runs wait to be ended (still open, or their ends
+        not sent), the close takes the cycle over here, as it would once the spans are out
+        (:meth:`_take_over_cycle`): the spans go after every closing sink's run ends, not
+        ahead of this sink's own (a trace never holds a run's end up)."""
         if self._closing:
             await self._ends_sent()
-            return True
-        deadline, pipeline = self.close_deadline, self.pipeline
-        return (
-            deadline is None
-            or deadline - time.monotonic() >= 2 * CYCLE_RESERVE
-            or not (pipeline.by_thread or pipeline.ctl)
-        )
+            return
+        self._spans_out = True
+        scope = self._interruptible
+        if scope is not None and self.close_deadline is not None and self._ends_wait():
+            scope.cancel()
+            await anyio.sleep(0)  # the take-over
+
+    def _ends_wait(self) -> bool:
+        """Runs of this sink wait to be ended: still open, or their ends not taken yet."""
+        pipeline = self.pipeline
+        return bool(pipeline.by_thread or pipeline.ctl)
 
     async def _ends_sent(self) -> None:
         """Closing: this sink's runs went (ended, or kept); with a deadline, its steps and spans
@@ -889,21 +895,29 @@ class Worker:
     def _with_waiting(self, works: list[RunWork]) -> list[RunWork]:
         """Closing, with a cycle taken back: what came in since it was taken (a run's end, other
         runs) joins it, so that every run's start and end go ahead of all the steps (a taken
-        back run's steps may be held by the server again until the deadline)."""
+        back run's steps may be held by the server again until the deadline).
+
+        A run taken back half done goes as it is, apart from what came in for it: with its
+        runs part done (only its spans left), what came goes now and the spans after it (a
+        trace never holds a run's end up); else what came goes right after it."""
         items = self.pipeline.take(TAKE_LIMIT)
         if not items:
             return works
         fresh = {w.no: w for w in works if not (w.runs_outcome or w.traces_outcome)}
-        taken = {w.no for w in works}
+        half = {w.no: w for w in works if w.no not in fresh}
         out = list(works)
         for work in self._group(items, final=False):
             same = fresh.get(work.no)
+            taken = half.get(work.no)
             if same is not None:
                 same.merge(work)
-            elif work.no in taken:  # half done: it goes as it is, this one right after
-                self.retry.append(work)
-            else:
+            elif taken is None:
                 out.append(work)
+            elif taken.runs_outcome is not None:
+                out[out.index(taken)] = work
+                self.retry.append(taken)
+            else:
+                self.retry.append(work)
         return out
 
     def _group(self, items: Sequence[Item], *, final: bool) -> list[RunWork]:
