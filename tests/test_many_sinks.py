@@ -427,7 +427,7 @@ def test_the_sink_woken_first_to_close_waits_for_the_others_ends(
         if woken:
             return
         woken.append(worker)
-        gate = worker.loop.gate
+        gate = worker._gate  # entered before any sink was woken
 
         def first_went_ahead() -> bool:
             waits = gate._clear is not None  # it waits at the gate for the others
@@ -472,6 +472,74 @@ def dropped_sinks(
 
 @pytest.mark.slow
 @pytest.mark.integration
+class HeldEnds(MemoryTransport):
+    """A server whose run ends wait until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
+        self.release.wait(WAIT)
+        super().set_terminated(run_uuid, status=status, end_time_ms=end_time_ms)
+
+
+def test_sinks_of_a_quick_server_do_not_wait_for_a_slow_servers_run_ends_to_send_steps(
+    tmp_path: Path,
+) -> None:
+    """Two sinks of one process close together, each to its own server; the first server
+    holds every run's end. The second sink's ends, steps and spans all land while the first
+    server still holds its end: sinks wait for each other's run ends only when they share a
+    server. Before, the second waited for the first's end until the deadline."""
+    slow, quick = HeldEnds(), MemoryTransport()
+    sinks: list[MLflowSink] = []
+    try:
+        for n, (uri, transport) in enumerate(
+            [("http://slow:5000", slow), ("http://quick:5000", quick)]
+        ):
+            sink = MLflowSink(
+                enabled=True,
+                experiment="two-servers",
+                tracking_uri=uri,
+                transport=transport,
+                journal_dir=tmp_path / f"j{n}",
+                flush_interval=60.0,
+                batch_trigger=10**9,
+            )
+            sinks.append(sink)
+            sink.on_run_start("warm", task="t", environment="e", params={})
+            assert sink.flush(WAIT)
+            assert wait_for(functools.partial(asleep_until_woken, sink), WAIT)
+            sink.on_run_start(f"run-{n}", task="t", environment="e", params={})
+            for number in range(600):
+                sink.on_step(
+                    f"run-{n}", event={"step": number, "reward": 1.0}, cumulative_reward=1.0
+                )
+            sink.on_run_end(f"run-{n}", result={"completed": True, "steps": 600}, run_path=None)
+        closing = threading.Thread(target=close_all, args=(None, WAIT))
+        closing.start()
+
+        def quick_done() -> bool:
+            runs = quick.by_name("run-1")
+            return (
+                len(runs) == 1
+                and runs[0].status == "FINISHED"
+                and len(runs[0].history("step_reward")) == 600
+                and sinks[1].status()["pending"] == 0
+            )
+
+        assert wait_for(quick_done, WAIT / 2), sinks[1].status()
+        assert sinks[1].status()["deferred"] == 0
+        assert closing.is_alive()  # the slow server still holds its end
+        slow.release.set()
+        closing.join(WAIT)
+        assert slow.one("run-0").status == "FINISHED"
+    finally:
+        slow.release.set()
+        for sink in sinks:
+            sink.close(1.0)
+
+
 def test_sinks_dropped_without_close_end_every_run_within_one_shutdown_timeout(
     agents: Spawn, tmp_path: Path, experiment_name: str, journal_dir: Path
 ) -> None:

@@ -593,8 +593,9 @@ async def test_the_closing_gate_begins_few_runs_until_it_knows_what_a_run_takes(
     from rlm_mlflow._runtime import task_loop
     from rlm_mlflow._worker import CLOSING_FIRST, CLOSING_RUNS, CREATE_TO_END
 
-    gate = task_loop().gate
-    assert task_loop().gate is gate  # the sinks of one event loop share it
+    gate = task_loop().gates.of("http://a:5000")
+    assert task_loop().gates.of("http://a:5000") is gate  # the sinks of one loop share it ...
+    assert task_loop().gates.of("http://b:5000") is not gate  # ... per server
     limiter = gate.runs()
     assert (limiter.total_tokens, gate.took) == (CLOSING_FIRST, 0.0)
     gate.created_in(0.25)
@@ -634,7 +635,7 @@ def test_event_loops_do_not_share_a_closing_gate() -> None:
     from rlm_mlflow._runtime import task_loop
 
     async def gate() -> object:
-        return task_loop().gate
+        return task_loop().gates.of(None)
 
     assert anyio.run(gate) is not anyio.run(gate)
 

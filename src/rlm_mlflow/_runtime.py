@@ -50,7 +50,7 @@ from anyio.lowlevel import RunVar
 
 from . import _fork
 from ._pipeline import State
-from ._worker import CloseReports, ClosingGate, Worker
+from ._worker import CloseReports, ClosingGates, Worker
 
 logger = logging.getLogger("rlm_mlflow")
 
@@ -102,12 +102,12 @@ class Waker:
 class Loop:
     """The workers one event loop runs, and the task that wakes them."""
 
-    def __init__(self, gate: ClosingGate | None = None) -> None:
+    def __init__(self, gates: ClosingGates | None = None) -> None:
         self.waker = Waker()
         self.workers: list[Worker] = []
         self.pending: list[Worker] = []
-        # The closing sinks of this event loop: every run ends first.
-        self.gate = gate if gate is not None else ClosingGate()
+        # The closing sinks of this event loop, by server: every run ends first.
+        self.gates = gates if gates is not None else ClosingGates()
 
     def wake(self, worker: Worker) -> None:
         worker.wake_flag = True
@@ -120,20 +120,20 @@ class Loop:
                 worker.notify()
 
 
-_task_gate: RunVar[ClosingGate] = RunVar("rlm_mlflow_closing_gate")
+_task_gates: RunVar[ClosingGates] = RunVar("rlm_mlflow_closing_gates")
 
 
 def task_loop() -> Loop:
     """A ``Loop`` for a sink entered with ``async with`` in the running event loop: each such
-    sink has its own, but the sinks of one event loop share one closing gate (closing together,
-    as a service's shutdown closes them, every run is ended first, and a run is created only if
-    the time runs have taken to end, in any of them, is left)."""
+    sink has its own, but the sinks of one event loop share the closing gate of their server
+    (closing together, as a service's shutdown closes them, every run is ended first, and a
+    run is created only if the time runs have taken to end there is left)."""
     try:
-        gate = _task_gate.get()
+        gates = _task_gates.get()
     except LookupError:
-        gate = ClosingGate()
-        _task_gate.set(gate)
-    return Loop(gate)
+        gates = ClosingGates()
+        _task_gates.set(gates)
+    return Loop(gates)
 
 
 class Runtime:

@@ -190,6 +190,24 @@ class ClosingGate:
             await self._clear.wait()
 
 
+class ClosingGates:
+    """The closing gates of one event loop, one per server (tracking URI): the sinks closing
+    against one server wait for each other's run ends and share what a run takes there; the
+    sinks of another server go at their own server's pace, never behind these."""
+
+    def __init__(self) -> None:
+        self._gates: dict[str, ClosingGate] = {}
+
+    def of(self, tracking_uri: str | None) -> ClosingGate:
+        """The gate of the sinks that send to ``tracking_uri`` (in the loop, or from a close of
+        all sinks before any is woken: a dict lookup, made once per sink)."""
+        key = (tracking_uri or "").rstrip("/")
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates.setdefault(key, ClosingGate())
+        return gate
+
+
 def _ended_text(ended: int) -> str:
     """The runs ended in MLflow by sinks that left events unsent (their traces, other runs)."""
     if not ended:
@@ -741,8 +759,8 @@ class Worker:
         deadline = self.close_deadline  # set from any thread by a close request
         if deadline is None:
             return True
-        gate = getattr(self.loop, "gate", None)
-        took = gate.took if isinstance(gate, ClosingGate) else 0.0
+        gate = self._loop_gate()
+        took = gate.took if gate is not None else 0.0
         if not took:  # no create of this close answered yet: guessed from the latest answer
             took = CREATE_TO_END * self.caller.answered_in
         return max(time.monotonic(), at or 0.0) + took * CLOSING_MARGIN < deadline
@@ -795,12 +813,20 @@ class Worker:
         if not self._closing:
             self._join_gate()
 
+    def _loop_gate(self) -> ClosingGate | None:
+        """The closing gate of this sink's server in its loop, if its loop has gates."""
+        gates = getattr(self.loop, "gates", None)
+        if not isinstance(gates, ClosingGates):
+            return None
+        return gates.of(self.config.tracking_uri)
+
     def _join_gate(self) -> ClosingGate | None:
-        """This sink in its loop's closing gate (once), if its loop has one."""
-        gate = getattr(self.loop, "gate", None)
-        if isinstance(gate, ClosingGate) and self._gate is None:
-            self._gate = gate
-            gate.enter(self)
+        """This sink in its server's closing gate (once), if its loop has gates."""
+        if self._gate is None:
+            gate = self._loop_gate()
+            if gate is not None:
+                self._gate = gate
+                gate.enter(self)
         return self._gate
 
     async def _begin_close(self) -> None:
