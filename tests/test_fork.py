@@ -23,6 +23,7 @@ from rlm_mlflow import MLflowSink, TransientError, replay
 from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
 
 KEY = "rlm_mlflow.key"
+EXPERIMENT_LOOKUP = "/api/2.0/mlflow/experiments/get-by-name"
 Spawn = Callable[..., Agent]
 
 
@@ -264,6 +265,39 @@ def test_multiprocessing_fork_children_send_their_runs_though_they_never_run_ate
     step once, nothing kept for replay (before, neither was sent, their journals kept)."""
     agent = agents("multiprocessing_children.py", mlflow_server.uri, experiment_name)
     assert json.loads(agent.expect("JOINED", 120).split(" ", 1)[1]) == [0, 0]
+    assert agent.wait(WAIT) == 0, agent.stderr()[-2000:]
+    runs = store.by_name(experiment_name)
+    assert {name: run.info.status for name, run in runs.items()} == {
+        "parent": "FINISHED",
+        "inherited": "FINISHED",
+        "own": "FINISHED",
+    }, agent.stderr()[-3000:]
+    for name in ("inherited", "own"):
+        assert sorted(store.steps(runs[name])) == list(range(300)), name
+    assert journal_folders(journal_dir) == []
+
+
+def test_multiprocessing_fork_children_send_their_runs_while_the_parent_asks_for_its_experiment(
+    agents: Callable[..., Agent],
+    store: Store,
+    proxy: FaultProxy,
+    experiment_name: str,
+    journal_dir: Path,
+) -> None:
+    """The children are forked while the parent's sink waits for the answer to its first
+    request, which looks the experiment up (the proxy holds it). A sink that asks for an
+    experiment makes every other sink of the process wait for its answer: in a child, that
+    answer never comes (the asking task is the parent's). Expected: each child's sink asks for
+    the experiment itself, and both runs are in MLflow, FINISHED, every step once, nothing kept
+    for replay (before, neither child sent anything: their runs were kept in their journals)."""
+    proxy.set(mode="stall", path=EXPERIMENT_LOOKUP, exact_path=True, count=1)
+    agent = agents("multiprocessing_children.py", proxy.uri, experiment_name, "line", stdin=True)
+    agent.expect("LOGGED", 120)
+    wait_until(lambda: proxy.paths[EXPERIMENT_LOOKUP] >= 1, WAIT, "the parent's lookup held")
+    agent.send("fork")
+    joined = json.loads(agent.expect("JOINED", 120).split(" ", 1)[1])
+    proxy.set(mode="pass")  # the parent's held lookup is reset: it asks again, then exits
+    assert joined == [0, 0], agent.stderr()[-3000:]
     assert agent.wait(WAIT) == 0, agent.stderr()[-2000:]
     runs = store.by_name(experiment_name)
     assert {name: run.info.status for name, run in runs.items()} == {

@@ -1,11 +1,13 @@
 """Children started by multiprocessing's fork method, which end with ``os._exit()`` (no
 ``atexit``), each logging a run and returning without ``close()``.
 
-Usage: multiprocessing_children.py TRACKING_URI EXPERIMENT
+Usage: multiprocessing_children.py TRACKING_URI EXPERIMENT [FORK_AT]
 
-The parent makes a sink, logs a run ``parent`` (open) and flushes it. One child uses the sink
-it inherited (run ``inherited``), another makes a sink of its own (run ``own``). Each child's
-run takes 300 steps and ends FINISHED; the child returns at once.
+The parent makes a sink and logs a run ``parent`` (open). With FORK_AT ``flushed`` (the
+default) it flushes it; with ``line`` it prints ``LOGGED`` and reads a line from stdin (the test
+has seen the parent's worker send its first request, which the proxy holds). Then it forks two
+children: one uses the sink it inherited (run ``inherited``), another makes a sink of its own
+(run ``own``). Each child's run takes 300 steps and ends FINISHED; the child returns at once.
 The parent joins them, prints ``JOINED <exit codes as JSON>``, ends its run and exits (its exit
 hook closes its sink).
 """
@@ -19,6 +21,7 @@ import sys
 from agentkit import make_sink, say, step
 
 URI, EXPERIMENT = sys.argv[1:3]
+FORK_AT = sys.argv[3] if len(sys.argv) > 3 else "flushed"
 
 
 def log(sink: object, run_id: str) -> None:
@@ -42,7 +45,10 @@ SINK = make_sink(URI, EXPERIMENT)
 
 def main() -> None:
     SINK.on_run_start("parent", task="t", environment="e", params={})
-    if not SINK.flush(120):  # the parent's worker idle when the children are forked
+    if FORK_AT == "line":  # the parent's worker waits for an answer when the children are forked
+        say("LOGGED")
+        sys.stdin.readline()
+    elif not SINK.flush(120):  # the parent's worker idle when the children are forked
         raise SystemExit("the parent's run was not sent")
     context = multiprocessing.get_context("fork")
     children = [context.Process(target=target) for target in (inherited, own)]

@@ -31,6 +31,7 @@ from typing import Protocol
 
 import anyio
 
+from .. import _fork
 from .._calls import Caller
 from .._config import COMPONENT_TAG
 from .._exceptions import PermanentError, StoreRefused, TransientError
@@ -57,7 +58,19 @@ RUN_TYPE_EVALUATION = "genai_evaluate"
 
 #: Experiment ids found in this process, by (store, experiment name): sinks share them.
 _EXPERIMENTS: dict[tuple[str, str], str] = {}
+#: The sink asking the store for an experiment now, by the same key: the others wait for it.
 _ASKING: dict[tuple[str, str], threading.Event] = {}
+
+
+def _forget_askers_in_child() -> None:
+    """A forked child has no sink asking for an experiment: one of the parent's may have been
+    waiting for its answer at the fork, and its event would never be set here (its task is
+    not in the child), so every sink of the child would wait for it, never sending anything.
+    The ids the parent found are kept: the store is the same."""
+    _ASKING.clear()
+
+
+_fork.at_fork_in_child(_forget_askers_in_child)
 
 
 @dataclass(slots=True)
