@@ -308,3 +308,19 @@ def test_multiprocessing_fork_children_send_their_runs_while_the_parent_asks_for
     for name in ("inherited", "own"):
         assert sorted(store.steps(runs[name])) == list(range(300)), name
     assert journal_folders(journal_dir) == []
+
+
+def test_a_sink_imports_nothing_on_its_threads(
+    agents: Callable[..., Agent], mlflow_server: MlflowServer, experiment_name: str
+) -> None:
+    """A thread that imports a module holds its import lock until the import is done; a child
+    forked meanwhile inherits the lock held, by a thread it does not have, and every thread of
+    the child that imports the module waits for ever. The sink's threads (the event loop, the
+    transport's, the journal's keeper) must therefore import nothing once the sink is built:
+    a fork during the parent's first request would otherwise leave the child's sinks unable to
+    send anything (before, ``requests`` imported ``netrc`` on the transport's thread, the
+    journal's keeper ``ctypes``)."""
+    agent = agents("thread_imports.py", mlflow_server.uri, experiment_name)
+    imported = json.loads(agent.expect("IMPORTED", 120).split(" ", 1)[1])
+    assert imported == [], imported
+    assert agent.wait(WAIT) == 0, agent.stderr()[-2000:]

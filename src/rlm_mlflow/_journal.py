@@ -33,6 +33,7 @@ no run whose start it holds is still open (replay must find every open run to en
 from __future__ import annotations
 
 import contextlib
+import ctypes  # here, not on the keeper's thread (see _madvise_function)
 import errno
 import fcntl
 import itertools
@@ -281,12 +282,14 @@ _madvise: Any = None
 
 
 def _madvise_function() -> Any:
-    """``(ctypes, madvise)`` where ``MADV_POPULATE_WRITE`` may work here; None where it cannot."""
+    """``(ctypes, madvise)`` where ``MADV_POPULATE_WRITE`` may work here; None where it cannot.
+
+    Called first on the keeper's thread: ``ctypes`` is imported with this module, never there.
+    A thread that imports holds the module's import lock, and a child forked meanwhile would
+    find that lock held forever (its own keeper, and any thread importing ``ctypes``, stuck)."""
     global _madvise
     if _madvise is None:
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             function = libc.madvise
             function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)

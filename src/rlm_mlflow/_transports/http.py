@@ -28,6 +28,12 @@ import email.utils
 import itertools
 import json
 import math
+
+# ``requests`` imports ``netrc`` (and ``shlex``) as it prepares a request, on a transport thread.
+# Imported with this module instead (on the thread that builds the sink, see ``_sink``): a
+# thread that imports holds the module's import lock, and a child forked meanwhile (the parent's
+# first request under way) would find that lock held forever and never send a request.
+import netrc  # noqa: F401
 import threading
 import time
 from collections.abc import Iterator, Mapping
