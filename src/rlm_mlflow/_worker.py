@@ -113,9 +113,10 @@ class ClosingGate:
     runs' ends, and how many runs they send at a time, all together (:data:`CLOSING_RUNS`).
 
     Closing, a sink sends its runs first (create, last batch with the summary, end); then,
-    when it closes against a deadline, it waits here until every other closing sink of its loop
-    and server has done the same before it sends steps that did not fit and spans. With hundreds of sinks
-    closing at exit, every run is ended before the deadline's time goes to anyone's steps.
+    when it closes against a deadline, it waits here until every other closing sink of its
+    loop and server has done the same before it sends steps that did not fit and spans. With
+    hundreds of sinks closing at exit, every run is ended before the deadline's time goes to
+    anyone's steps.
     A close of all sinks enters each in the gate before it wakes any (:meth:`Worker.enter_gate`,
     from its own thread: one set insertion); the rest happens on the loop's thread: no lock."""
 
