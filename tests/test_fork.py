@@ -324,3 +324,53 @@ def test_a_sink_imports_nothing_on_its_threads(
     imported = json.loads(agent.expect("IMPORTED", 120).split(" ", 1)[1])
     assert imported == [], imported
     assert agent.wait(WAIT) == 0, agent.stderr()[-2000:]
+
+
+def _child_journals_a_run(folder: str) -> None:
+    """In a forked child: a sink with a journal logs a run and flushes it (exit 0 if sent)."""
+    memory = MemoryTransport()
+    sink = MLflowSink(
+        enabled=True, experiment="made", transport=memory, journal_dir=folder, flush_interval=0.05
+    )
+    sink.on_run_start("child", task="t", environment="e", params={})
+    sink.on_step("child", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_end("child", result={"completed": True, "steps": 1}, run_path=None)
+    sent = sink.flush(WAIT) and len(memory.by_name("child")) == 1
+    sink.close(WAIT)
+    os._exit(0 if sent else 3)
+
+
+def test_a_child_forked_while_a_journal_is_being_made_makes_its_own(tmp_path: Path) -> None:
+    """Journals are made on the sink's threads under one lock of the process. A child forked
+    while another thread holds it inherits it held, by a thread the child does not have: the
+    child's first journal would wait for it forever. The child renews the lock: its sink makes
+    its journal and sends its run."""
+    import multiprocessing
+    import threading
+
+    from rlm_mlflow import _journal
+
+    held, release = threading.Event(), threading.Event()
+
+    def making() -> None:  # a sink's thread in the middle of making a journal
+        with _journal._MADE_LOCK:
+            held.set()
+            release.wait(WAIT)
+
+    maker = threading.Thread(target=making, name="making-a-journal")
+    maker.start()
+    child = None
+    try:
+        assert held.wait(WAIT)
+        child = multiprocessing.get_context("fork").Process(
+            target=_child_journals_a_run, args=(str(tmp_path / "child"),)
+        )
+        child.start()
+        child.join(WAIT)
+        assert child.exitcode == 0, f"the child's run was not sent (exit {child.exitcode})"
+    finally:
+        if child is not None and child.is_alive():
+            child.kill()
+            child.join(WAIT)
+        release.set()
+        maker.join(WAIT)

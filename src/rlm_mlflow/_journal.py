@@ -559,6 +559,16 @@ _KEEPER = _Keeper()
 _fork.at_fork_in_child(_KEEPER.forget)
 
 
+def _renew_made_lock() -> None:
+    """In a forked child: a thread of the parent may have been making a journal at the fork,
+    holding the lock; the child does not have that thread, and would wait for it forever."""
+    global _MADE_LOCK
+    _MADE_LOCK = threading.Lock()
+
+
+_fork.at_fork_in_child(_renew_made_lock)
+
+
 class Journal:
     """The write side of one sink's journal (made at the sink's first event)."""
 
