@@ -15,7 +15,7 @@ import pytest
 import rlm_mlflow
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._events import RunEnd
-from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer
+from rlm_mlflow.testing import FaultProxy, MemoryTransport, MlflowServer, wait_for
 
 FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.05, "retry_max_wait": 0.5}
 WAIT = 60.0
@@ -345,6 +345,53 @@ def test_a_case_that_never_ended_counts_as_not_completed_and_a_raising_benchmark
         name = transport.runs[run_uuid].tags["run_id"]
         completed[name] = [a.value for _, a in held if a.name == "completed"]
     assert completed == {"case-0": [True], "case-1": [False], "case-2": [False]}
+
+
+class LastCaseEndHeld(MemoryTransport):
+    """The end of run ``case-1`` waits until ``release`` is set (``held`` once it waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
+        if self.runs[run_uuid].tags.get("run_id") == "case-1":
+            self.held.set()
+            self.release.wait(WAIT)
+        super().set_terminated(run_uuid, status=status, end_time_ms=end_time_ms)
+
+
+def test_a_close_that_takes_a_benchmarks_cycle_over_still_writes_its_aggregates() -> None:
+    """The benchmark's start and its cases go in a cycle the server holds (the last case's
+    end) when the benchmark ends and the sink closes: the close takes that cycle over as it
+    turns to its spans, and sends the benchmark's end ahead of them; the spans of the cycle
+    still go before the end's own, so the benchmark is known as one when its end is: its
+    aggregates are written (before, they were left out, its end taken for an ordinary
+    run's)."""
+    transport = LastCaseEndHeld()
+    sink = MLflowSink(enabled=True, experiment="e", transport=transport, **FAST)
+    closing = threading.Thread(target=sink.close, args=(WAIT,))
+    try:
+        with rlm_mlflow.benchmark(sink, "bench") as bench:
+            for case in range(2):
+                run_id = f"case-{case}"
+                sink.on_run_start(run_id, task=run_id, environment="e", params={})
+                sink.on_step(run_id, event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+                result = {"completed": True, "total_reward": 1.0}
+                sink.on_run_end(run_id, result=result, run_path=None)
+                bench.record(run_id, expected="x", verdict=case == 0)
+            assert transport.held.wait(WAIT)  # the cycle with the cases is out, held
+        closing.start()
+        assert wait_for(lambda: sink._worker.close_requested, WAIT)
+    finally:
+        transport.release.set()
+    closing.join(WAIT)
+    bench_run = transport.one("bench")
+    assert bench_run.status == "FINISHED"
+    assert bench_run.history("cases") == [(0, 2.0)]
+    ((_, completed_mean),) = bench_run.history("completed/mean")
+    assert completed_mean == 1.0
+    assert sink.status()["deferred"] == 0
 
 
 def test_two_benchmarks_on_two_threads_each_keep_their_own_cases_and_verdicts() -> None:

@@ -18,6 +18,7 @@ not done again when it is retried.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from ._exceptions import StoreRefused
@@ -31,6 +32,10 @@ from ._stats import WorkerCounts
 def done(outcome: Outcome | None) -> bool:
     """The exporter is finished with it: sent, or refused for good."""
     return outcome == SENT or isinstance(outcome, tuple)
+
+
+def _keep_runs_outcome(work: RunWork, outcome: Outcome) -> None:
+    work.runs_outcome = outcome
 
 
 class Dispatcher:
@@ -94,6 +99,16 @@ class Dispatcher:
         except StoreRefused:
             pass
         self.give_up(HOLD)  # the store refuses everything for now: keep what is left
+
+    async def runs_first(self, works: list[RunWork]) -> None:
+        """The runs exporter's part of ``works`` now, its outcomes kept on them; their spans go
+        when they are exported (the runs exporter then passes over them)."""
+        todo = [work for work in works if work.runs_outcome is None]
+        for work in todo:
+            for segment, offset in work.locations:
+                segment.mark(offset, RUNS_IN_FLIGHT)
+        with contextlib.suppress(StoreRefused):  # what has no outcome is tried again then
+            await self.runs.export(todo, _keep_runs_outcome)
 
     def give_up(self, outcome: Outcome) -> None:
         """Settle what the exporters have not answered for with ``outcome``."""

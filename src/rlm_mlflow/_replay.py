@@ -40,7 +40,7 @@ from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._exporters.runs import RunsExporter
 from ._exporters.traces import TracesExporter
-from ._exporters.work import SENT, Outcome, RunWork
+from ._exporters.work import SENT, RunWork
 from ._fork import KEY_PREFIX
 from ._journal import Segment, default_journal_dir, open_segment, remove_journal
 from ._journal_format import (
@@ -561,20 +561,6 @@ def _send(
     total = loaded.events
     problem: str | None = None
 
-    async def runs_part(each: _Lane, batch: list[RunWork]) -> None:
-        """The runs exporter's part of a batch (what the dispatcher would send first), its
-        outcomes kept on the works for the dispatcher, which then sends their spans."""
-        todo = [work for work in batch if work.runs_outcome is None]
-        for work in todo:
-            for segment, offset in work.locations:
-                segment.mark(offset, RUNS_IN_FLIGHT)
-
-        def done(work: RunWork, outcome: Outcome) -> None:
-            work.runs_outcome = outcome
-
-        with contextlib.suppress(StoreRefused):  # what has no outcome is tried again below
-            await each.runs.export(todo, done)
-
     async def send_lane(each: _Lane, scope: anyio.CancelScope) -> None:
         """Every run's metrics and end first, then the spans: traces never hold them up."""
         nonlocal problem
@@ -582,7 +568,7 @@ def _send(
         each.runs.ended_memory = max(each.runs.ended_memory, len(each.works) + 1)
         try:
             for batch in batches:
-                await runs_part(each, batch)
+                await each.dispatcher.runs_first(batch)
             for batch in batches:
                 each.handed += len(batch)
                 await each.dispatcher.export(batch)

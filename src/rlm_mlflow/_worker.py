@@ -585,7 +585,9 @@ class Worker:
             if self.retry:
                 works, self.retry = self.retry, []
                 if closing:
-                    works = self._with_waiting(works)
+                    works, ahead = self._with_waiting(works)
+                    if ahead:
+                        await self.dispatcher.runs_first(ahead)
                 await self._send(works)
                 continue
             if self.dispatcher.held:
@@ -919,20 +921,22 @@ class Worker:
 
     # -- one cycle ------------------------------------------------------------------------------
 
-    def _with_waiting(self, works: list[RunWork]) -> list[RunWork]:
+    def _with_waiting(self, works: list[RunWork]) -> tuple[list[RunWork], list[RunWork]]:
         """Closing, with a cycle taken back: what came in since it was taken (a run's end, other
         runs) joins it, so that every run's start and end go ahead of all the steps (a taken
         back run's steps may be held by the server again until the deadline).
 
-        A run taken back half done goes as it is, apart from what came in for it: with its
-        runs part done (only its spans left), what came goes now and the spans after it (a
-        trace never holds a run's end up); else what came goes right after it."""
+        A run taken back half done goes as it is, and what came in for it right after it (its
+        spans after the first's: the traces exporter learns a run from its start). When only
+        the first one's spans were left, what came in for it is also returned apart: its runs
+        part (a run's end) goes before those spans (``Dispatcher.runs_first``), never after."""
         items = self.pipeline.take(TAKE_LIMIT)
         if not items:
-            return works
+            return works, []
         fresh = {w.no: w for w in works if not (w.runs_outcome or w.traces_outcome)}
         half = {w.no: w for w in works if w.no not in fresh}
         out = list(works)
+        ahead: list[RunWork] = []
         for work in self._group(items, final=False):
             same = fresh.get(work.no)
             taken = half.get(work.no)
@@ -940,12 +944,11 @@ class Worker:
                 same.merge(work)
             elif taken is None:
                 out.append(work)
-            elif taken.runs_outcome is not None:
-                out[out.index(taken)] = work
-                self.retry.append(taken)
             else:
                 self.retry.append(work)
-        return out
+                if taken.runs_outcome is not None:
+                    ahead.append(work)
+        return out, ahead
 
     def _group(self, items: Sequence[Item], *, final: bool) -> list[RunWork]:
         """Decode records and group them by run, in order; hold runs whose start is not here."""
