@@ -316,3 +316,52 @@ def test_replay_deletes_runs_a_dead_process_created_late_in_one_search(journal_d
         assert [m.step for m in run.metrics if m.key == "step_reward"] == [0]
     assert memory.calls.count("find_runs") == 0, memory.calls
     assert memory.calls.count("find_runs_by_prefix") == 2, memory.calls
+
+
+def test_replay_of_a_tree_wider_than_a_batch_sends_one_trace_within_its_budget(
+    journal_dir: Path,
+) -> None:
+    """A tree three levels deep under its root (301 runs, more than a replay sends in one
+    batch), all journaled while the store took nothing. One replay sends every run with its
+    parent link and every point once, and one trace for the tree within its span budget (the
+    runs past it in the root's summary). Before, a tree went over two batches: the runs of
+    the second, their root ended in the first, were each shown in full (350 spans); with part
+    of the tree sent live, the replay raised KeyError and stopped."""
+    memory = MemoryTransport()
+    memory.fail = lambda call: TransientError("the store is down", maybe_committed=False)
+    sink = MLflowSink(
+        enabled=True,
+        experiment="tree",
+        transport=memory,
+        retry_deadline=0.2,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+    parents: dict[str, str | None] = {"root": None}
+    parents.update({f"a{i}": "root" for i in range(100)})
+    parents.update({f"b{i}": f"a{i}" for i in range(100)})
+    parents.update({f"c{i}": f"b{i}" for i in range(100)})
+    for name, parent in parents.items():
+        params = {} if parent is None else {"parent_run_id": parent}
+        sink.on_run_start(name, task=f"task {name}", environment="e", params=params)
+        for number in range(3):
+            sink.on_step(name, event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+    for name in reversed(parents):  # the deepest first, the root last
+        sink.on_run_end(name, result={"completed": True, "steps": 3}, run_path=None)
+    sink.close(1.0)
+    assert not memory.runs
+    memory.fail = None
+    report = replay(journal_dir, transport=memory)
+    assert report.ok, report
+    uuid_of = {name: memory.one(name).run_uuid for name in parents}
+    for name, parent in parents.items():
+        run = memory.one(name)
+        assert run.status == "FINISHED", name
+        assert sorted(step for step, _ in run.history("step_reward")) == [0, 1, 2], name
+        assert run.tags.get("mlflow.parentRunId") == (uuid_of[parent] if parent else None), name
+    traces = Counter(trace for trace, _ in memory.spans)
+    assert len(traces) == 1, traces
+    (spans,) = traces.values()
+    assert spans <= 100
+    again = replay(journal_dir, transport=memory)
+    assert (again.journals, again.events) == (0, 0), again

@@ -435,13 +435,16 @@ class _Lane:
     traces: TracesExporter
     dispatcher: Dispatcher
     works: list[RunWork] = field(default_factory=list)
+    trees: list[int] = field(default_factory=list)  # the runs of each tree in works, in order
     handed: int = 0  # works handed to the dispatcher so far (in order)
 
 
-def _trees(works: dict[int, RunWork], starts: dict[int, RunStart], lanes: int) -> list[list[int]]:
-    """The runs to send, as up to ``lanes`` groups that each hold whole run trees (a run, its
-    parent, and a benchmark with its cases go together: their requests depend on each other),
-    in the order of their runs, the groups about even in events."""
+def _trees(
+    works: dict[int, RunWork], starts: dict[int, RunStart], lanes: int
+) -> list[list[list[int]]]:
+    """The runs to send, as up to ``lanes`` groups of whole run trees (a run, its parent, and
+    a benchmark with its cases go together: their requests depend on each other), each tree's
+    runs in their order, the groups about even in events."""
     root_of: dict[int, int] = {}
 
     def root(no: int) -> int:
@@ -465,13 +468,28 @@ def _trees(works: dict[int, RunWork], starts: dict[int, RunStart], lanes: int) -
         trees.setdefault(root(no), []).append(no)
     if any(start.benchmark for start in starts.values()):
         lanes = 1  # a benchmark's aggregates gather its cases' figures in one traces exporter
-    groups: list[list[int]] = [[] for _ in range(max(1, min(lanes, len(trees))))]
+    groups: list[list[list[int]]] = [[] for _ in range(max(1, min(lanes, len(trees))))]
     weight = [0] * len(groups)
     for top in sorted(trees):
         lightest = weight.index(min(weight))
-        groups[lightest].extend(trees[top])
+        groups[lightest].append(sorted(trees[top]))
         weight[lightest] += sum(1 + len(works[no].steps) for no in trees[top])
-    return [sorted(group) for group in groups if group]
+    return [group for group in groups if group]
+
+
+def _batches(works: list[RunWork], trees: list[int]) -> list[list[RunWork]]:
+    """``works`` (whole trees of ``trees`` runs each, one after another) in batches of about
+    :data:`BATCH` runs that never split a tree: a trace's spans are built from its whole tree
+    at once (a root ending in one batch would leave its children of the next one out of its
+    summary, and of its span budget)."""
+    batches: list[list[RunWork]] = []
+    at = 0
+    for size in trees:
+        if not batches or len(batches[-1]) >= BATCH:
+            batches.append([])
+        batches[-1].extend(works[at : at + size])
+        at += size
+    return batches
 
 
 def _send(
@@ -564,7 +582,7 @@ def _send(
     async def send_lane(each: _Lane, scope: anyio.CancelScope) -> None:
         """Every run's metrics and end first, then the spans: traces never hold them up."""
         nonlocal problem
-        batches = [each.works[at : at + BATCH] for at in range(0, len(each.works), BATCH)]
+        batches = _batches(each.works, each.trees)
         each.runs.ended_memory = max(each.runs.ended_memory, len(each.works) + 1)
         try:
             for batch in batches:
@@ -607,7 +625,8 @@ def _send(
                 more.runs.experiment_id = runs.experiment_id
                 lanes.append(more)
             for each, group in zip(lanes, groups, strict=False):
-                each.works = [works[no] for no in group]
+                each.works = [works[no] for tree in group for no in tree]
+                each.trees = [len(tree) for tree in group]
             async with anyio.create_task_group() as tg:
                 for each in lanes:
                     tg.start_soon(send_lane, each, tg.cancel_scope)

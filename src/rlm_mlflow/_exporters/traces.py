@@ -234,8 +234,8 @@ class TracesExporter:
                     self.runs.count_rejected("traces_unsupported")
                 outcomes = {work.no: SENT for work in works}  # their runs' part is what is left
                 break
-            for no in nos:
-                outcomes[no] = worse(outcomes[no], outcome)
+            for no in nos:  # a run whose summary went again for a folded run may have no work
+                outcomes[no] = worse(outcomes.get(no, SENT), outcome)
         self._settle_summaries(outcomes)
         if self.active:
             for no, outcome in early.items():
