@@ -18,7 +18,8 @@ How the process ends, and what each way means for the runs still open:
   on the way out. If the previous action is the default one (die), the program goes on until it
   dies, and its hooks with it: every sink keeps accepting and sending while the agent keeps
   stepping, until the agent has been silent for ``SIGNAL_SILENCE`` or the deadline is near (the
-  last ``SIGNAL_RESERVE`` of it is kept for the ends); then every sink closes in parallel (its
+  last ``SIGNAL_RESERVE`` of it is kept for the ends, more when ending the open runs is
+  expected to take longer: ``_ends_take``); then every sink closes in parallel (its
   open runs end KILLED after every step they accepted, the rest is sent or kept in the journal)
   and the signal is raised again with its default action, so the process still dies of it.
 - fork: the child gets fresh sinks of its own (empty queue, no journal, no worker yet, a new key
@@ -41,7 +42,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import CodeType, FrameType, TracebackType
 from typing import Any
 
@@ -64,6 +65,11 @@ SIGNAL_SILENT_LOOKS = 10  # (looked every 20 ms)
 #: ... or until this share of the shutdown timeout is left (bounds below) to end runs and send.
 SIGNAL_RESERVE = 0.25
 SIGNAL_RESERVE_BOUNDS = (0.5, 5.0)
+#: ... or longer, as long as ending the open runs is expected to take: two requests each (the
+#: last batch, the end), this many at a time (the transport's MAX_IN_FLIGHT, as a server that
+#: queues allows), each as long as the latest answer took, with this margin.
+SIGNAL_ENDS_AT_ONCE = 4
+SIGNAL_ENDS_MARGIN = 1.5
 #: What closing one sink takes the loop once its sending is over, and the most of a deadline
 #: kept for that (see close_all), and how long past the deadline the exit waits at most.
 FINISH_EACH = 0.008
@@ -439,13 +445,13 @@ def _go_on_after_signal() -> float | None:
         if waker is not None:
             waker()
     low, high = SIGNAL_RESERVE_BOUNDS
-    door = deadline - min(max(timeout * SIGNAL_RESERVE, low), high, timeout)
+    reserve = min(max(timeout * SIGNAL_RESERVE, low), high, timeout)
     accepted = -1
     silent_since = time.monotonic()
     silent_looks = 0  # a stalled process stalls this thread too: silence is seen, not assumed
     while True:
         now = time.monotonic()
-        if now >= door or _signal_again:
+        if now >= deadline - min(max(reserve, _ends_take(workers)), timeout) or _signal_again:
             break
         seen = sum(w.pipeline.accepted.value for w in workers)
         if seen != accepted:
@@ -458,6 +464,16 @@ def _go_on_after_signal() -> float | None:
             break  # closed meanwhile (by the program, or the sink was dropped)
         time.sleep(0.02)
     return max(0.0, deadline - time.monotonic())
+
+
+def _ends_take(workers: Sequence[Worker]) -> float:
+    """How long ending every open run of ``workers`` is expected to take (read from the
+    signal's thread: a dict's size and a float per sink, no lock). Hundreds of runs open
+    against a server that answers one request at a time need seconds, more than a fixed
+    share of the deadline leaves them."""
+    runs = sum(len(w.pipeline.by_id) for w in workers)
+    answered = max((w.caller.answered_in for w in workers), default=0.0)
+    return SIGNAL_ENDS_MARGIN * 2 * runs * answered / SIGNAL_ENDS_AT_ONCE
 
 
 def _die(signum: int) -> None:
