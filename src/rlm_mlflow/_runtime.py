@@ -471,7 +471,8 @@ def _ends_take(workers: Sequence[Worker]) -> float:
     signal's thread: a dict's size and a float per sink, no lock). Hundreds of runs open
     against a server that answers one request at a time need seconds, more than a fixed
     share of the deadline leaves them."""
-    runs = sum(len(w.pipeline.by_id) for w in workers)
+    # Open runs, and runs whose start or end the worker has not taken yet (a backlog).
+    runs = sum(len(w.pipeline.by_id) + len(w.pipeline.ctl) for w in workers)
     answered = max((w.caller.answered_in for w in workers), default=0.0)
     return SIGNAL_ENDS_MARGIN * 2 * runs * answered / SIGNAL_ENDS_AT_ONCE
 
