@@ -809,3 +809,44 @@ def test_a_close_takes_over_at_once_a_cycle_whose_requests_wait_for_their_turn()
     finally:
         memory.release.set()
         sink.close(1.0)
+
+
+class ExperimentAskWaits(MemoryTransport):
+    """The first look for the experiment waits for its turn until its caller gives it up (a
+    close takes its cycle over); spans wait until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asking, self.release = threading.Event(), threading.Event()
+
+    def get_or_create_experiment(self, name: str) -> str:
+        call = current_call()
+        if call is not None and not self.asking.is_set():
+            self.asking.set()
+            call.waiting = True
+            wait_for(lambda: call.given_up, WAIT)
+        return super().get_or_create_experiment(name)
+
+    def export_spans(self, experiment_id: str, run_uuid: str | None, request: bytes) -> None:
+        self.release.wait(WAIT)
+        super().export_spans(experiment_id, run_uuid, request)
+
+
+def test_a_cycle_taken_over_before_its_runs_were_seen_has_them_ended_first() -> None:
+    """A run open when a close comes, its first cycle still waiting for the experiment (nothing
+    out): the close takes the cycle over before the runs exporter saw the run, then sends the
+    run with its end (FAILED) in one go, ahead of the spans the server holds. Before, the end,
+    whose start was in the cycle taken back and not yet known, was held apart until everything
+    else was sent, and the run stayed RUNNING behind the spans."""
+    memory = ExperimentAskWaits()
+    sink = MLflowSink(enabled=True, experiment="e", transport=memory, flush_interval=0.05)
+    try:
+        sink.on_run_start("open", task="t", environment="e", params={})
+        sink.on_step("open", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        assert memory.asking.wait(WAIT)
+        sink.close(3.0)
+        assert memory.one("open").status == "FAILED"
+        assert memory.one("open").history("step_reward") == [(0, 1.0)]
+    finally:
+        memory.release.set()
+        sink.close(1.0)

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -946,7 +946,9 @@ class Worker:
         half = {w.no: w for w in works if w.no not in fresh}
         out = list(works)
         ahead: list[RunWork] = []
-        for work in self._group(items, final=False):
+        # A cycle taken over before its runs exporter saw them: their starts are in ``works``.
+        started = {w.no for w in works if w.starts}
+        for work in self._group(items, final=False, started=started):
             same = fresh.get(work.no)
             taken = half.get(work.no)
             if same is not None:
@@ -959,8 +961,11 @@ class Worker:
                     ahead.append(work)
         return out, ahead
 
-    def _group(self, items: Sequence[Item], *, final: bool) -> list[RunWork]:
-        """Decode records and group them by run, in order; hold runs whose start is not here."""
+    def _group(
+        self, items: Sequence[Item], *, final: bool, started: Collection[int] = ()
+    ) -> list[RunWork]:
+        """Decode records and group them by run, in order; hold runs whose start is not here
+        (nor in ``started``: runs whose start is in works being sent)."""
         works: dict[int, RunWork] = {}
         early = self.early
         for segment, offset, queued in items:
@@ -1004,7 +1009,13 @@ class Worker:
                 whole = work
             else:
                 whole.merge(work)
-            if not final and not whole.starts and no not in known and no not in self.runs.ended:
+            if (
+                not final
+                and not whole.starts
+                and no not in known
+                and no not in self.runs.ended
+                and no not in started
+            ):
                 self.carry[no] = whole  # its start was appended after we took the starts
                 continue
             out.append(whole)
