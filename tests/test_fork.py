@@ -252,6 +252,21 @@ def test_a_forked_childs_closing_gate_knows_no_closing_sink_of_its_parent() -> N
 
 
 @pytest.mark.slow
+def assert_children_sent(agent: Agent, store: Store, experiment: str, journal_dir: Path) -> None:
+    """``multiprocessing_children.py`` exited 0, and its three runs are in MLflow, FINISHED,
+    each child's every step once, nothing kept for replay."""
+    assert agent.wait(WAIT) == 0, agent.stderr()[-2000:]
+    runs = store.by_name(experiment)
+    assert {name: run.info.status for name, run in runs.items()} == {
+        "parent": "FINISHED",
+        "inherited": "FINISHED",
+        "own": "FINISHED",
+    }, agent.stderr()[-3000:]
+    for name in ("inherited", "own"):
+        assert sorted(store.steps(runs[name])) == list(range(300)), name
+    assert journal_folders(journal_dir) == []
+
+
 def test_multiprocessing_fork_children_send_their_runs_though_they_never_run_atexit(
     agents: Callable[..., Agent],
     store: Store,
@@ -265,16 +280,7 @@ def test_multiprocessing_fork_children_send_their_runs_though_they_never_run_ate
     step once, nothing kept for replay (before, neither was sent, their journals kept)."""
     agent = agents("multiprocessing_children.py", mlflow_server.uri, experiment_name)
     assert json.loads(agent.expect("JOINED", 120).split(" ", 1)[1]) == [0, 0]
-    assert agent.wait(WAIT) == 0, agent.stderr()[-2000:]
-    runs = store.by_name(experiment_name)
-    assert {name: run.info.status for name, run in runs.items()} == {
-        "parent": "FINISHED",
-        "inherited": "FINISHED",
-        "own": "FINISHED",
-    }, agent.stderr()[-3000:]
-    for name in ("inherited", "own"):
-        assert sorted(store.steps(runs[name])) == list(range(300)), name
-    assert journal_folders(journal_dir) == []
+    assert_children_sent(agent, store, experiment_name, journal_dir)
 
 
 def test_multiprocessing_fork_children_send_their_runs_while_the_parent_asks_for_its_experiment(
@@ -298,16 +304,7 @@ def test_multiprocessing_fork_children_send_their_runs_while_the_parent_asks_for
     joined = json.loads(agent.expect("JOINED", 120).split(" ", 1)[1])
     proxy.set(mode="pass")  # the parent's held lookup is reset: it asks again, then exits
     assert joined == [0, 0], agent.stderr()[-3000:]
-    assert agent.wait(WAIT) == 0, agent.stderr()[-2000:]
-    runs = store.by_name(experiment_name)
-    assert {name: run.info.status for name, run in runs.items()} == {
-        "parent": "FINISHED",
-        "inherited": "FINISHED",
-        "own": "FINISHED",
-    }, agent.stderr()[-3000:]
-    for name in ("inherited", "own"):
-        assert sorted(store.steps(runs[name])) == list(range(300)), name
-    assert journal_folders(journal_dir) == []
+    assert_children_sent(agent, store, experiment_name, journal_dir)
 
 
 def test_a_sink_imports_nothing_on_its_threads(
