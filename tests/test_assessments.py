@@ -118,8 +118,16 @@ def test_a_trace_that_begins_and_ends_in_one_drain_has_its_info_stored_before_it
         sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
         run_scored(sink, 2)
         assert wait_for(lambda: proxy.paths[TRACE_INFO] >= 2, WAIT), proxy.paths
-        # No span yet, so none of the tags its root span carries: the info and its Feedback.
-        before = search_traces(mlflow_client, experiment_name, spans=False)
+        # No span yet, so none of the tags its root span carries: the info and its Feedback
+        # (read once the server has stored the second: the proxy counts it as it reads it).
+        found: list[Any] = []
+
+        def both_stored() -> bool:
+            found[:] = search_traces(mlflow_client, experiment_name, spans=False)
+            return len(found) == 2
+
+        assert wait_for(both_stored, WAIT), [t.info for t in found]
+        before = found
         rewards = sorted(a.value for t in before for a in ours(t)["total_reward"])
         assert rewards == [0.0, 1.0], [t.info for t in before]
         proxy.set(mode="pass")
