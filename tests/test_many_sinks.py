@@ -123,35 +123,6 @@ def test_requests_wait_for_a_slot_and_get_one_when_the_bound_grows() -> None:
     assert slots.busy == 0
 
 
-def test_a_call_says_it_waits_for_its_turn_until_it_has_one() -> None:
-    """While a request waits for a place, its call says so (a close may then take its cycle
-    over: nothing of it went out); once it has its place, it no longer does."""
-    slots = InFlight()
-    taken = contextlib.ExitStack()
-    for _ in range(MAX_IN_FLIGHT):
-        taken.enter_context(slots.turn())
-    call = Call()
-    inside = threading.Event()
-    seen: list[bool] = []
-
-    def request() -> None:
-        with calling(call), slots.turn():
-            seen.append(call.waiting)
-            inside.set()
-
-    thread = threading.Thread(target=request)
-    thread.start()
-    try:
-        assert wait_for(lambda: call.waiting, WAIT)
-        taken.close()  # the places free up
-        assert inside.wait(WAIT)
-    finally:
-        taken.close()
-        thread.join(WAIT)
-    assert seen == [False]
-    assert not call.waiting
-
-
 def test_a_request_given_up_leaves_its_place_and_one_given_up_while_waiting_is_never_sent() -> None:
     """Every place is held by requests whose answers never come; the caller gives one up (a
     close took its cycle over): a waiting request gets its place at once, while the thread of

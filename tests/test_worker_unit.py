@@ -765,55 +765,9 @@ def test_a_create_out_when_a_close_takes_its_cycle_over_is_left_for_replay_to_fi
     assert [s for s, _ in runs[0].history("step_reward")] == [0]
 
 
-class TurnWaiting(MemoryTransport):
-    """Step batches wait for their turn among the requests in flight (as behind other sinks'
-    requests, nothing of them sent) until ``release`` is set; ``waiting_now`` once one does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.waiting_now, self.release = threading.Event(), threading.Event()
-
-    def log_batch(
-        self,
-        run_uuid: str,
-        *,
-        metrics: Sequence[Metric] = (),
-        params: Sequence[tuple[str, str]] = (),
-        tags: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        if any(m.key == "step_reward" for m in metrics) and not self.release.is_set():
-            call = current_call()
-            if call is not None:
-                call.waiting = True
-            self.waiting_now.set()
-            self.release.wait(WAIT)
-            if call is not None:
-                call.waiting = False
-        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
-
-
-def test_a_close_takes_over_at_once_a_cycle_whose_requests_wait_for_their_turn() -> None:
-    """A run open, its steps' batch waiting for its turn (nothing of the cycle sent) when a
-    close of 1 s comes: the close takes the cycle over at once and ends the run (FAILED, it
-    never reached on_run_end). Before, a short cycle was left to go on for half the time left,
-    then taken over only once a request had waited 2 s: the run stayed RUNNING."""
-    memory = TurnWaiting()
-    sink = MLflowSink(enabled=True, experiment="e", transport=memory, flush_interval=0.05)
-    try:
-        sink.on_run_start("open", task="t", environment="e", params={})
-        assert sink.flush(WAIT)  # the run exists
-        sink.on_step("open", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
-        assert memory.waiting_now.wait(WAIT)
-        sink.close(1.0)
-        assert memory.one("open").status == "FAILED"
-    finally:
-        memory.release.set()
-        sink.close(1.0)
-
-
 class ExperimentAskWaits(MemoryTransport):
-    """The first look for the experiment waits for its turn until its caller gives it up (a
-    close takes its cycle over); spans wait until ``release`` is set."""
+    """The first look for the experiment waits until its caller gives it up (a close takes
+    its cycle over); spans wait until ``release`` is set."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -823,7 +777,6 @@ class ExperimentAskWaits(MemoryTransport):
         call = current_call()
         if call is not None and not self.asking.is_set():
             self.asking.set()
-            call.waiting = True
             wait_for(lambda: call.given_up, WAIT)
         return super().get_or_create_experiment(name)
 
@@ -833,8 +786,8 @@ class ExperimentAskWaits(MemoryTransport):
 
 
 def test_a_cycle_taken_over_before_its_runs_were_seen_has_them_ended_first() -> None:
-    """A run open when a close comes, its first cycle still waiting for the experiment (nothing
-    out): the close takes the cycle over before the runs exporter saw the run, then sends the
+    """A run open when a close comes, its first cycle still waiting for the experiment: the
+    close takes the cycle over (stuck) before the runs exporter saw the run, then sends the
     run with its end (FAILED) in one go, ahead of the spans the server holds. Before, the end,
     whose start was in the cycle taken back and not yet known, was held apart until everything
     else was sent, and the run stayed RUNNING behind the spans."""

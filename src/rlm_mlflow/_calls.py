@@ -114,7 +114,6 @@ class Caller:
         self._uri = tracking_uri
         self.probe = probe
         self.inflight: dict[int, tuple[str, float]] = {}  # requests waiting for an answer
-        self.calls: dict[int, Call] = {}  # ... as their transports see them
         # Calls between their tries: since their first failure.
         self.retrying: dict[int, tuple[str, float]] = {}
         self._tokens = itertools.count()
@@ -170,12 +169,6 @@ class Caller:
         next try since it first failed (a refusal the server asks to wait out, an outage)."""
         return _earliest([*self.inflight.values(), *self.retrying.values()])
 
-    def nothing_out(self) -> bool:
-        """No request of this caller has gone out unanswered: each call made now waits for its
-        turn among the requests in flight (with a transport that has turns), and those
-        between their tries wait for their next one."""
-        return all(call.waiting for call in list(self.calls.values()))
-
     # -- calls ---------------------------------------------------------------------------------
 
     async def once(self, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -188,7 +181,7 @@ class Caller:
             limiter = None
             if self.background or what in BACKGROUND_CALLS:
                 limiter = background_threads()
-            call = self.calls[token] = Call()
+            call = Call()
             try:
                 with calling(call):  # the thread takes this context
                     result = await anyio.to_thread.run_sync(
@@ -212,7 +205,6 @@ class Caller:
             raise
         finally:
             self.inflight.pop(token, None)
-            self.calls.pop(token, None)
         self.answered_in = time.monotonic() - began
         self.failing_since = None
         if self.refused is not None and what not in READS:

@@ -49,15 +49,12 @@ class Call:
     transport then stops counting its request among those in flight (see :meth:`on_give_up`),
     and does not send it if it has not gone yet: nobody would read the answer."""
 
-    __slots__ = ("_lock", "_then", "given_up", "waiting")
+    __slots__ = ("_lock", "_then", "given_up")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._then: Callable[[], None] | None = None
         self.given_up = False
-        # Waiting for its turn among the requests in flight (set by a transport that has
-        # turns): nothing of it has gone out yet. A transport without turns never sets it.
-        self.waiting = False
 
     def give_up(self) -> None:
         """The caller no longer waits for the answer (any thread)."""

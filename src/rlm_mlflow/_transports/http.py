@@ -314,8 +314,6 @@ class InFlight:
                 if call is not None and not call.on_give_up(self._wake_all):
                     raise _given_up()
                 while self.busy >= self.limit or self._next() != arrival:
-                    if call is not None:
-                        call.waiting = True
                     self._changed.wait()
                     if call is not None and call.given_up:
                         raise _given_up()
@@ -323,9 +321,6 @@ class InFlight:
                 del self._waiting[arrival]
                 self._changed.notify_all()  # the next in line may be another
                 raise
-            finally:
-                if call is not None:
-                    call.waiting = False
             del self._waiting[arrival]
             self.busy += 1
             if self._waiting and self.busy < self.limit:
