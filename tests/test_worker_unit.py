@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import types
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -792,7 +793,9 @@ def test_a_cycle_taken_over_before_its_runs_were_seen_has_them_ended_first() -> 
     whose start was in the cycle taken back and not yet known, was held apart until everything
     else was sent, and the run stayed RUNNING behind the spans."""
     memory = ExperimentAskWaits()
-    sink = MLflowSink(enabled=True, experiment="e", transport=memory, flush_interval=0.05)
+    # An experiment of its own: one another test looked up is known to the process already.
+    experiment = f"asked-{uuid.uuid4().hex[:8]}"
+    sink = MLflowSink(enabled=True, experiment=experiment, transport=memory, flush_interval=0.05)
     try:
         sink.on_run_start("open", task="t", environment="e", params={})
         sink.on_step("open", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
