@@ -203,20 +203,24 @@ class _HalfCommitting(MemoryTransport):
         raise TransientError("the answer was lost", maybe_committed=True)
 
 
+def quick_to_give_up(memory: MemoryTransport, experiment: str, **settings: Any) -> MLflowSink:
+    """A sink on ``memory`` whose retries end within ``retry_deadline`` (what fails is kept)."""
+    return MLflowSink(
+        enabled=True,
+        experiment=experiment,
+        transport=memory,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+        **settings,
+    )
+
+
 def test_replay_sends_exactly_the_points_a_lost_answer_left_out(journal_dir: Path) -> None:
     """Batches half committed, their answers lost, until the sink gave up: replay offers the
     store exactly the points it lacks (those past each metric's latest stored point without
     reading them back), reads back only the metrics that may hold some, and ends the run."""
     memory = _HalfCommitting()
-    sink = MLflowSink(
-        enabled=True,
-        experiment="unit",
-        transport=memory,
-        flush_interval=0.05,
-        retry_deadline=0.3,
-        retry_initial=0.01,
-        retry_max_wait=0.05,
-    )
+    sink = quick_to_give_up(memory, "unit", retry_deadline=0.3, flush_interval=0.05)
     sink.on_run_start("r", task="t", environment="e", params={})
     for i in range(40):
         sink.on_step("r", event={"step": i, "reward": 0.5}, cumulative_reward=0.5 * (i + 1))
@@ -329,14 +333,7 @@ def test_replay_of_a_tree_wider_than_a_batch_sends_one_trace_within_its_budget(
     of the tree sent live, the replay raised KeyError and stopped."""
     memory = MemoryTransport()
     memory.fail = lambda call: TransientError("the store is down", maybe_committed=False)
-    sink = MLflowSink(
-        enabled=True,
-        experiment="tree",
-        transport=memory,
-        retry_deadline=0.2,
-        retry_initial=0.01,
-        retry_max_wait=0.05,
-    )
+    sink = quick_to_give_up(memory, "tree", retry_deadline=0.2)
     parents: dict[str, str | None] = {"root": None}
     parents.update({f"a{i}": "root" for i in range(100)})
     parents.update({f"b{i}": f"a{i}" for i in range(100)})

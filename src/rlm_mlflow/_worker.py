@@ -447,7 +447,7 @@ class Worker:
         if scope is None:
             return
         deadline = self.close_deadline
-        if self._long_cycle or (deadline is not None and self._spans_out and self._ends_wait()):
+        if self._long_cycle or (self._spans_out and self._ends_first()):
             scope.cancel()
         elif deadline is not None and self._watched is not scope and self._tasks is not None:
             self._watched = scope
@@ -789,14 +789,15 @@ class Worker:
             return
         self._spans_out = True
         scope = self._interruptible
-        if scope is not None and self.close_deadline is not None and self._ends_wait():
+        if scope is not None and self._ends_first():
             scope.cancel()
             await anyio.sleep(0)  # the take-over
 
-    def _ends_wait(self) -> bool:
-        """Runs of this sink wait to be ended: still open, or their ends not taken yet."""
+    def _ends_first(self) -> bool:
+        """A close against a deadline has come and runs of this sink wait to be ended (still
+        open, or their ends not taken yet): their ends go before the spans of a cycle out."""
         pipeline = self.pipeline
-        return bool(pipeline.by_thread or pipeline.ctl)
+        return self.close_deadline is not None and bool(pipeline.by_thread or pipeline.ctl)
 
     async def _ends_sent(self) -> None:
         """Closing: this sink's runs went (ended, or kept); with a deadline, its steps and spans
