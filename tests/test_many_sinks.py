@@ -29,7 +29,7 @@ from promises_support import (
 )
 from rlm_mlflow import MLflowSink, PermanentError, TransientError
 from rlm_mlflow._runtime import close_all
-from rlm_mlflow._transports.base import Call, Metric, calling
+from rlm_mlflow._transports.base import Call, Metric, calling, may_begin
 from rlm_mlflow._transports.http import (
     CLOSING_IN_FLIGHT,
     CLOSING_START,
@@ -121,6 +121,52 @@ def test_requests_wait_for_a_slot_and_get_one_when_the_bound_grows() -> None:
         thread.join(WAIT)
         taken.close()
     assert slots.busy == 0
+
+
+def test_a_call_counts_as_sent_only_once_its_request_goes_out() -> None:
+    """With a transport that says when it sends, a call waiting for its place in flight is not
+    out (a close may take its cycle over: nothing of it is in doubt); once its request goes
+    out it is, and what waits on that learns it. A call given up before its request goes is
+    not sent, and nothing learns it went out. A transport that does not say when it sends
+    makes calls out from their start."""
+    slots = InFlight()
+    taken = contextlib.ExitStack()
+    for _ in range(MAX_IN_FLIGHT):
+        taken.enter_context(slots.turn())
+    call, marked = Call(announced=True), []
+    call.when_out(lambda: marked.append("out"))
+
+    def request() -> None:
+        with calling(call), slots.turn():
+            may_begin("log batch")
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    try:
+        assert wait_for(lambda: len(slots._waiting) == 1, WAIT)
+        out_while_waiting = call.out
+        assert not out_while_waiting
+        assert marked == []
+        taken.close()  # the places free up
+        thread.join(WAIT)
+    finally:
+        taken.close()
+        thread.join(WAIT)
+    assert call.out
+    assert marked == ["out"]
+
+    late = Call(announced=True)
+    late.when_out(lambda: marked.append("late"))
+    late.give_up()
+    with calling(late), pytest.raises(TransientError) as raised:
+        may_begin("log batch")
+    assert not raised.value.maybe_committed
+    assert not late.out
+
+    unannounced = Call()
+    unannounced.when_out(lambda: marked.append("unannounced"))
+    assert unannounced.out
+    assert marked == ["out", "unannounced"]
 
 
 def test_a_request_given_up_leaves_its_place_and_one_given_up_while_waiting_is_never_sent() -> None:

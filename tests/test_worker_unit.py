@@ -806,3 +806,53 @@ def test_a_cycle_taken_over_before_its_runs_were_seen_has_them_ended_first() -> 
     finally:
         memory.release.set()
         sink.close(1.0)
+
+
+class TurnWaiting(MemoryTransport):
+    """Says when each call's request goes out (as it reaches the store); the first step batch
+    waits for its turn, as behind other sinks' requests, until its caller gives it up."""
+
+    announces_sends = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting_now = threading.Event()
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        call = current_call()
+        steps = any(m.key == "step_reward" for m in metrics)
+        if call is not None and steps and not self.waiting_now.is_set():
+            self.waiting_now.set()
+            wait_for(lambda: call.given_up, WAIT)
+        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+
+
+def test_a_close_takes_over_at_once_a_cycle_whose_requests_wait_for_their_turn() -> None:
+    """A run open, its step's batch waiting for its turn (nothing of the cycle sent) when a
+    close of 1 s comes: the close takes the cycle over at once and ends the run (FAILED, it
+    never reached on_run_end) with its step, which it sends without reading back first:
+    nothing of it went out. Before, a short cycle went on for half the time left and was taken
+    over only once a request had waited 2 s (the run stayed RUNNING); and the points of a cycle
+    taken over counted as possibly stored whether they had gone out or not, so they were read
+    back, and sent after every closing sink's ends."""
+    memory = TurnWaiting()
+    sink = MLflowSink(enabled=True, experiment="e", transport=memory, flush_interval=0.05)
+    try:
+        sink.on_run_start("open", task="t", environment="e", params={})
+        assert sink.flush(WAIT)  # the run exists
+        sink.on_step("open", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        assert memory.waiting_now.wait(WAIT)
+        sink.close(1.0)
+        run = memory.one("open")
+        assert run.status == "FAILED"
+        assert run.history("step_reward") == [(0, 1.0)]
+        assert not [call for call in memory.calls if call.startswith("metric_history")]
+    finally:
+        sink.close(1.0)

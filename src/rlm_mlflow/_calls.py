@@ -114,6 +114,9 @@ class Caller:
         self._uri = tracking_uri
         self.probe = probe
         self.inflight: dict[int, tuple[str, float]] = {}  # requests waiting for an answer
+        self.calls: dict[int, Call] = {}  # ... as their transports see them
+        # Whether the transport says when each request goes out (see Call): set with it.
+        self.announced = False
         # Calls between their tries: since their first failure.
         self.retrying: dict[int, tuple[str, float]] = {}
         self._tokens = itertools.count()
@@ -169,6 +172,12 @@ class Caller:
         next try since it first failed (a refusal the server asks to wait out, an outage)."""
         return _earliest([*self.inflight.values(), *self.retrying.values()])
 
+    def nothing_out(self) -> bool:
+        """No request of this caller is out unanswered: each call made now waits for its turn
+        among the requests in flight, or has not reached its transport yet (with a transport
+        that says when it sends), and those between their tries wait for their next one."""
+        return not any(call.out for call in list(self.calls.values()))
+
     # -- calls ---------------------------------------------------------------------------------
 
     async def once(self, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -181,7 +190,7 @@ class Caller:
             limiter = None
             if self.background or what in BACKGROUND_CALLS:
                 limiter = background_threads()
-            call = Call()
+            call = self.calls[token] = Call(announced=self.announced)
             try:
                 with calling(call):  # the thread takes this context
                     result = await anyio.to_thread.run_sync(
@@ -205,6 +214,7 @@ class Caller:
             raise
         finally:
             self.inflight.pop(token, None)
+            self.calls.pop(token, None)
         self.answered_in = time.monotonic() - began
         self.failing_since = None
         if self.refused is not None and what not in READS:

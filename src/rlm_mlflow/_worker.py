@@ -69,6 +69,9 @@ CLOSE_SPLIT_STEPS = 500  # steps that fit one log_batch (two metrics each)
 #: a cycle is better left to finish.
 CYCLE_RESERVE = 2.0
 CYCLE_STUCK = 2.0
+#: How often a close looks whether the cycle out has a request out at all (see
+#: :meth:`Worker._take_over_if_stuck`).
+CYCLE_LOOK = 0.05
 #: How long closing waits for hooks that were already running when it began.
 QUIESCE_TIMEOUT = 1.0
 #: How often a blocked store (credentials, deleted experiment) is asked again.
@@ -411,6 +414,8 @@ class Worker:
             return False
         try:
             self.transport = await anyio.to_thread.run_sync(self._transport_factory)
+            for caller in self.callers:
+                caller.announced = bool(getattr(self.transport, "announces_sends", False))
             self.describe = self.transport.describe()
             if self._on_transport_ready is not None:
                 self._on_transport_ready()
@@ -442,7 +447,8 @@ class Worker:
 
     def _take_over_cycle(self) -> None:
         """Closing: the close takes over what the cycle out now was sending (see _send), a
-        long cycle at once, a short one when its share of the close's time is up."""
+        long cycle at once, a short one as soon as nothing of it is out, or when its share of
+        the close's time is up and it is stuck (:meth:`_take_over_if_stuck`)."""
         scope = self._interruptible
         if scope is None:
             return
@@ -456,22 +462,27 @@ class Worker:
             self._tasks.start_soon(self._take_over_if_stuck, scope, time.monotonic() + allowed)
 
     async def _take_over_if_stuck(self, scope: anyio.CancelScope, at: float) -> None:
-        """From ``at`` (time.monotonic()) on, take the short cycle out now over once one of its
-        requests has waited :data:`CYCLE_STUCK` for its answer, or for its next try (a 429 or
-        503 answered at once, retried until the deadline, holds the run's end up as long as a
-        server holding the request; see :data:`CYCLE_RESERVE`)."""
+        """Take the short cycle out now over as soon as none of its requests is out (each waits
+        for its turn behind other requests, or for its next try) while runs of this sink wait
+        to be ended: nothing of it is in doubt, and the close sends those ends first. Else,
+        from ``at`` (time.monotonic()) on, once one of its requests has waited
+        :data:`CYCLE_STUCK` for its answer, or for its next try (a 429 or 503 answered at once,
+        retried until the deadline, holds the run's end up as long as a server holding the
+        request; see :data:`CYCLE_RESERVE`)."""
         while self._interruptible is scope:
-            await anyio.sleep(max(0.0, at - time.monotonic()))
-            if self._interruptible is not scope:
-                return
             now = time.monotonic()
-            callers = map(Caller.oldest_unsettled, self.callers)
-            since = [found[1] for found in callers if found is not None]
-            waited = now - min(since, default=now)
-            if waited >= CYCLE_STUCK:
+            if self._ends_first() and all(caller.nothing_out() for caller in self.callers):
                 scope.cancel()
                 return
-            at = now + CYCLE_STUCK - waited
+            if now >= at:
+                callers = map(Caller.oldest_unsettled, self.callers)
+                since = [found[1] for found in callers if found is not None]
+                waited = now - min(since, default=now)
+                if waited >= CYCLE_STUCK:
+                    scope.cancel()
+                    return
+                at = now + CYCLE_STUCK - waited
+            await anyio.sleep(min(CYCLE_LOOK, max(0.0, at - now)))
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import anyio
 from .._codec import describe
 from .._events import RunEnd, RunStart, Step, Usage
 from .._exceptions import TOO_LARGE, PermanentError, Postponed, StoreRefused, TransientError
-from .._transports.base import PARENT_TAG, Metric, RangeReads, Transport
+from .._transports.base import PARENT_TAG, Metric, RangeReads, Transport, current_call
 from . import convert as _convert
 from .identity import ANSWER_POLL, CreatePending, RunIdentity, RunState
 from .work import DEFERRED, HOLD, SENT, Done, Outcome, RunWork
@@ -259,7 +259,10 @@ class RunsExporter(RunIdentity):
             if parent is not None:
                 tags.append((PARENT_TAG, parent))
         params = list(state.params)
-        uncertain, work.maybe_sent = work.maybe_sent, True
+        uncertain = work.maybe_sent
+
+        def out() -> None:  # a request with its points went out (see Call.when_out)
+            work.maybe_sent = True
 
         async def batches() -> None:
             nonlocal metrics
@@ -267,7 +270,7 @@ class RunsExporter(RunIdentity):
                 sent = None if self.in_flight is None else self.in_flight.get(work.no, set())
                 metrics = await self._not_yet_stored(state, metrics, sent)
             known, state.stored_latest = state.stored_latest, None  # unknown while this goes
-            await self._log_batches(state, metrics, params, tags)
+            await self._log_batches(state, metrics, params, tags, out)
             if known is not None:
                 # Stored now: each metric's latest point is the later of the two (never earlier
                 # than the truth, so a later check reads what it must).
@@ -408,9 +411,10 @@ class RunsExporter(RunIdentity):
         metrics: Sequence[Metric],
         params: Sequence[tuple[str, str]],
         tags: Sequence[tuple[str, str]],
+        out: Callable[[], None],
     ) -> None:
         for chunk_metrics, chunk_params, chunk_tags in _chunks(metrics, params, tags):
-            await self._log_batch(state, chunk_metrics, chunk_params, chunk_tags)
+            await self._log_batch(state, chunk_metrics, chunk_params, chunk_tags, out)
 
     async def _log_batch(
         self,
@@ -418,8 +422,10 @@ class RunsExporter(RunIdentity):
         metrics: Sequence[Metric],
         params: Sequence[tuple[str, str]],
         tags: Sequence[tuple[str, str]],
+        out: Callable[[], None],
     ) -> None:
-        """Send one batch; when MLflow refuses it, split it until the refused items are alone."""
+        """Send one batch; when MLflow refuses it, split it until the refused items are alone.
+        ``out`` is called as soon as a request with its items goes out."""
         if not (metrics or params or tags):
             return
         assert state.ref is not None
@@ -435,6 +441,11 @@ class RunsExporter(RunIdentity):
             if written and pending:
                 stored = stored_points(transport, run_uuid, pending)
                 pending = [m for m in pending if m not in stored]
+            call = current_call()
+            if call is None:
+                out()
+            else:
+                call.when_out(out)  # not before: one waiting for its turn is not in doubt
             try:
                 transport.log_batch(run_uuid, metrics=pending, params=params, tags=tags)
             except TransientError as exc:
@@ -449,7 +460,7 @@ class RunsExporter(RunIdentity):
         except PermanentError as exc:
             if exc.code in _WHOLE_RUN_CODES:
                 resend = await self._run_gone(state, exc)
-                await self._log_batch(state, pending, [*resend, *params], tags)
+                await self._log_batch(state, pending, [*resend, *params], tags, out)
                 return
             size = len(metrics) + len(params) + len(tags)
             if size <= 1:
@@ -470,6 +481,7 @@ class RunsExporter(RunIdentity):
                     [x for kind, x in part if kind == "m"],
                     [x for kind, x in part if kind == "p"],
                     [x for kind, x in part if kind == "t"],
+                    out,
                 )
 
     async def _run_gone(self, state: RunState, exc: PermanentError) -> list[tuple[str, str]]:

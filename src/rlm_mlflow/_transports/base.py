@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .._exceptions import Postponed
+from .._exceptions import Postponed, TransientError
 
 #: The tag that holds a run's client-side id, so a retried or replayed create finds the first one.
 KEY_TAG = "rlm_mlflow.key"
@@ -49,12 +49,39 @@ class Call:
     transport then stops counting its request among those in flight (see :meth:`on_give_up`),
     and does not send it if it has not gone yet: nobody would read the answer."""
 
-    __slots__ = ("_lock", "_then", "given_up")
+    __slots__ = ("_announced", "_lock", "_then", "_when_out", "given_up", "out")
 
-    def __init__(self) -> None:
+    def __init__(self, *, announced: bool = False) -> None:
         self._lock = threading.Lock()
         self._then: Callable[[], None] | None = None
+        self._when_out: list[Callable[[], None]] = []
         self.given_up = False
+        # Whether its transport says when each request goes out (``announces_sends``: through
+        # :func:`may_begin`). Else the call counts as out from its start.
+        self._announced = announced
+        # A request of it went out (or may have). A call given up before one went sends none.
+        self.out = not announced
+
+    def begin(self) -> bool:
+        """A request of it goes out now (the transport, through :func:`may_begin`): False, and
+        it must not be sent, if the caller gave the call up already."""
+        with self._lock:
+            if self.given_up and self._announced:
+                return False
+            self.out = True
+            then, self._when_out = self._when_out, []
+            for fn in then:  # under the lock: once give_up returns, nothing more is marked
+                fn()
+        return True
+
+    def when_out(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once a request of the call goes out (now if one has): what the caller
+        must then count as possibly stored. ``fn`` runs under the call's lock: set a flag."""
+        with self._lock:
+            if not self.out:
+                self._when_out.append(fn)
+                return
+            fn()
 
     def give_up(self) -> None:
         """The caller no longer waits for the answer (any thread)."""
@@ -99,6 +126,11 @@ def may_begin(what: str) -> None:
     check = _begin_if.get()
     if check is not None and not check():
         raise Postponed(f"{what}: not begun, too late to finish what must follow it")
+    call = _call.get()
+    if call is not None and not call.begin():
+        raise TransientError(
+            f"{what}: given up by its caller before it was sent", maybe_committed=False
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +218,11 @@ class Transport(Protocol):
     Every method raises only :class:`~rlm_mlflow.TransientError` (worth retrying) or
     :class:`~rlm_mlflow.PermanentError` (not; :class:`~rlm_mlflow.StoreRefused` when the store
     refuses everything), and is safe to call again after a failure.
+
+    A transport may have ``announces_sends = True``: it then calls :func:`may_begin` right
+    before each request goes out (after any wait for its turn), and a request a close gives
+    up before that is never sent and never counted as possibly stored. Without it, every call
+    counts as sent from its start.
     """
 
     def describe(self) -> str:

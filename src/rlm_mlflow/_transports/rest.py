@@ -106,6 +106,9 @@ _fork.at_fork_in_child(_forget_shared_in_child)
 class RestTransport:
     """One request per call to an MLflow tracking server; see the module docstring."""
 
+    #: Every request goes through HttpClient.request, which calls may_begin as it goes out.
+    announces_sends = True
+
     def __init__(
         self,
         tracking_uri: str,

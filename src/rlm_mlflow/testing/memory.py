@@ -55,6 +55,10 @@ class MemoryTransport:
     """An in-memory MLflow with MLflow's rules that matter here: params are immutable, identical
     metric points are stored once. ``fail`` lets a test make any call fail before it runs."""
 
+    #: Each call counts as sent from its start (a subclass that holds a call before it reaches
+    #: the store, as behind other requests, sets this: the call is sent at ``_enter``).
+    announces_sends = False
+
     def __init__(self, *, trace_upserts: bool = False) -> None:
         self.lock = threading.Lock()
         # Whether it writes a trace's info with its assessments in one call (as MLflow 3.13+).
@@ -75,6 +79,7 @@ class MemoryTransport:
     def _enter(self, call: str) -> None:
         with self.lock:
             self.calls.append(call)
+        may_begin(call.replace("_", " "))  # the request goes out now (see announces_sends)
         fail = self.fail
         error = fail(call) if fail is not None else None
         if error is not None:
@@ -169,7 +174,6 @@ class MemoryTransport:
         tags: Sequence[tuple[str, str]],
     ) -> RunRef:
         self._enter("create_run")
-        may_begin("create run")
         with self.lock:
             uuid = f"run{next(self._ids)}"
             run = self.runs[uuid] = MemoryRun(
