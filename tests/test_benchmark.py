@@ -166,6 +166,61 @@ def test_a_benchmark_is_an_evaluation_run_with_its_cases_traces_and_their_assess
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("made", ["before", "in-the-same-cycle"])
+def test_a_benchmark_taken_before_a_case_run_ends_writes_that_cases_assessments_after_it(
+    mlflow_server: MlflowServer,
+    mlflow_client: Any,
+    experiment_name: str,
+    journal_dir: Path,
+    made: str,
+) -> None:
+    """The worker takes a benchmark's end while one of its cases' runs is still open, no span
+    of it sent (the hooks of several threads go to lanes of their own, taken in any order:
+    DSPy's ``Evaluate`` ends its benchmark right after its threads' last runs). A benchmark
+    whose evaluation run was made before waits for that run's end, whose trace its case's
+    assessments go on. One begun in the same cycle goes (its evaluation run is needed by its
+    cases), and what it says of the open case is kept for replay, which writes it. Before,
+    those assessments were written at once, refused by MLflow (no such trace), and lost."""
+    from promises_support import replay_cli
+
+    sink = MLflowSink(
+        enabled=True, experiment=experiment_name, tracking_uri=mlflow_server.uri, **FAST
+    )
+    with rlm_mlflow.benchmark(sink, "late") as bench:
+        if made == "before":
+            assert sink.flush(WAIT)
+        run_case(sink, "late-0", 1.0)
+        bench.record("late-0", expected=ANSWERS[0], verdict=True, rationale="case 0")
+        sink.on_run_start("late-1", task="late-1", environment="e", params={})
+        bench.record("late-1", expected=ANSWERS[1], verdict=False, rationale="case 1")
+    assert wait_for(lambda: sink.statistics().queue_depth == 0, WAIT)  # the worker took it all
+    sink.on_step("late-1", event={"step": 0, "reward": 0.0}, cumulative_reward=0.0)
+    result = {"completed": False, "steps": 1, "total_reward": 0.0}
+    sink.on_run_end("late-1", result=result, run_path=None)
+    sink.close(WAIT)
+    status = sink.status()
+    assert not status["rejected"], status
+    assert not status["dropped"], status
+    if made == "before":
+        assert status["deferred"] == 0, status
+    else:
+        assert status["deferred"] > 0, status
+        done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+        assert done.returncode == 0, f"{done.stdout}{done.stderr}"
+
+    run = evaluation_runs(mlflow_client, experiment_name)["late"]
+    assert run.info.status == "FINISHED"
+    traces = linked_traces(mlflow_client, run)
+    assert sorted(traces) == ["late-0", "late-1"]
+    for name, answer, verdict in (("late-0", ANSWERS[0], True), ("late-1", ANSWERS[1], False)):
+        named = by_name(traces[name])
+        assert [a.value for a in named["expected_response"]] == [answer]
+        assert [a.value for a in named["judge"]] == [verdict]
+    assert run.data.metrics["cases"] == 2
+    assert run.data.metrics["judge/mean"] == pytest.approx(0.5)
+
+
+@pytest.mark.integration
 def test_lost_answers_write_no_assessment_or_link_twice(
     proxy: FaultProxy, mlflow_client: Any, experiment_name: str
 ) -> None:

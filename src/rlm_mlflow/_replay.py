@@ -544,7 +544,9 @@ def _send(
         traces.assessments.fresh = {traces.ids.trace_hex(no) for no in loaded.fresh_ends}
         traces.figures_dir = lambda: loaded.folder
         traces.load_figures(loaded.folder)  # cases whose records were done before a kill
-        traces.learn([RunWork(no, starts=[start]) for no, start in loaded.starts.items()])
+        traces.learn(
+            [RunWork(no, starts=[start]) for no, start in loaded.starts.items()], seeded=True
+        )
         return _Lane(runs, traces, Dispatcher(runs, traces, counts))
 
     lanes = [lane()]

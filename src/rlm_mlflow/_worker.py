@@ -612,8 +612,10 @@ class Worker:
                 continue
             self._taken_at = time.monotonic()
             items = pipeline.take(TAKE_LIMIT)
-            if items:
-                await self._send(self._group(items, final=False))
+            # What came may free held runs; once nothing comes, what ended meanwhile may too.
+            works = self._group(items, final=False) if items or self.carry else []
+            if works:
+                await self._send(works)
                 await self._maintain_journal()
                 if (
                     closing
@@ -962,6 +964,13 @@ class Worker:
                 self.retry.append(work)
                 if taken.runs_outcome is not None:
                     ahead.append(work)
+        # A benchmark whose case's end goes after the cycle goes after it too: the case's
+        # assessments go on the trace that end stores.
+        later = {work.no for work in self.retry}
+        for work in out[len(works) :]:
+            if any(case.case_no in later for case in work.cases):
+                out.remove(work)
+                self.retry.append(work)
         return out, ahead
 
     def _group(
@@ -1005,24 +1014,46 @@ class Worker:
             if type(event) is RunStart and segment is not None:
                 self.pins.setdefault(event.run_no, []).append(segment)
         out: list[RunWork] = []
-        known = self.runs.runs
         for no, work in works.items():
             whole = self.carry.pop(no, None)
             if whole is None:
                 whole = work
             else:
                 whole.merge(work)
-            if (
-                not final
-                and not whole.starts
-                and no not in known
-                and no not in self.runs.ended
-                and no not in started
-            ):
-                self.carry[no] = whole  # its start was appended after we took the starts
+            if not final and not self._may_go(no, whole, works, started):
+                self.carry[no] = whole
                 continue
             out.append(whole)
+        for no, whole in list(self.carry.items()):  # held before: what came now may free them
+            if no not in works and self._may_go(no, whole, works, started):
+                del self.carry[no]
+                out.append(whole)
         return out
+
+    def _may_go(
+        self, no: int, whole: RunWork, works: dict[int, RunWork], started: Collection[int]
+    ) -> bool:
+        """Whether a run's events may be sent now, or are held (in ``carry``) until:
+
+        - its start is taken (it was appended to another lane after we took the starts);
+        - for a benchmark made in an earlier cycle, each of its cases' runs has ended: a case's
+          assessments go on its trace, which may be stored only with its root run's end. The
+          hooks of several threads go to lanes of their own, so the benchmark's end may be
+          taken before a case's end was (with DSPy's ``Evaluate``, its threads' last runs).
+          (A benchmark begun in the same cycle goes: the traces exporter keeps what it says
+          of a case still open for replay.)"""
+        runs = self.runs
+        if not (whole.starts or no in runs.runs or no in runs.ended or no in started):
+            return False
+        if whole.starts:
+            return True  # its evaluation run is made first (a case is linked to it as it ends)
+        for case in whole.cases:
+            grouped = works.get(case.case_no)
+            if grouped is not None and grouped.end is not None:
+                continue  # it ends in this cycle, its spans before the benchmark's assessments
+            if case.case_no in runs.runs or case.case_no in self.carry or grouped is not None:
+                return False
+        return True
 
     async def _export(self, works: list[RunWork]) -> None:
         try:

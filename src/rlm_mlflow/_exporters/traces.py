@@ -129,6 +129,9 @@ class TracesExporter:
         self._again: set[int] = set()  # the summary spans it sends again (by id()): not new
         self.unsupported: str | None = None  # why traces are off for this store
         self.info: dict[int, RunInfo] = {}
+        # Replay: runs known from the journal's starts alone (see learn): their ends may be
+        # done already, their traces stored.
+        self.seeded: set[int] = set()
         self.ended: OrderedDict[int, RunInfo] = OrderedDict()
         self._builder: SpanBuilder | None = None
         self.spans_sent = 0
@@ -159,8 +162,11 @@ class TracesExporter:
             return f"off: {self.unsupported}"
         return self.mode
 
-    def learn(self, works: Sequence[RunWork]) -> None:
-        """Remember what the spans of these runs need (their starts), even with traces off."""
+    def learn(self, works: Sequence[RunWork], *, seeded: bool = False) -> None:
+        """Remember what the spans of these runs need (their starts), even with traces off;
+        ``seeded``: starts a replay read whatever became of them."""
+        if seeded:
+            self.seeded.update(work.no for work in works)
         for work in works:
             for start in work.starts:
                 if start.bench_no is not None:
@@ -280,11 +286,18 @@ class TracesExporter:
                     self.case_of.pop(work.no, None)
                     self._case_figures(bench, work.no, info.start_ns, end)
             outcomes[work.no] = worse(outcomes[work.no], outcome)
+        by_no = {work.no: work for work in works}
         for work in works:
             if work.no not in self.benchmarks or outcomes[work.no] != SENT:
                 continue
             for case in work.cases:
-                if outcomes.get(case.case_no, SENT) != SENT:  # its trace is not there yet
+                # Its trace is not there yet: its run's spans were not sent, or it has not
+                # ended (its trace may be stored only with its root's end). Kept for replay.
+                ending = by_no.get(case.case_no)
+                ends_now = ending is not None and ending.span_end is not None
+                seen_open = case.case_no in self.info and case.case_no not in self.seeded
+                still_open = seen_open and not ends_now
+                if still_open or outcomes.get(case.case_no, SENT) != SENT:
                     outcomes[work.no] = DEFERRED
                     continue
                 outcome = await self._case(case)
