@@ -1025,7 +1025,8 @@ class Worker:
                 continue
             out.append(whole)
         for no, whole in list(self.carry.items()):  # held before: what came now may free them
-            if no not in works and self._may_go(no, whole, works, started):
+            # Not into the starts and ends a close sends ahead (final): steps never go there.
+            if not final and no not in works and self._may_go(no, whole, works, started):
                 del self.carry[no]
                 out.append(whole)
         return out
