@@ -64,10 +64,20 @@ def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
 
 def asleep_until_woken(sink: Any) -> bool:
     """Whether ``sink``'s worker sleeps and nothing will wake it but new events: no flush is
-    left to serve (a flush asked after the worker had sent everything still wakes it once).
-    The worker clears the request after it wakes, before it sleeps again: read in this
-    order, both hold only once it sleeps for good."""
-    return not sink._worker.flush_requested and bool(sink._pipeline.worker_asleep)
+    left to serve (a flush asked after the worker had sent everything still wakes it once),
+    and no wake is on its way. The worker clears the request after it wakes, before it
+    sleeps again: read in this order, both hold only once it sleeps for good. A wake asked
+    earlier may reach the worker only after it fell asleep (its loop's thread was busy): a
+    worker that took a flush's events at its first cycle is still woken by that flush's
+    wake, and would then take events meant for a later cycle."""
+    worker = sink._worker
+    wake = worker._wake
+    return (
+        not worker.flush_requested
+        and bool(sink._pipeline.worker_asleep)
+        and not worker.wake_flag
+        and not (wake is not None and wake.is_set())
+    )
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
