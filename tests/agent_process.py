@@ -109,7 +109,13 @@ def main() -> None:
         ready()
         raise SystemExit(os.waitstatus_to_exitcode(status))
     if mode == "large-steps":  # RLM Code-sized steps, then killed at once: the worker, asleep
-        for i in range(5, 8):  # until told to send, has read no record back
+        # until told to send, has read no record back. Its first cycle (the first events, which
+        # it takes as it starts) has taken what was queued, and waits on the dead end: on a
+        # busy machine, a worker that starts late could otherwise take the large steps too.
+        deadline = time.monotonic() + 30
+        while sink.statistics().queue_depth and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(5, 8):
             sink.on_step("main", event=large_step(i), cumulative_reward=float(i + 1))
         ready()
         os.kill(os.getpid(), signal.SIGKILL)
