@@ -2,7 +2,7 @@
 
 Usage: many_sinks_sigterm.py TRACKING_URI EXPERIMENT SINKS RUNS
 
-SINKS sinks (``shutdown_timeout`` 4 s), each with RUNS runs ``s<i>-r<k>`` open; once every sink
+SINKS sinks (``shutdown_timeout`` 6 s), each with RUNS runs ``s<i>-r<k>`` open; once every sink
 has sent them it prints ``READY`` and steps every run, one round every 0.1 s, until the signal's
 default action ends the process.
 """
@@ -17,7 +17,7 @@ from agentkit import make_sink, say, step
 
 def main() -> None:
     uri, experiment, count, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    sinks = [make_sink(uri, experiment, shutdown_timeout=4.0) for _ in range(count)]
+    sinks = [make_sink(uri, experiment, shutdown_timeout=6.0) for _ in range(count)]
     names = {}
     for index, sink in enumerate(sinks):
         for k in range(runs):
