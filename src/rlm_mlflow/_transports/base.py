@@ -128,9 +128,16 @@ def may_begin(what: str) -> None:
         raise Postponed(f"{what}: not begun, too late to finish what must follow it")
     call = _call.get()
     if call is not None and not call.begin():
-        raise TransientError(
-            f"{what}: given up by its caller before it was sent", maybe_committed=False
-        )
+        raise given_up(what)
+
+
+def given_up(what: str = "") -> TransientError:
+    """What a request its caller gave up before it went out raises: never sent, so never
+    stored."""
+    prefix = f"{what}: " if what else ""
+    return TransientError(
+        f"{prefix}given up by its caller before it was sent", maybe_committed=False
+    )
 
 
 @dataclass(frozen=True, slots=True)

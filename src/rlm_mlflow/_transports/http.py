@@ -54,7 +54,7 @@ from .._exceptions import (
     StoreRefused,
     TransientError,
 )
-from .base import current_call, may_begin
+from .base import current_call, given_up, may_begin
 
 __all__ = [
     "CLOSING_IN_FLIGHT",
@@ -262,10 +262,6 @@ def rank(path: str) -> int:
     return 1  # a run's batches, its artifact (before its end), reads
 
 
-def _given_up() -> TransientError:
-    return TransientError("given up by its caller before it was sent", maybe_committed=False)
-
-
 class InFlight:
     """The requests in flight to one server (taken by transport threads only, never by a hook).
 
@@ -312,11 +308,11 @@ class InFlight:
             self._waiting[arrival] = rank
             try:
                 if call is not None and not call.on_give_up(self._wake_all):
-                    raise _given_up()
+                    raise given_up()
                 while self.busy >= self.limit or self._next() != arrival:
                     self._changed.wait()
                     if call is not None and call.given_up:
-                        raise _given_up()
+                        raise given_up()
             except TransientError:
                 del self._waiting[arrival]
                 self._changed.notify_all()  # the next in line may be another
@@ -337,7 +333,7 @@ class InFlight:
 
         if call is not None and not call.on_give_up(leave):
             leave()
-            raise _given_up()
+            raise given_up()
         try:
             yield
         finally:
