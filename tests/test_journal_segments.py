@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from promises_support import WAIT, Agent, Store, assert_each_once, replay_cli, wait_until
-from rlm_mlflow import MLflowSink
+from rlm_mlflow import MLflowSink, TransientError
 from rlm_mlflow._journal import Segment
-from rlm_mlflow.testing import MlflowServer
+from rlm_mlflow.testing import MemoryTransport, MlflowServer
 
 
 @pytest.mark.integration
@@ -123,3 +126,96 @@ def test_replay_never_kills_a_run_whose_end_was_sent_from_a_removed_segment(
     states = root_states(store, experiment_name)
     assert states["done"] == "OK", states
     assert states["open"] == "ERROR", states
+
+
+class _Refusing(MemoryTransport):
+    """Answers ``(call, RLM run id)`` pairs in ``refused`` with a transient failure (for
+    ``log_batch``: batches with metric points)."""
+
+    def __init__(self, refused: set[tuple[str, str]]) -> None:
+        super().__init__()
+        self.refused = refused
+
+    def _check(self, call: str, run_uuid: str) -> None:
+        with self.lock:
+            name = self.runs[run_uuid].tags.get("run_id", "")
+        if (call, name) in self.refused:
+            raise TransientError(f"{call} of {name} failed this time")
+
+    def log_batch(self, run_uuid: str, **kwargs: Any) -> None:
+        if kwargs.get("metrics"):  # a start's params and tags go through
+            self._check("log_batch", run_uuid)
+        super().log_batch(run_uuid, **kwargs)
+
+    def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
+        self._check("set_terminated", run_uuid)
+        super().set_terminated(run_uuid, status=status, end_time_ms=end_time_ms)
+
+
+@pytest.mark.parametrize("traces", ["full", "off"])
+@pytest.mark.parametrize("ended", ["ended", "killed"])
+def test_a_replay_that_fails_a_runs_steps_keeps_its_sent_start_for_the_next_replay(
+    ended: str, traces: str, journal_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run "a" was created live (its start record done), then its steps failed and were kept.
+    A first replay fails them again while it finishes every other record of the segment that
+    holds a's start: that segment must stay, and the next replay ends a with each of its steps
+    once. ``killed``: the process died with a open, and only its start says so (without it, a
+    stayed RUNNING for good); ``ended``: a's end is in the journal beside its steps."""
+    import rlm_mlflow._journal
+    from rlm_mlflow import replay
+
+    monkeypatch.setattr(rlm_mlflow._journal, "FIRST_SEGMENT", 4096)  # many segments
+    monkeypatch.setattr(rlm_mlflow._journal, "MAX_SEGMENT", 4096)
+    live = _Refusing({("log_batch", "a"), ("set_terminated", "b")})
+    sink = MLflowSink(
+        transport=live,
+        enabled=True,
+        experiment="unit",
+        flush_interval=0.05,
+        retry_deadline=0.2,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+        traces=traces,
+    )
+    sink.on_run_start("a", task="t", environment="e", params={})
+    sink.on_run_start("b", task="t", environment="e", params={})
+    sink.on_step("b", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_end("b", result={"completed": True, "steps": 1}, run_path=None)
+    assert sink.flush(1.0) is False  # b's end is refused: kept
+    journal = sink._pipeline.journal
+    assert journal is not None
+    lane = journal._local.lane.lane
+    first = lane.segments[0]
+    filler = 0
+    while lane.segment is first:  # c's steps fill the segment: a's steps go to another one
+        sink.on_step("c", event={"step": filler, "reward": 1.0}, cumulative_reward=1.0)
+        filler += 1
+    for number in range(3):
+        sink.on_step("a", event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+    if ended == "ended":
+        sink.on_run_end("a", result={"completed": True, "steps": 3}, run_path=None)
+    assert sink.flush(1.0) is False
+    assert live.one("a").status == "RUNNING"
+    replayed = _Refusing({("log_batch", "a")})
+    replayed.experiments = live.experiments
+    replayed.runs = copy.deepcopy(live.runs)  # the store as the process left it
+    kept = journal_dir
+    if ended == "killed":  # the files as a process killed now leaves them: a open, no end
+        kept = tmp_path / "killed"
+        shutil.copytree(journal_dir, kept)
+    sink.close(1.0)
+    assert first.path.exists()
+
+    first_replay = replay(kept, transport=replayed, retry_deadline=0.2)
+    assert not first_replay.ok, first_replay
+    assert first_replay.failed > 0, first_replay
+    assert replayed.one("b").status == "FINISHED"
+
+    replayed.refused = set()
+    second = replay(kept, transport=replayed)
+    assert second.ok, second
+    run = replayed.one("a")
+    assert run.status == ("FINISHED" if ended == "ended" else "KILLED")
+    assert [m.step for m in run.metrics if m.key == "step_reward"] == [0, 1, 2]
+    assert list(kept.iterdir()) == []

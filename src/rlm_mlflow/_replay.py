@@ -219,6 +219,20 @@ class _Loaded:
     already_sent: int
     torn: int
     damaged: list[Damage]
+    # Segments holding the start of a run that has something left to send or is open: kept
+    # while it does (a replay that stops midway leaves the next one what it needs to end the
+    # run and link its records), even if every record in them is finished.
+    pins: dict[int, list[Segment]] = field(default_factory=dict)
+
+    def unpin(self, no: int) -> None:
+        """Run ``no`` has nothing left in the journal: its start holds no segment any more."""
+        for segment in self.pins.pop(no, ()):
+            segment.starts_ended += 1
+            segment.release_if_finished()
+
+    def settled(self, work: RunWork, complete: bool) -> None:
+        if complete:
+            self.unpin(work.no)
 
 
 def _never_written(path: Path) -> bool:
@@ -241,6 +255,7 @@ def _load(folder: Path) -> _Loaded:
     in_flight: dict[int, set[int]] = {}
     for_runs: dict[int, int] = {}
     fresh_ends: set[int] = set()
+    start_at: dict[int, list[Segment]] = {}
     events = already = 0
     for path in journal_segments(folder):
         segment = open_segment(path)
@@ -264,6 +279,7 @@ def _load(folder: Path) -> _Loaded:
             if type(event) is RunStart:
                 if event.run_no not in starts or not event.implicit:
                     starts[event.run_no] = event
+                start_at.setdefault(event.run_no, []).append(segment)
             elif type(event) is RunEnd:
                 ended.add(event.run_no)
             if record.finished:
@@ -288,6 +304,10 @@ def _load(folder: Path) -> _Loaded:
                 in_flight.setdefault(event.run_no, set()).add(event.timestamp_ns // 1_000_000)
         segment.damaged = len(stats.damaged) > damaged
     open_runs = {no: s.run_id for no, s in starts.items() if no not in ended}
+    pins = {no: at for no, at in start_at.items() if no in works or no in open_runs}
+    for at in pins.values():
+        for segment in at:
+            segment.starts += 1
     return _Loaded(
         folder,
         segments,
@@ -302,6 +322,7 @@ def _load(folder: Path) -> _Loaded:
         already,
         stats.torn,
         stats.damaged,
+        pins,
     )
 
 
@@ -547,7 +568,7 @@ def _send(
         traces.learn(
             [RunWork(no, starts=[start]) for no, start in loaded.starts.items()], seeded=True
         )
-        return _Lane(runs, traces, Dispatcher(runs, traces, counts))
+        return _Lane(runs, traces, Dispatcher(runs, traces, counts, on_settled=loaded.settled))
 
     lanes = [lane()]
     runs = lanes[0].runs
@@ -564,6 +585,8 @@ def _send(
                 continue
             if await _ended_in_store(runs, caller, holder[0], no):
                 logger.info("rlm-mlflow replay: run %s had ended already; left as it is", run_id)
+                if work is None:
+                    loaded.unpin(no)
                 continue
             if work is None:
                 work = works[no] = RunWork(no, run_id=run_id)
