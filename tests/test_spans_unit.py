@@ -856,3 +856,83 @@ def test_hostile_values_folded_into_the_summary_leave_its_figures_and_the_good_s
     (run,) = memory.runs.values()
     landed = [step for step, _ in run.history("step_reward")]
     assert landed == [n for n in range(1, count + 1) if n not in (60, 61, 62, 63)]
+
+
+@pytest.mark.parametrize("how", ["closed", "killed", "answers-lost"])
+def test_a_trace_sent_in_part_before_an_outage_keeps_its_budget_and_its_parents_after_replay(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A three-deep tree sends its first steps, then the store goes down and the rest waits in
+    the journal (the sink closed, or its process killed with every run open). Replay sends the
+    rest into the same store: the trace still holds at most the budget of spans, live and
+    replayed together, every span's parent is in it, and every step's metric landed once.
+    ``answers-lost``: a first replay's span requests are stored and their answers lost (kept
+    for the next replay, which sends them again)."""
+    import copy
+    import shutil
+
+    from rlm_mlflow import TransientError, replay
+
+    budget = 30
+    memory = MemoryTransport()
+    sink = MLflowSink(
+        enabled=True,
+        transport=memory,
+        journal_dir=tmp_path / "journal",
+        span_budget=budget,
+        flush_interval=0.01,
+        retry_deadline=0.2,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+    tree = [("r", None, 60), ("c", "r", 20), ("g", "c", 20)]
+    for run, parent, _ in tree:
+        params = {} if parent is None else {"parent_run_id": parent}
+        sink.on_run_start(run, task="t", environment="e", params=params)
+
+    def steps(first: int, last: int) -> None:
+        for run, _, count in tree:
+            for number in range(first, min(last, count) + 1):
+                sink.on_step(run, event=budget_step(number), cumulative_reward=float(number))
+
+    steps(1, 8)
+    assert sink.flush(10)
+    live = len(memory.spans)
+    assert 0 < live < budget
+    memory.fail = lambda call: TransientError("the store is down")
+    steps(9, 60)
+    kept = tmp_path / "journal"
+    store = memory
+    if how != "closed":  # the files and the store as a process killed now leaves them
+        assert sink.flush(0.5) is False
+        kept = tmp_path / "killed"
+        shutil.copytree(tmp_path / "journal", kept)
+        store = MemoryTransport()
+        store.experiments = copy.deepcopy(memory.experiments)
+        store.runs = copy.deepcopy(memory.runs)
+        store.spans = copy.deepcopy(memory.spans)
+    else:
+        for run, _, count in reversed(tree):
+            sink.on_run_end(run, result={"completed": True, "steps": count}, run_path=None)
+    sink.close(0.5)
+    store.fail = None
+    if how == "answers-lost":
+        export_spans = store.export_spans
+
+        def committed_then_lost(*args: Any) -> None:
+            export_spans(*args)
+            raise TransientError("the answer was lost")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "export_spans", committed_then_lost)
+            first = replay(kept, transport=store, retry_deadline=0.2)
+        assert not first.ok, first
+        assert len(decoded_spans(store)) > live
+    report = replay(kept, transport=store)
+    assert report.ok, report
+    spans = decoded_spans(store)
+    assert len(spans) <= budget, (live, len(spans))
+    assert_tree_whole(spans)
+    for run, _, count in tree:
+        (found,) = store.by_name(run)
+        assert [s for s, _ in found.history("step_reward")] == list(range(1, count + 1))

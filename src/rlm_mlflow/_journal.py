@@ -9,6 +9,8 @@ Layout of one journal (one per sink and process, made at the sink's first event)
         bench-12.json           while benchmark run 12 is open: the figures of its cases sent
         late-runs.json          runs that may still get a duplicate MLflow run after the close
                                 (a create that had no answer went out before the one kept)
+        trace-shapes.json       the running traces' shapes under their span budget (replay
+                                completes each within what is left of it)
 
 A hook appends its record to its thread's *lane*: a segment file mapped into memory (``mmap``,
 ``MAP_SHARED``). The write is a memory copy, no system call and no lock, so hooks on eight
@@ -27,7 +29,8 @@ is done, so nothing is sent twice even to a store that does not deduplicate, and
 interrupted half way can simply be run again.
 
 A segment is removed once it is sealed (its lane moved on), every record in it is finished, and
-no run whose start it holds is still open (replay must find every open run to end it).
+no run whose start it holds is still open or has records left (replay must find every open run
+to end it, and each run's start to send the rest).
 """
 
 from __future__ import annotations

@@ -323,21 +323,27 @@ def write_figures(folder: Path, kept: dict[int, dict[int, dict[str, float]] | No
     if not folder.is_dir():  # the journal went meanwhile (everything sent): nothing to keep
         return
     for bench, cases in kept.items():
-        path = _figures_path(folder, bench)
-        try:
-            if cases is None:
-                path.unlink(missing_ok=True)
-                continue
-            data = {str(case): figures for case, figures in cases.items()}
-            temporary = path.with_suffix(".tmp")
-            write_private(temporary, json.dumps(data).encode())
-            os.replace(temporary, path)
-        except OSError as exc:
-            logger.warning(
-                "rlm-mlflow journal: cannot keep a benchmark's figures in %s: %s", path, exc
-            )
-            with contextlib.suppress(OSError):
-                path.with_suffix(".tmp").unlink(missing_ok=True)
+        data = None if cases is None else {str(case): f for case, f in cases.items()}
+        _replace(_figures_path(folder, bench), data, "a benchmark's figures")
+
+
+def _replace(path: Path, data: Any, what: str, *, say: bool = True) -> bool:
+    """Replace ``path`` whole with ``data`` as JSON (None: remove it); a disk that refuses
+    is said (``say``, else only in the debug log) and passed over: False."""
+    try:
+        if data is None:
+            path.unlink(missing_ok=True)
+            return True
+        temporary = path.with_suffix(".tmp")
+        write_private(temporary, json.dumps(data, separators=(",", ":")).encode())
+        os.replace(temporary, path)
+    except OSError as exc:
+        log = logger.warning if say else logger.debug
+        log("rlm-mlflow journal: cannot keep %s in %s: %s", what, path, exc)
+        with contextlib.suppress(OSError):
+            path.with_suffix(".tmp").unlink(missing_ok=True)
+        return False
+    return True
 
 
 def read_figures(folder: Path) -> dict[int, dict[int, dict[str, float]]]:
@@ -358,6 +364,51 @@ def read_figures(folder: Path) -> dict[int, dict[int, dict[str, float]]]:
             }
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             logger.warning("rlm-mlflow journal %s: benchmark figures unreadable (%s)", path, exc)
+    return out
+
+
+#: Beside a journal: how each running trace was shaped under its span budget (see
+#: ``TracesExporter.keep_shapes``): root run -> {"used": spans, "runs": {run: [into, forced]}}.
+TRACE_SHAPES = "trace-shapes.json"
+
+#: One trace's shape as kept: spans it holds or may hold, and each run's place in it (the
+#: shown run it is folded into, itself when shown; its steps that have shown child runs).
+TraceShape = tuple[int, dict[int, tuple[int, list[int]]]]
+
+
+def write_trace_shapes(folder: Path, shapes: dict[int, TraceShape], *, say: bool = True) -> bool:
+    """Beside a journal, the shapes of the traces still running, replaced whole (none: the
+    file goes); False if the disk refused (said if ``say``)."""
+    if not folder.is_dir():
+        return True
+    data = {
+        str(root): {
+            "used": used,
+            "runs": {str(no): [into, forced] for no, (into, forced) in runs.items()},
+        }
+        for root, (used, runs) in shapes.items()
+    }
+    return _replace(folder / TRACE_SHAPES, data or None, "the traces' shapes", say=say)
+
+
+def read_trace_shapes(folder: Path) -> dict[int, TraceShape]:
+    """What :func:`write_trace_shapes` kept; nothing if there is no such file or it cannot be
+    read (said: replay then shapes those traces afresh, and they may grow past their budget)."""
+    path = folder / TRACE_SHAPES
+    out: dict[int, TraceShape] = {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        for root, entry in raw.items():
+            runs = {
+                int(no): (int(into), [int(step) for step in forced])
+                for no, (into, forced) in entry["runs"].items()
+            }
+            out[int(root)] = (int(entry["used"]), runs)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as exc:
+        logger.warning("rlm-mlflow journal %s: traces' shapes unreadable (%s)", path, exc)
+        return {}
     return out
 
 

@@ -39,7 +39,7 @@ from ._dispatch import Dispatcher
 from ._events import RunEnd, RunStart
 from ._exceptions import PermanentError, StoreRefused, TransientError
 from ._exporters.runs import RunsExporter
-from ._exporters.traces import TracesExporter
+from ._exporters.traces import ShapeKeeper, TracesExporter
 from ._exporters.work import SENT, RunWork
 from ._fork import KEY_PREFIX
 from ._journal import Segment, default_journal_dir, open_segment, remove_journal
@@ -540,6 +540,9 @@ def _send(
 
     prefix = str(meta.get("prefix") or "")
 
+    keeper = ShapeKeeper()
+    keeper.load(loaded.folder)
+
     def lane() -> _Lane:
         runs = RunsExporter(
             caller=caller,
@@ -565,6 +568,7 @@ def _send(
         traces.assessments.fresh = {traces.ids.trace_hex(no) for no in loaded.fresh_ends}
         traces.figures_dir = lambda: loaded.folder
         traces.load_figures(loaded.folder)  # cases whose records were done before a kill
+        traces.keeper = keeper  # the spans of running traces the process sent
         traces.learn(
             [RunWork(no, starts=[start]) for no, start in loaded.starts.items()], seeded=True
         )

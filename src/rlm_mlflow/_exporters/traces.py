@@ -44,7 +44,13 @@ from .._events import (
     verdict_score,
 )
 from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
-from .._journal_format import read_figures, write_figures
+from .._journal_format import (
+    TraceShape,
+    read_figures,
+    read_trace_shapes,
+    write_figures,
+    write_trace_shapes,
+)
 from .._stats import RateLimitedWarnings
 from .._transports.base import (
     Assessment,
@@ -79,6 +85,46 @@ class _Budget:
 
     limit: int  # the budget less what the root's tail, summary and span keep aside
     used: int = 0
+    # Each run's place in the trace as it was first seen, ended runs' too (see ShapeKeeper),
+    # and the runs whose summary span may be stored.
+    places: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
+    summaries: set[int] = field(default_factory=set)
+
+
+class ShapeKeeper:
+    """The shapes of running traces (see :func:`write_trace_shapes`), kept in a file beside
+    the journal: a replay shapes a trace's spans as the process that sent its first ones did
+    (each run shown or folded as it was, each child under the step that spawned it), within
+    what is left of its budget.
+
+    ``loaded`` is what a replay read back from the file; :meth:`keep` replaces the entries of
+    the traces an exporter sent spans of, drops those whose root ended, and writes the file
+    when that changed anything (a replay's exporters share one keeper: each has some trees)."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[int, TraceShape] = {}
+        self.shapes: dict[int, TraceShape] = {}
+        self.written: dict[int, TraceShape] = {}
+        self.refused = False  # the disk refused the last write (said once, until one goes)
+        self._writing = anyio.Lock()  # one write at a time (a replay's lanes share the file)
+
+    def load(self, folder: Path) -> None:
+        self.loaded = read_trace_shapes(folder)
+        self.shapes = dict(self.loaded)
+        self.written = dict(self.loaded)
+
+    async def keep(self, folder: Path, shapes: dict[int, TraceShape], gone: set[int]) -> None:
+        self.shapes.update(shapes)
+        for root in gone:
+            self.shapes.pop(root, None)
+        async with self._writing:
+            if self.shapes == self.written and not self.refused:  # a refused write: again
+                return
+            self.written = written = dict(self.shapes)
+            say = not self.refused
+            self.refused = not await anyio.to_thread.run_sync(
+                lambda: write_trace_shapes(folder, written, say=say)
+            )
 
 
 @dataclass(slots=True)
@@ -149,6 +195,10 @@ class TracesExporter:
         # the cases whose records were done, which replay no longer reads.
         self.figures_dir: Callable[[], Path | None] | None = None
         self._figures_changed: set[int] = set()
+        # The running traces' shapes beside the journal (see ShapeKeeper); a replay's exporters
+        # share one.
+        self.keeper = ShapeKeeper()
+        self._gone: set[int] = set()  # traces whose root ended: their shapes go from the file
 
     @property
     def active(self) -> bool:
@@ -230,6 +280,7 @@ class TracesExporter:
             requests = await anyio.to_thread.run_sync(self._requests_of, todo, upserts)
         else:
             requests = self._requests_of(todo, upserts)
+        await self._keep_shapes()  # before any of these spans can be stored
         for index, (run_uuid, spans, nos) in enumerate(requests):
             outcome = await self._send(experiment_id, run_uuid, spans)
             if outcome == SENT and self._again:  # a summary sent again is no new span
@@ -337,6 +388,31 @@ class TracesExporter:
             return
         kept = {bench: self.figures.get(bench) for bench in changed}
         await anyio.to_thread.run_sync(write_figures, folder, kept)
+
+    def _shapes(self) -> dict[int, TraceShape]:
+        """The shape of each running trace this exporter sent spans of: the spans it holds or
+        may hold (its budget's, and one more for each summary span that may be stored: a
+        replay sends its own summary beside it) and its runs' places."""
+        for no, shape in self.shapes.items():
+            info = self.info.get(no) or self.ended.get(no)
+            budget = self.budgets.get(info.root_no) if info is not None else None
+            if budget is None:
+                continue
+            budget.places[no] = (shape.into, sorted(shape.forced))
+            if shape.stored or no in self._summarised:
+                budget.summaries.add(no)
+        return {
+            root: (budget.used + len(budget.summaries), dict(budget.places))
+            for root, budget in self.budgets.items()
+        }
+
+    async def _keep_shapes(self) -> None:
+        """Keep the running traces' shapes beside the journal when they changed, before the
+        cycle's spans go out (a process killed while they do leaves a shape that counts them)."""
+        folder = self.figures_dir() if self.figures_dir is not None else None
+        if folder is not None:
+            gone, self._gone = self._gone, set()
+            await self.keeper.keep(folder, self._shapes(), gone)
 
     def load_figures(self, folder: Path) -> None:
         """Replay: the figures a process kept beside its journal (see :meth:`_keep_figures`);
@@ -522,7 +598,8 @@ class TracesExporter:
         if budget is None:
             # Kept aside: the root's tail, its summary and its own span.
             limit = max(0, self.span_budget - self.tail - 2)
-            budget = self.budgets[root_no] = _Budget(limit)
+            used, places = self.keeper.loaded.get(root_no, (0, {}))  # sent before this replay
+            budget = self.budgets[root_no] = _Budget(limit, used, dict(places))
         return budget
 
     def _shape_of(self, info: RunInfo, summaries: dict[int, set[int]]) -> _Shape:
@@ -533,6 +610,11 @@ class TracesExporter:
         shape = self.shapes.get(info.no)
         if shape is not None:
             return shape
+        kept = self.keeper.loaded.get(info.root_no, (0, {}))[1].get(info.no)
+        if kept is not None:
+            shape = self._restore(info, *kept, summaries)
+            if shape is not None:
+                return shape
         if info.is_root:
             shape = _Shape(True, info.no, ring=deque(maxlen=self.tail))
             self.shapes[info.no] = shape
@@ -557,6 +639,21 @@ class TracesExporter:
         self._snapshot(parent.into, target)
         self._elided(target, f"r{info.no}").child_runs += 1
         summaries.setdefault(parent.into, set()).add(info.no)
+        return shape
+
+    def _restore(
+        self, info: RunInfo, into: int, forced: list[int], summaries: dict[int, set[int]]
+    ) -> _Shape | None:
+        """A run's place as its trace's kept shape says (None: its shown run is unknown)."""
+        if into == info.no:
+            ring: deque[Step] | None = deque(maxlen=self.tail) if info.is_root else None
+            shape = self.shapes[info.no] = _Shape(True, info.no, forced=set(forced), ring=ring)
+            return shape
+        target = self.info.get(into) or self.ended.get(into)
+        if target is None or target.root_no != info.root_no:
+            return None
+        shown = self._shape_of(target, summaries)
+        shape = self.shapes[info.no] = _Shape(False, shown.into)
         return shape
 
     def _step_spans(
@@ -721,8 +818,9 @@ class TracesExporter:
             if work.span_end is not None or work.end is not None:
                 info = self.info.pop(work.no, None)
                 self.shapes.pop(work.no, None)
-                if info is not None and info.is_root:
-                    self.budgets.pop(work.no, None)
+                if info is not None and info.is_root and work.no in self.budgets:
+                    del self.budgets[work.no]
+                    self._gone.add(work.no)
                 if info is not None:
                     self.ended[work.no] = info
                     while len(self.ended) > ENDED_MEMORY:
