@@ -900,6 +900,10 @@ def test_a_trace_sent_in_part_before_an_outage_keeps_its_budget_and_its_parents_
     live = len(memory.spans)
     assert 0 < live < budget
     memory.fail = lambda call: TransientError("the store is down")
+    # A child started before its parent's next step: replay meets it before its parent.
+    sink.on_run_start("late", task="t", environment="e", params={"parent_run_id": "r"})
+    sink.on_step("late", event=budget_step(1), cumulative_reward=0.1)
+    sink.on_run_end("late", result={"completed": True, "steps": 1}, run_path=None)
     steps(9, 60)
     kept = tmp_path / "journal"
     store = memory
@@ -907,7 +911,7 @@ def test_a_trace_sent_in_part_before_an_outage_keeps_its_budget_and_its_parents_
         assert sink.flush(0.5) is False
         kept = tmp_path / "killed"
         shutil.copytree(tmp_path / "journal", kept)
-        store = MemoryTransport()
+        store = copy.copy(memory)  # its run ids go on from the same count
         store.experiments = copy.deepcopy(memory.experiments)
         store.runs = copy.deepcopy(memory.runs)
         store.spans = copy.deepcopy(memory.spans)

@@ -199,6 +199,7 @@ class TracesExporter:
         # share one.
         self.keeper = ShapeKeeper()
         self._gone: set[int] = set()  # traces whose root ended: their shapes go from the file
+        self._starting: set[int] = set()  # runs whose start is in the cycle being shaped
 
     @property
     def active(self) -> bool:
@@ -533,6 +534,7 @@ class TracesExporter:
         # The budget goes to runs and steps in the order they happened: a child run started
         # before its parent's tenth step is weighed before that step.
         kept = [work for work in works if work.no not in benchmarks]
+        self._starting = {work.no for work in kept if work.starts}
         moments: list[tuple[int, int, int, Step | None]] = []
         for index, work in enumerate(kept):
             if work.starts and work.no not in self.shapes:
@@ -623,7 +625,10 @@ class TracesExporter:
         parent_info = None
         if parent_no is not None:
             parent_info = self.info.get(parent_no) or self.ended.get(parent_no)
-        if parent_info is None or parent_no not in self.shapes:  # its parent is gone: as before
+        # An open parent not weighed yet (a replay meets a child's start before its parent's
+        # first step) takes its place first: the child's span hangs under the parent's step.
+        gone = parent_no not in self.shapes and parent_no not in self.info
+        if parent_info is None or gone:  # its parent ended and was forgotten: as before
             shape = self.shapes[info.no] = _Shape(True, info.no)
             return shape
         parent = self._shape_of(parent_info, summaries)
@@ -634,11 +639,15 @@ class TracesExporter:
                 parent.forced.add(info.parent_step)
             shape = self.shapes[info.no] = _Shape(True, info.no)
             return shape
-        shape = self.shapes[info.no] = _Shape(False, parent.into)
-        target = self.shapes[parent.into]
-        self._snapshot(parent.into, target)
+        return self._folded(info, parent.into, summaries)
+
+    def _folded(self, info: RunInfo, into: int, summaries: dict[int, set[int]]) -> _Shape:
+        """The run folded into shown run ``into``: counted in its summary."""
+        shape = self.shapes[info.no] = _Shape(False, into)
+        target = self.shapes[into]
+        self._snapshot(into, target)
         self._elided(target, f"r{info.no}").child_runs += 1
-        summaries.setdefault(parent.into, set()).add(info.no)
+        summaries.setdefault(into, set()).add(info.no)
         return shape
 
     def _restore(
@@ -653,6 +662,8 @@ class TracesExporter:
         if target is None or target.root_no != info.root_no:
             return None
         shown = self._shape_of(target, summaries)
+        if info.no in self._starting:  # counted as when it was folded: the same summary
+            return self._folded(info, shown.into, summaries)
         shape = self.shapes[info.no] = _Shape(False, shown.into)
         return shape
 
