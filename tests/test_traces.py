@@ -405,3 +405,48 @@ def test_a_run_past_the_span_budget_opens_as_a_small_trace_with_exact_figures(
         "early",
         "late",
     }
+
+
+@pytest.mark.slow
+def test_a_tree_killed_while_the_server_was_away_is_replayed_within_its_span_budget(
+    agents: Any, mlflow_server: MlflowServer, store: Store, experiment_name: str, journal_dir: Path
+) -> None:
+    """A tree with a span budget of 30 sends its first spans, then the server goes away (503s)
+    while the agent steps on and delegates, and the agent is killed with ``kill -9``. After one
+    replay the trace read back holds at most 30 spans, live and replayed together, every span's
+    parent is in it, and the root is KILLED with every step's metric once."""
+    budget = 30
+    with FaultProxy(mlflow_server.port) as proxy:
+        agent: Agent = agents("trace_tree.py", proxy.uri, experiment_name, str(budget), stdin=True)
+        agent.expect("READY", patient(120))
+        before = proxy.paths["/v1/traces"]
+        agent.send("go")
+        assert proxy.wait_until(lambda p: p.paths["/v1/traces"] > before, patient(60))
+        proxy.set(mode="http", status=503)
+        refused = proxy.requests
+        first = int(agent.expect("STEP ").split()[1])
+        last = first
+        while last < first + 60:  # the tree goes on, journaled only
+            last = int(agent.expect("STEP ").split()[1])
+        assert proxy.wait_until(lambda p: p.requests > refused, patient(60))
+        agent.process.send_signal(signal.SIGKILL)
+        agent.wait(30)
+    done = replay_cli(journal_dir, tracking_uri=mlflow_server.uri)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (trace,) = [
+        t
+        for t in traces_of(store, experiment_name)
+        if any(
+            s.parent_id is None and s.attributes.get("rlm.run_id") == "tree" for s in t.data.spans
+        )
+    ]
+    spans = trace.data.spans
+    assert len(spans) <= budget, len(spans)
+    ids = {span.span_id for span in spans}
+    assert [s for s in spans if s.parent_id is not None and s.parent_id not in ids] == []
+    assert trace.info.state == "ERROR"  # the root never ended: KILLED
+    run = store.run(experiment_name, "tree")
+    assert run.info.status == "KILLED"
+    steps = store.steps(run)
+    assert sorted(steps) == list(range(len(steps)))  # each step once, none missing
+    assert len(steps) > last

@@ -1,6 +1,9 @@
 """An agent whose runs make a recursion tree with rich step events, until it is killed.
 
-Usage: trace_tree.py TRACKING_URI EXPERIMENT
+Usage: trace_tree.py TRACKING_URI EXPERIMENT [SPAN_BUDGET]
+
+With a span budget, the sink first sends a run of its own and prints ``READY``; the tree begins
+on a line from stdin (the test has set its faults).
 
 The root run ``tree`` steps; every third step delegates to a child run of two steps. After each
 hook of a step has returned it prints ``STEP n`` (n: the root's steps so far); from then on that
@@ -13,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from agentkit import make_sink, say
+from agentkit import make_sink, say, sink_with_a_first_run
 
 
 def event(number: int, tokens: int, *, delegate: bool = False) -> dict[str, Any]:
@@ -38,7 +41,10 @@ def event(number: int, tokens: int, *, delegate: bool = False) -> dict[str, Any]
 
 def main() -> None:
     uri, experiment = sys.argv[1:3]
-    sink = make_sink(uri, experiment, span_budget=1_000_000)  # every step as a span
+    if len(sys.argv) > 3:
+        sink = sink_with_a_first_run(uri, experiment, span_budget=int(sys.argv[3]))
+    else:
+        sink = make_sink(uri, experiment, span_budget=1_000_000)  # every step as a span
     sink.on_run_start("tree", task="grow a tree", environment="pure_rlm", params={"depth": 0})
     number = 0
     while True:
