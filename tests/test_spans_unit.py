@@ -940,3 +940,36 @@ def test_a_trace_sent_in_part_before_an_outage_keeps_its_budget_and_its_parents_
     for run, _, count in tree:
         (found,) = store.by_name(run)
         assert [s for s, _ in found.history("step_reward")] == list(range(1, count + 1))
+
+
+def test_a_trace_shape_kept_beside_the_journal_grows_with_the_open_runs_only(
+    tmp_path: Path,
+) -> None:
+    """A root that delegates to one child after another keeps, beside its journal, the places
+    of its open runs (not of every child it ever had), and the file goes once the root's
+    trace is stored."""
+    import json
+
+    memory = MemoryTransport()
+    sink = MLflowSink(
+        enabled=True, transport=memory, journal_dir=tmp_path, span_budget=30, flush_interval=0.01
+    )
+    sink.on_run_start("root", task="t", environment="e", params={})
+    for number in range(40):
+        child = f"child-{number}"
+        sink.on_run_start(child, task="c", environment="e", params={"parent_run_id": "root"})
+        sink.on_step(child, event=budget_step(1), cumulative_reward=0.1)
+        sink.on_run_end(child, result={"completed": True}, run_path=None)
+        sink.on_step("root", event=budget_step(number + 1), cumulative_reward=float(number))
+        assert sink.flush(10)
+    (shapes,) = tmp_path.glob("*/trace-shapes.json")
+    (trace,) = json.loads(shapes.read_text()).values()
+    # The root, and at most the child of the last drain (the file is written as a drain's
+    # spans go out, before they are stored): not the 40 children.
+    assert "1" in trace["runs"]
+    assert len(trace["runs"]) <= 2, trace
+    sink.on_run_end("root", result={"completed": True}, run_path=None)
+    assert sink.flush(10)
+    assert not shapes.exists()
+    sink.close()
+    assert len(decoded_spans(memory)) <= 30

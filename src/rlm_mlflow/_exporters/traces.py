@@ -198,7 +198,7 @@ class TracesExporter:
         # The running traces' shapes beside the journal (see ShapeKeeper); a replay's exporters
         # share one.
         self.keeper = ShapeKeeper()
-        self._gone: set[int] = set()  # traces whose root ended: their shapes go from the file
+        self._gone: set[int] = set()  # traces stored whole: their shapes go from the file
         self._starting: set[int] = set()  # runs whose start is in the cycle being shaped
 
     @property
@@ -300,7 +300,10 @@ class TracesExporter:
                 outcomes[no] = worse(outcomes[no], outcome)
             await self._assess(todo, outcomes, experiment_id if upserts else None, set(early))
             await self._keep_figures()  # before the cases' records are marked done
+        self._unplace(todo, outcomes)
         self._forget_ended(works)
+        if self._gone:  # traces that ended: their shapes go from the file now
+            await self._keep_shapes()
         return outcomes
 
     async def _assess(
@@ -406,6 +409,20 @@ class TracesExporter:
             root: (budget.used + len(budget.summaries), dict(budget.places))
             for root, budget in self.budgets.items()
         }
+
+    def _unplace(self, works: Sequence[RunWork], outcomes: dict[int, Outcome]) -> None:
+        """A run whose end's spans are stored has nothing left for a replay to place: its place
+        goes from its trace's shape (which then grows with the runs open, not with all)."""
+        for work in works:
+            if work.span_end is None or outcomes.get(work.no) != SENT:
+                continue
+            info = self.info.get(work.no) or self.ended.get(work.no)
+            if info is not None and info.is_root:  # the trace is whole: its shape goes
+                self._gone.add(work.no)
+            budget = self.budgets.get(info.root_no) if info is not None else None
+            if budget is not None:
+                budget.places.pop(work.no, None)
+                budget.summaries.discard(work.no)
 
     async def _keep_shapes(self) -> None:
         """Keep the running traces' shapes beside the journal when they changed, before the
@@ -829,9 +846,8 @@ class TracesExporter:
             if work.span_end is not None or work.end is not None:
                 info = self.info.pop(work.no, None)
                 self.shapes.pop(work.no, None)
-                if info is not None and info.is_root and work.no in self.budgets:
-                    del self.budgets[work.no]
-                    self._gone.add(work.no)
+                if info is not None and info.is_root:
+                    self.budgets.pop(work.no, None)
                 if info is not None:
                     self.ended[work.no] = info
                     while len(self.ended) > ENDED_MEMORY:
