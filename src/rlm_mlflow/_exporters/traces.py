@@ -98,8 +98,9 @@ class ShapeKeeper:
     what is left of its budget.
 
     ``loaded`` is what a replay read back from the file; :meth:`keep` replaces the entries of
-    the traces an exporter sent spans of, drops those whose root ended, and writes the file
-    when that changed anything (a replay's exporters share one keeper: each has some trees)."""
+    the traces an exporter sent spans of, drops those stored whole (their root's end, spans and
+    assessments), and writes the file when that changed anything (a replay's exporters share
+    one keeper: each has some trees)."""
 
     def __init__(self) -> None:
         self.loaded: dict[int, TraceShape] = {}
@@ -302,7 +303,7 @@ class TracesExporter:
             await self._keep_figures()  # before the cases' records are marked done
         self._unplace(todo, outcomes)
         self._forget_ended(works)
-        if self._gone:  # traces that ended: their shapes go from the file now
+        if self._gone:  # traces stored whole: their shapes go from the file now
             await self._keep_shapes()
         return outcomes
 
