@@ -219,3 +219,75 @@ def test_a_replay_that_fails_a_runs_steps_keeps_its_sent_start_for_the_next_repl
     assert run.status == ("FINISHED" if ended == "ended" else "KILLED")
     assert [m.step for m in run.metrics if m.key == "step_reward"] == [0, 1, 2]
     assert list(kept.iterdir()) == []
+
+
+def test_a_run_ended_while_its_earlier_steps_wait_for_replay_keeps_its_start_for_it(
+    journal_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Child run c's steps are kept for replay (their batch failed), then c ends and its end is
+    sent. The segment holding c's start must stay while those steps wait: after a kill, replay
+    logs them to c and puts their spans in the trace of c's root, under c."""
+    import rlm_mlflow._journal
+    from rlm_mlflow import replay
+
+    monkeypatch.setattr(rlm_mlflow._journal, "FIRST_SEGMENT", 4096)  # many segments
+    monkeypatch.setattr(rlm_mlflow._journal, "MAX_SEGMENT", 4096)
+    live = _Refusing(set())
+    sink = MLflowSink(
+        transport=live,
+        enabled=True,
+        experiment="unit",
+        flush_interval=0.05,
+        retry_deadline=0.2,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+    )
+    filler = iter(range(10**6))
+
+    def next_segment() -> None:
+        """Steps of run d until the lane writes to a new segment."""
+        journal = sink._pipeline.journal
+        assert journal is not None
+        lane = journal._local.lane.lane
+        segment = lane.segment
+        while lane.segment is segment:
+            sink.on_step("d", event={"step": next(filler), "reward": 1.0}, cumulative_reward=1.0)
+
+    sink.on_run_start("r", task="t", environment="e", params={})
+    sink.on_run_start("d", task="t", environment="e", params={})  # its steps fill segments
+    next_segment()
+    sink.on_run_start("c", task="t", environment="e", params={"parent_run_id": "r"})
+    assert sink.flush(WAIT)
+    next_segment()
+    assert sink.flush(WAIT)  # the segment with c's start: every record in it sent
+    live.refused = {("log_batch", "c")}
+    live.fail = lambda call: TransientError("down") if call == "export_spans" else None
+    for number in range(3):
+        sink.on_step("c", event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+    assert sink.flush(WAIT) is False  # c's steps are kept for replay
+    live.refused, live.fail = set(), None
+    next_segment()
+    sink.on_run_end("c", result={"completed": True, "steps": 3}, run_path=None)
+    assert sink.flush(WAIT)  # c's end is sent; its steps still wait for replay
+    assert sink.status()["deferred"] >= 3, sink.status()
+    assert live.one("c").status == "FINISHED"
+    store = copy.copy(live)  # the store and the files as a process killed now leaves them
+    store.runs, store.spans = copy.deepcopy(live.runs), copy.deepcopy(live.spans)
+    kept = tmp_path / "killed"
+    shutil.copytree(journal_dir, kept)
+    sink.close(1.0)
+
+    report = replay(kept, transport=store)
+    assert report.ok, report
+    child = store.one("c")
+    assert child.status == "FINISHED"
+    assert [m.step for m in child.metrics if m.key == "step_reward"] == [0, 1, 2]
+    of_run: dict[str, set[bytes]] = {}
+    for (trace_id, _), span in store.spans.items():
+        (run_id,) = [a.value.string_value for a in span.attributes if a.key == "rlm.run_id"]
+        of_run.setdefault(run_id, set()).add(bytes(trace_id))
+    of_run.pop("d")
+    # c's spans, the replayed steps' too, are c's and in r's trace. Before: those steps went
+    # to a trace of their own, named by c's key.
+    assert set(of_run) == {"r", "c"}, of_run
+    assert len(of_run["r"] | of_run["c"]) == 1, of_run

@@ -359,6 +359,13 @@ class Worker:
         self.carry: dict[int, RunWork] = {}  # runs whose start has not been taken yet
         self.later: list[RunWork] = []  # closing: steps waiting while their runs' ends go
         self.pins: dict[int, list[Segment]] = {}  # segments holding an open run's start
+        # A run's start pins its segment until the run has ended and every record of it taken
+        # so far is finished: its records taken and not settled, the runs whose end is done
+        # (their start still pinned), and the runs with records kept for replay (pinned for
+        # good: replay needs the start to send them where they belong).
+        self.unsettled: dict[int, int] = {}
+        self.ended_pinned: set[int] = set()
+        self.kept_runs: set[int] = set()
         self.retry: list[RunWork] = []  # taken, not settled when the worker failed: sent again
         # Spilled run starts and ends read ahead of the read position at a close: passed over
         # when the read position reaches them (they have their fate already).
@@ -999,6 +1006,7 @@ class Worker:
                 work = works[event.run_no] = RunWork(event.run_no)
             if segment is not None:
                 work.locations.append((segment, offset))
+                self.unsettled[event.run_no] = self.unsettled.get(event.run_no, 0) + 1
             if not event.internal:
                 work.counted += 1
                 if segment is None:
@@ -1066,11 +1074,27 @@ class Worker:
             self.dispatcher.give_up(DEFERRED)
 
     def _settled(self, work: RunWork, complete: bool) -> None:
-        """A run's events have their fate: once its end is done, its start pins nothing."""
-        if work.end is not None and complete:
-            for segment in self.pins.pop(work.no, ()):
-                segment.starts_ended += 1
-                segment.release_if_finished()
+        """A run's events have their fate: once it has ended and every record of it is
+        finished, its start pins nothing (a close sends a run's end before its steps; steps
+        kept for replay keep it pinned)."""
+        no = work.no
+        left = self.unsettled.get(no, 0) - len(work.locations)
+        if left > 0:
+            self.unsettled[no] = left
+        else:
+            self.unsettled.pop(no, None)
+        if not complete:
+            self.kept_runs.add(no)
+        elif work.end is not None:
+            self.ended_pinned.add(no)
+        if no in self.ended_pinned and left <= 0:
+            self.ended_pinned.discard(no)
+            pins = self.pins.pop(no, ())
+            if no not in self.kept_runs:
+                for segment in pins:
+                    segment.starts_ended += 1
+                    segment.release_if_finished()
+            self.kept_runs.discard(no)
         self._notify_progress()
 
     # -- the end -------------------------------------------------------------------------------
