@@ -152,6 +152,27 @@ class _Refusing(MemoryTransport):
         super().set_terminated(run_uuid, status=status, end_time_ms=end_time_ms)
 
 
+def small_segments_sink(
+    transport: MemoryTransport, monkeypatch: pytest.MonkeyPatch, **settings: Any
+) -> MLflowSink:
+    """A sink into ``transport`` whose journal segments hold 4 KiB (many of them), draining
+    often and giving up on a failing request quickly (kept for replay)."""
+    import rlm_mlflow._journal
+
+    monkeypatch.setattr(rlm_mlflow._journal, "FIRST_SEGMENT", 4096)
+    monkeypatch.setattr(rlm_mlflow._journal, "MAX_SEGMENT", 4096)
+    return MLflowSink(
+        transport=transport,
+        enabled=True,
+        experiment="unit",
+        flush_interval=0.05,
+        retry_deadline=0.2,
+        retry_initial=0.01,
+        retry_max_wait=0.05,
+        **settings,
+    )
+
+
 @pytest.mark.parametrize("traces", ["full", "off"])
 @pytest.mark.parametrize("ended", ["ended", "killed"])
 def test_a_replay_that_fails_a_runs_steps_keeps_its_sent_start_for_the_next_replay(
@@ -162,22 +183,10 @@ def test_a_replay_that_fails_a_runs_steps_keeps_its_sent_start_for_the_next_repl
     holds a's start: that segment must stay, and the next replay ends a with each of its steps
     once. ``killed``: the process died with a open, and only its start says so (without it, a
     stayed RUNNING for good); ``ended``: a's end is in the journal beside its steps."""
-    import rlm_mlflow._journal
     from rlm_mlflow import replay
 
-    monkeypatch.setattr(rlm_mlflow._journal, "FIRST_SEGMENT", 4096)  # many segments
-    monkeypatch.setattr(rlm_mlflow._journal, "MAX_SEGMENT", 4096)
     live = _Refusing({("log_batch", "a"), ("set_terminated", "b")})
-    sink = MLflowSink(
-        transport=live,
-        enabled=True,
-        experiment="unit",
-        flush_interval=0.05,
-        retry_deadline=0.2,
-        retry_initial=0.01,
-        retry_max_wait=0.05,
-        traces=traces,
-    )
+    sink = small_segments_sink(live, monkeypatch, traces=traces)
     sink.on_run_start("a", task="t", environment="e", params={})
     sink.on_run_start("b", task="t", environment="e", params={})
     sink.on_step("b", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
@@ -227,21 +236,10 @@ def test_a_run_ended_while_its_earlier_steps_wait_for_replay_keeps_its_start_for
     """Child run c's steps are kept for replay (their batch failed), then c ends and its end is
     sent. The segment holding c's start must stay while those steps wait: after a kill, replay
     logs them to c and puts their spans in the trace of c's root, under c."""
-    import rlm_mlflow._journal
     from rlm_mlflow import replay
 
-    monkeypatch.setattr(rlm_mlflow._journal, "FIRST_SEGMENT", 4096)  # many segments
-    monkeypatch.setattr(rlm_mlflow._journal, "MAX_SEGMENT", 4096)
     live = _Refusing(set())
-    sink = MLflowSink(
-        transport=live,
-        enabled=True,
-        experiment="unit",
-        flush_interval=0.05,
-        retry_deadline=0.2,
-        retry_initial=0.01,
-        retry_max_wait=0.05,
-    )
+    sink = small_segments_sink(live, monkeypatch)
     filler = iter(range(10**6))
 
     def next_segment() -> None:
