@@ -424,6 +424,36 @@ def test_a_create_a_queue_commits_after_the_sink_gave_up_on_it_is_the_run_and_ne
     assert not list(journal_dir.glob("*")), list(journal_dir.rglob("*"))
 
 
+def test_a_held_create_is_looked_for_and_ended_by_a_close_too_short_for_a_new_run(
+    proxy: FaultProxy, store: Store, experiment_name: str, journal_dir: Path
+) -> None:
+    """The server answered slowly (1.5 s) a moment ago, so a close of 7 s guesses that a run
+    created now could not be ended in time. A queue holds the run's create past the 2 s
+    request timeout and commits it 3.5 s after it was sent. That run exists: the close looks
+    for it rather than keep the run for replay without a look, finds it, and ends it. Left to
+    replay, it would stay RUNNING in MLflow meanwhile."""
+    sink = make_sink(proxy.uri, experiment_name, request_timeout=2.0)
+    proxy.set(latency=1.5)
+    start(sink, "warm")
+    end(sink, "warm", 0)
+    assert sink.flush(WAIT)
+    creates = "/api/2.0/mlflow/runs/create"
+    before = proxy.paths[creates]
+    proxy.set(mode="late", latency=3.5, count=1, path="/runs/create")
+    start(sink, "held")
+    steps(sink, "held", range(5))
+    end(sink, "held", 5)
+    sink.flush(0.0)  # its cycle goes now; its create is held
+    wait_until(lambda: proxy.paths[creates] > before, WAIT, "the held run's create went out")
+    close_within(sink, 7.0)
+    wait_until(lambda: proxy.handling == 0, WAIT, "the proxy forwarded everything it held")
+    held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
+    assert [r.info.status for r in held] == ["FINISHED"], held
+    assert_each_once(store.steps(held[0]), range(5))
+    assert proxy.paths[creates] - before == 1, "a second create went while the first was held"
+    assert not list(journal_dir.glob("*")), list(journal_dir.rglob("*"))
+
+
 def test_a_duplicate_a_queue_commits_after_a_short_close_is_deleted_by_replay(
     proxy: FaultProxy, store: Store, experiment_name: str, journal_dir: Path
 ) -> None:

@@ -48,6 +48,8 @@ ENDED_MEMORY = 1024
 #: While a create that had no answer may still be committed, it is looked for again after
 #: this long, then at doubling intervals.
 FIRST_LOOK = 0.25
+#: ... up to FIRST_LOOK * 2**CLOSING_LOOKS apart while a close waits for it to end the run.
+CLOSING_LOOKS = 2
 #: While a create given up on is still out (its cycle was taken over), its answer is waited for
 #: by looking this often whether it came.
 ANSWER_POLL = 0.05
@@ -401,24 +403,33 @@ class RunIdentity:
         comes; a second create sent meanwhile commits too, and the duplicate is only repaired
         when it is seen, which a close may come too early for. Closing against a deadline that
         the window would leave a run too little time before, it is created at once instead:
-        ended in MLflow now beats kept for replay."""
+        ended in MLflow now beats kept for replay. When even a run created now could not be
+        ended in time, the held create is the run's one chance to be ended by this close: it is
+        looked for until the deadline (at short intervals), never given up unlooked-for while
+        the server may still commit it, a RUNNING run until replay."""
         lost_at = state.create_lost_at
         if lost_at is None or not state.create_unanswered:
             return
         window_ends = lost_at + self.late_window
         left = window_ends - time.monotonic()
         check = self.time_to_create
-        if left > 0 and (check is None or check(window_ends)):
-            if not state.looks:
-                logger.debug(
-                    "rlm-mlflow run %s: its create had no answer; looking for it for up to "
-                    "%.1f s before sending another",
-                    state.run_id,
-                    left,
-                )
-            pause = min(left, FIRST_LOOK * 2**state.looks)
-            state.looks += 1
-            raise CreatePending(state.run_id, pause)
+        if left <= 0:
+            return
+        if check is None or check(window_ends):
+            pause = FIRST_LOOK * 2**state.looks
+        elif not check():  # closing, too late for a new run: only the held one can be ended
+            pause = FIRST_LOOK * 2 ** min(state.looks, CLOSING_LOOKS)
+        else:
+            return  # closing: created at once
+        if not state.looks:
+            logger.debug(
+                "rlm-mlflow run %s: its create had no answer; looking for it for up to "
+                "%.1f s before sending another",
+                state.run_id,
+                left,
+            )
+        state.looks += 1
+        raise CreatePending(state.run_id, min(left, pause))
 
     def _may_create(self, state: RunState) -> bool:
         """On a thread, right before the create of ``state`` goes out: see time_to_create."""
