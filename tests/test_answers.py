@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -316,6 +317,75 @@ def test_413_on_v1_traces_splits_the_spans_until_they_fit(
     step_spans = [s for s in trace.data.spans if s.name.startswith("step")]
     assert len(step_spans) == 40
     assert_run_landed(store, experiment_name, "big", 40)
+
+
+HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+#: What stands between a replay and the server: a body limit (a 413 page for what is larger),
+#: a gateway's HTML error page on the span requests, on the metric batches.
+REPLAY_WAYS: dict[str, dict[str, Any]] = {
+    "64 KB body limit": {"body_limit": 64_000},
+    "502 pages on span requests": {
+        "mode": "http",
+        "status": 502,
+        "body": HTML_502,
+        "path": "/v1/traces",
+        "count": 3,
+    },
+    "502 pages on metric batches": {
+        "mode": "http",
+        "status": 502,
+        "body": HTML_502,
+        "path": "/runs/log-batch",
+        "count": 3,
+    },
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("way", list(REPLAY_WAYS))
+def test_replay_through_a_body_limit_or_gateway_pages_sends_every_span_and_point_once(
+    proxy: FaultProxy, store: Store, experiment_name: str, journal_dir: Path, way: str
+) -> None:
+    """A root run of 30 steps of 12 KB each and a child run of 5 are journaled while every
+    answer is a 503 (the server is away), then the sink is closed. Replay goes through what
+    stands between it and the server: a 64 KB body limit, or a gateway's HTML 502 pages on the
+    span requests or on the metric batches. One invocation sends it all: one trace holding
+    every span, every point once, both runs FINISHED, nothing dropped, the journal gone."""
+    from rlm_mlflow import replay
+
+    sink = sink_for(proxy, experiment_name, retry_deadline=1.0)
+    proxy.set(mode="http", status=503)
+    sink.on_run_start("root", task="t", environment="e", params={})
+    for i in range(30):
+        if i == 10:
+            sink.on_run_start("child", task="t", environment="e", params={"parent_run_id": "root"})
+            for j in range(5):
+                sink.on_step("child", event=big_step(j), cumulative_reward=0.5 * (j + 1))
+            sink.on_run_end("child", result={"completed": True}, run_path=None)
+        sink.on_step("root", event=big_step(i), cumulative_reward=0.5 * (i + 1))
+    sink.on_run_end("root", result={"completed": True}, run_path=None)
+    sink.close(2.0)
+    kept = sink.status()
+    assert kept["deferred"] > 0, kept
+    assert kept["dropped"] == {}, kept
+
+    fault = REPLAY_WAYS[way]
+    answered = fault.get("status", 413)  # what the proxy answers itself: a page, or a 413
+    proxy.set(**fault)
+    report = replay(journal_dir, tracking_uri=proxy.uri, retry_deadline=30.0)
+    assert report.ok, report
+    assert proxy.made_up[answered] > 0, proxy.made_up  # the replay met the way
+    assert_run_landed(store, experiment_name, "root", 30)
+    assert_run_landed(store, experiment_name, "child", 5)
+    root, child = store.run(experiment_name, "root"), store.run(experiment_name, "child")
+    assert child.data.tags.get("mlflow.parentRunId") == root.info.run_id
+    experiment_id = store.experiment_id(experiment_name)
+    (trace,) = store.client.search_traces(locations=[experiment_id])
+    names = [s.name for s in trace.data.spans]
+    assert len(names) == len(set(s.span_id for s in trace.data.spans)), names
+    steps_of = [s for s in trace.data.spans if s.name.startswith("step")]
+    assert len(steps_of) == 35, sorted(names)
+    assert not [p for p in journal_dir.rglob("*") if p.is_file()], list(journal_dir.rglob("*"))
 
 
 @pytest.mark.integration

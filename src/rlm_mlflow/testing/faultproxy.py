@@ -274,6 +274,8 @@ class FaultProxy:
         self.requests = 0
         self.forwarded = 0
         self.paths: Counter[str] = Counter()
+        # The answers the proxy made up itself (an error page, a 413, a redirect), by status.
+        self.made_up: Counter[int] = Counter()
         self.in_flight = 0
         self.handling = 0  # requests read whose answer (or fate) is not settled yet
         self._settings = _Settings()
@@ -456,9 +458,12 @@ class FaultProxy:
         path: str | None = None,
         in_flight: int = 0,
         handling: int = 0,
+        made_up: int | None = None,
     ) -> None:
         with self._changed:
             self.handling += handling
+            if made_up is not None:
+                self.made_up[made_up] += 1
             if path is not None:
                 self.paths[path.split("?", 1)[0]] += 1
             self.requests += requests
@@ -553,11 +558,14 @@ class FaultProxy:
                         return  # reset meanwhile ("refuse"): nothing to answer
                 if mode == "http":
                     response = self._error_response(settings)
+                    self._bump(made_up=settings.status)
                 elif mode == "too_large":
                     response = _page(
                         413, b"<html><body><h1>413 Request Entity Too Large</h1></body>"
                     )
+                    self._bump(made_up=413)
                 elif mode == "redirect":
+                    self._bump(made_up=settings.status)
                     location = settings.location or f"{self.uri}{path}"
                     response = _serialise(
                         f"HTTP/1.1 {settings.status} {_REASONS[settings.status]}",
