@@ -609,6 +609,17 @@ async def test_the_closing_gate_begins_few_runs_until_it_knows_what_a_run_takes(
     assert gate.took == 0.5
 
 
+def test_the_closing_gate_begins_no_more_runs_than_requests_go_out_while_closing() -> None:
+    """A run being sent has one request out at a time: more runs at once than the transport's
+    requests in flight would queue behind each other, each taking longer than it needs, and the
+    close, allowing a new run what runs take, would stop creating them early."""
+    from rlm_mlflow._transports.http import CLOSING_IN_FLIGHT, MAX_IN_FLIGHT
+    from rlm_mlflow._worker import CLOSING_FIRST, CLOSING_RUNS
+
+    assert CLOSING_RUNS == CLOSING_IN_FLIGHT
+    assert CLOSING_FIRST == MAX_IN_FLIGHT
+
+
 def test_a_close_begun_while_none_is_learns_afresh() -> None:
     """What a close learnt of a slow server is not the next close's: a sink that begins to
     close while no other sink of its loop is closing starts from nothing; one that joins a
