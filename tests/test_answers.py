@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from promises_support import Store, wait_until
+from promises_support import Store, eventually, wait_until
 from rlm_mlflow import MLflowSink, PermanentError, StoreRefused, TransientError, TransportError
 from rlm_mlflow._transports.http import REDIRECTED, TOO_LARGE, classify
 from rlm_mlflow._transports.rest import RestTransport, shared_transport
@@ -173,6 +173,49 @@ def test_a_404_page_on_v1_traces_means_no_ingest_only_from_a_server_older_than_3
         assert raised.value.code == "TRACES_UNSUPPORTED"
     else:
         assert isinstance(raised.value, TransientError)
+
+
+def test_the_servers_version_is_read_once_by_the_sinks_asking_for_it_at_once() -> None:
+    """Eight transport threads (hundreds of sinks closing at once share one transport) ask
+    whether the server writes a trace's info with its assessments while /version is slow to
+    answer: one read goes out, the others wait for its answer rather than send their own."""
+    reads: list[str] = []
+    answer = threading.Event()
+
+    class Slow(_OldServer):
+        version = "3.17.2"
+
+        def do_GET(self) -> None:
+            reads.append(self.path)
+            answer.wait(WAIT)
+            super().do_GET()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="slow-server")
+    thread.start()
+    transport = RestTransport(f"http://127.0.0.1:{server.server_address[1]}", timeout=WAIT)
+    said: list[bool | None] = []
+    askers = [
+        threading.Thread(target=lambda: said.append(transport.upserts_traces())) for _ in range(8)
+    ]
+    try:
+        for asker in askers:
+            asker.start()
+        wait_until(lambda: reads, WAIT, "a read of /version")
+        # Before the change, every asker had sent its own read by now.
+        assert not eventually(lambda: len(reads) > 1, 2.0), reads
+        answer.set()
+        for asker in askers:
+            asker.join(WAIT)
+    finally:
+        answer.set()
+        transport.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+    assert said == [True] * 8
+    assert reads == ["/version"]
 
 
 # -- a custom transport's refusal ---------------------------------------------------------------

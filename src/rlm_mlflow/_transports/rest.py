@@ -144,7 +144,14 @@ class RestTransport:
         self._no_range_reads = False  # the server has no range read of a metric (older)
         # The server's version from ``/version``: a tuple once read, () when it did not say.
         self._version: tuple[int, int] | tuple[()] | None = None
+        # One read of it at a time: the sinks of a process share this transport, and hundreds
+        # of them closing at once would each ask (each read an answer's time at the server).
+        self._version_lock = threading.Lock()
+        _fork.register(self, RestTransport._new_version_lock)  # a read out at a fork: not ours
         self._users = 0
+
+    def _new_version_lock(self) -> None:
+        self._version_lock = threading.Lock()
 
     @property
     def uri(self) -> str:
@@ -472,20 +479,21 @@ class RestTransport:
     def _server_version(self) -> tuple[int, int] | tuple[()] | None:
         """The server's (major, minor) from ``/version``, read once; () when what answers
         does not say it (a proxy's page, no such path); None when nothing answered."""
-        if self._version is not None:
+        with self._version_lock:  # a read out already: its answer, not one more read
+            if self._version is not None:
+                return self._version
+            try:
+                answer = self.http.send("GET", "/version")
+            except TransientError:
+                return None
+            if answer.status_code >= 500 or answer.status_code == 429:
+                return None  # a server or proxy in trouble now: asked again later
+            found = re.fullmatch(r"\s*(\d+)\.(\d+)[^\s]*\s*", answer.text[:64])
+            if answer.status_code != 200 or found is None:
+                self._version = ()
+            else:
+                self._version = (int(found[1]), int(found[2]))
             return self._version
-        try:
-            answer = self.http.send("GET", "/version")
-        except TransientError:
-            return None
-        if answer.status_code >= 500 or answer.status_code == 429:
-            return None  # a server or proxy in trouble now: asked again later
-        found = re.fullmatch(r"\s*(\d+)\.(\d+)[^\s]*\s*", answer.text[:64])
-        if answer.status_code != 200 or found is None:
-            self._version = ()
-        else:
-            self._version = (int(found[1]), int(found[2]))
-        return self._version
 
     def upserts_traces(self) -> bool | None:
         version = self._server_version()
