@@ -202,7 +202,7 @@ def test_the_servers_version_is_read_once_by_the_sinks_asking_for_it_at_once() -
     try:
         for asker in askers:
             asker.start()
-        wait_until(lambda: reads, WAIT, "a read of /version")
+        wait_until(lambda: bool(reads), WAIT, "a read of /version")
         # Before the change, every asker had sent its own read by now.
         assert not eventually(lambda: len(reads) > 1, 2.0), reads
         answer.set()
