@@ -99,8 +99,7 @@ RESTART_MAX = 30.0
 #: at once only queue their requests behind each other. Each run then takes longer from create
 #: to end, that time is what a close allows for a new run (``ClosingGate.took``), and the close
 #: stops creating runs early: with 32 at a time, 300 sinks closing against a server 200 ms away
-#: ended 26 to 29 runs within 5 s; with 12, 46 to 56, as many as 12 threads of plain
-#: ``MlflowClient`` calls.
+#: ended 26 and 28 runs within 5 s; with 12, 48 to 57 (see docs/performance.md).
 CLOSING_RUNS = 12
 #: Closing against a deadline, a run is created only if the time its runs have taken from
 #: create to end (:class:`ClosingGate`), times this, is left: answers slow down as the
