@@ -394,6 +394,20 @@ def test_a_run_is_created_exactly_once_while_the_store_is_slow_to_commit(
         assert not problems, problems
 
 
+def warm_up(sink: MLflowSink) -> None:
+    """A first run sent and flushed: the experiment exists, the worker is up."""
+    start(sink, "warm")
+    end(sink, "warm", 0)
+    assert sink.flush(WAIT)
+
+
+def held_run(sink: MLflowSink) -> None:
+    """Run ``held``: started, five steps, ended (its create is the one a test holds)."""
+    start(sink, "held")
+    steps(sink, "held", range(5))
+    end(sink, "held", 5)
+
+
 @pytest.mark.parametrize("close_at_once", [False, True], ids=["flushed", "closed-at-once"])
 def test_a_create_a_queue_commits_after_the_sink_gave_up_on_it_is_the_run_and_never_sent_twice(
     proxy: FaultProxy, store: Store, experiment_name: str, close_at_once: bool, journal_dir: Path
@@ -404,15 +418,11 @@ def test_a_create_a_queue_commits_after_the_sink_gave_up_on_it_is_the_run_and_ne
     MLflow run carries every step and ends FINISHED, flushed first or closed at once. Nothing
     is left for replay: no journal is kept."""
     sink = make_sink(proxy.uri, experiment_name, request_timeout=1.0)
-    start(sink, "warm")
-    end(sink, "warm", 0)
-    assert sink.flush(WAIT)  # the experiment exists; only the run's create is held
+    warm_up(sink)  # the experiment exists; only the run's create is held
     creates = "/api/2.0/mlflow/runs/create"
     before = proxy.paths[creates]
     proxy.set(mode="late", latency=2.5, count=1, path="/runs/create")
-    start(sink, "held")
-    steps(sink, "held", range(5))
-    end(sink, "held", 5)
+    held_run(sink)
     if not close_at_once:
         assert sink.flush(patient(60))
     close_within(sink, 20.0)
@@ -434,15 +444,11 @@ def test_a_held_create_is_looked_for_and_ended_by_a_close_too_short_for_a_new_ru
     replay, it would stay RUNNING in MLflow meanwhile."""
     sink = make_sink(proxy.uri, experiment_name, request_timeout=2.0)
     proxy.set(latency=1.5)
-    start(sink, "warm")
-    end(sink, "warm", 0)
-    assert sink.flush(WAIT)
+    warm_up(sink)
     creates = "/api/2.0/mlflow/runs/create"
     before = proxy.paths[creates]
     proxy.set(mode="late", latency=3.5, count=1, path="/runs/create")
-    start(sink, "held")
-    steps(sink, "held", range(5))
-    end(sink, "held", 5)
+    held_run(sink)
     sink.flush(0.0)  # its cycle goes now; its create is held
     wait_until(lambda: proxy.paths[creates] > before, WAIT, "the held run's create went out")
     close_within(sink, 7.0)
@@ -463,13 +469,9 @@ def test_a_duplicate_a_queue_commits_after_a_short_close_is_deleted_by_replay(
     The close kept the run's key beside its journal; replay finds the duplicate and deletes
     it: one MLflow run, FINISHED, with every step."""
     sink = make_sink(proxy.uri, experiment_name, request_timeout=1.0)
-    start(sink, "warm")
-    end(sink, "warm", 0)
-    assert sink.flush(WAIT)
+    warm_up(sink)
     proxy.set(mode="late", latency=2.5, count=1, path="/runs/create")
-    start(sink, "held")
-    steps(sink, "held", range(5))
-    end(sink, "held", 5)
+    held_run(sink)
     close_within(sink, 1.5)
     wait_until(lambda: proxy.handling == 0, WAIT, "the proxy forwarded everything it held")
     held = [r for r in store.runs(experiment_name) if r.data.tags.get("run_id") == "held"]
@@ -514,16 +516,12 @@ def test_a_lost_create_looked_for_behind_a_login_page_is_completed_by_replay_onc
     every step once, no journal left."""
     with FaultProxy(mlflow_server.port) as inner, FaultProxy(inner.port) as outer:
         sink = make_sink(outer.uri, experiment_name, request_timeout=1.0, retry_deadline=2.0)
-        start(sink, "warm")
-        end(sink, "warm", 0)
-        assert sink.flush(WAIT)
+        warm_up(sink)
         creates = "/api/2.0/mlflow/runs/create"
         before = inner.paths[creates]
         inner.set(mode="late", latency=2.5, count=1, path="/runs/create")
         outer.set(mode="http", path="/runs/search", **SEARCH_BLOCKED[blocked])
-        start(sink, "held")
-        steps(sink, "held", range(5))
-        end(sink, "held", 5)
+        held_run(sink)
         assert sink.flush(5.0) is False
         close_within(sink, 10.0)
         status = sink.status()
@@ -552,9 +550,7 @@ def test_a_413_page_on_a_runs_create_keeps_its_events_for_replay(
     with a 413 page. That says nothing about the run's data: nothing is dropped, the run is
     kept for replay, and replay, once the limit is gone, sends it once."""
     sink = make_sink(proxy.uri, experiment_name)
-    start(sink, "warm")
-    end(sink, "warm", 0)
-    assert sink.flush(WAIT)
+    warm_up(sink)
     proxy.set(
         mode="http",
         status=413,
