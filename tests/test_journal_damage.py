@@ -8,6 +8,8 @@ replayed into a real server."""
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ from rlm_mlflow._journal_format import (
     SEGMENT_HEADER_SIZE,
     ScanStats,
     journal_segments,
+    read_late_runs,
+    read_trace_shapes,
     scan_segment,
     segment_header,
 )
@@ -241,3 +245,38 @@ def test_runs_kept_for_a_late_duplicate_read_back_and_damage_is_passed_over(
     assert sum("unreadable" in r.getMessage() for r in caplog.records) == 2
     (tmp_path / LATE_RUNS).write_text('{"p-3": ["he')
     assert read_late_runs(tmp_path) == {}
+
+
+def test_a_file_beside_the_journal_is_never_replaced_by_the_part_a_full_disk_took(
+    tmp_path: Path,
+) -> None:
+    """A process whose files may not grow past 64 bytes (``ulimit -f``, as a disk that fills
+    up: the first part of a write is taken, the rest refused) replaces the traces' shapes and
+    the runs kept for a late duplicate beside its journal. Each write is refused whole: the
+    files kept before stay as they were (said once each), never swapped for a cut copy."""
+    script = """
+import json, resource, sys
+from pathlib import Path
+from rlm_mlflow._journal_format import write_late_runs, write_trace_shapes
+folder = Path(sys.argv[1])
+old = {1: (3, {1: (1, [2]), 2: (1, [])})}
+assert write_trace_shapes(folder, old) and write_late_runs(folder, {"k": ("r", "u")})
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+shapes = {root: (40, {n: (1, list(range(30))) for n in range(1, 20)}) for root in range(1, 4)}
+late = {"k" * 80: ("r", "u")}
+print(json.dumps([write_trace_shapes(folder, shapes), write_late_runs(folder, late)]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[false,", "false]"], done.stdout
+    assert done.stderr.count("cannot keep") == 2, done.stderr
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert left == ["late-runs.json", "trace-shapes.json"]  # no cut copy left over
+    assert read_trace_shapes(tmp_path) == {1: (3, {1: (1, [2]), 2: (1, [])})}
+    assert read_late_runs(tmp_path) == {"k": ("r", "u")}

@@ -304,10 +304,17 @@ def map_segment(path: Path) -> tuple[mmap.mmap, int, int] | None:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """A file only its owner may read (mode 0600)."""
+    """A file only its owner may read (mode 0600), written whole or not at all: a disk that
+    fills up (or a file size limit) takes part of a write and refuses the rest, and the part
+    must never pass for the whole (the caller replaces the file it stands for with it)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, "nothing written", str(path))
+            view = view[written:]
     finally:
         os.close(fd)
 
