@@ -1,9 +1,11 @@
 """An agent whose runs make a recursion tree with rich step events, until it is killed.
 
-Usage: trace_tree.py TRACKING_URI EXPERIMENT [SPAN_BUDGET]
+Usage: trace_tree.py TRACKING_URI EXPERIMENT [SPAN_BUDGET [FILE_LIMIT_BYTES]]
 
 With a span budget, the sink first sends a run of its own and prints ``READY``; the tree begins
-on a line from stdin (the test has set its faults).
+on a line from stdin (the test has set its faults). With a file limit, no file of the process
+grows past that many bytes from then on (``ulimit -f``: the journal's segments are allocated
+already, and the files beside it, such as the traces' shapes, can no longer be written).
 
 The root run ``tree`` steps; every third step delegates to a child run of two steps. After each
 hook of a step has returned it prints ``STEP n`` (n: the root's steps so far); from then on that
@@ -12,6 +14,7 @@ step, with its spans, is the sink's responsibility whatever happens to the proce
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from typing import Any
@@ -43,6 +46,9 @@ def main() -> None:
     uri, experiment = sys.argv[1:3]
     if len(sys.argv) > 3:
         sink = sink_with_a_first_run(uri, experiment, span_budget=int(sys.argv[3]))
+        if len(sys.argv) > 4:
+            _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), hard))
     else:
         sink = make_sink(uri, experiment, span_budget=1_000_000)  # every step as a span
     sink.on_run_start("tree", task="grow a tree", environment="pure_rlm", params={"depth": 0})
