@@ -39,7 +39,8 @@ every request whose body is larger with an HTML 413 page, whatever the mode (ngi
 are forwarded, and do not count.
 
 ``requests`` counts every request read, ``forwarded`` those that reached the server, and
-``paths`` the requests read per path (without the query string), whatever the mode.
+``paths`` the requests read per path (without the query string), whatever the mode, and
+``made_up`` the answers the proxy made up itself (an error page, a 413, a redirect) by status.
 ``in_flight`` is the number of forwarded requests the server has not answered yet (a client
 that gave up does not end a request the server is still working on). ``handling`` is the number
 of requests read whose fate is not settled yet (waiting out ``latency``, forwarded, or being
