@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -175,26 +176,50 @@ def test_a_404_page_on_v1_traces_means_no_ingest_only_from_a_server_older_than_3
         assert isinstance(raised.value, TransientError)
 
 
-def test_the_servers_version_is_read_once_by_the_sinks_asking_for_it_at_once() -> None:
+class SlowVersion:
+    """A server whose ``/version`` (3.17.2) answers only once ``answer`` is set; ``reads``:
+    the reads it got."""
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self.answer = threading.Event()
+        outer = self
+
+        class Slow(_OldServer):
+            version = "3.17.2"
+
+            def do_GET(self) -> None:
+                outer.reads.append(self.path)
+                outer.answer.wait(WAIT)
+                super().do_GET()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+        self.server.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def slow_version() -> Iterator[SlowVersion]:
+    slow = SlowVersion()
+    thread = threading.Thread(target=slow.server.serve_forever, args=(0.05,), name="slow")
+    thread.start()
+    try:
+        yield slow
+    finally:
+        slow.answer.set()
+        slow.server.shutdown()
+        slow.server.server_close()
+        thread.join(WAIT)
+
+
+def test_the_servers_version_is_read_once_by_the_sinks_asking_for_it_at_once(
+    slow_version: SlowVersion,
+) -> None:
     """Eight transport threads (hundreds of sinks closing at once share one transport) ask
     whether the server writes a trace's info with its assessments while /version is slow to
     answer: one read goes out, the others wait for its answer rather than send their own."""
-    reads: list[str] = []
-    answer = threading.Event()
-
-    class Slow(_OldServer):
-        version = "3.17.2"
-
-        def do_GET(self) -> None:
-            reads.append(self.path)
-            answer.wait(WAIT)
-            super().do_GET()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="slow-server")
-    thread.start()
-    transport = RestTransport(f"http://127.0.0.1:{server.server_address[1]}", timeout=WAIT)
+    reads = slow_version.reads
+    transport = RestTransport(slow_version.uri, timeout=WAIT)
     said: list[bool | None] = []
     askers = [
         threading.Thread(target=lambda: said.append(transport.upserts_traces())) for _ in range(8)
@@ -205,17 +230,53 @@ def test_the_servers_version_is_read_once_by_the_sinks_asking_for_it_at_once() -
         wait_until(lambda: bool(reads), WAIT, "a read of /version")
         # Before the change, every asker had sent its own read by now.
         assert not eventually(lambda: len(reads) > 1, 2.0), reads
-        answer.set()
+        slow_version.answer.set()
         for asker in askers:
             asker.join(WAIT)
     finally:
-        answer.set()
         transport.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT)
     assert said == [True] * 8
     assert reads == ["/version"]
+
+
+def test_a_child_forked_while_the_servers_version_is_read_reads_it_itself(
+    slow_version: SlowVersion,
+) -> None:
+    """A process forks while one of its threads reads /version (holding the one-read lock).
+    That thread does not exist in the child: the child's first look at the version is a read
+    of its own, answered, never a wait for a lock nobody will release."""
+    transport = RestTransport(slow_version.uri, timeout=WAIT)
+    asker = threading.Thread(target=transport.upserts_traces, name="asker")
+    asker.start()
+    try:
+        wait_until(lambda: bool(slow_version.reads), WAIT, "the parent's read of /version")
+        pid = os.fork()
+        if pid == 0:  # the child: 0 once it has the version, killed by the alarm if it hangs
+            code = 1
+            try:
+                signal.alarm(int(WAIT))
+                code = 0 if transport.upserts_traces() is True else 2
+            finally:
+                os._exit(code)
+        slow_version.answer.set()
+        ended: list[int] = []
+
+        def child_ended() -> bool:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                ended.append(status)
+            return bool(ended)
+
+        if not eventually(child_ended, WAIT):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child waited for the parent's read of /version")
+        assert os.waitstatus_to_exitcode(ended[0]) == 0, ended
+        asker.join(WAIT)
+    finally:
+        slow_version.answer.set()
+        transport.close()
+    assert slow_version.reads == ["/version", "/version"]
 
 
 # -- a custom transport's refusal ---------------------------------------------------------------
