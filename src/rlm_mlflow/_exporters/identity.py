@@ -120,6 +120,12 @@ class RunState:
     # found or created, before any data of ours went: None once data went, or when unknown.
     stored_latest: dict[str, tuple[int, int]] | None = None
 
+    @property
+    def maybe_created(self) -> bool:
+        """A create of it went out and may have made its MLflow run: answered after it was
+        given up, or its answer lost (looked for by key before any other create)."""
+        return self.answered is not None or self.create_lost_at is not None
+
 
 class TimeToCreate(Protocol):
     """Whether a run created now, or at ``at`` (a later ``time.monotonic()``), can still be

@@ -138,12 +138,10 @@ class RunsExporter(RunIdentity):
             try:
                 async with limiter:
                     enough_time = self.time_to_create  # False once a close could not end it
-                    # (A run whose create was answered after it was given up is created; one
-                    # whose create had its answer lost may be: it is looked for first.)
+                    # (A run whose create may have made it is taken, or looked for, first.)
                     if (
                         state.ref is None
-                        and state.answered is None
-                        and state.create_lost_at is None
+                        and not state.maybe_created
                         and enough_time is not None
                         and not enough_time()
                     ):
