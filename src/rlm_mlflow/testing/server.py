@@ -94,7 +94,11 @@ def _spawn(
     env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     env.pop("MLFLOW_TRACKING_URI", None)
     log = (root / "server.log").open("ab")
+    # Under a lifeline: the server (and the uvicorn it starts) stops when this process is gone,
+    # also when it is killed before it could stop it.
+    lifeline = [sys.executable, "-m", "rlm_mlflow.testing._lifeline", str(os.getpid()), "--"]
     command = [
+        *lifeline,
         sys.executable,
         "-m",
         "mlflow",
