@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,18 @@ def journal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every sink journals into the test's own folder, never the user's state directory."""
     folder = tmp_path / "journal"
     monkeypatch.setenv("RLM_MLFLOW_JOURNAL_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def temporary_files_stay_in_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """What a test, the libraries it drives and its child processes make with ``tempfile`` (RLM
+    Code's interpreters' folders, the examples' run folders) goes into the test's own folder,
+    which pytest removes with its old ones, never into the machine's temporary folder."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
 
 
