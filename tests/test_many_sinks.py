@@ -488,6 +488,95 @@ def test_the_sink_woken_first_to_close_waits_for_the_others_ends(
     assert_every_run_ended_first_then_everything_landed(memory)
 
 
+class LiveEndHeld(Ordered):
+    """:class:`Ordered`, where only spans release the end of run ``held`` (a run's steps go
+    before its end), and the end of run ``live`` (sent by a cycle begun before the close) waits
+    until ``release_live`` is set; ``live_out`` and ``held_out`` say the two ends are out."""
+
+    def __init__(self, held: str, patience: float, live: str) -> None:
+        super().__init__(held, patience)
+        self.live = live
+        self.live_out = threading.Event()
+        self.release_live = threading.Event()
+        self.held_out = threading.Event()
+
+    def _note(self, kind: str, what: str) -> None:
+        with self.lock:
+            self.order.append((kind, what))
+        if kind == "spans":
+            self.too_early.set()
+
+    def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
+        name = self._name(run_uuid)
+        if name == self.live:
+            self.live_out.set()
+            self.release_live.wait(WAIT)
+        elif name == self.held:
+            self.held_out.set()
+        super().set_terminated(run_uuid, status=status, end_time_ms=end_time_ms)
+
+
+def test_a_cycle_begun_before_a_close_sends_no_spans_before_the_other_sinks_end_their_runs(
+    tmp_path: Path,
+) -> None:
+    """A sink's cycle was sending its ended run when a close of all sinks came: the cycle's
+    spans wait until every other closing sink has ended its runs, as the closing sinks' own
+    spans do (with hundreds of sinks at exit, the spans of the cycles out then took a third
+    of the requests the runs' ends needed)."""
+    memory = LiveEndHeld(held="run-1", patience=2.0, live="run-0")
+    experiment = f"many-{uuid.uuid4().hex[:8]}"
+    sinks: list[MLflowSink] = []
+    closing: threading.Thread | None = None
+    try:
+        for n in range(4):
+            sink = MLflowSink(
+                enabled=True,
+                experiment=experiment,
+                transport=memory,
+                journal_dir=tmp_path / f"j{n}",
+                flush_interval=60.0,
+                batch_trigger=10**9,
+            )
+            sink.on_run_start("warm", task="t", environment="e", params={})
+            sink.on_run_end("warm", result={"completed": True, "steps": 0}, run_path=None)
+            assert sink.flush(WAIT)
+            assert wait_for(functools.partial(asleep_until_woken, sink), WAIT)
+            run = f"run-{n}"
+            sink.on_run_start(run, task="t", environment="e", params={})
+            for number in range(5):
+                sink.on_step(run, event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+            sink.on_run_end(run, result={"completed": True, "steps": 5}, run_path=None)
+            sinks.append(sink)
+        del memory.order[:]
+        memory.too_early.clear()
+        assert not sinks[0].flush(0.0)  # its cycle begins; its run's end waits
+        assert memory.live_out.wait(WAIT)
+        closing = threading.Thread(target=close_all, args=(None, WAIT))
+        closing.start()
+        assert wait_for(lambda: all(s._worker.close_requested for s in sinks), WAIT)
+        assert memory.held_out.wait(WAIT)  # run-1's end is out, held until steps or spans go
+        memory.release_live.set()  # the first cycle goes on to its spans
+        closing.join(WAIT + 10)
+        assert not closing.is_alive()
+    finally:
+        memory.release_live.set()
+        memory.too_early.set()
+        if closing is not None:
+            closing.join(WAIT + 10)
+        for sink in sinks:
+            sink.close(1.0)
+    order = memory.order
+    ends = [i for i, (kind, what) in enumerate(order) if kind == "end" and what.startswith("run")]
+    spans = [i for i, (kind, _) in enumerate(order) if kind == "spans"]
+    assert len(ends) == 4, order
+    assert spans, order
+    assert max(ends) < min(spans), order
+    for n in range(4):
+        stored = memory.one(f"run-{n}")
+        assert stored.status == "FINISHED"
+        assert len(stored.history("step_reward")) == 5
+
+
 # -- a process of many sinks, dropped without close(), against a slow server -----------------------
 
 
@@ -516,8 +605,6 @@ def dropped_sinks(
         yield server, agent, code
 
 
-@pytest.mark.slow
-@pytest.mark.integration
 class HeldEnds(MemoryTransport):
     """A server whose run ends wait until ``release`` is set."""
 
@@ -586,6 +673,8 @@ def test_sinks_of_a_quick_server_do_not_wait_for_a_slow_servers_run_ends_to_send
             sink.close(1.0)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_sinks_dropped_without_close_end_every_run_within_one_shutdown_timeout(
     agents: Spawn, tmp_path: Path, experiment_name: str, journal_dir: Path
 ) -> None:
