@@ -1,7 +1,8 @@
 """A real ``mlflow server`` on a free loopback port, for integration tests and benchmarks.
 
 ``local_server()`` starts it with its data under a folder of the caller's, waits until it answers
-``/health`` and stops it, with every child process, however the ``with`` block ends.
+``/health`` and stops it, with every child process, however the ``with`` block ends; it stops
+as well when the process that started it is gone (killed before it could stop it).
 """
 
 from __future__ import annotations
