@@ -145,6 +145,47 @@ def test_a_trace_that_begins_and_ends_in_one_drain_has_its_info_stored_before_it
     assert len(after["scored-1"].data.spans) == 1 + 2  # the run and its two steps
 
 
+def test_the_servers_version_is_read_beside_the_first_runs_requests_not_after_them(
+    proxy: FaultProxy, mlflow_client: Any, experiment_name: str
+) -> None:
+    """A sink asks the server's version (whether a trace's info and its assessments go in one
+    request) at its first works, beside their runs' requests, not once their spans come: with
+    hundreds of sinks whose cycles were still at their runs when the close at exit came, the
+    read went out there, behind every run's request, and held every trace up. Here the run's
+    create is held and ``/version`` is read meanwhile; then ``/version`` stalls, and the close
+    still writes the trace's info with its assessments in one request."""
+    create = "/api/2.0/mlflow/runs/create"
+    proxy.set(mode="stall", path=create)
+    sink = MLflowSink(
+        enabled=True,
+        experiment=experiment_name,
+        tracking_uri=proxy.uri,
+        flush_interval=60.0,
+        batch_trigger=10**9,
+        retry_initial=0.05,
+        retry_max_wait=0.5,
+    )
+    try:
+        sink.on_run_start("scored-0", task="t", environment="e", params={})
+        sink.on_step("scored-0", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        assert not sink.flush(0.0)  # a cycle begins: its run's create is held
+        assert proxy.wait_until(lambda p: p.paths[create] >= 1, WAIT)
+        assert proxy.wait_until(lambda p: p.paths["/version"] >= 1, 10.0), (
+            f"the version was not read beside the held create: {dict(proxy.paths)}"
+        )
+        proxy.set(mode="stall", path="/version")  # (the held create is let go: reset)
+        result = {"completed": True, "steps": 1, "total_reward": 0.0}
+        sink.on_run_end("scored-0", result=result, run_path=None)
+        sink.close(WAIT)
+        assert sink.status()["deferred"] == 0, sink.status()
+    finally:
+        sink.close(1.0)
+    assert proxy.paths["/version"] == 1
+    assert proxy.paths[TRACE_INFO] == 1
+    assert not any(path.endswith("/assessments") for path in proxy.paths), dict(proxy.paths)
+    assert_each_once(mlflow_client, experiment_name, 1)
+
+
 @pytest.mark.parametrize("way", ["with the trace info", "one by one"])
 def test_a_write_whose_answer_was_lost_is_not_written_twice(
     way: str, mlflow_server: MlflowServer, mlflow_client: Any, experiment_name: str

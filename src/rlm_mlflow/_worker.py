@@ -385,6 +385,7 @@ class Worker:
         self._spans_out = False  # ... and its runs are sent: its spans go now
         self._watched: anyio.CancelScope | None = None  # the short cycle a close watches
         self._tasks: TaskGroup | None = None  # the worker's own (while it runs)
+        self._server_asked = False  # what the server does with traces, asked (see _learn_server)
         self._journal_seen = (-1, 0.0)  # (records written, when that figure last changed)
         self.unavailable: str | None = None  # the store cannot be used at all (setup failed)
         self.describe: str | None = None
@@ -626,6 +627,7 @@ class Worker:
             # What came may free held runs; once nothing comes, what ended meanwhile may too.
             works = self._group(items, final=False) if items or self.carry else []
             if works:
+                self._learn_server()
                 await self._send(works)
                 await self._maintain_journal()
                 if (
@@ -703,6 +705,19 @@ class Worker:
             await self._ends_sent()
             works, self.later = self.later, []
         await self._export(works)
+
+    def _learn_server(self) -> None:
+        """Once, at a sink's first works, if it sends traces and is not closing: ask the
+        server's version (whether it writes a trace's info with its assessments) beside the
+        cycle's runs. Asked at the first spans, it came in the close at exit for sinks whose
+        cycles had not reached their spans: with 300 sinks closing, the read waited behind the
+        runs' requests, and every trace behind it (half a second of the close). The transport
+        reads ``/version`` once for every sink of the process."""
+        if self._server_asked or self._closing or self.close_requested or self._tasks is None:
+            return
+        self._server_asked = True
+        if self.traces.active:
+            self._tasks.start_soon(self.traces.learn_server)
 
     async def _keep_journal_ready(self) -> None:
         """Now and then, even while a long export runs: new threads find a lane ready."""

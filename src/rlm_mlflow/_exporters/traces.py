@@ -206,6 +206,11 @@ class TracesExporter:
     def active(self) -> bool:
         return self.mode != "off" and self.unsupported is None
 
+    async def learn_server(self) -> None:
+        """Ask the store now what it does with a trace's info (see ``upserts``), before any
+        trace needs it: a failure only leaves it to be asked at the first spans."""
+        await self.assessments.upserts()
+
     def state(self) -> str:
         """For status(): on, off (by configuration) or why they are off."""
         if self.mode == "off":
