@@ -197,6 +197,78 @@ def closed_in_3_s(sink: MLflowSink, memory: SlowSteps) -> Iterator[None]:
         sink.close(1.0)
 
 
+class SlowToStore(MemoryTransport):
+    """Stores a batch of step points ``store_in`` seconds after it comes, or once ``gate``
+    opens (a server slow to store points: its database lock held by a trace write); ``order``
+    notes when each run's steps are stored and when it is ended."""
+
+    def __init__(self, store_in: float) -> None:
+        super().__init__()
+        self.store_in = store_in
+        self.gate = threading.Event()
+        self.order: list[tuple[str, str]] = []
+
+    def log_batch(
+        self,
+        run_uuid: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[tuple[str, str]] = (),
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        steps = any(m.key == "step_reward" for m in metrics)
+        if steps:
+            self.gate.wait(self.store_in)  # the server at work, not a wait of the test's
+        super().log_batch(run_uuid, metrics=metrics, params=params, tags=tags)
+        if steps:
+            self.order.append(("stored", self.runs[run_uuid].tags["run_id"]))
+
+    def set_terminated(self, run_uuid: str, *, status: str, end_time_ms: int) -> None:
+        self.order.append(("end", self.runs[run_uuid].tags["run_id"]))
+        super().set_terminated(run_uuid, status=status, end_time_ms=end_time_ms)
+
+
+@pytest.mark.parametrize(
+    ("store_in", "timeout", "end_after_steps"),
+    [(1.0, 30.0, True), (WAIT, 2.0, False)],
+    ids=["the deadline leaves time", "the deadline is too short"],
+)
+def test_a_close_ends_a_run_after_its_steps_unless_its_deadline_would_pass(
+    tmp_path: Path, store_in: float, timeout: float, end_after_steps: bool
+) -> None:
+    """Closing against a deadline, a run's end goes after its last batch's answer (its steps
+    and summary stored: a reader never sees it ended without them) while the deadline leaves
+    time for the end after that; only when it does not does the end go beside the batch, so
+    that the run still ends in MLflow (its points kept for replay if they miss the deadline).
+    Before, every close against a deadline sent the end beside the batch."""
+    memory = SlowToStore(store_in)
+    sink = asleep_until_closed(memory, tmp_path)
+    try:
+        sink.on_run_start("warm", task="t", environment="e", params={})
+        sink.on_run_end("warm", result={"completed": True, "steps": 0}, run_path=None)
+        assert sink.flush(WAIT)
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(5):
+            step(sink, "r", number)
+        sink.on_run_end("r", result={"completed": True, "steps": 5}, run_path=None)
+        sink.close(timeout)
+        assert wait_for(sink._worker.stopped.is_set, WAIT)
+    finally:
+        memory.gate.set()
+        sink.close(1.0)
+    assert memory.one("r").status == "FINISHED"
+    order = [what for what in memory.order if what[1] == "r"]
+    if end_after_steps:
+        assert order == [("stored", "r"), ("end", "r")]
+        assert len(memory.one("r").history("step_reward")) == 5
+        assert sink.status()["deferred"] == 0
+    else:
+        assert order[0] == ("end", "r"), order  # in time, the batch still out
+        stats = sink.statistics()
+        assert stats.accepted == stats.sent + stats.deferred + sum(stats.dropped.values())
+        assert stats.deferred >= 5
+
+
 def test_a_close_too_short_for_many_runs_of_a_few_hundred_steps_ends_them_all_first(
     tmp_path: Path,
 ) -> None:

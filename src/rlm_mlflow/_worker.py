@@ -105,6 +105,9 @@ CLOSING_RUNS = 12
 #: create to end (:class:`ClosingGate`), times this, is left: answers slow down as the
 #: requests of hundreds of closing sinks queue, and a run created and not ended is RUNNING.
 CLOSING_MARGIN = 1.5
+#: Closing against a deadline, a run's end waits for its last batch's answer until this much
+#: (or CLOSING_MARGIN times the latest answer, if more) is left, then goes beside the batch.
+END_RESERVE = 0.5
 #: Until a run has ended while sinks close, a run is taken to need this many times what its
 #: create took: its create, its last batch and its end, one after another (before any create
 #: of the close is answered, this many times the sink's latest answer: never nothing).
@@ -807,6 +810,15 @@ class Worker:
             took = CREATE_TO_END * self.caller.answered_in
         return max(time.monotonic(), at or 0.0) + took * CLOSING_MARGIN < deadline
 
+    def _end_by(self) -> float | None:
+        """Closing against a deadline: when a run's end must go out at the latest, its last
+        batch answered or not: the deadline less what an end takes (:data:`CLOSING_MARGIN`
+        times the latest answer, at least :data:`END_RESERVE`). None without a deadline."""
+        deadline = self.close_deadline  # set from any thread by a close request
+        if deadline is None:
+            return None
+        return deadline - max(END_RESERVE, CLOSING_MARGIN * self.caller.answered_in)
+
     def _calm(self) -> None:
         transport, self._hurrying = self._hurrying, None
         if transport is not None:
@@ -890,7 +902,7 @@ class Worker:
             self.runs.limiter = gate.runs()
             self.runs.ended_in = gate.ended_in
             self.runs.created_in = gate.created_in
-        self.runs.end_beside = lambda: self.close_deadline is not None
+        self.runs.end_by = self._end_by
         await self._end_open_runs()
         # Ends first: the run starts and ends that wait in the journal, behind steps spilled
         # before them, go now; the steps follow while the deadline allows (then replay).

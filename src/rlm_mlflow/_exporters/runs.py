@@ -59,9 +59,9 @@ class RunsExporter(RunIdentity):
         # Closing: one limiter for the runs of every closing sink of the loop (each run is
         # created, sent and ended before more are begun).
         self.limiter: AbstractAsyncContextManager[Any] | None = None
-        # Closing against a deadline: whether a run's end goes beside its last batch rather
-        # than after its answer (see _send).
-        self.end_beside: Callable[[], bool] | None = None
+        # Closing against a deadline: the time (time.monotonic()) by which a run's end must go
+        # out, its last batch answered or not (see _send); None without a deadline.
+        self.end_by: Callable[[], float | None] | None = None
 
     # -- one cycle ---------------------------------------------------------------------------
 
@@ -285,14 +285,15 @@ class RunsExporter(RunIdentity):
         if end is None or state.ended:
             await batches()
             return
-        beside = self.end_beside
-        if beside is not None and beside():
-            # Closing against a deadline: the end does not wait for the batch's answer, nor
-            # for the reads that check what an unanswered request stored (a read a metric),
-            # nor for a place behind other runs' batches: ends go first. The run is ended in
-            # MLflow with its true status even when its points miss the deadline (those are
-            # kept for replay, which logs them to the ended run).
-            await _together(batches(), self._finish(state, end))
+        end_by = self.end_by() if self.end_by is not None else None
+        if end_by is not None:
+            # Closing against a deadline: the end goes after the batch's answer (a reader never
+            # sees the run ended without its steps and summary) while the deadline leaves it
+            # time; past ``end_by`` it goes beside the batch still out (or the reads that check
+            # what an unanswered request stored), so that the run is ended in MLflow with its
+            # true status even when its points miss the deadline (those are kept for replay,
+            # which logs them to the ended run).
+            await _first_then(batches(), self._finish(state, end), end_by)
         else:
             await batches()
             await self._finish(state, end)
@@ -571,6 +572,28 @@ async def _together(*jobs: Coroutine[Any, Any, None]) -> None:
             tg.start_soon(one, at, job)
     if failures:
         raise min(failures, key=lambda failure: failure[0])[1]
+
+
+async def _first_then(
+    first: Coroutine[Any, Any, None], then: Coroutine[Any, Any, None], by: float
+) -> None:
+    """Run ``first``, and ``then`` once ``first`` is over or at ``by`` (time.monotonic()),
+    whichever comes first, ``first`` going on meanwhile. Each runs to its own end whatever the
+    other does; then the first failure (``first``'s before ``then``'s) is raised as it was."""
+    over = anyio.Event()
+
+    async def run_first() -> None:
+        try:
+            await first
+        finally:
+            over.set()
+
+    async def run_then() -> None:
+        with anyio.move_on_after(max(0.0, by - time.monotonic())):
+            await over.wait()
+        await then
+
+    await _together(run_first(), run_then())
 
 
 def stored_points(transport: Transport, run_uuid: str, points: Sequence[Metric]) -> set[Metric]:
