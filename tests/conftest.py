@@ -31,12 +31,14 @@ def journal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def temporary_files_stay_in_the_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def temporary_files_stay_in_the_test(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """What a test, the libraries it drives and its child processes make with ``tempfile`` (RLM
-    Code's interpreters' folders, the examples' run folders) goes into the test's own folder,
-    which pytest removes with its old ones, never into the machine's temporary folder."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
+    Code's interpreters' folders, the examples' run folders) goes into a folder of the test's
+    among pytest's own (removed with its old ones; not in ``tmp_path``, which tests list),
+    never into the machine's temporary folder."""
+    folder = tmp_path_factory.mktemp("tmp")
     monkeypatch.setenv("TMPDIR", str(folder))
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder

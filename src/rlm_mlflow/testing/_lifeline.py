@@ -14,27 +14,24 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
-from types import FrameType
 
-#: How often the parent is looked for: a child of a dead process gets a new parent.
+#: How often the parent is looked for (a child of a dead process gets a new parent), and a
+#: SIGTERM's mark.
 WATCH_EVERY = 0.5
 #: How long the command has to stop after SIGTERM before the group is killed.
 STOP_GRACE = 10.0
 
 
-def _stop_group(child: subprocess.Popen[bytes], code: int) -> None:
+def _stop_group(child: subprocess.Popen[bytes], code: int) -> int:
     """SIGTERM to the group, a grace period for the command, then SIGKILL to what is left."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's signal reaches this one too
     with contextlib.suppress(ProcessLookupError):
         os.killpg(os.getpgrp(), signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(STOP_GRACE)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(os.getpgrp(), signal.SIGKILL)  # the command's own children; this one too
-    finally:
-        os._exit(code)
+    return code
 
 
 def main(argv: list[str]) -> int:
@@ -42,26 +39,20 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("usage: python -m rlm_mlflow.testing._lifeline PARENT -- COMMAND...\n")
         return 2
     parent = int(argv[0])
-    started: list[subprocess.Popen[bytes]] = []
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        if not started:  # the command may be forked already: the group goes, this one too
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        _stop_group(started[0], 128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)  # before the command starts: it is never orphaned
+    # Only marked here: the main thread may be inside the wait for the command (holding its
+    # lock) when the signal comes; the loop below stops the group.
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     if os.getppid() != parent:  # gone before this process began
         return 1
     child = subprocess.Popen(argv[2:])
-    started.append(child)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(WATCH_EVERY)
-        os.kill(os.getpid(), signal.SIGTERM)  # handled on the main thread: on_term
-
-    threading.Thread(target=watch, name="lifeline", daemon=True).start()
-    return child.wait()
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return child.wait(WATCH_EVERY)
+        if stopping:
+            return _stop_group(child, 128 + stopping[0])
+        if os.getppid() != parent:
+            return _stop_group(child, 1)
 
 
 if __name__ == "__main__":
