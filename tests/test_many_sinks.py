@@ -392,10 +392,13 @@ class Ordered(MemoryTransport):
 
 
 @contextlib.contextmanager
-def four_closing_sinks(memory: Ordered, tmp_path: Path) -> Iterator[list[MLflowSink]]:
-    """Four sinks sharing ``memory``, each with a run of 600 steps (more than one round of
-    requests) ended and a run ``warm`` left open, their workers asleep: the block closes them
-    (``memory.order`` records only what the close sends); afterwards each is closed anyway."""
+def four_closing_sinks(
+    memory: Ordered, tmp_path: Path, steps: int = 600, warm_open: bool = True
+) -> Iterator[list[MLflowSink]]:
+    """Four sinks sharing ``memory``, each with a run ``run-<n>`` of ``steps`` steps (600: more
+    than one round of requests) ended and a run ``warm`` left open (or ended), their workers
+    asleep: the block closes them (``memory.order`` records only what the close sends);
+    afterwards each is closed anyway."""
     experiment = f"many-{uuid.uuid4().hex[:8]}"
     sinks: list[MLflowSink] = []
     settings: dict[str, Any] = {
@@ -414,14 +417,16 @@ def four_closing_sinks(memory: Ordered, tmp_path: Path) -> Iterator[list[MLflowS
                 **settings,
             )
             sink.on_run_start("warm", task="t", environment="e", params={})
+            if not warm_open:
+                sink.on_run_end("warm", result={"completed": True, "steps": 0}, run_path=None)
             assert sink.flush(WAIT)
             # The worker is up, and asleep until the close wakes it.
             assert wait_for(functools.partial(asleep_until_woken, sink), WAIT)
             run = f"run-{n}"
             sink.on_run_start(run, task="t", environment="e", params={})
-            for number in range(600):
+            for number in range(steps):
                 sink.on_step(run, event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
-            sink.on_run_end(run, result={"completed": True, "steps": 600}, run_path=None)
+            sink.on_run_end(run, result={"completed": True, "steps": steps}, run_path=None)
             sinks.append(sink)
         del memory.order[:]
         memory.too_early.clear()
@@ -524,47 +529,20 @@ def test_a_cycle_begun_before_a_close_sends_no_spans_before_the_other_sinks_end_
     spans do (with hundreds of sinks at exit, the spans of the cycles out then took a third
     of the requests the runs' ends needed)."""
     memory = LiveEndHeld(held="run-1", patience=2.0, live="run-0")
-    experiment = f"many-{uuid.uuid4().hex[:8]}"
-    sinks: list[MLflowSink] = []
-    closing: threading.Thread | None = None
-    try:
-        for n in range(4):
-            sink = MLflowSink(
-                enabled=True,
-                experiment=experiment,
-                transport=memory,
-                journal_dir=tmp_path / f"j{n}",
-                flush_interval=60.0,
-                batch_trigger=10**9,
-            )
-            sink.on_run_start("warm", task="t", environment="e", params={})
-            sink.on_run_end("warm", result={"completed": True, "steps": 0}, run_path=None)
-            assert sink.flush(WAIT)
-            assert wait_for(functools.partial(asleep_until_woken, sink), WAIT)
-            run = f"run-{n}"
-            sink.on_run_start(run, task="t", environment="e", params={})
-            for number in range(5):
-                sink.on_step(run, event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
-            sink.on_run_end(run, result={"completed": True, "steps": 5}, run_path=None)
-            sinks.append(sink)
-        del memory.order[:]
-        memory.too_early.clear()
-        assert not sinks[0].flush(0.0)  # its cycle begins; its run's end waits
-        assert memory.live_out.wait(WAIT)
-        closing = threading.Thread(target=close_all, args=(None, WAIT))
-        closing.start()
-        assert wait_for(lambda: all(s._worker.close_requested for s in sinks), WAIT)
-        assert memory.held_out.wait(WAIT)  # run-1's end is out, held until steps or spans go
-        memory.release_live.set()  # the first cycle goes on to its spans
-        closing.join(WAIT + 10)
+    closing = threading.Thread(target=close_all, args=(None, WAIT))
+    with four_closing_sinks(memory, tmp_path, steps=5, warm_open=False) as sinks:
+        try:
+            assert not sinks[0].flush(0.0)  # its cycle begins; its run's end waits
+            assert memory.live_out.wait(WAIT)
+            closing.start()
+            assert wait_for(lambda: all(s._worker.close_requested for s in sinks), WAIT)
+            assert memory.held_out.wait(WAIT)  # run-1's end is out, held until spans go
+            memory.release_live.set()  # the first cycle goes on to its spans
+        finally:
+            memory.release_live.set()
+            if closing.is_alive():
+                closing.join(WAIT + 10)
         assert not closing.is_alive()
-    finally:
-        memory.release_live.set()
-        memory.too_early.set()
-        if closing is not None:
-            closing.join(WAIT + 10)
-        for sink in sinks:
-            sink.close(1.0)
     order = memory.order
     ends = [i for i, (kind, what) in enumerate(order) if kind == "end" and what.startswith("run")]
     spans = [i for i, (kind, _) in enumerate(order) if kind == "spans"]
