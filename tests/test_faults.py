@@ -441,7 +441,9 @@ def test_429_storm_honours_retry_after(
 ) -> None:
     """Five 429s asking for 1 s: each is retried after the server's 1 s, then everything lands."""
     caplog.set_level(logging.WARNING, logger="rlm_mlflow")
-    proxy.set(mode="http", status=429, retry_after="1", count=5)
+    # On the API's paths: the sink's one look at /version (asked beside its first works, not
+    # retried: asked again at its first spans) would take one of them.
+    proxy.set(mode="http", status=429, retry_after="1", count=5, path="/api/")
     # The policy's own waits are at most 0.5 s: a 1.0 s wait can only come from Retry-After.
     sink = make_sink(proxy, experiment_name, retry_max_wait=0.5)
     start(sink, "storm")
@@ -468,11 +470,11 @@ def test_503_bursts_are_retried_and_everything_lands(
 ) -> None:
     """Two bursts of three 503s, one at the start and one mid-run: all data lands once."""
     sink = make_sink(proxy, experiment_name)
-    proxy.set(mode="http", status=503, count=3)
+    proxy.set(mode="http", status=503, count=3, path="/api/")  # not the look at /version
     start(sink, "bursty")
     steps(sink, "bursty", range(10))
     assert sink.flush(WAIT)
-    proxy.set(mode="http", status=503, count=3)
+    proxy.set(mode="http", status=503, count=3, path="/api/")
     steps(sink, "bursty", range(10, 20))
     end(sink, "bursty", 20)
     assert sink.flush(WAIT)

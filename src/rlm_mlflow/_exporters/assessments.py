@@ -37,6 +37,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import anyio
+
 from .._calls import Caller
 from .._events import RunEnd, completed_of, finite
 from .._exceptions import PermanentError, StoreRefused, TransientError
@@ -114,6 +116,7 @@ class AssessmentsExporter:
         # went out with spans): their first write needs no read either.
         self.fresh: set[str] = set()
         self._upserts: bool | None = None  # the store writes a trace's info with them
+        self._asking: anyio.Lock | None = None  # one ask at a time (made in the loop)
 
     def _off(self, why: str) -> None:
         self.unsupported = why
@@ -196,13 +199,18 @@ class AssessmentsExporter:
         store = self._transport()
         if self.unsupported is not None or not isinstance(store, TraceUpserts):
             return False
-        try:
-            found = await self.caller.once("read server version", store.upserts_traces)
-        except Exception:  # a custom store's failure: it cannot say now, asked again later
-            return False
-        if found is not None:
-            self._upserts = found
-        return bool(found)
+        if self._asking is None:
+            self._asking = anyio.Lock()
+        async with self._asking:  # an ask out already (see Worker._learn_server): its answer
+            found: bool | None = self._upserts
+            if found is None:
+                try:
+                    found = await self.caller.once("read server version", store.upserts_traces)
+                except Exception:  # a custom store's failure: it cannot say now; asked later
+                    return False
+                if found is not None:
+                    self._upserts = found
+            return bool(found)
 
     async def finish(self, experiment_id: str, end: TraceEnd) -> Outcome:
         """A trace's info with its assessments, in one request; on a refusal, its run link
