@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,8 @@ CREATE_TO_END = 3.0
 #: knowing nothing of how long a run takes to be ended, so only as many as the transport sends
 #: at once (``http.MAX_IN_FLIGHT``); a server queueing many more makes each of them slower.
 CLOSING_FIRST = 4
+#: How many of the latest creates' answer times a close's guess of a new run's time reads.
+RECENT_CREATES = 8
 
 
 class ClosingGate:
@@ -149,6 +151,8 @@ class ClosingGate:
         # that much time, and a margin, is left (:data:`CLOSING_MARGIN`).
         self.took = 0.0
         self.ended = False  # a run has ended: ``took`` is measured, no longer guessed
+        # The latest creates' answer times (read on transport threads): see Worker.
+        self.answers: deque[float] = deque(maxlen=RECENT_CREATES)
 
     def runs(self) -> anyio.CapacityLimiter:
         """The runs the closing sinks of the loop send at a time (made in the loop): at first
@@ -171,6 +175,7 @@ class ClosingGate:
         end take about as long again each."""
         if not self.ended:
             self.took = max(self.took, CREATE_TO_END * seconds)
+        self.answers.append(seconds)
         self._timed()
 
     def _timed(self) -> None:
@@ -808,6 +813,12 @@ class Worker:
         took = gate.took if gate is not None else 0.0
         if not took:  # no create of this close answered yet: guessed from the latest answer
             took = CREATE_TO_END * self.caller.answered_in
+        elif gate is not None and gate.answers:
+            # What runs took lags: it is measured at their ends, and the first runs of a close
+            # wait behind the ends of runs created before it. A run's create, batch and end
+            # take about what creates take now to be answered, each; a run slower than that
+            # has its end go beside its batch at _end_by, in time.
+            took = min(took, CREATE_TO_END * max(gate.answers))
         return max(time.monotonic(), at or 0.0) + took * CLOSING_MARGIN < deadline
 
     def _end_by(self) -> float | None:
