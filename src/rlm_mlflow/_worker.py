@@ -151,8 +151,10 @@ class ClosingGate:
         # that much time, and a margin, is left (:data:`CLOSING_MARGIN`).
         self.took = 0.0
         self.ended = False  # a run has ended: ``took`` is measured, no longer guessed
-        # The latest creates' answer times (read on transport threads): see Worker.
+        # The latest creates' answer times, and the longest of them (read on transport
+        # threads): see Worker._time_to_create.
         self.answers: deque[float] = deque(maxlen=RECENT_CREATES)
+        self.answer = 0.0
 
     def runs(self) -> anyio.CapacityLimiter:
         """The runs the closing sinks of the loop send at a time (made in the loop): at first
@@ -176,6 +178,7 @@ class ClosingGate:
         if not self.ended:
             self.took = max(self.took, CREATE_TO_END * seconds)
         self.answers.append(seconds)
+        self.answer = max(self.answers)
         self._timed()
 
     def _timed(self) -> None:
@@ -813,12 +816,12 @@ class Worker:
         took = gate.took if gate is not None else 0.0
         if not took:  # no create of this close answered yet: guessed from the latest answer
             took = CREATE_TO_END * self.caller.answered_in
-        elif gate is not None and gate.answers:
+        elif gate is not None and gate.answer:
             # What runs took lags: it is measured at their ends, and the first runs of a close
             # wait behind the ends of runs created before it. A run's create, batch and end
             # take about what creates take now to be answered, each; a run slower than that
             # has its end go beside its batch at _end_by, in time.
-            took = min(took, CREATE_TO_END * max(gate.answers))
+            took = min(took, CREATE_TO_END * gate.answer)
         return max(time.monotonic(), at or 0.0) + took * CLOSING_MARGIN < deadline
 
     def _end_by(self) -> float | None:

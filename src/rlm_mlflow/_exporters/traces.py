@@ -208,8 +208,12 @@ class TracesExporter:
 
     async def learn_server(self) -> None:
         """Ask the store now what it does with a trace's info (see ``upserts``), before any
-        trace needs it: a failure only leaves it to be asked at the first spans."""
-        await self.assessments.upserts()
+        trace needs it: a failure only leaves it to be asked at the first spans (a task of
+        the worker's own: nothing of it may reach the worker)."""
+        try:
+            await self.assessments.upserts()
+        except Exception:
+            logger.debug("rlm-mlflow: the server's version was not read", exc_info=True)
 
     def state(self) -> str:
         """For status(): on, off (by configuration) or why they are off."""
