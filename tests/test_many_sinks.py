@@ -437,17 +437,21 @@ def four_closing_sinks(
             sink.close(1.0)
 
 
-def assert_every_run_ended_first_then_everything_landed(memory: Ordered) -> None:
+def assert_every_run_ended_first_then_everything_landed(
+    memory: Ordered, after: tuple[str, ...] = ("steps", "spans"), steps: int = 600
+) -> None:
+    """Every ``run-<n>`` ended before any request of the kinds ``after``; each FINISHED with
+    its ``steps`` steps."""
     order = memory.order
     ends = [i for i, (kind, what) in enumerate(order) if kind == "end" and what.startswith("run")]
-    others = [i for i, (kind, _) in enumerate(order) if kind != "end"]
+    others = [i for i, (kind, _) in enumerate(order) if kind in after]
     assert len(ends) == 4, order
     assert others, order
     assert max(ends) < min(others), order
     for n in range(4):
         stored = memory.one(f"run-{n}")
         assert stored.status == "FINISHED"
-        assert len(stored.history("step_reward")) == 600
+        assert len(stored.history("step_reward")) == steps
 
 
 def test_sinks_closing_together_end_every_run_before_anyone_sends_steps_or_spans(
@@ -543,16 +547,7 @@ def test_a_cycle_begun_before_a_close_sends_no_spans_before_the_other_sinks_end_
             if closing.is_alive():
                 closing.join(WAIT + 10)
         assert not closing.is_alive()
-    order = memory.order
-    ends = [i for i, (kind, what) in enumerate(order) if kind == "end" and what.startswith("run")]
-    spans = [i for i, (kind, _) in enumerate(order) if kind == "spans"]
-    assert len(ends) == 4, order
-    assert spans, order
-    assert max(ends) < min(spans), order
-    for n in range(4):
-        stored = memory.one(f"run-{n}")
-        assert stored.status == "FINISHED"
-        assert len(stored.history("step_reward")) == 5
+    assert_every_run_ended_first_then_everything_landed(memory, after=("spans",), steps=5)
 
 
 # -- a process of many sinks, dropped without close(), against a slow server -----------------------
