@@ -808,6 +808,64 @@ def test_a_close_while_a_runs_steps_wait_on_a_slow_answer_ends_it_and_replay_add
     assert_landed(mlflow_client, runs["late"], 100)
 
 
+#: What a gateway in front of the server may answer a run's batches with, while the run's end
+#: passes: its error page, or a redirect to a login host.
+BATCH_BLOCKED: dict[str, dict[str, Any]] = {
+    "502 page": {
+        "mode": "http",
+        "status": 502,
+        "body": b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
+    },
+    "302 to a login host": {
+        "mode": "redirect",
+        "status": 302,
+        "location": "https://login.example.com/sso",
+    },
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("blocked", list(BATCH_BLOCKED))
+def test_a_close_whose_batch_meets_a_gateway_page_ends_the_run_in_time_and_replay_adds_each_once(
+    proxy: FaultProxy,
+    experiment_name: str,
+    journal_dir: Path,
+    read_runs: Callable[[str], dict[str, Any]],
+    mlflow_client: Any,
+    blocked: str,
+) -> None:
+    """Closing against a deadline, a run's end waits for its last batch's answer. A gateway
+    answers every batch with its HTML 502 page (or a redirect to a login host): the answer the
+    end waits for never comes. The batch is kept, never taken as refused for good, until only
+    what an end takes is left; then the end goes beside it: close(3) ends the run FINISHED in
+    time, its steps kept for replay. Once the gateway is well, replay adds each step once to
+    the ended run, which stays FINISHED."""
+    from rlm_mlflow import replay
+
+    sink = make_sink(proxy, experiment_name, flush_interval=60.0, batch_trigger=10**9)
+    start(sink, "paged")
+    assert sink.flush(WAIT)  # the run exists; only its batches meet the page
+    proxy.set(path="/runs/log-batch", **BATCH_BLOCKED[blocked])
+    steps(sink, "paged", range(50))
+    end(sink, "paged", 50)
+    close_in_thread(sink, 3.0)
+    assert proxy.paths["/api/2.0/mlflow/runs/log-batch"] >= 1
+    assert read_runs(experiment_name)["paged"].info.status == "FINISHED"
+    status = sink.status()
+    assert status["dropped"] == {}
+    assert status["accepted"] == status["sent"] + status["deferred"]
+    assert status["deferred"] >= 50  # the steps, and the summary with them
+    assert status["runs_ended"] == 1
+    assert proxy.paths["/api/2.0/mlflow/runs/update"] == 1  # the end went once
+
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    run = read_runs(experiment_name)["paged"]
+    assert run.info.status == "FINISHED"
+    assert_landed(mlflow_client, run, 50)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("close_s", "created"), [(2.0, True), (1.2, False)], ids=["create-fits", "too-short"]

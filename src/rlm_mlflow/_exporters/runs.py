@@ -282,7 +282,7 @@ class RunsExporter(RunIdentity):
             state.sent_params.extend(params)
             del state.params[: len(params)]
 
-        if end is None or state.ended:
+        if end is None or state.ended or work.end_sent:
             await batches()
             return
         end_by = self.end_by() if self.end_by is not None else None
@@ -293,7 +293,11 @@ class RunsExporter(RunIdentity):
             # what an unanswered request stored), so that the run is ended in MLflow with its
             # true status even when its points miss the deadline (those are kept for replay,
             # which logs them to the ended run).
-            await _first_then(batches(), self._finish(state, end), end_by)
+            try:
+                await _first_then(batches(), self._finish(state, end), end_by)
+            finally:
+                # The end stored while the batch failed: what is sent again is the batch.
+                work.end_sent = state.ended
         else:
             await batches()
             await self._finish(state, end)

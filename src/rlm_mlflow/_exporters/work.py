@@ -45,6 +45,9 @@ class RunWork:
     step_counted: int = 0
     step_in_memory: int = 0
     maybe_sent: bool = False  # a request with its metrics may have been committed already
+    # Its end was stored beside a batch that failed (a close's end_by): sent again, the work
+    # sends the batch only, never the end a second time.
+    end_sent: bool = False
     run_id: str = ""
     needs_runs: bool = True  # replay: False when the runs exporter had it all already
     needs_traces: bool = True  # False: written with traces off, or sent as spans already
@@ -87,6 +90,7 @@ class RunWork:
             in_memory_only=self.in_memory_only - self.step_in_memory,
             run_id=self.run_id,
             needs_traces=self.needs_traces,
+            end_sent=self.end_sent,
         )
         rest = RunWork(
             self.no,
@@ -118,7 +122,7 @@ class RunWork:
         self.span_steps.extend(later.span_steps)
         self.cases.extend(later.cases)
         if later.end is not None:
-            self.end = later.end
+            self.end, self.end_sent = later.end, later.end_sent
         if later.span_end is not None:
             self.span_end = later.span_end
         self.locations.extend(later.locations)
