@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,7 @@ class Postgres:
     port: int
     database: str
     as_user: list[str]  # the command prefix that runs a program as the cluster's owner
+    root: Path  # its folder: data, socket, log
 
     @property
     def uri(self) -> str:
@@ -140,20 +142,64 @@ def postgres_server(database: str = "mlflow", *, fsync: bool = False) -> Iterato
 
     try:
         run(str(pg_bin / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
-        options = (
-            f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} "
-            f"-c fsync={'on' if fsync else 'off'} -c max_connections=200"
-        )
-        run(str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(root),
+            "fsync": "on" if fsync else "off",
+            "max_connections": "200",
+        }
+        # In the foreground under a lifeline, not daemonized by pg_ctl: the cluster stops when
+        # this process is gone, also when it is killed before its teardown could stop it.
+        lifeline = [sys.executable, "-m", "rlm_mlflow.testing._lifeline", str(os.getpid()), "--"]
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [
+                    *lifeline,
+                    *as_user,
+                    str(pg_bin / "postgres"),
+                    *("-D", str(data), "-p", str(port)),
+                    *(part for key, value in settings.items() for part in ("-c", f"{key}={value}")),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd="/",
+            )
         try:
-            server = Postgres(pg_bin, port, database, as_user)
+            _wait_ready(pg_bin, port, process, log)
+            server = Postgres(pg_bin, port, database, as_user, root)
             address = ("-h", "127.0.0.1", "-p", str(port), "-U", "postgres")
             run(str(pg_bin / "createdb"), *address, database)
             yield server
         finally:
-            run(str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+            try:
+                run(str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+            finally:
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_ready(pg_bin: Path, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the cluster takes connections (``pg_isready``), or raise with its log."""
+    deadline = time.monotonic() + 120
+    while True:
+        ready = subprocess.run(
+            [str(pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-t", "2"],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+        if ready.returncode == 0:
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"PostgreSQL did not start (exit {process.poll()}): {tail}")
+        time.sleep(0.2)  # a poll of the cluster's readiness, not a synchronisation of the test
 
 
 # -- the agent processes --------------------------------------------------------------------------
@@ -282,6 +328,62 @@ def _cannot(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def test_the_cluster_stops_when_the_process_that_started_it_is_killed() -> None:
+    """A test run killed with SIGKILL skips its teardown: the PostgreSQL cluster it started
+    (and the server processes it forks) stops all the same, as ``local_server`` does."""
+    try:
+        pg_bin = find_or_install_postgres()
+    except RuntimeError as exc:
+        _cannot(str(exc))
+    owner_code = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_postgres import postgres_server\n"
+        "with postgres_server() as pg:\n"
+        "    print(pg.port, pg.root, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = dict(os.environ, TMPDIR="/tmp")  # the cluster's owner must reach its folder
+    owner = subprocess.Popen(
+        [sys.executable, "-c", owner_code], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert owner.stdout is not None
+    port_text, root_text = owner.stdout.readline().split()
+    root = Path(root_text)
+
+    def listening() -> bool:
+        ready = subprocess.run(
+            [str(pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", port_text, "-t", "2"],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+        return ready.returncode == 0
+
+    def cluster_processes() -> list[str]:
+        found = subprocess.run(
+            ["pgrep", "-f", f"postgres -D {root / 'data'}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return found.stdout.split()
+
+    try:
+        assert listening()
+        assert cluster_processes()
+        owner.kill()
+        owner.wait(30)
+        deadline = time.monotonic() + 30
+        while (listening() or cluster_processes()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # polled until the cluster is gone, with a deadline
+        assert not listening()
+        assert not cluster_processes()
+    finally:
+        owner.kill()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
