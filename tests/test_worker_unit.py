@@ -692,55 +692,30 @@ def test_the_closing_gate_begins_no_more_runs_than_requests_go_out_while_closing
     assert CLOSING_FIRST == MAX_IN_FLIGHT
 
 
-def closing_worker(*, created_in: float, ended_in: float, left: float) -> tuple[Any, Any]:
-    """What the closing guesses of a worker read (its loop's gate, its latest answer, its
-    deadline ``left`` s away), after one create of the close answered in ``created_in`` s and
-    one run ended ``ended_in`` s after its create went out; and the gate."""
-    from rlm_mlflow._worker import ClosingGate, Worker
-
-    gate = ClosingGate()
-    gate.enter(object())
-    gate.created_in(created_in)
-    gate.ended_in(ended_in)
-    worker: Any = types.SimpleNamespace(
-        close_deadline=time.monotonic() + left,
-        _loop_gate=lambda: gate,
-        caller=types.SimpleNamespace(answered_in=created_in),
-    )
-    worker._time_to_run = lambda at=None: Worker._time_to_run(worker, at)
-    worker._end_by = lambda: Worker._end_by(worker)
-    return worker, gate
-
-
 def test_a_close_guesses_a_new_runs_time_from_what_creates_take_now() -> None:
     """The first runs of a close wait behind the ends of runs created before it: with 300 sinks
     at exit against a server 0.2 s away, they took 1.6 to 2 s from create to end while creates
     were answered in 0.3 s and the runs after them took 0.7 s. Measured at their ends, that
     time lags: with 2.3 s left the close stopped creating runs. A new run is now given three
-    times what creates take now to be answered, when that is less."""
-    from rlm_mlflow._worker import Worker
+    times what creates take now to be answered, when that is less (its end still goes in time:
+    beside its batch, if that is late)."""
+    from rlm_mlflow._worker import ClosingGate, Worker
 
-    worker, gate = closing_worker(created_in=0.3, ended_in=1.6, left=2.3)
-    assert Worker._time_to_run(worker)  # 3 x 0.3 s, x 1.5: 1.35 s of the 2.3 s left
+    gate = ClosingGate()
+    gate.enter(object())
+    gate.created_in(0.3)
+    gate.ended_in(1.6)
+    worker: Any = types.SimpleNamespace(
+        close_deadline=time.monotonic() + 2.3,
+        _loop_gate=lambda: gate,
+        caller=types.SimpleNamespace(answered_in=0.3),
+    )
+    assert Worker._time_to_create(worker)  # 3 x 0.3 s, x 1.5: 1.35 s of the 2.3 s left
     worker.close_deadline = time.monotonic() + 1.2
-    assert not Worker._time_to_run(worker)
+    assert not Worker._time_to_create(worker)
     gate.created_in(0.9)  # creates slow down: so does the guess (the latest few count)
     worker.close_deadline = time.monotonic() + 2.3
-    assert not Worker._time_to_run(worker)
-
-
-def test_a_close_creates_a_run_whose_create_is_answered_before_its_end_must_go() -> None:
-    """A whole run no longer fits before the deadline, by what runs take from create to end
-    (1.6 s, creates answered in 0.5 s): a run is still created if its create can be answered
-    before its end must go, 1.5 x 0.5 s before the deadline, its end then beside its batch.
-    With less left than that, it is kept for replay."""
-    from rlm_mlflow._worker import Worker
-
-    worker, _ = closing_worker(created_in=0.5, ended_in=1.6, left=2.0)
-    assert not Worker._time_to_run(worker)  # 1.5 x min(1.6, 3 x 0.5) = 2.25 s of 2.0 s left
-    assert Worker._time_to_create(worker)  # answered in 0.75 s, the end goes 0.75 s before
-    worker.close_deadline = time.monotonic() + 1.4
-    assert not Worker._time_to_create(worker)  # 0.75 s to answer, 0.65 s before the end
+    assert not Worker._time_to_create(worker)
 
 
 def test_a_close_begun_while_none_is_learns_afresh() -> None:

@@ -341,7 +341,6 @@ class Worker:
         )
         # A run's create waiting for its turn when a close request comes is checked then.
         self.runs.time_to_create = self._time_to_create
-        self.runs.time_to_run = self._time_to_run
         # Traces never hold runs up: their requests are retried briefly, then kept for replay.
         traces_caller = Caller(
             RetryPolicy(
@@ -809,29 +808,7 @@ class Worker:
     def _time_to_create(self, at: float | None = None) -> bool:
         """Closing against a deadline: whether a run created now (or at ``at``, a later
         time.monotonic()) can still be ended in time (else it is kept for replay, which
-        creates it ended, rather than left RUNNING). Either a whole run fits
-        (:meth:`_time_to_run`), or its create can be answered before its end must go
-        (:meth:`_end_by`): from there its end waits for nothing else and goes beside its batch
-        if that is still out. A create is given :data:`CLOSING_MARGIN` times the longest
-        answer of the latest creates (before any create of this close is answered, the sink's
-        latest answer)."""
-        if self._time_to_run(at):
-            return True
-        end_by = self._end_by()
-        if end_by is None:
-            return True
-        gate = self._loop_gate()
-        answer = gate.answer if gate is not None else 0.0
-        if not answer:
-            answer = self.caller.answered_in
-        return max(time.monotonic(), at or 0.0) + answer * CLOSING_MARGIN < end_by
-
-    def _time_to_run(self, at: float | None = None) -> bool:
-        """Closing against a deadline: whether a whole run begun now (or at ``at``) can go
-        from its create to its end's answer in time, by what runs take from create to end while
-        sinks close (:class:`ClosingGate`), with :data:`CLOSING_MARGIN`. Asked when a create of
-        the run had no answer and may still be committed: a new create is sent instead of
-        looking for that one only when a whole run fits (see ``RunIdentity``)."""
+        creates it ended, rather than left RUNNING)."""
         deadline = self.close_deadline  # set from any thread by a close request
         if deadline is None:
             return True
@@ -842,7 +819,8 @@ class Worker:
         elif gate is not None and gate.answer:
             # What runs took lags: it is measured at their ends, and the first runs of a close
             # wait behind the ends of runs created before it. A run's create, batch and end
-            # take about what creates take now to be answered, each.
+            # take about what creates take now to be answered, each; a run slower than that
+            # has its end go beside its batch at _end_by, in time.
             took = min(took, CREATE_TO_END * gate.answer)
         return max(time.monotonic(), at or 0.0) + took * CLOSING_MARGIN < deadline
 

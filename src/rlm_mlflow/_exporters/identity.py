@@ -206,9 +206,6 @@ class RunIdentity:
         # is kept for replay, which creates it ended, rather than left RUNNING).
         # (With a time: whether a run created then could still be ended in time.)
         self.time_to_create: TimeToCreate | None = None
-        # Whether a whole run, create to end, still fits (a held create's look: see
-        # _wait_for_lost_create).
-        self.time_to_run: TimeToCreate | None = None
         # Closing: what learns how long a run takes from its create going out to its end's
         # answer (only runs created while it is set are timed).
         self.ended_in: Callable[[float], None] | None = None
@@ -411,18 +408,17 @@ class RunIdentity:
         A server that holds a request (a write lock, a queue) commits it whenever its turn
         comes; a second create sent meanwhile commits too, and the duplicate is only repaired
         when it is seen, which a close may come too early for. Closing against a deadline that
-        the window would leave a whole run (create to end, as runs take now: ``time_to_run``)
-        too little time before, it is created at once instead: ended in MLflow now beats kept
-        for replay. When not even a whole run begun now fits, the held create is the run's one
-        chance to be ended by this close: it is looked for until the deadline (at short
-        intervals), never given up unlooked-for while the server may still commit it, a
-        RUNNING run until replay."""
+        the window would leave a run too little time before, it is created at once instead:
+        ended in MLflow now beats kept for replay. When even a run created now could not be
+        ended in time, the held create is the run's one chance to be ended by this close: it is
+        looked for until the deadline (at short intervals), never given up unlooked-for while
+        the server may still commit it, a RUNNING run until replay."""
         lost_at = state.create_lost_at
         if lost_at is None or not state.create_unanswered:
             return
         window_ends = lost_at + self.late_window
         left = window_ends - time.monotonic()
-        check = self.time_to_run
+        check = self.time_to_create
         if left <= 0:
             return
         if check is None or check(window_ends):
