@@ -23,6 +23,26 @@ from typing import Any
 AGENTS = Path(__file__).with_name("agents")
 
 #: A generous bound for waits that normally end within a second or two.
+HTML_401 = (
+    b"<html><head><title>401 Authorization Required</title></head>"
+    b"<body><h1>401 Authorization Required</h1><hr><center>nginx</center></body></html>"
+)
+HTML_504 = (
+    b"<html><head><title>504 Gateway Time-out</title></head>"
+    b"<body><h1>504 Gateway Time-out</h1><hr><center>nginx</center></body></html>"
+)
+#: What a gateway in front of the server may answer a request with (``FaultProxy.set`` in mode
+#: "http"): a login page, its page when the server times out, a redirect to a login host, a
+#: body limit.
+GATEWAY_ANSWERS: dict[str, dict[str, Any]] = {
+    "401 login page": {"status": 401, "body": HTML_401},
+    "504 gateway page": {"status": 504, "body": HTML_504},
+    "302 to a login host": {"status": 302, "location": "https://login.example.com/sso"},
+    "413 page": {
+        "status": 413,
+        "body": b"<html><body><h1>413 Request Entity Too Large</h1></body></html>",
+    },
+}
 WAIT = 60.0
 #: Poll period inside deadline loops: the granularity of a wait, never a synchronisation.
 POLL = 0.02

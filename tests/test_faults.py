@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 import requests
 
-from promises_support import asleep_until_woken, eventually, patient, span_label
+from promises_support import (
+    GATEWAY_ANSWERS,
+    asleep_until_woken,
+    eventually,
+    patient,
+    span_label,
+)
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer, local_server
 
@@ -809,23 +815,12 @@ def test_a_close_while_a_runs_steps_wait_on_a_slow_answer_ends_it_and_replay_add
 
 
 #: What a gateway in front of the server may answer a run's batches with, while the run's end
-#: passes: its error page, or a redirect to a login host.
-BATCH_BLOCKED: dict[str, dict[str, Any]] = {
-    "502 page": {
-        "mode": "http",
-        "status": 502,
-        "body": b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
-    },
-    "302 to a login host": {
-        "mode": "redirect",
-        "status": 302,
-        "location": "https://login.example.com/sso",
-    },
-}
+#: passes: its login page, its page when the server times out, a redirect to a login host.
+BATCH_BLOCKED = ["401 login page", "504 gateway page", "302 to a login host"]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("blocked", list(BATCH_BLOCKED))
+@pytest.mark.parametrize("blocked", BATCH_BLOCKED)
 def test_a_close_whose_batch_meets_a_gateway_page_ends_the_run_in_time_and_replay_adds_each_once(
     proxy: FaultProxy,
     experiment_name: str,
@@ -835,17 +830,18 @@ def test_a_close_whose_batch_meets_a_gateway_page_ends_the_run_in_time_and_repla
     blocked: str,
 ) -> None:
     """Closing against a deadline, a run's end waits for its last batch's answer. A gateway
-    answers every batch with its HTML 502 page (or a redirect to a login host): the answer the
-    end waits for never comes. The batch is kept, never taken as refused for good, until only
-    what an end takes is left; then the end goes beside it: close(3) ends the run FINISHED in
-    time, its steps kept for replay. Once the gateway is well, replay adds each step once to
-    the ended run, which stays FINISHED."""
+    answers every batch with its HTML login page, its 504 page, or a redirect to a login host:
+    the answer the end waits for never comes. The batch is kept, never taken as refused for
+    good, until only what an end takes is left (the pages are outages, tried again), or until
+    the redirect has refused it; then the end goes: close(3) ends the run FINISHED in time,
+    with one request, its steps kept for replay. Once the gateway is well, replay adds each
+    step once to the ended run, which stays FINISHED."""
     from rlm_mlflow import replay
 
     sink = make_sink(proxy, experiment_name, flush_interval=60.0, batch_trigger=10**9)
     start(sink, "paged")
     assert sink.flush(WAIT)  # the run exists; only its batches meet the page
-    proxy.set(path="/runs/log-batch", **BATCH_BLOCKED[blocked])
+    proxy.set(mode="http", path="/runs/log-batch", **GATEWAY_ANSWERS[blocked])
     steps(sink, "paged", range(50))
     end(sink, "paged", 50)
     close_in_thread(sink, 3.0)

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from promises_support import (
+    GATEWAY_ANSWERS,
+    HTML_401,
     WAIT,
     Store,
     assert_accounted,
@@ -38,10 +40,6 @@ from rlm_mlflow.testing import FaultProxy, MlflowServer, local_server
 pytestmark = pytest.mark.integration
 
 FAST: dict[str, Any] = {"flush_interval": 0.2, "retry_initial": 0.1, "retry_max_wait": 1.0}
-HTML_401 = (
-    b"<html><head><title>401 Authorization Required</title></head>"
-    b"<body><h1>401 Authorization Required</h1><hr><center>nginx</center></body></html>"
-)
 
 
 @pytest.fixture
@@ -487,21 +485,9 @@ def test_a_duplicate_a_queue_commits_after_a_short_close_is_deleted_by_replay(
     assert not list(journal_dir.glob("*/late-runs.json"))
 
 
-HTML_504 = (
-    b"<html><head><title>504 Gateway Time-out</title></head>"
-    b"<body><h1>504 Gateway Time-out</h1><hr><center>nginx</center></body></html>"
-)
 #: What stands between the sink and the look for its run by key: a login page, a gateway that
 #: times out, a redirect to a login host, a body limit.
-SEARCH_BLOCKED: dict[str, dict[str, Any]] = {
-    "401 login page": {"status": 401, "body": HTML_401},
-    "504 gateway page": {"status": 504, "body": HTML_504},
-    "302 to a login host": {"status": 302, "location": "https://login.example.com/sso"},
-    "413 page": {
-        "status": 413,
-        "body": b"<html><body><h1>413 Request Entity Too Large</h1></body></html>",
-    },
-}
+SEARCH_BLOCKED = GATEWAY_ANSWERS
 
 
 @pytest.mark.parametrize("blocked", list(SEARCH_BLOCKED))
