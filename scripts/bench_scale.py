@@ -410,22 +410,28 @@ def cold_cpu() -> dict[str, float]:
 def run_rich(ctx: Context) -> dict[str, Any]:
     h, plan = ctx.harness, ctx.plan
     out: dict[str, Any] = {"cold_cpu": cold_cpu()}
-    for threads in plan.rich_threads:
-        workload = TraceWorkload(runs=plan.rich_runs, threads=threads, steps=plan.rich_steps)
-        log(f"rich events on {threads} thread(s): {workload.describe()}; kill -9, replay")
-        experiment = h.experiment(f"rich{threads}")
+
+    def burst(workload: TraceWorkload, name: str) -> tuple[str, dict[str, Any]]:
+        """The workload's hooks, every one timed, in a child killed after its last hook."""
+        experiment = h.experiment(name)
         hooked = h.ending_child(
             {
                 "task": "rich",
                 "ending": "kill",
                 "uri": h.uri,
                 "experiment": experiment,
-                "prefix": f"rich{threads}",
+                "prefix": name,
                 "workload": workload_spec(workload),
             },
             timeout=600,
         )
         h.settle(120)
+        return experiment, hooked
+
+    for threads in plan.rich_threads:
+        workload = TraceWorkload(runs=plan.rich_runs, threads=threads, steps=plan.rich_steps)
+        log(f"rich events on {threads} thread(s): {workload.describe()}; kill -9, replay")
+        experiment, hooked = burst(workload, f"rich{threads}")
         expected = asdict(workload.expected())
         replayed = _replay_until_done(ctx, hooked["journal_dir"], experiment, expected)
         traces = h.read_traces(experiment, workload.spans_per_trace)
@@ -437,18 +443,7 @@ def run_rich(ctx: Context) -> dict[str, Any]:
         # The same burst with texts of 20 characters: what the hook costs here whatever the
         # event's size (the row asks a 10 KB step to cost about what a small one does).
         small = replace(workload, code_chars=SMALL_TEXT, stdout_chars=SMALL_TEXT)
-        small_hooked = h.ending_child(
-            {
-                "task": "rich",
-                "ending": "kill",
-                "uri": h.uri,
-                "experiment": h.experiment(f"small{threads}"),
-                "prefix": f"small{threads}",
-                "workload": workload_spec(small),
-            },
-            timeout=600,
-        )
-        h.settle(120)
+        _, small_hooked = burst(small, f"small{threads}")
         out[str(threads)] = {
             "workload": workload_spec(workload),
             "describe": workload.describe(),
