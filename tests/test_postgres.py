@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from promises_support import eventually
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import MlflowServer, free_port, local_server
 
@@ -376,11 +377,7 @@ def test_the_cluster_stops_when_the_process_that_started_it_is_killed() -> None:
         assert cluster_processes()
         owner.kill()
         owner.wait(30)
-        deadline = time.monotonic() + 30
-        while (listening() or cluster_processes()) and time.monotonic() < deadline:
-            time.sleep(0.2)  # polled until the cluster is gone, with a deadline
-        assert not listening()
-        assert not cluster_processes()
+        assert eventually(lambda: not listening() and not cluster_processes(), 30.0)
     finally:
         owner.kill()
         shutil.rmtree(root, ignore_errors=True)

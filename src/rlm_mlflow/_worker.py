@@ -820,7 +820,7 @@ class Worker:
             # What runs took lags: it is measured at their ends, and the first runs of a close
             # wait behind the ends of runs created before it. A run's create, batch and end
             # take about what creates take now to be answered, each; a run slower than that
-            # has its end go beside its batch at _end_by, in time.
+            # has its end go beside its batch at _end_by.
             took = min(took, CREATE_TO_END * gate.answer)
         return max(time.monotonic(), at or 0.0) + took * CLOSING_MARGIN < deadline
 
