@@ -181,16 +181,21 @@ def test_a_benchmark_taken_before_a_case_run_ends_writes_that_cases_assessments_
     assessments go on. One begun in the same cycle goes (its evaluation run is needed by its
     cases), and what it says of the open case is kept for replay, which writes it. Before,
     those assessments were written at once, refused by MLflow (no such trace), and lost."""
-    from promises_support import replay_cli
+    from promises_support import asleep_until_woken, replay_cli
 
     # No cycle but those asked for: "in the same cycle" must not depend on how fast the hooks
-    # run (on a busy machine a timed cycle could take the benchmark's start alone).
+    # run (on a busy machine a timed cycle could take the benchmark's start alone). A worker
+    # sends what waits as soon as it is set up, so it is set up first, with a run of its own,
+    # and asleep before the benchmark begins.
     sink = MLflowSink(
         enabled=True,
         experiment=experiment_name,
         tracking_uri=mlflow_server.uri,
         **{**FAST, "flush_interval": 60.0},
     )
+    run_case(sink, "warm", 1.0)
+    assert sink.flush(WAIT)
+    assert wait_for(lambda: asleep_until_woken(sink), WAIT)
     with rlm_mlflow.benchmark(sink, "late") as bench:
         if made == "before":
             assert sink.flush(WAIT)
