@@ -42,6 +42,10 @@ GATEWAY_ANSWERS: dict[str, dict[str, Any]] = {
         "status": 413,
         "body": b"<html><body><h1>413 Request Entity Too Large</h1></body></html>",
     },
+    "500 from MLflow": {
+        "status": 500,
+        "body": b'{"error_code": "INTERNAL_ERROR", "message": "(sqlite3.OperationalError)"}',
+    },
 }
 WAIT = 60.0
 #: Poll period inside deadline loops: the granularity of a wait, never a synchronisation.

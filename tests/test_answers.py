@@ -517,6 +517,41 @@ def test_413_on_log_batch_splits_down_to_one_item_and_counts_the_one_too_large(
 
 
 @pytest.mark.integration
+def test_a_gateway_answering_every_request_with_a_413_page_loses_and_refuses_nothing(
+    proxy: FaultProxy, store: Store, experiment_name: str, journal_dir: Path
+) -> None:
+    """A gateway answers every request, however small, with its 413 page (a broken body limit,
+    a filter that answers so). Split down to one metric point or one small span, the request
+    is still refused: the 413 says nothing about that item. Nothing is refused or counted too
+    large; the run's work and its spans are kept, after a few requests, not one per item; once
+    the gateway is well, replay sends every point and span once."""
+    from promises_support import GATEWAY_ANSWERS
+    from rlm_mlflow import replay
+
+    sink = sink_for(proxy, experiment_name)
+    sink.on_run_start("gated", task="t", environment="e", params={"small": 1})
+    assert sink.flush(WAIT)  # the run exists
+    proxy.set(mode="http", **GATEWAY_ANSWERS["413 page"])
+    steps(sink, "gated", 40)
+    sink.on_run_end("gated", result={"completed": True}, run_path=None)
+    sink.close(WAIT)
+    status = sink.status()
+    assert status["dropped"] == {}, status
+    assert status["refused"] == 0, status
+    assert status["rejected"] == {}, status
+    assert status["deferred"] >= 40, status
+    # halved down to one item once (log2 of the items, and a few more), not once per item
+    assert proxy.made_up[413] < 40, dict(proxy.paths)
+
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    assert_run_landed(store, experiment_name, "gated", 40)
+    (trace,) = store.client.search_traces(locations=[store.experiment_id(experiment_name)])
+    assert len([s for s in trace.data.spans if s.name.startswith("step")]) == 40
+
+
+@pytest.mark.integration
 def test_a_301_never_turns_a_post_into_a_get_and_is_said_once(
     proxy: FaultProxy,
     store: Store,

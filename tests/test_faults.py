@@ -816,7 +816,13 @@ def test_a_close_while_a_runs_steps_wait_on_a_slow_answer_ends_it_and_replay_add
 
 #: What a gateway in front of the server may answer a run's batches with, while the run's end
 #: passes: its login page, its page when the server times out, a redirect to a login host.
-BATCH_BLOCKED = ["401 login page", "504 gateway page", "302 to a login host"]
+BATCH_BLOCKED = [
+    "401 login page",
+    "504 gateway page",
+    "302 to a login host",
+    "413 page",
+    "500 from MLflow",
+]
 
 
 @pytest.mark.integration
@@ -830,10 +836,11 @@ def test_a_close_whose_batch_meets_a_gateway_page_ends_the_run_in_time_and_repla
     blocked: str,
 ) -> None:
     """Closing against a deadline, a run's end waits for its last batch's answer. A gateway
-    answers every batch with its HTML login page, its 504 page, or a redirect to a login host:
-    the answer the end waits for never comes. The batch is kept, never taken as refused for
-    good, until only what an end takes is left (the pages are outages, tried again), or until
-    the redirect has refused it; then the end goes: close(3) ends the run FINISHED in time,
+    answers every batch with its HTML login page, its 504 page, its 413 page, or a redirect to
+    a login host, or MLflow answers it with a 500: the answer the end waits for never comes.
+    The batch is kept, never taken as refused for good, until only what an end takes is left
+    (the pages and the 500 are outages, tried again), or until the redirect or the 413 (down
+    to one point) has refused it; then the end goes: close(3) ends the run FINISHED in time,
     with one request, its steps kept for replay. Once the gateway is well, replay adds each
     step once to the ended run, which stays FINISHED."""
     from rlm_mlflow import replay

@@ -19,6 +19,10 @@ REFUSED_STATUS = frozenset({401, 403})
 #: The code of a request too large for the server or a proxy in front of it (HTTP 413): the
 #: caller splits it; it says nothing about any one item.
 TOO_LARGE = "REQUEST_TOO_LARGE"
+#: Characters under which one item alone (a metric point, a short param or tag, a small span)
+#: is too small for any body limit a gateway sets: a 413 on it says nothing about the item (the
+#: gateway answers every request so), and it is kept for replay, not refused.
+SMALL_ITEM = 1024
 #: The code of a tracking URI that redirects elsewhere (a configuration error: everything held).
 REDIRECTED = "REDIRECTED"
 

@@ -29,7 +29,14 @@ import anyio
 
 from .._codec import describe
 from .._events import RunEnd, RunStart, Step, Usage
-from .._exceptions import TOO_LARGE, PermanentError, Postponed, StoreRefused, TransientError
+from .._exceptions import (
+    SMALL_ITEM,
+    TOO_LARGE,
+    PermanentError,
+    Postponed,
+    StoreRefused,
+    TransientError,
+)
 from .._transports.base import PARENT_TAG, Metric, RangeReads, Transport, current_call
 from . import convert as _convert
 from .identity import ANSWER_POLL, CreatePending, RunIdentity, RunState
@@ -43,7 +50,20 @@ CONCURRENT_RUNS = 4
 #: the whole history is read instead (see :func:`stored_points`).
 RANGE_STEPS = 2000
 RANGE_WINDOWS = 16
+
+
 #: Codes for which splitting a refused batch cannot help: the whole run is concerned.
+def _item_chars(
+    metrics: Sequence[Metric], params: Sequence[tuple[str, str]], tags: Sequence[tuple[str, str]]
+) -> int:
+    """How many characters the items of a batch carry (a metric point counts as its name)."""
+    return (
+        sum(len(m.key) + 32 for m in metrics)
+        + sum(len(k) + len(v) for k, v in params)
+        + sum(len(k) + len(v) for k, v in tags)
+    )
+
+
 _WHOLE_RUN_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "RUN_NOT_ACTIVE", "ENDPOINT_NOT_FOUND"})
 
 
@@ -220,8 +240,9 @@ class RunsExporter(RunIdentity):
         except PermanentError as exc:
             if exc.code == TOO_LARGE:
                 # A request of the run's own (its create, the look for it by key, its end, a
-                # read) refused for its size by something on the way: that says nothing about
-                # the run's data, and such a request cannot be split. Kept for replay.
+                # read), or a batch of one small item, refused for its size by something on
+                # the way: that says nothing about the run's data, and such a request cannot
+                # be split. Kept for replay.
                 self._failed(f"run {state.run_id}: not sent, kept for replay: {exc}")
                 return DEFERRED
             state.refused = state.refused or str(exc)
@@ -468,6 +489,12 @@ class RunsExporter(RunIdentity):
                 await self._log_batch(state, pending, [*resend, *params], tags, out)
                 return
             size = len(metrics) + len(params) + len(tags)
+            if (
+                size <= 1
+                and exc.code == TOO_LARGE
+                and _item_chars(metrics, params, tags) < SMALL_ITEM
+            ):
+                raise  # a gateway's 413 on everything: the run's work is kept for replay
             if size <= 1:
                 self.counts.refused += 1
                 what = metrics[0] if metrics else (params[0] if params else tags[0])

@@ -43,7 +43,7 @@ from .._events import (
     completed_of,
     verdict_score,
 )
-from .._exceptions import TOO_LARGE, PermanentError, StoreRefused, TransientError
+from .._exceptions import SMALL_ITEM, TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._journal_format import (
     TraceShape,
     read_figures,
@@ -901,7 +901,15 @@ class TracesExporter:
     ) -> Outcome:
         """A request too large: its halves, each on its own (the half with the last span, the
         root when the trace ends, goes last and carries the link); one span too large is
-        refused and counted, and the others of its runs still count as sent."""
+        refused and counted, and the others of its runs still count as sent. One small span
+        refused so (under :data:`SMALL_ITEM`: the 413 is not about it), or a half kept, keeps
+        the rest for a later try."""
+        if len(spans) <= 1 and sum(len(span) for span in spans) < SMALL_ITEM:
+            # A gateway's 413 on everything: it says nothing about this span. Kept for replay.
+            self.warnings.warn(
+                "spans_deferred", "rlm-mlflow: %d spans not sent, kept: %s", len(spans), exc
+            )
+            return DEFERRED
         if len(spans) <= 1:
             self.runs.count_rejected("span_too_large")
             self.warnings.warn(
@@ -914,8 +922,8 @@ class TracesExporter:
             return SENT
         half = len(spans) // 2
         first = await self._send(experiment_id, None, spans[:half])
-        if first == HOLD or self.unsupported is not None:
-            return first
+        if first in (HOLD, DEFERRED) or self.unsupported is not None:
+            return first  # the other half would fare no better now (spans are sent again whole)
         return worse(first, await self._send(experiment_id, run_uuid, spans[half:]))
 
 
