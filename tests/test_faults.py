@@ -867,6 +867,7 @@ def test_a_close_whose_batch_meets_a_gateway_page_ends_the_run_in_time_and_repla
     run = read_runs(experiment_name)["paged"]
     assert run.info.status == "FINISHED"
     assert_landed(mlflow_client, run, 50)
+    assert proxy.paths["/api/2.0/mlflow/runs/update"] == 1  # replay found it ended: not again
 
 
 @pytest.mark.integration
