@@ -942,6 +942,54 @@ def test_a_trace_sent_in_part_before_an_outage_keeps_its_budget_and_its_parents_
         assert [s for s, _ in found.history("step_reward")] == list(range(1, count + 1))
 
 
+def test_spans_an_outage_kept_from_the_store_count_once_against_the_budget_in_replay(
+    tmp_path: Path,
+) -> None:
+    """A root run sends 5 steps, then its span requests are refused before they reach the store
+    (the connection refused: certainly not stored) for its other 15 steps and its end, whose
+    spans are kept for replay (their metrics land). Replay
+    builds those 15 steps' spans again: they count once
+    against the trace's budget, not once for the live attempt and again for replay, so the
+    trace is what a run without the outage has (all 20 steps in full, no summary). Spans
+    whose request may have been stored (an answer lost, an HTTP 5xx) stay counted, and the
+    budget is never exceeded (``test_a_trace_sent_in_part_before_an_outage_keeps_...``)."""
+    from rlm_mlflow import TransientError, replay
+
+    def run(memory: MemoryTransport, journal: Path, down_after: int | None) -> None:
+        sink = MLflowSink(
+            enabled=True,
+            transport=memory,
+            journal_dir=journal,
+            span_budget=30,
+            flush_interval=0.01,
+            retry_deadline=0.2,
+            retry_initial=0.01,
+            retry_max_wait=0.05,
+        )
+        refused = TransientError("connection refused", maybe_committed=False)
+        sink.on_run_start("r", task="t", environment="e", params={})
+        for number in range(1, 21):
+            if number == down_after:
+                assert sink.flush(10)
+                memory.fail = lambda call: refused if call == "export_spans" else None
+            sink.on_step("r", event={"step": number, "reward": 1.0}, cumulative_reward=1.0)
+        sink.on_run_end("r", result={"completed": True, "steps": 20}, run_path=None)
+        sink.close(2.0)
+
+    clean = MemoryTransport()
+    run(clean, tmp_path / "clean", None)
+    expected = sorted(span["name"] for span in decoded_spans(clean))
+    assert not [name for name in expected if "summary" in name], expected
+
+    memory = MemoryTransport()
+    run(memory, tmp_path / "journal", 6)
+    assert len(memory.spans) == 5  # the first 5 steps; the root's span waits for its end
+    memory.fail = None
+    report = replay(tmp_path / "journal", transport=memory)
+    assert report.ok, report
+    assert sorted(span["name"] for span in decoded_spans(memory)) == expected
+
+
 def test_a_trace_shape_kept_beside_the_journal_grows_with_the_open_runs_only(
     tmp_path: Path,
 ) -> None:

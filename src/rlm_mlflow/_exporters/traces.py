@@ -89,6 +89,9 @@ class _Budget:
     # and the runs whose summary span may be stored.
     places: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
     summaries: set[int] = field(default_factory=set)
+    # Of the spans used, those certainly not stored (answered with an error, kept for replay):
+    # a replay builds them again, so the kept shape does not count them.
+    unstored: int = 0
 
 
 class ShapeKeeper:
@@ -174,6 +177,8 @@ class TracesExporter:
         self._snapshots: dict[int, _Snapshot] = {}
         self._summarised: set[int] = set()  # runs whose summary this cycle sends
         self._again: set[int] = set()  # the summary spans it sends again (by id()): not new
+        self._root_of: dict[int, int] = {}  # each span of a cycle (by id()) -> its trace's root
+        self._unstored_changed = False  # a trace's spans not stored were counted (keep shapes)
         self.unsupported: str | None = None  # why traces are off for this store
         self.info: dict[int, RunInfo] = {}
         # Replay: runs known from the journal's starts alone (see learn): their ends may be
@@ -305,6 +310,10 @@ class TracesExporter:
             for no in nos:  # a run whose summary went again for a folded run may have no work
                 outcomes[no] = worse(outcomes.get(no, SENT), outcome)
         self._settle_summaries(outcomes)
+        self._root_of = {}
+        if self._unstored_changed:  # before the budgets of traces that ended go
+            self._unstored_changed = False
+            await self._keep_shapes()
         if self.active:
             for no, outcome in early.items():
                 outcomes[no] = worse(outcomes[no], outcome)
@@ -416,7 +425,10 @@ class TracesExporter:
             if shape.stored or no in self._summarised:
                 budget.summaries.add(no)
         return {
-            root: (budget.used + len(budget.summaries), dict(budget.places))
+            root: (
+                max(0, budget.used - budget.unstored) + len(budget.summaries),
+                dict(budget.places),
+            )
             for root, budget in self.budgets.items()
         }
 
@@ -555,6 +567,7 @@ class TracesExporter:
         shared_nos: set[int] = set()
         traces: dict[int, tuple[list[bytes], set[int]]] = {root: ([], set()) for root in ending}
         self._snapshots, self._summarised, self._again = {}, set(), set()
+        self._root_of = {}
         # shown run -> the runs whose events its summary carries this cycle
         summaries: dict[int, set[int]] = {}
         ended: set[int] = set()
@@ -593,6 +606,7 @@ class TracesExporter:
                 continue
             target, nos = traces.get(info.root_no, (shared, shared_nos))
             target.extend(spans)
+            self._root_of.update((id(span), info.root_no) for span in spans)
             nos.add(work.no)
             if work.no in ended:  # the runs its final summary sums up
                 nos.update(summaries.get(work.no, ()))
@@ -605,7 +619,9 @@ class TracesExporter:
             if figures is None:
                 continue
             target, nos = traces.get(of.root_no, (shared, shared_nos))
-            target.append(self._summary_span(of, summarised, figures))
+            span = self._summary_span(of, summarised, figures)
+            target.append(span)
+            self._root_of[id(span)] = of.root_no
             nos.update(carried)
             nos.add(no)
         requests: list[tuple[str | None, list[bytes], set[int]]] = [
@@ -863,14 +879,32 @@ class TracesExporter:
                     while len(self.ended) > ENDED_MEMORY:
                         self.ended.popitem(last=False)
 
+    def _not_stored(self, spans: Sequence[bytes]) -> None:
+        """These spans, kept for replay, are certainly not stored: their traces' kept shapes
+        stop counting them (see :class:`_Budget`)."""
+        for span in spans:
+            budget = self.budgets.get(self._root_of.get(id(span), -1))
+            if budget is not None:
+                budget.unstored += 1
+                self._unstored_changed = True
+
     async def _send(self, experiment_id: str, run_uuid: str | None, spans: list[bytes]) -> Outcome:
         builder = self._builder
         assert builder is not None
         request = builder.request(spans)
+        export = self._transport().export_spans
+        maybe_stored = False
+
+        def attempt() -> None:
+            nonlocal maybe_stored
+            try:
+                export(experiment_id, run_uuid, request)
+            except TransientError as exc:
+                maybe_stored = maybe_stored or exc.maybe_committed
+                raise
+
         try:
-            await self.caller.call(
-                "export spans", self._transport().export_spans, experiment_id, run_uuid, request
-            )
+            await self.caller.call("export spans", attempt)
         except StoreRefused:
             return HOLD
         except PermanentError as exc:
@@ -891,6 +925,8 @@ class TracesExporter:
             self.warnings.warn(
                 "spans_deferred", "rlm-mlflow: %d spans not sent, kept: %s", len(spans), exc
             )
+            if not maybe_stored:
+                self._not_stored(spans)
             return DEFERRED
         self.spans_sent += len(spans)
         self.requests += 1
@@ -909,6 +945,7 @@ class TracesExporter:
             self.warnings.warn(
                 "spans_deferred", "rlm-mlflow: %d spans not sent, kept: %s", len(spans), exc
             )
+            self._not_stored(spans)
             return DEFERRED
         if len(spans) <= 1:
             self.runs.count_rejected("span_too_large")
@@ -923,7 +960,11 @@ class TracesExporter:
         half = len(spans) // 2
         first = await self._send(experiment_id, None, spans[:half])
         if first in (HOLD, DEFERRED) or self.unsupported is not None:
-            return first  # the other half would fare no better now (spans are sent again whole)
+            # The other half would fare no better now (the spans go again whole: at once when
+            # held, in replay when kept).
+            if first == DEFERRED:
+                self._not_stored(spans[half:])
+            return first
         return worse(first, await self._send(experiment_id, run_uuid, spans[half:]))
 
 
