@@ -302,6 +302,32 @@ def test_what_stands_before_the_trace_info_request_loses_and_repeats_no_assessme
         assert not refusals
 
 
+def test_a_413_page_on_every_assessment_request_keeps_them_for_replay(
+    proxy: FaultProxy, mlflow_client: Any, experiment_name: str, journal_dir: Path
+) -> None:
+    """A gateway answers every write of a trace's info, its assessments and its run links with
+    its 413 page: requests of a few hundred bytes, which no body limit refuses, so the 413
+    says nothing about them. Nothing is refused or counted lost: the assessments are kept,
+    and once the gateway is well, replay writes each once."""
+    from rlm_mlflow import replay
+
+    page = b"<html><body><h1>413 Request Entity Too Large</h1></body></html>"
+    proxy.set(mode="http", status=413, body=page, path=TRACE_INFO, method="POST")
+    sink = MLflowSink(enabled=True, experiment=experiment_name, tracking_uri=proxy.uri, **FAST)
+    run_scored(sink, 3)
+    sink.close(WAIT)
+    status = sink.status()
+    assert status["rejected"] == {}, status
+    assert status["dropped"] == {}, status
+    assert status["deferred"] > 0, status
+    assert proxy.made_up[413] > 0, dict(proxy.paths)
+    assert not any(ours(t) for t in traces_of(mlflow_client, experiment_name).values())
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    assert_each_once(mlflow_client, experiment_name, 3)
+
+
 def test_an_outage_as_the_runs_end_loses_and_repeats_no_assessment(
     proxy: FaultProxy, mlflow_client: Any, experiment_name: str
 ) -> None:

@@ -33,6 +33,7 @@ with one warning; each assessment not written is counted in ``status()["rejected
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ import anyio
 
 from .._calls import Caller
 from .._events import RunEnd, completed_of, finite
-from .._exceptions import PermanentError, StoreRefused, TransientError
+from .._exceptions import SMALL_ITEM, TOO_LARGE, PermanentError, StoreRefused, TransientError
 from .._stats import RateLimitedWarnings
 from .._transports.base import (
     ASSESSMENTS_UNSUPPORTED,
@@ -158,6 +159,16 @@ class AssessmentsExporter:
             )
             return DEFERRED
         except PermanentError as exc:
+            if exc.code == TOO_LARGE and writer.small(trace_id):
+                # A gateway's 413 page on a request of a few hundred bytes: it says nothing
+                # about the assessment. Kept for replay, never refused.
+                self.warnings.warn(
+                    "assessments_deferred",
+                    "rlm-mlflow: assessments of trace %s not written, kept: %s",
+                    trace_id,
+                    exc,
+                )
+                return DEFERRED
             self.tried.discard(trace_id)  # settled: never tried again
             if exc.code == ASSESSMENTS_UNSUPPORTED:
                 self._off(self.caller.clean(str(exc)))
@@ -294,6 +305,11 @@ class AssessmentsExporter:
         except StoreRefused:
             return HOLD
         except PermanentError as exc:
+            if exc.code == TOO_LARGE and sum(len(t) + 4 for t in trace_ids) < SMALL_ITEM:
+                self.warnings.warn(
+                    "trace_link_deferred", "rlm-mlflow: traces not linked, kept: %s", exc
+                )
+                return DEFERRED  # a gateway's 413 page on a small request: not about it
             self.warnings.warn(
                 "trace_link_refused", "rlm-mlflow: MLflow refused a trace link: %s", exc
             )
@@ -327,8 +343,18 @@ class _Writer:
         self.assessments = assessments
         self.look = look
         self.unanswered: set[str] = set()  # keys whose create had no answer
+        self.creating: Assessment | None = None  # the create under way (None: the read)
+
+    def small(self, trace_id: str) -> bool:
+        """Whether the request under way (the read, or one create) is too small for any body
+        limit a gateway sets."""
+        if self.creating is None:
+            return True
+        body = json.dumps(self.creating.body(trace_id), default=str)
+        return len(body) < SMALL_ITEM
 
     def __call__(self) -> int:
+        self.creating = None
         held = self.store.assessment_keys(self.trace_id) if self.look else set()
         self.look = True
         if self.unanswered - held:
@@ -336,6 +362,7 @@ class _Writer:
         written = 0
         for assessment in self.assessments:
             if assessment.key not in held:
+                self.creating = assessment
                 try:
                     self.store.create_assessment(self.trace_id, assessment)
                 except TransientError as exc:
