@@ -54,9 +54,17 @@ def mlflow_json(code: str, message: str = "no") -> bytes:
 def test_classify_returns_mlflow_json_and_never_takes_another_2xx_for_a_success() -> None:
     assert classify(answer(200, b'{"run": {}}'), "x") == {"run": {}}
     assert classify(answer(200), "x", want_json=False) == {}
+    protobuf = {"Content-Type": "application/x-protobuf"}
+    assert classify(answer(200, b"", protobuf), "x", want_json=False) == {}
     for body in (b"", b"<html>login</html>", b"[1, 2]"):
         with pytest.raises(TransientError):
             classify(answer(200, body, {"Content-Type": "text/html"}), "x")
+    # where no JSON is expected (spans, artifacts), a gateway's sign-in page is no success
+    for headers in ({"Content-Type": "text/html; charset=utf-8"}, {}):
+        with pytest.raises(TransientError):
+            classify(
+                answer(200, b"\n<!DOCTYPE html><html>Sign in</html>", headers), "x", want_json=False
+            )
 
 
 @pytest.mark.parametrize(
@@ -551,6 +559,36 @@ def test_a_gateway_answering_every_request_with_a_413_page_loses_and_refuses_not
     assert_run_landed(store, experiment_name, "gated", 64)
     (trace,) = store.client.search_traces(locations=[store.experiment_id(experiment_name)])
     assert len([s for s in trace.data.spans if s.name.startswith("step")]) == 64
+
+
+@pytest.mark.integration
+def test_a_sign_in_page_answered_200_to_span_requests_is_no_success(
+    proxy: FaultProxy, store: Store, experiment_name: str, journal_dir: Path
+) -> None:
+    """A gateway answers the span requests with its sign-in page and a 200 (MLflow answers
+    them with an empty protobuf body). No span counts as sent: they are kept, and replay sends
+    them once the gateway lets them through. Before, the page was taken for a success and
+    the spans were lost."""
+    from rlm_mlflow import replay
+
+    page = b"<!DOCTYPE html><html><body><h1>Sign in</h1><form></form></body></html>"
+    sink = sink_for(proxy, experiment_name, retry_deadline=1.0)
+    proxy.set(mode="http", status=200, body=page, path="/v1/traces")
+    sink.on_run_start("signed", task="t", environment="e", params={})
+    steps(sink, "signed", 5)
+    sink.on_run_end("signed", result={"completed": True}, run_path=None)
+    sink.close(WAIT)
+    status = sink.status()
+    assert proxy.made_up[200] > 0, dict(proxy.paths)
+    assert status["spans_sent"] == 0, status
+    assert status["deferred"] > 0, status
+    assert status["dropped"] == {}, status
+    assert_run_landed(store, experiment_name, "signed", 5)  # the run's part went through
+    proxy.set()
+    report = replay(journal_dir, tracking_uri=proxy.uri)
+    assert report.ok, report
+    (trace,) = store.client.search_traces(locations=[store.experiment_id(experiment_name)])
+    assert len([s for s in trace.data.spans if s.name.startswith("step")]) == 5
 
 
 @pytest.mark.integration

@@ -4,6 +4,8 @@ answer means.
 :func:`classify` is the one place that turns an HTTP answer into a result or an exception:
 
 - 2xx: MLflow's JSON answer (an empty body or one that is not JSON is transient, never a success);
+  where no JSON is expected (span exports, artifact uploads), an HTML page is transient too (a
+  gateway's sign-in page answered 200);
 - 401, 403: our credentials are refused, whatever the body says: the whole store is refused
   (:class:`StoreRefused`), for reads and writes alike;
 - 301, 302, 303 (and a 307/308 that cannot be followed): the tracking URI points at the wrong
@@ -152,6 +154,11 @@ def classify(
         )
     if 200 <= status < 300:
         if not want_json:
+            if _is_page(response):  # a gateway's sign-in page answered 200: nothing stored
+                raise TransientError(
+                    f"{what}: HTTP {status} with a page, not MLflow's answer "
+                    f"({_not_mlflow(response)})"
+                )
             return {}
         if not response.content:
             raise TransientError(f"{what}: HTTP {status} with an empty body")
@@ -217,6 +224,12 @@ def _pool_exhausted(body: bytes) -> bool:
     """MLflow's answer when its database pool had no connection for a request in time (it says
     BAD_REQUEST, but the request is fine: the server was too busy)."""
     return b"QueuePool limit" in body[:2000]
+
+
+def _is_page(response: requests.Response) -> bool:
+    """An HTML page (a gateway's), which MLflow never answers a write with."""
+    kind = response.headers.get("Content-Type", "").lower()
+    return "html" in kind or response.content.lstrip()[:1] == b"<"
 
 
 def _not_mlflow(response: requests.Response) -> str:
