@@ -127,6 +127,16 @@ class AssessmentsExporter:
             why,
         )
 
+    def _kept(self, trace_id: str, exc: Exception) -> Outcome:
+        """A trace's assessments not written now, kept for a later try (said, rate-limited)."""
+        self.warnings.warn(
+            "assessments_deferred",
+            "rlm-mlflow: assessments of trace %s not written, kept: %s",
+            trace_id,
+            exc,
+        )
+        return DEFERRED
+
     def _not_written(self, count: int, reason: str) -> None:
         for _ in range(count):
             self.runs.count_rejected(reason)
@@ -162,13 +172,7 @@ class AssessmentsExporter:
             if exc.code == TOO_LARGE and writer.small(trace_id):
                 # A gateway's 413 page on a request of a few hundred bytes: it says nothing
                 # about the assessment. Kept for replay, never refused.
-                self.warnings.warn(
-                    "assessments_deferred",
-                    "rlm-mlflow: assessments of trace %s not written, kept: %s",
-                    trace_id,
-                    exc,
-                )
-                return DEFERRED
+                return self._kept(trace_id, exc)
             self.tried.discard(trace_id)  # settled: never tried again
             if exc.code == ASSESSMENTS_UNSUPPORTED:
                 self._off(self.caller.clean(str(exc)))
@@ -185,13 +189,7 @@ class AssessmentsExporter:
             )
             return SENT
         except TransientError as exc:
-            self.warnings.warn(
-                "assessments_deferred",
-                "rlm-mlflow: assessments of trace %s not written, kept: %s",
-                trace_id,
-                exc,
-            )
-            return DEFERRED
+            return self._kept(trace_id, exc)
         self.written += written
         self.tried.discard(trace_id)
         return SENT
@@ -268,13 +266,7 @@ class AssessmentsExporter:
             self._no_upserts(exc)
             return None
         except TransientError as exc:
-            self.warnings.warn(
-                "assessments_deferred",
-                "rlm-mlflow: assessments of trace %s not written, kept: %s",
-                end.trace_id,
-                exc,
-            )
-            return DEFERRED
+            return self._kept(end.trace_id, exc)
         self.written += len(end.assessments)
         return SENT
 
