@@ -52,11 +52,11 @@ RANGE_STEPS = 2000
 RANGE_WINDOWS = 16
 
 
-#: Codes for which splitting a refused batch cannot help: the whole run is concerned.
 def _item_chars(
     metrics: Sequence[Metric], params: Sequence[tuple[str, str]], tags: Sequence[tuple[str, str]]
 ) -> int:
-    """How many characters the items of a batch carry (a metric point counts as its name)."""
+    """How many characters the items of a batch carry (a metric point: its name, and 32 for
+    its numbers)."""
     return (
         sum(len(m.key) + 32 for m in metrics)
         + sum(len(k) + len(v) for k, v in params)
@@ -64,6 +64,7 @@ def _item_chars(
     )
 
 
+#: Codes for which splitting a refused batch cannot help: the whole run is concerned.
 _WHOLE_RUN_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "RUN_NOT_ACTIVE", "ENDPOINT_NOT_FOUND"})
 
 

@@ -89,8 +89,9 @@ class _Budget:
     # and the runs whose summary span may be stored.
     places: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
     summaries: set[int] = field(default_factory=set)
-    # Of the spans used, those certainly not stored (answered with an error, kept for replay):
-    # a replay builds them again, so the kept shape does not count them.
+    # Of the spans used, those kept for replay that certainly did not reach the store (never
+    # sent, refused on the way): a replay builds them again, so the kept shape does not count
+    # them.
     unstored: int = 0
 
 
