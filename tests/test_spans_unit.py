@@ -947,12 +947,12 @@ def test_spans_an_outage_kept_from_the_store_count_once_against_the_budget_in_re
 ) -> None:
     """A root run sends 5 steps, then its span requests are refused before they reach the store
     (the connection refused: certainly not stored) for its other 15 steps and its end, whose
-    spans are kept for replay (their metrics land). Replay
-    builds those 15 steps' spans again: they count once
-    against the trace's budget, not once for the live attempt and again for replay, so the
-    trace is what a run without the outage has (all 20 steps in full, no summary). Spans
-    whose request may have been stored (an answer lost, an HTTP 5xx) stay counted, and the
-    budget is never exceeded (``test_a_trace_sent_in_part_before_an_outage_keeps_...``)."""
+    spans are kept for replay (their metrics land). Replay builds those 15 steps' spans again:
+    they count once against the trace's budget, not once for the live attempt and again for
+    replay, so the trace is what a run without the outage has (all 20 steps in full, no
+    summary). Spans whose request may have been stored (an answer lost, an HTTP 5xx) stay
+    counted, and the budget is never exceeded
+    (``test_a_trace_sent_in_part_before_an_outage_keeps_...``)."""
     from rlm_mlflow import TransientError, replay
 
     def run(memory: MemoryTransport, journal: Path, down_after: int | None) -> None:
