@@ -305,10 +305,10 @@ def test_what_stands_before_the_trace_info_request_loses_and_repeats_no_assessme
 def test_a_413_page_on_every_assessment_request_keeps_them_for_replay(
     proxy: FaultProxy, mlflow_client: Any, experiment_name: str, journal_dir: Path
 ) -> None:
-    """A gateway answers every write of a trace's info, its assessments and its run links with
-    its 413 page: requests of a few hundred bytes, which no body limit refuses, so the 413
-    says nothing about them. Nothing is refused or counted lost: the assessments are kept,
-    and once the gateway is well, replay writes each once."""
+    """A gateway answers every write of a trace's info (with its run link) and of its
+    assessments with its 413 page: requests of a few hundred bytes, which no body limit
+    refuses, so the 413 says nothing about them. Nothing is refused or counted lost: the
+    assessments are kept, and once the gateway is well, replay writes each once."""
     from rlm_mlflow import replay
 
     page = b"<html><body><h1>413 Request Entity Too Large</h1></body></html>"
